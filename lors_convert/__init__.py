@@ -1,0 +1,20 @@
+"""lors: Low-Rank Residual Structure (LORS) surgery for stacked networks.
+
+Public API::
+
+    from lors_convert import find_stacks, convert, merge, load, save, count_parameters
+    lors_model, report = convert(model, rank=8)          # in place; report of the savings
+    dense = merge(lors_model)                             # original classes, keys, shapes, dtypes
+"""
+from __future__ import annotations
+
+from .convert import convert, merge, plan_conversion
+from .counting import count_parameters
+from .discovery import Stack, find_stacks
+from .errors import LorsError, LorsUsageError
+from .report import Report
+
+__version__ = "0.1.0"
+
+__all__ = ["find_stacks", "convert", "merge", "plan_conversion", "count_parameters", "Stack", "Report",
+           "LorsError", "LorsUsageError", "__version__"]

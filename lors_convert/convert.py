@@ -1,0 +1,312 @@
+"""Conversion: plan which stacked parameters become LORS, decompose them, swap in LORS layers.
+
+``plan_conversion`` is pure bookkeeping over module structure (works on the meta device);
+``convert`` runs the math of :mod:`lors_convert.decompose` on the weights and installs
+:mod:`lors_convert.layers` modules in place; ``install_layers`` builds the same structure from a
+recorded plan (an empty skeleton for :func:`lors_convert.checkpoint.load`).
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .counting import count_parameters
+from .decompose import (StackFactors, as_matrix, decompose_stack, dense_param_count, lors_param_count,
+                        resolve_ranks, saves_parameters)
+from .discovery import Stack, StackedParam, find_stacks
+from .errors import LorsError, LorsUsageError
+from .layers import LorsModule, layer_class, static_layer_for
+from .report import MatrixReport, Report, StackReport
+
+Groups = int | Sequence[int] | None
+INITS = ("svd", "paper")
+
+
+@dataclass
+class ParamPlan:
+    """How one stacked parameter is converted."""
+
+    stack: Stack
+    param: StackedParam
+    layer_kind: str  # "linear", "conv2d", "conv1d", "generator"
+    kind: str  # "static" or "adaptive"
+    rank: int | None  # r; None = full rank
+    groups: list[int]  # K_i per layer
+    ranks: list[int]  # total private rank per layer (clamped)
+    clamped: bool = False
+    extra: dict = field(default_factory=dict)  # layer-specific settings (adaptive layout, ...)
+
+    @property
+    def relname(self) -> str:
+        return self.param.relname
+
+    @property
+    def matrix(self) -> tuple[int, int]:
+        shape = self.param.shape
+        return shape[0], math.prod(shape[1:])
+
+    @property
+    def keys(self) -> list[str]:
+        return self.stack.keys(self.relname)
+
+    @property
+    def shared_key(self) -> str:
+        """The checkpoint name of the shared tensor: on the first member's LORS layer."""
+        return f"{self.stack.members[0]}.{self.param.owner_relpath}.shared"
+
+    def factor_keys(self, i: int) -> dict[str, str]:
+        owner = f"{self.stack.members[i]}.{self.param.owner_relpath}"
+        return {"A": f"{owner}.lors_A", "B": f"{owner}.lors_B"}
+
+    @property
+    def dense_params(self) -> int:
+        d, h = self.matrix
+        return dense_param_count(d, h, len(self.ranks))
+
+    @property
+    def lors_params(self) -> int:
+        d, h = self.matrix
+        return lors_param_count(d, h, self.ranks)
+
+    def matrix_report(self) -> MatrixReport:
+        return MatrixReport(name=self.relname, kind=self.kind, layer=self.layer_kind,
+                            shape=list(self.param.shape), matrix=list(self.matrix), rank=self.rank,
+                            groups=list(self.groups), ranks=list(self.ranks),
+                            dense_params=self.dense_params, lors_params=self.lors_params,
+                            clamped=self.clamped)
+
+
+@dataclass
+class ConversionPlan:
+    stacks: list[Stack]
+    params: list[ParamPlan]
+    warnings: list[str] = field(default_factory=list)
+
+    def report(self, params_before: int) -> Report:
+        """The projected report (no errors measured yet)."""
+        return self.report_with_matrices(params_before)[0]
+
+    def report_with_matrices(self, params_before: int) -> tuple[Report, list[MatrixReport]]:
+        """The projected report and its matrix entries in the order of ``self.params``."""
+        by_stack: dict[int, StackReport] = {}
+        for stack in self.stacks:
+            by_stack[id(stack)] = StackReport(path=stack.path, members=list(stack.members),
+                                              kept_dense=dict(stack.excluded))
+        matrices = [pp.matrix_report() for pp in self.params]
+        for pp, m in zip(self.params, matrices):
+            by_stack[id(pp.stack)].matrices.append(m)
+        saved = sum(pp.dense_params - pp.lors_params for pp in self.params)
+        report = Report(stacks=[r for r in by_stack.values() if r.matrices or r.kept_dense],
+                        params_before=params_before, params_after=params_before - saved,
+                        warnings=list(self.warnings))
+        return report, matrices
+
+
+def resolve_groups(groups: Groups, stack: Stack) -> list[int]:
+    if groups is None:
+        return [1] * len(stack)
+    if isinstance(groups, int):
+        values = [groups] * len(stack)
+    else:
+        values = [int(g) for g in groups]
+        if len(values) != len(stack):
+            raise LorsUsageError(
+                f"groups has {len(values)} entries but stack {stack.path or '<root>'!r} has "
+                f"{len(stack)} layers ({stack.members[0]} ..): give one entry per layer or a single number"
+            )
+    if any(g < 1 for g in values):
+        raise LorsUsageError(f"groups must be >= 1, got {values}")
+    return values
+
+
+def check_rank(rank: int | None) -> None:
+    if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or rank < 1):
+        raise LorsUsageError(f"rank must be a positive integer or 'full', got {rank!r}")
+
+
+def plan_conversion(
+    model: nn.Module,
+    rank: int | None = 8,
+    groups: Groups = None,
+    include: list[str] | None = None,
+    exclude: list[str] | None = None,
+    require_savings: bool = True,
+    adaptive: Callable[[nn.Module, Stack, StackedParam], dict | None] | None = None,
+) -> ConversionPlan:
+    """Decide, without touching weights, which stacked parameters become LORS and at what rank.
+
+    ``rank=None`` converts at full rank (exact). With ``require_savings`` a matrix whose
+    factorization would not save parameters stays dense (and the report says so).
+    ``adaptive(model, stack, param)`` may claim a parameter as a generator: it returns the LORSA
+    settings (``rank``, ``groups``, layout) or None.
+    """
+    check_rank(rank)
+    stacks = find_stacks(model, include, exclude)
+    if not stacks:
+        n_modules = sum(1 for _ in model.modules())
+        raise LorsError(
+            f"no stacks found: searched {n_modules} modules for >= 2 sibling submodules with equal class "
+            "and parameter/buffer names, shapes and dtypes (holding a >= 2-D parameter)"
+        )
+    params: list[ParamPlan] = []
+    warnings: list[str] = []
+    for stack in stacks:
+        groups_i = resolve_groups(groups, stack)
+        for sp in list(stack.params):
+            if not sp.dtype.is_floating_point:
+                stack.excluded[sp.relname] = f"dtype {sp.dtype} is not floating point"
+                continue
+            owner = model.get_submodule(f"{stack.members[0]}.{sp.owner_relpath}" if sp.owner_relpath
+                                        else stack.members[0])
+            claim = adaptive(model, stack, sp) if adaptive is not None else None
+            if claim is not None:
+                pp = claim["plan"](stack, sp, claim)  # adaptive layers build their own plan
+                params.append(pp)
+                continue
+            layer = static_layer_for(owner) if sp.attr == "weight" else None
+            if layer is None:
+                stack.excluded[sp.relname] = f"no LORS layer for {type(owner).__name__}.{sp.attr}"
+                continue
+            d, h = sp.shape[0], math.prod(sp.shape[1:])
+            ranks, clamped = resolve_ranks(rank, groups_i, d, h)
+            if require_savings and not saves_parameters(d, h, ranks):
+                stack.excluded[sp.relname] = (f"rank {rank} x groups saves nothing on a {d}x{h} matrix "
+                                              f"({lors_param_count(d, h, ranks)} >= "
+                                              f"{dense_param_count(d, h, len(ranks))} parameters)")
+                continue
+            if clamped:
+                warnings.append(f"{stack.path}.*.{sp.relname}: rank x groups exceeds min(d, h) = {min(d, h)}; "
+                                "clamped to full rank")
+            params.append(ParamPlan(stack=stack, param=sp, layer_kind=layer.layer_kind, kind="static",
+                                    rank=rank, groups=groups_i, ranks=ranks, clamped=clamped))
+    if not params:
+        reasons = {why for s in stacks for why in s.excluded.values()}
+        raise LorsError(
+            f"found {len(stacks)} stack(s) but no parameter to convert: " + "; ".join(sorted(reasons)[:3])
+        )
+    return ConversionPlan(stacks=stacks, params=params, warnings=warnings)
+
+
+def _finite_or_raise(tensor: torch.Tensor, key: str) -> None:
+    if not torch.isfinite(tensor).all():
+        raise LorsError(f"tensor {key!r} contains NaN or Inf values; refusing to convert it")
+
+
+def paper_init_factors(shape: tuple[int, ...], ranks: list[int], generator: torch.Generator | None = None
+                       ) -> StackFactors:
+    """The paper's from-scratch initialization: Kaiming-uniform ``W_s`` and ``B``, zero ``A``."""
+    from .decompose import LayerFactors
+
+    d, h = shape[0], math.prod(shape[1:])
+
+    def kaiming(rows: int, cols: int) -> torch.Tensor:
+        t = torch.empty(rows, cols)
+        bound = 1.0 / math.sqrt(cols) if cols else 0.0  # kaiming_uniform_(a=sqrt(5)), as nn.Linear
+        return t.uniform_(-bound, bound, generator=generator)
+
+    shared = kaiming(d, h)
+    layers = [LayerFactors(B=kaiming(d, k), A=torch.zeros(k, h), residual_energy=0.0,
+                           discarded_energy=0.0, weight_norm=0.0) for k in ranks]
+    return StackFactors(shared=shared, layers=layers)
+
+
+def install_layers(model: nn.Module, pp: ParamPlan, shared: torch.Tensor,
+                   factors: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> None:
+    """Replace the owners of ``pp`` in every member with LORS layers sharing one ``shared`` Parameter.
+
+    ``shared`` and ``factors`` are given in the storage dtype and device; with ``factors=None`` the
+    layers are left with empty factors of the right shapes (a skeleton to load a state dict into).
+    """
+    layer_cls = layer_class(pp.layer_kind)
+    shared_param = nn.Parameter(shared, requires_grad=True)
+    for i, member in enumerate(pp.stack.members):
+        path = f"{member}.{pp.param.owner_relpath}" if pp.param.owner_relpath else member
+        dense = model.get_submodule(path)
+        layer = layer_cls(dense, shared_param, total_rank=pp.ranks[i], rank=pp.rank, groups=pp.groups[i],
+                          **pp.extra)
+        if factors is not None:
+            B, A = factors[i]
+            with torch.no_grad():
+                layer.lors_B.copy_(B)
+                layer.lors_A.copy_(A)
+        model.set_submodule(path, layer)
+
+
+def iter_weights(model: nn.Module, pp: ParamPlan) -> list[torch.Tensor]:
+    return [model.get_parameter(key).detach() for key in pp.keys]
+
+
+def convert(
+    model: nn.Module,
+    rank: int | None = 8,
+    groups: Groups = None,
+    include: list[str] | None = None,
+    exclude: list[str] | None = None,
+    init: str = "svd",
+    method: str = "auto",
+    device: str | torch.device | None = None,
+    require_savings: bool = True,
+    progress: Callable[[Iterator, int, str], Iterator] | None = None,
+) -> tuple[nn.Module, Report]:
+    """Convert ``model`` **in place** to LORS and return it with the savings report.
+
+    ``rank`` is ``r`` per group (``None``: full rank, exact); ``groups`` is ``K`` for every layer or
+    one ``K_i`` per layer of each stack (e.g. ``[1, 1, 2, 2, 3, 3]``); ``include``/``exclude`` are
+    fnmatch patterns over full parameter names. ``init="svd"`` fits the trained weights (mean +
+    truncated SVD); ``init="paper"`` is the paper's from-scratch init. ``method`` picks the SVD
+    ("exact", "randomized", "auto"); ``device`` runs the math elsewhere (e.g. "cuda").
+    """
+    if init not in INITS:
+        raise LorsUsageError(f"init must be one of {INITS}, got {init!r}")
+    if method not in ("auto", "exact", "randomized"):
+        raise LorsUsageError(f"method must be auto, exact or randomized, got {method!r}")
+    params_before = count_parameters(model)
+    plan = plan_conversion(model, rank, groups, include, exclude, require_savings)
+    report, matrices = plan.report_with_matrices(params_before)
+    steps = iter(zip(plan.params, matrices))
+    if progress is not None:
+        steps = progress(steps, len(plan.params), "decomposing")
+    for pp, m in steps:
+        weights = iter_weights(model, pp)
+        for key, w in zip(pp.keys, weights):
+            _finite_or_raise(w, key)
+        if init == "paper":
+            factors = paper_init_factors(pp.param.shape, pp.ranks)
+        else:
+            factors = decompose_stack(weights, pp.ranks, method=method, device=device)
+        dtype, where = weights[0].dtype, weights[0].device
+        install_layers(model, pp, factors.shared.to(device=where, dtype=dtype),
+                       [(f.B.to(device=where, dtype=dtype), f.A.to(device=where, dtype=dtype))
+                        for f in factors.layers])
+        if init == "svd":
+            m.relative_error = [f.relative_error for f in factors.layers]
+            m.retained_energy = [f.retained_energy for f in factors.layers]
+    report.params_after = count_parameters(model)
+    return model, report
+
+
+def merge(model: nn.Module) -> nn.Module:
+    """Replace every LORS module of ``model`` (in place) by a dense module of its original class.
+
+    The result has the original module types and state-dict keys, shapes and dtypes.
+    """
+    replacements = [(name, m) for name, m in model.named_modules() if isinstance(m, LorsModule)]
+    if isinstance(model, LorsModule):
+        return model.to_dense()
+    for name, layer in replacements:
+        model.set_submodule(name, layer.to_dense())
+    return model
+
+
+def lors_modules(model: nn.Module) -> Iterator[tuple[str, LorsModule]]:
+    for name, m in model.named_modules():
+        if isinstance(m, LorsModule):
+            yield name, m
+
+
+__all__ = ["convert", "merge", "plan_conversion", "install_layers", "ConversionPlan", "ParamPlan",
+           "paper_init_factors", "as_matrix"]

@@ -1,0 +1,92 @@
+"""The common part of every static LORS layer: a shared weight plus private low-rank factors.
+
+A LORS layer replaces one dense module of a stack. It holds
+
+- ``shared``: the stack's shared matrix ``W_s`` (d, h), the *same* ``nn.Parameter`` object in every
+  member, so optimizers and parameter counts see it once;
+- ``lors_B`` (d, k) and ``lors_A`` (k, h): this layer's private factors, ``k = K * r``;
+- the dense module's other parameters (bias) under their original names.
+
+The dense module it replaced is kept as a meta-device template (no memory), which gives the
+hyper-parameters for the forward pass and the class to merge back into.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from ..decompose import merge_weight
+
+
+def meta_clone(module: nn.Module) -> nn.Module:
+    """A deep copy of ``module`` whose parameters and buffers live on the meta device (no memory)."""
+    memo = {}
+    for t in list(module.parameters()) + list(module.buffers()):
+        meta = torch.empty_like(t, device="meta")
+        memo[id(t)] = nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else meta
+    return copy.deepcopy(module, memo)
+
+
+class LorsModule(nn.Module):
+    """Marker base of every module lors swaps in (static and adaptive): it can merge back."""
+
+    def to_dense(self) -> nn.Module:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class LorsLayer(LorsModule):
+    """Static LORS base; subclasses implement ``forward`` without materializing ``W_s + B A``."""
+
+    dense_types: tuple[type, ...] = ()
+
+    def __init__(self, dense: nn.Module, shared: nn.Parameter, total_rank: int, rank: int | None,
+                 groups: int, weight_name: str = "weight") -> None:
+        super().__init__()
+        weight = getattr(dense, weight_name)
+        d, h = shared.shape
+        k = total_rank
+        self.weight_shape = tuple(weight.shape)
+        self.weight_dtype = weight.dtype
+        self.weight_name = weight_name
+        self.rank = rank  # r (None: full rank)
+        self.groups = groups  # K
+        self.shared = shared  # (d, h), shared by the stack
+        factory = {"device": shared.device, "dtype": shared.dtype}
+        self.lors_B = nn.Parameter(torch.zeros(d, k, **factory))  # (d, k)
+        self.lors_A = nn.Parameter(torch.zeros(k, h, **factory))  # (k, h)
+        for name, p in dense.named_parameters(recurse=False):
+            if name != weight_name:
+                self.register_parameter(name, p)
+        object.__setattr__(self, "template", meta_clone(dense))  # not a submodule: holds no state
+
+    @property
+    def total_rank(self) -> int:
+        return self.lors_A.shape[0]
+
+    def delta_weight(self) -> torch.Tensor:
+        """The private part ``B A`` as a matrix (d, h), float32."""
+        return self.lors_B.float() @ self.lors_A.float()
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense weight ``W_s + B A`` for code that reads ``.weight`` directly (materializes it)."""
+        return merge_weight(self.shared, self.lors_B, self.lors_A, self.weight_shape, self.shared.dtype)
+
+    def to_dense(self) -> nn.Module:
+        """A module of the original class with the merged weight, on this layer's device."""
+        dense = copy.deepcopy(self.template)
+        merged = merge_weight(self.shared, self.lors_B, self.lors_A, self.weight_shape, self.weight_dtype)
+        dense.to_empty(device=self.shared.device, recurse=True)
+        setattr(dense, self.weight_name, nn.Parameter(merged.detach(), requires_grad=self.shared.requires_grad))
+        for name, p in self.named_parameters(recurse=False):
+            if name not in ("shared", "lors_A", "lors_B"):
+                setattr(dense, name, p)
+        for name, b in self.template.named_buffers(recurse=False):  # none for Linear/Conv: defensive
+            raise NotImplementedError(f"LORS layers do not carry buffers ({name})")
+        return dense
+
+    def extra_repr(self) -> str:
+        return (f"shape={self.weight_shape}, rank={self.rank}, groups={self.groups}, "
+                f"shared={tuple(self.shared.shape)}")

@@ -1,0 +1,17 @@
+"""LORS for ``nn.Linear``: ``y = x W_s^T + (x A^T) B^T + b``, never forming ``W_i``."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import LorsLayer
+
+
+class LorsLinear(LorsLayer):
+    layer_kind = "linear"
+    dense_types = (nn.Linear,)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out)
+        y = F.linear(x, self.shared, self.bias)  # (..., out)
+        return y + F.linear(F.linear(x, self.lors_A), self.lors_B)  # (..., k) -> (..., out)
