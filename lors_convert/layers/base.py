@@ -32,7 +32,19 @@ def meta_clone(module: nn.Module) -> nn.Module:
 class LorsModule(nn.Module):
     """Marker base of every module lors swaps in (static and adaptive): it can merge back."""
 
+    layer_kind: str = ""  # the name recorded in lors_config.json
+
     def to_dense(self) -> nn.Module:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @classmethod
+    def merge_state(cls, state: dict[str, torch.Tensor], meta: dict) -> dict[str, torch.Tensor]:
+        """Pure tensor merge used by ``lors merge`` without the architecture.
+
+        ``state``: this module's tensors under their relative names (``shared``, ``lors_A``, ...);
+        ``meta``: the parameter's entry of ``lors_config.json`` (``shape``, ``dtype``, ...).
+        Returns the dense module's tensors under their original relative names.
+        """
         raise NotImplementedError
 
 
@@ -64,6 +76,15 @@ class LorsLayer(LorsModule):
     @property
     def total_rank(self) -> int:
         return self.lors_A.shape[0]
+
+    @classmethod
+    def merge_state(cls, state: dict[str, torch.Tensor], meta: dict) -> dict[str, torch.Tensor]:
+        weight_name = meta.get("weight_name", "weight")
+        dtype = getattr(torch, meta["dtype"])
+        dense = {weight_name: merge_weight(state["shared"], state["lors_B"], state["lors_A"],
+                                           tuple(meta["shape"]), dtype)}
+        dense.update({k: v for k, v in state.items() if k not in ("shared", "lors_A", "lors_B")})
+        return dense
 
     def delta_weight(self) -> torch.Tensor:
         """The private part ``B A`` as a matrix (d, h), float32."""
