@@ -4,10 +4,13 @@ Public API::
 
     from lors_convert import find_stacks, convert, merge, load, save, count_parameters
     lors_model, report = convert(model, rank=8)          # in place; report of the savings
+    save(lors_model, "model.lors", report)               # checkpoint directory
+    lors_model = load("model.lors")                      # runnable, trainable
     dense = merge(lors_model)                             # original classes, keys, shapes, dtypes
 """
 from __future__ import annotations
 
+from .checkpoint import Checkpoint, load, merge_checkpoint, save
 from .convert import convert, merge, plan_conversion
 from .counting import count_parameters
 from .discovery import Stack, find_stacks
@@ -16,5 +19,5 @@ from .report import Report
 
 __version__ = "0.1.0"
 
-__all__ = ["find_stacks", "convert", "merge", "plan_conversion", "count_parameters", "Stack", "Report",
+__all__ = ["find_stacks", "convert", "merge", "save", "load", "merge_checkpoint", "Checkpoint", "plan_conversion", "count_parameters", "Stack", "Report",
            "LorsError", "LorsUsageError", "__version__"]

@@ -214,6 +214,30 @@ def paper_init_factors(shape: tuple[int, ...], ranks: list[int], generator: torc
     return StackFactors(shared=shared, layers=layers)
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def param_entry(pp: ParamPlan) -> dict:
+    """The JSON record of one converted parameter (``lors_config.json`` -> stacks[].params[])."""
+    return {
+        "name": pp.relname, "owner": pp.param.owner_relpath, "attr": pp.param.attr,
+        "layer": pp.layer_kind, "kind": pp.kind, "shape": list(pp.param.shape),
+        "dtype": dtype_name(pp.param.dtype), "matrix": list(pp.matrix), "rank": pp.rank,
+        "groups": list(pp.groups), "ranks": list(pp.ranks), "clamped": pp.clamped,
+        "shared": list(layer_class(pp.layer_kind).shared_names), "extra": dict(pp.extra),
+    }
+
+
+def plan_from_entry(stack: Stack, entry: dict) -> ParamPlan:
+    """Rebuild the :class:`ParamPlan` of a recorded parameter (to build a skeleton)."""
+    sp = StackedParam(relname=entry["name"], shape=tuple(entry["shape"]),
+                      dtype=getattr(torch, entry["dtype"]), owner_class=nn.Module)
+    return ParamPlan(stack=stack, param=sp, layer_kind=entry["layer"], kind=entry["kind"],
+                     rank=entry["rank"], groups=list(entry["groups"]), ranks=list(entry["ranks"]),
+                     clamped=bool(entry.get("clamped", False)), extra=dict(entry.get("extra", {})))
+
+
 def install_layers(model: nn.Module, pp: ParamPlan, shared: torch.Tensor,
                    factors: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> None:
     """Replace the owners of ``pp`` in every member with LORS layers sharing one ``shared`` Parameter.
@@ -223,17 +247,58 @@ def install_layers(model: nn.Module, pp: ParamPlan, shared: torch.Tensor,
     """
     layer_cls = layer_class(pp.layer_kind)
     shared_param = nn.Parameter(shared, requires_grad=True)
+    entry = param_entry(pp)
+    stack = {"path": pp.stack.path, "members": list(pp.stack.members)}
     for i, member in enumerate(pp.stack.members):
         path = f"{member}.{pp.param.owner_relpath}" if pp.param.owner_relpath else member
         dense = model.get_submodule(path)
         layer = layer_cls(dense, shared_param, total_rank=pp.ranks[i], rank=pp.rank, groups=pp.groups[i],
                           **pp.extra)
+        layer.lors_entry, layer.lors_stack = entry, stack  # what save() records
         if factors is not None:
             B, A = factors[i]
             with torch.no_grad():
                 layer.lors_B.copy_(B)
                 layer.lors_A.copy_(A)
         model.set_submodule(path, layer)
+
+
+def decompose_param(pp: ParamPlan, weights: list[torch.Tensor], report: MatrixReport | None = None,
+                    init: str = "svd", method: str = "auto", device=None) -> StackFactors:
+    """Factors of one planned parameter from its N layer tensors; fills the report's error columns."""
+    for key, w in zip(pp.keys, weights):
+        _finite_or_raise(w, key)
+    if init == "paper":
+        return paper_init_factors(pp.param.shape, pp.ranks)
+    factors = decompose_stack(weights, pp.ranks, method=method, device=device)
+    if report is not None:
+        report.relative_error = [f.relative_error for f in factors.layers]
+        report.retained_energy = [f.retained_energy for f in factors.layers]
+    return factors
+
+
+def convert_tensors(plan: ConversionPlan, get_tensor: Callable[[str], torch.Tensor],
+                    matrices: list[MatrixReport], init: str = "svd", method: str = "auto", device=None,
+                    progress=None) -> Iterator[tuple[str, torch.Tensor]]:
+    """The LORS tensors of a plan (shared once, then each member's factors), without any module.
+
+    The weights-only path: TorchScript sources and checkpoints streamed one group at a time.
+    Yields ``(checkpoint key, tensor in the source dtype on the CPU)``.
+    """
+    steps = iter(zip(plan.params, matrices))
+    if progress is not None:
+        steps = progress(steps, len(plan.params), "decomposing")
+    for pp, m in steps:
+        if pp.kind != "static":
+            raise LorsError(f"{pp.relname}: adaptive layers need the in-memory path")
+        weights = [get_tensor(key) for key in pp.keys]
+        factors = decompose_param(pp, weights, m, init=init, method=method, device=device)
+        dtype = weights[0].dtype
+        yield pp.shared_key, factors.shared.to(device="cpu", dtype=dtype)
+        for i, f in enumerate(factors.layers):
+            keys = pp.factor_keys(i)
+            yield keys["B"], f.B.to(device="cpu", dtype=dtype)
+            yield keys["A"], f.A.to(device="cpu", dtype=dtype)
 
 
 def iter_weights(model: nn.Module, pp: ParamPlan) -> list[torch.Tensor]:
@@ -272,19 +337,11 @@ def convert(
         steps = progress(steps, len(plan.params), "decomposing")
     for pp, m in steps:
         weights = iter_weights(model, pp)
-        for key, w in zip(pp.keys, weights):
-            _finite_or_raise(w, key)
-        if init == "paper":
-            factors = paper_init_factors(pp.param.shape, pp.ranks)
-        else:
-            factors = decompose_stack(weights, pp.ranks, method=method, device=device)
+        factors = decompose_param(pp, weights, m, init=init, method=method, device=device)
         dtype, where = weights[0].dtype, weights[0].device
         install_layers(model, pp, factors.shared.to(device=where, dtype=dtype),
                        [(f.B.to(device=where, dtype=dtype), f.A.to(device=where, dtype=dtype))
                         for f in factors.layers])
-        if init == "svd":
-            m.relative_error = [f.relative_error for f in factors.layers]
-            m.retained_energy = [f.retained_energy for f in factors.layers]
     report.params_after = count_parameters(model)
     return model, report
 

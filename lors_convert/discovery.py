@@ -66,7 +66,9 @@ def structural_signature(module: nn.Module) -> tuple:
     buffers = tuple(
         (name, tuple(b.shape), b.dtype) for name, b in module.named_buffers(remove_duplicate=False)
     )
-    return (type(module), params, buffers)
+    # TorchScript modules are all RecursiveScriptModule: their original class name tells them apart
+    kind = getattr(module, "original_name", None) if isinstance(module, torch.jit.ScriptModule) else None
+    return (kind or type(module), params, buffers)
 
 
 def _candidate_groups(parent: nn.Module) -> list[list[tuple[str, nn.Module]]]:

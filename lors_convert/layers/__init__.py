@@ -1,6 +1,7 @@
 """LORS layer modules, one per kind of dense module they replace."""
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from .base import LorsLayer, LorsModule, meta_clone
@@ -28,6 +29,10 @@ def static_layer_for(module: nn.Module) -> type[LorsLayer] | None:
     Subclasses count only when they keep the base class's forward: a subclass with its own forward
     (quantized, custom) cannot be replaced faithfully.
     """
+    if isinstance(module, torch.jit.ScriptModule):  # weights only: no forward to replace
+        name = getattr(module, "original_name", "")
+        return next((layer for layer in STATIC_LAYERS
+                     if any(d.__name__ == name for d in layer.dense_types)), None)
     for layer in STATIC_LAYERS:
         for dense in layer.dense_types:
             if isinstance(module, dense) and type(module).forward is dense.forward:

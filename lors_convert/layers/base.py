@@ -33,6 +33,7 @@ class LorsModule(nn.Module):
     """Marker base of every module lors swaps in (static and adaptive): it can merge back."""
 
     layer_kind: str = ""  # the name recorded in lors_config.json
+    shared_names: tuple[str, ...] = ("shared",)  # state entries common to the stack, stored once
 
     def to_dense(self) -> nn.Module:  # pragma: no cover - abstract
         raise NotImplementedError

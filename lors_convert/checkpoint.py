@@ -1,0 +1,630 @@
+"""The LORS checkpoint directory: writing it atomically, reading and validating it, merging it.
+
+Layout (``lors_config.json`` documents every name)::
+
+    OUT/
+      model.safetensors            # or model-0000i-of-0000n.safetensors + model.safetensors.index.json
+      lors_config.json             # format, source, source state-dict manifest, stacks and parameters
+      report.json                  # the savings report
+      config.json, tokenizer...    # copied from a Hugging Face source
+
+Tensor names: every untouched tensor keeps its original name; for a converted parameter
+``<member>.<owner>.weight`` the stack's shared matrix is stored once as
+``<first member>.<owner>.shared`` and each member's factors as ``<member>.<owner>.lors_A`` /
+``lors_B`` (other tensors of the owner, such as ``bias``, keep their names). Non-persistent
+buffers needed to run the model are stored as ``__buffers__.<name>``.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .convert import Stack, dtype_name, install_layers, plan_from_entry
+from .errors import LorsError, LorsUsageError
+from .layers import LorsModule, layer_class
+from .report import Report
+from .sources import SourceInfo, _short, build_arch, build_hf, load_source
+
+FORMAT = "lors"
+FORMAT_VERSION = 1
+CONFIG_NAME = "lors_config.json"
+REPORT_NAME = "report.json"
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+BUFFER_PREFIX = "__buffers__."
+DEFAULT_SHARD_SIZE = "2GB"
+
+
+# ---------------------------------------------------------------------------------------------
+# atomic output
+
+
+def check_output(out: Path, force: bool) -> None:
+    """Refuse early (before any work) when ``out`` exists and ``force`` is not given."""
+    if out.exists() and not force:
+        raise LorsUsageError(f"{out} already exists: pass --force to replace it")
+
+
+@contextlib.contextmanager
+def atomic_output(out: Path, force: bool = False, directory: bool = True) -> Iterator[Path]:
+    """Yield a temporary path beside ``out``; rename it onto ``out`` only if the block succeeds.
+
+    A crash or kill leaves ``out`` as it was (old content or absent) plus at most a hidden
+    ``.<name>.tmp-*`` entry; never a half-written ``out``.
+    """
+    out = Path(out)
+    check_output(out, force)
+    parent = out.parent if str(out.parent) else Path(".")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        if directory:
+            tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
+        else:
+            fd, name = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=parent)
+            os.close(fd)
+            tmp = Path(name)
+    except OSError as e:
+        raise LorsError(f"cannot write {out}: {e.strerror or e}") from None
+    try:
+        yield tmp
+        _normal_permissions(tmp)
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=parent))
+            os.replace(out, old / out.name)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except OSError as e:
+        _remove(tmp)
+        raise LorsError(f"cannot write {out}: {e.strerror or e}") from None
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def _normal_permissions(path: Path) -> None:
+    """mkdtemp/mkstemp create private (0700/0600) entries: give the result the usual umask modes."""
+    umask = os.umask(0)
+    os.umask(umask)
+    entries = [path] + (list(path.rglob("*")) if path.is_dir() else [])
+    for entry in entries:
+        os.chmod(entry, (0o777 if entry.is_dir() else 0o666) & ~umask)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
+# ---------------------------------------------------------------------------------------------
+# writing
+
+
+def source_manifest(model: nn.Module) -> dict:
+    """The source's state-dict keys with shape and dtype, and which keys alias an earlier one."""
+    keys: dict[str, dict] = {}
+    aliases: dict[str, str] = {}
+    first_of: dict[tuple, str] = {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        keys[name] = {"shape": list(t.shape), "dtype": dtype_name(t.dtype)}
+        ident = _identity(t)
+        if ident in first_of:
+            aliases[name] = first_of[ident]
+        else:
+            first_of[ident] = name
+    return {"keys": keys, "aliases": aliases}
+
+
+def _identity(t: torch.Tensor) -> tuple:
+    if t.device.type == "meta":
+        return ("id", id(t))
+    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
+
+
+def nonpersistent_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    persistent = set(model.state_dict().keys())
+    return {name: b for name, b in model.named_buffers() if name not in persistent}
+
+
+def build_config(stacks: list[dict], source: SourceInfo, manifest: dict) -> dict:
+    from . import __version__
+
+    return {"format": FORMAT, "format_version": FORMAT_VERSION, "lors_version": __version__,
+            "source": source.to_dict(), "manifest": manifest, "stacks": stacks}
+
+
+def stacks_of(model: nn.Module) -> list[dict]:
+    """The ``stacks`` section of the config, read off the LORS layers of a converted model."""
+    stacks: dict[tuple, dict] = {}
+    seen: set[int] = set()
+    for _, layer in model.named_modules():
+        if not isinstance(layer, LorsModule) or not hasattr(layer, "lors_entry"):
+            continue
+        key = (layer.lors_stack["path"], tuple(layer.lors_stack["members"]))
+        stack = stacks.setdefault(key, {**layer.lors_stack, "params": []})
+        if id(layer.lors_entry) not in seen:
+            seen.add(id(layer.lors_entry))
+            stack["params"].append(layer.lors_entry)
+    return list(stacks.values())
+
+
+def dedup_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Keep the first name of every tensor stored under several names (shared, tied)."""
+    out: dict[str, torch.Tensor] = {}
+    seen: set[tuple] = set()
+    for name, t in state.items():
+        ident = _identity(t)
+        if ident in seen:
+            continue
+        seen.add(ident)
+        out[name] = t
+    return out
+
+
+def write_tensors(directory: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str],
+                  max_shard_size: int | str = DEFAULT_SHARD_SIZE) -> None:
+    """``model.safetensors`` or shards + index (huggingface_hub does the splitting)."""
+    from huggingface_hub import save_torch_state_dict
+
+    tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
+    save_torch_state_dict(tensors, directory, max_shard_size=max_shard_size, metadata=metadata,
+                          force_contiguous=True)
+
+
+def write_checkpoint(out: Path, tensors: dict[str, torch.Tensor], config: dict, report: Report,
+                     source: SourceInfo | None = None, force: bool = False,
+                     max_shard_size: int | str = DEFAULT_SHARD_SIZE) -> Path:
+    out = Path(out)
+    config_text = json.dumps(config, indent=1)
+    with atomic_output(out, force) as tmp:
+        write_tensors(tmp, tensors, {"format": "pt", "lors_config": json.dumps(config)}, max_shard_size)
+        (tmp / CONFIG_NAME).write_text(config_text)
+        (tmp / REPORT_NAME).write_text(json.dumps(report.to_dict(), indent=1))
+        if source is not None and source.kind == "hf" and source.path:
+            for name in source.files:
+                shutil.copy2(Path(source.path) / name, tmp / name)
+    return out
+
+
+def save(model: nn.Module, out: str | Path, report: Report | None = None, source: SourceInfo | None = None,
+         manifest: dict | None = None, force: bool = False, max_shard_size: int | str = DEFAULT_SHARD_SIZE) -> Path:
+    """Write a converted model as a LORS checkpoint directory.
+
+    ``manifest`` is the source's state-dict manifest (:func:`source_manifest` of the dense model,
+    taken before conversion); without it it is reconstructed from the LORS layers.
+    """
+    stacks = stacks_of(model)
+    if not stacks:
+        raise LorsError("the model has no LORS layers: convert it first")
+    manifest = manifest or _manifest_from_lors(model, stacks)
+    source = source or SourceInfo(kind="module")
+    state = dedup_state(model.state_dict(keep_vars=True))
+    state.update({BUFFER_PREFIX + k: v for k, v in nonpersistent_buffers(model).items()})
+    config = build_config(stacks, source, manifest)
+    return write_checkpoint(Path(out), state, config, report or Report(), source, force, max_shard_size)
+
+
+def _manifest_from_lors(model: nn.Module, stacks: list[dict]) -> dict:
+    """Dense keys of a converted model: LORS owners give back ``<owner>.<attr>`` in place of factors."""
+    dense_model_keys: dict[str, dict] = {}
+    lors_state = model.state_dict(keep_vars=True)
+    owners = {}
+    for stack in stacks:
+        for entry in stack["params"]:
+            for member in stack["members"]:
+                owners[f"{member}.{entry['owner']}."] = entry
+    for name, t in lors_state.items():
+        prefix = next((p for p in owners if name.startswith(p)), None)
+        if prefix is None:
+            dense_model_keys[name] = {"shape": list(t.shape), "dtype": dtype_name(t.dtype)}
+            continue
+        entry = owners[prefix]
+        weight_key = prefix + entry["attr"]
+        dense_model_keys.setdefault(weight_key, {"shape": entry["shape"], "dtype": entry["dtype"]})
+        rel = name[len(prefix):]
+        if rel not in ("shared", "lors_A", "lors_B") and rel not in entry["shared"]:
+            dense_model_keys[name] = {"shape": list(t.shape), "dtype": dtype_name(t.dtype)}
+    aliases = {}
+    first_of: dict[tuple, str] = {}
+    for name, t in lors_state.items():
+        if name in dense_model_keys:
+            ident = _identity(t)
+            if ident in first_of:
+                aliases[name] = first_of[ident]
+            else:
+                first_of[ident] = name
+    return {"keys": dense_model_keys, "aliases": aliases}
+
+
+# ---------------------------------------------------------------------------------------------
+# reading
+
+
+class Checkpoint:
+    """A validated LORS checkpoint directory with lazy tensor access (``safetensors.safe_open``)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise LorsError(f"{self.path}: no such file or directory")
+        if not (self.path / CONFIG_NAME).is_file():
+            raise LorsError(f"{self.path}: not a LORS checkpoint (no {CONFIG_NAME})")
+        self.config = _read_json(self.path / CONFIG_NAME)
+        _validate_config(self.config, self.path / CONFIG_NAME)
+        self._files = self._weight_files()
+        self._handles: dict[Path, object] = {}
+        self._where: dict[str, Path] = {}
+        self._shapes: dict[str, tuple] = {}
+        for f in self._files:
+            handle = self._open(f)
+            meta = handle.metadata() or {}
+            stored = meta.get("lors_config")
+            if stored is not None and _json_or_none(stored) != self.config:
+                raise LorsError(f"{self.path / CONFIG_NAME} differs from the config in {f.name}'s metadata: "
+                                "the checkpoint was edited or mixed with another")
+            for key in handle.keys():
+                self._where[key] = f
+                self._shapes[key] = tuple(handle.get_slice(key).get_shape())
+        self._check_tensors()
+
+    # -- structure
+    @property
+    def stacks(self) -> list[dict]:
+        return self.config["stacks"]
+
+    @property
+    def manifest(self) -> dict:
+        return self.config["manifest"]
+
+    @property
+    def source(self) -> dict:
+        return self.config["source"]
+
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def report(self) -> Report:
+        path = self.path / REPORT_NAME
+        if not path.is_file():
+            raise LorsError(f"{self.path}: missing {REPORT_NAME}")
+        try:
+            return Report.from_dict(_read_json(path))
+        except (KeyError, TypeError, ValueError) as e:
+            raise LorsError(f"{path}: malformed report ({_short(e)})") from None
+
+    def get(self, key: str) -> torch.Tensor:
+        if key not in self._where:
+            raise LorsError(f"{self.path}: tensor {key!r} is missing from the checkpoint")
+        try:
+            return self._open(self._where[key]).get_tensor(key)
+        except Exception as e:
+            raise LorsError(f"{self._where[key]}: cannot read tensor {key!r} ({_short(e)})") from None
+
+    # -- internals
+    def _weight_files(self) -> list[Path]:
+        index = self.path / INDEX_NAME
+        if index.is_file():
+            data = _read_json(index)
+            try:
+                names = sorted(set(data["weight_map"].values()))
+            except (KeyError, TypeError, AttributeError):
+                raise LorsError(f"{index}: malformed index (no weight_map)") from None
+            files = [self.path / n for n in names]
+        else:
+            files = [self.path / WEIGHTS_NAME]
+        for f in files:
+            if not f.is_file():
+                raise LorsError(f"{self.path}: missing weight file {f.name}")
+        return files
+
+    def _open(self, f: Path):
+        from safetensors import safe_open
+
+        if f not in self._handles:
+            try:
+                self._handles[f] = safe_open(str(f), framework="pt", device="cpu")
+            except Exception as e:
+                raise LorsError(f"{f}: not a readable safetensors file ({_short(e)})") from None
+        return self._handles[f]
+
+    def _shape(self, key: str) -> tuple:
+        if key not in self._shapes:
+            raise LorsError(f"{self.path}: tensor {key!r} named in {CONFIG_NAME} is missing")
+        return self._shapes[key]
+
+    def _check_tensors(self) -> None:
+        """Every tensor the config promises is there with the right shape."""
+        for stack in self.stacks:
+            members = stack["members"]
+            for entry in stack["params"]:
+                owner0 = f"{members[0]}.{entry['owner']}"
+                if entry["kind"] == "static":
+                    d, h = entry["matrix"]
+                    self._expect(f"{owner0}.shared", (d, h))
+                    for member, k in zip(members, entry["ranks"]):
+                        owner = f"{member}.{entry['owner']}"
+                        self._expect(f"{owner}.lors_B", (d, k))
+                        self._expect(f"{owner}.lors_A", (k, h))
+                else:
+                    for name in entry["shared"]:
+                        self._shape(f"{owner0}.{name}")
+        produced = set(self.owner_prefixes())
+        for key in self.manifest["keys"]:
+            if key in self.manifest["aliases"] or any(key.startswith(p) for p in produced):
+                continue
+            self._shape(key)
+
+    def _expect(self, key: str, shape: tuple) -> None:
+        got = self._shape(key)
+        if tuple(got) != tuple(shape):
+            raise LorsError(f"{self.path}: tensor {key!r} has shape {list(got)}, {CONFIG_NAME} says {list(shape)}")
+
+    def owner_prefixes(self) -> dict[str, tuple[dict, dict, int]]:
+        """``"<member>.<owner>."`` -> (stack, entry, member index) for every converted owner."""
+        out = {}
+        for stack in self.stacks:
+            for entry in stack["params"]:
+                for i, member in enumerate(stack["members"]):
+                    out[f"{member}.{entry['owner']}."] = (stack, entry, i)
+        return out
+
+    def owner_state(self, stack: dict, entry: dict, i: int) -> dict[str, torch.Tensor]:
+        """The LORS layer's tensors of member ``i`` under their relative names."""
+        prefix = f"{stack['members'][i]}.{entry['owner']}."
+        first = f"{stack['members'][0]}.{entry['owner']}."
+        state = {name: self.get(first + name) for name in entry["shared"]}
+        for key in self._where:
+            if key.startswith(prefix):
+                state.setdefault(key[len(prefix):], self.get(key))
+        return state
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError) as e:
+        raise LorsError(f"{path}: cannot read ({_short(e)})") from None
+    except ValueError as e:
+        raise LorsError(f"{path}: not valid JSON ({_short(e)})") from None
+
+
+def _json_or_none(text: str):
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
+
+
+def _validate_config(config, path: Path) -> None:
+    def fail(why: str):
+        raise LorsError(f"{path}: {why}")
+
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        fail("not a LORS config (format is not 'lors')")
+    version = config.get("format_version")
+    if version != FORMAT_VERSION:
+        fail(f"unknown format version {version!r} (this lors reads version {FORMAT_VERSION})")
+    for field in ("source", "manifest", "stacks"):
+        if field not in config:
+            fail(f"missing field {field!r}")
+    manifest = config["manifest"]
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("keys"), dict) \
+            or not isinstance(manifest.get("aliases"), dict):
+        fail("malformed manifest")
+    if not isinstance(config["stacks"], list):
+        fail("stacks must be a list")
+    for s in config["stacks"]:
+        if not isinstance(s, dict) or not isinstance(s.get("members"), list) or len(s["members"]) < 2 \
+                or not isinstance(s.get("params"), list):
+            fail("malformed stack entry")
+        for e in s["params"]:
+            needed = ("name", "owner", "attr", "layer", "kind", "shape", "dtype", "matrix", "groups", "ranks",
+                      "shared")
+            if not isinstance(e, dict) or any(k not in e for k in needed):
+                fail(f"malformed parameter entry in stack {s.get('path')!r}")
+            try:
+                layer_class(e["layer"])
+            except (KeyError, TypeError):
+                fail(f"unknown layer kind {e['layer']!r}")
+            if not isinstance(e["ranks"], list) or len(e["ranks"]) != len(s["members"]):
+                fail(f"{e['name']}: ranks must have one entry per member")
+            if not hasattr(torch, str(e["dtype"])) or not isinstance(getattr(torch, str(e["dtype"])), torch.dtype):
+                fail(f"{e['name']}: unknown dtype {e['dtype']!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# merge: pure tensor math from the checkpoint alone
+
+
+def merged_tensors(ckpt: Checkpoint, progress=None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Dense ``(key, tensor)`` pairs with exactly the source's keys, one converted group at a time."""
+    manifest = ckpt.manifest
+    owners = ckpt.owner_prefixes()
+    produced: dict[str, torch.Tensor] = {}
+    groups = [(s, e) for s in ckpt.stacks for e in s["params"]]
+    steps = iter(groups)
+    if progress is not None:
+        steps = progress(steps, len(groups), "merging")
+    for stack, entry in steps:
+        cls = layer_class(entry["layer"])
+        for i, member in enumerate(stack["members"]):
+            prefix = f"{member}.{entry['owner']}."
+            try:
+                dense = cls.merge_state(ckpt.owner_state(stack, entry, i), entry)
+            except (KeyError, RuntimeError, ValueError) as e:
+                raise LorsError(f"{ckpt.path}: cannot merge {prefix}{entry['attr']} ({_short(e)})") from None
+            for rel, t in dense.items():
+                produced[prefix + rel] = t
+        for key, t in list(produced.items()):
+            yield key, _checked(ckpt, key, t)
+        produced.clear()
+    for key in manifest["keys"]:
+        if any(key.startswith(p) for p in owners):
+            continue
+        source = manifest["aliases"].get(key, key)
+        if any(source.startswith(p) for p in owners):
+            continue
+        yield key, _checked(ckpt, key, ckpt.get(source))
+
+
+def _checked(ckpt: Checkpoint, key: str, t: torch.Tensor) -> torch.Tensor:
+    spec = ckpt.manifest["keys"].get(key)
+    if spec is None:
+        raise LorsError(f"{ckpt.path}: merge produced {key!r}, which the source did not have")
+    if list(t.shape) != list(spec["shape"]) or dtype_name(t.dtype) != spec["dtype"]:
+        raise LorsError(f"{ckpt.path}: {key!r} merges to {list(t.shape)} {dtype_name(t.dtype)}, "
+                        f"the source had {spec['shape']} {spec['dtype']}")
+    return t
+
+
+def merge_checkpoint(path: str | Path, out: str | Path, force: bool = False, progress=None,
+                     max_shard_size: int | str = DEFAULT_SHARD_SIZE) -> Path:
+    """``lors merge``: dense weights under the source's keys; for an HF source a loadable directory."""
+    ckpt = Checkpoint(path)
+    out = Path(out)
+    check_output(out, force)
+    dense = dict(merged_tensors(ckpt, progress))
+    missing = [k for k in ckpt.manifest["keys"] if k not in dense]
+    if missing:
+        raise LorsError(f"{ckpt.path}: merge could not produce {missing[0]!r}")
+    dense = {k: dense[k] for k in ckpt.manifest["keys"]}  # the source's order
+    seen: set[tuple] = set()
+    for k, t in dense.items():  # safetensors stores no aliases: clone tied tensors
+        ident = _identity(t)
+        if ident in seen:
+            dense[k] = t.clone()
+        seen.add(ident)
+    metadata = {"format": "pt"}
+    if out.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        with atomic_output(out, force, directory=False) as tmp:
+            save_file({k: v.contiguous() for k, v in dense.items()}, str(tmp), metadata=metadata)
+        return out
+    with atomic_output(out, force) as tmp:
+        write_tensors(tmp, dense, metadata, max_shard_size)
+        if ckpt.source.get("kind") == "hf":
+            for f in ckpt.path.iterdir():
+                if f.is_file() and f.name not in (CONFIG_NAME, REPORT_NAME, WEIGHTS_NAME, INDEX_NAME) \
+                        and not f.name.endswith(".safetensors"):
+                    shutil.copy2(f, tmp / f.name)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# load: a runnable LORS model
+
+
+def build_architecture(ckpt: Checkpoint, trust_pickle: bool = False) -> nn.Module:
+    """The dense architecture the checkpoint came from, on the meta device."""
+    source = ckpt.source
+    kind = source.get("kind")
+    if kind == "hf":
+        return build_hf(ckpt.path, device="meta")
+    if kind == "state_dict":
+        return build_arch(source["arch"], device="meta")
+    if kind == "pickle":
+        if not source.get("path") or not Path(source["path"]).is_file():
+            raise LorsError(f"{ckpt.path}: converted from a pickled module ({source.get('path')}), which is "
+                            "needed to rebuild the architecture and is not there")
+        model, _ = load_source(source["path"], trust_pickle=trust_pickle)
+        return model
+    if kind == "torchscript":
+        raise LorsError(f"{ckpt.path}: a TorchScript source cannot be rebuilt as a runnable LORS model; "
+                        "use `lors merge` to get dense weights")
+    raise LorsError(f"{ckpt.path}: source kind {kind!r} records no architecture; "
+                    "pass the dense model: load(path, model=...)")
+
+
+def load(path: str | Path, model: nn.Module | None = None, trust_pickle: bool = False,
+         device: str | torch.device = "cpu") -> nn.Module:
+    """A runnable, trainable LORS model from a checkpoint.
+
+    The architecture comes from the recorded source (or ``model``, a dense instance of it, whose
+    weights are not used), is built on the meta device and filled from the checkpoint.
+    """
+    ckpt = Checkpoint(path)
+    skeleton = model if model is not None else build_architecture(ckpt, trust_pickle)
+    skeleton = _meta(skeleton)
+    for stack in ckpt.stacks:
+        st = Stack(path=stack.get("path", ""), members=list(stack["members"]), member_class=nn.Module)
+        for entry in stack["params"]:
+            pp = plan_from_entry(st, entry)
+            try:
+                install_layers(skeleton, pp, torch.empty(*entry["matrix"], device="meta",
+                                                         dtype=getattr(torch, entry["dtype"])))
+            except (AttributeError, KeyError, TypeError, ValueError, RuntimeError) as e:
+                raise LorsError(f"{ckpt.path}: the architecture does not match the checkpoint at "
+                                f"{stack['members'][0]}.{entry['owner']} ({_short(e)})") from None
+    ties = _tied_groups(skeleton)
+    state = {}
+    owners = ckpt.owner_prefixes()
+    manifest_aliases = ckpt.manifest["aliases"]
+    for key, t in skeleton.state_dict(keep_vars=True).items():
+        if key in ckpt._where:
+            state[key] = ckpt.get(key)
+            continue
+        prefix = next((p for p in owners if key.startswith(p)), None)
+        if prefix is not None:
+            stack, entry, _ = owners[prefix]
+            rel = key[len(prefix):]
+            if rel in entry["shared"]:
+                state[key] = ckpt.get(f"{stack['members'][0]}.{entry['owner']}.{rel}")
+                continue
+        if key in manifest_aliases:
+            state[key] = ckpt.get(manifest_aliases[key])
+            continue
+        raise LorsError(f"{ckpt.path}: the architecture expects {key!r}, which the checkpoint lacks "
+                        "(architecture and checkpoint do not match)")
+    try:
+        skeleton.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as e:
+        raise LorsError(f"{ckpt.path}: the architecture does not match the checkpoint ({_short(e)})") from None
+    _retie(skeleton, ties)
+    for key in ckpt.keys():
+        if key.startswith(BUFFER_PREFIX):
+            name = key[len(BUFFER_PREFIX):]
+            owner, _, attr = name.rpartition(".")
+            skeleton.get_submodule(owner).register_buffer(attr, ckpt.get(key), persistent=False)
+    leftover = [n for n, t in list(skeleton.named_parameters()) + list(skeleton.named_buffers())
+                if t.device.type == "meta"]
+    if leftover:
+        raise LorsError(f"{ckpt.path}: no value for {leftover[0]!r} (architecture and checkpoint do not match)")
+    return skeleton.to(device).eval()
+
+
+def _meta(model: nn.Module) -> nn.Module:
+    if all(t.device.type == "meta" for t in list(model.parameters()) + list(model.buffers())):
+        return model
+    from .layers import meta_clone
+
+    return meta_clone(model)
+
+
+def _tied_groups(model: nn.Module) -> list[list[tuple[nn.Module, str]]]:
+    """Parameters reachable from several (module, name) places, to re-tie after loading."""
+    places: dict[int, list[tuple[nn.Module, str]]] = {}
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            places.setdefault(id(p), []).append((module, name))
+    return [group for group in places.values() if len(group) > 1]
+
+
+def _retie(model: nn.Module, groups: list[list[tuple[nn.Module, str]]]) -> None:
+    for group in groups:
+        first_module, first_name = group[0]
+        shared = getattr(first_module, first_name)
+        for module, name in group[1:]:
+            setattr(module, name, shared)

@@ -1,0 +1,266 @@
+"""The ``lors`` command line: a thin typer layer over the library.
+
+Human output goes to stderr (rich), ``--json`` to stdout. Exit codes: 0 ok, 1 runtime failure,
+2 usage error. Errors are one line; ``LORS_DEBUG=1`` shows the traceback of unexpected ones.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .errors import LorsError, LorsUsageError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="LORS (Low-Rank Residual Structure) surgery for stacked networks.")
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def _fail(message: str, code: int) -> None:
+    first = " ".join(str(message).split())
+    typer.echo(f"error: {first}", err=True)
+    raise typer.Exit(code)
+
+
+def handle_errors(fn):
+    """Turn every failure into a one-line message and an exit code; never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except LorsError as e:
+            _fail(str(e), e.exit_code)
+        except KeyboardInterrupt:
+            _fail("interrupted", 130)
+        except MemoryError:
+            _fail("out of memory", 1)
+        except Exception as e:  # a bug or an unforeseen input: still one line
+            if os.environ.get("LORS_DEBUG"):
+                raise
+            _fail(f"unexpected {type(e).__name__}: {e} (set LORS_DEBUG=1 for the traceback)", 1)
+
+    return wrapper
+
+
+def make_progress(enabled: bool):
+    """A progress wrapper for long loops (rich, on stderr), or None when output must stay quiet."""
+    if not enabled or not sys.stderr.isatty():
+        return None
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    def progress(items, total: int, label: str):
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                      TimeElapsedColumn(), console=_console(), transient=True) as bar:
+            task = bar.add_task(label, total=total)
+            for item in items:
+                yield item
+                bar.advance(task)
+
+    return progress
+
+
+def parse_rank(text: str) -> int | None:
+    if text.strip().lower() == "full":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise LorsUsageError(f"--rank must be a positive integer or 'full', got {text!r}") from None
+    if value < 1:
+        raise LorsUsageError(f"--rank must be a positive integer or 'full', got {value}")
+    return value
+
+
+def parse_int_list(text: str | None, option: str) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        values = [int(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise LorsUsageError(f"{option} must be comma-separated integers, got {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise LorsUsageError(f"{option} must be positive integers, got {text!r}")
+    return values
+
+
+def default_output(src: Path, suffix: str) -> Path:
+    name = src.name.rstrip("/") or "model"
+    stem = name[: -len(src.suffix)] if src.suffix and not src.is_dir() else name
+    return src.parent / f"{stem}{suffix}"
+
+
+def emit_json(data) -> None:
+    typer.echo(json.dumps(data, indent=1))
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+@app.command()
+@handle_errors
+def convert(
+    src: Path = typer.Argument(..., help="HF model dir, state dict (.safetensors/.pt, with --arch), "
+                                         "TorchScript archive, or pickled module (with --trust-pickle)."),
+    rank: str = typer.Option("8", "--rank", "-r", help="Rank r of each private group, or 'full'."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output directory [<src>.lors]."),
+    groups: Optional[str] = typer.Option(None, "--groups", help="Groups K per layer, e.g. 1,1,2,2,3,3 (or one number)."),
+    include: list[str] = typer.Option([], "--include", help="fnmatch pattern over parameter names (repeatable)."),
+    exclude: list[str] = typer.Option([], "--exclude", help="fnmatch pattern over parameter names (repeatable)."),
+    arch: Optional[str] = typer.Option(None, "--arch", help="package.module:callable building the model of a state dict."),
+    trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow unpickling a whole module: runs code from the file."),
+    init: str = typer.Option("svd", "--init", help="svd (fit the trained weights) or paper (from-scratch init)."),
+    method: str = typer.Option("auto", "--svd", help="auto, exact or randomized."),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda: where the decomposition runs."),
+    keep_unsaving: bool = typer.Option(False, "--keep-unsaving", help="Convert matrices even where it saves nothing."),
+    shard_size: str = typer.Option("2GB", "--max-shard-size", help="Shard the safetensors output above this size."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print stacks and projected savings; write nothing."),
+    json_out: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No tables or progress."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output."),
+) -> None:
+    """Convert a dense model to a LORS checkpoint and print the savings report."""
+    from . import checkpoint as ck
+    from .convert import convert as convert_model
+    from .convert import convert_tensors, plan_conversion
+    from .counting import count_parameters
+    from .sources import load_source
+
+    r = parse_rank(rank)
+    group_list = parse_int_list(groups, "--groups")
+    group_arg = group_list[0] if group_list and len(group_list) == 1 else group_list
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise LorsUsageError(f"--device must be cpu or cuda, got {device!r}")
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise LorsUsageError("--device cuda: no CUDA device is available")
+    out = output or default_output(src, ".lors")
+    if not dry_run:
+        ck.check_output(out, force)
+    progress = make_progress(not (quiet or json_out))
+    model, source = load_source(src, arch=arch, trust_pickle=trust_pickle)
+    require_savings = not keep_unsaving
+    if dry_run:
+        plan = plan_conversion(model, r, group_arg, include, exclude, require_savings)
+        report = plan.report(count_parameters(model))
+        _show(report, json_out, quiet, title=f"LORS dry run of {src} (nothing written)")
+        return
+    manifest = ck.source_manifest(model)
+    if source.kind == "torchscript":
+        plan = plan_conversion(model, r, group_arg, include, exclude, require_savings)
+        report, matrices = plan.report_with_matrices(count_parameters(model))
+        state = model.state_dict()
+        tensors = dict(convert_tensors(plan, state.__getitem__, matrices, init=init, method=method,
+                                       device=device, progress=progress))
+        converted = {key for pp in plan.params for key in pp.keys}
+        untouched = ck.dedup_state({k: v for k, v in state.items() if k not in converted})
+        tensors.update(untouched)
+        config = ck.build_config([_stack_entry(pp_stack, plan) for pp_stack in plan.stacks
+                                  if any(pp.stack is pp_stack for pp in plan.params)], source, manifest)
+        ck.write_checkpoint(out, tensors, config, report, source, force=force, max_shard_size=shard_size)
+    else:
+        lors_model, report = convert_model(model, rank=r, groups=group_arg, include=include, exclude=exclude,
+                                           init=init, method=method, device=device,
+                                           require_savings=require_savings, progress=progress)
+        ck.save(lors_model, out, report=report, source=source, manifest=manifest, force=force,
+                max_shard_size=shard_size)
+    _show(report, json_out, quiet, title=f"LORS conversion of {src} -> {out}")
+
+
+def _stack_entry(stack, plan) -> dict:
+    from .convert import param_entry
+
+    return {"path": stack.path, "members": list(stack.members),
+            "params": [param_entry(pp) for pp in plan.params if pp.stack is stack]}
+
+
+def _show(report, json_out: bool, quiet: bool, title: str) -> None:
+    from .report import render
+
+    if json_out:
+        emit_json(report.to_dict())
+    elif not quiet:
+        render(report, _console(), title=title)
+
+
+@app.command()
+@handle_errors
+def report(
+    path: Path = typer.Argument(..., help="A LORS checkpoint directory, or a dense source for a rank sweep."),
+    ranks: str = typer.Option("4,8,16,32,64", "--ranks", help="Ranks to project for a dense source."),
+    arch: Optional[str] = typer.Option(None, "--arch", help="package.module:callable for a state dict source."),
+    trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow unpickling a whole module."),
+    include: list[str] = typer.Option([], "--include"),
+    exclude: list[str] = typer.Option([], "--exclude"),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Write error vs parameters over the rank sweep as PNG."),
+    json_out: bool = typer.Option(False, "--json", help="JSON on stdout."),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """Show what a LORS checkpoint saved, or project savings and error for a dense model."""
+    from .checkpoint import CONFIG_NAME, Checkpoint
+
+    if (path / CONFIG_NAME).is_file() if path.is_dir() else False:
+        if plot is not None:
+            raise LorsUsageError("--plot draws a rank sweep: give the dense source, not a LORS checkpoint")
+        rep = Checkpoint(path).report()
+        _show(rep, json_out, quiet, title=f"LORS checkpoint {path}")
+        return
+    from .sweep import rank_sweep, render_sweep, write_plot
+    from .sources import load_source
+
+    rank_list = parse_int_list(ranks, "--ranks")
+    model, _ = load_source(path, arch=arch, trust_pickle=trust_pickle)
+    sweep = rank_sweep(model, rank_list, include=include, exclude=exclude)
+    if plot is not None:
+        write_plot(sweep, plot)
+    if json_out:
+        emit_json(sweep)
+    elif not quiet:
+        render_sweep(sweep, _console(), title=f"LORS projection for {path}")
+
+
+@app.command()
+@handle_errors
+def merge(
+    path: Path = typer.Argument(..., help="A LORS checkpoint directory."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o",
+                                          help="Dense output: a directory, or a .safetensors file [<ckpt>.merged]."),
+    shard_size: str = typer.Option("2GB", "--max-shard-size"),
+    json_out: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output."),
+) -> None:
+    """Merge a LORS checkpoint back to dense weights with the source's keys, shapes and dtypes."""
+    from .checkpoint import Checkpoint, merge_checkpoint
+
+    out = output or default_output(path, ".merged")
+    ckpt = Checkpoint(path)  # validate before anything is written
+    del ckpt
+    merge_checkpoint(path, out, force=force, progress=make_progress(not (quiet or json_out)),
+                     max_shard_size=shard_size)
+    if json_out:
+        emit_json({"output": str(out)})
+    elif not quiet:
+        _console().print(f"merged {path} -> {out}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,275 @@
+"""Reading the models users have: HF directories, state dicts + architecture, TorchScript, pickles.
+
+Unpickling runs code from the file, so every ``torch.load`` here is ``weights_only=True`` unless the
+caller passes ``trust_pickle=True``. Every failure is a :class:`LorsError` naming the file.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import pickle
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import LorsError, LorsUsageError
+
+WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
+PICKLE_FLAG = "--trust-pickle"
+
+
+@dataclass
+class SourceInfo:
+    """What a checkpoint records about where its weights came from."""
+
+    kind: str  # "hf", "state_dict", "torchscript", "pickle", "module"
+    path: str | None = None
+    arch: str | None = None  # "pkg.module:callable" for state dicts; HF class name for "hf"
+    sha256: str | None = None
+    files: list[str] = field(default_factory=list)  # small HF side files copied along (config, tokenizer)
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "path": self.path, "arch": self.arch, "sha256": self.sha256}
+
+
+def file_sha256(paths: list[Path]) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(paths):
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def import_arch(ref: str):
+    """Resolve ``"pkg.module:callable"`` (e.g. ``torchvision.models:resnet50``)."""
+    module_name, sep, attr = ref.partition(":")
+    if not sep or not module_name or not attr:
+        raise LorsUsageError(f"--arch must look like 'package.module:callable', got {ref!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise LorsUsageError(f"--arch {ref!r}: cannot import {module_name!r} ({e})") from None
+    target = module
+    for part in attr.split("."):
+        if not hasattr(target, part):
+            raise LorsUsageError(f"--arch {ref!r}: {module_name!r} has no attribute {attr!r}")
+        target = getattr(target, part)
+    if not callable(target):
+        raise LorsUsageError(f"--arch {ref!r} is not callable")
+    return target
+
+
+def build_arch(ref: str, device: str | torch.device = "cpu") -> nn.Module:
+    factory = import_arch(ref)
+    try:
+        with torch.device(device):
+            model = factory()
+    except Exception as e:  # user code: report it on one line
+        raise LorsError(f"--arch {ref!r} failed to build the model: {type(e).__name__}: {e}") from None
+    if not isinstance(model, nn.Module):
+        raise LorsError(f"--arch {ref!r} returned {type(model).__name__}, not a torch nn.Module")
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# state dicts
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors of a ``.safetensors`` file or a weights-only ``torch.save`` of a state dict."""
+    if path.suffix == ".safetensors":
+        return _read_safetensors(path)
+    obj = _torch_load(path, trust_pickle=False)
+    state = _as_state_dict(obj)
+    if state is None:
+        raise LorsError(f"{path}: expected a state dict (name -> tensor), found {_describe(obj)}")
+    return state
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    _check_file(path)
+    try:
+        return load_file(str(path))
+    except Exception as e:
+        raise LorsError(f"{path}: not a readable safetensors file ({_short(e)})") from None
+
+
+def _check_file(path: Path) -> None:
+    if not path.exists():
+        raise LorsError(f"{path}: no such file or directory")
+    if path.is_dir():
+        raise LorsError(f"{path}: is a directory without config.json (not a Hugging Face model directory)")
+    if path.stat().st_size == 0:
+        raise LorsError(f"{path}: file is empty")
+
+
+def _short(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
+def _describe(obj) -> str:
+    if isinstance(obj, dict):
+        kinds = sorted({type(v).__name__ for v in obj.values()})[:3]
+        return f"a dict of {', '.join(kinds) or 'nothing'}"
+    return f"a {type(obj).__name__}"
+
+
+def _as_state_dict(obj) -> dict[str, torch.Tensor] | None:
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]  # common training checkpoints
+    if isinstance(obj, dict) and obj and all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                             for k, v in obj.items()):
+        return dict(obj)
+    return None
+
+
+def _is_torchscript(path: Path) -> bool:
+    if not zipfile.is_zipfile(path):
+        return False
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return False
+    return any(n.endswith("/constants.pkl") for n in names) and any("/code/" in n for n in names)
+
+
+def _torch_load(path: Path, trust_pickle: bool):
+    _check_file(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+    except pickle.UnpicklingError as e:
+        message = str(e)
+        if not trust_pickle and ("Unsupported global" in message or "weights_only" in message.lower()):
+            culprit = ""
+            for line in message.splitlines():
+                if "Unsupported global" in line:
+                    culprit = line.split("GLOBAL", 1)[-1].split()[0] if "GLOBAL" in line else ""
+                    break
+            what = f" (it references {culprit})" if culprit else ""
+            raise LorsError(
+                f"{path}: refused to unpickle Python objects{what}: unpickling runs code from the file. "
+                f"Pass {PICKLE_FLAG} only if you trust its origin, or save a state dict and use --arch"
+            ) from None
+        raise LorsError(f"{path}: not a readable PyTorch file ({_short(e)})") from None
+    except Exception as e:
+        raise LorsError(f"{path}: not a readable PyTorch file ({_short(e)})") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Hugging Face directories
+
+
+HF_SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                 "special_tokens_map.json", "vocab.txt", "vocab.json", "merges.txt", "tokenizer.model",
+                 "added_tokens.json", "spiece.model", "sentencepiece.bpe.model")
+
+
+def is_hf_dir(path: Path) -> bool:
+    return path.is_dir() and (path / "config.json").is_file()
+
+
+def hf_weight_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError) as e:
+            raise LorsError(f"{index}: malformed safetensors index ({_short(e)})") from None
+        return [path / s for s in shards]
+    single = path / "model.safetensors"
+    if single.is_file():
+        return [single]
+    raise LorsError(f"{path}: Hugging Face directory without model.safetensors (only safetensors weights "
+                    "are read: .bin pickles would run code)")
+
+
+def hf_model_class(config):
+    import transformers
+
+    for name in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, name, None)
+        if cls is not None:
+            return cls
+    return transformers.AutoModel
+
+
+def load_hf_config(path: Path):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(str(path), local_files_only=True)
+    except Exception as e:
+        raise LorsError(f"{path / 'config.json'}: not a usable Hugging Face config ({_short(e)})") from None
+
+
+def build_hf(path: Path, device: str | torch.device = "meta") -> nn.Module:
+    """The architecture of an HF directory (config.json only), built on ``device``."""
+    config = load_hf_config(path)
+    cls = hf_model_class(config)
+    with torch.device(device):
+        if cls.__name__.startswith("Auto"):
+            return cls.from_config(config)
+        return cls(config)
+
+
+def load_hf(path: Path) -> nn.Module:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own progress and --json output own the terminal
+    config = load_hf_config(path)
+    cls = hf_model_class(config)
+    hf_weight_files(path)  # clear error when weights are missing
+    try:
+        model = cls.from_pretrained(str(path), local_files_only=True, dtype="auto")
+    except Exception as e:
+        raise LorsError(f"{path}: transformers could not load the model ({_short(e)})") from None
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# the entry point
+
+
+def load_source(path: str | Path, arch: str | None = None, trust_pickle: bool = False
+                ) -> tuple[nn.Module, SourceInfo]:
+    """Load a dense model from any supported input and say where it came from."""
+    path = Path(path)
+    if is_hf_dir(path):
+        model = load_hf(path)
+        files = [f for f in HF_SIDE_FILES if (path / f).is_file()]
+        return model, SourceInfo(kind="hf", path=str(path.resolve()), arch=type(model).__name__,
+                                 sha256=file_sha256(hf_weight_files(path)), files=files)
+    _check_file(path)
+    sha = file_sha256([path])
+    if arch is not None:
+        state = read_state_dict(path)
+        model = build_arch(arch)
+        result = model.load_state_dict(state, strict=False)
+        if result.missing_keys or result.unexpected_keys:
+            raise LorsError(f"{path} does not match --arch {arch}: missing {result.missing_keys[:3]}, "
+                            f"unexpected {result.unexpected_keys[:3]}")
+        return model.eval(), SourceInfo(kind="state_dict", path=str(path.resolve()), arch=arch, sha256=sha)
+    if path.suffix == ".safetensors":
+        _read_safetensors(path)  # a clear error for corrupt files before the usage hint
+        raise LorsUsageError(f"{path} holds only tensors: pass --arch package.module:callable to build the model")
+    if _is_torchscript(path):
+        try:
+            model = torch.jit.load(str(path), map_location="cpu")
+        except Exception as e:
+            raise LorsError(f"{path}: not a loadable TorchScript archive ({_short(e)})") from None
+        return model, SourceInfo(kind="torchscript", path=str(path.resolve()), sha256=sha)
+    obj = _torch_load(path, trust_pickle=trust_pickle)
+    if isinstance(obj, nn.Module):
+        return obj.eval(), SourceInfo(kind="pickle", path=str(path.resolve()), sha256=sha)
+    if _as_state_dict(obj) is not None:
+        raise LorsUsageError(f"{path} is a state dict: pass --arch package.module:callable to build the model")
+    raise LorsError(f"{path}: expected a model or a state dict, found {_describe(obj)}")
