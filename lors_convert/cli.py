@@ -138,6 +138,7 @@ def convert(
     from .convert import convert_tensors, plan_conversion
     from .counting import count_parameters
     from .sources import load_source
+    from .streaming import Dist, NotStreamable, stream_convert
 
     r = parse_rank(rank)
     group_list = parse_int_list(groups, "--groups")
@@ -153,8 +154,23 @@ def convert(
     if not dry_run:
         ck.check_output(out, force)
     progress = make_progress(not (quiet or json_out))
-    model, source = load_source(src, arch=arch, trust_pickle=trust_pickle)
     require_savings = not keep_unsaving
+    dist = Dist.from_env()
+    try:  # HF directories and .safetensors + --arch stream: one group in memory at a time
+        report = stream_convert(src, out, arch=arch, rank=r, groups=group_arg, include=include, exclude=exclude,
+                                init=init, method=method, device=device, require_savings=require_savings,
+                                max_shard_size=shard_size, force=force, progress=progress, dist=dist,
+                                dry_run=dry_run)
+    except NotStreamable:
+        pass
+    else:
+        if dist.is_main:
+            _show(report, json_out, quiet, title=(f"LORS dry run of {src} (nothing written)" if dry_run
+                                                  else f"LORS conversion of {src} -> {out}"))
+        return
+    if dist.world > 1:
+        raise LorsUsageError("distributed conversion needs a Hugging Face directory or .safetensors + --arch")
+    model, source = load_source(src, arch=arch, trust_pickle=trust_pickle)
     if dry_run:
         plan = plan_conversion(model, r, group_arg, include, exclude, require_savings)
         report = plan.report(count_parameters(model))

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .counting import count_parameters
-from .decompose import (StackFactors, as_matrix, decompose_stack, dense_param_count, lors_param_count,
+from .decompose import (StackFactors, as_matrix, decompose_stack, stack_matrices, dense_param_count, lors_param_count,
                         resolve_ranks, saves_parameters)
 from .discovery import Stack, StackedParam, find_stacks
 from .errors import LorsError, LorsUsageError
@@ -191,11 +191,6 @@ def plan_conversion(
     return ConversionPlan(stacks=stacks, params=params, warnings=warnings)
 
 
-def _finite_or_raise(tensor: torch.Tensor, key: str) -> None:
-    if not torch.isfinite(tensor).all():
-        raise LorsError(f"tensor {key!r} contains NaN or Inf values; refusing to convert it")
-
-
 def paper_init_factors(shape: tuple[int, ...], ranks: list[int], generator: torch.Generator | None = None
                        ) -> StackFactors:
     """The paper's from-scratch initialization: Kaiming-uniform ``W_s`` and ``B``, zero ``A``."""
@@ -266,11 +261,13 @@ def install_layers(model: nn.Module, pp: ParamPlan, shared: torch.Tensor,
 def decompose_param(pp: ParamPlan, weights: list[torch.Tensor], report: MatrixReport | None = None,
                     init: str = "svd", method: str = "auto", device=None) -> StackFactors:
     """Factors of one planned parameter from its N layer tensors; fills the report's error columns."""
-    for key, w in zip(pp.keys, weights):
-        _finite_or_raise(w, key)
     if init == "paper":
         return paper_init_factors(pp.param.shape, pp.ranks)
-    factors = decompose_stack(weights, pp.ranks, method=method, device=device)
+    try:
+        W = stack_matrices(weights, device, names=pp.keys)  # (N, d, h), checked finite
+    except ValueError as e:
+        raise LorsError(str(e)) from None
+    factors = decompose_stack(W, pp.ranks, method=method)
     if report is not None:
         report.relative_error = [f.relative_error for f in factors.layers]
         report.retained_energy = [f.retained_energy for f in factors.layers]

@@ -117,8 +117,28 @@ def split_balanced(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor) -> tuple[
     return U * root, root[:, None] * Vh  # (d, k), (k, h)
 
 
+def stack_matrices(weights, device=None, names: list[str] | None = None) -> torch.Tensor:
+    """Copy N layer weights into one fresh float32 (or float64) tensor ``(N, d, h)``, one at a time.
+
+    ``weights`` may be a lazy sequence (each item read on access), so only one source tensor is in
+    memory besides the result. With ``names``, a non-finite layer raises ``ValueError`` naming it.
+    """
+    first = weights[0]
+    dtype = compute_dtype(first.dtype)
+    device = torch.device(device) if device is not None else first.device
+    d, h = as_matrix(first).shape
+    W = torch.empty(len(weights), d, h, dtype=dtype, device=device)  # (N, d, h)
+    for i in range(len(weights)):
+        w = first if i == 0 else weights[i]
+        W[i].copy_(as_matrix(w))
+        if names is not None and not torch.isfinite(W[i]).all():
+            raise ValueError(f"tensor {names[i]!r} contains NaN or Inf values; refusing to convert it")
+        del w
+    return W
+
+
 def decompose_stack(
-    weights: list[torch.Tensor],
+    weights,
     ranks: list[int],
     method: str = "auto",
     device: torch.device | str | None = None,
@@ -126,16 +146,20 @@ def decompose_stack(
 ) -> StackFactors:
     """LORST factors of one stacked parameter.
 
-    ``weights``: the N layers' tensors (any shape, any float dtype); ``ranks``: total private rank
-    ``K_i * r`` per layer. ``shared`` overrides the mean (calibrated or refined shared parts).
-    Returns float32 factors on ``device`` (default: the weights' device).
+    ``weights``: the N layers' tensors (any shape, any float dtype), or an already stacked float
+    ``(N, d, h)`` tensor from :func:`stack_matrices`, which is then overwritten with the residuals
+    (saves a copy of the group when streaming). ``ranks``: total private rank ``K_i * r`` per layer.
+    ``shared`` overrides the mean (calibrated or refined shared parts). Returns float32 (float64
+    for float64 input) factors on ``device`` (default: the weights' device).
     """
-    device = torch.device(device) if device is not None else weights[0].device
-    dtype = compute_dtype(weights[0].dtype)
-    W = torch.stack([as_matrix(w).to(device=device, dtype=dtype) for w in weights])  # (N, d, h)
-    W_s = W.mean(dim=0) if shared is None else shared.to(device=device, dtype=dtype)  # (d, h)
-    R = W - W_s  # (N, d, h)
+    if isinstance(weights, torch.Tensor) and weights.dim() == 3 and weights.dtype in (torch.float32, torch.float64):
+        W = weights if device is None else weights.to(device)  # (N, d, h), consumed
+    else:
+        W = stack_matrices(weights, device)  # (N, d, h)
+    dtype = W.dtype
     weight_norms = torch.linalg.matrix_norm(W).tolist()
+    W_s = W.mean(dim=0) if shared is None else shared.to(device=W.device, dtype=dtype)  # (d, h)
+    R = W.sub_(W_s)  # (N, d, h) residuals, in place
     residual_energy = (R * R).sum(dim=(1, 2)).tolist()
     layers: list[LayerFactors] = []
     # one call per layer: on CPU a batched torch.linalg.svd measured 2-4x slower than this loop
