@@ -68,7 +68,7 @@ class LorsLayer(LorsModule):
         factory = {"device": shared.device, "dtype": shared.dtype}
         self.lors_B = nn.Parameter(torch.zeros(d, k, **factory))  # (d, k)
         self.lors_A = nn.Parameter(torch.zeros(k, h, **factory))  # (k, h)
-        for name, p in dense.named_parameters(recurse=False):
+        for name, p in dense._parameters.items():  # includes bias=None, which forward reads
             if name != weight_name:
                 self.register_parameter(name, p)
         object.__setattr__(self, "template", meta_clone(dense))  # not a submodule: holds no state
