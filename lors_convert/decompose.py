@@ -135,13 +135,16 @@ def decompose_stack(
     W_s = W.mean(dim=0) if shared is None else shared.to(device=device, dtype=dtype)  # (d, h)
     R = W - W_s  # (N, d, h)
     weight_norms = torch.linalg.matrix_norm(W).tolist()
-    residual_energy = (R * R).sum(dim=(1, 2)).tolist()
+    residual_energy = R.double().square().sum(dim=(1, 2)).tolist()
     layers: list[LayerFactors] = []
     if method == "exact" or (method == "auto" and min(W.shape[1:]) <= EXACT_SVD_MAX_DIM):
         U, S, Vh = torch.linalg.svd(R, full_matrices=False)  # batched over N: (N, d, m), (N, m), (N, m, h)
         triplets = [(U[i, :, :k], S[i, :k], Vh[i, :k]) for i, k in enumerate(ranks)]
+        # the discarded tail itself: "total - kept" cancels catastrophically when little is discarded
+        tails = [float(S[i, k:].double().square().sum()) for i, k in enumerate(ranks)]
     else:
         triplets = [truncated_svd(R[i], k, method) for i, k in enumerate(ranks)]
+        tails = [None] * len(ranks)
     for i, (U_k, S_k, Vh_k) in enumerate(triplets):
         B, A = split_balanced(U_k, S_k, Vh_k)
         kept = float((S_k.double() ** 2).sum())
@@ -149,7 +152,7 @@ def decompose_stack(
             LayerFactors(
                 B=B, A=A,
                 residual_energy=residual_energy[i],
-                discarded_energy=max(residual_energy[i] - kept, 0.0),
+                discarded_energy=tails[i] if tails[i] is not None else max(residual_energy[i] - kept, 0.0),
                 weight_norm=weight_norms[i],
             )
         )
