@@ -47,5 +47,5 @@ def expected_ranks(rank: int | None, groups: list[int], shape: tuple[int, ...]) 
 
 def max_rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     """max|a - b| / max|b| in float64."""
-    a, b = a.double(), b.double()
+    a, b = a.detach().double(), b.detach().double()
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))

@@ -126,7 +126,7 @@ def _randomize_bn(model: nn.Module, seed: int = 3) -> nn.Module:
     """Non-trivial BN statistics so eval-mode outputs depend on them (and round trips must keep them)."""
     g = torch.Generator().manual_seed(seed)
     for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
+        if isinstance(m, nn.BatchNorm2d) and m.running_mean.device.type != "meta":
             m.running_mean.copy_(0.1 * torch.randn(m.num_features, generator=g))
             m.running_var.copy_(0.5 + torch.rand(m.num_features, generator=g))
     return model
