@@ -56,7 +56,7 @@ def test_grouped_conv2d_matches_dense_grouped_conv(kwargs):
     merge(model)
     ref_err = reference_errors([source[f"layers.{i}.weight"] for i in range(4)], report.stacks[0].matrices[0].ranks)
     for i in range(4):
-        W, Wm = source[f"layers.{i}.weight"], model.layers[i].weight
+        W, Wm = source[f"layers.{i}.weight"], model.layers[i].weight.detach()
         err = float(torch.linalg.norm((Wm - W).double()) / torch.linalg.norm(W.double()))
         assert abs(err - ref_err[i]) <= 1e-4 and model.layers[i].groups == g
     ys_dense = model(x)
