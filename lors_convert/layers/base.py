@@ -98,7 +98,9 @@ class LorsLayer(LorsModule):
     def to_dense(self) -> nn.Module:
         """A module of the original class with the merged weight, on this layer's device."""
         dense = copy.deepcopy(self.template)
-        merged = merge_weight(self.shared, self.lors_B, self.lors_A, self.weight_shape, self.weight_dtype)
+        # the current storage dtype: equal to the source's unless the model was cast (.half()) after
+        # conversion, and then the merged weight must follow its bias and the inputs
+        merged = merge_weight(self.shared, self.lors_B, self.lors_A, self.weight_shape, self.shared.dtype)
         dense.to_empty(device=self.shared.device, recurse=True)
         setattr(dense, self.weight_name, nn.Parameter(merged.detach(), requires_grad=self.shared.requires_grad))
         for name, p in self.named_parameters(recurse=False):
