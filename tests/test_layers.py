@@ -202,3 +202,29 @@ def test_half_precision_round_trip_within_dtype_precision(name, dtype):
             assert rel <= 4 * eps, f"{k}: {rel:.3g} > 4 * eps({dtype})"
             worst = max(worst, rel / eps)
     print(f"[{name} {dtype}] half round trip: max diff = {worst:.2f} eps * max|W|")
+
+
+def test_cast_after_conversion_merges_in_the_new_dtype():
+    """convert, then .to(bfloat16), then merge: the dense weight follows its bias and inputs."""
+    case = CASES["mlp"]
+    model, _ = convert(case.build(), rank=4)
+    model.to(torch.bfloat16)
+    layers = _layers(model, LorsLinear)
+    assert layers[0].shared is layers[2].shared  # the cast keeps one Parameter per stack
+    x = case.inputs()["x"].to(torch.bfloat16)
+    with torch.no_grad():
+        y = model(x)
+    merge(model)
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    with torch.no_grad():
+        assert max_rel_diff(model(x), y) <= 4 * torch.finfo(torch.bfloat16).eps * 8  # a few bf16 roundings
+
+
+def test_converting_twice_is_refused_and_changes_nothing():
+    case = CASES["mlp"]
+    model, _ = convert(case.build(), rank=4)
+    before = snapshot(model)
+    with pytest.raises(Exception, match="no parameter to convert"):
+        convert(model, rank=4)
+    after = snapshot(model)
+    assert list(after) == list(before) and all(torch.equal(after[k], v) for k, v in before.items())
