@@ -228,3 +228,76 @@ def test_converting_twice_is_refused_and_changes_nothing():
         convert(model, rank=4)
     after = snapshot(model)
     assert list(after) == list(before) and all(torch.equal(after[k], v) for k, v in before.items())
+
+
+def _forward_allocations(module: nn.Module, x: torch.Tensor) -> list[tuple[str, int, int]]:
+    """(op, numel, storage) of every tensor the ops of one forward pass produce."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    records = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in tree_flatten(out)[0]:
+                if isinstance(t, torch.Tensor):
+                    records.append((str(func), t.numel(), t.untyped_storage().data_ptr()))
+            return out
+
+    with torch.no_grad(), Record():
+        module(x)
+    return records
+
+
+@pytest.mark.parametrize("make, x_shape", [
+    (lambda: nn.Linear(32, 48), (7, 32)),
+    (lambda: nn.Conv2d(16, 24, 3, padding=1, groups=2), (1, 16, 5, 5)),
+    ("conv1d", (7, 32)),
+], ids=["linear", "conv2d-grouped", "conv1d"])
+def test_forward_never_materializes_the_dense_weight(make, x_shape):
+    """No op of a LORS forward allocates a d*h tensor (views of the shared Parameter are fine)."""
+    if make == "conv1d":
+        from transformers.pytorch_utils import Conv1D
+        make = lambda: Conv1D(48, 32)  # noqa: E731
+    torch.manual_seed(0)
+    model, _ = convert(Stack(make, n=3), rank=4)
+    layer = model.layers[1]
+    assert isinstance(layer, LorsLayer)
+    d, h = layer.shared.shape
+    param_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    records = _forward_allocations(layer, torch.randn(*x_shape))
+    assert records  # the recorder sees the forward's ops
+    fresh = [(op, n) for op, n, ptr in records if n == d * h and ptr not in param_storages]
+    assert not fresh, f"forward materialized a {d}x{h} weight: {fresh}"
+    # and the recorder would have caught it: reading .weight does allocate one
+    assert any(n == d * h and ptr not in param_storages for _, n, ptr in _forward_allocations(
+        lambda _: layer.weight, torch.zeros(1)))
+
+
+@pytest.mark.parametrize("name", ["conv", "gpt2"])
+def test_merge_state_equals_to_dense(name):
+    """The pure tensor merge used without the architecture gives the same tensors as to_dense()."""
+    model, _ = convert(CASES[name].build(), rank=4)
+    for layer in _layers(model):
+        state = {k: v.detach() for k, v in layer.named_parameters(recurse=False)}
+        meta = {"shape": list(layer.weight_shape), "dtype": str(layer.weight_dtype).removeprefix("torch.")}
+        merged = type(layer).merge_state(state, meta)
+        dense = layer.to_dense().state_dict()
+        assert sorted(merged) == sorted(dense)
+        for k in dense:
+            assert merged[k].shape == dense[k].shape and merged[k].dtype == dense[k].dtype
+            assert torch.equal(merged[k], dense[k]), k
+
+
+def test_padding_mode_is_respected_by_both_conv_branches():
+    torch.manual_seed(0)
+    model = Stack(lambda: nn.Conv2d(8, 8, 3, padding=1, padding_mode="reflect", groups=2), n=3)
+    x = torch.randn(2, 8, 6, 7)
+    with torch.no_grad():
+        ys = model(x)
+    model, _ = convert(model, rank=None, require_savings=False)
+    assert all(isinstance(m, LorsConv2d) for m in model.layers)
+    with torch.no_grad():
+        for y, y_lors in zip(ys, model(x)):
+            assert max_rel_diff(y_lors, y) <= 1e-5

@@ -96,3 +96,15 @@ def test_rank8_outputs_error_identity_and_parameter_count(name):
             worst = max(worst, abs(rep - r), abs(act - r))
         assert all(0.0 <= e <= 1.0 for e in m.retained_energy)
     print(f"[{name}] rank 8: outputs rel diff {rel:.3g}; EY identity max deviation {worst:.3g}")
+
+
+@pytest.mark.parametrize("name", SMALL)
+def test_full_rank_lors_model_computes_the_source_function(name):
+    """Without merging: the full-rank LORS model's outputs equal the source model's (1e-4 relative)."""
+    case = CASES[name]
+    model = case.build()
+    y_source = case.forward(model)
+    model, _ = convert(model, rank=None, require_savings=False)
+    assert any(isinstance(m, LorsModule) for m in model.modules())
+    rel = max_rel_diff(case.forward(model), y_source)
+    assert rel <= 1e-4, f"full-rank LORS vs source outputs differ by {rel:.3g}"
