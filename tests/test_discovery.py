@@ -114,3 +114,25 @@ def test_leaf_siblings_of_a_plain_module_are_not_a_stack():
     # a different dtype or shape in one member breaks the signature: only the equal ones stack
     blocks = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8).double(), nn.Linear(8, 4))
     assert [s.members for s in find_stacks(blocks)] == [["0", "1"]]
+
+
+def test_disjoint_slices_of_one_flat_buffer_are_not_ties():
+    """vector_to_parameters leaves every weight a view of one vector: independent, so a stack.
+
+    Overlapping views of one buffer are ties and stay dense.
+    """
+    torch.manual_seed(0)
+    model = nn.ModuleList(nn.Linear(16, 16) for _ in range(3))
+    torch.nn.utils.vector_to_parameters(torch.randn(3 * (256 + 16)), model.parameters())
+    assert len({p.untyped_storage().data_ptr() for p in model.parameters()}) == 1
+    [stack] = find_stacks(model)
+    assert [p.relname for p in stack.params] == ["weight"] and not stack.excluded
+    _, report = convert(model, rank=2)
+    assert report.stacks[0].matrices[0].name == "weight"
+
+    flat = torch.randn(3 * 256)
+    model = nn.ModuleList(nn.Linear(16, 16) for _ in range(3))
+    for layer, start in zip(model, (0, 256, 384)):  # layer 2 overlaps layer 1 by half
+        layer.weight = nn.Parameter(flat[start:start + 256].view(16, 16))
+    [stack] = find_stacks(model)
+    assert stack.params == [] and "tied" in stack.excluded["weight"]
