@@ -132,6 +132,17 @@ def _randomize_bn(model: nn.Module, seed: int = 3) -> nn.Module:
     return model
 
 
+def torch_encoder() -> nn.Module:
+    """``nn.TransformerEncoder``: its layers are deep copies, so re-draw each one's weights; its
+    attention reads ``out_proj.weight`` directly (the LORS layer's materializing ``.weight``)."""
+    layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
+    model = nn.TransformerEncoder(layer, num_layers=4, enable_nested_tensor=False)
+    for name, p in model.named_parameters():
+        if p.dim() >= 2:
+            nn.init.normal_(p, std=p.shape[1] ** -0.5)
+    return model
+
+
 # --- transformers configs ---------------------------------------------------------------------------
 
 def gpt2() -> nn.Module:
@@ -186,6 +197,9 @@ CASES: dict[str, Case] = {
                 stacks={"blocks": members("blocks", range(4))}),
     "conv": Case("conv", seeded(lambda: _randomize_bn(ConvStack())), image_inputs((2, 3, 12, 12)),
                  stacks={"body": members("body", range(4))}),
+    "torch_encoder": Case("torch_encoder", seeded(torch_encoder),
+                          lambda: {"x": torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(1))},
+                          stacks={"layers": members("layers", range(4))}),
     "gpt2": Case("gpt2", seeded(gpt2), token_inputs(), _logits,
                  stacks={"transformer.h": members("transformer.h", range(4))}),
     "bert": Case("bert", seeded(bert), token_inputs(), _hidden,
