@@ -301,3 +301,16 @@ def test_padding_mode_is_respected_by_both_conv_branches():
     with torch.no_grad():
         for y, y_lors in zip(ys, model(x)):
             assert max_rel_diff(y_lors, y) <= 1e-5
+
+
+def test_float64_sources_are_decomposed_in_float64():
+    """A float64 model round-trips at float64 precision (1e-12 relative), not float32's ~1e-6."""
+    case = CASES["mlp"]
+    model = case.build().double()
+    source = snapshot(model)
+    model, _ = convert(model, rank=None, require_savings=False)
+    assert all(l.shared.dtype == torch.float64 for l in _layers(model))
+    merged = snapshot(merge(model))
+    for k, w in source.items():
+        assert merged[k].dtype == torch.float64
+        assert (merged[k] - w).abs().max() <= 1e-12 * w.abs().max(), k
