@@ -298,6 +298,21 @@ def convert_tensors(plan: ConversionPlan, get_tensor: Callable[[str], torch.Tens
             yield keys["A"], f.A.to(device="cpu", dtype=dtype)
 
 
+def build_skeleton(model: nn.Module, plan: ConversionPlan) -> nn.Module:
+    """Install empty LORS layers for ``plan`` in ``model`` (in place) and return it.
+
+    The result has the structure :func:`convert` gives with the same settings (one shared Parameter
+    per stacked matrix, factors of the planned ranks) but uninitialized values: load a converted
+    model's ``state_dict()`` into it. ``plan`` comes from :func:`plan_conversion` on this model.
+    """
+    for pp in plan.params:
+        if pp.kind != "static":
+            raise LorsError(f"build_skeleton handles static LORS only, not {pp.kind} ({pp.relname})")
+        weight = model.get_parameter(pp.keys[0])
+        install_layers(model, pp, torch.empty(pp.matrix, dtype=weight.dtype, device=weight.device))
+    return model
+
+
 def iter_weights(model: nn.Module, pp: ParamPlan) -> list[torch.Tensor]:
     return [model.get_parameter(key).detach() for key in pp.keys]
 
@@ -362,5 +377,5 @@ def lors_modules(model: nn.Module) -> Iterator[tuple[str, LorsModule]]:
             yield name, m
 
 
-__all__ = ["convert", "merge", "plan_conversion", "install_layers", "ConversionPlan", "ParamPlan",
+__all__ = ["convert", "merge", "plan_conversion", "install_layers", "build_skeleton", "ConversionPlan", "ParamPlan",
            "paper_init_factors", "as_matrix"]

@@ -87,17 +87,26 @@ class StackFactors:
 
 
 def truncated_svd(R: torch.Tensor, k: int, method: str = "auto") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-``k`` singular triplets of ``R`` (see :func:`truncated_svd_with_tail`)."""
+    return truncated_svd_with_tail(R, k, method)[:3]
+
+
+def truncated_svd_with_tail(R: torch.Tensor, k: int, method: str = "auto"
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float | None]:
     """Top-``k`` singular triplets ``U (d, k), S (k,), Vh (k, h)`` of ``R``.
 
     ``method``: "exact" (``torch.linalg.svd``), "randomized" (``torch.svd_lowrank`` with
     oversampling and power iterations) or "auto": randomized where ``k + oversampling`` is at most a
     quarter of ``min(d, h)`` (there it is 3-60x faster on CPU and its error within 0.5% of the exact
     one, see scripts/bench_convert.py), exact elsewhere.
+
+    The fourth value is the discarded energy ``sum_{j>k} sigma_j^2`` where the full spectrum is
+    known (exact path; "total - kept" cancels catastrophically near full rank), else None.
     """
     d, h = R.shape[-2:]
     full = min(d, h)
     if k == 0:
-        return R.new_zeros(d, 0), R.new_zeros(0), R.new_zeros(0, h)
+        return R.new_zeros(d, 0), R.new_zeros(0), R.new_zeros(0, h), None
     if method == "auto":
         method = "randomized" if (full >= RANDOMIZED_MIN_DIM and k + RANDOMIZED_OVERSAMPLE <= full // 4) else "exact"
     if method == "randomized" and k + RANDOMIZED_OVERSAMPLE < full:
@@ -106,9 +115,9 @@ def truncated_svd(R: torch.Tensor, k: int, method: str = "auto") -> tuple[torch.
         with torch.random.fork_rng(devices=[R.device] if R.is_cuda else []):
             torch.manual_seed(0)
             U, S, V = torch.svd_lowrank(R, q=q, niter=RANDOMIZED_NITER)
-        return U[:, :k], S[:k], V[:, :k].T
+        return U[:, :k], S[:k], V[:, :k].T, None
     U, S, Vh = torch.linalg.svd(R, full_matrices=False)
-    return U[:, :k], S[:k], Vh[:k]
+    return U[:, :k], S[:k], Vh[:k], float(S[k:].double().square().sum())
 
 
 def split_balanced(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -160,10 +169,12 @@ def decompose_stack(
     weight_norms = torch.linalg.matrix_norm(W).tolist()
     W_s = W.mean(dim=0) if shared is None else shared.to(device=W.device, dtype=dtype)  # (d, h)
     R = W.sub_(W_s)  # (N, d, h) residuals, in place
-    residual_energy = (R * R).sum(dim=(1, 2)).tolist()
+    residual_energy = [float(R[i].double().square().sum()) for i in range(len(R))]  # float64, a layer at a time
     layers: list[LayerFactors] = []
     # one call per layer: on CPU a batched torch.linalg.svd measured 2-4x slower than this loop
-    triplets = [truncated_svd(R[i], k, method) for i, k in enumerate(ranks)]
+    results = [truncated_svd_with_tail(R[i], k, method) for i, k in enumerate(ranks)]
+    triplets = [r[:3] for r in results]
+    tails = [r[3] for r in results]
     for i, (U_k, S_k, Vh_k) in enumerate(triplets):
         B, A = split_balanced(U_k, S_k, Vh_k)
         kept = float((S_k.double() ** 2).sum())
@@ -171,7 +182,7 @@ def decompose_stack(
             LayerFactors(
                 B=B, A=A,
                 residual_energy=residual_energy[i],
-                discarded_energy=max(residual_energy[i] - kept, 0.0),
+                discarded_energy=tails[i] if tails[i] is not None else max(residual_energy[i] - kept, 0.0),
                 weight_norm=weight_norms[i],
             )
         )

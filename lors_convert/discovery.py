@@ -94,10 +94,36 @@ def _param_owners(model: nn.Module) -> dict[int, list[str]]:
     return owners
 
 
-def _storage_key(p: torch.Tensor):
-    if p.device.type == "meta":
+def _memory_span(p: torch.Tensor) -> tuple[int, int, int] | None:
+    """(storage, first byte, end byte) of the memory ``p`` can address; None on meta or empty."""
+    if p.device.type == "meta" or p.numel() == 0:
         return None
-    return p.untyped_storage().data_ptr()
+    extent = 1 + sum((size - 1) * abs(stride) for size, stride in zip(p.shape, p.stride()))
+    start = p.storage_offset() * p.element_size()
+    return p.untyped_storage().data_ptr(), start, start + extent * p.element_size()
+
+
+def _overlapping(params) -> set[int]:
+    """ids of the parameters whose memory overlaps another Parameter object's (ties by storage).
+
+    Disjoint slices of one flat buffer (``vector_to_parameters``, flat-buffer loaders) are
+    independent tensors, not ties.
+    """
+    by_storage: dict[int, list[tuple[int, int, int]]] = {}
+    for p in {id(p): p for p in params}.values():
+        span = _memory_span(p)
+        if span is not None:
+            by_storage.setdefault(span[0], []).append((span[1], span[2], id(p)))
+    tied: set[int] = set()
+    for spans in by_storage.values():
+        spans.sort()
+        reach_end, reach_id = -1, None  # the furthest end seen so far and its owner
+        for start, end, pid in spans:
+            if start < reach_end:
+                tied.update((pid, reach_id))
+            if end > reach_end:
+                reach_end, reach_id = end, pid
+    return tied
 
 
 def find_stacks(
@@ -113,16 +139,7 @@ def find_stacks(
     Raises :class:`LorsUsageError` when patterns are given and select nothing.
     """
     owners = _param_owners(model)
-    storages: dict[object, int] = {}
-    for _, p in model.named_parameters(remove_duplicate=False):
-        key = _storage_key(p)
-        if key is not None:
-            storages[key] = storages.get(key, 0) + 1
-    distinct_storages: dict[object, set[int]] = {}
-    for _, p in model.named_parameters(remove_duplicate=False):
-        key = _storage_key(p)
-        if key is not None:
-            distinct_storages.setdefault(key, set()).add(id(p))
+    shares_memory = _overlapping(p for _, p in model.named_parameters(remove_duplicate=False))
 
     stacks: list[Stack] = []
 
@@ -140,9 +157,7 @@ def find_stacks(
                                  for _, child in group]
                 tied = any(len(owners[id(q)]) > 1 for q in member_params)
                 tied = tied or len({id(q) for q in member_params}) < len(member_params)
-                tied = tied or any(
-                    len(distinct_storages.get(_storage_key(q), ())) > 1 for q in member_params
-                )
+                tied = tied or any(id(q) in shares_memory for q in member_params)
                 if tied:
                     stack.excluded[relname] = "tied or shared with another tensor"
                     continue

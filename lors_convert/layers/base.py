@@ -69,7 +69,7 @@ class LorsLayer(LorsModule):
         factory = {"device": shared.device, "dtype": shared.dtype}
         self.lors_B = nn.Parameter(torch.zeros(d, k, **factory))  # (d, k)
         self.lors_A = nn.Parameter(torch.zeros(k, h, **factory))  # (k, h)
-        for name, p in dense.named_parameters(recurse=False):
+        for name, p in dense._parameters.items():  # includes bias=None, which forward reads
             if name != weight_name:
                 self.register_parameter(name, p)
         object.__setattr__(self, "template", meta_clone(dense))  # not a submodule: holds no state
@@ -99,7 +99,9 @@ class LorsLayer(LorsModule):
     def to_dense(self) -> nn.Module:
         """A module of the original class with the merged weight, on this layer's device."""
         dense = copy.deepcopy(self.template)
-        merged = merge_weight(self.shared, self.lors_B, self.lors_A, self.weight_shape, self.weight_dtype)
+        # the current storage dtype: equal to the source's unless the model was cast (.half()) after
+        # conversion, and then the merged weight must follow its bias and the inputs
+        merged = merge_weight(self.shared, self.lors_B, self.lors_A, self.weight_shape, self.shared.dtype)
         dense.to_empty(device=self.shared.device, recurse=True)
         setattr(dense, self.weight_name, nn.Parameter(merged.detach(), requires_grad=self.shared.requires_grad))
         for name, p in self.named_parameters(recurse=False):

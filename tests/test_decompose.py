@@ -1,0 +1,116 @@
+"""The LORST math on its own: randomized vs exact SVD, per-layer group lists K_i, clamping."""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from conftest import distinct_numel, expected_ranks, reference_errors, snapshot
+from lors_convert import convert, merge
+from lors_convert.decompose import EXACT_SVD_MAX_DIM, decompose_stack, truncated_svd
+from lors_convert.layers import LorsConv2d, LorsLinear
+from models import CASES
+
+
+def _low_rank_plus_noise(d: int, h: int, rank: int = 24, noise: float = 0.05, seed: int = 0) -> torch.Tensor:
+    """A structured matrix: geometric spectrum on ``rank`` directions plus dense Gaussian noise."""
+    g = torch.Generator().manual_seed(seed)
+    U, _ = torch.linalg.qr(torch.randn(d, rank, generator=g))
+    V, _ = torch.linalg.qr(torch.randn(h, rank, generator=g))
+    s = 10.0 * 0.8 ** torch.arange(rank, dtype=torch.float32)
+    return (U * s) @ V.T + noise * torch.randn(d, h, generator=g)
+
+
+def test_randomized_svd_error_within_one_percent_of_exact():
+    d, h, k = 1100, 1060, 8
+    assert min(d, h) > EXACT_SVD_MAX_DIM  # the size where "auto" switches to the randomized path
+    R = _low_rank_plus_noise(d, h)
+    t = time.perf_counter()
+    U, S, Vh = truncated_svd(R, k, method="randomized")
+    t_rand = time.perf_counter() - t
+    assert U.shape == (d, k) and S.shape == (k,) and Vh.shape == (k, h)
+    Ua, Sa, Vha = truncated_svd(R, k, method="auto")
+    assert torch.equal(Sa, S) and torch.equal(Ua, U)  # auto chose randomized (seeded: reproducible)
+    t = time.perf_counter()
+    Ue, Se, Vhe = truncated_svd(R, k, method="exact")
+    t_exact = time.perf_counter() - t
+    err_rand = float(torch.linalg.matrix_norm(R - (U * S) @ Vh))
+    err_exact = float(torch.linalg.matrix_norm(R - (Ue * Se) @ Vhe))
+    ratio = err_rand / err_exact
+    print(f"randomized/exact error ratio {ratio:.6f}; time {t_rand:.2f}s vs {t_exact:.2f}s")
+    assert 1.0 - 1e-4 <= ratio <= 1.01  # never (meaningfully) better than Eckart-Young, within 1%
+    # singular values clear of the noise bulk (~3.3 here) agree; those inside it need not
+    assert torch.allclose(S[:4], Se[:4], rtol=1e-3)
+
+
+def test_randomized_stack_reports_its_true_error():
+    """decompose_stack on the randomized path: the reported error is what the factors achieve."""
+    base = _low_rank_plus_noise(600, 1040, seed=2)
+    weights = [base + _low_rank_plus_noise(600, 1040, seed=3 + i) * 0.3 for i in range(2)]
+    ranks = [8, 16]
+    fac = decompose_stack(weights, ranks, method="randomized")
+    ref = reference_errors(weights, ranks)
+    for w, layer, k, r in zip(weights, fac.layers, ranks, ref):
+        assert layer.B.shape == (600, k) and layer.A.shape == (k, 1040)
+        actual = float(torch.linalg.matrix_norm(w - fac.shared - layer.B @ layer.A) / torch.linalg.matrix_norm(w))
+        assert abs(layer.relative_error - actual) <= 1e-4 * max(actual, 1.0)
+        assert actual <= 1.01 * r  # within 1% of the Eckart-Young optimum
+
+
+def test_per_layer_groups_list():
+    """K = [1, 1, 2, 2] at r = 4: ranks 4, 4, 8, 8; formula and Eckart-Young hold per layer."""
+    case = CASES["mlp"]
+    model = case.build()
+    source = snapshot(model)
+    n_before = distinct_numel(model)
+    model, report = convert(model, rank=4, groups=[1, 1, 2, 2])
+    layers = [model.blocks[i].fc1 for i in range(4)]
+    assert all(isinstance(l, LorsLinear) for l in layers)
+    assert [l.lors_A.shape[0] for l in layers] == [4, 4, 8, 8] and [l.groups for l in layers] == [1, 1, 2, 2]
+    assert [l.lors_B.shape for l in layers] == [(48, 4), (48, 4), (48, 8), (48, 8)]
+    expected = n_before
+    for s in report.stacks:
+        for m in s.matrices:
+            assert m.groups == [1, 1, 2, 2] and m.ranks == [4, 4, 8, 8]
+            keys = [f"{member}.{m.name}" for member in s.members]
+            d, h = m.matrix
+            expected += d * h + sum(m.ranks) * (d + h) - 4 * d * h
+            ref = reference_errors([source[k] for k in keys], m.ranks)
+            assert max(abs(a - b) for a, b in zip(m.relative_error, ref)) <= 1e-4
+            assert ref[2] < ref[0] and ref[3] < ref[1]  # more groups, less error (sanity of the ref)
+    assert distinct_numel(model) == expected == report.params_after
+    y = case.forward(model)
+    merge(model)
+    assert (case.forward(model) - y).abs().max() <= 1e-4 * y.abs().max()
+
+
+def test_rank_times_groups_beyond_full_is_clamped_and_exact():
+    case = CASES["mlp"]
+    model = case.build()
+    source = snapshot(model)
+    model, report = convert(model, rank=20, groups=[1, 1, 2, 2], require_savings=False)
+    fc1 = [m for s in report.stacks for m in s.matrices if m.name == "fc1.weight"][0]  # 48 x 32
+    assert fc1.ranks == expected_ranks(20, [1, 1, 2, 2], (48, 32)) == [20, 20, 32, 32] and fc1.clamped
+    assert any("clamped" in w for w in report.warnings)
+    assert fc1.relative_error[2] <= 1e-5 and fc1.relative_error[3] <= 1e-5  # full rank: exact
+    merge(model)
+    for i in (2, 3):
+        w = source[f"blocks.{i}.fc1.weight"]
+        assert (model.blocks[i].fc1.weight - w).abs().max() <= 1e-5 * w.abs().max()
+
+
+def test_require_savings_keeps_unprofitable_matrices_dense():
+    """Conv stack at r = 8 over 4 layers: a matrix stays dense iff d*h + 4*8*(d+h) >= 4*d*h."""
+    from torch import nn
+    model, report = convert(CASES["conv"].build(), rank=8)
+    blk = model.body[0]
+    expect = {"conv3.weight": (16, 144), "conv1.weight": (16, 16), "grouped.weight": (16, 36),
+              "depthwise.weight": (16, 18)}
+    converted = {m.name for m in report.stacks[0].matrices}
+    for name, (d, h) in expect.items():
+        saves = d * h + 4 * 8 * (d + h) < 4 * d * h
+        assert (name in converted) == saves, name
+        assert (name in report.stacks[0].kept_dense) == (not saves), name
+        module = blk.get_submodule(name.rpartition(".")[0])
+        assert isinstance(module, LorsConv2d) == saves and isinstance(module, nn.Conv2d) != saves
+    assert converted == {"conv3.weight", "grouped.weight"}

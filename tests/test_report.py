@@ -1,0 +1,34 @@
+"""The savings report: its sums, its JSON round trip and its rich rendering."""
+from __future__ import annotations
+
+import io
+import json
+import math
+
+from lors_convert import Report, convert
+from lors_convert.report import render
+from models import CASES
+
+
+def test_report_numbers_json_round_trip_and_rendering():
+    model, report = convert(CASES["gpt2"].build(), rank=8, groups=[1, 1, 2, 2])
+    [stack] = report.stacks
+    assert stack.path == "transformer.h" and len(stack.members) == 4
+    for m in stack.matrices:
+        d, h = m.shape[0], math.prod(m.shape[1:])
+        assert m.matrix == [d, h] and m.ranks == [min(8 * k, d, h) for k in (1, 1, 2, 2)]
+        assert m.dense_params == 4 * d * h and m.lors_params == d * h + sum(m.ranks) * (d + h)
+        assert math.isclose(m.savings, 1 - m.lors_params / m.dense_params)
+        assert len(m.relative_error) == len(m.retained_energy) == 4
+    assert stack.dense_params == sum(m.dense_params for m in stack.matrices)
+    assert report.params_before - report.params_after == stack.dense_params - stack.lors_params > 0
+
+    data = json.loads(json.dumps(report.to_dict()))
+    assert Report.from_dict(data).to_dict() == report.to_dict()
+    assert data["total"]["params_after"] == report.params_after
+
+    from rich.console import Console
+    buf = io.StringIO()
+    render(report, console=Console(file=buf, width=200))
+    text = buf.getvalue()
+    assert "transformer.h" in text and "attn.c_attn.weight" in text and "8 x 1,1,2,2" in text
