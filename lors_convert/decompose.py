@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-RANDOMIZED_MIN_DIM = 256  # below this min(d, h) the exact SVD is as fast
+RANDOMIZED_MIN_DIM = 1024  # below this min(d, h) the exact SVD is cheap and exactly optimal
 RANDOMIZED_OVERSAMPLE = 16
 RANDOMIZED_NITER = 4
 

@@ -7,7 +7,7 @@ import torch
 
 from conftest import distinct_numel, expected_ranks, reference_errors, snapshot
 from lors_convert import convert, merge
-from lors_convert.decompose import EXACT_SVD_MAX_DIM, decompose_stack, truncated_svd
+from lors_convert.decompose import RANDOMIZED_MIN_DIM, RANDOMIZED_OVERSAMPLE, decompose_stack, truncated_svd
 from lors_convert.layers import LorsConv2d, LorsLinear
 from models import CASES
 
@@ -23,7 +23,8 @@ def _low_rank_plus_noise(d: int, h: int, rank: int = 24, noise: float = 0.05, se
 
 def test_randomized_svd_error_within_one_percent_of_exact():
     d, h, k = 1100, 1060, 8
-    assert min(d, h) > EXACT_SVD_MAX_DIM  # the size where "auto" switches to the randomized path
+    # a size where "auto" switches to the randomized path
+    assert min(d, h) >= RANDOMIZED_MIN_DIM and k + RANDOMIZED_OVERSAMPLE <= min(d, h) // 4
     R = _low_rank_plus_noise(d, h)
     t = time.perf_counter()
     U, S, Vh = truncated_svd(R, k, method="randomized")
