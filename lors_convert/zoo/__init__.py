@@ -1,0 +1,1 @@
+"""Reference architectures for LORS experiments (plain torch)."""
