@@ -38,6 +38,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .convert import ParamPlan, resolve_groups
+from .decompose import dense_param_count
 from .discovery import Stack, StackedParam
 from .errors import LorsError, LorsUsageError
 from .layers.adaptive import Layout, LorsaLinear, group_ranks, private_param_count
@@ -94,8 +96,9 @@ def parse_specs(adaptive: AdaptiveArg) -> list[GeneratorSpec]:
 
 _PASS_METHODS = {"contiguous", "clone", "float", "double", "half", "bfloat16", "to", "type_as"}
 _RESHAPE = {"reshape", "view"}
-_MATMUL_FUNCS = {operator.matmul, torch.matmul, torch.bmm, torch.einsum, torch.nn.functional.linear,
-                 torch.mm, torch.baddbmm, torch.addmm}
+_MATMUL_FUNCS = {operator.matmul, torch.matmul, torch.bmm, torch.einsum, torch.mm}
+_MATRIX_ARG = {torch.nn.functional.linear: [(1, "weight")], torch.baddbmm: [(1, "batch1"), (2, "batch2")],
+               torch.addmm: [(1, "mat1"), (2, "mat2")], torch.addbmm: [(1, "batch1"), (2, "batch2")]}
 _MATMUL_METHODS = {"matmul", "bmm", "mm", "__matmul__", "__rmatmul__"}
 
 
@@ -190,6 +193,10 @@ def _step(user, src, v, found):  # noqa: C901 - one case per supported op
         return None
     is_method = op == "call_method"
     is_func = op == "call_function"
+    if is_func and target in _MATRIX_ARG:  # only some arguments are matrices (weight of F.linear)
+        if v.idx.dim() >= 2 and any(_arg(user, i, kw) is src for i, kw in _MATRIX_ARG[target]):
+            found.append(v.idx)
+        return None
     if (is_func and target in _MATMUL_FUNCS) or (is_method and name in _MATMUL_METHODS):
         if v.idx.dim() >= 2:
             found.append(v.idx)
@@ -302,66 +309,48 @@ def detect_generators(module: nn.Module) -> dict[str, Layout]:
 # planning
 
 
-def _adaptive_plan_class():
-    from .convert import ParamPlan
-    from .decompose import dense_param_count
-    from .report import MatrixReport
+class AdaptivePlan(ParamPlan):
+    """A generator's plan (``kind="adaptive"``). ``matrix`` is the augmented weight ``(out, dq+1)``
+    (the shared tensor's shape); ``extra`` holds ``layout`` (string), ``has_bias`` and ``sweeps``.
+    A loader rebuilding plans from ``lors_config.json`` should build this class for adaptive entries.
+    """
 
-    class AdaptivePlan(ParamPlan):
-        """A generator's plan: ``matrix`` is the augmented ``(out, dq+1)`` weight."""
+    @property
+    def layout(self) -> Layout:
+        return Layout.parse(self.extra["layout"])
 
-        @property
-        def layout(self) -> Layout:
-            return Layout.parse(self.extra["layout"])
+    @property
+    def has_bias(self) -> bool:
+        return bool(self.extra.get("has_bias", True))
 
-        @property
-        def matrix(self) -> tuple[int, int]:
-            return self.param.shape[0], self.param.shape[1] + (1 if self.extra.get("has_bias", True) else 0)
+    @property
+    def matrix(self) -> tuple[int, int]:
+        return self.param.shape[0], self.param.shape[1] + (1 if self.has_bias else 0)
 
-        def factor_keys(self, i: int) -> dict[str, str]:
-            owner = f"{self.stack.members[i]}.{self.param.owner_relpath}"
-            keys = {}
-            for m in range(len(self.layout.entries)):
-                keys[f"B.{m}"] = f"{owner}.lors_B.{m}"
-                keys[f"A.{m}"] = f"{owner}.lors_A.{m}"
-                keys[f"E.{m}.weight"] = f"{owner}.lors_E.{m}.weight"
-                if self.extra.get("has_bias", True):
-                    keys[f"E.{m}.bias"] = f"{owner}.lors_E.{m}.bias"
-            return keys
+    def factor_keys(self, i: int) -> dict[str, str]:
+        owner = f"{self.stack.members[i]}.{self.param.owner_relpath}"
+        keys = {}
+        for m in range(len(self.layout.entries)):
+            keys[f"B.{m}"] = f"{owner}.lors_B.{m}"
+            keys[f"A.{m}"] = f"{owner}.lors_A.{m}"
+            keys[f"E.{m}.weight"] = f"{owner}.lors_E.{m}.weight"
+            if self.has_bias:
+                keys[f"E.{m}.bias"] = f"{owner}.lors_E.{m}.bias"
+        return keys
 
-        @property
-        def dense_params(self) -> int:
-            d, h = self.matrix
-            return dense_param_count(d, h, len(self.groups))
+    @property
+    def dense_params(self) -> int:  # weight and bias of every layer: both are absorbed
+        d, h = self.matrix
+        return dense_param_count(d, h, len(self.groups))
 
-        @property
-        def lors_params(self) -> int:
-            d, h = self.matrix
-            dq = self.param.shape[1]
-            return d * h + sum(private_param_count(self.layout, dq, self.rank, k, self.extra.get("has_bias", True))
-                               for k in self.groups)
-
-        def matrix_report(self) -> MatrixReport:
-            m = super().matrix_report()
-            m.name = f"{m.name} ({self.layout})"
-            return m
-
-    return AdaptivePlan
+    @property
+    def lors_params(self) -> int:
+        d, h = self.matrix
+        dq = self.param.shape[1]
+        return d * h + sum(private_param_count(self.layout, dq, self.rank, k, self.has_bias) for k in self.groups)
 
 
-_PLAN_CLASS = None
-
-
-def adaptive_plan_class():
-    global _PLAN_CLASS
-    if _PLAN_CLASS is None:
-        _PLAN_CLASS = _adaptive_plan_class()
-    return _PLAN_CLASS
-
-
-def _plan(stack: Stack, sp: StackedParam, claim: dict):
-    from .convert import resolve_groups
-
+def _plan(stack: Stack, sp: StackedParam, claim: dict) -> AdaptivePlan:
     rank, layout = claim["rank"], claim["layout"]
     groups = [1] * len(stack) if rank is None else resolve_groups(claim["groups"], stack)
     ranks = [sum(K * r1 for K, r1, _ in group_ranks(layout, rank, k)) for k in groups]
@@ -369,7 +358,7 @@ def _plan(stack: Stack, sp: StackedParam, claim: dict):
                                        for (K, r1, r2), (r, c) in zip(group_ranks(layout, rank, k),
                                                                       layout.entries))
     extra = {"layout": str(layout), "has_bias": claim["has_bias"], "sweeps": claim["sweeps"]}
-    return adaptive_plan_class()(stack=stack, param=sp, layer_kind=LorsaLinear.layer_kind, kind="adaptive",
+    return AdaptivePlan(stack=stack, param=sp, layer_kind=LorsaLinear.layer_kind, kind="adaptive",
                                  rank=rank, groups=groups, ranks=ranks, clamped=clamped, extra=extra)
 
 
@@ -391,29 +380,32 @@ def make_adaptive_hook(adaptive: AdaptiveArg, rank: int | None, groups) -> Calla
         for n, spec in enumerate(specs):
             if not _matches(spec, stack, sp):
                 continue
-            explicit = spec.pattern != "*" or not spec.auto_layout
+            named = spec.pattern != "*"  # a spec naming parameters: failures are errors, not skips
             owner_path = f"{stack.members[0]}.{sp.owner_relpath}" if sp.owner_relpath else stack.members[0]
             owner = model.get_submodule(owner_path)
             plain_linear = isinstance(owner, nn.Linear) and type(owner).forward is nn.Linear.forward
             if sp.attr != "weight" or not plain_linear:
-                if explicit and not spec.auto_layout:
+                if named:
                     raise LorsUsageError(f"generator spec {spec.pattern!r} matches {owner_path}.{sp.attr}, "
-                                         f"which is not the weight of a plain nn.Linear")
+                                         f"which is not the weight of a plain nn.Linear (exclude it or narrow the pattern)")
                 continue
             if spec.auto_layout:
                 if id(stack) not in traced:
                     traced[id(stack)] = detect_generators(model.get_submodule(stack.members[0]))
                 layout = traced[id(stack)].get(sp.owner_relpath)
                 if layout is None:
-                    if explicit and spec.pattern != "*" and fnmatch.fnmatchcase(owner_path + ".weight", spec.pattern):
+                    if named:
                         raise LorsUsageError(
                             f"{owner_path} matches generator spec {spec.pattern!r} but torch.fx could not "
-                            f"find how its output is cut into matrices; give the layout explicitly, e.g. "
-                            f"'{spec.pattern}: G x [RxC, ...]'")
+                            f"find how its output is cut into matrices (the stack member does not trace, or the "
+                            f"output is not only reshaped into matmul operands); give the layout explicitly, "
+                            f"e.g. '{spec.pattern}: G x [RxC, ...]'")
                     continue
             else:
                 layout = Layout.parse(spec.layout)
                 if layout.out_features != owner.out_features:
+                    if not named:
+                        continue
                     raise LorsUsageError(f"generator layout {layout} of spec {spec.pattern!r} gives "
                                          f"{layout.out_features} outputs but {owner_path} has {owner.out_features}")
             used.add(n)
@@ -535,4 +527,5 @@ def paper_adamixer_settings(num_stages: int = 6) -> dict:
 
 
 __all__ = ["GeneratorSpec", "detect_generators", "make_adaptive_hook", "convert_generator",
-           "generator_tensors", "paper_adamixer_settings", "parse_specs", "check_specs_used"]
+           "generator_tensors", "paper_adamixer_settings", "parse_specs", "check_specs_used", "AdaptivePlan",
+           "GeneratorResult"]

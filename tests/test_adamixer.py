@@ -199,3 +199,18 @@ def test_bad_layout_is_a_usage_error(bad):
 
     with pytest.raises(LorsUsageError):
         Layout.parse(bad)
+
+
+def test_official_checkpoint_keys_load_into_the_reference_decoder():
+    from lors_convert.zoo.adamixer import build, decoder_state_dict
+
+    kw = dict(num_stages=2, content_dim=32, feat_channels=32, num_heads=4, feedforward_channels=64,
+              in_points=4, out_points=8, n_groups=2)
+    src = build(**kw)
+    detector = {f"roi_head.{k}": v for k, v in src.state_dict().items()}
+    detector["backbone.conv1.weight"] = torch.zeros(1)
+    assert "roi_head.bbox_head.1.sampling_n_mixing.adaptive_mixing.parameter_generator.0.weight" in detector
+    assert "roi_head.bbox_head.0.ffn.layers.0.0.weight" in detector
+    assert "roi_head.bbox_head.0.attention.attn.in_proj_weight" in detector
+    dst = build(**kw)
+    dst.load_state_dict(decoder_state_dict(detector))  # strict: every key matches

@@ -310,5 +310,22 @@ def random_inputs(cfg: AdaMixerConfig, batch: int = 2, queries: int = 5, generat
     return feats, torch.cat([xy, zr], dim=-1), content
 
 
-__all__ = ["AdaMixerConfig", "AdaMixerDecoder", "AdaMixerDecoderStage", "AdaptiveMixing",
-           "AdaptiveSamplingMixing", "decode_box", "box_iof", "position_embedding", "random_inputs"]
+def build(**overrides) -> AdaMixerDecoder:
+    """The default decoder (``--arch lors_convert.zoo.adamixer:build``); keyword overrides as in
+    :class:`AdaMixerConfig` (``n_groups=2, in_points=64`` is the paper's LORS setting)."""
+    return AdaMixerDecoder(AdaMixerConfig(**overrides))
+
+
+def build_paper_lors(**overrides) -> AdaMixerDecoder:
+    """The LORS paper's dense AdaMixer decoder: G=2, P_in=64 (``--arch ...:build_paper_lors``)."""
+    return AdaMixerDecoder(AdaMixerConfig.paper_lors(**overrides))
+
+
+def decoder_state_dict(state: dict[str, torch.Tensor], prefix: str = "roi_head.") -> dict[str, torch.Tensor]:
+    """The decoder's part of an official AdaMixer detector checkpoint (keys ``roi_head.bbox_head.N.*``):
+    the keys under ``prefix`` with the prefix removed, ready for ``AdaMixerDecoder.load_state_dict``."""
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix + "bbox_head.")}
+
+
+__all__ = ["AdaMixerConfig", "AdaMixerDecoder", "AdaMixerDecoderStage", "AdaptiveMixing", "build", "build_paper_lors",
+           "decoder_state_dict", "AdaptiveSamplingMixing", "decode_box", "box_iof", "position_embedding", "random_inputs"]
