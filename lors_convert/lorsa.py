@@ -160,6 +160,14 @@ def _arg(node, i, name, default=None):
     return node.kwargs.get(name, default)
 
 
+def _multiplies_features(user, src) -> bool:
+    """A generated matrix multiplies activations: a product with a parameter (``get_attr``) is a
+    per-token feature tensor meeting a weight (multi-head projections), not a generated matrix."""
+    others = [a for a in list(user.args) + list(user.kwargs.values())
+              if isinstance(a, torch.fx.Node) and a is not src]
+    return bool(others) and not any(a.op == "get_attr" for a in others)
+
+
 def _follow(linear_node, out_features: int) -> list[torch.Tensor]:
     """Matrix index maps ``(..., R, C)`` reached from a traced Linear call, feeding a matmul."""
     values: dict = {linear_node: _Feat(nb=0, idx=torch.arange(out_features))}
@@ -188,21 +196,18 @@ def _step(user, src, v, found):  # noqa: C901 - one case per supported op
         return None
     self_arg = user.args[0] if user.args else None
     if op == "call_method" and self_arg is not src:
-        if name in _MATMUL_METHODS and v.idx.dim() >= 2:
+        if name in _MATMUL_METHODS and v.idx.dim() >= 2 and _multiplies_features(user, src):
             found.append(v.idx)
         return None
     is_method = op == "call_method"
     is_func = op == "call_function"
     if is_func and target in _MATRIX_ARG:  # only some arguments are matrices (weight of F.linear)
-        if v.idx.dim() >= 2 and any(_arg(user, i, kw) is src for i, kw in _MATRIX_ARG[target]):
+        if v.idx.dim() >= 2 and any(_arg(user, i, kw) is src for i, kw in _MATRIX_ARG[target]) \
+                and _multiplies_features(user, src):
             found.append(v.idx)
         return None
     if (is_func and target in _MATMUL_FUNCS) or (is_method and name in _MATMUL_METHODS):
-        if v.idx.dim() >= 2:
-            found.append(v.idx)
-        return None
-    if is_func and target is operator.matmul:
-        if v.idx.dim() >= 2:
+        if v.idx.dim() >= 2 and _multiplies_features(user, src):
             found.append(v.idx)
         return None
     if not (is_method or (is_func and target in (torch.reshape, torch.split, torch.chunk, torch.flatten,

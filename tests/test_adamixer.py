@@ -214,3 +214,20 @@ def test_official_checkpoint_keys_load_into_the_reference_decoder():
     assert "roi_head.bbox_head.0.attention.attn.in_proj_weight" in detector
     dst = build(**kw)
     dst.load_state_dict(decoder_state_dict(detector))  # strict: every key matches
+
+
+class PerHeadProjection(nn.Module):
+    """Per-token feature tensors meeting a weight are not generated matrices."""
+
+    def __init__(self, d=8, h=2):
+        super().__init__()
+        self.h = h
+        self.lin = nn.Linear(d, d)
+        self.w = nn.Parameter(torch.randn(d // h, d // h))
+
+    def forward(self, x):  # (B, d)
+        return (self.lin(x).view(x.shape[0], self.h, -1) @ self.w).flatten(1)
+
+
+def test_products_with_parameters_are_not_generators():
+    assert detect_generators(PerHeadProjection()) == {}

@@ -149,6 +149,8 @@ def test_merge_state_is_the_pure_form_of_to_dense():
         assert set(merged) == {"weight", "bias"}
         assert torch.allclose(merged["weight"], dense.weight, atol=1e-6)
         assert torch.allclose(merged["bias"], dense.bias, atol=1e-6)
+        assert torch.allclose(gen.weight, dense.weight, atol=1e-6)  # .weight/.bias read the merge
+        assert torch.allclose(gen.bias, dense.bias, atol=1e-6)
         q = torch.randn(5, cfg.content_dim)
         with torch.no_grad():
             assert rel(gen(q), dense(q)) < 1e-5

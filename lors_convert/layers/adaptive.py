@@ -222,6 +222,16 @@ class LorsaLinear(LorsModule):
         delta = torch.cat(parts, dim=-1).flatten(-2)  # (..., G*per_group) = (..., out)
         return y + delta
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The merged dense weight ``(out, dq)`` for code that reads ``.weight`` (materializes it)."""
+        return self.merged_augmented()[:, :self.in_features].to(self.shared.dtype)
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        """The merged dense bias ``(out,)`` (materializes the generator), or None."""
+        return self.merged_augmented()[:, self.in_features].to(self.shared.dtype) if self.has_bias else None
+
     def merged_augmented(self) -> torch.Tensor:
         """The dense generator ``(out, dq+1)`` (float32), bias as the last column."""
         Es = [(E.weight, E.bias) for E in self.lors_E]
