@@ -129,7 +129,8 @@ def _merge(shared: torch.Tensor, Bs, As, Es, layout: Layout, has_bias: bool) -> 
         core = core.reshape(G, K, r1, r2, -1)  # (G, K, r1, r2, m)
         Bk = B.to(cdtype).reshape(G, B.shape[1], K, r1)  # (G, R, K, r1)
         Ak = A.to(cdtype).reshape(G, K, r2, A.shape[2])  # (G, K, r2, C)
-        delta = torch.einsum("gakj,gklb,gkjlm->gabm", Bk, Ak, core)  # (G, R, C, m)
+        t = torch.einsum("gklb,gkjlm->gkjbm", Ak, core)  # (G, K, r1, C, m)
+        delta = torch.einsum("gakj,gkjbm->gabm", Bk, t)  # (G, R, C, m)
         parts.append(T_s + delta)
     return layout.join(parts)
 
