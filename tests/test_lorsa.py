@@ -8,11 +8,11 @@ import pytest
 import torch
 from torch import nn
 
-from lors_convert import convert, count_parameters, merge
+from lors_convert import convert, count_parameters, merge, plan_conversion
 from lors_convert.errors import LorsUsageError
 from lors_convert.layers import layer_class
 from lors_convert.layers.adaptive import Layout, LorsaLinear
-from lors_convert.lorsa import GeneratorSpec, generator_tensors
+from lors_convert.lorsa import GeneratorSpec, generator_tensors, make_adaptive_hook
 from lors_convert.tucker import (groups_to_tensor, hooi_sweep, hosvd, project_core, tucker_to_tensor,
                                  unfold)
 from lors_convert.zoo.adamixer import AdaMixerConfig, AdaMixerDecoder, random_inputs
@@ -113,9 +113,12 @@ def test_low_rank_converted_outputs_equal_merged_dense_outputs(spec):
     cfg = AdaMixerConfig.tiny()
     model = trained_like(cfg, seed=1)
     params_before = count_parameters(model)
+    hook = make_adaptive_hook(spec, 2, [1, 1, 2, 2, 3, 3])
+    projected = plan_conversion(copy.deepcopy(model), 2, [1, 1, 2, 2, 3, 3], [GEN, OUT], None, True,
+                                adaptive=hook).report(params_before)
     lors, report = convert(model, rank=2, groups=[1, 1, 2, 2, 3, 3], include=[GEN, OUT], adaptive=spec)
     assert {m.kind for m in report.stacks[0].matrices} == {"adaptive", "static"}
-    assert report.params_after == count_parameters(lors) < params_before
+    assert projected.params_after == report.params_after == count_parameters(lors) < params_before
     feats = random_inputs(cfg, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         out = lors(*feats)
