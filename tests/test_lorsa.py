@@ -353,3 +353,63 @@ def test_untraceable_generator_is_converted_with_an_explicit_spec():
     assert all(isinstance(b.gen, LorsaLinear) for b in lors)
     with torch.no_grad():
         assert (lors(q) - ref).abs().max() < 1e-5
+
+
+# --- the layer itself, over layouts, ranks and bias ------------------------------------------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=25, deadline=None)
+@given(groups=st.integers(1, 3), entries=st.lists(st.tuples(st.integers(1, 5), st.integers(1, 5)), min_size=1,
+                                                  max_size=3),
+       dq=st.integers(1, 6), rank=st.one_of(st.none(), st.integers(1, 4)), K=st.integers(1, 3),
+       bias=st.booleans(), seed=st.integers(0, 2 ** 16))
+def test_lorsa_linear_forward_merge_state_and_to_dense_agree(groups, entries, dq, rank, K, bias, seed):
+    torch.manual_seed(seed)
+    layout = Layout(groups=groups, entries=tuple(entries))
+    dense = nn.Linear(dq, layout.out_features, bias=bias)
+    shared = nn.Parameter(torch.randn(layout.out_features, dq + int(bias)))
+    layer = LorsaLinear(dense, shared, rank=rank, groups=K, layout=str(layout))
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(torch.randn_like(p))
+    q = torch.randn(2, 3, dq)
+    merged = LorsaLinear.merge_state({k: v.detach() for k, v in layer.state_dict().items()},
+                                     {"dtype": "float32", "extra": {"layout": str(layout), "has_bias": bias}})
+    back = layer.to_dense()
+    assert type(back) is nn.Linear and (back.bias is None) == (not bias)
+    assert torch.allclose(merged["weight"], back.weight, atol=1e-5)
+    with torch.no_grad():
+        assert torch.allclose(layer(q), back(q), atol=1e-4, rtol=1e-4)
+    n_private = sum(p.numel() for n, p in layer.named_parameters() if n != "shared")
+    from lors_convert.layers.adaptive import private_param_count
+    assert n_private == private_param_count(layout, dq, rank, K, bias)
+
+
+class BiasFreeBlock(nn.Module):
+    def __init__(self, dq=6, e=4):
+        super().__init__()
+        self.e = e
+        self.gen = nn.Linear(dq, 3 * e * e, bias=False)
+
+    def forward(self, q):  # (B, dq)
+        M = self.gen(q).unflatten(-1, (3, self.e, self.e))  # (B, 3, e, e)
+        x = q[:, None, None, :self.e].expand(-1, 3, 1, -1)  # (B, 3, 1, e)
+        return q + (x @ M).sum((1, 2)).repeat(1, 2)[:, :q.shape[1]]
+
+
+def test_bias_free_generators_convert_and_merge():
+    torch.manual_seed(0)
+    model = nn.Sequential(*[BiasFreeBlock() for _ in range(3)])
+    q = torch.randn(5, 6)
+    lors, report = convert(model, rank=1, groups=[1, 2, 1], include=["*.gen.weight"], adaptive="auto")
+    gens = [b.gen for b in lors]
+    assert all(isinstance(g, LorsaLinear) and not g.has_bias for g in gens)
+    assert gens[0].shared.shape == (48, 6) and str(gens[0].layout) == "3 x [4x4]"
+    with torch.no_grad():
+        out = lors(q)
+        ref = merge(copy.deepcopy(lors))(q)
+    assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
+    assert report.params_after == count_parameters(lors)
