@@ -328,6 +328,7 @@ def convert(
     device: str | torch.device | None = None,
     require_savings: bool = True,
     progress: Callable[[Iterator, int, str], Iterator] | None = None,
+    adaptive=None,
 ) -> tuple[nn.Module, Report]:
     """Convert ``model`` **in place** to LORS and return it with the savings report.
 
@@ -336,18 +337,34 @@ def convert(
     fnmatch patterns over full parameter names. ``init="svd"`` fits the trained weights (mean +
     truncated SVD); ``init="paper"`` is the paper's from-scratch init. ``method`` picks the SVD
     ("exact", "randomized", "auto"); ``device`` runs the math elsewhere (e.g. "cuda").
+    ``adaptive`` selects parameter generators for LORSA: ``"auto"`` (torch.fx detection), a spec
+    ``"PATTERN: G x [RxC, ...]"``, a :class:`lors_convert.lorsa.GeneratorSpec` or a list of them
+    (see :mod:`lors_convert.lorsa`).
     """
     if init not in INITS:
         raise LorsUsageError(f"init must be one of {INITS}, got {init!r}")
     if method not in ("auto", "exact", "randomized"):
         raise LorsUsageError(f"method must be auto, exact or randomized, got {method!r}")
     params_before = count_parameters(model)
-    plan = plan_conversion(model, rank, groups, include, exclude, require_savings)
+    hook = None
+    if adaptive is not None:
+        from .lorsa import check_specs_used, make_adaptive_hook
+
+        hook = make_adaptive_hook(adaptive, rank, groups)
+    plan = plan_conversion(model, rank, groups, include, exclude, require_savings, adaptive=hook)
+    if hook is not None:
+        check_specs_used(hook)
     report, matrices = plan.report_with_matrices(params_before)
     steps = iter(zip(plan.params, matrices))
     if progress is not None:
         steps = progress(steps, len(plan.params), "decomposing")
     for pp, m in steps:
+        if pp.kind == "adaptive":  # LORSA: generator Linears (lors_convert.lorsa)
+            from .lorsa import convert_generator
+
+            fit = convert_generator(model, pp, init=init, device=device)
+            m.relative_error, m.retained_energy = fit.relative_error, fit.retained_energy
+            continue
         weights = iter_weights(model, pp)
         factors = decompose_param(pp, weights, m, init=init, method=method, device=device)
         dtype, where = weights[0].dtype, weights[0].device

@@ -22,6 +22,8 @@ def layer_class(kind: str) -> type[LorsModule]:
 
 ADAPTIVE_LAYERS: list[type[LorsModule]] = []  # registered by lors_convert.layers.adaptive
 
+from .adaptive import LorsaLinear  # noqa: E402  (registers itself in ADAPTIVE_LAYERS)
+
 
 def static_layer_for(module: nn.Module) -> type[LorsLayer] | None:
     """The LORS layer that can stand in for ``module``, or None.
@@ -42,4 +44,4 @@ def static_layer_for(module: nn.Module) -> type[LorsLayer] | None:
     return None
 
 
-__all__ = ["LorsModule", "LorsLayer", "meta_clone", "LorsLinear", "LorsConv2d", "LorsConv1D", "STATIC_LAYERS", "ADAPTIVE_LAYERS", "layer_class", "static_layer_for"]
+__all__ = ["LorsModule", "LorsLayer", "meta_clone", "LorsLinear", "LorsConv2d", "LorsConv1D", "STATIC_LAYERS", "ADAPTIVE_LAYERS", "LorsaLinear", "layer_class", "static_layer_for"]

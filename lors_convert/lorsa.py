@@ -1,0 +1,536 @@
+"""Adaptive LORS (LORSA): find parameter generators, plan them, convert them.
+
+A *generator* is an ``nn.Linear`` whose output is reshaped into matrices that then multiply
+features (AdaMixer's ``parameter_generator``). Its stacked weight becomes a
+:class:`~lors_convert.layers.adaptive.LorsaLinear`: shared mean generator plus per-layer
+``B E(q) A`` groups from a truncated HOSVD (:mod:`lors_convert.tucker`).
+
+How generators are chosen (``convert(model, adaptive=...)``):
+
+- ``"auto"``: every stacked Linear weight that :func:`detect_generators` finds by tracing the
+  stack's first member with ``torch.fx`` (its output followed through ``reshape``/``view``/
+  ``split``/``chunk``/``unflatten``/``flatten``/``transpose``/``getitem`` into an operand of
+  ``matmul``/``@``/``bmm``/``einsum``/``F.linear``; several matrices side by side are found as
+  one layout). Members that do not trace (data-dependent Python control flow, asserts on shapes)
+  are skipped, silently; use a spec for those.
+- a spec, or a list of specs: a string ``"PATTERN: LAYOUT"`` or a :class:`GeneratorSpec`.
+  ``PATTERN`` is an fnmatch pattern over full parameter names (``*.parameter_generator.0.weight``)
+  or over the Linear's full module name (``*.parameter_generator.0``). ``LAYOUT`` is
+  ``G x [R1xC1, R2xC2, ...]``: ``G`` repetitions of a block of row-major ``R x C`` matrices placed
+  side by side in the output vector (AdaMixer with G=4, e=64, P_in=32, P_out=128:
+  ``"4 x [64x64, 128x32]"``, M then S); ``x`` may be written ``*``; ``"auto"`` or an empty layout
+  means "detect it with torch.fx". A :class:`GeneratorSpec` also carries its own ``rank``,
+  ``groups`` (``K`` or one ``K_i`` per layer) and block-HOOI ``sweeps`` (default: none for
+  ``K=1``, up to 30 for ``K>1``, see :func:`lors_convert.tucker.hosvd`); string specs use the
+  ``rank``/``groups`` given to ``convert``. A spec that matches a parameter which is not a plain
+  ``nn.Linear`` weight, or whose layout does not fit, is an error.
+
+``require_savings`` does not apply to generators: they were asked for explicitly.
+"""
+from __future__ import annotations
+
+import fnmatch
+import math
+import operator
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .convert import ParamPlan, resolve_groups
+from .decompose import dense_param_count
+from .discovery import Stack, StackedParam
+from .errors import LorsError, LorsUsageError
+from .layers.adaptive import Layout, LorsaLinear, group_ranks, private_param_count
+from .tucker import decompose_generators
+
+# --------------------------------------------------------------------------------------------
+# specs
+
+
+@dataclass
+class GeneratorSpec:
+    """Which stacked Linear weights are generators, their output layout and LORSA ranks."""
+
+    pattern: str = "*"
+    layout: str | Layout | None = None  # None / "auto": detect with torch.fx
+    rank: int | None | str = "default"  # r per group; None = full rank; "default": convert's rank
+    groups: int | Sequence[int] | None | str = "default"  # K or one K_i per layer
+    sweeps: int | None = None  # block-HOOI sweeps after the HOSVD; None: 0 for K=1, 30 for K>1
+
+    @classmethod
+    def parse(cls, text: str | GeneratorSpec) -> GeneratorSpec:
+        if isinstance(text, GeneratorSpec):
+            return text
+        s = str(text).strip()
+        if s == "auto":
+            return cls()
+        pattern, sep, layout = s.partition(":")
+        if not sep:
+            raise LorsUsageError(f"bad generator spec {text!r}: expected 'PATTERN: LAYOUT', e.g. "
+                                 "'*.parameter_generator.0.weight: 4 x [64x64, 128x32]' (or 'auto')")
+        layout = layout.strip()
+        if layout and layout != "auto":
+            Layout.parse(layout)  # fail early on a bad layout
+        return cls(pattern=pattern.strip(), layout=layout or None)
+
+    @property
+    def auto_layout(self) -> bool:
+        return self.layout is None or (isinstance(self.layout, str) and self.layout.strip() in ("", "auto"))
+
+
+AdaptiveArg = str | GeneratorSpec | Sequence[str | GeneratorSpec] | None
+
+
+def parse_specs(adaptive: AdaptiveArg) -> list[GeneratorSpec]:
+    if adaptive is None:
+        return []
+    if isinstance(adaptive, (str, GeneratorSpec)):
+        adaptive = [adaptive]
+    return [GeneratorSpec.parse(a) for a in adaptive]
+
+
+# --------------------------------------------------------------------------------------------
+# detection with torch.fx
+
+_PASS_METHODS = {"contiguous", "clone", "float", "double", "half", "bfloat16", "to", "type_as"}
+_RESHAPE = {"reshape", "view"}
+_MATMUL_FUNCS = {operator.matmul, torch.matmul, torch.bmm, torch.einsum, torch.mm}
+_MATRIX_ARG = {torch.nn.functional.linear: [(1, "weight")], torch.baddbmm: [(1, "batch1"), (2, "batch2")],
+               torch.addmm: [(1, "mat1"), (2, "mat2")], torch.addbmm: [(1, "batch1"), (2, "batch2")]}
+_MATMUL_METHODS = {"matmul", "bmm", "mm", "__matmul__", "__rmatmul__"}
+
+
+@dataclass
+class _Feat:
+    """A tensor derived from a generator output: ``nb`` unknown batch dims, then ``idx.shape``
+    feature dims; ``idx`` holds the generator output index of every feature element."""
+
+    nb: int
+    idx: torch.Tensor
+
+
+def _feature_dim(v: _Feat, dim: int) -> int | None:
+    nd = v.nb + v.idx.dim()
+    dim = dim + nd if dim < 0 else dim
+    fd = dim - v.nb
+    return fd if 0 <= fd < v.idx.dim() else None
+
+
+def _shape_args(args) -> list | None:
+    if len(args) == 1 and isinstance(args[0], (tuple, list)):
+        args = list(args[0])
+    return list(args)
+
+
+def _reshape(v: _Feat, shape: list) -> _Feat | None:
+    """Track ``reshape(*shape)``: the trailing integer args are feature dims; anything before them
+    (traced sizes, a leading -1) is batch, possibly absorbing leading feature dims."""
+    suffix: list[int] = []
+    for a in reversed(shape):
+        if isinstance(a, int) and not isinstance(a, bool):
+            suffix.append(a)
+        else:
+            break
+    suffix.reverse()
+    prefix = shape[:len(shape) - len(suffix)]
+    if not prefix and len(suffix) > 1 and suffix[0] == -1:
+        prefix, suffix = [-1], suffix[1:]
+    if not prefix:
+        return None  # all-constant shape: cannot tell batch from features
+    F = v.idx.numel()
+    if suffix.count(-1) > 1:
+        return None
+    known = math.prod(s for s in suffix if s != -1)
+    if known == 0 or F % known:
+        return None
+    if -1 in suffix:
+        suffix = [F // known if s == -1 else s for s in suffix]  # -1 resolves within the features
+    nb = len(prefix)
+    if math.prod(suffix) == F:
+        return _Feat(nb=nb, idx=v.idx.reshape(suffix))
+    # leading feature dims are absorbed into the last batch dim: keep them as idx's leading dim
+    return _Feat(nb=nb - 1, idx=v.idx.reshape(-1, *suffix))
+
+
+def _arg(node, i, name, default=None):
+    if len(node.args) > i:
+        return node.args[i]
+    return node.kwargs.get(name, default)
+
+
+def _multiplies_features(user, src) -> bool:
+    """A generated matrix multiplies activations: a product with a parameter (``get_attr``) is a
+    per-token feature tensor meeting a weight (multi-head projections), not a generated matrix."""
+    others = [a for a in list(user.args) + list(user.kwargs.values())
+              if isinstance(a, torch.fx.Node) and a is not src]
+    return bool(others) and not any(a.op == "get_attr" for a in others)
+
+
+def _follow(linear_node, out_features: int) -> list[torch.Tensor]:
+    """Matrix index maps ``(..., R, C)`` reached from a traced Linear call, feeding a matmul."""
+    values: dict = {linear_node: _Feat(nb=0, idx=torch.arange(out_features))}
+    # the Linear output is (*batch, out): batch count is unknown but irrelevant; treat as >= 1
+    values[linear_node].nb = 1
+    found: list[torch.Tensor] = []
+    queue = [linear_node]
+    while queue:
+        node = queue.pop(0)
+        v = values[node]
+        for user in list(node.users):
+            new = _step(user, node, v, found)
+            if new is not None and user not in values:
+                values[user] = new
+                queue.append(user)
+    return found
+
+
+def _step(user, src, v, found):  # noqa: C901 - one case per supported op
+    op, target = user.op, user.target
+    name = target if op == "call_method" else getattr(target, "__name__", None)
+    if isinstance(v, tuple):
+        if op == "call_function" and target is operator.getitem and isinstance(user.args[1], int):
+            item = v[user.args[1]]
+            return item
+        return None
+    self_arg = user.args[0] if user.args else None
+    if op == "call_method" and self_arg is not src:
+        if name in _MATMUL_METHODS and v.idx.dim() >= 2 and _multiplies_features(user, src):
+            found.append(v.idx)
+        return None
+    is_method = op == "call_method"
+    is_func = op == "call_function"
+    if is_func and target in _MATRIX_ARG:  # only some arguments are matrices (weight of F.linear)
+        if v.idx.dim() >= 2 and any(_arg(user, i, kw) is src for i, kw in _MATRIX_ARG[target]) \
+                and _multiplies_features(user, src):
+            found.append(v.idx)
+        return None
+    if (is_func and target in _MATMUL_FUNCS) or (is_method and name in _MATMUL_METHODS):
+        if v.idx.dim() >= 2 and _multiplies_features(user, src):
+            found.append(v.idx)
+        return None
+    if not (is_method or (is_func and target in (torch.reshape, torch.split, torch.chunk, torch.flatten,
+                                                  torch.transpose, torch.unflatten))):
+        return None
+    if is_func and self_arg is not src:
+        return None
+    rest = list(user.args[1:])
+    if name in _PASS_METHODS:
+        return v
+    if name in _RESHAPE:
+        shape = _shape_args(rest) if rest else _shape_args([user.kwargs.get("shape", ())])
+        return _reshape(v, shape) if shape else None
+    if name in ("split", "chunk"):
+        dim = _arg(user, 2, "dim", 0)
+        fd = _feature_dim(v, dim)
+        if fd is None:
+            return None
+        arg = rest[0] if rest else user.kwargs.get("split_size_or_sections", user.kwargs.get("chunks"))
+        if name == "chunk":
+            pieces = v.idx.chunk(arg, dim=fd)
+        else:
+            if not (isinstance(arg, int) or all(isinstance(a, int) for a in arg)):
+                return None
+            pieces = v.idx.split(arg, dim=fd)
+        return tuple(_Feat(nb=v.nb, idx=p) for p in pieces)
+    if name == "unflatten":
+        fd = _feature_dim(v, _arg(user, 1, "dim"))
+        sizes = _arg(user, 2, "sizes")
+        if fd is None or not all(isinstance(s, int) for s in sizes):
+            return None
+        shape = list(v.idx.shape)
+        return _Feat(nb=v.nb, idx=v.idx.reshape(*shape[:fd], *sizes, *shape[fd + 1:]))
+    if name == "flatten":
+        start, end = _arg(user, 1, "start_dim", 0), _arg(user, 2, "end_dim", -1)
+        fs, fe = _feature_dim(v, start), _feature_dim(v, end)
+        if fs is None or fe is None:
+            return None
+        return _Feat(nb=v.nb, idx=v.idx.flatten(fs, fe))
+    if name == "transpose":
+        a, b = _feature_dim(v, _arg(user, 1, "dim0")), _feature_dim(v, _arg(user, 2, "dim1"))
+        if a is None or b is None:
+            return None
+        return _Feat(nb=v.nb, idx=v.idx.transpose(a, b))
+    return None
+
+
+def _layout_from_maps(maps: list[torch.Tensor], out_features: int) -> Layout | None:
+    """The layout whose row-major blocks are exactly the found matrices, or None."""
+    blocks = []
+    for idx in maps:
+        for mat in idx.reshape(-1, *idx.shape[-2:]):
+            r, c = mat.shape
+            start = int(mat.min())
+            if torch.equal(mat, start + torch.arange(r * c).view(r, c)):
+                blocks.append((start, r, c))
+            elif torch.equal(mat.T, start + torch.arange(r * c).view(c, r)):
+                blocks.append((start, c, r))  # used transposed: LORSA factorizes the stored layout
+            else:
+                return None
+    blocks = sorted(set(blocks))
+    pos = 0
+    for start, r, c in blocks:
+        if start != pos:
+            return None
+        pos += r * c
+    if pos != out_features:
+        return None
+    shapes = [(r, c) for _, r, c in blocks]
+    n = len(shapes)
+    for period in range(1, n + 1):
+        if n % period == 0 and shapes == shapes[:period] * (n // period):
+            return Layout(groups=n // period, entries=tuple(shapes[:period]))
+    return None  # pragma: no cover - period n always matches
+
+
+def detect_generators(module: nn.Module) -> dict[str, Layout]:
+    """Generator Linears of ``module`` found by ``torch.fx`` tracing: relative module path -> layout.
+
+    Returns ``{}`` when the module does not trace. Only Linears called directly by the traced
+    code count (leaf modules such as ``nn.MultiheadAttention`` are not looked into).
+    """
+    try:
+        gm = torch.fx.symbolic_trace(module)
+    except Exception:  # noqa: BLE001 - any tracing failure means "use a spec"
+        return {}
+    modules = dict(module.named_modules())
+    found: dict[str, Layout | None] = {}
+    for node in gm.graph.nodes:
+        if node.op != "call_module":
+            continue
+        lin = modules.get(node.target)
+        if not isinstance(lin, nn.Linear):
+            continue
+        maps = _follow(node, lin.out_features)
+        layout = _layout_from_maps(maps, lin.out_features) if maps else None
+        if node.target in found and found[node.target] != layout:
+            layout = None  # called twice, used differently
+        found[node.target] = layout
+    return {k: v for k, v in found.items() if v is not None}
+
+
+# --------------------------------------------------------------------------------------------
+# planning
+
+
+class AdaptivePlan(ParamPlan):
+    """A generator's plan (``kind="adaptive"``). ``matrix`` is the augmented weight ``(out, dq+1)``
+    (the shared tensor's shape); ``extra`` holds ``layout`` (string), ``has_bias`` and ``sweeps``.
+    A loader rebuilding plans from ``lors_config.json`` should build this class for adaptive entries.
+    """
+
+    @property
+    def layout(self) -> Layout:
+        return Layout.parse(self.extra["layout"])
+
+    @property
+    def has_bias(self) -> bool:
+        return bool(self.extra.get("has_bias", True))
+
+    @property
+    def matrix(self) -> tuple[int, int]:
+        return self.param.shape[0], self.param.shape[1] + (1 if self.has_bias else 0)
+
+    def factor_keys(self, i: int) -> dict[str, str]:
+        owner = f"{self.stack.members[i]}.{self.param.owner_relpath}"
+        keys = {}
+        for m in range(len(self.layout.entries)):
+            keys[f"B.{m}"] = f"{owner}.lors_B.{m}"
+            keys[f"A.{m}"] = f"{owner}.lors_A.{m}"
+            keys[f"E.{m}.weight"] = f"{owner}.lors_E.{m}.weight"
+            if self.has_bias:
+                keys[f"E.{m}.bias"] = f"{owner}.lors_E.{m}.bias"
+        return keys
+
+    @property
+    def dense_params(self) -> int:  # weight and bias of every layer: both are absorbed
+        d, h = self.matrix
+        return dense_param_count(d, h, len(self.groups))
+
+    @property
+    def lors_params(self) -> int:
+        d, h = self.matrix
+        dq = self.param.shape[1]
+        return d * h + sum(private_param_count(self.layout, dq, self.rank, k, self.has_bias) for k in self.groups)
+
+
+def _plan(stack: Stack, sp: StackedParam, claim: dict) -> AdaptivePlan:
+    rank, layout = claim["rank"], claim["layout"]
+    groups = [1] * len(stack) if rank is None else resolve_groups(claim["groups"], stack)
+    ranks = [sum(K * r1 for K, r1, _ in group_ranks(layout, rank, k)) for k in groups]
+    clamped = rank is not None and any(K * r1 > r or K * r2 > c for k in groups
+                                       for (K, r1, r2), (r, c) in zip(group_ranks(layout, rank, k),
+                                                                      layout.entries))
+    extra = {"layout": str(layout), "has_bias": claim["has_bias"], "sweeps": claim["sweeps"]}
+    return AdaptivePlan(stack=stack, param=sp, layer_kind=LorsaLinear.layer_kind, kind="adaptive",
+                                 rank=rank, groups=groups, ranks=ranks, clamped=clamped, extra=extra)
+
+
+def _matches(spec: GeneratorSpec, stack: Stack, sp: StackedParam) -> bool:
+    keys = stack.keys(sp.relname)
+    owners = [k.rpartition(".")[0] for k in keys]
+    return any(fnmatch.fnmatchcase(k, spec.pattern) for k in keys + owners)
+
+
+def make_adaptive_hook(adaptive: AdaptiveArg, rank: int | None, groups) -> Callable | None:
+    """The ``plan_conversion(adaptive=...)`` hook for ``convert(..., adaptive=...)`` (see module doc)."""
+    specs = parse_specs(adaptive)
+    if not specs:
+        return None
+    traced: dict[int, dict[str, Layout]] = {}
+    used: set[int] = set()
+
+    def hook(model: nn.Module, stack: Stack, sp: StackedParam) -> dict | None:
+        for n, spec in enumerate(specs):
+            if not _matches(spec, stack, sp):
+                continue
+            named = spec.pattern != "*"  # a spec naming parameters: failures are errors, not skips
+            owner_path = f"{stack.members[0]}.{sp.owner_relpath}" if sp.owner_relpath else stack.members[0]
+            owner = model.get_submodule(owner_path)
+            plain_linear = isinstance(owner, nn.Linear) and type(owner).forward is nn.Linear.forward
+            if sp.attr != "weight" or not plain_linear:
+                if named:
+                    raise LorsUsageError(f"generator spec {spec.pattern!r} matches {owner_path}.{sp.attr}, "
+                                         f"which is not the weight of a plain nn.Linear (exclude it or narrow the pattern)")
+                continue
+            if spec.auto_layout:
+                if id(stack) not in traced:
+                    traced[id(stack)] = detect_generators(model.get_submodule(stack.members[0]))
+                layout = traced[id(stack)].get(sp.owner_relpath)
+                if layout is None:
+                    if named:
+                        raise LorsUsageError(
+                            f"{owner_path} matches generator spec {spec.pattern!r} but torch.fx could not "
+                            f"find how its output is cut into matrices (the stack member does not trace, or the "
+                            f"output is not only reshaped into matmul operands); give the layout explicitly, "
+                            f"e.g. '{spec.pattern}: G x [RxC, ...]'")
+                    continue
+            else:
+                layout = Layout.parse(spec.layout)
+                if layout.out_features != owner.out_features:
+                    if not named:
+                        continue
+                    raise LorsUsageError(f"generator layout {layout} of spec {spec.pattern!r} gives "
+                                         f"{layout.out_features} outputs but {owner_path} has {owner.out_features}")
+            used.add(n)
+            r = rank if spec.rank == "default" else spec.rank
+            g = groups if (isinstance(spec.groups, str) and spec.groups == "default") else spec.groups
+            return {"plan": _plan, "layout": layout, "rank": r, "groups": g, "sweeps": spec.sweeps,
+                    "has_bias": owner.bias is not None}
+        return None
+
+    hook.specs = specs  # type: ignore[attr-defined]
+    hook.used = used  # type: ignore[attr-defined]
+    return hook
+
+
+def check_specs_used(hook) -> None:
+    """Raise when an explicit spec matched no generator (a no-op selection is an error)."""
+    if hook is None:
+        return
+    for n, spec in enumerate(hook.specs):
+        if n not in hook.used and spec.pattern != "*":
+            raise LorsUsageError(f"generator spec {spec.pattern!r} matches no stacked Linear weight "
+                                 "(patterns match full parameter or module names, e.g. "
+                                 "'*.parameter_generator.0.weight'; the parameter must also pass include/exclude)")
+
+
+# --------------------------------------------------------------------------------------------
+# conversion
+
+
+def generator_tensors(weight: torch.Tensor, bias: torch.Tensor | None, layout: Layout) -> list[torch.Tensor]:
+    """Generator tensors of one layer, per layout entry ``(G, R, C, dq+1)``."""
+    T = weight if bias is None else torch.cat([weight, bias[:, None]], dim=1)  # (out, dq+1)
+    return layout.split(T)
+
+
+@dataclass
+class GeneratorResult:
+    relative_error: list[float] = field(default_factory=list)  # per layer, over the whole augmented tensor
+    retained_energy: list[float] = field(default_factory=list)
+
+
+def convert_generator(model: nn.Module, pp, init: str = "svd", device=None) -> GeneratorResult:
+    """Decompose one planned generator stack and install :class:`LorsaLinear` layers in place."""
+    from .convert import install_layers
+
+    layout = pp.layout
+    has_bias = pp.extra.get("has_bias", True)
+    owners = [model.get_submodule(f"{m}.{pp.param.owner_relpath}") for m in pp.stack.members]
+    dtype, where = owners[0].weight.dtype, owners[0].weight.device
+    for key, o in zip(pp.keys, owners):
+        if not torch.isfinite(o.weight).all() or (o.bias is not None and not torch.isfinite(o.bias).all()):
+            raise LorsError(f"tensor {key!r} contains NaN or Inf values; refusing to convert it")
+    N = len(owners)
+    m = pp.matrix[1]
+    result = GeneratorResult()
+    if init == "paper":
+        install_layers(model, pp, torch.empty(pp.matrix, dtype=dtype, device=where), None)
+        for mem in pp.stack.members:
+            model.get_submodule(f"{mem}.{pp.param.owner_relpath}").reset_paper()
+        return result
+    per_layer = [generator_tensors(o.weight.detach().to(device or where), None if o.bias is None
+                                   else o.bias.detach().to(device or where), layout) for o in owners]
+    shared_parts = []
+    entries_per_layer: list[list] = [[] for _ in range(N)]
+    res = [0.0] * N
+    disc = [0.0] * N
+    norms = [0.0] * N
+    for e, (r, c) in enumerate(layout.entries):
+        Bs = [[] for _ in range(N)]
+        As = [[] for _ in range(N)]
+        Cs = [[] for _ in range(N)]
+        shared_g = []
+        for g in range(layout.groups):
+            tensors = [per_layer[i][e][g] for i in range(N)]  # N x (R, C, m)
+            ks = [group_ranks(layout, pp.rank, k)[e] for k in pp.groups]  # per layer (K, r1, r2)
+            f = decompose_generators(tensors, [k[1] for k in ks], [k[2] for k in ks], [k[0] for k in ks],
+                                     sweeps=pp.extra.get("sweeps"))
+            shared_g.append(f.shared)
+            for i, tg in enumerate(f.layers):
+                Bs[i].append(tg.B)
+                As[i].append(tg.A)
+                Cs[i].append(tg.cores)
+                res[i] += f.residual_energy[i]
+                disc[i] += f.discarded_energy[i]
+                norms[i] += f.tensor_norm[i] ** 2
+        shared_parts.append(torch.stack(shared_g))  # (G, R, C, m)
+        for i in range(N):
+            entries_per_layer[i].append((torch.stack(Bs[i]), torch.stack(As[i]), torch.stack(Cs[i])))
+    shared = layout.join(shared_parts).reshape(pp.matrix[0], m)  # (out, m)
+    install_layers(model, pp, shared.to(device=where, dtype=dtype), None)
+    for i, mem in enumerate(pp.stack.members):
+        layer = model.get_submodule(f"{mem}.{pp.param.owner_relpath}")
+        layer.set_factors([(B.to(where, dtype), A.to(where, dtype), C.to(where, dtype))
+                           for B, A, C in entries_per_layer[i]])
+        result.relative_error.append(math.sqrt(max(disc[i], 0.0) / norms[i]) if norms[i] else 0.0)
+        result.retained_energy.append(1.0 - disc[i] / res[i] if res[i] > 0 else 1.0)
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# the paper's setting
+
+
+def paper_adamixer_settings(num_stages: int = 6) -> dict:
+    """``convert`` keyword arguments for the LORS paper's AdaMixer setting.
+
+    LORST r=8, K=1 on ``adaptive_mixing.out_proj``; LORSA r=16, K=[1,1,2,2,3,3] on the
+    ``parameter_generator`` (layout detected with torch.fx). Use on a decoder built with G=2,
+    P_in=64 (``AdaMixerConfig.paper_lors()``).
+    """
+    groups = [1 + (3 * i) // num_stages for i in range(num_stages)]  # 6 stages: [1, 1, 2, 2, 3, 3]
+    return {
+        "rank": 8,
+        "groups": 1,
+        "include": ["*adaptive_mixing.out_proj.weight", "*adaptive_mixing.parameter_generator.0.weight"],
+        "adaptive": [GeneratorSpec(pattern="*adaptive_mixing.parameter_generator.0.weight", layout=None,
+                                   rank=16, groups=groups)],
+    }
+
+
+__all__ = ["GeneratorSpec", "detect_generators", "make_adaptive_hook", "convert_generator",
+           "generator_tensors", "paper_adamixer_settings", "parse_specs", "check_specs_used", "AdaptivePlan",
+           "GeneratorResult"]
