@@ -234,7 +234,7 @@ def _manifest_from_lors(model: nn.Module, stacks: list[dict]) -> dict:
         weight_key = prefix + entry["attr"]
         dense_model_keys.setdefault(weight_key, {"shape": entry["shape"], "dtype": entry["dtype"]})
         rel = name[len(prefix):]
-        if rel not in ("shared", "lors_A", "lors_B") and rel not in entry["shared"]:
+        if not rel.startswith("lors_") and rel not in entry["shared"]:  # factors are not dense keys
             dense_model_keys[name] = {"shape": list(t.shape), "dtype": dtype_name(t.dtype)}
     aliases = {}
     first_of: dict[tuple, str] = {}

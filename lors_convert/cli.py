@@ -125,6 +125,10 @@ def convert(
     init: str = typer.Option("svd", "--init", help="svd (fit the trained weights) or paper (from-scratch init)."),
     method: str = typer.Option("auto", "--svd", help="auto, exact or randomized."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda: where the decomposition runs."),
+    adaptive: list[str] = typer.Option([], "--adaptive", help="LORSA on parameter generators: 'auto' (torch.fx) "
+                                        "or 'PATTERN: G x [RxC, ...]' (repeatable), see lors_convert.lorsa."),
+    preset: Optional[str] = typer.Option(None, "--preset", help="adamixer-paper: LORST r=8 on out_proj, "
+                                         "LORSA r=16 K=1,1,2,2,3,3 on the generators (overrides rank/groups)."),
     keep_unsaving: bool = typer.Option(False, "--keep-unsaving", help="Convert matrices even where it saves nothing."),
     shard_size: str = typer.Option("2GB", "--max-shard-size", help="Shard the safetensors output above this size."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print stacks and projected savings; write nothing."),
@@ -150,6 +154,15 @@ def convert(
 
         if not torch.cuda.is_available():
             raise LorsUsageError("--device cuda: no CUDA device is available")
+    adaptive_arg = adaptive or None
+    if preset is not None:
+        if preset != "adamixer-paper":
+            raise LorsUsageError(f"--preset must be adamixer-paper, got {preset!r}")
+        from .lorsa import paper_adamixer_settings
+
+        settings = paper_adamixer_settings()
+        r, group_arg, adaptive_arg = settings["rank"], settings["groups"], settings["adaptive"]
+        include = include or settings["include"]
     out = output or default_output(src, ".lors")
     if not dry_run:
         ck.check_output(out, force)
@@ -160,7 +173,7 @@ def convert(
         report = stream_convert(src, out, arch=arch, rank=r, groups=group_arg, include=include, exclude=exclude,
                                 init=init, method=method, device=device, require_savings=require_savings,
                                 max_shard_size=shard_size, force=force, progress=progress, dist=dist,
-                                dry_run=dry_run)
+                                dry_run=dry_run, adaptive=adaptive_arg)
     except NotStreamable:
         pass
     else:
@@ -172,12 +185,19 @@ def convert(
         raise LorsUsageError("distributed conversion needs a Hugging Face directory or .safetensors + --arch")
     model, source = load_source(src, arch=arch, trust_pickle=trust_pickle)
     if dry_run:
-        plan = plan_conversion(model, r, group_arg, include, exclude, require_savings)
+        hook = None
+        if adaptive_arg is not None:
+            from .lorsa import make_adaptive_hook
+
+            hook = make_adaptive_hook(adaptive_arg, r, group_arg)
+        plan = plan_conversion(model, r, group_arg, include, exclude, require_savings, adaptive=hook)
         report = plan.report(count_parameters(model))
         _show(report, json_out, quiet, title=f"LORS dry run of {src} (nothing written)")
         return
     manifest = ck.source_manifest(model)
     if source.kind == "torchscript":
+        if adaptive_arg is not None:
+            raise LorsUsageError("--adaptive/--preset need a rebuildable model, not a TorchScript archive")
         plan = plan_conversion(model, r, group_arg, include, exclude, require_savings)
         report, matrices = plan.report_with_matrices(count_parameters(model))
         state = model.state_dict()
@@ -192,7 +212,8 @@ def convert(
     else:
         lors_model, report = convert_model(model, rank=r, groups=group_arg, include=include, exclude=exclude,
                                            init=init, method=method, device=device,
-                                           require_savings=require_savings, progress=progress)
+                                           require_savings=require_savings, progress=progress,
+                                           adaptive=adaptive_arg)
         ck.save(lors_model, out, report=report, source=source, manifest=manifest, force=force,
                 max_shard_size=shard_size)
     _show(report, json_out, quiet, title=f"LORS conversion of {src} -> {out}")

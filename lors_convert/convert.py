@@ -228,7 +228,12 @@ def plan_from_entry(stack: Stack, entry: dict) -> ParamPlan:
     """Rebuild the :class:`ParamPlan` of a recorded parameter (to build a skeleton)."""
     sp = StackedParam(relname=entry["name"], shape=tuple(entry["shape"]),
                       dtype=getattr(torch, entry["dtype"]), owner_class=nn.Module)
-    return ParamPlan(stack=stack, param=sp, layer_kind=entry["layer"], kind=entry["kind"],
+    cls = ParamPlan
+    if entry["kind"] == "adaptive":
+        from .lorsa import AdaptivePlan  # its matrix is the augmented generator (out, dq+1)
+
+        cls = AdaptivePlan
+    return cls(stack=stack, param=sp, layer_kind=entry["layer"], kind=entry["kind"],
                      rank=entry["rank"], groups=list(entry["groups"]), ranks=list(entry["ranks"]),
                      clamped=bool(entry.get("clamped", False)), extra=dict(entry.get("extra", {})))
 

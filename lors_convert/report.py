@@ -123,7 +123,10 @@ def render(report: Report, console=None, title: str = "LORS savings") -> None:
     table = Table(title=title, show_lines=False)
     for col in ("stack / matrix", "layers", "rank x groups", "dense", "LORS", "savings",
                 "rel. error (max)", "retained energy (min)"):
-        table.add_column(col, justify="left" if col == "stack / matrix" else "right")
+        if col == "stack / matrix":
+            table.add_column(col, justify="left", overflow="fold", min_width=24, ratio=3)
+        else:
+            table.add_column(col, justify="right", overflow="fold")
     for s in report.stacks:
         table.add_row(f"[bold]{s.path or '<root>'}[/] ({s.members[0].rsplit('.', 1)[-1]}..)",
                       str(len(s.members)), "", _fmt_params(s.dense_params), _fmt_params(s.lors_params),
@@ -136,8 +139,11 @@ def render(report: Report, console=None, title: str = "LORS savings") -> None:
             table.add_row(f"  {m.name}" + (" [yellow](clamped)[/]" if m.clamped else ""), "",
                           f"{rank} x {groups}", _fmt_params(m.dense_params), _fmt_params(m.lors_params),
                           f"{100 * m.savings:.1f}%", err, ret)
-        for name, why in s.kept_dense.items():
-            table.add_row(f"  [dim]{name}: dense ({why})[/]", "", "", "", "", "", "", "")
+        reasons: dict[str, int] = {}
+        for why in s.kept_dense.values():
+            reasons[why] = reasons.get(why, 0) + 1
+        for why, count in reasons.items():
+            table.add_row(f"  [dim]{count} kept dense: {why}[/]", "", "", "", "", "", "", "")
     table.add_row("[bold]stacked total[/]", "", "", _fmt_params(report.stacked_dense_params),
                   _fmt_params(report.stacked_lors_params),
                   f"{100 * (1 - report.stacked_lors_params / max(report.stacked_dense_params, 1)):.1f}%", "", "")

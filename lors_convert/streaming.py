@@ -248,7 +248,7 @@ def streaming_manifest(model: nn.Module, tensors: SafetensorsSource) -> dict:
 def stream_convert(src: Path, out: Path, arch: str | None = None, rank: int | None = 8, groups=None,
                    include=None, exclude=None, init: str = "svd", method: str = "auto", device=None,
                    require_savings: bool = True, max_shard_size: int | str = "2GB", force: bool = False,
-                   progress=None, dist: Dist | None = None, dry_run: bool = False):
+                   progress=None, dist: Dist | None = None, dry_run: bool = False, adaptive=None):
     """Convert without ever holding the model: see the module docstring. Returns the report."""
     import dataclasses
 
@@ -258,6 +258,8 @@ def stream_convert(src: Path, out: Path, arch: str | None = None, rank: int | No
     from .counting import count_parameters
 
     dist = dist or Dist()
+    if adaptive is not None:  # LORSA conversion runs on the in-memory model
+        raise NotStreamable("adaptive")
     model, tensors, source = open_streamable(Path(src), arch)
     manifest = streaming_manifest(model, tensors)
     plan = plan_conversion(model, rank, groups, include, exclude, require_savings)

@@ -36,3 +36,7 @@ def stacked_mlp() -> StackedMLP:
 
 def no_stacks() -> nn.Module:
     return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+
+
+def stacked_mlp_wide() -> StackedMLP:
+    return StackedMLP(dim=48, hidden=96, depth=6)

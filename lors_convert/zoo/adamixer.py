@@ -321,11 +321,16 @@ def build_paper_lors(**overrides) -> AdaMixerDecoder:
     return AdaMixerDecoder(AdaMixerConfig.paper_lors(**overrides))
 
 
+def build_tiny(**overrides) -> AdaMixerDecoder:
+    """A small decoder for tests and examples (``--arch lors_convert.zoo.adamixer:build_tiny``)."""
+    return AdaMixerDecoder(AdaMixerConfig.tiny(**overrides))
+
+
 def decoder_state_dict(state: dict[str, torch.Tensor], prefix: str = "roi_head.") -> dict[str, torch.Tensor]:
     """The decoder's part of an official AdaMixer detector checkpoint (keys ``roi_head.bbox_head.N.*``):
     the keys under ``prefix`` with the prefix removed, ready for ``AdaMixerDecoder.load_state_dict``."""
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix + "bbox_head.")}
 
 
-__all__ = ["AdaMixerConfig", "AdaMixerDecoder", "AdaMixerDecoderStage", "AdaptiveMixing", "build", "build_paper_lors",
+__all__ = ["AdaMixerConfig", "AdaMixerDecoder", "AdaMixerDecoderStage", "AdaptiveMixing", "build", "build_paper_lors", "build_tiny",
            "decoder_state_dict", "AdaptiveSamplingMixing", "decode_box", "box_iof", "position_embedding", "random_inputs"]

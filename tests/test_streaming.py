@@ -1,0 +1,142 @@
+"""Streaming conversion: equal to the in-memory path, sharded output, torchrun ranks, AdaMixer via CLI."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+import lors_convert
+from lors_convert.checkpoint import Checkpoint, save, source_manifest
+from lors_convert.cli import app
+from lors_convert.sources import load_source
+from tests.archs import StackedMLP
+
+runner = CliRunner()
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _tensors(path: Path) -> dict[str, torch.Tensor]:
+    ckpt = Checkpoint(path)
+    return {k: ckpt.get(k) for k in ckpt.keys()}
+
+
+@pytest.fixture()
+def gpt2_dir(tmp_path) -> Path:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=3, n_embd=64, n_head=4, vocab_size=128, n_positions=32,
+                                       bos_token_id=0, eos_token_id=0))
+    model.save_pretrained(tmp_path / "gpt2")
+    return tmp_path / "gpt2"
+
+
+def test_streaming_equals_in_memory(gpt2_dir, tmp_path):
+    res = runner.invoke(app, ["convert", str(gpt2_dir), "--rank", "8", "-o", str(tmp_path / "s.lors"), "-q"])
+    assert res.exit_code == 0, res.output
+    model, source = load_source(gpt2_dir)
+    manifest = source_manifest(model)
+    lors_model, report = lors_convert.convert(model, rank=8)
+    save(lors_model, tmp_path / "m.lors", report, source, manifest)
+    streamed, in_memory = _tensors(tmp_path / "s.lors"), _tensors(tmp_path / "m.lors")
+    assert streamed.keys() == in_memory.keys()
+    for k in streamed:
+        assert torch.equal(streamed[k], in_memory[k]), k
+    a, b = Checkpoint(tmp_path / "s.lors"), Checkpoint(tmp_path / "m.lors")
+    assert a.manifest == b.manifest
+    assert a.manifest["aliases"] == {"lm_head.weight": "transformer.wte.weight"}  # the tie is recorded
+    assert a.report().to_dict()["total"] == b.report().to_dict()["total"]
+
+
+def test_sharded_output_round_trip(gpt2_dir, tmp_path):
+    from transformers import GPT2LMHeadModel
+
+    out = tmp_path / "sharded.lors"
+    res = runner.invoke(app, ["convert", str(gpt2_dir), "--rank", "full", "--keep-unsaving",
+                              "--max-shard-size", "60KB", "-o", str(out), "-q"])
+    assert res.exit_code == 0, res.output
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 3 and all((out / s).is_file() for s in shards)
+    assert not (out / "model.safetensors").exists()
+    res = runner.invoke(app, ["merge", str(out), "-o", str(tmp_path / "dense"), "--max-shard-size", "60KB", "-q"])
+    assert res.exit_code == 0, res.output
+    src = GPT2LMHeadModel.from_pretrained(str(gpt2_dir)).state_dict()
+    merged = GPT2LMHeadModel.from_pretrained(str(tmp_path / "dense"))
+    assert merged.lm_head.weight is merged.transformer.wte.weight  # tie preserved through merge
+    for k, v in merged.state_dict().items():
+        assert (v - src[k]).abs().max() <= 1e-5 * src[k].abs().max().clamp_min(1e-12), k
+    model = lors_convert.load(out)
+    assert model.lm_head.weight is model.transformer.wte.weight
+    assert model.transformer.h[0].attn.c_attn.shared is model.transformer.h[2].attn.c_attn.shared
+
+
+def test_torchrun_two_processes_identical(tmp_path):
+    torch.manual_seed(0)
+    src = tmp_path / "mlp.safetensors"
+    save_file(StackedMLP(dim=48, hidden=96, depth=6).state_dict(), str(src))
+    args = [str(src), "--arch", "tests.archs:stacked_mlp_wide", "--rank", "4", "--max-shard-size", "20KB", "-q"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    single = subprocess.run([sys.executable, "-m", "lors_convert", "convert", *args, "-o", str(tmp_path / "one")],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr
+    dist = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                           "--master-port", "29517", "-m", "lors_convert", "convert", *args,
+                           "-o", str(tmp_path / "two")],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert dist.returncode == 0, dist.stderr[-2000:]
+    one, two = tmp_path / "one", tmp_path / "two"
+    files = sorted(p.name for p in one.iterdir())
+    assert files == sorted(p.name for p in two.iterdir())
+    assert sum(f.endswith(".safetensors") for f in files) >= 2  # several shards, split across the ranks
+    for name in files:
+        if name.endswith(".safetensors"):
+            a, b = load_file(str(one / name)), load_file(str(two / name))
+            assert a.keys() == b.keys()
+            for k in a:
+                assert torch.equal(a[k], b[k]), k
+    assert json.loads((one / "report.json").read_text()) == json.loads((two / "report.json").read_text())
+    assert (one / "lors_config.json").read_text() == (two / "lors_config.json").read_text()
+
+
+def test_adamixer_via_cli(tmp_path):
+    from lors_convert.zoo.adamixer import build_tiny
+
+    torch.manual_seed(0)
+    dense = build_tiny().eval()
+    src = tmp_path / "decoder.safetensors"
+    save_file(dense.state_dict(), str(src))
+    arch = "lors_convert.zoo.adamixer:build_tiny"
+    full = tmp_path / "full.lors"
+    res = runner.invoke(app, ["convert", str(src), "--arch", arch, "--adaptive", "auto", "--rank", "full",
+                              "--keep-unsaving", "-o", str(full), "--json"])
+    assert res.exit_code == 0, res.output
+    kinds = {m["kind"] for s in json.loads(res.stdout)["stacks"] for m in s["matrices"]}
+    assert kinds == {"static", "adaptive"}
+    res = runner.invoke(app, ["merge", str(full), "-o", str(tmp_path / "full.safetensors"), "-q"])
+    assert res.exit_code == 0, res.output
+    merged = load_file(str(tmp_path / "full.safetensors"))
+    assert merged.keys() == dense.state_dict().keys()
+    for k, v in dense.state_dict().items():
+        assert (merged[k] - v).abs().max() <= 1e-5 * v.abs().max().clamp_min(1e-12), k
+
+    paper = tmp_path / "paper.lors"
+    res = runner.invoke(app, ["convert", str(src), "--arch", arch, "--preset", "adamixer-paper", "-o", str(paper), "-q"])
+    assert res.exit_code == 0, res.output
+    model = lors_convert.load(paper)
+    kinds = {type(m).__name__ for m in model.modules() if isinstance(m, lors_convert.layers.LorsModule)}
+    assert kinds == {"LorsaLinear", "LorsLinear"}
+    via_module = lors_convert.merge(model).state_dict()
+    res = runner.invoke(app, ["merge", str(paper), "-o", str(tmp_path / "paper.safetensors"), "-q"])
+    assert res.exit_code == 0, res.output
+    via_tensors = load_file(str(tmp_path / "paper.safetensors"))
+    assert via_tensors.keys() == via_module.keys()
+    for k, v in via_tensors.items():
+        assert (v - via_module[k]).abs().max() <= 1e-6 * v.abs().max().clamp_min(1e-12), k
