@@ -495,32 +495,57 @@ def merge_checkpoint(path: str | Path, out: str | Path, force: bool = False, pro
     ckpt = Checkpoint(path)
     out = Path(out)
     check_output(out, force)
-    dense = dict(merged_tensors(ckpt, progress))
-    missing = [k for k in ckpt.manifest["keys"] if k not in dense]
-    if missing:
-        raise LorsError(f"{ckpt.path}: merge could not produce {missing[0]!r}")
-    dense = {k: dense[k] for k in ckpt.manifest["keys"]}  # the source's order
-    seen: set[tuple] = set()
-    for k, t in dense.items():  # safetensors stores no aliases: clone tied tensors
-        ident = _identity(t)
-        if ident in seen:
-            dense[k] = t.clone()
-        seen.add(ident)
     metadata = {"format": "pt"}
-    if out.suffix == ".safetensors":
+    if out.suffix == ".safetensors":  # one file: safetensors needs every tensor at once
         from safetensors.torch import save_file
 
+        dense = _clone_aliases(dict(merged_tensors(ckpt, progress)))
+        missing = [k for k in ckpt.manifest["keys"] if k not in dense]
+        if missing:
+            raise LorsError(f"{ckpt.path}: merge could not produce {missing[0]!r}")
         with atomic_output(out, force, directory=False) as tmp:
-            save_file({k: v.contiguous() for k, v in dense.items()}, str(tmp), metadata=metadata)
+            save_file({k: dense[k].contiguous() for k in ckpt.manifest["keys"]}, str(tmp), metadata=metadata)
         return out
-    with atomic_output(out, force) as tmp:
-        write_tensors(tmp, dense, metadata, max_shard_size)
+    from .streaming import ShardedWriter
+
+    with atomic_output(out, force) as tmp:  # streamed: shards are written as their groups are merged
+        writer = ShardedWriter(tmp, merge_spec(ckpt), max_shard_size, metadata)
+        for key, t in merged_tensors(ckpt, progress):
+            writer.add(key, t)
+        writer.close()
         if ckpt.source.get("kind") == "hf":
             for f in ckpt.path.iterdir():
                 if f.is_file() and f.name not in (CONFIG_NAME, REPORT_NAME, WEIGHTS_NAME, INDEX_NAME) \
                         and not f.name.endswith(".safetensors"):
                     shutil.copy2(f, tmp / f.name)
     return out
+
+
+def merge_spec(ckpt: Checkpoint) -> dict[str, torch.Tensor]:
+    """Meta tensors of the dense output in the order :func:`merged_tensors` produces them."""
+    from .streaming import meta_like
+
+    keys = ckpt.manifest["keys"]
+    order: list[str] = []
+    for stack in ckpt.stacks:
+        for entry in stack["params"]:
+            for member in stack["members"]:
+                prefix = f"{member}.{entry['owner']}."
+                order.extend(k for k in keys if k.startswith(prefix))
+    placed = set(order)
+    order.extend(k for k in keys if k not in placed)
+    return {k: meta_like(keys[k]["shape"], getattr(torch, keys[k]["dtype"])) for k in order}
+
+
+def _clone_aliases(dense: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors stores no aliases: give tied keys their own copy."""
+    seen: set[tuple] = set()
+    for k, t in dense.items():
+        ident = _identity(t)
+        if ident in seen:
+            dense[k] = t.clone()
+        seen.add(ident)
+    return dense
 
 
 # ---------------------------------------------------------------------------------------------
