@@ -1,0 +1,158 @@
+"""Benchmark streaming conversion against the I/O floor, side by side in one run.
+
+Generates a synthetic sharded Hugging Face checkpoint (Llama config, random weights, written one
+tensor at a time), then measures in fresh subprocesses:
+
+- the I/O floor: read every tensor with safe_open and write it back out as shards;
+- ``lors convert`` (streaming, randomized SVD where ``auto`` picks it);
+and prints their wall times and the ratio, peak RSS of each against the largest parameter group,
+and exact vs randomized SVD time and error on one stacked matrix of the model.
+
+    python scripts/bench_convert.py                       # ~3.5 GB float32 source (default sizes)
+    python scripts/bench_convert.py --layers 4 --hidden 256 --intermediate 512   # a quick smoke run
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+FLOOR = r"""
+import sys, torch
+from pathlib import Path
+from lors_convert.streaming import SafetensorsSource, ShardedWriter, meta_like
+from lors_convert.sources import hf_weight_files
+src, out, shard = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+tensors = SafetensorsSource(hf_weight_files(src))
+out.mkdir()
+spec = {k: meta_like(*tensors.specs[k]) for k in tensors.where}
+writer = ShardedWriter(out, spec, shard, {"format": "pt"})
+for k in spec:
+    writer.add(k, tensors.get(k))
+writer.close()
+"""
+
+
+def run_measured(cmd: list[str], env: dict) -> tuple[float, int]:
+    """Wall seconds and peak RSS (bytes) of one child process."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - start
+    stderr = proc.stderr.read().decode()
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"failed: {' '.join(cmd)}\n{stderr[-2000:]}")
+    return seconds, usage.ru_maxrss * 1024  # ru_maxrss is KiB on Linux
+
+
+def make_checkpoint(directory: Path, args) -> tuple[int, int]:
+    """A random-weight sharded Llama checkpoint; returns (bytes on disk, largest group bytes)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lors_convert.convert import plan_conversion
+    from lors_convert.streaming import ShardedWriter, empty_model, meta_like
+
+    config = LlamaConfig(hidden_size=args.hidden, intermediate_size=args.intermediate,
+                         num_hidden_layers=args.layers, num_attention_heads=args.heads,
+                         num_key_value_heads=args.heads, vocab_size=args.vocab, tie_word_embeddings=False)
+    model = empty_model(lambda: LlamaForCausalLM(config))
+    directory.mkdir(parents=True)
+    config.save_pretrained(directory)
+    state = model.state_dict()
+    spec = {k: meta_like(v.shape, torch.float32) for k, v in state.items()}
+    writer = ShardedWriter(directory, spec, args.shard, {"format": "pt"})
+    gen = torch.Generator().manual_seed(0)
+    for k, v in state.items():
+        t = torch.randn(v.shape, generator=gen) * 0.02 if v.dim() >= 2 else torch.ones(v.shape)
+        writer.add(k, t)
+    writer.close()
+    plan = plan_conversion(model, args.rank, None, None, None)
+    largest = max(len(pp.keys) * pp.matrix[0] * pp.matrix[1] * 4 for pp in plan.params)
+    size = sum(f.stat().st_size for f in directory.glob("*.safetensors"))
+    return size, largest
+
+
+def svd_comparison(args) -> dict:
+    from lors_convert.decompose import truncated_svd
+
+    torch.manual_seed(0)
+    d, h = args.intermediate, args.hidden
+    R = torch.randn(d, h) @ torch.diag(torch.logspace(0, -2, h)) + 0.01 * torch.randn(d, h)
+    rows = {}
+    for method in ("exact", "randomized"):
+        t = time.perf_counter()
+        U, S, Vh = truncated_svd(R, args.rank, method)
+        rows[method] = (time.perf_counter() - t, float(torch.linalg.matrix_norm(R - (U * S) @ Vh)))
+    return {"shape": (d, h), **rows}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--layers", type=int, default=28)
+    p.add_argument("--hidden", type=int, default=1536)
+    p.add_argument("--intermediate", type=int, default=4096)
+    p.add_argument("--heads", type=int, default=12)
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--shard", default="500MB", help="shard size of the source and of both outputs")
+    p.add_argument("--workdir", default=None)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args()
+
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="lors-bench-"))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    try:
+        src = work / "src"
+        t = time.perf_counter()
+        size, largest = make_checkpoint(src, args)
+        print(f"synthetic checkpoint: {size / 1e9:.2f} GB in {time.perf_counter() - t:.0f}s; "
+              f"largest group {largest / 1e6:.0f} MB", file=sys.stderr)
+        floor_s, floor_rss = run_measured([sys.executable, "-c", FLOOR, str(src), str(work / "floor"), args.shard], env)
+        conv_s, conv_rss = run_measured([sys.executable, "-m", "lors_convert", "convert", str(src), "--rank",
+                                         str(args.rank), "--max-shard-size", args.shard, "--device", args.device,
+                                         "-o", str(work / "out.lors"), "-q"], env)
+        out_size = sum(f.stat().st_size for f in (work / "out.lors").glob("*.safetensors"))
+        svd = svd_comparison(args)
+        result = {
+            "source_gb": size / 1e9, "output_gb": out_size / 1e9, "largest_group_mb": largest / 1e6,
+            "floor_s": floor_s, "convert_s": conv_s, "convert_over_floor": conv_s / floor_s,
+            "floor_peak_rss_mb": floor_rss / 1e6, "convert_peak_rss_mb": conv_rss / 1e6,
+            "convert_rss_over_group": conv_rss / largest,
+            "svd_shape": svd["shape"], "svd_exact_s": svd["exact"][0], "svd_randomized_s": svd["randomized"][0],
+            "svd_speedup": svd["exact"][0] / svd["randomized"][0],
+            "svd_error_ratio": svd["randomized"][1] / svd["exact"][1],
+        }
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(work, ignore_errors=True)
+    if args.json:
+        print(json.dumps(result, indent=1))
+        return
+    print(f"| measure | value |\n|---|---|")
+    print(f"| source checkpoint | {result['source_gb']:.2f} GB ({args.layers} layers, hidden {args.hidden}) |")
+    print(f"| LORS output (rank {args.rank}) | {result['output_gb']:.2f} GB |")
+    print(f"| load+save floor | {floor_s:.1f} s |")
+    print(f"| lors convert | {conv_s:.1f} s |")
+    print(f"| convert / floor | {result['convert_over_floor']:.2f}x |")
+    print(f"| largest parameter group | {result['largest_group_mb']:.0f} MB |")
+    print(f"| peak RSS floor / convert | {result['floor_peak_rss_mb']:.0f} MB / {result['convert_peak_rss_mb']:.0f} MB |")
+    print(f"| convert peak RSS / largest group | {result['convert_rss_over_group']:.2f}x |")
+    print(f"| SVD {svd['shape'][0]}x{svd['shape'][1]} rank {args.rank}: exact / randomized time | "
+          f"{result['svd_exact_s']:.2f} s / {result['svd_randomized_s']:.3f} s ({result['svd_speedup']:.0f}x) |")
+    print(f"| randomized / exact error | {result['svd_error_ratio']:.4f} |")
+
+
+if __name__ == "__main__":
+    main()
