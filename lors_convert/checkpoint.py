@@ -114,17 +114,22 @@ def _remove(path: Path) -> None:
 
 def source_manifest(model: nn.Module) -> dict:
     """The source's state-dict keys with shape and dtype, and which keys alias an earlier one."""
-    keys: dict[str, dict] = {}
+    state = model.state_dict(keep_vars=True)
+    keys = {name: {"shape": list(t.shape), "dtype": dtype_name(t.dtype)} for name, t in state.items()}
+    return {"keys": keys, "aliases": alias_map(state)}
+
+
+def alias_map(state: dict[str, torch.Tensor]) -> dict[str, str]:
+    """Names whose tensor is the same memory as an earlier name's (tied, shared) -> that first name."""
     aliases: dict[str, str] = {}
     first_of: dict[tuple, str] = {}
-    for name, t in model.state_dict(keep_vars=True).items():
-        keys[name] = {"shape": list(t.shape), "dtype": dtype_name(t.dtype)}
+    for name, t in state.items():
         ident = _identity(t)
         if ident in first_of:
             aliases[name] = first_of[ident]
         else:
             first_of[ident] = name
-    return {"keys": keys, "aliases": aliases}
+    return aliases
 
 
 def _identity(t: torch.Tensor) -> tuple:
@@ -162,15 +167,8 @@ def stacks_of(model: nn.Module) -> list[dict]:
 
 def dedup_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Keep the first name of every tensor stored under several names (shared, tied)."""
-    out: dict[str, torch.Tensor] = {}
-    seen: set[tuple] = set()
-    for name, t in state.items():
-        ident = _identity(t)
-        if ident in seen:
-            continue
-        seen.add(ident)
-        out[name] = t
-    return out
+    aliases = alias_map(state)
+    return {name: t for name, t in state.items() if name not in aliases}
 
 
 def write_tensors(directory: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str],
@@ -236,15 +234,7 @@ def _manifest_from_lors(model: nn.Module, stacks: list[dict]) -> dict:
         rel = name[len(prefix):]
         if not rel.startswith("lors_") and rel not in entry["shared"]:  # factors are not dense keys
             dense_model_keys[name] = {"shape": list(t.shape), "dtype": dtype_name(t.dtype)}
-    aliases = {}
-    first_of: dict[tuple, str] = {}
-    for name, t in lors_state.items():
-        if name in dense_model_keys:
-            ident = _identity(t)
-            if ident in first_of:
-                aliases[name] = first_of[ident]
-            else:
-                first_of[ident] = name
+    aliases = alias_map({name: t for name, t in lors_state.items() if name in dense_model_keys})
     return {"keys": dense_model_keys, "aliases": aliases}
 
 
@@ -539,12 +529,8 @@ def merge_spec(ckpt: Checkpoint) -> dict[str, torch.Tensor]:
 
 def _clone_aliases(dense: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """safetensors stores no aliases: give tied keys their own copy."""
-    seen: set[tuple] = set()
-    for k, t in dense.items():
-        ident = _identity(t)
-        if ident in seen:
-            dense[k] = t.clone()
-        seen.add(ident)
+    for name in alias_map(dense):
+        dense[name] = dense[name].clone()
     return dense
 
 
