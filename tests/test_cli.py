@@ -146,6 +146,16 @@ def test_existing_output_needs_force(tmp_path):
     assert res.exit_code == 2 and "already exists" in res.stderr
 
 
+def assert_merges_back(ckpt: Path, model, merged: Path) -> None:
+    """``lors merge`` of a full-rank checkpoint gives the source's keys and values (1e-5 of max|W|)."""
+    res = run("merge", ckpt, "-o", merged, "-q")
+    assert res.exit_code == 0, res.output
+    dense = load_file(str(merged))
+    assert dense.keys() == model.state_dict().keys()
+    for k, v in model.state_dict().items():
+        assert (dense[k] - v).abs().max() <= 1e-5 * v.abs().max(), k
+
+
 def test_state_dict_with_arch_round_trip(tmp_path):
     torch.manual_seed(0)
     model = StackedMLP().eval()
@@ -155,12 +165,7 @@ def test_state_dict_with_arch_round_trip(tmp_path):
     res = run("convert", src, "--arch", "tests.archs:stacked_mlp", "--rank", "full", "--keep-unsaving",
               "-o", out, "-q")
     assert res.exit_code == 0, res.output
-    res = run("merge", out, "-o", tmp_path / "m.safetensors", "-q")
-    assert res.exit_code == 0, res.output
-    dense = load_file(str(tmp_path / "m.safetensors"))
-    assert dense.keys() == model.state_dict().keys()
-    for k, v in model.state_dict().items():
-        assert (dense[k] - v).abs().max() <= 1e-5 * v.abs().max(), k
+    assert_merges_back(out, model, tmp_path / "m.safetensors")
 
 
 def test_state_dict_without_arch_is_usage_error(tmp_path):
@@ -192,12 +197,7 @@ def test_torchscript_source(tmp_path):
     out = tmp_path / "ts.lors"
     res = run("convert", src, "--rank", "full", "--keep-unsaving", "-o", out, "-q")
     assert res.exit_code == 0, res.output
-    res = run("merge", out, "-o", tmp_path / "m.safetensors", "-q")
-    assert res.exit_code == 0, res.output
-    dense = load_file(str(tmp_path / "m.safetensors"))
-    assert dense.keys() == model.state_dict().keys()
-    for k, v in model.state_dict().items():
-        assert (dense[k] - v).abs().max() <= 1e-5 * v.abs().max(), k
+    assert_merges_back(out, model, tmp_path / "m.safetensors")
 
 
 def test_report_rank_sweep_on_dense_source(tmp_path):
