@@ -24,7 +24,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 def _console():
     from rich.console import Console
 
-    return Console(stderr=True)
+    # a log or pipe has no width: rich would crop the table at 80 columns
+    return Console(stderr=True, width=None if sys.stderr.isatty() else 150)
 
 
 def _fail(message: str, code: int) -> None:
