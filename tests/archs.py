@@ -36,3 +36,17 @@ def stacked_mlp() -> StackedMLP:
 
 def no_stacks() -> nn.Module:
     return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+
+
+class BigEmbedMLP(StackedMLP):
+    """A StackedMLP with a large untouched embedding table (~100 MB): slow enough to kill mid-write."""
+
+    def __init__(self, rows: int = 200_000):
+        super().__init__()
+        self.table = nn.Embedding(rows, 128)
+
+
+def big_embed_mlp() -> BigEmbedMLP:
+    with torch.device("meta"):  # cheap to build; the state dict fills it
+        model = BigEmbedMLP()
+    return model.to_empty(device="cpu")
