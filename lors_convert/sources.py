@@ -9,6 +9,7 @@ import hashlib
 import importlib
 import json
 import pickle
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -145,21 +146,24 @@ def _is_torchscript(path: Path) -> bool:
 def _torch_load(path: Path, trust_pickle: bool):
     _check_file(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+        with warnings.catch_warnings():  # torch warns on legacy pickles: keep stderr to our one line
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
     except pickle.UnpicklingError as e:
         message = str(e)
-        if not trust_pickle and ("Unsupported global" in message or "weights_only" in message.lower()):
+        if not trust_pickle and "GLOBAL" in message:  # "Unsupported global: GLOBAL x" or "GLOBAL x ... is blocked"
             culprit = ""
             for line in message.splitlines():
-                if "Unsupported global" in line:
-                    culprit = line.split("GLOBAL", 1)[-1].split()[0] if "GLOBAL" in line else ""
+                if "GLOBAL" in line:
+                    culprit = (line.split("GLOBAL", 1)[-1].split() or [""])[0]
                     break
             what = f" (it references {culprit})" if culprit else ""
             raise LorsError(
                 f"{path}: refused to unpickle Python objects{what}: unpickling runs code from the file. "
                 f"Pass {PICKLE_FLAG} only if you trust its origin, or save a state dict and use --arch"
             ) from None
-        raise LorsError(f"{path}: not a readable PyTorch file ({_short(e)})") from None
+        detail = message.split("WeightsUnpickler error:", 1)[-1].split("Check the documentation")[0]
+        raise LorsError(f"{path}: not a readable PyTorch file ({_short(detail)})") from None
     except Exception as e:
         raise LorsError(f"{path}: not a readable PyTorch file ({_short(e)})") from None
 
