@@ -257,6 +257,14 @@ def load_source(path: str | Path, arch: str | None = None, trust_pickle: bool = 
     if arch is not None:
         state = read_state_dict(path)
         model = build_arch(arch)
+        for name, t in model.state_dict(keep_vars=True).items():
+            if name not in state:
+                continue
+            if tuple(state[name].shape) != tuple(t.shape):
+                raise LorsError(f"{path} does not match --arch {arch}: {name} has shape {list(state[name].shape)}, "
+                                f"the model expects {list(t.shape)}")
+            if t.is_floating_point() and state[name].is_floating_point() and t.dtype != state[name].dtype:
+                t.data = t.data.to(state[name].dtype)  # keep the source dtype (fp16/bf16 stay so); ties kept
         result = model.load_state_dict(state, strict=False)
         if result.missing_keys or result.unexpected_keys:
             raise LorsError(f"{path} does not match --arch {arch}: missing {result.missing_keys[:3]}, "
