@@ -239,6 +239,13 @@ def load_hf(path: Path) -> nn.Module:
     return model.eval()
 
 
+def check_finite(model: nn.Module, path: str | Path) -> None:
+    """Refuse a source with NaN or Inf in any floating tensor (stacked or not), naming the tensor."""
+    for name, t in model.state_dict().items():
+        if t.is_floating_point() and t.device.type != "meta" and not torch.isfinite(t).all():
+            raise LorsError(f"{path}: tensor {name!r} contains NaN or Inf values; refusing to convert it")
+
+
 # ---------------------------------------------------------------------------------------------
 # the entry point
 
