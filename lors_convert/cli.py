@@ -5,6 +5,7 @@ Human output goes to stderr (rich), ``--json`` to stdout. Exit codes: 0 ok, 1 ru
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -54,6 +55,17 @@ def handle_errors(fn):
             _fail(f"unexpected {type(e).__name__}: {e} (set LORS_DEBUG=1 for the traceback)", 1)
 
     return wrapper
+
+
+@contextlib.contextmanager
+def naming(path: Path):
+    """Errors about the model (no stacks, patterns, groups) name the file they are about."""
+    try:
+        yield
+    except LorsError as e:
+        if str(path) in str(e):
+            raise
+        raise type(e)(f"{path}: {e}") from None
 
 
 def make_progress(enabled: bool):
@@ -157,13 +169,15 @@ def convert(
     check_finite(model, src)
     require_savings = not keep_unsaving
     if dry_run:
-        plan = plan_conversion(model, r, group_arg, include, exclude, require_savings)
+        with naming(src):
+            plan = plan_conversion(model, r, group_arg, include, exclude, require_savings)
         report = plan.report(count_parameters(model))
         _show(report, json_out, quiet, title=f"LORS dry run of {src} (nothing written)")
         return
     manifest = ck.source_manifest(model)
     if source.kind == "torchscript":
-        plan = plan_conversion(model, r, group_arg, include, exclude, require_savings)
+        with naming(src):
+            plan = plan_conversion(model, r, group_arg, include, exclude, require_savings)
         report, matrices = plan.report_with_matrices(count_parameters(model))
         state = model.state_dict()
         tensors = dict(convert_tensors(plan, state.__getitem__, matrices, init=init, method=method,
@@ -175,9 +189,10 @@ def convert(
                                   if any(pp.stack is pp_stack for pp in plan.params)], source, manifest)
         ck.write_checkpoint(out, tensors, config, report, source, force=force, max_shard_size=shard_size)
     else:
-        lors_model, report = convert_model(model, rank=r, groups=group_arg, include=include, exclude=exclude,
-                                           init=init, method=method, device=device,
-                                           require_savings=require_savings, progress=progress)
+        with naming(src):
+            lors_model, report = convert_model(model, rank=r, groups=group_arg, include=include, exclude=exclude,
+                                               init=init, method=method, device=device,
+                                               require_savings=require_savings, progress=progress)
         ck.save(lors_model, out, report=report, source=source, manifest=manifest, force=force,
                 max_shard_size=shard_size)
     _show(report, json_out, quiet, title=f"LORS conversion of {src} -> {out}")
@@ -226,7 +241,8 @@ def report(
 
     rank_list = parse_int_list(ranks, "--ranks")
     model, _ = load_source(path, arch=arch, trust_pickle=trust_pickle)
-    sweep = rank_sweep(model, rank_list, include=include, exclude=exclude)
+    with naming(path):
+        sweep = rank_sweep(model, rank_list, include=include, exclude=exclude)
     if plot is not None:
         write_plot(sweep, plot)
     if json_out:
