@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -442,6 +443,71 @@ def _validate_config(config, path: Path) -> None:
                 fail(f"{e['name']}: ranks must have one entry per member")
             if not hasattr(torch, str(e["dtype"])) or not isinstance(getattr(torch, str(e["dtype"])), torch.dtype):
                 fail(f"{e['name']}: unknown dtype {e['dtype']!r}")
+            _validate_entry(e, s["members"], fail)
+    _validate_structure(config, fail)
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_dims(x, n: int | None = None, low: int = 0) -> bool:
+    return isinstance(x, list) and (n is None or len(x) == n) and all(_is_int(v) and v >= low for v in x)
+
+
+def _is_strs(x) -> bool:
+    return isinstance(x, list) and all(isinstance(v, str) for v in x)
+
+
+def _is_dtype(x) -> bool:
+    return isinstance(x, str) and isinstance(getattr(torch, x, None), torch.dtype)
+
+
+def _validate_entry(e: dict, members: list, fail) -> None:
+    """Types and sizes of one parameter entry: what reading and merging index into."""
+    name = e["name"]
+    if not all(isinstance(e[k], str) for k in ("name", "owner", "attr", "layer")):
+        fail(f"parameter entry {name!r}: name, owner, attr and layer must be strings")
+    if e["kind"] not in ("static", "adaptive"):
+        fail(f"{name}: kind must be 'static' or 'adaptive', got {e['kind']!r}")
+    if not _is_dims(e["shape"], low=1) or len(e["shape"]) < 2:
+        fail(f"{name}: shape must be a list of >= 2 positive integers, got {e['shape']!r}")
+    if not _is_dims(e["matrix"], 2, low=1):
+        fail(f"{name}: matrix must be [d, h] (two positive integers), got {e['matrix']!r}")
+    if e["kind"] == "static" and e["matrix"][0] * e["matrix"][1] != math.prod(e["shape"]):
+        fail(f"{name}: matrix {e['matrix']} does not hold shape {e['shape']}")
+    if not _is_dims(e["groups"], len(members), low=1):
+        fail(f"{name}: groups must be one positive integer per member")
+    if not _is_dims(e["ranks"], len(members)) or any(k > min(e["matrix"]) for k in e["ranks"]):
+        fail(f"{name}: ranks must be one integer in 0..min(d, h) per member, got {e['ranks']!r}")
+    if e["rank"] is not None and not (_is_int(e["rank"]) and e["rank"] >= 1):
+        fail(f"{name}: rank must be a positive integer or null, got {e['rank']!r}")
+    if not _is_strs(e["shared"]):
+        fail(f"{name}: shared must be a list of tensor names")
+    if not isinstance(e.get("extra", {}), dict):
+        fail(f"{name}: extra must be an object")
+
+
+def _validate_structure(config: dict, fail) -> None:
+    """Source, manifest and members: the types every reader relies on."""
+    source = config["source"]
+    if not isinstance(source, dict) or not isinstance(source.get("kind"), str) \
+            or any(not isinstance(source.get(k), (str, type(None))) for k in ("path", "arch", "sha256")):
+        fail("malformed source (kind, path, arch must be strings)")
+    if source["kind"] == "state_dict" and not isinstance(source.get("arch"), str):
+        fail("a state_dict source must record its arch")
+    manifest = config["manifest"]
+    for key, spec in manifest["keys"].items():
+        if not isinstance(spec, dict) or not _is_dims(spec.get("shape")) or not _is_dtype(spec.get("dtype")):
+            fail(f"manifest entry {key!r} must have a shape (list of integers) and a dtype")
+    for key, target in manifest["aliases"].items():
+        if not isinstance(target, str) or target not in manifest["keys"] or key not in manifest["keys"]:
+            fail(f"manifest alias {key!r} -> {target!r} names a key the manifest lacks")
+    for s in config["stacks"]:
+        if not _is_strs(s["members"]) or len(set(s["members"])) != len(s["members"]):
+            fail(f"stack {s.get('path')!r}: members must be distinct strings")
+        if not isinstance(s.get("path", ""), str):
+            fail("stack path must be a string")
 
 
 # ---------------------------------------------------------------------------------------------
