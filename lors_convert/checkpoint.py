@@ -268,6 +268,7 @@ class Checkpoint:
         self._handles: dict[Path, object] = {}
         self._where: dict[str, Path] = {}
         self._shapes: dict[str, tuple] = {}
+        self._dtypes: dict[str, str | None] = {}
         for f in self._files:
             handle = self._open(f)
             meta = handle.metadata() or {}
@@ -278,6 +279,7 @@ class Checkpoint:
             for key in handle.keys():
                 self._where[key] = f
                 self._shapes[key] = tuple(handle.get_slice(key).get_shape())
+                self._dtypes[key] = _SAFETENSORS_DTYPES.get(handle.get_slice(key).get_dtype())
         self._check_tensors()
 
     # -- structure
@@ -353,11 +355,11 @@ class Checkpoint:
                 owner0 = f"{members[0]}.{entry['owner']}"
                 if entry["kind"] == "static":
                     d, h = entry["matrix"]
-                    self._expect(f"{owner0}.shared", (d, h))
+                    self._expect(f"{owner0}.shared", (d, h), entry["dtype"])
                     for member, k in zip(members, entry["ranks"]):
                         owner = f"{member}.{entry['owner']}"
-                        self._expect(f"{owner}.lors_B", (d, k))
-                        self._expect(f"{owner}.lors_A", (k, h))
+                        self._expect(f"{owner}.lors_B", (d, k), entry["dtype"])
+                        self._expect(f"{owner}.lors_A", (k, h), entry["dtype"])
                 else:
                     for name in entry["shared"]:
                         self._shape(f"{owner0}.{name}")
@@ -365,12 +367,16 @@ class Checkpoint:
         for key in self.manifest["keys"]:
             if key in self.manifest["aliases"] or any(key.startswith(p) for p in produced):
                 continue
-            self._shape(key)
+            spec = self.manifest["keys"][key]
+            self._expect(key, tuple(spec["shape"]), spec["dtype"])
 
-    def _expect(self, key: str, shape: tuple) -> None:
+    def _expect(self, key: str, shape: tuple, dtype: str | None = None) -> None:
         got = self._shape(key)
         if tuple(got) != tuple(shape):
             raise LorsError(f"{self.path}: tensor {key!r} has shape {list(got)}, {CONFIG_NAME} says {list(shape)}")
+        stored = self._dtypes.get(key)
+        if dtype is not None and stored is not None and stored != dtype:
+            raise LorsError(f"{self.path}: tensor {key!r} is stored as {stored}, {CONFIG_NAME} says {dtype}")
 
     def owner_prefixes(self) -> dict[str, tuple[dict, dict, int]]:
         """``"<member>.<owner>."`` -> (stack, entry, member index) for every converted owner."""
@@ -390,6 +396,11 @@ class Checkpoint:
             if key.startswith(prefix):
                 state.setdefault(key[len(prefix):], self.get(key))
         return state
+
+
+_SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+                       "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
+                       "BOOL": "bool", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
 
 
 def _read_json(path: Path):
