@@ -303,9 +303,17 @@ class Checkpoint:
         if not path.is_file():
             raise LorsError(f"{self.path}: missing {REPORT_NAME}")
         try:
-            return Report.from_dict(_read_json(path))
-        except (KeyError, TypeError, ValueError) as e:
+            report = Report.from_dict(_read_json(path))
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise LorsError(f"{path}: malformed report ({_short(e)})") from None
+        recorded = {(tuple(s.members), m.name): list(m.ranks) for s in report.stacks for m in s.matrices}
+        for stack in self.stacks:
+            for entry in stack["params"]:
+                ranks = recorded.get((tuple(stack["members"]), entry["name"]))
+                if ranks != list(entry["ranks"]):
+                    raise LorsError(f"{path} does not match {CONFIG_NAME}: {stack['members'][0]}.. {entry['name']} "
+                                    f"has ranks {ranks} in the report, {entry['ranks']} in the config")
+        return report
 
     def get(self, key: str) -> torch.Tensor:
         if key not in self._where:
