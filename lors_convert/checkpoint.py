@@ -52,6 +52,13 @@ def check_output(out: Path, force: bool) -> None:
     """Refuse early (before any work) when ``out`` exists and ``force`` is not given."""
     if out.exists() and not force:
         raise LorsUsageError(f"{out} already exists: pass --force to replace it")
+    parent = Path(os.path.abspath(out)).parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent  # the nearest existing ancestor is where the temp entry gets created
+    if not parent.is_dir():
+        raise LorsError(f"cannot write {out}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise LorsError(f"cannot write {out}: {parent} is not writable")
 
 
 @contextlib.contextmanager
