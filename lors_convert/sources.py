@@ -229,13 +229,21 @@ def load_hf(path: Path) -> nn.Module:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our own progress and --json output own the terminal
+    hf_logging.set_verbosity_error()  # its load report would break the one-line error contract
     config = load_hf_config(path)
     cls = hf_model_class(config)
     hf_weight_files(path)  # clear error when weights are missing
     try:
-        model = cls.from_pretrained(str(path), local_files_only=True, dtype="auto")
+        model, info = cls.from_pretrained(str(path), local_files_only=True, dtype="auto",
+                                          output_loading_info=True)
     except Exception as e:
         raise LorsError(f"{path}: transformers could not load the model ({_short(e)})") from None
+    # transformers fills missing or mismatched weights with a random init: never convert those
+    bad = sorted(info.get("missing_keys") or []) + sorted(str(k[0]) if isinstance(k, tuple) else str(k)
+                                                        for k in info.get("mismatched_keys") or [])
+    if bad:
+        raise LorsError(f"{path}: the weights do not cover the model in config.json: {bad[0]!r} is missing "
+                        f"or has the wrong shape ({len(bad)} in all); transformers would initialize it randomly")
     return model.eval()
 
 

@@ -220,8 +220,21 @@ CASES = [
     Case("state_dict_wrong_shapes_for_arch", _convert(lambda t: write_weights(
         _input(t, "h48.safetensors"), mlp_state(hidden=48)), "--arch", ARCH), 1,
          ("does not match --arch", "shape")),
+    Case("hf_dir_missing_weight", _convert(lambda t: _hf_missing_weight(t)), 1,
+         ("transformer.h.0.attn.c_attn.weight", "missing", "randomly")),
     Case("hf_dir_without_safetensors", _convert(lambda t: _hf_bin_only(t)), 1, ("model.safetensors",)),
 ]
+
+
+def _hf_missing_weight(tmp: Path) -> Path:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    d = _input(tmp, "gpt2")
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=32, n_positions=8)).save_pretrained(d)
+    tensors = load_file(str(d / "model.safetensors"))
+    del tensors["transformer.h.0.attn.c_attn.weight"]
+    save_file(tensors, str(d / "model.safetensors"), metadata={"format": "pt"})
+    return d
 
 
 def _hf_bin_only(tmp: Path) -> Path:
