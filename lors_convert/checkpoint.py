@@ -338,7 +338,11 @@ class Checkpoint:
             try:
                 names = sorted(set(data["weight_map"].values()))
             except (KeyError, TypeError, AttributeError):
-                raise LorsError(f"{index}: malformed index (no weight_map)") from None
+                raise LorsError(f"{index}: malformed index (weight_map must map tensor names to "
+                                "shard file names)") from None
+            for n in names:
+                if not isinstance(n, str) or not n or Path(n).name != n or n in (".", ".."):
+                    raise LorsError(f"{index}: shard {n!r} names a file outside the checkpoint directory")
             files = [self.path / n for n in names]
         else:
             files = [self.path / WEIGHTS_NAME]

@@ -535,6 +535,7 @@ def _ranks(c):
 
 
 TAMPERS = {
+    "config_deleted": (lambda ckpt: (ckpt / "lors_config.json").unlink(), ("config.json",)),
     "config_invalid_json": (_truncate("lors_config.json", 100), ("lors_config.json", "not valid JSON")),
     "config_not_utf8": (_write("lors_config.json", b"\xff\xfe{}"), ("lors_config.json",)),
     "config_unknown_version": (_edit(lambda c: c.update(format_version=99)), ("unknown format version 99",)),
@@ -578,11 +579,59 @@ def _load_cli(ckpt: Path):
     return None
 
 
+@pytest.fixture(scope="module")
+def sharded_ckpt(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("sharded")
+    out = d / "mlp.lors"
+    res = run("convert", write_weights(d / "w.safetensors"), "--arch", ARCH, "--rank", "4", "-o", out, "-q",
+              "--max-shard-size", "20KB")
+    assert res.exit_code == 0, res.output
+    assert len(list(out.glob("model-*.safetensors"))) > 1
+    return out
+
+
+def _index(fn):
+    def tamper(ckpt: Path):
+        index = json.loads((ckpt / "model.safetensors.index.json").read_text())
+        fn(index["weight_map"])
+        (ckpt / "model.safetensors.index.json").write_text(json.dumps(index))
+    return tamper
+
+
+def _first_shard(ckpt: Path) -> Path:
+    return sorted(ckpt.glob("model-*.safetensors"))[0]
+
+
+SHARDED_TAMPERS = {
+    "index_invalid_json": (_truncate("model.safetensors.index.json", 50), ("not valid JSON",)),
+    "index_no_weight_map": (_write("model.safetensors.index.json", b'{"metadata": {}}'), ("weight_map",)),
+    "index_file_not_a_string": (_index(lambda m: m.update({"head.weight": 7})), ("index",)),
+    "index_points_outside": (_index(lambda m: m.update({"head.weight": "../../../etc/hostname"})),
+                             ("outside",)),
+    "index_names_missing_shard": (_index(lambda m: m.update({"head.weight": "model-00009-of-00009.safetensors"})),
+                                  ("missing weight file",)),
+    "shard_deleted": (lambda ckpt: _first_shard(ckpt).unlink(), ("missing weight file",)),
+    "shard_truncated": (lambda ckpt: _first_shard(ckpt).write_bytes(_first_shard(ckpt).read_bytes()[:100]),
+                        ("not a readable safetensors",)),
+}
+
+
+@pytest.mark.parametrize("consumer", ["report", "merge", "load"])
+@pytest.mark.parametrize("name", list(SHARDED_TAMPERS))
+def test_tampered_sharded_checkpoint(name, consumer, sharded_ckpt, tmp_path):
+    tamper, words = SHARDED_TAMPERS[name]
+    _check_tamper(sharded_ckpt, tamper, words, consumer, tmp_path)
+
+
 @pytest.mark.parametrize("consumer", ["report", "merge", "load"])
 @pytest.mark.parametrize("name", list(TAMPERS))
 def test_tampered_checkpoint(name, consumer, small_ckpt, tmp_path):
     tamper, words = TAMPERS[name]
-    ckpt = shutil.copytree(small_ckpt, tmp_path / "c.lors")
+    _check_tamper(small_ckpt, tamper, words, consumer, tmp_path)
+
+
+def _check_tamper(source: Path, tamper, words, consumer: str, tmp_path: Path) -> None:
+    ckpt = shutil.copytree(source, tmp_path / "c.lors")
     tamper(ckpt)
     before = tree_state(tmp_path)
     if consumer == "load":
