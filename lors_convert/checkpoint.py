@@ -313,6 +313,7 @@ class Checkpoint:
             report = Report.from_dict(_read_json(path))
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise LorsError(f"{path}: malformed report ({_short(e)})") from None
+        _check_report_types(report, path)
         recorded = {(tuple(s.members), m.name): list(m.ranks) for s in report.stacks for m in s.matrices}
         for stack in self.stacks:
             for entry in stack["params"]:
@@ -475,6 +476,25 @@ def _validate_config(config, path: Path) -> None:
                 fail(f"{e['name']}: unknown dtype {e['dtype']!r}")
             _validate_entry(e, s["members"], fail)
     _validate_structure(config, fail)
+
+
+def _check_report_types(report: Report, path: Path) -> None:
+    """The fields rendering and ``--json`` compute with have the types they need."""
+    def num_list(x) -> bool:
+        return isinstance(x, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in x)
+
+    ok = _is_int(report.params_before) and _is_int(report.params_after) and _is_strs(report.warnings)
+    for s in report.stacks:
+        ok = ok and isinstance(s.path, str) and _is_strs(s.members) and len(s.members) > 0 \
+            and isinstance(s.kept_dense, dict) and _is_strs(list(s.kept_dense.values()))
+        for m in s.matrices:
+            ok = ok and all(isinstance(v, str) for v in (m.name, m.kind, m.layer)) and _is_dims(m.shape) \
+                and _is_dims(m.matrix) and (m.rank is None or _is_int(m.rank)) and _is_dims(m.groups, low=1) \
+                and len(m.groups) > 0 and _is_dims(m.ranks) and _is_int(m.dense_params) \
+                and _is_int(m.lors_params) and num_list(m.relative_error) and num_list(m.retained_energy) \
+                and isinstance(m.clamped, bool)
+    if not ok:
+        raise LorsError(f"{path}: malformed report (a field has the wrong type)")
 
 
 def _is_int(x) -> bool:
