@@ -657,9 +657,25 @@ def test_tampered_report_json(small_ckpt, tmp_path):
     report["stacks"][0]["matrices"][0]["ranks"] = [1, 1, 1, 1]
     (ckpt / "report.json").write_text(json.dumps(report))
     assert_clean_failure(run("report", ckpt), 1, ("report.json", "lors_config.json"), str(ckpt))
+    report["stacks"][0]["matrices"][0]["ranks"] = [4, 4, 4, 4]
+    report["stacks"][0]["matrices"][0]["lors_params"] = None
+    (ckpt / "report.json").write_text(json.dumps(report))
+    assert_clean_failure(run("report", ckpt), 1, ("report.json", "malformed"), str(ckpt))
     (ckpt / "report.json").unlink()
     assert_clean_failure(run("report", ckpt), 1, ("report.json",), str(ckpt))
     assert run("merge", ckpt, "-o", tmp_path / "m", "-q").exit_code == 0
+
+
+def test_report_text_is_not_rich_markup(small_ckpt, tmp_path):
+    """Names and warnings come from files: shown literally, never parsed as rich markup."""
+    ckpt = shutil.copytree(small_ckpt, tmp_path / "c.lors")
+    report = json.loads((ckpt / "report.json").read_text())
+    report["warnings"] = ["odd [/] text [bold]"]
+    report["stacks"][0]["kept_dense"] = {"x[/]": "why [red]"}
+    (ckpt / "report.json").write_text(json.dumps(report))
+    res = run("report", ckpt)
+    assert res.exit_code == 0, res.output
+    assert "odd [/] text [bold]" in res.stderr
 
 
 @pytest.mark.parametrize("model_fn, words", [
@@ -717,12 +733,24 @@ MUTATIONS = st.one_of(
                                                 min_size=1, max_size=4)),
     st.tuples(st.just("header_length"), st.integers(0, 2**64 - 1)),
     st.tuples(st.just("config_bytes"), st.integers(0, 10**6), st.binary(max_size=4)),
+    st.tuples(st.just("report"), st.integers(0, 10**6), JSON, st.booleans()),
+    st.tuples(st.just("index"), st.integers(0, 10**6), JSON, st.booleans()),
 )
+
+
+def _mutate_json(path: Path, index: int, value, delete: bool) -> None:
+    data = json.loads(path.read_text())
+    paths = list(_paths(data))
+    path.write_text(json.dumps(_replace(data, paths[index % len(paths)], value, delete)))
 
 
 def _mutate(ckpt: Path, mutation) -> None:
     kind = mutation[0]
-    if kind == "config":
+    if kind == "report":
+        _mutate_json(ckpt / "report.json", *mutation[1:])
+    elif kind == "index":
+        _mutate_json(ckpt / "model.safetensors.index.json", *mutation[1:])
+    elif kind == "config":
         _, index, value, delete, metadata_too = mutation
         config = _config(ckpt)
         paths = list(_paths(config))
@@ -745,12 +773,12 @@ def _mutate(ckpt: Path, mutation) -> None:
         (ckpt / "lors_config.json").write_bytes(data[:pos] + mutation[2] + data[pos + len(mutation[2]):])
 
 
-@settings(max_examples=60, deadline=None, derandomize=True,
+@settings(max_examples=80, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(mutation=MUTATIONS)
-def test_fuzz_checkpoint_reader(mutation, small_ckpt):
+def test_fuzz_checkpoint_reader(mutation, small_ckpt, sharded_ckpt):
     with tempfile.TemporaryDirectory() as d:
-        ckpt = shutil.copytree(small_ckpt, Path(d) / "c.lors")
+        ckpt = shutil.copytree(sharded_ckpt if mutation[0] == "index" else small_ckpt, Path(d) / "c.lors")
         _mutate(ckpt, mutation)
         for fn in (lambda: Checkpoint(ckpt).report(),
                    lambda: merge_checkpoint(ckpt, Path(d) / "m.safetensors", force=True),
