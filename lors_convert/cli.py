@@ -149,7 +149,7 @@ def convert(
     from .convert import convert as convert_model
     from .convert import convert_tensors, plan_conversion
     from .counting import count_parameters
-    from .sources import check_finite, load_source
+    from .sources import load_source
 
     r = parse_rank(rank)
     group_list = parse_int_list(groups, "--groups")
@@ -166,7 +166,6 @@ def convert(
         ck.check_output(out, force)
     progress = make_progress(not (quiet or json_out))
     model, source = load_source(src, arch=arch, trust_pickle=trust_pickle)
-    check_finite(model, src)
     require_savings = not keep_unsaving
     if dry_run:
         with naming(src):

@@ -264,6 +264,7 @@ def load_source(path: str | Path, arch: str | None = None, trust_pickle: bool = 
     path = Path(path)
     if is_hf_dir(path):
         model = load_hf(path)
+        check_finite(model, path)
         files = [f for f in HF_SIDE_FILES if (path / f).is_file()]
         return model, SourceInfo(kind="hf", path=str(path.resolve()), arch=type(model).__name__,
                                  sha256=file_sha256(hf_weight_files(path)), files=files)
@@ -284,6 +285,7 @@ def load_source(path: str | Path, arch: str | None = None, trust_pickle: bool = 
         if result.missing_keys or result.unexpected_keys:
             raise LorsError(f"{path} does not match --arch {arch}: missing {result.missing_keys[:3]}, "
                             f"unexpected {result.unexpected_keys[:3]}")
+        check_finite(model, path)
         return model.eval(), SourceInfo(kind="state_dict", path=str(path.resolve()), arch=arch, sha256=sha)
     if path.suffix == ".safetensors":
         _read_safetensors(path)  # a clear error for corrupt files before the usage hint
@@ -293,9 +295,11 @@ def load_source(path: str | Path, arch: str | None = None, trust_pickle: bool = 
             model = torch.jit.load(str(path), map_location="cpu")
         except Exception as e:
             raise LorsError(f"{path}: not a loadable TorchScript archive ({_short(e)})") from None
+        check_finite(model, path)
         return model, SourceInfo(kind="torchscript", path=str(path.resolve()), sha256=sha)
     obj = _torch_load(path, trust_pickle=trust_pickle)
     if isinstance(obj, nn.Module):
+        check_finite(obj, path)
         return obj.eval(), SourceInfo(kind="pickle", path=str(path.resolve()), sha256=sha)
     if _as_state_dict(obj) is not None:
         raise LorsUsageError(f"{path} is a state dict: pass --arch package.module:callable to build the model")
