@@ -362,8 +362,11 @@ def test_kill_mid_write_keeps_previous_output(tmp_path):
     deadline = time.monotonic() + 120
     try:
         while proc.poll() is None and time.monotonic() < deadline:
-            tmps = list(tmp_path.glob(".out.lors.tmp-*"))
-            if tmps and any(tmps[0].iterdir()):
+            try:
+                writing = any(any(t.iterdir()) for t in tmp_path.glob(".out.lors.tmp-*"))
+            except FileNotFoundError:  # renamed onto out.lors between glob and iterdir: too late
+                writing = False
+            if writing:
                 proc.send_signal(signal.SIGKILL)
                 killed_while_writing = True
                 break
