@@ -61,6 +61,13 @@ def check_output(out: Path, force: bool) -> None:
         raise LorsError(f"cannot write {out}: {parent} is not writable")
 
 
+def check_not_input(out: Path, src: Path) -> None:
+    """Refuse an output that would replace the input (even with --force): it may be the only copy."""
+    o, i = Path(os.path.abspath(out)), Path(os.path.abspath(src))
+    if o == i or o in i.parents:
+        raise LorsUsageError(f"output {out} would replace the input {src}: choose another output path")
+
+
 @contextlib.contextmanager
 def atomic_output(out: Path, force: bool = False, directory: bool = True) -> Iterator[Path]:
     """Yield a temporary path beside ``out``; rename it onto ``out`` only if the block succeeds.
@@ -610,6 +617,7 @@ def merge_checkpoint(path: str | Path, out: str | Path, force: bool = False, pro
     """``lors merge``: dense weights under the source's keys; for an HF source a loadable directory."""
     ckpt = Checkpoint(path)
     out = Path(out)
+    check_not_input(out, Path(path))
     check_output(out, force)
     dense = dict(merged_tensors(ckpt, progress))
     missing = [k for k in ckpt.manifest["keys"] if k not in dense]

@@ -163,6 +163,7 @@ def convert(
             raise LorsUsageError("--device cuda: no CUDA device is available")
     out = output or default_output(src, ".lors")
     if not dry_run:
+        ck.check_not_input(out, src)
         ck.check_output(out, force)
     progress = make_progress(not (quiet or json_out))
     model, source = load_source(src, arch=arch, trust_pickle=trust_pickle)
