@@ -222,6 +222,8 @@ CASES = [
          ("does not match --arch", "shape")),
     Case("hf_dir_missing_weight", _convert(lambda t: _hf_missing_weight(t)), 1,
          ("transformer.h.0.attn.c_attn.weight", "missing", "randomly")),
+    Case("arch_not_a_module", _convert(_w, "--arch", "builtins:dict"), 1, ("not a torch nn.Module",),
+         names="builtins:dict"),
     Case("hf_dir_without_safetensors", _convert(lambda t: _hf_bin_only(t)), 1, ("model.safetensors",)),
 ]
 
@@ -305,6 +307,22 @@ def test_existing_output_is_refused_without_force(command, tmp_path, small_ckpt)
     before = tree_state(tmp_path)
     res = run(*args)
     assert_clean_failure(res, 2, ("already exists", "--force"), str(out))
+    assert tree_state(tmp_path) == before
+
+
+@pytest.mark.parametrize("where", ["same_file", "parent_dir", "merge_onto_checkpoint", "merge_onto_parent"])
+def test_output_that_would_replace_the_input_is_refused_even_with_force(where, tmp_path, small_ckpt):
+    """'-o' naming the input (or a directory holding it) would delete the user's only copy."""
+    (tmp_path / "work").mkdir()
+    src = write_weights(tmp_path / "work" / "w.safetensors")
+    ckpt = shutil.copytree(small_ckpt, tmp_path / "work" / "c.lors")
+    args = {"same_file": ["convert", src, "--arch", ARCH, "-o", src],
+            "parent_dir": ["convert", src, "--arch", ARCH, "-o", tmp_path / "work"],
+            "merge_onto_checkpoint": ["merge", ckpt, "-o", ckpt],
+            "merge_onto_parent": ["merge", ckpt, "-o", tmp_path / "work"]}[where]
+    before = tree_state(tmp_path)
+    res = run(*args, "--force")
+    assert_clean_failure(res, 2, ("would replace the input",), str(args[1]))
     assert tree_state(tmp_path) == before
 
 
