@@ -64,8 +64,9 @@ def check_output(out: Path, force: bool) -> None:
 def check_not_input(out: Path, src: Path) -> None:
     """Refuse an output that would replace the input (even with --force): it may be the only copy."""
     o, i = Path(os.path.abspath(out)), Path(os.path.abspath(src))
-    if o == i or o in i.parents:
-        raise LorsUsageError(f"output {out} would replace the input {src}: choose another output path")
+    if o == i or o in i.parents or i in o.parents:  # the input, a directory holding it, or a file in it
+        raise LorsUsageError(f"output {out} would replace the input {src} or a file in it: "
+                             "choose another output path")
 
 
 @contextlib.contextmanager

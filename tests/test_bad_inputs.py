@@ -310,7 +310,8 @@ def test_existing_output_is_refused_without_force(command, tmp_path, small_ckpt)
     assert tree_state(tmp_path) == before
 
 
-@pytest.mark.parametrize("where", ["same_file", "parent_dir", "merge_onto_checkpoint", "merge_onto_parent"])
+@pytest.mark.parametrize("where", ["same_file", "parent_dir", "merge_onto_checkpoint", "merge_onto_parent",
+                                   "merge_into_checkpoint_file"])
 def test_output_that_would_replace_the_input_is_refused_even_with_force(where, tmp_path, small_ckpt):
     """'-o' naming the input (or a directory holding it) would delete the user's only copy."""
     (tmp_path / "work").mkdir()
@@ -319,7 +320,8 @@ def test_output_that_would_replace_the_input_is_refused_even_with_force(where, t
     args = {"same_file": ["convert", src, "--arch", ARCH, "-o", src],
             "parent_dir": ["convert", src, "--arch", ARCH, "-o", tmp_path / "work"],
             "merge_onto_checkpoint": ["merge", ckpt, "-o", ckpt],
-            "merge_onto_parent": ["merge", ckpt, "-o", tmp_path / "work"]}[where]
+            "merge_onto_parent": ["merge", ckpt, "-o", tmp_path / "work"],
+            "merge_into_checkpoint_file": ["merge", ckpt, "-o", ckpt / "model.safetensors"]}[where]
     before = tree_state(tmp_path)
     res = run(*args, "--force")
     assert_clean_failure(res, 2, ("would replace the input",), str(args[1]))
