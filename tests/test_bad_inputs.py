@@ -720,11 +720,12 @@ def test_load_against_a_mismatching_architecture(model_fn, words, small_ckpt):
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
+def _containers(inner):
+    return st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4)
+
+
 JSON = st.recursive(st.none() | st.booleans() | st.integers(-3, 200) | st.floats(allow_nan=False)
-                    | st.text(max_size=8),
-                    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner,
-                                                                                 max_size=4),
-                    max_leaves=8)
+                    | st.text(max_size=8), _containers, max_leaves=8)
 
 
 def _paths(node, prefix=()):
