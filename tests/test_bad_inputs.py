@@ -593,8 +593,8 @@ TAMPERS = {
 }
 
 
-def _load_cli(ckpt: Path):
-    """lors_convert.load with the same failure contract as the CLI (a LorsError with one line)."""
+def _load_error(ckpt: Path):
+    """The message of the LorsError lors_convert.load raises, or None if it loaded."""
     try:
         lors_convert.load(ckpt)
     except LorsError as e:
@@ -658,7 +658,7 @@ def _check_tamper(source: Path, tamper, words, consumer: str, tmp_path: Path) ->
     tamper(ckpt)
     before = tree_state(tmp_path)
     if consumer == "load":
-        message = _load_cli(ckpt)
+        message = _load_error(ckpt)
         assert message is not None, "load accepted a tampered checkpoint"
         assert "\n" not in message and str(ckpt) in message, message
         for w in words:
