@@ -36,15 +36,3 @@ def stacked_mlp() -> StackedMLP:
 
 def no_stacks() -> nn.Module:
     return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
-
-
-class BigEmbedMLP(StackedMLP):
-    """A StackedMLP with a large untouched embedding table (~100 MB): slow enough to kill mid-write."""
-
-    def __init__(self, rows: int = 200_000):
-        super().__init__()
-        self.table = nn.Embedding(rows, 128, _weight=torch.empty(rows, 128))  # no init: the state dict fills it
-
-
-def big_embed_mlp() -> BigEmbedMLP:
-    return BigEmbedMLP()

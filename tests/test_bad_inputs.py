@@ -362,7 +362,7 @@ def test_output_in_read_only_directory(tmp_path):
 
 def test_kill_mid_write_keeps_previous_output(tmp_path):
     """SIGKILL while the new checkpoint is being written: the old output survives, no partial new one."""
-    from tests.archs import BigEmbedMLP
+    from tests.archs_big import BigEmbedMLP
 
     torch.manual_seed(0)
     src = tmp_path / "big.safetensors"
@@ -376,7 +376,7 @@ def test_kill_mid_write_keeps_previous_output(tmp_path):
     old = tree_state(out)
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     proc = subprocess.Popen([sys.executable, "-m", "lors_convert", "convert", str(src), "--arch",
-                             "tests.archs:big_embed_mlp", "--rank", "4", "-o", str(out), "--force", "-q"],
+                             "tests.archs_big:big_embed_mlp", "--rank", "4", "-o", str(out), "--force", "-q"],
                             cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     killed_while_writing = False
     deadline = time.monotonic() + 120
