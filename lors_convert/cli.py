@@ -5,7 +5,6 @@ Human output goes to stderr (rich), ``--json`` to stdout. Exit codes: 0 ok, 1 ru
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import os
@@ -44,7 +43,7 @@ def handle_errors(fn):
         except typer.Exit:
             raise
         except LorsError as e:
-            _fail(str(e), e.exit_code)
+            _fail(_naming_source(e, kwargs.get("src") or kwargs.get("path")), e.exit_code)
         except KeyboardInterrupt:
             _fail("interrupted", 130)
         except MemoryError:
@@ -57,15 +56,19 @@ def handle_errors(fn):
     return wrapper
 
 
-@contextlib.contextmanager
-def naming(path: Path):
-    """Errors about the model (no stacks, patterns, groups) name the file they are about."""
-    try:
-        yield
-    except LorsError as e:
-        if str(path) in str(e):
-            raise
-        raise type(e)(f"{path}: {e}") from None
+# errors raised while analysing the model (no stacks, patterns matching nothing, groups, NaN) do not
+# know which file the model came from: the CLI adds it
+_MODEL_MODULES = {"lors_convert.convert", "lors_convert.discovery", "lors_convert.decompose", "lors_convert.sweep",
+                  "lors_convert.lorsa", "lors_convert.streaming"}
+
+
+def _naming_source(e: LorsError, source) -> str:
+    tb, module = e.__traceback__, None
+    while tb is not None:  # the module that raised it
+        module, tb = tb.tb_frame.f_globals.get("__name__"), tb.tb_next
+    if source is not None and module in _MODEL_MODULES and str(source) not in str(e):
+        return f"{source}: {e}"
+    return str(e)
 
 
 def make_progress(enabled: bool):
@@ -169,15 +172,13 @@ def convert(
     model, source = load_source(src, arch=arch, trust_pickle=trust_pickle)
     require_savings = not keep_unsaving
     if dry_run:
-        with naming(src):
-            plan = plan_conversion(model, r, group_arg, include, exclude, require_savings)
+        plan = plan_conversion(model, r, group_arg, include, exclude, require_savings)
         report = plan.report(count_parameters(model))
         _show(report, json_out, quiet, title=f"LORS dry run of {src} (nothing written)")
         return
     manifest = ck.source_manifest(model)
     if source.kind == "torchscript":
-        with naming(src):
-            plan = plan_conversion(model, r, group_arg, include, exclude, require_savings)
+        plan = plan_conversion(model, r, group_arg, include, exclude, require_savings)
         report, matrices = plan.report_with_matrices(count_parameters(model))
         state = model.state_dict()
         tensors = dict(convert_tensors(plan, state.__getitem__, matrices, init=init, method=method,
@@ -189,10 +190,9 @@ def convert(
                                   if any(pp.stack is pp_stack for pp in plan.params)], source, manifest)
         ck.write_checkpoint(out, tensors, config, report, source, force=force, max_shard_size=shard_size)
     else:
-        with naming(src):
-            lors_model, report = convert_model(model, rank=r, groups=group_arg, include=include, exclude=exclude,
-                                               init=init, method=method, device=device,
-                                               require_savings=require_savings, progress=progress)
+        lors_model, report = convert_model(model, rank=r, groups=group_arg, include=include, exclude=exclude,
+                                           init=init, method=method, device=device,
+                                           require_savings=require_savings, progress=progress)
         ck.save(lors_model, out, report=report, source=source, manifest=manifest, force=force,
                 max_shard_size=shard_size)
     _show(report, json_out, quiet, title=f"LORS conversion of {src} -> {out}")
@@ -241,8 +241,7 @@ def report(
 
     rank_list = parse_int_list(ranks, "--ranks")
     model, _ = load_source(path, arch=arch, trust_pickle=trust_pickle)
-    with naming(path):
-        sweep = rank_sweep(model, rank_list, include=include, exclude=exclude)
+    sweep = rank_sweep(model, rank_list, include=include, exclude=exclude)
     if plot is not None:
         write_plot(sweep, plot)
     if json_out:
