@@ -114,11 +114,29 @@ def _fmt_params(n: int) -> str:
     return str(n)
 
 
+def _literal(report: Report) -> Report:
+    """A copy whose texts print literally under rich markup: names and warnings come from files."""
+    import copy
+
+    from rich.markup import escape
+
+    report = copy.deepcopy(report)
+    for s in report.stacks:
+        s.path, s.members = escape(s.path), [escape(m) for m in s.members]
+        s.kept_dense = {escape(k): escape(v) for k, v in s.kept_dense.items()}
+        for m in s.matrices:
+            m.name = escape(m.name)
+    report.warnings = [escape(w) for w in report.warnings]
+    report.quality = {escape(str(k)): escape(str(v)) for k, v in report.quality.items()}
+    return report
+
+
 def render(report: Report, console=None, title: str = "LORS savings") -> None:
     """Print the per-stack and per-matrix tables with rich."""
     from rich.console import Console
-    from rich.markup import escape
     from rich.table import Table
+
+    report = _literal(report)
 
     console = console or Console(stderr=True)
     table = Table(title=title, show_lines=False)
@@ -126,7 +144,7 @@ def render(report: Report, console=None, title: str = "LORS savings") -> None:
                 "rel. error (max)", "retained energy (min)"):
         table.add_column(col, justify="left" if col == "stack / matrix" else "right")
     for s in report.stacks:
-        table.add_row(f"[bold]{escape(s.path or '<root>')}[/] ({escape(s.members[0].rsplit('.', 1)[-1])}..)",
+        table.add_row(f"[bold]{s.path or '<root>'}[/] ({s.members[0].rsplit('.', 1)[-1]}..)",
                       str(len(s.members)), "", _fmt_params(s.dense_params), _fmt_params(s.lors_params),
                       f"{100 * s.savings:.1f}%", "", "")
         for m in s.matrices:
@@ -134,11 +152,11 @@ def render(report: Report, console=None, title: str = "LORS savings") -> None:
             groups = ",".join(map(str, m.groups)) if len(set(m.groups)) > 1 else str(m.groups[0])
             err = f"{max(m.relative_error):.4f}" if m.relative_error else "-"
             ret = f"{min(m.retained_energy):.3f}" if m.retained_energy else "-"
-            table.add_row(f"  {escape(m.name)}" + (" [yellow](clamped)[/]" if m.clamped else ""), "",
+            table.add_row(f"  {m.name}" + (" [yellow](clamped)[/]" if m.clamped else ""), "",
                           f"{rank} x {groups}", _fmt_params(m.dense_params), _fmt_params(m.lors_params),
                           f"{100 * m.savings:.1f}%", err, ret)
         for name, why in s.kept_dense.items():
-            table.add_row(f"  [dim]{escape(name)}: dense ({escape(why)})[/]", "", "", "", "", "", "", "")
+            table.add_row(f"  [dim]{name}: dense ({why})[/]", "", "", "", "", "", "", "")
     table.add_row("[bold]stacked total[/]", "", "", _fmt_params(report.stacked_dense_params),
                   _fmt_params(report.stacked_lors_params),
                   f"{100 * (1 - report.stacked_lors_params / max(report.stacked_dense_params, 1)):.1f}%", "", "")
@@ -146,6 +164,6 @@ def render(report: Report, console=None, title: str = "LORS savings") -> None:
                   _fmt_params(report.params_after), f"{100 * report.savings:.1f}%", "", "")
     console.print(table)
     for key, value in report.quality.items():
-        console.print(escape(f"quality: {key} = {value}"))
+        console.print(f"quality: {key} = {value}")
     for w in report.warnings:
-        console.print(f"[yellow]warning:[/] {escape(w)}")
+        console.print(f"[yellow]warning:[/] {w}")
