@@ -219,7 +219,7 @@ CASES = [
          ("does not match --arch",)),
     Case("state_dict_wrong_shapes_for_arch", _convert(lambda t: write_weights(
         _input(t, "h48.safetensors"), mlp_state(hidden=48)), "--arch", ARCH), 1,
-         ("does not match --arch", "shape")),
+         ("blocks.0.up.weight", "shape [48, 32]")),
     Case("hf_dir_missing_weight", _convert(lambda t: _hf_missing_weight(t)), 1,
          ("transformer.h.0.attn.c_attn.weight", "missing", "randomly")),
     Case("arch_not_a_module", _convert(_w, "--arch", "builtins:dict"), 1, ("not a torch nn.Module",),
