@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -51,6 +52,21 @@ def check_output(out: Path, force: bool) -> None:
     """Refuse early (before any work) when ``out`` exists and ``force`` is not given."""
     if out.exists() and not force:
         raise LorsUsageError(f"{out} already exists: pass --force to replace it")
+    parent = Path(os.path.abspath(out)).parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent  # the nearest existing ancestor is where the temp entry gets created
+    if not parent.is_dir():
+        raise LorsError(f"cannot write {out}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise LorsError(f"cannot write {out}: {parent} is not writable")
+
+
+def check_not_input(out: Path, src: Path) -> None:
+    """Refuse an output that would replace the input (even with --force): it may be the only copy."""
+    o, i = Path(os.path.abspath(out)), Path(os.path.abspath(src))
+    if o == i or o in i.parents or i in o.parents:  # the input, a directory holding it, or a file in it
+        raise LorsUsageError(f"output {out} would replace the input {src} or a file in it: "
+                             "choose another output path")
 
 
 @contextlib.contextmanager
@@ -257,6 +273,7 @@ class Checkpoint:
         self._handles: dict[Path, object] = {}
         self._where: dict[str, Path] = {}
         self._shapes: dict[str, tuple] = {}
+        self._dtypes: dict[str, str | None] = {}
         for f in self._files:
             handle = self._open(f)
             meta = handle.metadata() or {}
@@ -267,6 +284,7 @@ class Checkpoint:
             for key in handle.keys():
                 self._where[key] = f
                 self._shapes[key] = tuple(handle.get_slice(key).get_shape())
+                self._dtypes[key] = _SAFETENSORS_DTYPES.get(handle.get_slice(key).get_dtype())
         self._check_tensors()
 
     # -- structure
@@ -290,9 +308,18 @@ class Checkpoint:
         if not path.is_file():
             raise LorsError(f"{self.path}: missing {REPORT_NAME}")
         try:
-            return Report.from_dict(_read_json(path))
-        except (KeyError, TypeError, ValueError) as e:
+            report = Report.from_dict(_read_json(path))
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise LorsError(f"{path}: malformed report ({_short(e)})") from None
+        _check_report_types(report, path)
+        recorded = {(tuple(s.members), m.name): list(m.ranks) for s in report.stacks for m in s.matrices}
+        for stack in self.stacks:
+            for entry in stack["params"]:
+                ranks = recorded.get((tuple(stack["members"]), entry["name"]))
+                if ranks != list(entry["ranks"]):
+                    raise LorsError(f"{path} does not match {CONFIG_NAME}: {stack['members'][0]}.. {entry['name']} "
+                                    f"has ranks {ranks} in the report, {entry['ranks']} in the config")
+        return report
 
     def get(self, key: str) -> torch.Tensor:
         if key not in self._where:
@@ -310,7 +337,11 @@ class Checkpoint:
             try:
                 names = sorted(set(data["weight_map"].values()))
             except (KeyError, TypeError, AttributeError):
-                raise LorsError(f"{index}: malformed index (no weight_map)") from None
+                raise LorsError(f"{index}: malformed index (weight_map must map tensor names to "
+                                "shard file names)") from None
+            for n in names:
+                if not isinstance(n, str) or not n or Path(n).name != n or n in (".", ".."):
+                    raise LorsError(f"{index}: shard {n!r} names a file outside the checkpoint directory")
             files = [self.path / n for n in names]
         else:
             files = [self.path / WEIGHTS_NAME]
@@ -342,11 +373,11 @@ class Checkpoint:
                 owner0 = f"{members[0]}.{entry['owner']}"
                 if entry["kind"] == "static":
                     d, h = entry["matrix"]
-                    self._expect(f"{owner0}.shared", (d, h))
+                    self._expect(f"{owner0}.shared", (d, h), entry["dtype"])
                     for member, k in zip(members, entry["ranks"]):
                         owner = f"{member}.{entry['owner']}"
-                        self._expect(f"{owner}.lors_B", (d, k))
-                        self._expect(f"{owner}.lors_A", (k, h))
+                        self._expect(f"{owner}.lors_B", (d, k), entry["dtype"])
+                        self._expect(f"{owner}.lors_A", (k, h), entry["dtype"])
                 else:
                     for name in entry["shared"]:
                         self._shape(f"{owner0}.{name}")
@@ -354,12 +385,16 @@ class Checkpoint:
         for key in self.manifest["keys"]:
             if key in self.manifest["aliases"] or any(key.startswith(p) for p in produced):
                 continue
-            self._shape(key)
+            spec = self.manifest["keys"][key]
+            self._expect(key, tuple(spec["shape"]), spec["dtype"])
 
-    def _expect(self, key: str, shape: tuple) -> None:
+    def _expect(self, key: str, shape: tuple, dtype: str | None = None) -> None:
         got = self._shape(key)
         if tuple(got) != tuple(shape):
             raise LorsError(f"{self.path}: tensor {key!r} has shape {list(got)}, {CONFIG_NAME} says {list(shape)}")
+        stored = self._dtypes.get(key)
+        if dtype is not None and stored is not None and stored != dtype:
+            raise LorsError(f"{self.path}: tensor {key!r} is stored as {stored}, {CONFIG_NAME} says {dtype}")
 
     def owner_prefixes(self) -> dict[str, tuple[dict, dict, int]]:
         """``"<member>.<owner>."`` -> (stack, entry, member index) for every converted owner."""
@@ -379,6 +414,11 @@ class Checkpoint:
             if key.startswith(prefix):
                 state.setdefault(key[len(prefix):], self.get(key))
         return state
+
+
+_SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+                       "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
+                       "BOOL": "bool", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
 
 
 def _read_json(path: Path):
@@ -432,6 +472,90 @@ def _validate_config(config, path: Path) -> None:
                 fail(f"{e['name']}: ranks must have one entry per member")
             if not hasattr(torch, str(e["dtype"])) or not isinstance(getattr(torch, str(e["dtype"])), torch.dtype):
                 fail(f"{e['name']}: unknown dtype {e['dtype']!r}")
+            _validate_entry(e, s["members"], fail)
+    _validate_structure(config, fail)
+
+
+def _check_report_types(report: Report, path: Path) -> None:
+    """The fields rendering and ``--json`` compute with have the types they need."""
+    def num_list(x) -> bool:
+        return isinstance(x, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in x)
+
+    ok = _is_int(report.params_before) and _is_int(report.params_after) and _is_strs(report.warnings)
+    for s in report.stacks:
+        ok = ok and isinstance(s.path, str) and _is_strs(s.members) and len(s.members) > 0 \
+            and isinstance(s.kept_dense, dict) and _is_strs(list(s.kept_dense.values()))
+        for m in s.matrices:
+            ok = ok and all(isinstance(v, str) for v in (m.name, m.kind, m.layer)) and _is_dims(m.shape) \
+                and _is_dims(m.matrix) and (m.rank is None or _is_int(m.rank)) and _is_dims(m.groups, low=1) \
+                and len(m.groups) > 0 and _is_dims(m.ranks) and _is_int(m.dense_params) \
+                and _is_int(m.lors_params) and num_list(m.relative_error) and num_list(m.retained_energy) \
+                and isinstance(m.clamped, bool)
+    if not ok:
+        raise LorsError(f"{path}: malformed report (a field has the wrong type)")
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_dims(x, n: int | None = None, low: int = 0) -> bool:
+    return isinstance(x, list) and (n is None or len(x) == n) and all(_is_int(v) and v >= low for v in x)
+
+
+def _is_strs(x) -> bool:
+    return isinstance(x, list) and all(isinstance(v, str) for v in x)
+
+
+def _is_dtype(x) -> bool:
+    return isinstance(x, str) and isinstance(getattr(torch, x, None), torch.dtype)
+
+
+def _validate_entry(e: dict, members: list, fail) -> None:
+    """Types and sizes of one parameter entry: what reading and merging index into."""
+    name = e["name"]
+    if not all(isinstance(e[k], str) for k in ("name", "owner", "attr", "layer")):
+        fail(f"parameter entry {name!r}: name, owner, attr and layer must be strings")
+    if e["kind"] not in ("static", "adaptive"):
+        fail(f"{name}: kind must be 'static' or 'adaptive', got {e['kind']!r}")
+    if not _is_dims(e["shape"], low=1) or len(e["shape"]) < 2:
+        fail(f"{name}: shape must be a list of >= 2 positive integers, got {e['shape']!r}")
+    if not _is_dims(e["matrix"], 2, low=1):
+        fail(f"{name}: matrix must be [d, h] (two positive integers), got {e['matrix']!r}")
+    if e["kind"] == "static" and e["matrix"][0] * e["matrix"][1] != math.prod(e["shape"]):
+        fail(f"{name}: matrix {e['matrix']} does not hold shape {e['shape']}")
+    if not _is_dims(e["groups"], len(members), low=1):
+        fail(f"{name}: groups must be one positive integer per member")
+    if not _is_dims(e["ranks"], len(members)) or any(k > min(e["matrix"]) for k in e["ranks"]):
+        fail(f"{name}: ranks must be one integer in 0..min(d, h) per member, got {e['ranks']!r}")
+    if e["rank"] is not None and not (_is_int(e["rank"]) and e["rank"] >= 1):
+        fail(f"{name}: rank must be a positive integer or null, got {e['rank']!r}")
+    if not _is_strs(e["shared"]):
+        fail(f"{name}: shared must be a list of tensor names")
+    if not isinstance(e.get("extra", {}), dict):
+        fail(f"{name}: extra must be an object")
+
+
+def _validate_structure(config: dict, fail) -> None:
+    """Source, manifest and members: the types every reader relies on."""
+    source = config["source"]
+    if not isinstance(source, dict) or not isinstance(source.get("kind"), str) \
+            or any(not isinstance(source.get(k), (str, type(None))) for k in ("path", "arch", "sha256")):
+        fail("malformed source (kind, path, arch must be strings)")
+    if source["kind"] == "state_dict" and not isinstance(source.get("arch"), str):
+        fail("a state_dict source must record its arch")
+    manifest = config["manifest"]
+    for key, spec in manifest["keys"].items():
+        if not isinstance(spec, dict) or not _is_dims(spec.get("shape")) or not _is_dtype(spec.get("dtype")):
+            fail(f"manifest entry {key!r} must have a shape (list of integers) and a dtype")
+    for key, target in manifest["aliases"].items():
+        if not isinstance(target, str) or target not in manifest["keys"] or key not in manifest["keys"]:
+            fail(f"manifest alias {key!r} -> {target!r} names a key the manifest lacks")
+    for s in config["stacks"]:
+        if not _is_strs(s["members"]) or len(set(s["members"])) != len(s["members"]):
+            fail(f"stack {s.get('path')!r}: members must be distinct strings")
+        if not isinstance(s.get("path", ""), str):
+            fail("stack path must be a string")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -484,6 +608,7 @@ def merge_checkpoint(path: str | Path, out: str | Path, force: bool = False, pro
     """``lors merge``: dense weights under the source's keys; for an HF source a loadable directory."""
     ckpt = Checkpoint(path)
     out = Path(out)
+    check_not_input(out, Path(path))
     check_output(out, force)
     metadata = {"format": "pt"}
     if out.suffix == ".safetensors":  # one file: safetensors needs every tensor at once

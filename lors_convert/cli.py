@@ -44,7 +44,7 @@ def handle_errors(fn):
         except typer.Exit:
             raise
         except LorsError as e:
-            _fail(str(e), e.exit_code)
+            _fail(_naming_source(e, kwargs.get("src") or kwargs.get("path")), e.exit_code)
         except KeyboardInterrupt:
             _fail("interrupted", 130)
         except MemoryError:
@@ -55,6 +55,21 @@ def handle_errors(fn):
             _fail(f"unexpected {type(e).__name__}: {e} (set LORS_DEBUG=1 for the traceback)", 1)
 
     return wrapper
+
+
+# errors raised while analysing the model (no stacks, patterns matching nothing, groups, NaN) do not
+# know which file the model came from: the CLI adds it
+_MODEL_MODULES = {"lors_convert.convert", "lors_convert.discovery", "lors_convert.decompose", "lors_convert.sweep",
+                  "lors_convert.lorsa", "lors_convert.streaming"}
+
+
+def _naming_source(e: LorsError, source) -> str:
+    tb, module = e.__traceback__, None
+    while tb is not None:  # the module that raised it
+        module, tb = tb.tb_frame.f_globals.get("__name__"), tb.tb_next
+    if source is not None and module in _MODEL_MODULES and str(source) not in str(e):
+        return f"{source}: {e}"
+    return str(e)
 
 
 def make_progress(enabled: bool):
@@ -166,6 +181,7 @@ def convert(
         include = include or settings["include"]
     out = output or default_output(src, ".lors")
     if not dry_run:
+        ck.check_not_input(out, src)
         ck.check_output(out, force)
     progress = make_progress(not (quiet or json_out))
     require_savings = not keep_unsaving

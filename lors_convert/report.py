@@ -114,10 +114,29 @@ def _fmt_params(n: int) -> str:
     return str(n)
 
 
+def _literal(report: Report) -> Report:
+    """A copy whose texts print literally under rich markup: names and warnings come from files."""
+    import copy
+
+    from rich.markup import escape
+
+    report = copy.deepcopy(report)
+    for s in report.stacks:
+        s.path, s.members = escape(s.path), [escape(m) for m in s.members]
+        s.kept_dense = {escape(k): escape(v) for k, v in s.kept_dense.items()}
+        for m in s.matrices:
+            m.name = escape(m.name)
+    report.warnings = [escape(w) for w in report.warnings]
+    report.quality = {escape(str(k)): escape(str(v)) for k, v in report.quality.items()}
+    return report
+
+
 def render(report: Report, console=None, title: str = "LORS savings") -> None:
     """Print the per-stack and per-matrix tables with rich."""
     from rich.console import Console
     from rich.table import Table
+
+    report = _literal(report)
 
     console = console or Console(stderr=True)
     table = Table(title=title, show_lines=False)

@@ -9,6 +9,7 @@ import hashlib
 import importlib
 import json
 import pickle
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -145,21 +146,24 @@ def _is_torchscript(path: Path) -> bool:
 def _torch_load(path: Path, trust_pickle: bool):
     _check_file(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+        with warnings.catch_warnings():  # torch warns on legacy pickles: keep stderr to our one line
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
     except pickle.UnpicklingError as e:
         message = str(e)
-        if not trust_pickle and ("Unsupported global" in message or "weights_only" in message.lower()):
+        if not trust_pickle and "GLOBAL" in message:  # "Unsupported global: GLOBAL x" or "GLOBAL x ... is blocked"
             culprit = ""
             for line in message.splitlines():
-                if "Unsupported global" in line:
-                    culprit = line.split("GLOBAL", 1)[-1].split()[0] if "GLOBAL" in line else ""
+                if "GLOBAL" in line:
+                    culprit = (line.split("GLOBAL", 1)[-1].split() or [""])[0]
                     break
             what = f" (it references {culprit})" if culprit else ""
             raise LorsError(
                 f"{path}: refused to unpickle Python objects{what}: unpickling runs code from the file. "
                 f"Pass {PICKLE_FLAG} only if you trust its origin, or save a state dict and use --arch"
             ) from None
-        raise LorsError(f"{path}: not a readable PyTorch file ({_short(e)})") from None
+        detail = message.split("WeightsUnpickler error:", 1)[-1].split("Check the documentation")[0]
+        raise LorsError(f"{path}: not a readable PyTorch file ({_short(detail)})") from None
     except Exception as e:
         raise LorsError(f"{path}: not a readable PyTorch file ({_short(e)})") from None
 
@@ -225,14 +229,29 @@ def load_hf(path: Path) -> nn.Module:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our own progress and --json output own the terminal
+    hf_logging.set_verbosity_error()  # its load report would break the one-line error contract
     config = load_hf_config(path)
     cls = hf_model_class(config)
     hf_weight_files(path)  # clear error when weights are missing
     try:
-        model = cls.from_pretrained(str(path), local_files_only=True, dtype="auto")
+        model, info = cls.from_pretrained(str(path), local_files_only=True, dtype="auto",
+                                          output_loading_info=True)
     except Exception as e:
         raise LorsError(f"{path}: transformers could not load the model ({_short(e)})") from None
+    # transformers fills missing or mismatched weights with a random init: never convert those
+    bad = sorted(info.get("missing_keys") or []) + sorted(str(k[0]) if isinstance(k, tuple) else str(k)
+                                                        for k in info.get("mismatched_keys") or [])
+    if bad:
+        raise LorsError(f"{path}: the weights do not cover the model in config.json: {bad[0]!r} is missing "
+                        f"or has the wrong shape ({len(bad)} in all); transformers would initialize it randomly")
     return model.eval()
+
+
+def check_finite(model: nn.Module, path: str | Path) -> None:
+    """Refuse a source with NaN or Inf in any floating tensor (stacked or not), naming the tensor."""
+    for name, t in model.state_dict().items():
+        if t.is_floating_point() and t.device.type != "meta" and not torch.isfinite(t).all():
+            raise LorsError(f"{path}: tensor {name!r} contains NaN or Inf values; refusing to convert it")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -245,6 +264,7 @@ def load_source(path: str | Path, arch: str | None = None, trust_pickle: bool = 
     path = Path(path)
     if is_hf_dir(path):
         model = load_hf(path)
+        check_finite(model, path)
         files = [f for f in HF_SIDE_FILES if (path / f).is_file()]
         return model, SourceInfo(kind="hf", path=str(path.resolve()), arch=type(model).__name__,
                                  sha256=file_sha256(hf_weight_files(path)), files=files)
@@ -253,10 +273,19 @@ def load_source(path: str | Path, arch: str | None = None, trust_pickle: bool = 
     if arch is not None:
         state = read_state_dict(path)
         model = build_arch(arch)
+        for name, t in model.state_dict(keep_vars=True).items():
+            if name not in state:
+                continue
+            if tuple(state[name].shape) != tuple(t.shape):
+                raise LorsError(f"{path} does not match --arch {arch}: {name} has shape {list(state[name].shape)}, "
+                                f"the model expects {list(t.shape)}")
+            if t.is_floating_point() and state[name].is_floating_point() and t.dtype != state[name].dtype:
+                t.data = t.data.to(state[name].dtype)  # keep the source dtype (fp16/bf16 stay so); ties kept
         result = model.load_state_dict(state, strict=False)
         if result.missing_keys or result.unexpected_keys:
             raise LorsError(f"{path} does not match --arch {arch}: missing {result.missing_keys[:3]}, "
                             f"unexpected {result.unexpected_keys[:3]}")
+        check_finite(model, path)
         return model.eval(), SourceInfo(kind="state_dict", path=str(path.resolve()), arch=arch, sha256=sha)
     if path.suffix == ".safetensors":
         _read_safetensors(path)  # a clear error for corrupt files before the usage hint
@@ -266,9 +295,11 @@ def load_source(path: str | Path, arch: str | None = None, trust_pickle: bool = 
             model = torch.jit.load(str(path), map_location="cpu")
         except Exception as e:
             raise LorsError(f"{path}: not a loadable TorchScript archive ({_short(e)})") from None
+        check_finite(model, path)
         return model, SourceInfo(kind="torchscript", path=str(path.resolve()), sha256=sha)
     obj = _torch_load(path, trust_pickle=trust_pickle)
     if isinstance(obj, nn.Module):
+        check_finite(obj, path)
         return obj.eval(), SourceInfo(kind="pickle", path=str(path.resolve()), sha256=sha)
     if _as_state_dict(obj) is not None:
         raise LorsUsageError(f"{path} is a state dict: pass --arch package.module:callable to build the model")
