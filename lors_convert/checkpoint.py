@@ -590,7 +590,10 @@ def merged_tensors(ckpt: Checkpoint, progress=None) -> Iterator[tuple[str, torch
         source = manifest["aliases"].get(key, key)
         if any(source.startswith(p) for p in owners):
             continue
-        yield key, _checked(ckpt, key, ckpt.get(source))
+        tensor = ckpt.get(source)
+        if source != key:  # an alias: safe_open may hand out the same memory twice, safetensors stores no aliases
+            tensor = tensor.clone()
+        yield key, _checked(ckpt, key, tensor)
 
 
 def _checked(ckpt: Checkpoint, key: str, t: torch.Tensor) -> torch.Tensor:

@@ -250,8 +250,12 @@ def load_hf(path: Path) -> nn.Module:
 def check_finite(model: nn.Module, path: str | Path) -> None:
     """Refuse a source with NaN or Inf in any floating tensor (stacked or not), naming the tensor."""
     for name, t in model.state_dict().items():
-        if t.is_floating_point() and t.device.type != "meta" and not torch.isfinite(t).all():
-            raise LorsError(f"{path}: tensor {name!r} contains NaN or Inf values; refusing to convert it")
+        refuse_non_finite(t, name, path)
+
+
+def refuse_non_finite(t: torch.Tensor, name: str, path: str | Path) -> None:
+    if t.is_floating_point() and t.device.type != "meta" and not torch.isfinite(t).all():
+        raise LorsError(f"{path}: tensor {name!r} contains NaN or Inf values; refusing to convert it")
 
 
 # ---------------------------------------------------------------------------------------------

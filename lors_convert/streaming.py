@@ -205,7 +205,7 @@ class NotStreamable(Exception):
 
 def open_streamable(src: Path, arch: str | None):
     """(empty model, lazy tensors, source info) for an HF directory or ``.safetensors`` + ``--arch``."""
-    from .sources import (HF_SIDE_FILES, SourceInfo, build_hf, file_sha256, hf_weight_files, import_arch,
+    from .sources import (HF_SIDE_FILES, SourceInfo, build_arch, build_hf, file_sha256, hf_weight_files,
                           is_hf_dir)
 
     if is_hf_dir(src):
@@ -215,11 +215,7 @@ def open_streamable(src: Path, arch: str | None):
                           sha256=file_sha256(files), files=[f for f in HF_SIDE_FILES if (src / f).is_file()])
     elif src.suffix == ".safetensors" and arch is not None and src.is_file():
         files = [src]
-        factory = import_arch(arch)
-        try:
-            model = empty_model(factory)
-        except Exception as e:
-            raise LorsError(f"--arch {arch!r} failed to build the model: {type(e).__name__}: {e}") from None
+        model = empty_model(lambda: build_arch(arch))
         info = SourceInfo(kind="state_dict", path=str(src.resolve()), arch=arch, sha256=file_sha256(files))
     else:
         raise NotStreamable(str(src))
@@ -255,6 +251,7 @@ def stream_convert(src: Path, out: Path, arch: str | None = None, rank: int | No
     from .checkpoint import (BUFFER_PREFIX, CONFIG_NAME, REPORT_NAME, atomic_output, build_config,
                              check_output, nonpersistent_buffers)
     from .convert import decompose_param, param_entry, plan_conversion
+    from .sources import refuse_non_finite
     from .counting import count_parameters
 
     dist = dist or Dist()
@@ -317,7 +314,9 @@ def stream_convert(src: Path, out: Path, arch: str | None = None, rank: int | No
             del factors
         for key in untouched:
             if writer.wants(key):
-                writer.add(key, tensors.get(key))
+                t = tensors.get(key)
+                refuse_non_finite(t, key, src)
+                writer.add(key, t)
         for name, b in buffers.items():
             writer.add(BUFFER_PREFIX + name, b)
         writer.close()
