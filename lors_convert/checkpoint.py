@@ -526,8 +526,10 @@ def _validate_entry(e: dict, members: list, fail) -> None:
         fail(f"{name}: matrix {e['matrix']} does not hold shape {e['shape']}")
     if not _is_dims(e["groups"], len(members), low=1):
         fail(f"{name}: groups must be one positive integer per member")
-    if not _is_dims(e["ranks"], len(members)) or any(k > min(e["matrix"]) for k in e["ranks"]):
-        fail(f"{name}: ranks must be one integer in 0..min(d, h) per member, got {e['ranks']!r}")
+    # a static rank is bounded by min(d, h); an adaptive one by each generated matrix (checked by shapes)
+    bound = min(e["matrix"]) if e["kind"] == "static" else max(e["matrix"])
+    if not _is_dims(e["ranks"], len(members)) or any(k > bound for k in e["ranks"]):
+        fail(f"{name}: ranks must be one integer in 0..{bound} per member, got {e['ranks']!r}")
     if e["rank"] is not None and not (_is_int(e["rank"]) and e["rank"] >= 1):
         fail(f"{name}: rank must be a positive integer or null, got {e['rank']!r}")
     if not _is_strs(e["shared"]):
