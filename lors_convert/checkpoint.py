@@ -668,14 +668,30 @@ def _clone_aliases(dense: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 # load: a runnable LORS model
 
 
-def build_architecture(ckpt: Checkpoint, trust_pickle: bool = False) -> nn.Module:
-    """The dense architecture the checkpoint came from, on the meta device."""
+TRUSTED_ARCH_PREFIX = "lors_convert.zoo."  # our own reference models: safe to build from a recorded name
+
+
+def build_architecture(ckpt: Checkpoint, trust_pickle: bool = False, arch: str | None = None,
+                       trust_arch: bool = False) -> nn.Module:
+    """The dense architecture the checkpoint came from, on the meta device.
+
+    A state-dict source records its ``--arch`` reference; importing and calling it runs code named in
+    the file, so it is used only when the caller passes it again (``arch=``), opts in with
+    ``trust_arch=True``, or it names one of lors's own zoo models.
+    """
     source = ckpt.source
     kind = source.get("kind")
     if kind == "hf":
         return build_hf(ckpt.path, device="meta")
     if kind == "state_dict":
-        return build_arch(source["arch"], device="meta")
+        recorded = source["arch"]
+        if arch is None:
+            if not (trust_arch or str(recorded).startswith(TRUSTED_ARCH_PREFIX)):
+                raise LorsError(f"{ckpt.path}: the checkpoint names the architecture {recorded!r}; calling it "
+                                f"runs code named in the file: pass arch={recorded!r} (or trust_arch=True) "
+                                "if you trust it, or the dense model as model=")
+            arch = recorded
+        return build_arch(arch, device="meta")
     if kind == "pickle":
         if not source.get("path") or not Path(source["path"]).is_file():
             raise LorsError(f"{ckpt.path}: converted from a pickled module ({source.get('path')}), which is "
@@ -689,15 +705,16 @@ def build_architecture(ckpt: Checkpoint, trust_pickle: bool = False) -> nn.Modul
                     "pass the dense model: load(path, model=...)")
 
 
-def load(path: str | Path, model: nn.Module | None = None, trust_pickle: bool = False,
-         device: str | torch.device = "cpu") -> nn.Module:
+def load(path: str | Path, model: nn.Module | None = None, arch: str | None = None, trust_arch: bool = False,
+         trust_pickle: bool = False, device: str | torch.device = "cpu") -> nn.Module:
     """A runnable, trainable LORS model from a checkpoint.
 
-    The architecture comes from the recorded source (or ``model``, a dense instance of it, whose
-    weights are not used), is built on the meta device and filled from the checkpoint.
+    The architecture comes from the recorded source (see :func:`build_architecture` for when a
+    recorded ``--arch`` is used), or ``arch`` ("pkg.module:callable"), or ``model`` (a dense instance
+    of it, whose weights are not used); it is built on the meta device and filled from the checkpoint.
     """
     ckpt = Checkpoint(path)
-    skeleton = model if model is not None else build_architecture(ckpt, trust_pickle)
+    skeleton = model if model is not None else build_architecture(ckpt, trust_pickle, arch, trust_arch)
     skeleton = _meta(skeleton)
     for stack in ckpt.stacks:
         st = Stack(path=stack.get("path", ""), members=list(stack["members"]), member_class=nn.Module)

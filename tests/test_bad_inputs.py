@@ -445,7 +445,7 @@ def test_half_precision_sources_round_trip(dtype, tol, tmp_path):
         assert dense[k].dtype == dtype, k
         err = (dense[k].float() - v.float()).abs().max().item()
         assert err <= tol * v.float().abs().max().item(), (k, err)
-    model = lors_convert.load(out)
+    model = lors_convert.load(out, arch=ARCH)
     assert model.blocks[1].up.shared.dtype == dtype
 
 

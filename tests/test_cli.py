@@ -245,3 +245,26 @@ def test_model_without_stacks(tmp_path):
     assert res.exit_code == 1
     assert "no stacks found: searched 4 modules" in res.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_load_does_not_call_a_recorded_arch_unasked(tmp_path):
+    """A checkpoint names its --arch; load() calls it only when asked, so a tampered name runs nothing."""
+    import lors_convert
+    from lors_convert.errors import LorsError
+
+    src = tmp_path / "w.safetensors"
+    save_file(StackedMLP().state_dict(), str(src))
+    out = tmp_path / "w.lors"
+    assert run("convert", src, "--arch", "tests.archs:stacked_mlp", "--rank", "4", "-o", out, "-q").exit_code == 0
+    with pytest.raises(LorsError, match="arch='tests.archs:stacked_mlp'"):
+        lors_convert.load(out)
+    model = lors_convert.load(out, arch="tests.archs:stacked_mlp")
+    assert model(torch.randn(2, 8)).shape == (2, 3)
+    assert lors_convert.load(out, trust_arch=True) is not None
+    # a tampered name is refused before anything is imported or called
+    for name in ("lors_config.json",):
+        config = json.loads((out / name).read_text())
+        config["source"]["arch"] = "os:abort"
+        (out / name).write_text(json.dumps(config))
+    with pytest.raises(LorsError):
+        lors_convert.load(out)
