@@ -251,6 +251,9 @@ def convert(
     device: str | torch.device | None = None,
     require_savings: bool = True,
     progress: Callable[[Iterator, int, str], Iterator] | None = None,
+    calibration=None,
+    refine: int = 0,
+    budget: float | None = None,
 ) -> tuple[nn.Module, Report]:
     """Convert ``model`` **in place** to LORS and return it with the savings report.
 
@@ -259,15 +262,31 @@ def convert(
     fnmatch patterns over full parameter names. ``init="svd"`` fits the trained weights (mean +
     truncated SVD); ``init="paper"`` is the paper's from-scratch init. ``method`` picks the SVD
     ("exact", "randomized", "auto"); ``device`` runs the math elsewhere (e.g. "cuda").
+
+    Calibrated conversion (see :mod:`lors_convert.calibrated`): ``calibration`` maps weight keys to
+    input Gram matrices (a :class:`lors_convert.calibration.Calibration` from ``collect_grams``);
+    the shared part becomes the activation-weighted least-squares fit and the private parts the
+    whitened truncated SVD. ``refine`` alternating sweeps re-fit the shared part given the private
+    parts. ``budget`` (a fraction of the stacked parameters, e.g. 0.4) replaces ``rank``/``groups``
+    by per-layer ranks from greedy water-filling; matrices that do not break even stay dense.
     """
     if init not in INITS:
         raise LorsUsageError(f"init must be one of {INITS}, got {init!r}")
     if method not in ("auto", "exact", "randomized"):
         raise LorsUsageError(f"method must be auto, exact or randomized, got {method!r}")
     params_before = count_parameters(model)
-    plan = plan_conversion(model, rank, groups, include, exclude, require_savings)
+    calibrated = calibration is not None or refine > 0 or budget is not None
+    if calibrated and init != "svd":
+        raise LorsUsageError("calibration, refine and budget apply to init='svd' only")
+    if budget is not None:
+        from .calibrated import apply_budget
+        plan = plan_conversion(model, None, None, include, exclude, require_savings=False)
+        allocation = apply_budget(plan, model, budget, calibration, device=device)
+    else:
+        plan = plan_conversion(model, rank, groups, include, exclude, require_savings)
     report, matrices = plan.report_with_matrices(params_before)
     steps = iter(zip(plan.params, matrices))
+    weighted: list = []  # calibrated: (weighted errors, output energies, refine history) per parameter
     if progress is not None:
         steps = progress(steps, len(plan.params), "decomposing")
     for pp, m in steps:
@@ -276,6 +295,10 @@ def convert(
             _finite_or_raise(w, key)
         if init == "paper":
             factors = paper_init_factors(pp.param.shape, pp.ranks)
+        elif calibrated and pp.kind == "static":
+            from .calibrated import decompose_param
+            factors = decompose_param(pp, weights, calibration, refine, device=device)
+            weighted.append((factors.weighted_error, factors.weighted_output, factors.history))
         else:
             factors = decompose_stack(weights, pp.ranks, method=method, device=device)
         dtype, where = weights[0].dtype, weights[0].device
@@ -286,6 +309,10 @@ def convert(
             m.relative_error = [f.relative_error for f in factors.layers]
             m.retained_energy = [f.retained_energy for f in factors.layers]
     report.params_after = count_parameters(model)
+    if calibrated:
+        from .calibrated import quality_summary
+        report.quality.update(quality_summary(weighted, calibration, refine,
+                                              budget, allocation if budget is not None else None, report))
     return model, report
 
 
