@@ -21,7 +21,9 @@ from .decompose import as_matrix
 from .errors import LorsError, LorsUsageError
 from .whiten import ScaledGram, DEFAULT_DAMP, DEFAULT_FLOOR, WeightedFactors, decompose_weighted, whitened_spectra
 
-NORMALIZE = True
+NORMALIZE = True  # objective: relative output error per layer
+FLOOR = DEFAULT_FLOOR
+DAMP = DEFAULT_DAMP
 
 
 def orientation(pp) -> str:
@@ -35,12 +37,13 @@ def _grams_of(calibration) -> Mapping[str, torch.Tensor] | None:
     return getattr(calibration, "grams", calibration)
 
 
-def layer_grams(pp, weights: list[torch.Tensor], calibration, normalize: bool = NORMALIZE
+def layer_grams(pp, weights: list[torch.Tensor], calibration, normalize: bool | None = None
                 ) -> tuple[list[torch.Tensor], list[str]]:
     """Per layer Gram in linear orientation (identity where missing), scaled to relative output error.
 
     Returns the Grams and the keys that had none.
     """
+    normalize = NORMALIZE if normalize is None else normalize
     grams = _grams_of(calibration)
     orient = orientation(pp)
     out, missing = [], []
@@ -67,16 +70,27 @@ def layer_grams(pp, weights: list[torch.Tensor], calibration, normalize: bool = 
     return out, missing
 
 
+def _opts(floor, damp):
+    return (FLOOR if floor is None else floor), (DAMP if damp is None else damp)
+
+
 def decompose_param(pp, weights: list[torch.Tensor], calibration=None, refine: int = 0, device=None,
-                    floor: float = DEFAULT_FLOOR, damp: float = DEFAULT_DAMP, normalize: bool = NORMALIZE
+                    floor: float | None = None, damp: float | None = None, normalize: bool | None = None
                     ) -> WeightedFactors:
+    """Factors of one planned parameter. Uncalibrated and unrefined: the plain mean + SVD."""
+    floor, damp = _opts(floor, damp)
     grams, _ = layer_grams(pp, weights, calibration, normalize)
+    shared = _plain_mean(weights) if calibration is None and refine == 0 else None
     return decompose_weighted(weights, pp.ranks, grams, orientation=orientation(pp), refine=refine,
-                              floor=floor, damp=damp, device=device)
+                              floor=floor, damp=damp, device=device, shared=shared)
 
 
-def apply_budget(plan, model, budget: float, calibration=None, device=None, floor: float = DEFAULT_FLOOR,
-                 damp: float = DEFAULT_DAMP, normalize: bool = NORMALIZE) -> Allocation:
+def _plain_mean(weights: list[torch.Tensor]) -> torch.Tensor:
+    return torch.stack([as_matrix(w).to(torch.float64) for w in weights]).mean(0)
+
+
+def apply_budget(plan, model, budget: float, calibration=None, device=None, floor: float | None = None,
+                 damp: float | None = None, normalize: bool | None = None) -> Allocation:
     """Choose per-layer ranks for the static parameters of ``plan`` under ``budget`` (in place).
 
     ``budget`` is the target fraction of the stacked parameters of the plan (adaptive parameters
@@ -85,6 +99,7 @@ def apply_budget(plan, model, budget: float, calibration=None, device=None, floo
     """
     if not (isinstance(budget, (int, float)) and 0 < budget):
         raise LorsUsageError(f"budget must be a positive fraction of the stacked parameters, got {budget!r}")
+    floor, damp = _opts(floor, damp)
     static = [pp for pp in plan.params if pp.kind == "static"]
     fixed = sum(pp.lors_params for pp in plan.params if pp.kind != "static")
     total = sum(pp.dense_params for pp in plan.params)
@@ -94,8 +109,9 @@ def apply_budget(plan, model, budget: float, calibration=None, device=None, floo
             raise LorsUsageError("--budget chooses one rank per layer; it does not combine with groups")
         weights = [model.get_parameter(k).detach() for k in pp.keys]
         grams, _ = layer_grams(pp, weights, calibration, normalize)
+        shared = _plain_mean(weights) if calibration is None else None
         spectra = whitened_spectra(weights, grams, orientation=orientation(pp), floor=floor, damp=damp,
-                                   device=device)
+                                   device=device, shared_matrix=shared)
         d, h = pp.matrix
         items.append(BudgetItem(d=d, h=h, spectra=[s.tolist() for s in spectra], name=pp.relname))
     limit = int(round(budget * total)) - fixed

@@ -141,13 +141,17 @@ def _orient(M: torch.Tensor, orientation: str) -> torch.Tensor:
 
 def whitened_spectra(weights: list[torch.Tensor], grams: list[torch.Tensor], orientation: str = "out_in",
                      floor: float = DEFAULT_FLOOR, damp: float = DEFAULT_DAMP, shared: bool = True,
-                     device: torch.device | str | None = None) -> list[torch.Tensor]:
+                     device: torch.device | str | None = None, shared_matrix: torch.Tensor | None = None
+                     ) -> list[torch.Tensor]:
     """Whitened residual spectra ``s^2`` per layer (what each rank unit would remove), for budgeting.
 
-    ``shared=False`` gives the spectra of the layers themselves (no shared part).
+    ``shared=False`` gives the spectra of the layers themselves (no shared part); ``shared_matrix``
+    (stored orientation) replaces the weighted least-squares shared part.
     """
     W, wh = _prepare(weights, grams, orientation, floor, damp, device)
-    if shared:
+    if shared_matrix is not None:
+        R = W - _orient(as_matrix(shared_matrix).to(W), orientation)
+    elif shared:
         R = W - weighted_shared(W, [w.C for w in wh])
     else:
         R = W
