@@ -406,4 +406,33 @@ def load_calibration(
 
 
 __all__ = ["Calibration", "CalibrationData", "GramCollector", "collect_grams", "gram_owners", "read_texts",
-           "text_batches", "read_tensors", "tensor_batches", "split_heldout", "load_calibration", "run_model"]
+           "text_batches", "read_tensors", "tensor_batches", "split_heldout", "load_calibration", "run_model",
+           "calibrated_convert"]
+
+
+def calibrated_convert(model: nn.Module, data: CalibrationData, *, refine: int = 0,
+                       budget: float | None = None, rank: int | None = 8, progress=None, **convert_kwargs):
+    """The whole ``lors convert --calibrate DATA`` path in one call.
+
+    Collects the Grams on ``data.calibration``, records the source outputs on ``data.heldout``,
+    converts ``model`` in place (``convert(..., calibration=, refine=, budget=)``; other keyword
+    arguments go to :func:`lors_convert.convert`) and adds the held-out fidelity to
+    ``report.quality`` (``heldout_cosine`` for text encoders, ``heldout_rel_error`` always).
+    Returns ``(lors_model, report)``.
+    """
+    from .convert import convert
+    from .quality import fidelity, reference_outputs
+
+    include, exclude = convert_kwargs.get("include"), convert_kwargs.get("exclude")
+    calibration = collect_grams(model, data.calibration, include=include, exclude=exclude)
+    reference = reference_outputs(model, data.heldout) if data.heldout else None
+    model, report = convert(model, rank=rank, calibration=calibration, refine=refine, budget=budget,
+                            progress=progress, **convert_kwargs)
+    report.quality["calibration_data"] = data.source
+    report.quality["calibration_kind"] = data.kind
+    report.quality["calibration_samples"] = data.n_calibration
+    if reference is not None:
+        report.quality.update(fidelity(model, reference))
+    for key, why in sorted(calibration.skipped.items())[:5]:
+        report.warnings.append(f"{key}: no calibration Gram ({why}); converted with the unweighted fit")
+    return model, report

@@ -221,3 +221,16 @@ def test_distill_losses_are_zero_at_the_target():
     for kind in ("mse", "cosine", "pooled_cosine"):
         assert float(distill_loss(t, t, mask, kind)) == pytest.approx(0.0, abs=1e-6)
         assert float(distill_loss(t + 1, t, mask, kind)) > 0
+
+
+def test_calibrated_convert_reports_heldout_fidelity(tmp_path):
+    from safetensors.torch import save_file
+
+    from lors_convert.calibration import calibrated_convert
+
+    save_file({"input": torch.randn(40, 3, 16)}, tmp_path / "x.safetensors")
+    data = load_calibration(tmp_path / "x.safetensors", batch_size=8, heldout=0.25)
+    model, report = calibrated_convert(_tiny(), data, rank=4, refine=2)
+    q = report.quality
+    assert q["calibrated"] and q["heldout_samples"] == 10 and 0 <= q["heldout_rel_error"] < 1
+    assert q["calibration_samples"] == 30 and len(q["refine_weighted_error"]) == 3
