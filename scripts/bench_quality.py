@@ -141,7 +141,10 @@ def main(argv=None) -> int:
             m, params, _ = per_layer_whitened(copy.deepcopy(source), budget, cal)
             record("per-layer whitened", m, params, time.time() - t)
         rows.append(row)
+        if args.json:  # after every budget: a long run interrupted still leaves numbers
+            Path(args.json).write_text(json.dumps({"stacked": stacked, "rows": rows, "args": vars(args)}, indent=2))
 
+    rows.sort(key=lambda r: r["budget"])
     names = [k for k in rows[0] if k != "budget"]
     print("| budget | " + " | ".join(names) + " |")
     print("|---|" + "---|" * len(names))
@@ -151,8 +154,6 @@ def main(argv=None) -> int:
     print("\ncell: held-out cosine of mean-pooled embeddings to the original (stacked parameters kept). "
           "Seconds: " + "; ".join(f"{n} {rows[-1][n]['seconds']:.0f}s" for n in names) + f" (budget {rows[-1]['budget']}, "
           f"{args.threads} CPU threads)")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"stacked": stacked, "rows": rows, "args": vars(args)}, indent=2))
     return 0
 
 
