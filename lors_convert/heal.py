@@ -4,7 +4,8 @@ The student is trained to reproduce the teacher's output (the last hidden state 
 models, else the first output tensor): token-level MSE relative to the teacher's energy
 (``loss="mse"``), per-token cosine (``"cosine"``) or the cosine of mean-pooled embeddings
 (``"pooled_cosine"``); padding is masked out when batches carry an ``attention_mask``. By default
-only the LORS parameters train (shared parts and private factors, ``trainable="lors"``);
+only the LORS modules' parameters train (shared parts, private factors and those layers' biases,
+``trainable="lors"``);
 ``trainable="all"`` trains everything. Adam with a short warm-up and cosine decay.
 
 Resumable: with ``checkpoint_path`` the trainable tensors, the optimizer state, the step and the
@@ -13,7 +14,7 @@ temporary file, then atomically renamed), and a later call with the same path co
 
 The CLI's ``lors heal CKPT --data DATA`` wraps :func:`heal`::
 
-    history = heal(lors_model, teacher, batches, steps=300, lr=1e-4,
+    history = heal(lors_model, teacher, batches, steps=300, lr=1e-3,
                    checkpoint_path="heal.state.pt", progress=lambda step, steps, loss: ...)
 """
 from __future__ import annotations
@@ -103,7 +104,7 @@ def heal(
     teacher: nn.Module,
     batches: Sequence[Batch],
     steps: int = 300,
-    lr: float = 1e-4,
+    lr: float = 1e-3,
     loss: str = "mse",
     trainable: str = "lors",
     checkpoint_path: str | os.PathLike | None = None,
@@ -119,7 +120,7 @@ def heal(
 
     ``batches``: a sequence of model inputs (tensors or keyword dicts, e.g. from
     :func:`lors_convert.calibration.load_calibration`), cycled in a seeded order. ``device``: where to
-    train (default: the student's device; the teacher is moved alongside). ``progress(step, steps,
+    train (default: the student's device; the teacher is moved there). ``progress(step, steps,
     loss)`` is called after every step. Dropout is off (both models in eval mode) so the target is
     deterministic. Returns the loss history; the student's train/eval mode and ``requires_grad``
     flags are restored.
@@ -135,8 +136,9 @@ def heal(
         raise LorsUsageError("healing needs at least one batch of inputs")
     if device is not None:
         student.to(device)
-        teacher.to(device)
     where = next(student.parameters()).device
+    if next(teacher.parameters(), torch.empty(0, device=where)).device != where:
+        teacher.to(where)
     names = lors_parameter_names(student) if trainable == "lors" else {n for n, _ in student.named_parameters()}
     if not names:
         raise LorsUsageError("the model has no LORS parameters to heal (convert it first, or trainable='all')")
