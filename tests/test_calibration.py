@@ -194,6 +194,7 @@ def test_heal_improves_fidelity():
 def test_heal_resume_matches_uninterrupted_run(tmp_path):
     teacher, student_a, batches = _heal_setup()
     student_b = copy.deepcopy(student_a)
+    original = copy.deepcopy(student_a)
     heal(student_a, teacher, batches, steps=10, lr=1e-3)
 
     state = tmp_path / "heal.pt"
@@ -208,7 +209,7 @@ def test_heal_resume_matches_uninterrupted_run(tmp_path):
     with pytest.raises(Stop):
         heal(student_b, teacher, batches, steps=10, lr=1e-3, checkpoint_path=state, progress=interrupt)
     assert state.exists() and not (tmp_path / "heal.pt.tmp").exists()
-    fresh = copy.deepcopy(student_b)  # a new process would rebuild the model; state restores it
+    fresh = copy.deepcopy(original)  # a new process rebuilds the unhealed model; the state restores it
     result = heal(fresh, teacher, batches, steps=10, lr=1e-3, checkpoint_path=state)
     assert result.resumed_from == 6 and len(result.history) == 10
     for (n, a), (_, b) in zip(student_a.named_parameters(), fresh.named_parameters()):
