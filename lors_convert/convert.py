@@ -334,6 +334,9 @@ def convert(
     require_savings: bool = True,
     progress: Callable[[Iterator, int, str], Iterator] | None = None,
     adaptive=None,
+    calibration=None,
+    refine: int = 0,
+    budget: float | None = None,
 ) -> tuple[nn.Module, Report]:
     """Convert ``model`` **in place** to LORS and return it with the savings report.
 
@@ -345,22 +348,39 @@ def convert(
     ``adaptive`` selects parameter generators for LORSA: ``"auto"`` (torch.fx detection), a spec
     ``"PATTERN: G x [RxC, ...]"``, a :class:`lors_convert.lorsa.GeneratorSpec` or a list of them
     (see :mod:`lors_convert.lorsa`).
+
+    Calibrated conversion (see :mod:`lors_convert.calibrated`): ``calibration`` maps weight keys to
+    input Gram matrices (a :class:`lors_convert.calibration.Calibration` from ``collect_grams``);
+    the shared part becomes the activation-weighted least-squares fit and the private parts the
+    whitened truncated SVD. ``refine`` alternating sweeps re-fit the shared part given the private
+    parts. ``budget`` (a fraction of the stacked parameters, e.g. 0.4) replaces ``rank``/``groups``
+    by per-layer ranks from greedy water-filling; matrices that do not break even stay dense.
     """
     if init not in INITS:
         raise LorsUsageError(f"init must be one of {INITS}, got {init!r}")
     if method not in ("auto", "exact", "randomized"):
         raise LorsUsageError(f"method must be auto, exact or randomized, got {method!r}")
     params_before = count_parameters(model)
+    calibrated = calibration is not None or refine > 0 or budget is not None
+    if calibrated and init != "svd":
+        raise LorsUsageError("calibration, refine and budget apply to init='svd' only")
     hook = None
     if adaptive is not None:
         from .lorsa import check_specs_used, make_adaptive_hook
 
         hook = make_adaptive_hook(adaptive, rank, groups)
-    plan = plan_conversion(model, rank, groups, include, exclude, require_savings, adaptive=hook)
+    if budget is not None:
+        from .calibrated import apply_budget
+
+        plan = plan_conversion(model, None, None, include, exclude, require_savings=False, adaptive=hook)
+        allocation = apply_budget(plan, model, budget, calibration, device=device)
+    else:
+        plan = plan_conversion(model, rank, groups, include, exclude, require_savings, adaptive=hook)
     if hook is not None:
         check_specs_used(hook)
     report, matrices = plan.report_with_matrices(params_before)
     steps = iter(zip(plan.params, matrices))
+    weighted: list = []  # calibrated: (weighted errors, output energies, refine history) per parameter
     if progress is not None:
         steps = progress(steps, len(plan.params), "decomposing")
     for pp, m in steps:
@@ -371,12 +391,24 @@ def convert(
             m.relative_error, m.retained_energy = fit.relative_error, fit.retained_energy
             continue
         weights = iter_weights(model, pp)
-        factors = decompose_param(pp, weights, m, init=init, method=method, device=device)
+        if calibrated and pp.kind == "static" and init == "svd":
+            from .calibrated import decompose_param as calibrated_decompose
+
+            factors = calibrated_decompose(pp, weights, calibration, refine, device=device)
+            weighted.append((factors.weighted_error, factors.weighted_output, factors.history))
+            m.relative_error = [f.relative_error for f in factors.layers]
+            m.retained_energy = [f.retained_energy for f in factors.layers]
+        else:
+            factors = decompose_param(pp, weights, m, init=init, method=method, device=device)
         dtype, where = weights[0].dtype, weights[0].device
         install_layers(model, pp, factors.shared.to(device=where, dtype=dtype),
                        [(f.B.to(device=where, dtype=dtype), f.A.to(device=where, dtype=dtype))
                         for f in factors.layers])
     report.params_after = count_parameters(model)
+    if calibrated:
+        from .calibrated import quality_summary
+        report.quality.update(quality_summary(weighted, calibration, refine,
+                                              budget, allocation if budget is not None else None, report))
     return model, report
 
 

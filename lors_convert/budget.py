@@ -1,0 +1,159 @@
+"""Rank allocation under a global parameter budget: greedy water-filling over residual spectra.
+
+Pure functions. Each stacked parameter is an :class:`BudgetItem`: N layers of ``(d, h)`` matrices
+and, per layer, the energies ``s_j^2`` (descending) that each further rank unit would remove from
+that layer's error (the whitened residual spectrum for calibrated conversion, the plain one
+otherwise). Exact parameter costs:
+
+- LORS: ``d*h`` for the shared part (0 with ``shared=False``) plus ``(d + h)`` per rank unit;
+- dense: ``N*d*h`` and no error.
+
+Greedy: every item starts at rank 0 (cost: its shared part); rank units are bought in order of
+removed energy per parameter, ``s_j^2 / (d + h)``, across all items and layers, while they fit in
+the budget. An item whose next unit would make it cost as much as staying dense is switched to dense
+(zero error, it did not break even). For per-layer spectra that decrease this is the water-filling
+solution of the relaxed problem; it stops within one unit ``(d + h)`` of the budget.
+"""
+from __future__ import annotations
+
+import heapq
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import LorsUsageError
+
+
+@dataclass
+class BudgetItem:
+    """One stacked parameter for the allocator."""
+
+    d: int
+    h: int
+    spectra: list[Sequence[float]]  # per layer: error removed by each rank unit, descending
+    shared: bool = True  # False: per-layer low rank without a shared part
+    name: str = ""
+    weight: float = 1.0  # multiplies the spectra (e.g. 1 / output energy)
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.spectra)
+
+    @property
+    def unit_cost(self) -> int:
+        return self.d + self.h
+
+    @property
+    def base_cost(self) -> int:
+        return self.d * self.h if self.shared else 0
+
+    @property
+    def dense_cost(self) -> int:
+        return self.n_layers * self.d * self.h
+
+    def lors_cost(self, ranks: Sequence[int]) -> int:
+        return self.base_cost + self.unit_cost * sum(ranks)
+
+    def error(self, ranks: Sequence[int]) -> float:
+        return self.weight * sum(float(sum(s[k:])) for s, k in zip(self._lists(), ranks))
+
+    def _lists(self) -> list[list[float]]:
+        return [s.tolist() if isinstance(s, torch.Tensor) else list(s) for s in self.spectra]
+
+
+@dataclass
+class Allocation:
+    ranks: list[list[int]]  # per item, per layer (meaningless for dense items)
+    dense: list[bool]  # per item: stays dense
+    params: int  # stacked parameters after conversion
+    dense_params: int  # stacked parameters before
+    budget: int
+    error: float  # total remaining (weighted) error
+    per_item_error: list[float] = field(default_factory=list)
+
+    @property
+    def fraction(self) -> float:
+        return self.params / self.dense_params if self.dense_params else 0.0
+
+
+def _cost(item: BudgetItem, ranks: list[int], dense: bool) -> int:
+    return item.dense_cost if dense else item.lors_cost(ranks)
+
+
+def evaluate(items: Sequence[BudgetItem], ranks: list[list[int]], dense: list[bool] | None = None,
+             budget: int = 0) -> Allocation:
+    """Cost and error of a given allocation (e.g. uniform rank) in the same terms as the greedy."""
+    dense = dense or [False] * len(items)
+    errors = [0.0 if dn else it.error(r) for it, r, dn in zip(items, ranks, dense)]
+    return Allocation(ranks=ranks, dense=list(dense),
+                      params=sum(_cost(it, r, dn) for it, r, dn in zip(items, ranks, dense)),
+                      dense_params=sum(it.dense_cost for it in items), budget=budget,
+                      error=sum(errors), per_item_error=errors)
+
+
+def minimum_params(items: Sequence[BudgetItem]) -> int:
+    """The cheapest conversion: every item at rank 0 (shared parts only)."""
+    return sum(min(it.base_cost, it.dense_cost) for it in items)
+
+
+def allocate_ranks(items: Sequence[BudgetItem], budget: float | int, fraction: bool = True) -> Allocation:
+    """Greedy water-filling of rank units under ``budget``.
+
+    ``budget`` is a fraction of the items' dense parameters (``fraction=True``, e.g. 0.4) or an
+    absolute parameter count. Raises :class:`LorsUsageError` when the budget is below the cost of the
+    shared parts alone.
+    """
+    items = list(items)
+    dense_total = sum(it.dense_cost for it in items)
+    if fraction:
+        if not budget > 0:
+            raise LorsUsageError(f"budget must be a positive fraction of the stacked parameters, got {budget}")
+        limit = int(round(float(budget) * dense_total))
+    else:
+        limit = int(budget)
+    floor_cost = minimum_params(items)
+    if limit < floor_cost:
+        raise LorsUsageError(
+            f"budget {budget} ({limit} parameters) is below the cost of the shared parts alone "
+            f"({floor_cost} parameters = {floor_cost / max(dense_total, 1):.3f} of the stacked parameters)")
+    lists = [it._lists() for it in items]
+    ranks = [[0] * it.n_layers for it in items]
+    dense = [False] * len(items)
+    cost = floor_cost
+    heap: list[tuple[float, int, int]] = []
+    for a, it in enumerate(items):
+        for i, s in enumerate(lists[a]):
+            if s:
+                heapq.heappush(heap, (-it.weight * s[0] / it.unit_cost, a, i))
+    while heap:
+        _, a, i = heapq.heappop(heap)
+        if dense[a]:
+            continue
+        it = items[a]
+        current = it.lors_cost(ranks[a])
+        if current + it.unit_cost >= it.dense_cost:
+            step = it.dense_cost - current  # switching to dense: zero error, it does not break even
+            if cost + step <= limit:
+                dense[a] = True
+                cost += step
+            continue
+        if cost + it.unit_cost > limit:
+            continue  # does not fit; cheaper units of other items may
+        ranks[a][i] += 1
+        cost += it.unit_cost
+        k = ranks[a][i]
+        if k < len(lists[a][i]):
+            heapq.heappush(heap, (-it.weight * lists[a][i][k] / it.unit_cost, a, i))
+    result = evaluate(items, ranks, dense, limit)
+    assert result.params == cost
+    return result
+
+
+def uniform_ranks(items: Sequence[BudgetItem], rank: int) -> Allocation:
+    """Every layer of every item at the same rank (clamped to ``min(d, h)``), for comparisons."""
+    ranks = [[min(rank, it.d, it.h)] * it.n_layers for it in items]
+    return evaluate(items, ranks)
+
+
+__all__ = ["BudgetItem", "Allocation", "allocate_ranks", "uniform_ranks", "evaluate", "minimum_params"]

@@ -1,0 +1,220 @@
+"""Healing: distill a converted (LORS) model towards its source model on calibration inputs.
+
+The student is trained to reproduce the teacher's output (the last hidden state of Hugging Face
+models, else the first output tensor): token-level MSE relative to the teacher's energy
+(``loss="mse"``), per-token cosine (``"cosine"``) or the cosine of mean-pooled embeddings
+(``"pooled_cosine"``); padding is masked out when batches carry an ``attention_mask``. By default
+only the LORS modules' parameters train (shared parts, private factors and those layers' biases,
+``trainable="lors"``);
+``trainable="all"`` trains everything. Adam with a short warm-up and cosine decay.
+
+Resumable: with ``checkpoint_path`` the trainable tensors, the optimizer state, the step and the
+loss history are saved every ``save_every`` steps, at the end, and on interruption (written to a
+temporary file, then atomically renamed), and a later call with the same path continues from there.
+
+The CLI's ``lors heal CKPT --data DATA`` wraps :func:`heal`::
+
+    history = heal(lors_model, teacher, batches, steps=300, lr=1e-3,
+                   checkpoint_path="heal.state.pt", progress=lambda step, steps, loss: ...)
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .calibration import Batch, batch_mask, run_model, to_device
+from .errors import LorsUsageError
+from .layers import LorsModule
+from .quality import mean_pool, primary_output
+
+LOSSES = ("mse", "cosine", "pooled_cosine")
+STATE_VERSION = 1
+
+
+@dataclass
+class HealResult:
+    history: list[dict] = field(default_factory=list)  # {"step": s, "loss": l} per step
+    steps: int = 0  # steps done in total (including resumed ones)
+    resumed_from: int = 0  # step the run resumed at (0: fresh)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def lors_parameter_names(model: nn.Module) -> set[str]:
+    """Names (as ``named_parameters`` gives them) of every parameter that lives in a LORS module."""
+    ids = {id(p) for m in model.modules() if isinstance(m, LorsModule) for p in m.parameters()}
+    return {name for name, p in model.named_parameters() if id(p) in ids}
+
+
+def distill_loss(student_out: torch.Tensor, teacher_out: torch.Tensor, mask: torch.Tensor | None,
+                 kind: str = "mse") -> torch.Tensor:
+    """Mean loss of a batch; ``mask`` (B, T) selects real tokens of (B, T, H) outputs."""
+    s, t = student_out.float(), teacher_out.float()
+    use_mask = mask is not None and s.dim() == 3 and tuple(s.shape[:2]) == tuple(mask.shape)
+    if kind == "pooled_cosine":
+        if use_mask:
+            s, t = mean_pool(s, mask), mean_pool(t, mask)
+        else:
+            s, t = s.reshape(s.shape[0], -1), t.reshape(t.shape[0], -1)
+        return (1.0 - F.cosine_similarity(s, t, dim=-1)).mean()
+    if kind == "cosine":
+        cos = F.cosine_similarity(s, t, dim=-1)  # per token (or per row)
+        if use_mask:
+            m = mask.to(cos.dtype)
+            return ((1.0 - cos) * m).sum() / m.sum().clamp_min(1.0)
+        return (1.0 - cos).mean()
+    diff = (s - t) ** 2
+    ref = t ** 2
+    if use_mask:
+        m = mask.to(diff.dtype).unsqueeze(-1)
+        return (diff * m).sum() / (ref * m).sum().clamp_min(1e-12)
+    return diff.sum() / ref.sum().clamp_min(1e-12)
+
+
+def _lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = (step - warmup) / max(steps - warmup, 1)
+    return lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0))))
+
+
+def _order(n: int, epoch: int, seed: int) -> list[int]:
+    order = list(range(n))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return order
+
+
+def _save_state(path: Path, state: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def heal(
+    student: nn.Module,
+    teacher: nn.Module,
+    batches: Sequence[Batch],
+    steps: int = 300,
+    lr: float = 1e-3,
+    loss: str = "mse",
+    trainable: str = "lors",
+    checkpoint_path: str | os.PathLike | None = None,
+    save_every: int = 50,
+    progress: Callable[[int, int, float], None] | None = None,
+    device: str | torch.device | None = None,
+    warmup: int | None = None,
+    weight_decay: float = 0.0,
+    seed: int = 0,
+    cache_teacher: bool = True,
+) -> HealResult:
+    """Train ``student`` (in place) to match ``teacher`` on ``batches`` for ``steps`` optimizer steps.
+
+    ``batches``: a sequence of model inputs (tensors or keyword dicts, e.g. from
+    :func:`lors_convert.calibration.load_calibration`), cycled in a seeded order. ``device``: where to
+    train (default: the student's device; the teacher is moved there). ``progress(step, steps,
+    loss)`` is called after every step. Dropout is off (both models in eval mode) so the target is
+    deterministic. Returns the loss history; the student's train/eval mode and ``requires_grad``
+    flags are restored.
+    """
+    if loss not in LOSSES:
+        raise LorsUsageError(f"loss must be one of {LOSSES}, got {loss!r}")
+    if trainable not in ("lors", "all"):
+        raise LorsUsageError(f"trainable must be 'lors' or 'all', got {trainable!r}")
+    if steps < 0 or lr <= 0:
+        raise LorsUsageError("steps must be >= 0 and lr > 0")
+    batches = list(batches)
+    if not batches:
+        raise LorsUsageError("healing needs at least one batch of inputs")
+    if device is not None:
+        student.to(device)
+    where = next(student.parameters()).device
+    if next(teacher.parameters(), torch.empty(0, device=where)).device != where:
+        teacher.to(where)
+    names = lors_parameter_names(student) if trainable == "lors" else {n for n, _ in student.named_parameters()}
+    if not names:
+        raise LorsUsageError("the model has no LORS parameters to heal (convert it first, or trainable='all')")
+    params = dict(student.named_parameters())
+    flags = {n: p.requires_grad for n, p in params.items()}
+    for n, p in params.items():
+        p.requires_grad_(n in names)
+    train_params = [params[n] for n in sorted(names)]
+    optimizer = torch.optim.Adam(train_params, lr=lr, weight_decay=weight_decay)
+    warmup = max(1, steps // 20) if warmup is None else max(1, warmup)
+
+    result = HealResult()
+    start = 0
+    path = Path(checkpoint_path) if checkpoint_path is not None else None
+    if path is not None and path.exists():
+        state = torch.load(path, map_location=where, weights_only=True)
+        if state.get("version") != STATE_VERSION or sorted(state["trainable"]) != sorted(names):
+            raise LorsUsageError(f"{path}: heal state does not match this model (different parameters)")
+        with torch.no_grad():
+            for n, t in state["trainable"].items():
+                params[n].copy_(t)
+        optimizer.load_state_dict(state["optimizer"])
+        start = int(state["step"])
+        result.history = list(state["history"])
+        result.resumed_from = start
+
+    def snapshot(step: int) -> None:
+        if path is None:
+            return
+        _save_state(path, {"version": STATE_VERSION, "step": step,
+                           "trainable": {n: params[n].detach().cpu().clone() for n in sorted(names)},
+                           "optimizer": optimizer.state_dict(), "history": result.history,
+                           "config": {"steps": steps, "lr": lr, "loss": loss, "trainable": trainable,
+                                      "seed": seed}})
+
+    was_training = (student.training, teacher.training)
+    student.eval()
+    teacher.eval()
+    cache: dict[int, torch.Tensor] = {}
+    done = start
+    try:
+        for step in range(start, steps):
+            epoch, pos = divmod(step, len(batches))
+            idx = _order(len(batches), epoch, seed)[pos]
+            batch = to_device(batches[idx], where)
+            if idx in cache:
+                target = cache[idx]
+            else:
+                with torch.no_grad():
+                    target = primary_output(run_model(teacher, batch)).detach()
+                if cache_teacher:
+                    cache[idx] = target
+            for group in optimizer.param_groups:
+                group["lr"] = _lr_at(step, steps, lr, warmup)
+            out = primary_output(run_model(student, batch))
+            value = distill_loss(out, target, batch_mask(batch), loss)
+            optimizer.zero_grad(set_to_none=True)
+            value.backward()
+            optimizer.step()
+            result.history.append({"step": step + 1, "loss": float(value.detach())})
+            done = step + 1
+            if progress is not None:
+                progress(step + 1, steps, float(value.detach()))
+            if save_every and (step + 1) % save_every == 0 and step + 1 < steps:
+                snapshot(step + 1)
+        snapshot(done)
+    except BaseException:
+        snapshot(done)  # interrupted: keep every finished step (one in flight is redone on resume)
+        raise
+    finally:
+        for n, p in params.items():
+            p.requires_grad_(flags[n])
+        student.train(was_training[0])
+        teacher.train(was_training[1])
+    result.steps = done
+    return result
+
+
+__all__ = ["heal", "HealResult", "distill_loss", "lors_parameter_names", "LOSSES"]

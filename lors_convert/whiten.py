@@ -1,0 +1,273 @@
+"""Activation-aware (whitened) LORS math: weighted shared part, whitened truncated SVD, refinement.
+
+Pure functions, no model. For one stacked parameter with layer matrices ``W_i`` in *linear
+orientation* ``(out, in)`` (``y = W x``) and input Gram matrices ``C_i = sum_x x x^T`` ``(in, in)``,
+the output error a layer makes on its calibration inputs is
+
+    E_i = sum_x ||(W_i - What_i) x||^2 = tr(D_i C_i D_i^T) = ||D_i L_i||_F^2,   L_i L_i^T = C_i.
+
+- Shared part (weighted least squares over the stack, private parts fixed at ``P_i``)::
+
+      W_s = (sum_i (W_i - P_i) C_i) (sum_i C_i)^-1          (P_i = 0 at initialization)
+
+- Private part of rank ``k_i``: truncated SVD of the whitened residual ``(W_i - W_s) L_i = U S V^T``,
+  mapped back, ``B_i = U_k S_k^{1/2}``, ``A_i = S_k^{1/2} V_k^T L_i^{-1}``. By Eckart-Young this is
+  the best rank-``k_i`` private part for the weighted error, and ``E_i`` equals the discarded
+  whitened energy ``sum_{j>k} s_j^2``.
+- Refinement alternates the two exact minimizations, so the total weighted error never increases.
+
+``L_i`` comes from an eigendecomposition ``C = Q diag(lam) Q^T`` with the eigenvalues floored at
+``floor * max(lam)`` (a singular Gram, e.g. from few tokens or dead inputs, stays invertible) and an
+optional ridge ``damp * mean(lam)``: ``L = Q diag(lam')^{1/2}``, ``L^-1 = diag(lam')^{-1/2} Q^T``. Every
+step uses the same effective Gram ``C' = Q diag(lam') Q^T``, which keeps the identities and the
+monotonicity exact.
+
+Matrix orientation: ``nn.Linear`` stores ``(out, in)`` and conv kernels ``(out, in*kh*kw)`` (Grams
+over unfolded patches): linear orientation as stored. HF ``Conv1D`` stores ``(in, out)``: its matrix
+is transposed on the way in and out (``orientation="in_out"``).
+"""
+from __future__ import annotations
+
+import math
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+
+from .decompose import LayerFactors, StackFactors, as_matrix, split_balanced
+
+DEFAULT_FLOOR = 1e-6  # eigenvalue floor, relative to the largest eigenvalue
+DEFAULT_DAMP = 0.0  # ridge relative to the mean eigenvalue
+
+
+@dataclass
+class Whitener:
+    """The square root of one effective Gram matrix: ``L L^T = C'`` and ``L^-1``."""
+
+    L: torch.Tensor  # (n, n)
+    L_inv: torch.Tensor  # (n, n)
+    C: torch.Tensor  # (n, n): the effective (floored, damped) Gram that L factors
+
+
+def gram_eigh(C: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``C = Q diag(lam) Q^T`` in float64 with ``lam >= 0``; diagonal Grams skip the eigensolver."""
+    C = C.to(torch.float64)
+    diag = torch.diagonal(C)
+    if torch.count_nonzero(C - torch.diag(diag)) == 0:
+        return diag.clamp_min(0.0), torch.eye(C.shape[0], dtype=torch.float64, device=C.device)
+    lam, Q = torch.linalg.eigh(0.5 * (C + C.T))
+    return lam.clamp_min(0.0), Q
+
+
+def whitener(C: torch.Tensor | None = None, floor: float = DEFAULT_FLOOR, damp: float = DEFAULT_DAMP,
+             eig: tuple[torch.Tensor, torch.Tensor] | None = None, scale: float = 1.0) -> Whitener:
+    """Eigendecomposition square root of a symmetric PSD Gram matrix with an eigenvalue floor.
+
+    ``floor`` is relative to the largest eigenvalue, ``damp`` adds ``damp * mean eigenvalue`` to all
+    (both scale-free). ``eig``: a precomputed :func:`gram_eigh` of ``C`` (then ``C`` may be None),
+    ``scale``: multiplies the Gram. An all-zero Gram (a layer never reached) falls back to the
+    identity (plain Frobenius error).
+    """
+    lam, Q = eig if eig is not None else gram_eigh(C)
+    lam = lam * scale
+    n = lam.shape[0]
+    top = float(lam.max()) if n else 0.0
+    if top <= 0.0 or not math.isfinite(top):
+        eye = torch.eye(n, dtype=torch.float64, device=lam.device)
+        return Whitener(L=eye, L_inv=eye.clone(), C=eye.clone())
+    lam = lam + damp * float(lam.mean())
+    lam = lam.clamp_min(floor * float(lam.max()))
+    root = lam.sqrt()
+    return Whitener(L=Q * root, L_inv=Q.T / root[:, None], C=(Q * lam) @ Q.T)
+
+
+def weighted_shared(W: torch.Tensor, grams: list[torch.Tensor], private: torch.Tensor | None = None
+                    ) -> torch.Tensor:
+    """``argmin_S sum_i ||(W_i - P_i - S) L_i||^2 = (sum_i (W_i - P_i) C_i)(sum_i C_i)^-1``.
+
+    ``W``: (N, out, in); ``grams``: N effective Grams (in, in); ``private``: (N, out, in) or None.
+    """
+    T = W if private is None else W - private
+    num = sum(T[i] @ grams[i] for i in range(len(grams)))  # (out, in)
+    den = sum(grams)  # (in, in), symmetric positive definite (floored)
+    # S den = num  <=>  den S^T = num^T
+    return torch.linalg.solve(den, num.T).T
+
+
+@dataclass
+class WeightedFactors(StackFactors):
+    """:class:`StackFactors` plus the weighted (output) error bookkeeping."""
+
+    weighted_residual: list[float] = field(default_factory=list)  # ||(W_i - W_s) L_i||^2
+    weighted_error: list[float] = field(default_factory=list)  # ||(W_i - What_i) L_i||^2
+    weighted_output: list[float] = field(default_factory=list)  # ||W_i L_i||^2 (output energy)
+    history: list[float] = field(default_factory=list)  # total weighted error after each sweep
+
+    @property
+    def total_weighted_error(self) -> float:
+        return sum(self.weighted_error)
+
+    @property
+    def relative_output_error(self) -> list[float]:
+        """``||(W_i - What_i) X_i|| / ||W_i X_i||`` per layer on the calibration inputs."""
+        return [math.sqrt(max(e, 0.0) / o) if o > 0 else 0.0
+                for e, o in zip(self.weighted_error, self.weighted_output)]
+
+
+def whitened_truncation(R: torch.Tensor, whiteners: list[Whitener], ranks: list[int]
+                        ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[float], list[float], list[torch.Tensor]]:
+    """Best weighted rank-``k_i`` approximation of each residual ``R_i`` (linear orientation).
+
+    Returns the factors ``(B_i (out, k), A_i (k, in))``, the whitened residual energy, the discarded
+    whitened energy (the weighted error) and the whitened spectra ``s^2`` (descending), per layer.
+    """
+    factors, energy, discarded, spectra = [], [], [], []
+    for i, k in enumerate(ranks):
+        Z = R[i] @ whiteners[i].L  # (out, in)
+        U, S, Vh = torch.linalg.svd(Z, full_matrices=False)
+        k = min(k, S.shape[0])
+        B, A_white = split_balanced(U[:, :k], S[:k], Vh[:k])
+        factors.append((B, A_white @ whiteners[i].L_inv))
+        s2 = S * S
+        energy.append(float(s2.sum()))
+        discarded.append(float(s2[k:].sum()))
+        spectra.append(s2)
+    return factors, energy, discarded, spectra
+
+
+def _orient(M: torch.Tensor, orientation: str) -> torch.Tensor:
+    return M.transpose(-1, -2) if orientation == "in_out" else M
+
+
+def whitened_spectra(weights: list[torch.Tensor], grams: list[torch.Tensor], orientation: str = "out_in",
+                     floor: float = DEFAULT_FLOOR, damp: float = DEFAULT_DAMP, shared: bool = True,
+                     device: torch.device | str | None = None, shared_matrix: torch.Tensor | None = None
+                     ) -> list[torch.Tensor]:
+    """Whitened residual spectra ``s^2`` per layer (what each rank unit would remove), for budgeting.
+
+    ``shared=False`` gives the spectra of the layers themselves (no shared part); ``shared_matrix``
+    (stored orientation) replaces the weighted least-squares shared part.
+    """
+    W, wh = _prepare(weights, grams, orientation, floor, damp, device)
+    if shared_matrix is not None:
+        R = W - _orient(as_matrix(shared_matrix).to(W), orientation)
+    elif shared:
+        R = W - weighted_shared(W, [w.C for w in wh])
+    else:
+        R = W
+    spectra = []
+    for i in range(len(weights)):
+        Z = R[i] @ wh[i].L  # (out, in)
+        G = Z @ Z.T if Z.shape[0] <= Z.shape[1] else Z.T @ Z  # the smaller Gram: eigenvalues = s^2
+        spectra.append(torch.linalg.eigvalsh(G).clamp_min(0.0).flip(0).cpu())
+    return spectra
+
+
+def _prepare(weights, grams, orientation, floor, damp, device):
+    device = torch.device(device) if device is not None else weights[0].device
+    W = torch.stack([_orient(as_matrix(w).to(device=device, dtype=torch.float64), orientation) for w in weights])
+    if grams is None:
+        grams = [None] * len(weights)
+    wh = []
+    n = W.shape[2]
+    for C in grams:
+        if C is None:
+            eye = torch.eye(n, dtype=torch.float64, device=device)
+            wh.append(Whitener(L=eye, L_inv=eye.clone(), C=eye.clone()))
+        elif isinstance(C, ScaledGram):
+            lam, Q = cached_eigh(C.gram)
+            if lam.shape[0] != n:
+                raise ValueError(f"Gram of size {lam.shape[0]} does not match the input size {n}")
+            wh.append(whitener(eig=(lam.to(device), Q.to(device)), scale=C.scale, floor=floor, damp=damp))
+        else:
+            if tuple(C.shape) != (n, n):
+                raise ValueError(f"Gram of shape {tuple(C.shape)} does not match the input size {n}")
+            wh.append(whitener(C.to(device), floor=floor, damp=damp))
+    return W, wh
+
+
+@dataclass
+class ScaledGram:
+    """``scale * gram`` without copying: the eigendecomposition of ``gram`` is computed once and cached."""
+
+    gram: torch.Tensor
+    scale: float = 1.0
+
+
+_EIG_CACHE: dict[int, tuple[weakref.ref, tuple[torch.Tensor, torch.Tensor]]] = {}
+
+
+def cached_eigh(C: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`gram_eigh` cached per Gram tensor object (q/k/v share one; budget and decomposition reuse it)."""
+    entry = _EIG_CACHE.get(id(C))
+    if entry is not None and entry[0]() is C:
+        return entry[1]
+    for key in [k for k, (ref, _) in _EIG_CACHE.items() if ref() is None]:
+        del _EIG_CACHE[key]
+    eig = gram_eigh(C)
+    _EIG_CACHE[id(C)] = (weakref.ref(C), eig)
+    return eig
+
+
+def decompose_weighted(
+    weights: list[torch.Tensor],
+    ranks: list[int],
+    grams: list[torch.Tensor | None] | None,
+    orientation: str = "out_in",
+    refine: int = 0,
+    shared: torch.Tensor | None = None,
+    floor: float = DEFAULT_FLOOR,
+    damp: float = DEFAULT_DAMP,
+    device: torch.device | str | None = None,
+    shared_part: bool = True,
+) -> WeightedFactors:
+    """Calibrated LORST factors of one stacked parameter.
+
+    ``weights``: the N layers' tensors as stored; ``ranks``: total private rank per layer;
+    ``grams``: per layer input Gram ``(in, in)`` (None: identity, i.e. the plain Frobenius error;
+    with all None and ``refine=0`` this is the mean + SVD of :func:`decompose_stack` up to the shared
+    part being the mean); ``orientation``: "out_in" (Linear, conv) or "in_out" (HF Conv1D, whose
+    factors are returned as stored, ``B (in, k)``, ``A (k, out)``); ``refine``: alternating sweeps
+    (shared <- weighted least squares given the private parts, then re-truncate), ``history`` holds the
+    total weighted error after the initial fit and after each sweep (non-increasing);
+    ``shared``: a given starting shared part (stored orientation); ``shared_part=False``: no shared
+    part at all (per-layer low rank, a baseline).
+
+    Errors (``relative_error``, ``retained_energy``) are the plain Frobenius figures of the design,
+    the weighted ones are in ``weighted_*``. Float64 math, float32 results on ``device``.
+    """
+    W, wh = _prepare(weights, grams, orientation, floor, damp, device)
+    Cs = [w.C for w in wh]
+    if not shared_part:
+        W_s = torch.zeros_like(W[0])
+        refine = 0
+    elif shared is not None:
+        W_s = _orient(as_matrix(shared).to(W), orientation)
+    else:
+        W_s = weighted_shared(W, Cs)
+    factors, energy, discarded, _ = whitened_truncation(W - W_s, wh, ranks)
+    history = [sum(discarded)]
+    for _ in range(refine):
+        P = torch.stack([B @ A for B, A in factors])
+        W_s = weighted_shared(W, Cs, P)
+        factors, energy, discarded, _ = whitened_truncation(W - W_s, wh, ranks)
+        history.append(sum(discarded))
+    layers = []
+    outputs = []
+    for i, (B, A) in enumerate(factors):
+        R = W[i] - W_s
+        D = R - B @ A
+        outputs.append(float(((W[i] @ wh[i].L) ** 2).sum()))
+        res = float((R * R).sum())
+        err = float((D * D).sum())
+        if orientation == "in_out":
+            B, A = A.T, B.T  # W^T = (B A)^T = A^T B^T: stored B (in, k), A (k, out)
+        layers.append(LayerFactors(B=B.float(), A=A.float(), residual_energy=res, discarded_energy=err,
+                                   weight_norm=float(torch.linalg.matrix_norm(W[i]))))
+    return WeightedFactors(shared=_orient(W_s, orientation).float(), layers=layers,
+                           weighted_residual=energy, weighted_error=discarded, weighted_output=outputs,
+                           history=history)
+
+
+__all__ = ["Whitener", "whitener", "ScaledGram", "gram_eigh", "cached_eigh", "weighted_shared", "whitened_truncation", "whitened_spectra",
+           "decompose_weighted", "WeightedFactors", "DEFAULT_FLOOR", "DEFAULT_DAMP"]

