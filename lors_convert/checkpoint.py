@@ -149,7 +149,7 @@ def alias_map(state: dict[str, torch.Tensor]) -> dict[str, str]:
 
 
 def _identity(t: torch.Tensor) -> tuple:
-    if t.device.type == "meta":
+    if t.device.type == "meta" or t.numel() == 0:  # empty tensors all sit at address 0: never aliases
         return ("id", id(t))
     return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
 
@@ -189,17 +189,24 @@ def dedup_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def write_tensors(directory: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str],
                   max_shard_size: int | str = DEFAULT_SHARD_SIZE) -> None:
-    """``model.safetensors`` or shards + index (huggingface_hub does the splitting)."""
-    from huggingface_hub import save_torch_state_dict
+    """``model.safetensors`` or shards + index, through the same writer as streaming conversion.
 
-    tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
-    save_torch_state_dict(tensors, directory, max_shard_size=max_shard_size, metadata=metadata,
-                          force_contiguous=True)
+    (huggingface_hub's save_torch_state_dict would drop all but one empty tensor as "shared": the
+    rank-0 factors a budget can produce.)
+    """
+    from .streaming import ShardedWriter, meta_like
+
+    writer = ShardedWriter(directory, {k: meta_like(v.shape, v.dtype) for k, v in tensors.items()},
+                           max_shard_size, metadata)
+    for key, t in tensors.items():
+        writer.add(key, t)
+    writer.close()
 
 
 def write_checkpoint(out: Path, tensors: dict[str, torch.Tensor], config: dict, report: Report,
                      source: SourceInfo | None = None, force: bool = False,
-                     max_shard_size: int | str = DEFAULT_SHARD_SIZE) -> Path:
+                     max_shard_size: int | str = DEFAULT_SHARD_SIZE, files_dir: Path | None = None) -> Path:
+    """Write a checkpoint directory atomically; HF side files come from ``files_dir`` or the source."""
     out = Path(out)
     config_text = json.dumps(config, indent=1)
     with atomic_output(out, force) as tmp:
@@ -208,12 +215,13 @@ def write_checkpoint(out: Path, tensors: dict[str, torch.Tensor], config: dict, 
         (tmp / REPORT_NAME).write_text(json.dumps(report.to_dict(), indent=1))
         if source is not None and source.kind == "hf" and source.path:
             for name in source.files:
-                shutil.copy2(Path(source.path) / name, tmp / name)
+                shutil.copy2(Path(files_dir or source.path) / name, tmp / name)
     return out
 
 
 def save(model: nn.Module, out: str | Path, report: Report | None = None, source: SourceInfo | None = None,
-         manifest: dict | None = None, force: bool = False, max_shard_size: int | str = DEFAULT_SHARD_SIZE) -> Path:
+         manifest: dict | None = None, force: bool = False, max_shard_size: int | str = DEFAULT_SHARD_SIZE,
+         files_dir: Path | None = None) -> Path:
     """Write a converted model as a LORS checkpoint directory.
 
     ``manifest`` is the source's state-dict manifest (:func:`source_manifest` of the dense model,
@@ -227,7 +235,7 @@ def save(model: nn.Module, out: str | Path, report: Report | None = None, source
     state = dedup_state(model.state_dict(keep_vars=True))
     state.update({BUFFER_PREFIX + k: v for k, v in nonpersistent_buffers(model).items()})
     config = build_config(stacks, source, manifest)
-    return write_checkpoint(Path(out), state, config, report or Report(), source, force, max_shard_size)
+    return write_checkpoint(Path(out), state, config, report or Report(), source, force, max_shard_size, files_dir)
 
 
 def _manifest_from_lors(model: nn.Module, stacks: list[dict]) -> dict:
@@ -530,8 +538,9 @@ def _validate_entry(e: dict, members: list, fail) -> None:
     bound = min(e["matrix"]) if e["kind"] == "static" else max(e["matrix"])
     if not _is_dims(e["ranks"], len(members)) or any(k > bound for k in e["ranks"]):
         fail(f"{name}: ranks must be one integer in 0..{bound} per member, got {e['ranks']!r}")
-    if e["rank"] is not None and not (_is_int(e["rank"]) and e["rank"] >= 1):
-        fail(f"{name}: rank must be a positive integer or null, got {e['rank']!r}")
+    # 0 is legitimate: a budget may keep only the shared matrix of a parameter
+    if e["rank"] is not None and not (_is_int(e["rank"]) and e["rank"] >= 0):
+        fail(f"{name}: rank must be a non-negative integer or null, got {e['rank']!r}")
     if not _is_strs(e["shared"]):
         fail(f"{name}: shared must be a list of tensor names")
     if not isinstance(e.get("extra", {}), dict):

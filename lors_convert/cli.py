@@ -145,6 +145,13 @@ def convert(
                                         "or 'PATTERN: G x [RxC, ...]' (repeatable), see lors_convert.lorsa."),
     preset: Optional[str] = typer.Option(None, "--preset", help="adamixer-paper: LORST r=8 on out_proj, "
                                          "LORSA r=16 K=1,1,2,2,3,3 on the generators (overrides rank/groups)."),
+    calibrate: Optional[Path] = typer.Option(None, "--calibrate", help="Calibration inputs: a text file (HF text "
+                                             "models) or a .safetensors/.pt tensor file; whitened, activation-aware fit."),
+    heldout: Optional[Path] = typer.Option(None, "--heldout", help="Held-out inputs for the quality report "
+                                           "[20% of --calibrate]."),
+    refine: int = typer.Option(0, "--refine", help="Alternating refinement sweeps of the shared part."),
+    budget: Optional[float] = typer.Option(None, "--budget", help="Target fraction of the stacked parameters; "
+                                           "ranks per layer by water-filling (replaces --rank)."),
     keep_unsaving: bool = typer.Option(False, "--keep-unsaving", help="Convert matrices even where it saves nothing."),
     shard_size: str = typer.Option("2GB", "--max-shard-size", help="Shard the safetensors output above this size."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print stacks and projected savings; write nothing."),
@@ -186,7 +193,14 @@ def convert(
     progress = make_progress(not (quiet or json_out))
     require_savings = not keep_unsaving
     dist = Dist.from_env()
+    calibrated = calibrate is not None or refine > 0 or budget is not None
+    if refine < 0:
+        raise LorsUsageError(f"--refine must be >= 0, got {refine}")
+    if heldout is not None and calibrate is None:
+        raise LorsUsageError("--heldout goes with --calibrate")
     try:  # HF directories and .safetensors + --arch stream: one group in memory at a time
+        if calibrated:
+            raise NotStreamable("calibration runs the model")
         report = stream_convert(src, out, arch=arch, rank=r, groups=group_arg, include=include, exclude=exclude,
                                 init=init, method=method, device=device, require_savings=require_savings,
                                 max_shard_size=shard_size, force=force, progress=progress, dist=dist,
@@ -227,13 +241,38 @@ def convert(
                                   if any(pp.stack is pp_stack for pp in plan.params)], source, manifest)
         ck.write_checkpoint(out, tensors, config, report, source, force=force, max_shard_size=shard_size)
     else:
-        lors_model, report = convert_model(model, rank=r, groups=group_arg, include=include, exclude=exclude,
-                                           init=init, method=method, device=device,
-                                           require_savings=require_savings, progress=progress,
-                                           adaptive=adaptive_arg)
+        kwargs = dict(groups=group_arg, include=include, exclude=exclude, init=init, method=method, device=device,
+                      require_savings=require_savings, progress=progress, adaptive=adaptive_arg)
+        if calibrate is not None:
+            from .calibration import calibrated_convert
+
+            data = read_calibration(calibrate, src, source, heldout)
+            lors_model, report = calibrated_convert(model, data, refine=refine, budget=budget, rank=r, **kwargs)
+        else:
+            lors_model, report = convert_model(model, rank=r, refine=refine, budget=budget, **kwargs)
         ck.save(lors_model, out, report=report, source=source, manifest=manifest, force=force,
                 max_shard_size=shard_size)
     _show(report, json_out, quiet, title=f"LORS conversion of {src} -> {out}")
+
+
+def read_calibration(data: Path, src: Path, source, heldout: Path | None = None):
+    """Calibration inputs; text files are tokenized with the source's (or checkpoint's) tokenizer."""
+    from .calibration import load_calibration
+
+    tokenizer = None
+    if data.suffix not in (".safetensors", ".pt", ".pth", ".bin"):
+        tokenizer_dir = src if (src / "tokenizer_config.json").is_file() or (src / "tokenizer.json").is_file() \
+            else Path(source.path or "")
+        if source.kind != "hf" and not (tokenizer_dir / "tokenizer.json").is_file():
+            raise LorsUsageError(f"{data}: text calibration needs a Hugging Face text model (its tokenizer); "
+                                 "give a .safetensors/.pt file of model inputs instead")
+        from transformers import AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
+        except Exception as e:
+            raise LorsError(f"{tokenizer_dir}: no usable tokenizer for text calibration ({e})") from None
+    return load_calibration(data, tokenizer=tokenizer, heldout_path=heldout)
 
 
 def _stack_entry(stack, plan) -> dict:
@@ -311,6 +350,71 @@ def merge(
         emit_json({"output": str(out)})
     elif not quiet:
         _console().print(f"merged {path} -> {out}")
+
+
+@app.command()
+@handle_errors
+def heal(
+    path: Path = typer.Argument(..., help="A LORS checkpoint directory."),
+    data: Path = typer.Option(..., "--data", help="Distillation inputs: text file or .safetensors/.pt tensors."),
+    heldout: Optional[Path] = typer.Option(None, "--heldout", help="Held-out inputs for the fidelity report."),
+    steps: int = typer.Option(300, "--steps", help="Optimizer steps."),
+    lr: float = typer.Option(1e-3, "--lr", help="Learning rate (AdamW, warmup + cosine)."),
+    loss: str = typer.Option("mse", "--loss", help="mse, cosine or pooled_cosine (on the last hidden state)."),
+    trainable: str = typer.Option("lors", "--train", help="lors (shared + factors) or all parameters."),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Healed checkpoint [<ckpt>.healed.lors]."),
+    arch: Optional[str] = typer.Option(None, "--arch", help="Architecture of a state-dict source (as at convert)."),
+    trust_arch: bool = typer.Option(False, "--trust-arch", help="Build the architecture recorded in the checkpoint."),
+    trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow unpickling a pickled-module source."),
+    json_out: bool = typer.Option(False, "--json", help="The report as JSON on stdout."),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output."),
+) -> None:
+    """Distill a LORS checkpoint towards its dense source; resumable (rerun the same command)."""
+    from . import checkpoint as ck
+    from .heal import heal as run_heal
+    from .quality import fidelity, reference_outputs
+    from .sources import HF_SIDE_FILES, SourceInfo, load_source
+
+    if steps < 1 or lr <= 0:
+        raise LorsUsageError("--steps must be >= 1 and --lr > 0")
+    ckpt = ck.Checkpoint(path)
+    out = output or default_output(path, ".healed.lors")
+    ck.check_output(out, force)
+    src = ckpt.source
+    if not src.get("path") or not Path(src["path"]).exists():
+        raise LorsError(f"{path}: healing needs the dense source {src.get('path')!r} as teacher, and it is not there")
+    recorded_arch = arch or (src.get("arch") if src.get("kind") == "state_dict" and trust_arch else None)
+    if src.get("kind") == "state_dict" and recorded_arch is None:
+        raise LorsUsageError(f"{path}: pass --arch {src.get('arch')} (or --trust-arch) to rebuild the teacher")
+    teacher, _ = load_source(src["path"], arch=recorded_arch, trust_pickle=trust_pickle)
+    student = ck.load(path, arch=recorded_arch, trust_pickle=trust_pickle)
+    info = SourceInfo(kind=src["kind"], path=src.get("path"), arch=src.get("arch"), sha256=src.get("sha256"),
+                      files=[f for f in HF_SIDE_FILES if (path / f).is_file()] if src.get("kind") == "hf" else [])
+    data_set = read_calibration(data, path, info, heldout)
+    reference = reference_outputs(teacher, data_set.heldout) if data_set.heldout else None
+    before = fidelity(student, reference) if reference is not None else {}
+    state_file = out.parent / f".{out.name}.heal-state.pt"  # resumable across interruptions
+    bar = make_progress(not (quiet or json_out))
+    callback = None
+    if bar is not None:
+        ticks = bar(iter(range(steps)), steps, "healing")
+
+        def callback(step, total, value):
+            next(ticks, None)
+    result = run_heal(student, teacher, data_set.calibration, steps=steps, lr=lr, loss=loss, trainable=trainable,
+                      checkpoint_path=state_file, progress=callback, device=device)
+    student = student.to("cpu")
+    report = ckpt.report()
+    report.quality.update({f"before_heal_{k}": v for k, v in before.items()})
+    if reference is not None:
+        report.quality.update(fidelity(student, reference))
+    report.quality.update({"heal_steps": result.steps, "heal_final_loss": result.history[-1]["loss"]
+                           if result.history else None})
+    ck.save(student, out, report=report, source=info, manifest=ckpt.manifest, force=force, files_dir=path)
+    state_file.unlink(missing_ok=True)
+    _show(report, json_out, quiet, title=f"LORS heal of {path} -> {out}")
 
 
 def main() -> None:

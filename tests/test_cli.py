@@ -268,3 +268,24 @@ def test_load_does_not_call_a_recorded_arch_unasked(tmp_path):
         (out / name).write_text(json.dumps(config))
     with pytest.raises(LorsError):
         lors_convert.load(out)
+
+
+def test_calibrate_budget_then_heal(minilm_dir, tmp_path):
+    """--calibrate/--budget write a checkpoint that reads back (rank-0 layers included); heal resumes-safe."""
+    data = Path(__file__).resolve().parents[1] / "scripts" / "data"
+    out = tmp_path / "cal.lors"
+    res = run("convert", minilm_dir, "--calibrate", data / "calib_prose.txt", "--heldout",
+              data / "heldout_dialogue.txt", "--budget", "0.3", "-o", out, "--json")
+    assert res.exit_code == 0, res.output
+    quality = json.loads(res.stdout)["quality"]
+    assert abs(quality["stacked_fraction"] - 0.3) <= 0.01 * 0.3
+    assert 0.0 < quality["heldout_cosine"] <= 1.0 and quality["heldout_samples"] == 145
+    assert run("merge", out, "-o", tmp_path / "dense", "-q").exit_code == 0
+    healed = tmp_path / "healed.lors"
+    res = run("heal", out, "--data", data / "calib_prose.txt", "--heldout", data / "heldout_dialogue.txt",
+              "--steps", "2", "-o", healed, "--json")
+    assert res.exit_code == 0, res.output
+    quality = json.loads(res.stdout)["quality"]
+    assert quality["heal_steps"] == 2 and "before_heal_heldout_cosine" in quality
+    assert not list(tmp_path.glob(".healed.lors*"))  # the resume state is gone after success
+    assert run("report", healed, "--json").exit_code == 0
