@@ -44,8 +44,8 @@ def timer(model, ids, device: str):
     return run
 
 
-def bench(device: str, rounds: int) -> list[dict]:
-    rows = []
+def bench(device: str, rounds: int):
+    """Yields one row per (rank, batch) as soon as it is measured."""
     dense = build(device)
     for rank in (8, 64):
         lors, _ = convert(copy.deepcopy(dense), rank=rank)
@@ -61,10 +61,8 @@ def bench(device: str, rounds: int) -> list[dict]:
                 for name, run in runners.items():
                     times[name].append(run())
             med = {name: statistics.median(v) for name, v in times.items()}
-            rows.append({"device": device, "rank": rank, "batch": batch, "dense_ms": 1e3 * med["dense"],
-                         "lors_over_dense": med["lors"] / med["dense"],
-                         "merged_over_dense": med["merged"] / med["dense"]})
-    return rows
+            yield {"device": device, "rank": rank, "batch": batch, "dense_ms": 1e3 * med["dense"],
+                   "lors_over_dense": med["lors"] / med["dense"], "merged_over_dense": med["merged"] / med["dense"]}
 
 
 def main() -> None:
@@ -80,7 +78,7 @@ def main() -> None:
     for device in devices:
         for row in bench(device, args.rounds):
             print(f"| {row['device']} | {row['rank']} | {row['batch']} x 128 | {row['dense_ms']:.1f} | "
-                  f"{row['lors_over_dense']:.3f}x | {row['merged_over_dense']:.3f}x |")
+                  f"{row['lors_over_dense']:.3f}x | {row['merged_over_dense']:.3f}x |", flush=True)
 
 
 if __name__ == "__main__":
