@@ -12,14 +12,6 @@ from lors_convert.lorsa import detect_generators, make_adaptive_hook, paper_adam
 from lors_convert.zoo.adamixer import AdaMixerConfig, AdaMixerDecoder, AdaMixerDecoderStage, random_inputs
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: threads only add contention on a shared machine
-    yield
-    torch.set_num_threads(n)
-
-
 # per-stage breakdown of the official default (C=256, feat=256, G=4, e=64, P_in=32, P_out=128, FFN 2048)
 DEFAULT_STAGE = {
     "attention": 3 * 256 * 256 + 3 * 256 + 256 * 256 + 256,  # in_proj + out_proj = 263,168

@@ -21,14 +21,6 @@ GEN = "*adaptive_mixing.parameter_generator.0.weight"
 OUT = "*adaptive_mixing.out_proj.weight"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: threads only add contention on a shared machine
-    yield
-    torch.set_num_threads(n)
-
-
 def generators(model):
     return [st.sampling_n_mixing.adaptive_mixing.parameter_generator[0] for st in model.bbox_head]
 
