@@ -41,28 +41,35 @@ class SafetensorsSource:
     def __init__(self, files: list[Path]):
         from safetensors import safe_open
 
-        self._handles = {}
         self.where: dict[str, Path] = {}
         self.specs: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
         for f in files:
             try:
-                handle = safe_open(str(f), framework="pt", device="cpu")
+                with safe_open(str(f), framework="pt", device="cpu") as handle:
+                    for key in handle.keys():
+                        sl = handle.get_slice(key)
+                        self.where[key] = f
+                        self.specs[key] = (tuple(sl.get_shape()), _DTYPES.get(sl.get_dtype(), torch.float32))
             except Exception as e:
                 raise LorsError(f"{f}: not a readable safetensors file ({_short(e)})") from None
-            self._handles[f] = handle
-            for key in handle.keys():
-                sl = handle.get_slice(key)
-                self.where[key] = f
-                self.specs[key] = (tuple(sl.get_shape()), _DTYPES.get(sl.get_dtype(), torch.float32))
 
     def __contains__(self, key: str) -> bool:
         return key in self.where
 
     def get(self, key: str) -> torch.Tensor:
+        """One tensor, from a handle opened for this read only.
+
+        ``get_tensor`` returns a tensor backed by the file's memory map; every page read stays in
+        the process's RSS for as long as the map lives. A map per read lives only as long as the
+        tensor, so streaming holds one group's pages, not the whole source.
+        """
+        from safetensors import safe_open
+
+        if key not in self.where:
+            raise LorsError(f"tensor {key!r} is not in the source")
         try:
-            return self._handles[self.where[key]].get_tensor(key)
-        except KeyError:
-            raise LorsError(f"tensor {key!r} is not in the source") from None
+            with safe_open(str(self.where[key]), framework="pt", device="cpu") as handle:
+                return handle.get_tensor(key)
         except Exception as e:
             raise LorsError(f"{self.where[key]}: cannot read tensor {key!r} ({_short(e)})") from None
 
@@ -206,11 +213,11 @@ class NotStreamable(Exception):
 def open_streamable(src: Path, arch: str | None):
     """(empty model, lazy tensors, source info) for an HF directory or ``.safetensors`` + ``--arch``."""
     from .sources import (HF_SIDE_FILES, SourceInfo, build_arch, build_hf, file_sha256, hf_weight_files,
-                          is_hf_dir)
+                          is_hf_dir, weight_keys)
 
     if is_hf_dir(src):
         files = hf_weight_files(src)
-        model = empty_model(lambda: build_hf(src, device="cpu"))
+        model = empty_model(lambda: build_hf(src, device="cpu", keys=weight_keys(files)))
         info = SourceInfo(kind="hf", path=str(src.resolve()), arch=type(model).__name__,
                           sha256=file_sha256(files), files=[f for f in HF_SIDE_FILES if (src / f).is_file()])
     elif src.suffix == ".safetensors" and arch is not None and src.is_file():
