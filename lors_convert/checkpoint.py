@@ -691,7 +691,7 @@ def build_architecture(ckpt: Checkpoint, trust_pickle: bool = False, arch: str |
     source = ckpt.source
     kind = source.get("kind")
     if kind == "hf":
-        return build_hf(ckpt.path, device="meta")
+        return build_hf(ckpt.path, device="meta", keys=set(ckpt.config["manifest"]["keys"]))
     if kind == "state_dict":
         recorded = source["arch"]
         if arch is None:

@@ -196,14 +196,47 @@ def hf_weight_files(path: Path) -> list[Path]:
                     "are read: .bin pickles would run code)")
 
 
-def hf_model_class(config):
+# tried in order when config.json names no architecture: the first whose keys cover the weights
+AUTO_CLASSES = ("AutoModel", "AutoModelForCausalLM", "AutoModelForMaskedLM", "AutoModelForSeq2SeqLM",
+                "AutoModelForImageClassification")
+
+
+def hf_model_class(config, keys: set[str] | None = None):
+    """The transformers class of a config: the one ``architectures`` names, else the first Auto class
+    whose (meta-device) state-dict keys cover ``keys``, the weight files' keys (a checkpoint saved from
+    a bare config has no ``architectures``, and ``AutoModel`` would silently drop its head)."""
     import transformers
 
     for name in getattr(config, "architectures", None) or []:
         cls = getattr(transformers, name, None)  # only model classes: a config must not name any callable
         if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
             return cls
+    if keys:
+        from .streaming import empty_model
+
+        for name in AUTO_CLASSES:
+            auto = getattr(transformers, name)
+            try:
+                model = empty_model(lambda: auto.from_config(config))
+            except Exception:  # not a model type this Auto class knows
+                continue
+            if set(keys) <= set(model.state_dict()):
+                return type(model)
     return transformers.AutoModel
+
+
+def weight_keys(files: list[Path]) -> set[str]:
+    """The tensor names stored in safetensors files (headers only)."""
+    from safetensors import safe_open
+
+    keys: set[str] = set()
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt", device="cpu") as handle:
+                keys.update(handle.keys())
+        except Exception as e:
+            raise LorsError(f"{f}: not a readable safetensors file ({_short(e)})") from None
+    return keys
 
 
 def load_hf_config(path: Path):
@@ -215,10 +248,10 @@ def load_hf_config(path: Path):
         raise LorsError(f"{path / 'config.json'}: not a usable Hugging Face config ({_short(e)})") from None
 
 
-def build_hf(path: Path, device: str | torch.device = "meta") -> nn.Module:
-    """The architecture of an HF directory (config.json only), built on ``device``."""
+def build_hf(path: Path, device: str | torch.device = "meta", keys: set[str] | None = None) -> nn.Module:
+    """The architecture of an HF directory (config.json; ``keys``: the weights' names), built on ``device``."""
     config = load_hf_config(path)
-    cls = hf_model_class(config)
+    cls = hf_model_class(config, keys)
     with torch.device(device):
         if cls.__name__.startswith("Auto"):
             return cls.from_config(config)
@@ -231,8 +264,7 @@ def load_hf(path: Path) -> nn.Module:
     hf_logging.disable_progress_bar()  # our own progress and --json output own the terminal
     hf_logging.set_verbosity_error()  # its load report would break the one-line error contract
     config = load_hf_config(path)
-    cls = hf_model_class(config)
-    hf_weight_files(path)  # clear error when weights are missing
+    cls = hf_model_class(config, weight_keys(hf_weight_files(path)))  # clear error when weights are missing
     try:
         model, info = cls.from_pretrained(str(path), local_files_only=True, dtype="auto",
                                           output_loading_info=True)

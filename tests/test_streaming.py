@@ -78,6 +78,33 @@ def test_sharded_output_round_trip(gpt2_dir, tmp_path):
     assert model.transformer.h[0].attn.c_attn.shared is model.transformer.h[2].attn.c_attn.shared
 
 
+def test_config_without_architectures_keeps_the_head(tmp_path):
+    """A checkpoint saved from a bare config has no ``architectures``: AutoModel would drop lm_head."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from safetensors.torch import save_file as save_st
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                         num_key_value_heads=4, vocab_size=50, tie_word_embeddings=False)
+    src = tmp_path / "bare"
+    src.mkdir()
+    config.save_pretrained(src)
+    assert json.loads((src / "config.json").read_text()).get("architectures") is None
+    state = {k: v.contiguous() for k, v in LlamaForCausalLM(config).state_dict().items()}
+    save_st(state, str(src / "model.safetensors"), metadata={"format": "pt"})
+    out = tmp_path / "bare.lors"
+    res = runner.invoke(app, ["convert", str(src), "--rank", "full", "--keep-unsaving", "-o", str(out), "-q"])
+    assert res.exit_code == 0, res.output
+    assert Checkpoint(out).source["arch"] == "LlamaForCausalLM"
+    res = runner.invoke(app, ["merge", str(out), "-o", str(tmp_path / "dense"), "-q"])
+    assert res.exit_code == 0, res.output
+    merged = load_file(str(tmp_path / "dense" / "model.safetensors"))
+    assert merged.keys() == state.keys()  # lm_head and the "model." prefix kept
+    for k, v in state.items():
+        assert (merged[k] - v).abs().max() <= 1e-5 * v.abs().max().clamp_min(1e-12), k
+    assert type(lors_convert.load(out)).__name__ == "LlamaForCausalLM"
+
+
 def test_torchrun_two_processes_identical(tmp_path):
     torch.manual_seed(0)
     src = tmp_path / "mlp.safetensors"
