@@ -278,21 +278,20 @@ class Checkpoint:
         self.config = _read_json(self.path / CONFIG_NAME)
         _validate_config(self.config, self.path / CONFIG_NAME)
         self._files = self._weight_files()
-        self._handles: dict[Path, object] = {}
         self._where: dict[str, Path] = {}
         self._shapes: dict[str, tuple] = {}
         self._dtypes: dict[str, str | None] = {}
         for f in self._files:
-            handle = self._open(f)
-            meta = handle.metadata() or {}
-            stored = meta.get("lors_config")
-            if stored is not None and _json_or_none(stored) != self.config:
-                raise LorsError(f"{self.path / CONFIG_NAME} differs from the config in {f.name}'s metadata: "
-                                "the checkpoint was edited or mixed with another")
-            for key in handle.keys():
-                self._where[key] = f
-                self._shapes[key] = tuple(handle.get_slice(key).get_shape())
-                self._dtypes[key] = _SAFETENSORS_DTYPES.get(handle.get_slice(key).get_dtype())
+            with self._open(f) as handle:
+                meta = handle.metadata() or {}
+                stored = meta.get("lors_config")
+                if stored is not None and _json_or_none(stored) != self.config:
+                    raise LorsError(f"{self.path / CONFIG_NAME} differs from the config in {f.name}'s metadata: "
+                                    "the checkpoint was edited or mixed with another")
+                for key in handle.keys():
+                    self._where[key] = f
+                    self._shapes[key] = tuple(handle.get_slice(key).get_shape())
+                    self._dtypes[key] = _SAFETENSORS_DTYPES.get(handle.get_slice(key).get_dtype())
         self._check_tensors()
 
     # -- structure
@@ -332,10 +331,11 @@ class Checkpoint:
     def get(self, key: str) -> torch.Tensor:
         if key not in self._where:
             raise LorsError(f"{self.path}: tensor {key!r} is missing from the checkpoint")
-        try:
-            return self._open(self._where[key]).get_tensor(key)
-        except Exception as e:
-            raise LorsError(f"{self._where[key]}: cannot read tensor {key!r} ({_short(e)})") from None
+        with self._open(self._where[key]) as handle:  # a map per read: see SafetensorsSource.get
+            try:
+                return handle.get_tensor(key)
+            except Exception as e:
+                raise LorsError(f"{self._where[key]}: cannot read tensor {key!r} ({_short(e)})") from None
 
     # -- internals
     def _weight_files(self) -> list[Path]:
@@ -359,14 +359,13 @@ class Checkpoint:
         return files
 
     def _open(self, f: Path):
+        """A fresh handle (use as a context manager): its memory map dies with the tensors read."""
         from safetensors import safe_open
 
-        if f not in self._handles:
-            try:
-                self._handles[f] = safe_open(str(f), framework="pt", device="cpu")
-            except Exception as e:
-                raise LorsError(f"{f}: not a readable safetensors file ({_short(e)})") from None
-        return self._handles[f]
+        try:
+            return safe_open(str(f), framework="pt", device="cpu")
+        except Exception as e:
+            raise LorsError(f"{f}: not a readable safetensors file ({_short(e)})") from None
 
     def _shape(self, key: str) -> tuple:
         if key not in self._shapes:
