@@ -576,7 +576,6 @@ def merged_tensors(ckpt: Checkpoint, progress=None) -> Iterator[tuple[str, torch
     """Dense ``(key, tensor)`` pairs with exactly the source's keys, one converted group at a time."""
     manifest = ckpt.manifest
     owners = ckpt.owner_prefixes()
-    produced: dict[str, torch.Tensor] = {}
     groups = [(s, e) for s in ckpt.stacks for e in s["params"]]
     steps = iter(groups)
     if progress is not None:
@@ -589,11 +588,9 @@ def merged_tensors(ckpt: Checkpoint, progress=None) -> Iterator[tuple[str, torch
                 dense = cls.merge_state(ckpt.owner_state(stack, entry, i), entry)
             except (KeyError, RuntimeError, ValueError) as e:
                 raise LorsError(f"{ckpt.path}: cannot merge {prefix}{entry['attr']} ({_short(e)})") from None
-            for rel, t in dense.items():
-                produced[prefix + rel] = t
-        for key, t in list(produced.items()):
-            yield key, _checked(ckpt, key, t)
-        produced.clear()
+            for rel, t in dense.items():  # yielded at once: one layer's tensors in memory, not the group's
+                yield prefix + rel, _checked(ckpt, prefix + rel, t)
+            del dense
     for key in manifest["keys"]:
         if any(key.startswith(p) for p in owners):
             continue
