@@ -120,6 +120,12 @@ def truncated_svd_with_tail(R: torch.Tensor, k: int, method: str = "auto"
     return U[:, :k], S[:k], Vh[:k], float(S[k:].double().square().sum())
 
 
+def row_energy(M: torch.Tensor) -> float:
+    """``||M||_F^2`` summed in float64 over float32 row norms: ~1e-7 relative, 30x cheaper than a
+    float64 copy of the matrix (measured on 4096x1536)."""
+    return float((torch.linalg.vector_norm(M, dim=-1).double() ** 2).sum())
+
+
 def split_balanced(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``B = U S^{1/2}``, ``A = S^{1/2} V^T``: both factors carry half the spectrum."""
     root = S.clamp_min(0).sqrt()
@@ -140,7 +146,9 @@ def stack_matrices(weights, device=None, names: list[str] | None = None) -> torc
     for i in range(len(weights)):
         w = first if i == 0 else weights[i]
         W[i].copy_(as_matrix(w))
-        if names is not None and not torch.isfinite(W[i]).all():
+        # a finite sum proves every entry finite (NaN/Inf propagate); only an overflowing or
+        # non-finite sum pays for the elementwise check
+        if names is not None and not math.isfinite(float(W[i].sum())) and not torch.isfinite(W[i]).all():
             raise ValueError(f"tensor {names[i]!r} contains NaN or Inf values; refusing to convert it")
         del w
     return W
@@ -169,23 +177,23 @@ def decompose_stack(
     weight_norms = torch.linalg.matrix_norm(W).tolist()
     W_s = W.mean(dim=0) if shared is None else shared.to(device=W.device, dtype=dtype)  # (d, h)
     R = W.sub_(W_s)  # (N, d, h) residuals, in place
-    residual_energy = [float(R[i].double().square().sum()) for i in range(len(R))]  # float64, a layer at a time
     layers: list[LayerFactors] = []
-    # one call per layer: on CPU a batched torch.linalg.svd measured 2-4x slower than this loop
-    results = [truncated_svd_with_tail(R[i], k, method) for i, k in enumerate(ranks)]
-    triplets = [r[:3] for r in results]
-    tails = [r[3] for r in results]
-    for i, (U_k, S_k, Vh_k) in enumerate(triplets):
+    # one call per layer: on CPU a batched torch.linalg.svd measured 2-4x slower than this loop; each
+    # layer's full U/Vh is dropped before the next SVD (the factors are fresh tensors)
+    for i, k in enumerate(ranks):
+        residual_energy = row_energy(R[i])
+        U_k, S_k, Vh_k, tail = truncated_svd_with_tail(R[i], k, method)
         B, A = split_balanced(U_k, S_k, Vh_k)
         kept = float((S_k.double() ** 2).sum())
         layers.append(
             LayerFactors(
                 B=B, A=A,
-                residual_energy=residual_energy[i],
-                discarded_energy=tails[i] if tails[i] is not None else max(residual_energy[i] - kept, 0.0),
+                residual_energy=residual_energy,
+                discarded_energy=tail if tail is not None else max(residual_energy - kept, 0.0),
                 weight_norm=weight_norms[i],
             )
         )
+        del U_k, S_k, Vh_k
     return StackFactors(shared=W_s, layers=layers)
 
 

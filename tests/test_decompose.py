@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import time
 
+import pytest
 import torch
 
 from conftest import distinct_numel, expected_ranks, reference_errors, snapshot
 from lors_convert import convert, merge
-from lors_convert.decompose import RANDOMIZED_MIN_DIM, RANDOMIZED_OVERSAMPLE, decompose_stack, truncated_svd
+from lors_convert.decompose import (RANDOMIZED_MIN_DIM, RANDOMIZED_OVERSAMPLE, decompose_stack, row_energy,
+                                   stack_matrices, truncated_svd)
 from lors_convert.layers import LorsConv2d, LorsLinear
 from models import CASES
 
@@ -115,3 +117,22 @@ def test_require_savings_keeps_unprofitable_matrices_dense():
         module = blk.get_submodule(name.rpartition(".")[0])
         assert isinstance(module, LorsConv2d) == saves and isinstance(module, nn.Conv2d) != saves
     assert converted == {"conv3.weight", "grouped.weight"}
+
+
+def test_finiteness_check_is_exact_where_the_sum_overflows():
+    """The cheap check (a finite sum) must not refuse huge finite weights nor pass a NaN/Inf."""
+    huge = torch.full((4, 4), 3e38)  # finite, but its float32 sum overflows to inf
+    ok = stack_matrices([huge, -huge], names=["a", "b"])
+    assert torch.equal(ok[0], huge)
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        w = torch.zeros(4, 4)
+        w[2, 3] = bad
+        with pytest.raises(ValueError, match="'b' contains NaN or Inf"):
+            stack_matrices([torch.zeros(4, 4), w], names=["a", "b"])
+
+
+def test_row_energy_matches_float64():
+    torch.manual_seed(0)
+    M = torch.randn(512, 300) * torch.logspace(0, -4, 300)
+    exact = float(M.double().square().sum())
+    assert abs(row_energy(M) - exact) <= 1e-6 * exact
