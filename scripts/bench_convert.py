@@ -5,6 +5,7 @@ tensor at a time), then measures in fresh subprocesses:
 
 - the I/O floor: read every tensor with safe_open and write it back out as shards;
 - ``lors convert`` (streaming, randomized SVD where ``auto`` picks it);
+- ``lors merge`` of that output back to dense shards (streaming);
 and prints their wall times and the ratio, peak RSS of each against the largest parameter group,
 and exact vs randomized SVD time and error on one stacked matrix of the model.
 
@@ -111,6 +112,8 @@ def main() -> None:
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
 
+    if args.workdir and Path(args.workdir).exists() and any(Path(args.workdir).iterdir()):
+        raise SystemExit(f"error: --workdir {args.workdir} is not empty (a previous run?); remove it or pick another")
     work = Path(args.workdir or tempfile.mkdtemp(prefix="lors-bench-"))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
     try:
@@ -124,12 +127,16 @@ def main() -> None:
                                          str(args.rank), "--max-shard-size", args.shard, "--device", args.device,
                                          "-o", str(work / "out.lors"), "-q"], env)
         out_size = sum(f.stat().st_size for f in (work / "out.lors").glob("*.safetensors"))
+        merge_s, merge_rss = run_measured([sys.executable, "-m", "lors_convert", "merge", str(work / "out.lors"),
+                                           "--max-shard-size", args.shard, "-o", str(work / "merged"), "-q"], env)
         svd = svd_comparison(args)
         result = {
             "source_gb": size / 1e9, "output_gb": out_size / 1e9, "largest_group_mb": largest / 1e6,
             "floor_s": floor_s, "convert_s": conv_s, "convert_over_floor": conv_s / floor_s,
             "floor_peak_rss_mb": floor_rss / 1e6, "convert_peak_rss_mb": conv_rss / 1e6,
             "convert_rss_over_group": conv_rss / largest,
+            "merge_s": merge_s, "merge_over_floor": merge_s / floor_s, "merge_peak_rss_mb": merge_rss / 1e6,
+            "merge_rss_over_group": merge_rss / largest,
             "svd_shape": svd["shape"], "svd_exact_s": svd["exact"][0], "svd_randomized_s": svd["randomized"][0],
             "svd_speedup": svd["exact"][0] / svd["randomized"][0],
             "svd_error_ratio": svd["randomized"][1] / svd["exact"][1],
@@ -149,6 +156,8 @@ def main() -> None:
     print(f"| largest parameter group | {result['largest_group_mb']:.0f} MB |")
     print(f"| peak RSS floor / convert | {result['floor_peak_rss_mb']:.0f} MB / {result['convert_peak_rss_mb']:.0f} MB |")
     print(f"| convert peak RSS / largest group | {result['convert_rss_over_group']:.2f}x |")
+    print(f"| lors merge (streaming, back to dense) | {merge_s:.1f} s ({result['merge_over_floor']:.2f}x floor), "
+          f"peak RSS {result['merge_peak_rss_mb']:.0f} MB ({result['merge_rss_over_group']:.2f}x largest group) |")
     print(f"| SVD {svd['shape'][0]}x{svd['shape'][1]} rank {args.rank}: exact / randomized time | "
           f"{result['svd_exact_s']:.2f} s / {result['svd_randomized_s']:.3f} s ({result['svd_speedup']:.0f}x) |")
     print(f"| randomized / exact error | {result['svd_error_ratio']:.4f} |")
