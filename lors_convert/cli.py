@@ -361,6 +361,7 @@ def heal(
     steps: int = typer.Option(300, "--steps", help="Optimizer steps."),
     lr: float = typer.Option(1e-3, "--lr", help="Learning rate (AdamW, warmup + cosine)."),
     loss: str = typer.Option("mse", "--loss", help="mse, cosine or pooled_cosine (on the last hidden state)."),
+    match: str = typer.Option("output", "--match", help="output (the model's) or layers (also every stacked block's)."),
     trainable: str = typer.Option("lors", "--train", help="lors (shared + factors) or all parameters."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Healed checkpoint [<ckpt>.healed.lors]."),
@@ -379,6 +380,8 @@ def heal(
 
     if steps < 1 or lr <= 0:
         raise LorsUsageError("--steps must be >= 1 and --lr > 0")
+    if match not in ("output", "layers"):
+        raise LorsUsageError(f"--match must be output or layers, got {match!r}")
     ckpt = ck.Checkpoint(path)
     out = output or default_output(path, ".healed.lors")
     ck.check_output(out, force)
@@ -404,7 +407,7 @@ def heal(
         def callback(step, total, value):
             next(ticks, None)
     result = run_heal(student, teacher, data_set.calibration, steps=steps, lr=lr, loss=loss, trainable=trainable,
-                      checkpoint_path=state_file, progress=callback, device=device)
+                      checkpoint_path=state_file, progress=callback, device=device, match=match)
     student = student.to("cpu")
     report = ckpt.report()
     report.quality.update({f"before_heal_{k}": v for k, v in before.items()})

@@ -36,6 +36,7 @@ from .layers import LorsModule
 from .quality import mean_pool, primary_output
 
 LOSSES = ("mse", "cosine", "pooled_cosine")
+MATCHES = ("output", "layers")
 STATE_VERSION = 1
 
 
@@ -53,6 +54,37 @@ def lors_parameter_names(model: nn.Module) -> set[str]:
     """Names (as ``named_parameters`` gives them) of every parameter that lives in a LORS module."""
     ids = {id(p) for m in model.modules() if isinstance(m, LorsModule) for p in m.parameters()}
     return {name for name, p in model.named_parameters() if id(p) in ids}
+
+
+def stack_members(model: nn.Module) -> list[str]:
+    """Paths of every member of every stack of ``model`` (the blocks whose outputs ``match="layers"`` taps)."""
+    from .discovery import find_stacks
+
+    return [m for stack in find_stacks(model) for m in stack.members]
+
+
+class BlockTaps:
+    """Forward hooks that keep the latest output tensor of each named block, in order."""
+
+    def __init__(self, model: nn.Module, names: list[str]):
+        self.names = list(names)
+        self.outputs: dict[str, torch.Tensor] = {}
+        self.handles = [model.get_submodule(n).register_forward_hook(self._hook(n)) for n in self.names]
+
+    def _hook(self, name: str):
+        def hook(module, args, output):
+            self.outputs[name] = primary_output(output)
+        return hook
+
+    def take(self) -> list[torch.Tensor]:
+        outs = [self.outputs.pop(n) for n in self.names if n in self.outputs]
+        self.outputs.clear()
+        return outs
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
 
 
 def distill_loss(student_out: torch.Tensor, teacher_out: torch.Tensor, mask: torch.Tensor | None,
@@ -115,6 +147,7 @@ def heal(
     weight_decay: float = 0.0,
     seed: int = 0,
     cache_teacher: bool = True,
+    match: str = "output",
 ) -> HealResult:
     """Train ``student`` (in place) to match ``teacher`` on ``batches`` for ``steps`` optimizer steps.
 
@@ -122,11 +155,14 @@ def heal(
     :func:`lors_convert.calibration.load_calibration`), cycled in a seeded order. ``device``: where to
     train (default: the student's device; the teacher is moved there). ``progress(step, steps,
     loss)`` is called after every step. Dropout is off (both models in eval mode) so the target is
-    deterministic. Returns the loss history; the student's train/eval mode and ``requires_grad``
-    flags are restored.
+    deterministic. ``match="layers"`` adds the output of every stacked block (the members of the
+    teacher's stacks, hooked in both models) to the final output: the loss is their mean. Returns
+    the loss history; the student's train/eval mode and ``requires_grad`` flags are restored.
     """
     if loss not in LOSSES:
         raise LorsUsageError(f"loss must be one of {LOSSES}, got {loss!r}")
+    if match not in MATCHES:
+        raise LorsUsageError(f"match must be one of {MATCHES}, got {match!r}")
     if trainable not in ("lors", "all"):
         raise LorsUsageError(f"trainable must be 'lors' or 'all', got {trainable!r}")
     if steps < 0 or lr <= 0:
@@ -177,7 +213,9 @@ def heal(
     was_training = (student.training, teacher.training)
     student.eval()
     teacher.eval()
-    cache: dict[int, torch.Tensor] = {}
+    cache: dict[int, list[torch.Tensor]] = {}
+    members = stack_members(teacher) if match == "layers" else []
+    student_taps, teacher_taps = BlockTaps(student, members), BlockTaps(teacher, members)
     done = start
     try:
         for step in range(start, steps):
@@ -185,16 +223,19 @@ def heal(
             idx = _order(len(batches), epoch, seed)[pos]
             batch = to_device(batches[idx], where)
             if idx in cache:
-                target = cache[idx]
+                targets = cache[idx]
             else:
                 with torch.no_grad():
-                    target = primary_output(run_model(teacher, batch)).detach()
+                    final = primary_output(run_model(teacher, batch)).detach()
+                targets = teacher_taps.take() + [final]
                 if cache_teacher:
-                    cache[idx] = target
+                    cache[idx] = targets
             for group in optimizer.param_groups:
                 group["lr"] = _lr_at(step, steps, lr, warmup)
-            out = primary_output(run_model(student, batch))
-            value = distill_loss(out, target, batch_mask(batch), loss)
+            final = primary_output(run_model(student, batch))
+            outs = student_taps.take() + [final]
+            mask = batch_mask(batch)
+            value = sum(distill_loss(o, t, mask, loss) for o, t in zip(outs, targets)) / len(targets)
             optimizer.zero_grad(set_to_none=True)
             value.backward()
             optimizer.step()
@@ -209,6 +250,8 @@ def heal(
         snapshot(done)  # interrupted: keep every finished step (one in flight is redone on resume)
         raise
     finally:
+        student_taps.remove()
+        teacher_taps.remove()
         for n, p in params.items():
             p.requires_grad_(flags[n])
         student.train(was_training[0])
@@ -217,4 +260,4 @@ def heal(
     return result
 
 
-__all__ = ["heal", "HealResult", "distill_loss", "lors_parameter_names", "LOSSES"]
+__all__ = ["heal", "HealResult", "distill_loss", "lors_parameter_names", "stack_members", "LOSSES", "MATCHES"]

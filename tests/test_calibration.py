@@ -11,7 +11,7 @@ from lors_convert import convert, merge
 from lors_convert.calibration import (GramCollector, collect_grams, gram_owners, load_calibration,
                                       split_heldout, tensor_batches)
 from lors_convert.errors import LorsUsageError
-from lors_convert.heal import distill_loss, heal
+from lors_convert.heal import distill_loss, heal, stack_members
 from lors_convert.quality import fidelity, reference_outputs
 
 
@@ -50,12 +50,12 @@ def _tiny(seed=0):
     return Tiny()
 
 
-
 def assert_gram_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
     """Float32 batch products accumulated in float64: within 1e-6 of the largest entry."""
     assert actual.dtype == torch.float64
     expected = expected.detach()
     assert float((actual - expected).abs().max()) <= 1e-6 * float(expected.abs().max())
+
 
 def test_grams_match_direct_computation():
     model = _tiny()
@@ -196,6 +196,38 @@ def test_heal_improves_fidelity():
     assert seen == list(range(1, 31)) and len(result.history) == 30
     frozen = [p for n, p in student.named_parameters() if n.endswith("bias")]
     assert all(p.requires_grad for p in frozen)  # flags restored
+
+
+def test_heal_matching_every_block():
+    """match="layers": the loss is the mean over every stacked block's output and the final output."""
+    teacher, student, batches = _heal_setup()
+    members = stack_members(teacher)
+    assert len(members) >= 2
+    out = {}
+
+    def block_errors(model):
+        taps = [model.get_submodule(n).register_forward_hook(lambda m, a, o, n=n: out.__setitem__(n, o))
+                for n in members]
+        with torch.no_grad():
+            model(batches[0])
+        for h in taps:
+            h.remove()
+        return dict(out)
+
+    ref = block_errors(teacher)
+    first = heal(copy.deepcopy(student), teacher, batches[:1], steps=1, lr=1e-12, match="layers")
+    got = block_errors(student)
+    per_block = [float(distill_loss(got[n], ref[n], None)) for n in members]
+    with torch.no_grad():
+        final = float(distill_loss(student(batches[0]), teacher(batches[0]), None))
+    assert first.history[0]["loss"] == pytest.approx(sum(per_block + [final]) / (len(members) + 1), rel=1e-4)
+    before = sum(per_block)
+    heal(student, teacher, batches, steps=30, lr=3e-3, match="layers")
+    got = block_errors(student)
+    assert sum(float(distill_loss(got[n], ref[n], None)) for n in members) < 0.8 * before
+    assert not any(student.get_submodule(n)._forward_hooks for n in members)  # taps removed
+    with pytest.raises(LorsUsageError, match="match must be one of"):
+        heal(student, teacher, batches, steps=1, match="blocks")
 
 
 def test_heal_resume_matches_uninterrupted_run(tmp_path):

@@ -283,9 +283,12 @@ def test_calibrate_budget_then_heal(minilm_dir, tmp_path):
     assert run("merge", out, "-o", tmp_path / "dense", "-q").exit_code == 0
     healed = tmp_path / "healed.lors"
     res = run("heal", out, "--data", data / "calib_prose.txt", "--heldout", data / "heldout_dialogue.txt",
-              "--steps", "2", "-o", healed, "--json")
+              "--steps", "2", "--match", "layers", "-o", healed, "--json")
     assert res.exit_code == 0, res.output
     quality = json.loads(res.stdout)["quality"]
     assert quality["heal_steps"] == 2 and "before_heal_heldout_cosine" in quality
     assert not list(tmp_path.glob(".healed.lors*"))  # the resume state is gone after success
     assert run("report", healed, "--json").exit_code == 0
+    res = run("heal", out, "--data", data / "calib_prose.txt", "--match", "blocks", "-o", tmp_path / "h2.lors")
+    assert res.exit_code == 2 and "--match must be output or layers" in res.output
+    assert not (tmp_path / "h2.lors").exists()
