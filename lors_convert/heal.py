@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .calibration import Batch, batch_mask, run_model, to_device
-from .errors import LorsUsageError
+from .errors import LorsError, LorsUsageError
 from .layers import LorsModule
 from .quality import mean_pool, primary_output
 
@@ -234,6 +234,8 @@ def heal(
                 group["lr"] = _lr_at(step, steps, lr, warmup)
             final = primary_output(run_model(student, batch))
             outs = student_taps.take() + [final]
+            if len(outs) != len(targets):  # zip would pair the wrong blocks
+                raise LorsError(f"heal: the student ran {len(outs) - 1} stacked blocks, the teacher {len(targets) - 1}")
             mask = batch_mask(batch)
             value = sum(distill_loss(o, t, mask, loss) for o, t in zip(outs, targets)) / len(targets)
             optimizer.zero_grad(set_to_none=True)
