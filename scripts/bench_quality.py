@@ -23,6 +23,7 @@ import argparse
 import copy
 import json
 import os
+import random
 import sys
 import time
 from pathlib import Path
@@ -80,6 +81,10 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--methods", default="mean,whitened,refine,heal,perlayer")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--extra-calib", default=None,
+                    help="more calibration text appended to the prose (e.g. from scripts/make_docstring_corpus.py)")
+    ap.add_argument("--extra-n", type=int, default=3000, help="sentences drawn (seeded) from --extra-calib")
+    ap.add_argument("--heal-match", default="output", help="output or layers (see lors_convert.heal)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -90,6 +95,10 @@ def main(argv=None) -> int:
     tok = AutoTokenizer.from_pretrained(str(minilm.MODEL_DIR))
     source = AutoModel.from_pretrained(str(minilm.MODEL_DIR)).eval()
     calib_texts = read_texts(DATA / "calib_prose.txt")
+    if args.extra_calib:
+        extra = read_texts(Path(args.extra_calib))
+        random.Random(0).shuffle(extra)
+        calib_texts += extra[:args.extra_n]
     held_texts = read_texts(DATA / "heldout_dialogue.txt")
     assert not set(calib_texts) & set(held_texts), "held-out text overlaps calibration text"
     calib = text_batches(tok, calib_texts, args.batch_size, 128)
@@ -100,7 +109,7 @@ def main(argv=None) -> int:
     ref = reference_outputs(source, held)
     stacked = sum(pp.dense_params for pp in plan_conversion(source, None, None, require_savings=False).params)
     print(f"MiniLM: {stacked / 1e6:.2f}M stacked parameters in 6 BertLayers; calibration {len(calib_texts)} "
-          f"prose sentences ({cal.summary()['rows']} tokens, Grams in {t_grams:.1f}s); held-out "
+          f"sentences ({cal.summary()['rows']} tokens, Grams in {t_grams:.1f}s); held-out "
           f"{len(held_texts)} questions/chat lines", file=sys.stderr)
 
     methods = args.methods.split(",")
@@ -134,7 +143,8 @@ def main(argv=None) -> int:
             record(f"whitened+refine{args.refine}", m, params, t_conv)
             if "heal" in methods and args.heal_steps:
                 t = time.time()
-                heal(m, source, calib, steps=args.heal_steps, lr=args.heal_lr, loss=args.heal_loss)
+                heal(m, source, calib, steps=args.heal_steps, lr=args.heal_lr, loss=args.heal_loss,
+                     match=args.heal_match)
                 record(f"whitened+refine+heal{args.heal_steps}", m, params, time.time() - t)
         if "perlayer" in methods:
             t = time.time()
