@@ -17,10 +17,12 @@ buffers needed to run the model are stored as ``__buffers__.<name>``.
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import math
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -74,17 +76,20 @@ def atomic_output(out: Path, force: bool = False, directory: bool = True) -> Ite
     """Yield a temporary path beside ``out``; rename it onto ``out`` only if the block succeeds.
 
     A crash or kill leaves ``out`` as it was (old content or absent) plus at most a hidden
-    ``.<name>.tmp-*`` entry; never a half-written ``out``.
+    ``.<name>.tmp-<pid>@<host>.*`` entry, never a half-written ``out``; the next write of ``out``
+    removes such entries whose process is gone (see :func:`sweep_stale_temps`).
     """
     out = Path(out)
     check_output(out, force)
     parent = out.parent if str(out.parent) else Path(".")
+    prefix = f"{_temp_prefix(out.name)}{os.getpid()}@{socket.gethostname()}."
     try:
         parent.mkdir(parents=True, exist_ok=True)
+        sweep_stale_temps(parent, out.name)
         if directory:
-            tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
+            tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
         else:
-            fd, name = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=parent)
+            fd, name = tempfile.mkstemp(prefix=prefix, dir=parent)
             os.close(fd)
             tmp = Path(name)
     except OSError as e:
@@ -105,6 +110,40 @@ def atomic_output(out: Path, force: bool = False, directory: bool = True) -> Ite
     except BaseException:
         _remove(tmp)
         raise
+
+
+def _temp_prefix(name: str) -> str:
+    return f".{name}.tmp-"
+
+
+def sweep_stale_temps(parent: Path, name: str) -> list[Path]:
+    """Remove ``.<name>.tmp-<pid>@<host>.*`` entries left in ``parent`` by killed runs; return them.
+
+    Only entries of this host whose process no longer exists: a live run's, another machine's (a
+    shared filesystem) or an unparsable name is left alone. ``.old-*`` entries (the previous output
+    during the two-rename swap) are never touched.
+    """
+    host = socket.gethostname()
+    removed = []
+    for entry in parent.glob(f"{glob.escape(_temp_prefix(name))}*"):
+        owner = entry.name[len(_temp_prefix(name)):]
+        pid, at, rest = owner.partition("@")
+        entry_host, dot, _ = rest.rpartition(".")
+        if not (at and dot and pid.isdigit() and entry_host == host) or _process_alive(int(pid)):
+            continue
+        _remove(entry)
+        removed.append(entry)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. PermissionError: it exists, owned by someone else
+        return True
+    return True
 
 
 def _normal_permissions(path: Path) -> None:

@@ -402,8 +402,39 @@ def test_kill_mid_write_keeps_previous_output(tmp_path):
     visible = sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("."))
     assert visible == ["big.safetensors", "out.lors", "small.safetensors"]
     # the killed run can leave only its hidden temp dir, never a partial out.lors
-    assert all(p.name.startswith(".out.lors.tmp-") for p in tmp_path.iterdir() if p.name.startswith("."))
+    leftovers = [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    assert leftovers and all(p.name.startswith(".out.lors.tmp-") for p in leftovers)
     assert Checkpoint(out).report() is not None
+    # the next write of out.lors sweeps the dead run's temp dir
+    res = run("convert", tmp_path / "small.safetensors", "--arch", ARCH, "--rank", "4", "-o", out, "--force", "-q")
+    assert res.exit_code == 0, res.output
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_sweep_removes_only_dead_local_temps(tmp_path):
+    import socket
+
+    from lors_convert.checkpoint import sweep_stale_temps
+
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = int(done.stdout)  # exited: its pid is free (reuse within the test would only keep the entry)
+    host = socket.gethostname()
+    entries = {
+        "dead": tmp_path / f".x.lors.tmp-{dead}@{host}.abc123",
+        "live": tmp_path / f".x.lors.tmp-{os.getpid()}@{host}.def456",
+        "other_host": tmp_path / f".x.lors.tmp-{dead}@not-{host}.ghi789",
+        "old_style": tmp_path / ".x.lors.tmp-k2j3h4",
+        "previous_output": tmp_path / ".x.lors.old-abc",
+        "other_output": tmp_path / f".y.lors.tmp-{dead}@{host}.abc",
+    }
+    for p in entries.values():
+        p.mkdir()
+        (p / "model.safetensors").write_bytes(b"partial")
+    (tmp_path / f".x.lors.tmp-{dead}@{host}.file").write_bytes(b"partial")  # a single-file output's temp
+    removed = sweep_stale_temps(tmp_path, "x.lors")
+    assert sorted(p.name for p in removed) == sorted([entries["dead"].name, f".x.lors.tmp-{dead}@{host}.file"])
+    assert not entries["dead"].exists()
+    assert all(p.exists() for k, p in entries.items() if k != "dead")
 
 
 # ---------------------------------------------------------------------------------------------
