@@ -220,23 +220,9 @@ def hf_model_class(config, keys: set[str] | None = None):
                 model = empty_model(lambda: auto.from_config(config))
             except Exception:  # not a model type this Auto class knows
                 continue
-            if set(keys) <= set(model.state_dict()):
+            if keys <= set(model.state_dict()):
                 return type(model)
     return transformers.AutoModel
-
-
-def weight_keys(files: list[Path]) -> set[str]:
-    """The tensor names stored in safetensors files (headers only)."""
-    from safetensors import safe_open
-
-    keys: set[str] = set()
-    for f in files:
-        try:
-            with safe_open(str(f), framework="pt", device="cpu") as handle:
-                keys.update(handle.keys())
-        except Exception as e:
-            raise LorsError(f"{f}: not a readable safetensors file ({_short(e)})") from None
-    return keys
 
 
 def load_hf_config(path: Path):
@@ -261,10 +247,13 @@ def build_hf(path: Path, device: str | torch.device = "meta", keys: set[str] | N
 def load_hf(path: Path) -> nn.Module:
     from transformers.utils import logging as hf_logging
 
+    from .streaming import SafetensorsSource
+
     hf_logging.disable_progress_bar()  # our own progress and --json output own the terminal
     hf_logging.set_verbosity_error()  # its load report would break the one-line error contract
     config = load_hf_config(path)
-    cls = hf_model_class(config, weight_keys(hf_weight_files(path)))  # clear error when weights are missing
+    files = hf_weight_files(path)  # clear error when weights are missing
+    cls = hf_model_class(config, set(SafetensorsSource(files).where))
     try:
         model, info = cls.from_pretrained(str(path), local_files_only=True, dtype="auto",
                                           output_loading_info=True)

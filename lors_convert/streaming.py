@@ -212,21 +212,22 @@ class NotStreamable(Exception):
 
 def open_streamable(src: Path, arch: str | None):
     """(empty model, lazy tensors, source info) for an HF directory or ``.safetensors`` + ``--arch``."""
-    from .sources import (HF_SIDE_FILES, SourceInfo, build_arch, build_hf, file_sha256, hf_weight_files,
-                          is_hf_dir, weight_keys)
+    from .sources import HF_SIDE_FILES, SourceInfo, build_arch, build_hf, file_sha256, hf_weight_files, is_hf_dir
 
     if is_hf_dir(src):
         files = hf_weight_files(src)
-        model = empty_model(lambda: build_hf(src, device="cpu", keys=weight_keys(files)))
+        tensors = SafetensorsSource(files)
+        model = empty_model(lambda: build_hf(src, device="cpu", keys=set(tensors.where)))
         info = SourceInfo(kind="hf", path=str(src.resolve()), arch=type(model).__name__,
                           sha256=file_sha256(files), files=[f for f in HF_SIDE_FILES if (src / f).is_file()])
     elif src.suffix == ".safetensors" and arch is not None and src.is_file():
         files = [src]
+        tensors = SafetensorsSource(files)
         model = empty_model(lambda: build_arch(arch))
         info = SourceInfo(kind="state_dict", path=str(src.resolve()), arch=arch, sha256=file_sha256(files))
     else:
         raise NotStreamable(str(src))
-    return model, SafetensorsSource(files), info
+    return model, tensors, info
 
 
 def streaming_manifest(model: nn.Module, tensors: SafetensorsSource) -> dict:
