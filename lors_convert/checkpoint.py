@@ -35,6 +35,7 @@ from .errors import LorsError, LorsUsageError
 from .layers import LorsModule, layer_class
 from .report import Report
 from .sources import SourceInfo, _short, build_arch, build_hf, load_source
+from .streaming import SAFETENSORS_DTYPES
 
 FORMAT = "lors"
 FORMAT_VERSION = 1
@@ -330,7 +331,7 @@ class Checkpoint:
                 for key in handle.keys():
                     self._where[key] = f
                     self._shapes[key] = tuple(handle.get_slice(key).get_shape())
-                    self._dtypes[key] = _SAFETENSORS_DTYPES.get(handle.get_slice(key).get_dtype())
+                    self._dtypes[key] = SAFETENSORS_DTYPES.get(handle.get_slice(key).get_dtype())
         self._check_tensors()
 
     # -- structure
@@ -460,11 +461,6 @@ class Checkpoint:
             if key.startswith(prefix):
                 state.setdefault(key[len(prefix):], self.get(key))
         return state
-
-
-_SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
-                       "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
-                       "BOOL": "bool", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
 
 
 def _read_json(path: Path):

@@ -74,9 +74,11 @@ class SafetensorsSource:
             raise LorsError(f"{self.where[key]}: cannot read tensor {key!r} ({_short(e)})") from None
 
 
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-           "BOOL": torch.bool}
+# safetensors dtype codes -> torch dtype names (the checkpoint reader validates against the same table)
+SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+                      "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
+                      "BOOL": "bool", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+_DTYPES = {code: getattr(torch, name) for code, name in SAFETENSORS_DTYPES.items()}
 
 
 # ---------------------------------------------------------------------------------------------
