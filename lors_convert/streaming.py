@@ -41,6 +41,7 @@ class SafetensorsSource:
     def __init__(self, files: list[Path]):
         from safetensors import safe_open
 
+        self.files = list(files)
         self.where: dict[str, Path] = {}
         self.specs: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
         for f in files:
@@ -213,20 +214,24 @@ class NotStreamable(Exception):
 
 
 def open_streamable(src: Path, arch: str | None):
-    """(empty model, lazy tensors, source info) for an HF directory or ``.safetensors`` + ``--arch``."""
-    from .sources import HF_SIDE_FILES, SourceInfo, build_arch, build_hf, file_sha256, hf_weight_files, is_hf_dir
+    """(empty model, lazy tensors, source info) for an HF directory or ``.safetensors`` + ``--arch``.
+
+    The info's ``sha256`` is left None: hashing reads every byte, so :func:`stream_convert` does it
+    only once it will write (not for a dry run, not before a fallback to the in-memory path).
+    """
+    from .sources import HF_SIDE_FILES, SourceInfo, build_arch, build_hf, hf_weight_files, is_hf_dir
 
     if is_hf_dir(src):
         files = hf_weight_files(src)
         tensors = SafetensorsSource(files)
         model = empty_model(lambda: build_hf(src, device="cpu", keys=set(tensors.where)))
         info = SourceInfo(kind="hf", path=str(src.resolve()), arch=type(model).__name__,
-                          sha256=file_sha256(files), files=[f for f in HF_SIDE_FILES if (src / f).is_file()])
+                          files=[f for f in HF_SIDE_FILES if (src / f).is_file()])
     elif src.suffix == ".safetensors" and arch is not None and src.is_file():
         files = [src]
         tensors = SafetensorsSource(files)
         model = empty_model(lambda: build_arch(arch))
-        info = SourceInfo(kind="state_dict", path=str(src.resolve()), arch=arch, sha256=file_sha256(files))
+        info = SourceInfo(kind="state_dict", path=str(src.resolve()), arch=arch)
     else:
         raise NotStreamable(str(src))
     return model, tensors, info
@@ -261,8 +266,8 @@ def stream_convert(src: Path, out: Path, arch: str | None = None, rank: int | No
     from .checkpoint import (BUFFER_PREFIX, CONFIG_NAME, REPORT_NAME, atomic_output, build_config,
                              check_output, nonpersistent_buffers)
     from .convert import decompose_param, param_entry, plan_conversion
-    from .sources import refuse_non_finite
     from .counting import count_parameters
+    from .sources import file_sha256, refuse_non_finite
 
     dist = dist or Dist()
     if adaptive is not None:  # LORSA conversion runs on the in-memory model
@@ -277,6 +282,7 @@ def stream_convert(src: Path, out: Path, arch: str | None = None, rank: int | No
         return report
     if dist.is_main:
         check_output(out, force)
+    source.sha256 = file_sha256(tensors.files)
 
     converted = {key for pp in plan.params for key in pp.keys}
     spec: dict[str, torch.Tensor] = {}
