@@ -32,7 +32,12 @@ def empty_model(factory: Callable[[], nn.Module]) -> nn.Module:
     from accelerate import init_empty_weights
 
     with init_empty_weights(include_buffers=False):
-        return factory()
+        model = factory()
+    # init_empty_weights re-registers every parameter as a new meta tensor, which unties the ties
+    # transformers made at construction (lm_head / embeddings): tie them again
+    if callable(getattr(model, "tie_weights", None)):
+        model.tie_weights()
+    return model
 
 
 class SafetensorsSource:

@@ -39,6 +39,11 @@ def gpt2_dir(tmp_path) -> Path:
 
 
 def test_streaming_equals_in_memory(gpt2_dir, tmp_path):
+    from lors_convert.streaming import open_streamable, streaming_manifest
+
+    meta, tensors, _ = open_streamable(gpt2_dir, None)  # the tied lm_head must survive the meta build,
+    assert meta.lm_head.weight is meta.transformer.wte.weight  # else the CLI silently loads it whole
+    streaming_manifest(meta, tensors)  # no NotStreamable
     res = runner.invoke(app, ["convert", str(gpt2_dir), "--rank", "8", "-o", str(tmp_path / "s.lors"), "-q"])
     assert res.exit_code == 0, res.output
     model, source = load_source(gpt2_dir)
