@@ -339,11 +339,9 @@ def merge(
     force: bool = typer.Option(False, "--force", help="Replace an existing output."),
 ) -> None:
     """Merge a LORS checkpoint back to dense weights with the source's keys, shapes and dtypes."""
-    from .checkpoint import Checkpoint, merge_checkpoint
+    from .checkpoint import merge_checkpoint
 
     out = output or default_output(path, ".merged")
-    ckpt = Checkpoint(path)  # validate before anything is written
-    del ckpt
     merge_checkpoint(path, out, force=force, progress=make_progress(not (quiet or json_out)),
                      max_shard_size=shard_size)
     if json_out:
