@@ -119,8 +119,8 @@ def test_torchrun_two_processes_identical(tmp_path):
     single = subprocess.run([sys.executable, "-m", "lors_convert", "convert", *args, "-o", str(tmp_path / "one")],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert single.returncode == 0, single.stderr
-    dist = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                           "--master-port", "29517", "-m", "lors_convert", "convert", *args,
+    dist = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "-m", "lors_convert", "convert", *args,
                            "-o", str(tmp_path / "two")],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert dist.returncode == 0, dist.stderr[-2000:]
