@@ -330,8 +330,9 @@ class Checkpoint:
                                     "the checkpoint was edited or mixed with another")
                 for key in handle.keys():
                     self._where[key] = f
-                    self._shapes[key] = tuple(handle.get_slice(key).get_shape())
-                    self._dtypes[key] = SAFETENSORS_DTYPES.get(handle.get_slice(key).get_dtype())
+                    sl = handle.get_slice(key)
+                    self._shapes[key] = tuple(sl.get_shape())
+                    self._dtypes[key] = SAFETENSORS_DTYPES.get(sl.get_dtype())
         self._check_tensors()
 
     # -- structure
