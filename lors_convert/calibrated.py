@@ -51,10 +51,8 @@ def layer_grams(pp, weights: list[torch.Tensor], calibration, normalize: bool | 
     orient = orientation(pp)
     out, missing = [], []
     for key, w in zip(pp.keys, weights):
-        M = as_matrix(w).to(torch.float64)
-        if orient == "in_out":
-            M = M.T
-        n = M.shape[1]
+        d, h = as_matrix(w).shape  # a view: no copy
+        n = d if orient == "in_out" else h  # the input width in linear orientation
         C = grams.get(key) if grams is not None else None
         if C is None:
             missing.append(key)
@@ -66,6 +64,8 @@ def layer_grams(pp, weights: list[torch.Tensor], calibration, normalize: bool | 
                 raise LorsError(f"calibration Gram for {key!r} is {tuple(C.shape)}, expected ({n}, {n})")
         scale = 1.0
         if normalize:
+            M = as_matrix(w).to(torch.float64)
+            M = M.T if orient == "in_out" else M
             energy = float(((M @ C) * M).sum())  # tr(W C W^T)
             if energy > 0 and math.isfinite(energy):
                 scale = 1.0 / energy
