@@ -6,7 +6,9 @@ models, else the first output tensor): token-level MSE relative to the teacher's
 (``"pooled_cosine"``); padding is masked out when batches carry an ``attention_mask``. By default
 only the LORS modules' parameters train (shared parts, private factors and those layers' biases,
 ``trainable="lors"``);
-``trainable="all"`` trains everything. Adam with a short warm-up and cosine decay.
+``trainable="all"`` trains everything. Adam with a short warm-up and cosine decay. With
+``synthetic > 0`` that share of the steps runs on token inputs drawn from a bigram chain over the
+calibration tokens (:mod:`lors_convert.synthetic`), which generalizes to text of other kinds.
 
 Resumable: with ``checkpoint_path`` the trainable tensors, the optimizer state, the step and the
 loss history are saved every ``save_every`` steps, at the end, and on interruption (written to a
@@ -34,10 +36,12 @@ from .calibration import Batch, batch_mask, run_model, to_device
 from .errors import LorsError, LorsUsageError
 from .layers import LorsModule
 from .quality import mean_pool, primary_output
+from .synthetic import BigramChain
 
 LOSSES = ("mse", "cosine", "pooled_cosine")
 MATCHES = ("output", "layers")
 STATE_VERSION = 1
+SYNTHETIC_DEFAULT = 0.75  # the CLI's share of synthetic steps for token data (see scripts/bench_quality.py)
 
 
 @dataclass
@@ -148,6 +152,7 @@ def heal(
     seed: int = 0,
     cache_teacher: bool = True,
     match: str = "output",
+    synthetic: float = 0.0,
 ) -> HealResult:
     """Train ``student`` (in place) to match ``teacher`` on ``batches`` for ``steps`` optimizer steps.
 
@@ -158,6 +163,9 @@ def heal(
     deterministic. ``match="layers"`` adds the output of every stacked block (the members of the
     teacher's stacks, hooked in both models) to the final output: the loss is their mean. Returns
     the loss history; the student's train/eval mode and ``requires_grad`` flags are restored.
+    ``synthetic``: the share of steps that train on a synthetic batch instead (token batches only:
+    the step's calibration batch with its tokens redrawn from a bigram chain over all calibration
+    tokens, :mod:`lors_convert.synthetic`); a few hundred sentences are otherwise learnt by heart.
     """
     if loss not in LOSSES:
         raise LorsUsageError(f"loss must be one of {LOSSES}, got {loss!r}")
@@ -167,9 +175,12 @@ def heal(
         raise LorsUsageError(f"trainable must be 'lors' or 'all', got {trainable!r}")
     if steps < 0 or lr <= 0:
         raise LorsUsageError("steps must be >= 0 and lr > 0")
+    if not 0.0 <= synthetic <= 1.0:
+        raise LorsUsageError(f"synthetic must be a share of the steps in [0, 1], got {synthetic!r}")
     batches = list(batches)
     if not batches:
         raise LorsUsageError("healing needs at least one batch of inputs")
+    chain = BigramChain.fit(batches) if synthetic > 0 else None
     if device is not None:
         student.to(device)
     where = next(student.parameters()).device
@@ -208,7 +219,7 @@ def heal(
                            "trainable": {n: params[n].detach().cpu().clone() for n in sorted(names)},
                            "optimizer": optimizer.state_dict(), "history": result.history,
                            "config": {"steps": steps, "lr": lr, "loss": loss, "trainable": trainable,
-                                      "seed": seed}})
+                                      "seed": seed, "synthetic": synthetic}})
 
     was_training = (student.training, teacher.training)
     student.eval()
@@ -221,14 +232,15 @@ def heal(
         for step in range(start, steps):
             epoch, pos = divmod(step, len(batches))
             idx = _order(len(batches), epoch, seed)[pos]
-            batch = to_device(batches[idx], where)
-            if idx in cache:
+            fake = chain is not None and random.Random(seed * 7_919 + step).random() < synthetic
+            batch = to_device(chain.batch(batches[idx], seed, step) if fake else batches[idx], where)
+            if idx in cache and not fake:
                 targets = cache[idx]
             else:
                 with torch.no_grad():
                     final = primary_output(run_model(teacher, batch)).detach()
                 targets = teacher_taps.take() + [final]
-                if cache_teacher:
+                if cache_teacher and not fake:
                     cache[idx] = targets
             for group in optimizer.param_groups:
                 group["lr"] = _lr_at(step, steps, lr, warmup)
@@ -262,4 +274,4 @@ def heal(
     return result
 
 
-__all__ = ["heal", "HealResult", "distill_loss", "lors_parameter_names", "stack_members", "LOSSES", "MATCHES"]
+__all__ = ["heal", "HealResult", "SYNTHETIC_DEFAULT", "distill_loss", "lors_parameter_names", "stack_members", "LOSSES", "MATCHES"]
