@@ -361,6 +361,9 @@ def heal(
     loss: str = typer.Option("mse", "--loss", help="mse, cosine or pooled_cosine (on the last hidden state)."),
     match: str = typer.Option("output", "--match", help="output (the model's) or layers (also every stacked block's)."),
     trainable: str = typer.Option("lors", "--train", help="lors (shared + factors) or all parameters."),
+    synthetic: Optional[float] = typer.Option(
+        None, "--synthetic", help="Share of steps on synthetic token inputs (a bigram chain over the data's "
+        "tokens) [0.75 for token data, else 0]."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Healed checkpoint [<ckpt>.healed.lors]."),
     arch: Optional[str] = typer.Option(None, "--arch", help="Architecture of a state-dict source (as at convert)."),
@@ -372,14 +375,17 @@ def heal(
 ) -> None:
     """Distill a LORS checkpoint towards its dense source; resumable (rerun the same command)."""
     from . import checkpoint as ck
-    from .heal import heal as run_heal
+    from .heal import SYNTHETIC_DEFAULT, heal as run_heal
     from .quality import fidelity, reference_outputs
     from .sources import HF_SIDE_FILES, SourceInfo, load_source
+    from .synthetic import is_token_batch
 
     if steps < 1 or lr <= 0:
         raise LorsUsageError("--steps must be >= 1 and --lr > 0")
     if match not in ("output", "layers"):
         raise LorsUsageError(f"--match must be output or layers, got {match!r}")
+    if synthetic is not None and not 0.0 <= synthetic <= 1.0:
+        raise LorsUsageError(f"--synthetic must be a share of the steps in [0, 1], got {synthetic}")
     ckpt = ck.Checkpoint(path)
     out = output or default_output(path, ".healed.lors")
     ck.check_output(out, force)
@@ -394,6 +400,8 @@ def heal(
     info = SourceInfo(kind=src["kind"], path=src.get("path"), arch=src.get("arch"), sha256=src.get("sha256"),
                       files=[f for f in HF_SIDE_FILES if (path / f).is_file()] if src.get("kind") == "hf" else [])
     data_set = read_calibration(data, path, info, heldout)
+    if synthetic is None:
+        synthetic = SYNTHETIC_DEFAULT if all(is_token_batch(b) for b in data_set.calibration) else 0.0
     reference = reference_outputs(teacher, data_set.heldout) if data_set.heldout else None
     before = fidelity(student, reference) if reference is not None else {}
     state_file = out.parent / f".{out.name}.heal-state.pt"  # resumable across interruptions
@@ -405,13 +413,15 @@ def heal(
         def callback(step, total, value):
             next(ticks, None)
     result = run_heal(student, teacher, data_set.calibration, steps=steps, lr=lr, loss=loss, trainable=trainable,
-                      checkpoint_path=state_file, progress=callback, device=device, match=match)
+                      checkpoint_path=state_file, progress=callback, device=device, match=match,
+                      synthetic=synthetic)
     student = student.to("cpu")
     report = ckpt.report()
     report.quality.update({f"before_heal_{k}": v for k, v in before.items()})
     if reference is not None:
         report.quality.update(fidelity(student, reference))
-    report.quality.update({"heal_steps": result.steps, "heal_final_loss": result.history[-1]["loss"]
+    report.quality.update({"heal_steps": result.steps, "heal_synthetic": synthetic,
+                           "heal_final_loss": result.history[-1]["loss"]
                            if result.history else None})
     ck.save(student, out, report=report, source=info, manifest=ckpt.manifest, force=force, files_dir=path)
     state_file.unlink(missing_ok=True)

@@ -287,8 +287,31 @@ def test_calibrate_budget_then_heal(minilm_dir, tmp_path):
     assert res.exit_code == 0, res.output
     quality = json.loads(res.stdout)["quality"]
     assert quality["heal_steps"] == 2 and "before_heal_heldout_cosine" in quality
+    assert quality["heal_synthetic"] == 0.75  # the default for token data
     assert not list(tmp_path.glob(".healed.lors*"))  # the resume state is gone after success
     assert run("report", healed, "--json").exit_code == 0
     res = run("heal", out, "--data", data / "calib_prose.txt", "--match", "blocks", "-o", tmp_path / "h2.lors")
     assert res.exit_code == 2 and "--match must be output or layers" in res.output
+    assert not (tmp_path / "h2.lors").exists()
+    res = run("heal", out, "--data", data / "calib_prose.txt", "--synthetic", "1.5", "-o", tmp_path / "h2.lors")
+    assert res.exit_code == 2 and "--synthetic must be a share of the steps in [0, 1], got 1.5" in res.output
+    assert not (tmp_path / "h2.lors").exists()
+
+
+def test_heal_on_tensor_inputs_uses_no_synthetic_steps(tmp_path):
+    """Synthetic steps need token inputs: off by default for tensor data, a usage error when asked for."""
+    torch.manual_seed(0)
+    src = tmp_path / "mlp.safetensors"
+    save_file(StackedMLP().state_dict(), str(src))
+    out = tmp_path / "out.lors"
+    assert run("convert", src, "--arch", "tests.archs:stacked_mlp", "--rank", "2", "-o", out, "-q").exit_code == 0
+    data = tmp_path / "inputs.safetensors"
+    save_file({"x": torch.randn(40, 8)}, str(data))
+    res = run("heal", out, "--data", data, "--arch", "tests.archs:stacked_mlp", "--steps", "3", "--json",
+              "-o", tmp_path / "healed.lors")
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["quality"]["heal_synthetic"] == 0.0
+    res = run("heal", out, "--data", data, "--arch", "tests.archs:stacked_mlp", "--synthetic", "0.5",
+              "-o", tmp_path / "h2.lors")
+    assert res.exit_code == 2 and "synthetic inputs need token batches" in res.stderr
     assert not (tmp_path / "h2.lors").exists()
