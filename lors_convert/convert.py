@@ -246,14 +246,18 @@ def install_layers(model: nn.Module, pp: ParamPlan, shared: torch.Tensor,
     layers are left with empty factors of the right shapes (a skeleton to load a state dict into).
     """
     layer_cls = layer_class(pp.layer_kind)
-    shared_param = nn.Parameter(shared, requires_grad=True)
+    paths = [f"{member}.{pp.param.owner_relpath}" if pp.param.owner_relpath else member
+             for member in pp.stack.members]
+    trains = [model.get_submodule(p).get_parameter(pp.param.attr).requires_grad for p in paths]
+    shared_param = nn.Parameter(shared, requires_grad=any(trains))  # a frozen source stays frozen
     entry = param_entry(pp)
     stack = {"path": pp.stack.path, "members": list(pp.stack.members)}
-    for i, member in enumerate(pp.stack.members):
-        path = f"{member}.{pp.param.owner_relpath}" if pp.param.owner_relpath else member
+    for i, path in enumerate(paths):
         dense = model.get_submodule(path)
         layer = layer_cls(dense, shared_param, total_rank=pp.ranks[i], rank=pp.rank, groups=pp.groups[i],
                           **pp.extra)
+        layer.lors_A.requires_grad_(trains[i])
+        layer.lors_B.requires_grad_(trains[i])
         layer.lors_entry, layer.lors_stack = entry, stack  # what save() records
         if factors is not None:
             B, A = factors[i]

@@ -66,3 +66,23 @@ def test_state_dict_round_trip_through_fresh_skeleton(name):
         return sorted(sorted(n for n, l in _lors_layers(m) if l.shared is s)
                       for s in {id(l.shared): l.shared for _, l in _lors_layers(m)}.values())
     assert sharing(fresh) == sharing(model)
+
+
+def test_frozen_weights_stay_frozen():
+    """A frozen source converts to frozen LORS parameters; one frozen member freezes only its factors."""
+    frozen = CASES["mlp"].build()
+    frozen.requires_grad_(False)
+    model, _ = convert(frozen, rank=4)
+    layers = _lors_layers(model)
+    assert layers and not any(p.requires_grad for _, m in layers for p in m.parameters())
+
+    partly = CASES["mlp"].build()
+    first = plan_conversion(partly, rank=4).params[0]
+    partly.get_parameter(first.keys[0]).requires_grad_(False)
+    model, _ = convert(partly, rank=4)
+    owner = first.keys[0].rpartition(".")[0]
+    layer = model.get_submodule(owner)
+    assert layer.shared.requires_grad  # the other members still train it
+    assert not layer.lors_A.requires_grad and not layer.lors_B.requires_grad
+    other = model.get_submodule(first.keys[1].rpartition(".")[0])
+    assert other.lors_A.requires_grad and other.lors_B.requires_grad
