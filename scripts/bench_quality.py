@@ -9,7 +9,9 @@ no sentence in both). Methods:
 - ``mean+SVD``: the paper's LORST init (plain mean shared part, truncated SVD), ranks by the budget;
 - ``whitened``: activation-weighted shared part + whitened truncated SVD (``calibration=``);
 - ``whitened+refine``: plus ``--refine`` alternating sweeps;
-- ``whitened+heal``: whitened+refine, then ``--heal-steps`` of distillation on the calibration text;
+- ``whitened+heal``: whitened+refine, then ``--heal-steps`` of distillation on the calibration text
+  (``--heal-synthetic 0,0.75``: one column per share of steps on synthetic token inputs drawn from a
+  bigram chain over the calibration tokens, :mod:`lors_convert.synthetic`);
 - ``per-layer whitened``: no sharing, each layer its own whitened truncated SVD, same budget.
 
     HF_HUB_OFFLINE=1 python scripts/bench_quality.py                # the table in the README
@@ -85,6 +87,9 @@ def main(argv=None) -> int:
                     help="more calibration text appended to the prose (e.g. from scripts/make_docstring_corpus.py)")
     ap.add_argument("--extra-n", type=int, default=3000, help="sentences drawn (seeded) from --extra-calib")
     ap.add_argument("--heal-match", default="output", help="output or layers (see lors_convert.heal)")
+    ap.add_argument("--heal-synthetic", default="0",
+                    help="comma list of shares of heal steps on synthetic token inputs (lors_convert.synthetic): "
+                         "one heal column each")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -141,11 +146,14 @@ def main(argv=None) -> int:
             m, rep = convert(copy.deepcopy(source), budget=budget, calibration=cal, refine=args.refine)
             params, t_conv = stacked_after(rep), time.time() - t
             record(f"whitened+refine{args.refine}", m, params, t_conv)
-            if "heal" in methods and args.heal_steps:
+            shares = [float(x) for x in args.heal_synthetic.split(",")] if "heal" in methods else []
+            for share in shares if args.heal_steps else []:
+                student = copy.deepcopy(m)
                 t = time.time()
-                heal(m, source, calib, steps=args.heal_steps, lr=args.heal_lr, loss=args.heal_loss,
-                     match=args.heal_match)
-                record(f"whitened+refine+heal{args.heal_steps}", m, params, time.time() - t)
+                heal(student, source, calib, steps=args.heal_steps, lr=args.heal_lr, loss=args.heal_loss,
+                     match=args.heal_match, synthetic=share)
+                name = f"whitened+refine+heal{args.heal_steps}" + (f" synthetic {share:g}" if share else "")
+                record(name, student, params, time.time() - t)
         if "perlayer" in methods:
             t = time.time()
             m, params, _ = per_layer_whitened(copy.deepcopy(source), budget, cal)
