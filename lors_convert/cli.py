@@ -375,10 +375,9 @@ def heal(
 ) -> None:
     """Distill a LORS checkpoint towards its dense source; resumable (rerun the same command)."""
     from . import checkpoint as ck
-    from .heal import SYNTHETIC_DEFAULT, heal as run_heal
+    from .heal import heal as run_heal
     from .quality import fidelity, reference_outputs
     from .sources import HF_SIDE_FILES, SourceInfo, load_source
-    from .synthetic import is_token_batch
 
     if steps < 1 or lr <= 0:
         raise LorsUsageError("--steps must be >= 1 and --lr > 0")
@@ -400,8 +399,6 @@ def heal(
     info = SourceInfo(kind=src["kind"], path=src.get("path"), arch=src.get("arch"), sha256=src.get("sha256"),
                       files=[f for f in HF_SIDE_FILES if (path / f).is_file()] if src.get("kind") == "hf" else [])
     data_set = read_calibration(data, path, info, heldout)
-    if synthetic is None:
-        synthetic = SYNTHETIC_DEFAULT if all(is_token_batch(b) for b in data_set.calibration) else 0.0
     reference = reference_outputs(teacher, data_set.heldout) if data_set.heldout else None
     before = fidelity(student, reference) if reference is not None else {}
     state_file = out.parent / f".{out.name}.heal-state.pt"  # resumable across interruptions
@@ -420,7 +417,7 @@ def heal(
     report.quality.update({f"before_heal_{k}": v for k, v in before.items()})
     if reference is not None:
         report.quality.update(fidelity(student, reference))
-    report.quality.update({"heal_steps": result.steps, "heal_synthetic": synthetic,
+    report.quality.update({"heal_steps": result.steps, "heal_synthetic": result.synthetic,
                            "heal_final_loss": result.history[-1]["loss"]
                            if result.history else None})
     ck.save(student, out, report=report, source=info, manifest=ckpt.manifest, force=force, files_dir=path)

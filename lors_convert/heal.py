@@ -6,8 +6,8 @@ models, else the first output tensor): token-level MSE relative to the teacher's
 (``"pooled_cosine"``); padding is masked out when batches carry an ``attention_mask``. By default
 only the LORS modules' parameters train (shared parts, private factors and those layers' biases,
 ``trainable="lors"``);
-``trainable="all"`` trains everything. Adam with a short warm-up and cosine decay. With
-``synthetic > 0`` that share of the steps runs on token inputs drawn from a bigram chain over the
+``trainable="all"`` trains everything. Adam with a short warm-up and cosine decay. For token
+inputs, 3 steps in 4 by default (``synthetic``) run on inputs drawn from a bigram chain over the
 calibration tokens (:mod:`lors_convert.synthetic`), which generalizes to text of other kinds.
 
 Resumable: with ``checkpoint_path`` the trainable tensors, the optimizer state, the step and the
@@ -36,12 +36,12 @@ from .calibration import Batch, batch_mask, run_model, to_device
 from .errors import LorsError, LorsUsageError
 from .layers import LorsModule
 from .quality import mean_pool, primary_output
-from .synthetic import BigramChain
+from .synthetic import BigramChain, is_token_batch
 
 LOSSES = ("mse", "cosine", "pooled_cosine")
 MATCHES = ("output", "layers")
 STATE_VERSION = 1
-SYNTHETIC_DEFAULT = 0.75  # the CLI's share of synthetic steps for token data (see scripts/bench_quality.py)
+SYNTHETIC_DEFAULT = 0.75  # share of synthetic steps for token data (docs/calibration.md has the measurements)
 
 
 @dataclass
@@ -49,6 +49,7 @@ class HealResult:
     history: list[dict] = field(default_factory=list)  # {"step": s, "loss": l} per step
     steps: int = 0  # steps done in total (including resumed ones)
     resumed_from: int = 0  # step the run resumed at (0: fresh)
+    synthetic: float = 0.0  # share of steps on synthetic inputs that was used
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -152,7 +153,7 @@ def heal(
     seed: int = 0,
     cache_teacher: bool = True,
     match: str = "output",
-    synthetic: float = 0.0,
+    synthetic: float | None = None,
 ) -> HealResult:
     """Train ``student`` (in place) to match ``teacher`` on ``batches`` for ``steps`` optimizer steps.
 
@@ -166,6 +167,7 @@ def heal(
     ``synthetic``: the share of steps that train on a synthetic batch instead (token batches only:
     the step's calibration batch with its tokens redrawn from a bigram chain over all calibration
     tokens, :mod:`lors_convert.synthetic`); a few hundred sentences are otherwise learnt by heart.
+    ``None``: :data:`SYNTHETIC_DEFAULT` when every batch is a token batch, else 0.
     """
     if loss not in LOSSES:
         raise LorsUsageError(f"loss must be one of {LOSSES}, got {loss!r}")
@@ -175,11 +177,13 @@ def heal(
         raise LorsUsageError(f"trainable must be 'lors' or 'all', got {trainable!r}")
     if steps < 0 or lr <= 0:
         raise LorsUsageError("steps must be >= 0 and lr > 0")
-    if not 0.0 <= synthetic <= 1.0:
-        raise LorsUsageError(f"synthetic must be a share of the steps in [0, 1], got {synthetic!r}")
     batches = list(batches)
     if not batches:
         raise LorsUsageError("healing needs at least one batch of inputs")
+    if synthetic is None:
+        synthetic = SYNTHETIC_DEFAULT if all(is_token_batch(b) for b in batches) else 0.0
+    if not 0.0 <= synthetic <= 1.0:
+        raise LorsUsageError(f"synthetic must be a share of the steps in [0, 1], got {synthetic!r}")
     chain = BigramChain.fit(batches) if synthetic > 0 else None
     if device is not None:
         student.to(device)
@@ -197,7 +201,7 @@ def heal(
     optimizer = torch.optim.Adam(train_params, lr=lr, weight_decay=weight_decay)
     warmup = max(1, steps // 20) if warmup is None else max(1, warmup)
 
-    result = HealResult()
+    result = HealResult(synthetic=synthetic)
     start = 0
     path = Path(checkpoint_path) if checkpoint_path is not None else None
     if path is not None and path.exists():

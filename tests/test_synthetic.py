@@ -156,3 +156,13 @@ def test_share_of_steps_on_synthetic_inputs(share):
         assert real == round(40 * (1 - share))
     else:
         assert 10 <= real <= 30
+
+
+def test_default_share_depends_on_the_inputs():
+    """Token batches get 0.75 synthetic steps by default, other inputs none."""
+    teacher, student, calib, _ = _bert_pair()
+    assert heal(student, teacher, calib, steps=1, lr=1e-4).synthetic == 0.75
+    assert heal(student, teacher, calib, steps=1, lr=1e-4, synthetic=0.0).synthetic == 0.0
+    mlp = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    lors_mlp, _ = convert(copy.deepcopy(mlp), rank=1, require_savings=False)
+    assert heal(lors_mlp, mlp, [torch.randn(3, 4)], steps=1, lr=1e-4).synthetic == 0.0
