@@ -11,7 +11,6 @@ writes the index, config and report: the output is identical to a single-process
 from __future__ import annotations
 
 import atexit
-
 import json
 import os
 from collections.abc import Callable, Iterator

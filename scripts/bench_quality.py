@@ -146,8 +146,8 @@ def main(argv=None) -> int:
             m, rep = convert(copy.deepcopy(source), budget=budget, calibration=cal, refine=args.refine)
             params, t_conv = stacked_after(rep), time.time() - t
             record(f"whitened+refine{args.refine}", m, params, t_conv)
-            shares = [float(x) for x in args.heal_synthetic.split(",")] if "heal" in methods else []
-            for share in shares if args.heal_steps else []:
+            shares = [float(x) for x in args.heal_synthetic.split(",")] if "heal" in methods and args.heal_steps else []
+            for share in shares:
                 student = copy.deepcopy(m)
                 t = time.time()
                 heal(student, source, calib, steps=args.heal_steps, lr=args.heal_lr, loss=args.heal_loss,
