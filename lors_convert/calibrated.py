@@ -3,9 +3,13 @@
 ``convert(..., calibration=, refine=, budget=)`` calls these; they know about :class:`ParamPlan`
 (keys, layer kind) and nothing else of the model.
 
-Objective. By default (``NORMALIZE = False``) the error is the absolute output error on the
-calibration inputs per token, ``||(W_i - What_i) X_i||^2 / #tokens``, summed over layers and
-matrices (shared solve and global budget alike). ``NORMALIZE = True`` scales each layer's Gram by
+Objective. With output Grams in the calibration (``Calibration.out_grams``, :mod:`sensitivity`,
+the default of ``collect_grams``) the error of every matrix is the model output's error it causes,
+to first order (K-FAC), ``tr(G_i D_i C_i D_i^T)``: one unit for all matrices, so the global budget
+compares a query projection with an FFN matrix directly. Without them (``objective="layer"``, or a
+plain mapping of input Grams) the error is the layer's own output error on the calibration inputs
+per token, ``||(W_i - What_i) X_i||^2 / #tokens``, summed over layers and matrices (shared solve
+and global budget alike). ``NORMALIZE = True`` scales each layer's Gram by
 ``1 / tr(W_i C_i W_i^T)`` (relative output error per layer); on MiniLM it kept held-out cosine lower
 (0.38 vs 0.40 at a 0.45 budget), so it is off. ``DAMP`` adds a ridge of ``DAMP * mean eigenvalue``
 to every Gram (0.1: slightly better on held-out text of another kind than the calibration text).
@@ -22,7 +26,8 @@ import torch
 from .budget import Allocation, BudgetItem, allocate_ranks
 from .decompose import as_matrix
 from .errors import LorsError, LorsUsageError
-from .whiten import ScaledGram, DEFAULT_DAMP, DEFAULT_FLOOR, WeightedFactors, decompose_weighted, whitened_spectra
+from .whiten import (ScaledGram, DEFAULT_DAMP, DEFAULT_FLOOR, WeightedFactors, decompose_weighted,
+                     weighted_shared_part, whitened_spectra)
 
 NORMALIZE = False  # True: relative output error per layer (measured worse on MiniLM)
 FLOOR = DEFAULT_FLOOR
@@ -38,6 +43,32 @@ def _grams_of(calibration) -> Mapping[str, torch.Tensor] | None:
     if calibration is None:
         return None
     return getattr(calibration, "grams", calibration)
+
+
+def _out_grams_of(calibration) -> Mapping[str, torch.Tensor]:
+    """Output-side Grams (:mod:`sensitivity`), empty for a plain mapping of input Grams."""
+    return getattr(calibration, "out_grams", None) or {}
+
+
+def output_grams(pp, weights: list[torch.Tensor], calibration) -> list[ScaledGram] | None:
+    """Per layer output-side Gram in linear orientation, or None for the layer objective.
+
+    None unless every layer of the stack has one: a mix would add errors in different units.
+    """
+    grams = _out_grams_of(calibration)
+    if not grams or not all(key in grams for key in pp.keys):
+        return None
+    d, h = as_matrix(weights[0]).shape
+    m = h if orientation(pp) == "in_out" else d  # the output width in linear orientation
+    out = []
+    for key in pp.keys:
+        G = grams[key]
+        if G.dtype != torch.float64 or G.device.type != "cpu":
+            G = G.to(torch.float64).cpu()
+        if tuple(G.shape) != (m, m):
+            raise LorsError(f"output Gram for {key!r} is {tuple(G.shape)}, expected ({m}, {m})")
+        out.append(ScaledGram(G))
+    return out
 
 
 def layer_grams(pp, weights: list[torch.Tensor], calibration, normalize: bool | None = None
@@ -78,14 +109,19 @@ def _opts(floor, damp):
 
 
 def decompose_param(pp, weights: list[torch.Tensor], calibration=None, refine: int = 0, device=None,
-                    floor: float | None = None, damp: float | None = None, normalize: bool | None = None
-                    ) -> WeightedFactors:
-    """Factors of one planned parameter. Uncalibrated and unrefined: the plain mean + SVD."""
+                    floor: float | None = None, damp: float | None = None, normalize: bool | None = None,
+                    shared: torch.Tensor | None = None) -> WeightedFactors:
+    """Factors of one planned parameter. Uncalibrated and unrefined: the plain mean + SVD.
+
+    ``shared``: the initial shared part already solved for (:func:`apply_budget`'s ``shared_parts``).
+    """
     floor, damp = _opts(floor, damp)
     grams, _ = layer_grams(pp, weights, calibration, normalize)
-    shared = _plain_mean(weights) if calibration is None and refine == 0 else None
+    if shared is None and calibration is None and refine == 0:
+        shared = _plain_mean(weights)
     return decompose_weighted(weights, pp.ranks, grams, orientation=orientation(pp), refine=refine,
-                              floor=floor, damp=damp, device=device, shared=shared)
+                              floor=floor, damp=damp, device=device, shared=shared,
+                              out_grams=output_grams(pp, weights, calibration))
 
 
 def _plain_mean(weights: list[torch.Tensor]) -> torch.Tensor:
@@ -93,12 +129,15 @@ def _plain_mean(weights: list[torch.Tensor]) -> torch.Tensor:
 
 
 def apply_budget(plan, model, budget: float, calibration=None, device=None, floor: float | None = None,
-                 damp: float | None = None, normalize: bool | None = None) -> Allocation:
+                 damp: float | None = None, normalize: bool | None = None,
+                 shared_parts: dict[str, torch.Tensor] | None = None) -> Allocation:
     """Choose per-layer ranks for the static parameters of ``plan`` under ``budget`` (in place).
 
     ``budget`` is the target fraction of the stacked parameters of the plan (adaptive parameters
     keep their planned cost, which counts against the budget). Parameters that do not break even
-    leave the plan and stay dense (recorded in their stack's ``excluded``).
+    leave the plan and stay dense (recorded in their stack's ``excluded``). ``shared_parts``: a dict
+    that receives each kept parameter's shared part (``pp.shared_key`` -> tensor), solved for the
+    spectra, so that :func:`decompose_param` need not solve again.
     """
     if not (isinstance(budget, (int, float)) and 0 < budget):
         raise LorsUsageError(f"budget must be a positive fraction of the stacked parameters, got {budget!r}")
@@ -112,9 +151,14 @@ def apply_budget(plan, model, budget: float, calibration=None, device=None, floo
             raise LorsUsageError("--budget chooses one rank per layer; it does not combine with groups")
         weights = [model.get_parameter(k).detach() for k in pp.keys]
         grams, _ = layer_grams(pp, weights, calibration, normalize)
-        shared = _plain_mean(weights) if calibration is None else None
+        out = output_grams(pp, weights, calibration)
+        shared = (_plain_mean(weights) if calibration is None else
+                  weighted_shared_part(weights, grams, orientation=orientation(pp), floor=floor, damp=damp,
+                                       device=device, out_grams=out))
         spectra = whitened_spectra(weights, grams, orientation=orientation(pp), floor=floor, damp=damp,
-                                   device=device, shared_matrix=shared)
+                                   device=device, shared_matrix=shared, out_grams=out)
+        if shared_parts is not None:
+            shared_parts[pp.shared_key] = shared
         d, h = pp.matrix
         items.append(BudgetItem(d=d, h=h, spectra=[s.tolist() for s in spectra], name=pp.relname))
     limit = int(round(budget * total)) - fixed
@@ -123,6 +167,8 @@ def apply_budget(plan, model, budget: float, calibration=None, device=None, floo
     for pp, ranks, dense in zip(static, alloc.ranks, alloc.dense):
         if dense:
             pp.stack.excluded[pp.relname] = "the budget keeps it dense (a factorization would not break even)"
+            if shared_parts is not None:
+                shared_parts.pop(pp.shared_key, None)
             continue
         pp.ranks = list(ranks)
         pp.rank = max(ranks) if ranks else 0

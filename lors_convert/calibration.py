@@ -38,14 +38,23 @@ Batch = torch.Tensor | dict[str, torch.Tensor]
 TENSOR_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 
 
+OBJECTIVES = ("output", "layer")
+
+
 @dataclass
 class Calibration:
-    """Per-weight input Gram matrices (float64, averaged over the tokens/positions seen)."""
+    """Per-weight input Gram matrices (float64, averaged over the tokens/positions seen) and, for the
+    ``"output"`` objective, output-side Grams (:mod:`sensitivity`)."""
 
     grams: dict[str, torch.Tensor] = field(default_factory=dict)  # weight key -> (n, n)
     counts: dict[str, int] = field(default_factory=dict)  # weight key -> rows accumulated
     skipped: dict[str, str] = field(default_factory=dict)  # weight key -> why no Gram
     samples: int = 0
+    out_grams: dict[str, torch.Tensor] = field(default_factory=dict)  # weight key -> (out, out)
+
+    @property
+    def objective(self) -> str:
+        return "output" if self.out_grams else "layer"
 
     def __getitem__(self, key: str) -> torch.Tensor:
         return self.grams[key]
@@ -57,7 +66,7 @@ class Calibration:
         return key in self.grams
 
     def summary(self) -> dict:
-        return {"samples": self.samples, "grams": len(self.grams),
+        return {"samples": self.samples, "grams": len(self.grams), "objective": self.objective,
                 "rows": max(self.counts.values(), default=0), "skipped": dict(self.skipped)}
 
 
@@ -228,7 +237,6 @@ def batch_size(batch: Batch) -> int:
     return 1
 
 
-@torch.no_grad()
 def collect_grams(
     model: nn.Module,
     batches: Iterable[Batch],
@@ -236,15 +244,36 @@ def collect_grams(
     exclude: list[str] | None = None,
     device: torch.device | str | None = None,
     progress: Callable[[int], None] | None = None,
+    objective: str = "output",
+    probes: int | None = None,
+    seed: int = 0,
 ) -> Calibration:
     """Run ``model`` (eval mode, no grad) on ``batches`` and return the stacked weights' input Grams.
 
-    ``device``: where the float64 accumulators live (default: the activations' device).
-    ``progress(n)`` is called after each batch with the number of samples seen so far.
+    ``objective="output"`` (default) also collects the output-side Grams (a second pass with
+    ``probes`` backward passes per batch, :func:`lors_convert.sensitivity.collect_output_grams`), so the
+    conversion minimizes the model output's error; ``"layer"``: input Grams only, each layer's own
+    output error. ``device``: where the float64 accumulators live (default: the activations'
+    device). ``progress(n)`` is called after each batch with the number of samples seen so far.
     """
+    if objective not in OBJECTIVES:
+        raise LorsUsageError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
     owners = gram_owners(model, include, exclude)
     if not owners:
         raise LorsError("no stacked weights to calibrate")
+    batches = list(batches)
+    calibration = _input_grams(model, owners, batches, device, progress)
+    if objective == "output":
+        from .sensitivity import DEFAULT_PROBES, collect_output_grams
+
+        calibration.out_grams = collect_output_grams(
+            model, owners, batches, probes=DEFAULT_PROBES if probes is None else probes, seed=seed,
+            device=device)
+    return calibration
+
+
+@torch.no_grad()
+def _input_grams(model, owners, batches, device, progress) -> Calibration:
     was_training = model.training
     model.eval()
     where = model_device(model)
@@ -423,10 +452,12 @@ __all__ = ["Calibration", "CalibrationData", "GramCollector", "collect_grams", "
 
 
 def calibrated_convert(model: nn.Module, data: CalibrationData, *, refine: int = 0,
-                       budget: float | None = None, rank: int | None = 8, progress=None, **convert_kwargs):
+                       budget: float | None = None, rank: int | None = 8, progress=None,
+                       objective: str = "output", probes: int | None = None, **convert_kwargs):
     """The whole ``lors convert --calibrate DATA`` path in one call.
 
-    Collects the Grams on ``data.calibration``, records the source outputs on ``data.heldout``,
+    Collects the Grams on ``data.calibration`` (``objective``, ``probes``: see :func:`collect_grams`),
+    records the source outputs on ``data.heldout``,
     converts ``model`` in place (``convert(..., calibration=, refine=, budget=)``; other keyword
     arguments go to :func:`lors_convert.convert`) and adds the held-out fidelity to
     ``report.quality`` (``heldout_cosine`` for text encoders, ``heldout_rel_error`` always).
@@ -436,13 +467,15 @@ def calibrated_convert(model: nn.Module, data: CalibrationData, *, refine: int =
     from .quality import fidelity, reference_outputs
 
     include, exclude = convert_kwargs.get("include"), convert_kwargs.get("exclude")
-    calibration = collect_grams(model, data.calibration, include=include, exclude=exclude)
+    calibration = collect_grams(model, data.calibration, include=include, exclude=exclude,
+                                objective=objective, probes=probes)
     reference = reference_outputs(model, data.heldout) if data.heldout else None
     model, report = convert(model, rank=rank, calibration=calibration, refine=refine, budget=budget,
                             progress=progress, **convert_kwargs)
     report.quality["calibration_data"] = data.source
     report.quality["calibration_kind"] = data.kind
     report.quality["calibration_samples"] = data.n_calibration
+    report.quality["objective"] = calibration.objective
     if reference is not None:
         report.quality.update(fidelity(model, reference))
     for key, why in sorted(calibration.skipped.items())[:5]:

@@ -152,6 +152,11 @@ def convert(
     refine: int = typer.Option(0, "--refine", help="Alternating refinement sweeps of the shared part."),
     budget: Optional[float] = typer.Option(None, "--budget", help="Target fraction of the stacked parameters; "
                                            "ranks per layer by water-filling (replaces --rank)."),
+    objective: Optional[str] = typer.Option(None, "--objective", help="With --calibrate: minimize the model "
+                                            "output's error (output: input and output-gradient Grams) or each "
+                                            "layer's own (layer) [output]."),
+    probes: Optional[int] = typer.Option(None, "--probes", help="Random probes (backward passes) per calibration "
+                                         "batch for --objective output [4]."),
     keep_unsaving: bool = typer.Option(False, "--keep-unsaving", help="Convert matrices even where it saves nothing."),
     shard_size: str = typer.Option("2GB", "--max-shard-size", help="Shard the safetensors output above this size."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print stacks and projected savings; write nothing."),
@@ -198,6 +203,18 @@ def convert(
         raise LorsUsageError(f"--refine must be >= 0, got {refine}")
     if heldout is not None and calibrate is None:
         raise LorsUsageError("--heldout goes with --calibrate")
+    for flag, value in (("--objective", objective), ("--probes", probes)):
+        if value is not None and calibrate is None:
+            raise LorsUsageError(f"{flag} goes with --calibrate")
+    from .calibration import OBJECTIVES
+
+    objective = objective or "output"
+    if objective not in OBJECTIVES:
+        raise LorsUsageError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
+    if probes is not None and probes < 1:
+        raise LorsUsageError(f"--probes must be >= 1, got {probes}")
+    if probes is not None and objective != "output":
+        raise LorsUsageError("--probes goes with --objective output")
     try:  # HF directories and .safetensors + --arch stream: one group in memory at a time
         if calibrated:
             raise NotStreamable("calibration runs the model")
@@ -247,7 +264,8 @@ def convert(
             from .calibration import calibrated_convert
 
             data = read_calibration(calibrate, src, source, heldout)
-            lors_model, report = calibrated_convert(model, data, refine=refine, budget=budget, rank=r, **kwargs)
+            lors_model, report = calibrated_convert(model, data, refine=refine, budget=budget, rank=r,
+                                                    objective=objective, probes=probes, **kwargs)
         else:
             lors_model, report = convert_model(model, rank=r, refine=refine, budget=budget, **kwargs)
         ck.save(lors_model, out, report=report, source=source, manifest=manifest, force=force,

@@ -373,11 +373,12 @@ def convert(
         from .lorsa import check_specs_used, make_adaptive_hook
 
         hook = make_adaptive_hook(adaptive, rank, groups)
+    shared_parts: dict[str, torch.Tensor] = {}  # solved once for the budget, reused below
     if budget is not None:
         from .calibrated import apply_budget
 
         plan = plan_conversion(model, None, None, include, exclude, require_savings=False, adaptive=hook)
-        allocation = apply_budget(plan, model, budget, calibration, device=device)
+        allocation = apply_budget(plan, model, budget, calibration, device=device, shared_parts=shared_parts)
     else:
         plan = plan_conversion(model, rank, groups, include, exclude, require_savings, adaptive=hook)
     if hook is not None:
@@ -398,7 +399,8 @@ def convert(
         if calibrated and pp.kind == "static" and init == "svd":
             from .calibrated import decompose_param as calibrated_decompose
 
-            factors = calibrated_decompose(pp, weights, calibration, refine, device=device)
+            factors = calibrated_decompose(pp, weights, calibration, refine, device=device,
+                                           shared=shared_parts.pop(pp.shared_key, None))
             weighted.append((factors.weighted_error, factors.weighted_output, factors.history))
             m.relative_error = [f.relative_error for f in factors.layers]
             m.retained_energy = [f.retained_energy for f in factors.layers]

@@ -132,6 +132,19 @@ def split_balanced(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor) -> tuple[
     return U * root, root[:, None] * Vh  # (d, k), (k, h)
 
 
+def rebalance(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rescale each rank unit so that ``B[:, j]`` and ``A[j]`` have equal norms; ``B @ A`` is unchanged.
+
+    Factors mapped back from a whitened space (``M^-T U``, ``V^T L^-1``) carry the Grams' scale
+    unevenly; training them with Adam (one step size for all) needs both on the same footing.
+    """
+    nb = torch.linalg.vector_norm(B, dim=0)  # (k,)
+    na = torch.linalg.vector_norm(A, dim=1)  # (k,)
+    ok = (nb > 0) & (na > 0)
+    scale = torch.where(ok, (na / torch.where(ok, nb, torch.ones_like(nb))).sqrt(), torch.ones_like(nb))
+    return B * scale, A / scale[:, None]  # (d, k), (k, h)
+
+
 def stack_matrices(weights, device=None, names: list[str] | None = None) -> torch.Tensor:
     """Copy N layer weights into one fresh float32 (or float64) tensor ``(N, d, h)``, one at a time.
 

@@ -1,22 +1,29 @@
 """Activation-aware (whitened) LORS math: weighted shared part, whitened truncated SVD, refinement.
 
 Pure functions, no model. For one stacked parameter with layer matrices ``W_i`` in *linear
-orientation* ``(out, in)`` (``y = W x``) and input Gram matrices ``C_i = sum_x x x^T`` ``(in, in)``,
-the output error a layer makes on its calibration inputs is
+orientation* ``(out, in)`` (``y = W x``), input Gram matrices ``C_i = E[x x^T]`` ``(in, in)`` and,
+optionally, output-side Grams ``G_i`` ``(out, out)`` (the model output's sensitivity to the layer's
+output, :mod:`sensitivity`; identity when absent), the error a layer's approximation makes is
 
-    E_i = sum_x ||(W_i - What_i) x||^2 = tr(D_i C_i D_i^T) = ||D_i L_i||_F^2,   L_i L_i^T = C_i.
+    E_i = tr(G_i D_i C_i D_i^T) = ||M_i^T D_i L_i||_F^2,   D_i = W_i - What_i,  L_i L_i^T = C_i,  M_i M_i^T = G_i.
+
+With ``G_i = I`` this is the layer's own output error on its calibration inputs; with the output
+Grams it is the model output's error to first order (K-FAC).
 
 - Shared part (weighted least squares over the stack, private parts fixed at ``P_i``)::
 
-      W_s = (sum_i (W_i - P_i) C_i) (sum_i C_i)^-1          (P_i = 0 at initialization)
+      sum_i G_i W_s C_i = sum_i G_i (W_i - P_i) C_i        (P_i = 0 at initialization)
 
-- Private part of rank ``k_i``: truncated SVD of the whitened residual ``(W_i - W_s) L_i = U S V^T``,
-  mapped back, ``B_i = U_k S_k^{1/2}``, ``A_i = S_k^{1/2} V_k^T L_i^{-1}``. By Eckart-Young this is
+  closed form ``W_s = (sum_i (W_i - P_i) C_i) (sum_i C_i)^-1`` without output Grams; with them,
+  preconditioned conjugate gradients (preconditioner: the Kronecker product of the mean Grams),
+  started from the current shared part, so a refinement sweep never increases the error.
+- Private part of rank ``k_i``: truncated SVD of the whitened residual ``M_i^T (W_i - W_s) L_i = U S V^T``,
+  mapped back, ``B_i = M_i^-T U_k S_k^{1/2}``, ``A_i = S_k^{1/2} V_k^T L_i^{-1}``. By Eckart-Young this is
   the best rank-``k_i`` private part for the weighted error, and ``E_i`` equals the discarded
   whitened energy ``sum_{j>k} s_j^2``.
-- Refinement alternates the two exact minimizations, so the total weighted error never increases.
+- Refinement alternates the two minimizations, so the total weighted error never increases.
 
-``L_i`` comes from an eigendecomposition ``C = Q diag(lam) Q^T`` with the eigenvalues floored at
+``L_i`` (and ``M_i``) come from an eigendecomposition ``C = Q diag(lam) Q^T`` with the eigenvalues floored at
 ``floor * max(lam)`` (a singular Gram, e.g. from few tokens or dead inputs, stays invertible) and an
 optional ridge ``damp * mean(lam)``: ``L = Q diag(lam')^{1/2}``, ``L^-1 = diag(lam')^{-1/2} Q^T``. Every
 step uses the same effective Gram ``C' = Q diag(lam') Q^T``, which keeps the identities and the
@@ -34,10 +41,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .decompose import LayerFactors, StackFactors, as_matrix, split_balanced
+from .decompose import LayerFactors, StackFactors, as_matrix, rebalance, split_balanced
 
 DEFAULT_FLOOR = 1e-6  # eigenvalue floor, relative to the largest eigenvalue
 DEFAULT_DAMP = 0.0  # ridge relative to the mean eigenvalue
+CG_MAX_ITER = 10  # shared-part solve with output Grams: every iterate lowers the error (10: within 0.2% of converged on MiniLM)
+CG_TOL = 1e-8  # relative residual
 
 
 @dataclass
@@ -81,17 +90,63 @@ def whitener(C: torch.Tensor | None = None, floor: float = DEFAULT_FLOOR, damp: 
     return Whitener(L=Q * root, L_inv=Q.T / root[:, None], C=(Q * lam) @ Q.T)
 
 
-def weighted_shared(W: torch.Tensor, grams: list[torch.Tensor], private: torch.Tensor | None = None
-                    ) -> torch.Tensor:
-    """``argmin_S sum_i ||(W_i - P_i - S) L_i||^2 = (sum_i (W_i - P_i) C_i)(sum_i C_i)^-1``.
+def weighted_shared(W: torch.Tensor, grams: list[torch.Tensor], private: torch.Tensor | None = None,
+                    left: list[torch.Tensor] | None = None, start: torch.Tensor | None = None,
+                    max_iter: int = CG_MAX_ITER, tol: float = CG_TOL) -> torch.Tensor:
+    """``argmin_S sum_i ||M_i^T (W_i - P_i - S) L_i||^2``.
 
-    ``W``: (N, out, in); ``grams``: N effective Grams (in, in); ``private``: (N, out, in) or None.
+    ``W``: (N, out, in); ``grams``: N effective input Grams ``C_i`` (in, in); ``private``: (N, out, in)
+    or None; ``left``: N effective output Grams ``G_i`` (out, out) or None (identity: closed form
+    ``(sum_i (W_i - P_i) C_i)(sum_i C_i)^-1``). With ``left``, preconditioned conjugate gradients on
+    ``sum_i G_i S C_i = sum_i G_i (W_i - P_i) C_i`` from ``start`` (default: the closed form without
+    ``left``); every iterate lowers the error, so stopping at ``max_iter`` keeps any sweep monotone.
     """
     T = W if private is None else W - private
-    num = sum(T[i] @ grams[i] for i in range(len(grams)))  # (out, in)
     den = sum(grams)  # (in, in), symmetric positive definite (floored)
-    # S den = num  <=>  den S^T = num^T
-    return torch.linalg.solve(den, num.T).T
+    if left is None:
+        num = sum(T[i] @ grams[i] for i in range(len(grams)))  # (out, in)
+        # S den = num  <=>  den S^T = num^T
+        return torch.linalg.solve(den, num.T).T
+    b = sum(left[i] @ T[i] @ grams[i] for i in range(len(grams)))  # (out, in)
+    if start is None:
+        start = torch.linalg.solve(den, sum(T[i] @ grams[i] for i in range(len(grams))).T).T
+    return _kron_sum_cg(left, grams, b, start, max_iter, tol)
+
+
+def _kron_sum_cg(left: list[torch.Tensor], right: list[torch.Tensor], b: torch.Tensor, x: torch.Tensor,
+                 max_iter: int, tol: float) -> torch.Tensor:
+    """Solve ``sum_i G_i X C_i = b`` (all ``G_i``, ``C_i`` SPD) by PCG from ``x``.
+
+    Preconditioner ``R -> Gbar^-1 R Cbar^-1`` (mean Grams): exact when the Grams of the stack are
+    proportional to each other.
+    """
+    def apply(X):
+        return sum(G @ X @ C for G, C in zip(left, right))
+
+    n = len(left)
+    G_inv = torch.linalg.inv(sum(left) / n)  # (out, out)
+    C_inv = torch.linalg.inv(sum(right) / n)  # (in, in)
+    x = x.clone()
+    r = b - apply(x)
+    b_norm = float(torch.linalg.matrix_norm(b)) or 1.0
+    z = G_inv @ r @ C_inv
+    p = z.clone()
+    rz = float((r * z).sum())
+    for _ in range(max_iter):
+        if float(torch.linalg.matrix_norm(r)) <= tol * b_norm or rz <= 0.0:
+            break
+        Ap = apply(p)
+        pAp = float((p * Ap).sum())
+        if pAp <= 0.0:
+            break
+        alpha = rz / pAp
+        x += alpha * p
+        r -= alpha * Ap
+        z = G_inv @ r @ C_inv
+        rz_next = float((r * z).sum())
+        p = z + (rz_next / rz) * p
+        rz = rz_next
+    return x
 
 
 @dataclass
@@ -114,20 +169,24 @@ class WeightedFactors(StackFactors):
                 for e, o in zip(self.weighted_error, self.weighted_output)]
 
 
-def whitened_truncation(R: torch.Tensor, whiteners: list[Whitener], ranks: list[int]
+def whitened_truncation(R: torch.Tensor, whiteners: list[Whitener], ranks: list[int],
+                        left: list[Whitener] | None = None
                         ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[float], list[float], list[torch.Tensor]]:
     """Best weighted rank-``k_i`` approximation of each residual ``R_i`` (linear orientation).
 
+    ``whiteners``: input side ``L_i``; ``left``: output side ``M_i`` or None (identity).
     Returns the factors ``(B_i (out, k), A_i (k, in))``, the whitened residual energy, the discarded
     whitened energy (the weighted error) and the whitened spectra ``s^2`` (descending), per layer.
     """
     factors, energy, discarded, spectra = [], [], [], []
     for i, k in enumerate(ranks):
-        Z = R[i] @ whiteners[i].L  # (out, in)
+        Z = _whiten(R[i], whiteners[i], None if left is None else left[i])  # (out, in)
         U, S, Vh = torch.linalg.svd(Z, full_matrices=False)
         k = min(k, S.shape[0])
         B, A_white = split_balanced(U[:, :k], S[:k], Vh[:k])
-        factors.append((B, A_white @ whiteners[i].L_inv))
+        if left is not None:
+            B = left[i].L_inv.T @ B  # M^-T U_k S_k^{1/2}: (out, k)
+        factors.append(rebalance(B, A_white @ whiteners[i].L_inv))
         s2 = S * S
         energy.append(float(s2.sum()))
         discarded.append(float(s2[k:].sum()))
@@ -135,41 +194,65 @@ def whitened_truncation(R: torch.Tensor, whiteners: list[Whitener], ranks: list[
     return factors, energy, discarded, spectra
 
 
+def _whiten(R: torch.Tensor, right: Whitener, left: Whitener | None) -> torch.Tensor:
+    """``M^T R L``: the residual in the space where the weighted error is the Frobenius norm."""
+    Z = R @ right.L  # (out, in)
+    return Z if left is None else left.L.T @ Z
+
+
 def _orient(M: torch.Tensor, orientation: str) -> torch.Tensor:
     return M.transpose(-1, -2) if orientation == "in_out" else M
 
 
+def weighted_shared_part(weights: list[torch.Tensor], grams: list, orientation: str = "out_in",
+                         floor: float = DEFAULT_FLOOR, damp: float = DEFAULT_DAMP,
+                         device: torch.device | str | None = None, out_grams: list | None = None) -> torch.Tensor:
+    """The initial shared part :func:`decompose_weighted` solves for, in stored orientation (float64)."""
+    W, wh, lw = _prepare(weights, grams, orientation, floor, damp, device, out_grams)
+    S = weighted_shared(W, [w.C for w in wh], left=None if lw is None else [w.C for w in lw])
+    return _orient(S, orientation)
+
+
 def whitened_spectra(weights: list[torch.Tensor], grams: list[torch.Tensor], orientation: str = "out_in",
                      floor: float = DEFAULT_FLOOR, damp: float = DEFAULT_DAMP, shared: bool = True,
-                     device: torch.device | str | None = None, shared_matrix: torch.Tensor | None = None
-                     ) -> list[torch.Tensor]:
+                     device: torch.device | str | None = None, shared_matrix: torch.Tensor | None = None,
+                     out_grams: list | None = None) -> list[torch.Tensor]:
     """Whitened residual spectra ``s^2`` per layer (what each rank unit would remove), for budgeting.
 
     ``shared=False`` gives the spectra of the layers themselves (no shared part); ``shared_matrix``
-    (stored orientation) replaces the weighted least-squares shared part.
+    (stored orientation) replaces the weighted least-squares shared part; ``out_grams``: output-side
+    Grams (see :func:`decompose_weighted`).
     """
-    W, wh = _prepare(weights, grams, orientation, floor, damp, device)
+    W, wh, lw = _prepare(weights, grams, orientation, floor, damp, device, out_grams)
     if shared_matrix is not None:
         R = W - _orient(as_matrix(shared_matrix).to(W), orientation)
     elif shared:
-        R = W - weighted_shared(W, [w.C for w in wh])
+        R = W - weighted_shared(W, [w.C for w in wh], left=None if lw is None else [w.C for w in lw])
     else:
         R = W
     spectra = []
     for i in range(len(weights)):
-        Z = R[i] @ wh[i].L  # (out, in)
+        Z = _whiten(R[i], wh[i], None if lw is None else lw[i])  # (out, in)
         G = Z @ Z.T if Z.shape[0] <= Z.shape[1] else Z.T @ Z  # the smaller Gram: eigenvalues = s^2
         spectra.append(torch.linalg.eigvalsh(G).clamp_min(0.0).flip(0).cpu())
     return spectra
 
 
-def _prepare(weights, grams, orientation, floor, damp, device):
+def _prepare(weights, grams, orientation, floor, damp, device, out_grams=None):
+    """Stacked float64 matrices in linear orientation, input whiteners, output whiteners (or None)."""
     device = torch.device(device) if device is not None else weights[0].device
     W = torch.stack([_orient(as_matrix(w).to(device=device, dtype=torch.float64), orientation) for w in weights])
+    wh = _whiteners(grams, len(weights), W.shape[2], floor, damp, device)
+    lw = None
+    if out_grams is not None and any(g is not None for g in out_grams):
+        lw = _whiteners(out_grams, len(weights), W.shape[1], floor, damp, device)
+    return W, wh, lw
+
+
+def _whiteners(grams, count: int, n: int, floor, damp, device) -> list[Whitener]:
     if grams is None:
-        grams = [None] * len(weights)
+        grams = [None] * count
     wh = []
-    n = W.shape[2]
     for C in grams:
         if C is None:
             eye = torch.eye(n, dtype=torch.float64, device=device)
@@ -177,13 +260,13 @@ def _prepare(weights, grams, orientation, floor, damp, device):
         elif isinstance(C, ScaledGram):
             lam, Q = cached_eigh(C.gram)
             if lam.shape[0] != n:
-                raise ValueError(f"Gram of size {lam.shape[0]} does not match the input size {n}")
+                raise ValueError(f"Gram of size {lam.shape[0]} does not match the matrix side {n}")
             wh.append(whitener(eig=(lam.to(device), Q.to(device)), scale=C.scale, floor=floor, damp=damp))
         else:
             if tuple(C.shape) != (n, n):
-                raise ValueError(f"Gram of shape {tuple(C.shape)} does not match the input size {n}")
+                raise ValueError(f"Gram of shape {tuple(C.shape)} does not match the matrix side {n}")
             wh.append(whitener(C.to(device), floor=floor, damp=damp))
-    return W, wh
+    return wh
 
 
 @dataclass
@@ -220,44 +303,47 @@ def decompose_weighted(
     damp: float = DEFAULT_DAMP,
     device: torch.device | str | None = None,
     shared_part: bool = True,
+    out_grams: list | None = None,
 ) -> WeightedFactors:
     """Calibrated LORST factors of one stacked parameter.
 
     ``weights``: the N layers' tensors as stored; ``ranks``: total private rank per layer;
     ``grams``: per layer input Gram ``(in, in)`` (None: identity, i.e. the plain Frobenius error;
     with all None and ``refine=0`` this is the mean + SVD of :func:`decompose_stack` up to the shared
-    part being the mean); ``orientation``: "out_in" (Linear, conv) or "in_out" (HF Conv1D, whose
-    factors are returned as stored, ``B (in, k)``, ``A (k, out)``); ``refine``: alternating sweeps
-    (shared <- weighted least squares given the private parts, then re-truncate), ``history`` holds the
-    total weighted error after the initial fit and after each sweep (non-increasing);
-    ``shared``: a given starting shared part (stored orientation); ``shared_part=False``: no shared
-    part at all (per-layer low rank, a baseline).
+    part being the mean); ``out_grams``: per layer output-side Gram ``(out, out)`` in linear
+    orientation (None: identity, the layer's own output error); ``orientation``: "out_in" (Linear,
+    conv) or "in_out" (HF Conv1D, whose factors are returned as stored, ``B (in, k)``, ``A (k, out)``);
+    ``refine``: alternating sweeps (shared <- weighted least squares given the private parts, then
+    re-truncate), ``history`` holds the total weighted error after the initial fit and after each
+    sweep (non-increasing); ``shared``: a given starting shared part (stored orientation);
+    ``shared_part=False``: no shared part at all (per-layer low rank, a baseline).
 
     Errors (``relative_error``, ``retained_energy``) are the plain Frobenius figures of the design,
     the weighted ones are in ``weighted_*``. Float64 math, float32 results on ``device``.
     """
-    W, wh = _prepare(weights, grams, orientation, floor, damp, device)
+    W, wh, lw = _prepare(weights, grams, orientation, floor, damp, device, out_grams)
     Cs = [w.C for w in wh]
+    Gs = None if lw is None else [w.C for w in lw]
     if not shared_part:
         W_s = torch.zeros_like(W[0])
         refine = 0
     elif shared is not None:
         W_s = _orient(as_matrix(shared).to(W), orientation)
     else:
-        W_s = weighted_shared(W, Cs)
-    factors, energy, discarded, _ = whitened_truncation(W - W_s, wh, ranks)
+        W_s = weighted_shared(W, Cs, left=Gs)
+    factors, energy, discarded, _ = whitened_truncation(W - W_s, wh, ranks, lw)
     history = [sum(discarded)]
     for _ in range(refine):
         P = torch.stack([B @ A for B, A in factors])
-        W_s = weighted_shared(W, Cs, P)
-        factors, energy, discarded, _ = whitened_truncation(W - W_s, wh, ranks)
+        W_s = weighted_shared(W, Cs, P, left=Gs, start=W_s)
+        factors, energy, discarded, _ = whitened_truncation(W - W_s, wh, ranks, lw)
         history.append(sum(discarded))
     layers = []
     outputs = []
     for i, (B, A) in enumerate(factors):
         R = W[i] - W_s
         D = R - B @ A
-        outputs.append(float(((W[i] @ wh[i].L) ** 2).sum()))
+        outputs.append(float((_whiten(W[i], wh[i], None if lw is None else lw[i]) ** 2).sum()))
         res = float((R * R).sum())
         err = float((D * D).sum())
         if orientation == "in_out":
@@ -269,5 +355,6 @@ def decompose_weighted(
                            history=history)
 
 
-__all__ = ["Whitener", "whitener", "ScaledGram", "gram_eigh", "cached_eigh", "weighted_shared", "whitened_truncation", "whitened_spectra",
+__all__ = ["Whitener", "whitener", "ScaledGram", "gram_eigh", "cached_eigh", "weighted_shared", "weighted_shared_part",
+           "whitened_truncation", "whitened_spectra",
            "decompose_weighted", "WeightedFactors", "DEFAULT_FLOOR", "DEFAULT_DAMP"]

@@ -7,12 +7,16 @@ scripts/data/calib_prose.txt; held-out: questions, requests and chat, scripts/da
 no sentence in both). Methods:
 
 - ``mean+SVD``: the paper's LORST init (plain mean shared part, truncated SVD), ranks by the budget;
-- ``whitened``: activation-weighted shared part + whitened truncated SVD (``calibration=``);
-- ``whitened+refine``: plus ``--refine`` alternating sweeps;
-- ``whitened+heal``: whitened+refine, then ``--heal-steps`` of distillation on the calibration text
+- ``whitened (layer)``: activation-weighted shared part + whitened truncated SVD, every matrix's
+  own output error as objective (``collect_grams(objective="layer")``);
+- ``output-aware``: the default calibrated conversion, input and output-gradient Grams: the model
+  output's error as objective, one unit for the budget (:mod:`lors_convert.sensitivity`);
+- ``+refine``: plus ``--refine`` alternating sweeps;
+- ``+heal``: output-aware+refine, then ``--heal-steps`` of distillation on the calibration text
   (``--heal-synthetic 0,0.75``: one column per share of steps on synthetic token inputs drawn from a
   bigram chain over the calibration tokens, :mod:`lors_convert.synthetic`);
-- ``per-layer whitened``: no sharing, each layer its own whitened truncated SVD, same budget.
+- ``per-layer output-aware``: no sharing, each layer its own two-sided whitened truncated SVD, same
+  budget and objective.
 
     HF_HUB_OFFLINE=1 python scripts/bench_quality.py                # the table in the README
     HF_HUB_OFFLINE=1 python scripts/bench_quality.py --budgets 0.45 --heal-steps 100
@@ -37,7 +41,7 @@ import torch  # noqa: E402
 
 from lors_convert import convert  # noqa: E402
 from lors_convert.budget import BudgetItem, allocate_ranks  # noqa: E402
-from lors_convert.calibrated import DAMP, FLOOR, layer_grams, orientation  # noqa: E402
+from lors_convert.calibrated import DAMP, FLOOR, layer_grams, orientation, output_grams  # noqa: E402
 from lors_convert.calibration import collect_grams, read_texts, text_batches  # noqa: E402
 from lors_convert.convert import plan_conversion  # noqa: E402
 from lors_convert.heal import heal  # noqa: E402
@@ -54,19 +58,20 @@ def per_layer_whitened(model, budget, calibration):
     for pp in plan.params:
         weights = [model.get_parameter(k).detach() for k in pp.keys]
         grams, _ = layer_grams(pp, weights, calibration)
+        out = output_grams(pp, weights, calibration) or [None] * len(weights)
         spectra = whitened_spectra(weights, grams, orientation=orientation(pp), floor=FLOOR, damp=DAMP,
-                                   shared=False)
+                                   shared=False, out_grams=out)
         d, h = pp.matrix
         for i, s in enumerate(spectra):  # each layer alone: shared=False, dense cost d*h
             items.append(BudgetItem(d=d, h=h, spectra=[s.tolist()], shared=False, name=pp.keys[i]))
-            owners.append((pp, i, weights, grams))
+            owners.append((pp, i, weights, grams, out))
     alloc = allocate_ranks(items, budget)
     with torch.no_grad():
-        for (pp, i, weights, grams), ranks, dense in zip(owners, alloc.ranks, alloc.dense):
+        for (pp, i, weights, grams, out), ranks, dense in zip(owners, alloc.ranks, alloc.dense):
             if dense:
                 continue
             f = decompose_weighted([weights[i]], ranks, [grams[i]], orientation=orientation(pp), floor=FLOOR,
-                                   damp=DAMP, shared_part=False)
+                                   damp=DAMP, shared_part=False, out_grams=[out[i]])
             merged = (f.layers[0].B @ f.layers[0].A).reshape(weights[i].shape)
             model.get_parameter(pp.keys[i]).copy_(merged.to(weights[i].dtype))
     return model, alloc.params, alloc.dense_params
@@ -81,7 +86,8 @@ def main(argv=None) -> int:
     ap.add_argument("--heal-loss", default="mse")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--methods", default="mean,whitened,refine,heal,perlayer")
+    ap.add_argument("--methods", default="mean,layer,whitened,refine,heal,perlayer")
+    ap.add_argument("--probes", type=int, default=4, help="probes per batch for the output-gradient Grams")
     ap.add_argument("--json", default=None)
     ap.add_argument("--extra-calib", default=None,
                     help="more calibration text appended to the prose (e.g. from scripts/make_docstring_corpus.py)")
@@ -109,12 +115,16 @@ def main(argv=None) -> int:
     calib = text_batches(tok, calib_texts, args.batch_size, 128)
     held = text_batches(tok, held_texts, 64, 128)
     t0 = time.time()
-    cal = collect_grams(source, calib)
+    cal_layer = collect_grams(source, calib, objective="layer")
     t_grams = time.time() - t0
+    t0 = time.time()
+    cal = collect_grams(source, calib, probes=args.probes)
+    t_out = time.time() - t0
     ref = reference_outputs(source, held)
     stacked = sum(pp.dense_params for pp in plan_conversion(source, None, None, require_savings=False).params)
     print(f"MiniLM: {stacked / 1e6:.2f}M stacked parameters in 6 BertLayers; calibration {len(calib_texts)} "
-          f"sentences ({cal.summary()['rows']} tokens, Grams in {t_grams:.1f}s); held-out "
+          f"sentences ({cal.summary()['rows']} tokens, input Grams in {t_grams:.1f}s, input + output Grams "
+          f"({args.probes} probes) in {t_out:.1f}s); held-out "
           f"{len(held_texts)} questions/chat lines", file=sys.stderr)
 
     methods = args.methods.split(",")
@@ -137,27 +147,31 @@ def main(argv=None) -> int:
             t = time.time()
             m, rep = convert(copy.deepcopy(source), budget=budget)
             record("mean+SVD", m, stacked_after(rep), time.time() - t)
+        if "layer" in methods:
+            t = time.time()
+            m, rep = convert(copy.deepcopy(source), budget=budget, calibration=cal_layer)
+            record("whitened (layer)", m, stacked_after(rep), time.time() - t)
         if "whitened" in methods:
             t = time.time()
             m, rep = convert(copy.deepcopy(source), budget=budget, calibration=cal)
-            record("whitened", m, stacked_after(rep), time.time() - t)
+            record("output-aware", m, stacked_after(rep), time.time() - t)
         if "refine" in methods or "heal" in methods:
             t = time.time()
             m, rep = convert(copy.deepcopy(source), budget=budget, calibration=cal, refine=args.refine)
             params, t_conv = stacked_after(rep), time.time() - t
-            record(f"whitened+refine{args.refine}", m, params, t_conv)
+            record(f"+refine{args.refine}", m, params, t_conv)
             shares = [float(x) for x in args.heal_synthetic.split(",")] if "heal" in methods and args.heal_steps else []
             for share in shares:
                 student = copy.deepcopy(m)
                 t = time.time()
                 heal(student, source, calib, steps=args.heal_steps, lr=args.heal_lr, loss=args.heal_loss,
                      match=args.heal_match, synthetic=share)
-                name = f"whitened+refine+heal{args.heal_steps}" + (f" synthetic {share:g}" if share else "")
+                name = f"+heal{args.heal_steps}" + (f" synthetic {share:g}" if share else "")
                 record(name, student, params, time.time() - t)
         if "perlayer" in methods:
             t = time.time()
             m, params, _ = per_layer_whitened(copy.deepcopy(source), budget, cal)
-            record("per-layer whitened", m, params, time.time() - t)
+            record("per-layer output-aware", m, params, time.time() - t)
         rows.append(row)
         if args.json:  # after every budget: a long run interrupted still leaves numbers
             Path(args.json).write_text(json.dumps({"stacked": stacked, "rows": rows, "args": vars(args)}, indent=2))

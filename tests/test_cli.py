@@ -280,6 +280,7 @@ def test_calibrate_budget_then_heal(minilm_dir, tmp_path):
     quality = json.loads(res.stdout)["quality"]
     assert abs(quality["stacked_fraction"] - 0.3) <= 0.01 * 0.3
     assert 0.0 < quality["heldout_cosine"] <= 1.0 and quality["heldout_samples"] == 145
+    assert quality["objective"] == "output"  # the default: output-gradient Grams were collected
     assert run("merge", out, "-o", tmp_path / "dense", "-q").exit_code == 0
     healed = tmp_path / "healed.lors"
     res = run("heal", out, "--data", data / "calib_prose.txt", "--heldout", data / "heldout_dialogue.txt",
@@ -296,6 +297,32 @@ def test_calibrate_budget_then_heal(minilm_dir, tmp_path):
     res = run("heal", out, "--data", data / "calib_prose.txt", "--synthetic", "1.5", "-o", tmp_path / "h2.lors")
     assert res.exit_code == 2 and "--synthetic must be a share of the steps in [0, 1], got 1.5" in res.output
     assert not (tmp_path / "h2.lors").exists()
+
+
+def test_convert_objective_option(tmp_path):
+    """--objective layer|output on tensor calibration data; misuse is a one-line usage error, nothing written."""
+    torch.manual_seed(0)
+    src = tmp_path / "mlp.safetensors"
+    save_file(StackedMLP().state_dict(), str(src))
+    data = tmp_path / "inputs.safetensors"
+    save_file({"x": torch.randn(40, 8)}, str(data))
+    common = ("--arch", "tests.archs:stacked_mlp", "--rank", "2", "--json")
+    for objective, probes in (("layer", ()), ("output", ("--probes", "2"))):
+        res = run("convert", src, *common, "--calibrate", data, "--objective", objective, *probes,
+                  "-o", tmp_path / f"{objective}.lors")
+        assert res.exit_code == 0, res.output
+        assert json.loads(res.stdout)["quality"]["objective"] == objective
+    bad = [
+        (("--calibrate", data, "--objective", "model"), "--objective must be one of output, layer, got 'model'"),
+        (("--objective", "layer"), "--objective goes with --calibrate"),
+        (("--calibrate", data, "--probes", "0"), "--probes must be >= 1, got 0"),
+        (("--calibrate", data, "--objective", "layer", "--probes", "2"), "--probes goes with --objective output"),
+    ]
+    for args, message in bad:
+        out = tmp_path / "bad.lors"
+        res = run("convert", src, *common, *args, "-o", out)
+        assert res.exit_code == 2 and message in res.stderr, (args, res.output)
+        assert "Traceback" not in res.output and not out.exists()
 
 
 def test_heal_on_tensor_inputs_uses_no_synthetic_steps(tmp_path):
