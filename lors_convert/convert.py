@@ -354,9 +354,10 @@ def convert(
     (see :mod:`lors_convert.lorsa`).
 
     Calibrated conversion (see :mod:`lors_convert.calibrated`): ``calibration`` maps weight keys to
-    input Gram matrices (a :class:`lors_convert.calibration.Calibration` from ``collect_grams``);
-    the shared part becomes the activation-weighted least-squares fit and the private parts the
-    whitened truncated SVD. ``refine`` alternating sweeps re-fit the shared part given the private
+    input Gram matrices (a :class:`lors_convert.calibration.Calibration` from ``collect_grams``, which
+    by default also holds output-gradient Grams: then the model output's error is minimized);
+    the shared part becomes the weighted least-squares fit and the private parts the whitened
+    truncated SVD. ``refine`` alternating sweeps re-fit the shared part given the private
     parts. ``budget`` (a fraction of the stacked parameters, e.g. 0.4) replaces ``rank``/``groups``
     by per-layer ranks from greedy water-filling; matrices that do not break even stay dense.
     """

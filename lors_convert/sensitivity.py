@@ -96,8 +96,8 @@ def collect_output_grams(
                 mask = batch_mask(batch)
                 captured.clear()
                 y = primary_output(run_model(model, batch))
-                if not captured:
-                    continue
+                if not captured or not y.requires_grad:
+                    continue  # no stacked layer ran, or the output does not depend on any
                 outs = [o for _, o in captured]
                 for p in range(probes):
                     u = _probe(y, mask, generator)
