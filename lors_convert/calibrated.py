@@ -27,7 +27,7 @@ from .budget import Allocation, BudgetItem, allocate_ranks
 from .decompose import as_matrix
 from .errors import LorsError, LorsUsageError
 from .whiten import (ScaledGram, DEFAULT_DAMP, DEFAULT_FLOOR, WeightedFactors, decompose_weighted,
-                     weighted_shared_part, whitened_spectra)
+                     shared_and_spectra)
 
 NORMALIZE = False  # True: relative output error per layer (measured worse on MiniLM)
 FLOOR = DEFAULT_FLOOR
@@ -60,15 +60,16 @@ def output_grams(pp, weights: list[torch.Tensor], calibration) -> list[ScaledGra
         return None
     d, h = as_matrix(weights[0]).shape
     m = h if orientation(pp) == "in_out" else d  # the output width in linear orientation
-    out = []
-    for key in pp.keys:
-        G = grams[key]
-        if G.dtype != torch.float64 or G.device.type != "cpu":
-            G = G.to(torch.float64).cpu()
-        if tuple(G.shape) != (m, m):
-            raise LorsError(f"output Gram for {key!r} is {tuple(G.shape)}, expected ({m}, {m})")
-        out.append(ScaledGram(G))
-    return out
+    return [ScaledGram(_checked_gram(grams[key], key, m, "output Gram")) for key in pp.keys]
+
+
+def _checked_gram(C: torch.Tensor, key: str, n: int, what: str) -> torch.Tensor:
+    """``C`` as a float64 CPU tensor (the same object when it already is one), shape ``(n, n)``."""
+    if C.dtype != torch.float64 or C.device.type != "cpu":
+        C = C.to(torch.float64).cpu()
+    if tuple(C.shape) != (n, n):
+        raise LorsError(f"{what} for {key!r} is {tuple(C.shape)}, expected ({n}, {n})")
+    return C
 
 
 def layer_grams(pp, weights: list[torch.Tensor], calibration, normalize: bool | None = None
@@ -89,10 +90,7 @@ def layer_grams(pp, weights: list[torch.Tensor], calibration, normalize: bool | 
             missing.append(key)
             C = torch.eye(n, dtype=torch.float64)
         else:
-            if C.dtype != torch.float64 or C.device.type != "cpu":
-                C = C.to(torch.float64).cpu()
-            if tuple(C.shape) != (n, n):
-                raise LorsError(f"calibration Gram for {key!r} is {tuple(C.shape)}, expected ({n}, {n})")
+            C = _checked_gram(C, key, n, "calibration Gram")
         scale = 1.0
         if normalize:
             M = as_matrix(w).to(torch.float64)
@@ -151,12 +149,10 @@ def apply_budget(plan, model, budget: float, calibration=None, device=None, floo
             raise LorsUsageError("--budget chooses one rank per layer; it does not combine with groups")
         weights = [model.get_parameter(k).detach() for k in pp.keys]
         grams, _ = layer_grams(pp, weights, calibration, normalize)
-        out = output_grams(pp, weights, calibration)
-        shared = (_plain_mean(weights) if calibration is None else
-                  weighted_shared_part(weights, grams, orientation=orientation(pp), floor=floor, damp=damp,
-                                       device=device, out_grams=out))
-        spectra = whitened_spectra(weights, grams, orientation=orientation(pp), floor=floor, damp=damp,
-                                   device=device, shared_matrix=shared, out_grams=out)
+        shared, spectra = shared_and_spectra(
+            weights, grams, orientation=orientation(pp), floor=floor, damp=damp, device=device,
+            shared_matrix=_plain_mean(weights) if calibration is None else None,
+            out_grams=output_grams(pp, weights, calibration))
         if shared_parts is not None:
             shared_parts[pp.shared_key] = shared
         d, h = pp.matrix

@@ -92,6 +92,15 @@ def _conv1d_types() -> tuple[type, ...]:
     return (Conv1D,)
 
 
+def token_rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """An activation ``(..., n)`` as rows ``(positions, n)``; with a ``(B, T)`` mask matching its
+    leading dimensions, the real tokens only."""
+    n = x.shape[-1]
+    if mask is not None and x.dim() >= 3 and tuple(x.shape[:2]) == tuple(mask.shape):
+        return x[mask.to(x.device)].reshape(-1, n)
+    return x.reshape(-1, n)
+
+
 class GramCollector:
     """Forward pre-hooks that accumulate ``X^T X`` per owner; use as a context manager."""
 
@@ -137,11 +146,7 @@ class GramCollector:
             cols = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=padding,
                             stride=module.stride)  # (B, in*kh*kw, L)
             return cols.transpose(1, 2).reshape(-1, cols.shape[1])
-        n = x.shape[-1]
-        mask = self.mask
-        if mask is not None and x.dim() >= 3 and tuple(x.shape[:2]) == tuple(mask.shape):
-            return x[mask.to(x.device)].reshape(-1, n)
-        return x.reshape(-1, n)
+        return token_rows(x, self.mask)
 
     def _hook(self, key: str, module: nn.Module):
         def hook(mod, args, kwargs=None):
@@ -248,7 +253,7 @@ def collect_grams(
     probes: int | None = None,
     seed: int = 0,
 ) -> Calibration:
-    """Run ``model`` (eval mode, no grad) on ``batches`` and return the stacked weights' input Grams.
+    """Run ``model`` (eval mode) on ``batches`` and return the stacked weights' Grams.
 
     ``objective="output"`` (default) also collects the output-side Grams (a second pass with
     ``probes`` backward passes per batch, :func:`lors_convert.sensitivity.collect_output_grams`), so the

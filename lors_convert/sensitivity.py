@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable, Mapping
 import torch
 from torch import nn
 
-from .calibration import Batch, batch_mask, batch_size, model_device, run_model, to_device
+from .calibration import Batch, batch_mask, batch_size, model_device, run_model, to_device, token_rows
 from .quality import primary_output
 
 DEFAULT_PROBES = 4
@@ -40,9 +40,7 @@ def _output_rows(module: nn.Module, y: torch.Tensor, mask: torch.Tensor | None) 
         if y.dim() == 3:
             y = y.unsqueeze(0)
         return y.permute(0, 2, 3, 1).reshape(-1, y.shape[1])  # (B*H*W, out)
-    if mask is not None and y.dim() >= 3 and tuple(y.shape[:2]) == tuple(mask.shape):
-        return y[mask.to(y.device)].reshape(-1, y.shape[-1])
-    return y.reshape(-1, y.shape[-1])
+    return token_rows(y, mask)
 
 
 def _probe(y: torch.Tensor, mask: torch.Tensor | None, generator: torch.Generator) -> torch.Tensor:

@@ -102,14 +102,14 @@ def weighted_shared(W: torch.Tensor, grams: list[torch.Tensor], private: torch.T
     ``left``); every iterate lowers the error, so stopping at ``max_iter`` keeps any sweep monotone.
     """
     T = W if private is None else W - private
-    den = sum(grams)  # (in, in), symmetric positive definite (floored)
-    if left is None:
+    if left is None or start is None:
         num = sum(T[i] @ grams[i] for i in range(len(grams)))  # (out, in)
-        # S den = num  <=>  den S^T = num^T
-        return torch.linalg.solve(den, num.T).T
+        den = sum(grams)  # (in, in), symmetric positive definite (floored)
+        closed = torch.linalg.solve(den, num.T).T  # S den = num  <=>  den S^T = num^T
+        if left is None:
+            return closed
+        start = closed
     b = sum(left[i] @ T[i] @ grams[i] for i in range(len(grams)))  # (out, in)
-    if start is None:
-        start = torch.linalg.solve(den, sum(T[i] @ grams[i] for i in range(len(grams))).T).T
     return _kron_sum_cg(left, grams, b, start, max_iter, tol)
 
 
@@ -204,15 +204,6 @@ def _orient(M: torch.Tensor, orientation: str) -> torch.Tensor:
     return M.transpose(-1, -2) if orientation == "in_out" else M
 
 
-def weighted_shared_part(weights: list[torch.Tensor], grams: list, orientation: str = "out_in",
-                         floor: float = DEFAULT_FLOOR, damp: float = DEFAULT_DAMP,
-                         device: torch.device | str | None = None, out_grams: list | None = None) -> torch.Tensor:
-    """The initial shared part :func:`decompose_weighted` solves for, in stored orientation (float64)."""
-    W, wh, lw = _prepare(weights, grams, orientation, floor, damp, device, out_grams)
-    S = weighted_shared(W, [w.C for w in wh], left=None if lw is None else [w.C for w in lw])
-    return _orient(S, orientation)
-
-
 def whitened_spectra(weights: list[torch.Tensor], grams: list[torch.Tensor], orientation: str = "out_in",
                      floor: float = DEFAULT_FLOOR, damp: float = DEFAULT_DAMP, shared: bool = True,
                      device: torch.device | str | None = None, shared_matrix: torch.Tensor | None = None,
@@ -223,19 +214,31 @@ def whitened_spectra(weights: list[torch.Tensor], grams: list[torch.Tensor], ori
     (stored orientation) replaces the weighted least-squares shared part; ``out_grams``: output-side
     Grams (see :func:`decompose_weighted`).
     """
+    return shared_and_spectra(weights, grams, orientation, floor, damp, shared, device, shared_matrix,
+                              out_grams)[1]
+
+
+def shared_and_spectra(weights: list[torch.Tensor], grams: list[torch.Tensor], orientation: str = "out_in",
+                       floor: float = DEFAULT_FLOOR, damp: float = DEFAULT_DAMP, shared: bool = True,
+                       device: torch.device | str | None = None, shared_matrix: torch.Tensor | None = None,
+                       out_grams: list | None = None) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+    """:func:`whitened_spectra` and the shared part they were taken against (stored orientation,
+    float64; None with ``shared=False``): the initial shared part :func:`decompose_weighted` would
+    solve for, so that it can be passed on instead of solved again."""
     W, wh, lw = _prepare(weights, grams, orientation, floor, damp, device, out_grams)
     if shared_matrix is not None:
-        R = W - _orient(as_matrix(shared_matrix).to(W), orientation)
+        S = _orient(as_matrix(shared_matrix).to(W), orientation)
     elif shared:
-        R = W - weighted_shared(W, [w.C for w in wh], left=None if lw is None else [w.C for w in lw])
+        S = weighted_shared(W, [w.C for w in wh], left=None if lw is None else [w.C for w in lw])
     else:
-        R = W
+        S = None
+    R = W if S is None else W - S
     spectra = []
     for i in range(len(weights)):
         Z = _whiten(R[i], wh[i], None if lw is None else lw[i])  # (out, in)
         G = Z @ Z.T if Z.shape[0] <= Z.shape[1] else Z.T @ Z  # the smaller Gram: eigenvalues = s^2
         spectra.append(torch.linalg.eigvalsh(G).clamp_min(0.0).flip(0).cpu())
-    return spectra
+    return (None if S is None else _orient(S, orientation)), spectra
 
 
 def _prepare(weights, grams, orientation, floor, damp, device, out_grams=None):
@@ -355,6 +358,6 @@ def decompose_weighted(
                            history=history)
 
 
-__all__ = ["Whitener", "whitener", "ScaledGram", "gram_eigh", "cached_eigh", "weighted_shared", "weighted_shared_part",
+__all__ = ["Whitener", "whitener", "ScaledGram", "gram_eigh", "cached_eigh", "weighted_shared", "shared_and_spectra",
            "whitened_truncation", "whitened_spectra",
            "decompose_weighted", "WeightedFactors", "DEFAULT_FLOOR", "DEFAULT_DAMP"]
