@@ -23,7 +23,7 @@ from collections.abc import Mapping
 
 import torch
 
-from .budget import Allocation, BudgetItem, allocate_ranks
+from .budget import Allocation, BudgetItem, allocate_ranks, allocate_with_sharing
 from .decompose import as_matrix
 from .errors import LorsError, LorsUsageError
 from .whiten import (ScaledGram, DEFAULT_DAMP, DEFAULT_FLOOR, WeightedFactors, decompose_weighted,
@@ -32,6 +32,7 @@ from .whiten import (ScaledGram, DEFAULT_DAMP, DEFAULT_FLOOR, WeightedFactors, d
 NORMALIZE = False  # True: relative output error per layer (measured worse on MiniLM)
 FLOOR = DEFAULT_FLOOR
 DAMP = 0.1  # ridge: generalizes better to held-out text of another kind (MiniLM)
+SHARING = ("auto", "always", "never")  # --budget: per parameter, does a shared part pay? (or force it)
 
 
 def orientation(pp) -> str:
@@ -119,7 +120,7 @@ def decompose_param(pp, weights: list[torch.Tensor], calibration=None, refine: i
         shared = _plain_mean(weights)
     return decompose_weighted(weights, pp.ranks, grams, orientation=orientation(pp), refine=refine,
                               floor=floor, damp=damp, device=device, shared=shared,
-                              out_grams=output_grams(pp, weights, calibration))
+                              shared_part=pp.has_shared, out_grams=output_grams(pp, weights, calibration))
 
 
 def _plain_mean(weights: list[torch.Tensor]) -> torch.Tensor:
@@ -128,43 +129,58 @@ def _plain_mean(weights: list[torch.Tensor]) -> torch.Tensor:
 
 def apply_budget(plan, model, budget: float, calibration=None, device=None, floor: float | None = None,
                  damp: float | None = None, normalize: bool | None = None,
-                 shared_parts: dict[str, torch.Tensor] | None = None) -> Allocation:
+                 shared_parts: dict[str, torch.Tensor] | None = None, sharing: str = "auto") -> Allocation:
     """Choose per-layer ranks for the static parameters of ``plan`` under ``budget`` (in place).
 
     ``budget`` is the target fraction of the stacked parameters of the plan (adaptive parameters
     keep their planned cost, which counts against the budget). Parameters that do not break even
-    leave the plan and stay dense (recorded in their stack's ``excluded``). ``shared_parts``: a dict
-    that receives each kept parameter's shared part (``pp.shared_key`` -> tensor), solved for the
-    spectra, so that :func:`decompose_param` need not solve again.
+    leave the plan and stay dense (recorded in their stack's ``excluded``). ``sharing="auto"`` also
+    decides per parameter whether a shared part pays for itself (``pp.has_shared``, see
+    :func:`lors_convert.budget.allocate_with_sharing`); ``"always"`` keeps the LORS structure,
+    ``"never"`` makes every parameter private-only (per-layer low rank).
+    ``shared_parts``: a dict that receives each kept shared part (``pp.shared_key`` -> tensor),
+    solved for the spectra, so that :func:`decompose_param` need not solve again.
     """
     if not (isinstance(budget, (int, float)) and 0 < budget):
         raise LorsUsageError(f"budget must be a positive fraction of the stacked parameters, got {budget!r}")
+    if sharing not in SHARING:
+        raise LorsUsageError(f"sharing must be one of {', '.join(SHARING)}, got {sharing!r}")
     floor, damp = _opts(floor, damp)
     static = [pp for pp in plan.params if pp.kind == "static"]
     fixed = sum(pp.lors_params for pp in plan.params if pp.kind != "static")
     total = sum(pp.dense_params for pp in plan.params)
-    items = []
+    items, private = [], []
     for pp in static:
         if any(g != 1 for g in pp.groups):
             raise LorsUsageError("--budget chooses one rank per layer; it does not combine with groups")
         weights = [model.get_parameter(k).detach() for k in pp.keys]
         grams, _ = layer_grams(pp, weights, calibration, normalize)
+        opts = dict(orientation=orientation(pp), floor=floor, damp=damp, device=device,
+                    out_grams=output_grams(pp, weights, calibration))
         shared, spectra = shared_and_spectra(
-            weights, grams, orientation=orientation(pp), floor=floor, damp=damp, device=device,
-            shared_matrix=_plain_mean(weights) if calibration is None else None,
-            out_grams=output_grams(pp, weights, calibration))
+            weights, grams, shared_matrix=_plain_mean(weights) if calibration is None else None, **opts)
         if shared_parts is not None:
             shared_parts[pp.shared_key] = shared
         d, h = pp.matrix
         items.append(BudgetItem(d=d, h=h, spectra=[s.tolist() for s in spectra], name=pp.relname))
+        if sharing != "always":  # the same matrices without a shared part: the layers' own spectra
+            _, alone = shared_and_spectra(weights, grams, shared=False, **opts)
+            private.append(BudgetItem(d=d, h=h, spectra=[s.tolist() for s in alone], shared=False,
+                                      name=pp.relname))
     limit = int(round(budget * total)) - fixed
-    alloc = allocate_ranks(items, limit, fraction=False)
+    if sharing == "auto":
+        choice, alloc = allocate_with_sharing(items, private, limit, fraction=False)
+    elif sharing == "never":
+        choice, alloc = [False] * len(items), allocate_ranks(private, limit, fraction=False)
+    else:
+        choice, alloc = [True] * len(items), allocate_ranks(items, limit, fraction=False)
     kept = []
-    for pp, ranks, dense in zip(static, alloc.ranks, alloc.dense):
+    for pp, ranks, dense, has_shared in zip(static, alloc.ranks, alloc.dense, choice):
+        pp.has_shared = has_shared
+        if shared_parts is not None and (dense or not has_shared):
+            shared_parts.pop(pp.shared_key, None)
         if dense:
             pp.stack.excluded[pp.relname] = "the budget keeps it dense (a factorization would not break even)"
-            if shared_parts is not None:
-                shared_parts.pop(pp.shared_key, None)
             continue
         pp.ranks = list(ranks)
         pp.rank = max(ranks) if ranks else 0
@@ -178,7 +194,7 @@ def apply_budget(plan, model, budget: float, calibration=None, device=None, floo
     return alloc
 
 
-__all__ = ["orientation", "layer_grams", "decompose_param", "apply_budget"]
+__all__ = ["orientation", "layer_grams", "decompose_param", "apply_budget", "SHARING"]
 
 
 def quality_summary(weighted: list, calibration, refine: int, budget: float | None,

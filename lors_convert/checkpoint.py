@@ -10,8 +10,9 @@ Layout (``lors_config.json`` documents every name)::
 
 Tensor names: every untouched tensor keeps its original name; for a converted parameter
 ``<member>.<owner>.weight`` the stack's shared matrix is stored once as
-``<first member>.<owner>.shared`` and each member's factors as ``<member>.<owner>.lors_A`` /
-``lors_B`` (other tensors of the owner, such as ``bias``, keep their names). Non-persistent
+``<first member>.<owner>.shared`` (absent for a private-only stack, whose entry lists ``shared: []``)
+and each member's factors as ``<member>.<owner>.lors_A`` / ``lors_B`` (other tensors of the owner,
+such as ``bias``, keep their names). Non-persistent
 buffers needed to run the model are stored as ``__buffers__.<name>``.
 """
 from __future__ import annotations
@@ -421,7 +422,8 @@ class Checkpoint:
                 owner0 = f"{members[0]}.{entry['owner']}"
                 if entry["kind"] == "static":
                     d, h = entry["matrix"]
-                    self._expect(f"{owner0}.shared", (d, h), entry["dtype"])
+                    if entry["shared"]:  # [] for a private-only stack
+                        self._expect(f"{owner0}.shared", (d, h), entry["dtype"])
                     for member, k in zip(members, entry["ranks"]):
                         owner = f"{member}.{entry['owner']}"
                         self._expect(f"{owner}.lors_B", (d, k), entry["dtype"])
@@ -429,7 +431,16 @@ class Checkpoint:
                 else:
                     for name in entry["shared"]:
                         self._shape(f"{owner0}.{name}")
-        produced = set(self.owner_prefixes())
+        owners = self.owner_prefixes()
+        for key in self._shapes:  # a stray tensor under a static owner (a dropped "shared") is refused
+            prefix, _, rel = key.rpartition(".")
+            stack_entry = owners.get(prefix + ".")
+            if stack_entry is None or stack_entry[1]["kind"] != "static" or key in self.manifest["keys"]:
+                continue
+            _, entry, i = stack_entry
+            if rel not in ("lors_A", "lors_B") and not (i == 0 and rel in entry["shared"]):
+                raise LorsError(f"{self.path}: tensor {key!r} is not named in {CONFIG_NAME}")
+        produced = set(owners)
         for key in self.manifest["keys"]:
             if key in self.manifest["aliases"] or any(key.startswith(p) for p in produced):
                 continue
@@ -578,6 +589,8 @@ def _validate_entry(e: dict, members: list, fail) -> None:
         fail(f"{name}: rank must be a non-negative integer or null, got {e['rank']!r}")
     if not _is_strs(e["shared"]):
         fail(f"{name}: shared must be a list of tensor names")
+    if e["kind"] == "static" and e["shared"] not in (["shared"], []):
+        fail(f"{name}: a static parameter's shared must be ['shared'] or [] (private-only), got {e['shared']!r}")
     if not isinstance(e.get("extra", {}), dict):
         fail(f"{name}: extra must be an object")
 
@@ -763,7 +776,8 @@ def load(path: str | Path, model: nn.Module | None = None, arch: str | None = No
             pp = plan_from_entry(st, entry)
             try:
                 install_layers(skeleton, pp, torch.empty(*entry["matrix"], device="meta",
-                                                         dtype=getattr(torch, entry["dtype"])))
+                                                         dtype=getattr(torch, entry["dtype"]))
+                               if pp.has_shared else None)
             except (AttributeError, KeyError, TypeError, ValueError, RuntimeError) as e:
                 raise LorsError(f"{ckpt.path}: the architecture does not match the checkpoint at "
                                 f"{stack['members'][0]}.{entry['owner']} ({_short(e)})") from None

@@ -152,6 +152,9 @@ def convert(
     refine: int = typer.Option(0, "--refine", help="Alternating refinement sweeps of the shared part."),
     budget: Optional[float] = typer.Option(None, "--budget", help="Target fraction of the stacked parameters; "
                                            "ranks per layer by water-filling (replaces --rank)."),
+    sharing: Optional[str] = typer.Option(None, "--sharing", help="With --budget: auto (drop a stack's shared "
+                                          "part where private rank pays more), always (LORS everywhere) or never "
+                                          "(per-layer low rank) [auto]."),
     objective: Optional[str] = typer.Option(None, "--objective", help="With --calibrate: minimize the model "
                                             "output's error (output: input and output-gradient Grams) or each "
                                             "layer's own (layer) [output]."),
@@ -215,6 +218,13 @@ def convert(
         raise LorsUsageError(f"--probes must be >= 1, got {probes}")
     if probes is not None and objective != "output":
         raise LorsUsageError("--probes goes with --objective output")
+    from .calibrated import SHARING
+
+    if sharing is not None and budget is None:
+        raise LorsUsageError("--sharing goes with --budget")
+    sharing = sharing or "auto"
+    if sharing not in SHARING:
+        raise LorsUsageError(f"--sharing must be one of {', '.join(SHARING)}, got {sharing!r}")
     try:  # HF directories and .safetensors + --arch stream: one group in memory at a time
         if calibrated:
             raise NotStreamable("calibration runs the model")
@@ -259,7 +269,7 @@ def convert(
         ck.write_checkpoint(out, tensors, config, report, source, force=force, max_shard_size=shard_size)
     else:
         kwargs = dict(groups=group_arg, include=include, exclude=exclude, init=init, method=method, device=device,
-                      require_savings=require_savings, progress=progress, adaptive=adaptive_arg)
+                      require_savings=require_savings, progress=progress, adaptive=adaptive_arg, sharing=sharing)
         if calibrate is not None:
             from .calibration import calibrated_convert
 

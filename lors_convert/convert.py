@@ -39,6 +39,7 @@ class ParamPlan:
     ranks: list[int]  # total private rank per layer (clamped)
     clamped: bool = False
     extra: dict = field(default_factory=dict)  # layer-specific settings (adaptive layout, ...)
+    has_shared: bool = True  # False: a private-only stack, W_i = B_i A_i (a rank budget's choice)
 
     @property
     def relname(self) -> str:
@@ -62,6 +63,17 @@ class ParamPlan:
         owner = f"{self.stack.members[i]}.{self.param.owner_relpath}"
         return {"A": f"{owner}.lors_A", "B": f"{owner}.lors_B"}
 
+    def tensor_specs(self) -> Iterator[tuple[str, tuple[int, int]]]:
+        """``(checkpoint key, shape)`` of every LORS tensor of a static plan: the shared part once
+        (if any), then each member's ``B (d, k)`` and ``A (k, h)``."""
+        d, h = self.matrix
+        if self.has_shared:
+            yield self.shared_key, (d, h)
+        for i, k in enumerate(self.ranks):
+            keys = self.factor_keys(i)
+            yield keys["B"], (d, k)
+            yield keys["A"], (k, h)
+
     @property
     def dense_params(self) -> int:
         d, h = self.matrix
@@ -70,14 +82,14 @@ class ParamPlan:
     @property
     def lors_params(self) -> int:
         d, h = self.matrix
-        return lors_param_count(d, h, self.ranks)
+        return lors_param_count(d, h, self.ranks, self.has_shared)
 
     def matrix_report(self) -> MatrixReport:
         return MatrixReport(name=self.relname, kind=self.kind, layer=self.layer_kind,
                             shape=list(self.param.shape), matrix=list(self.matrix), rank=self.rank,
                             groups=list(self.groups), ranks=list(self.ranks),
                             dense_params=self.dense_params, lors_params=self.lors_params,
-                            clamped=self.clamped)
+                            clamped=self.clamped, shared=self.has_shared)
 
 
 @dataclass
@@ -220,7 +232,8 @@ def param_entry(pp: ParamPlan) -> dict:
         "layer": pp.layer_kind, "kind": pp.kind, "shape": list(pp.param.shape),
         "dtype": dtype_name(pp.param.dtype), "matrix": list(pp.matrix), "rank": pp.rank,
         "groups": list(pp.groups), "ranks": list(pp.ranks), "clamped": pp.clamped,
-        "shared": list(layer_class(pp.layer_kind).shared_names), "extra": dict(pp.extra),
+        "shared": list(layer_class(pp.layer_kind).shared_names) if pp.has_shared else [],
+        "extra": dict(pp.extra),
     }
 
 
@@ -234,22 +247,24 @@ def plan_from_entry(stack: Stack, entry: dict) -> ParamPlan:
 
         cls = AdaptivePlan
     return cls(stack=stack, param=sp, layer_kind=entry["layer"], kind=entry["kind"],
-                     rank=entry["rank"], groups=list(entry["groups"]), ranks=list(entry["ranks"]),
-                     clamped=bool(entry.get("clamped", False)), extra=dict(entry.get("extra", {})))
+               rank=entry["rank"], groups=list(entry["groups"]), ranks=list(entry["ranks"]),
+               clamped=bool(entry.get("clamped", False)), extra=dict(entry.get("extra", {})),
+               has_shared=entry["kind"] != "static" or bool(entry["shared"]))
 
 
-def install_layers(model: nn.Module, pp: ParamPlan, shared: torch.Tensor,
+def install_layers(model: nn.Module, pp: ParamPlan, shared: torch.Tensor | None,
                    factors: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> None:
     """Replace the owners of ``pp`` in every member with LORS layers sharing one ``shared`` Parameter.
 
-    ``shared`` and ``factors`` are given in the storage dtype and device; with ``factors=None`` the
-    layers are left with empty factors of the right shapes (a skeleton to load a state dict into).
+    ``shared`` and ``factors`` are given in the storage dtype and device (``shared`` is ignored for a
+    private-only plan, ``pp.has_shared=False``); with ``factors=None`` the layers are left with empty
+    factors of the right shapes (a skeleton to load a state dict into).
     """
     layer_cls = layer_class(pp.layer_kind)
     paths = [f"{member}.{pp.param.owner_relpath}" if pp.param.owner_relpath else member
              for member in pp.stack.members]
     trains = [model.get_submodule(p).get_parameter(pp.param.attr).requires_grad for p in paths]
-    shared_param = nn.Parameter(shared, requires_grad=any(trains))  # a frozen source stays frozen
+    shared_param = nn.Parameter(shared, requires_grad=any(trains)) if pp.has_shared else None  # frozen stays frozen
     entry = param_entry(pp)
     stack = {"path": pp.stack.path, "members": list(pp.stack.members)}
     for i, path in enumerate(paths):
@@ -299,12 +314,18 @@ def convert_tensors(plan: ConversionPlan, get_tensor: Callable[[str], torch.Tens
             raise LorsError(f"{pp.relname}: adaptive layers need the in-memory path")
         weights = [get_tensor(key) for key in pp.keys]
         factors = decompose_param(pp, weights, m, init=init, method=method, device=device)
-        dtype = weights[0].dtype
-        yield pp.shared_key, factors.shared.to(device="cpu", dtype=dtype)
-        for i, f in enumerate(factors.layers):
-            keys = pp.factor_keys(i)
-            yield keys["B"], f.B.to(device="cpu", dtype=dtype)
-            yield keys["A"], f.A.to(device="cpu", dtype=dtype)
+        yield from factor_tensors(pp, factors, weights[0].dtype)
+
+
+def factor_tensors(pp: ParamPlan, factors: StackFactors, dtype: torch.dtype
+                   ) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(checkpoint key, tensor)`` of a static plan's factors, in the order of :meth:`ParamPlan.tensor_specs`
+    (CPU, ``dtype``)."""
+    tensors = [factors.shared] if pp.has_shared else []
+    for f in factors.layers:
+        tensors += [f.B, f.A]
+    for (key, _), t in zip(pp.tensor_specs(), tensors, strict=True):
+        yield key, t.to(device="cpu", dtype=dtype)
 
 
 def build_skeleton(model: nn.Module, plan: ConversionPlan) -> nn.Module:
@@ -318,7 +339,8 @@ def build_skeleton(model: nn.Module, plan: ConversionPlan) -> nn.Module:
         if pp.kind != "static":
             raise LorsError(f"build_skeleton handles static LORS only, not {pp.kind} ({pp.relname})")
         weight = model.get_parameter(pp.keys[0])
-        install_layers(model, pp, torch.empty(pp.matrix, dtype=weight.dtype, device=weight.device))
+        install_layers(model, pp, torch.empty(pp.matrix, dtype=weight.dtype, device=weight.device)
+                       if pp.has_shared else None)
     return model
 
 
@@ -341,6 +363,7 @@ def convert(
     calibration=None,
     refine: int = 0,
     budget: float | None = None,
+    sharing: str = "auto",
 ) -> tuple[nn.Module, Report]:
     """Convert ``model`` **in place** to LORS and return it with the savings report.
 
@@ -359,7 +382,10 @@ def convert(
     the shared part becomes the weighted least-squares fit and the private parts the whitened
     truncated SVD. ``refine`` alternating sweeps re-fit the shared part given the private
     parts. ``budget`` (a fraction of the stacked parameters, e.g. 0.4) replaces ``rank``/``groups``
-    by per-layer ranks from greedy water-filling; matrices that do not break even stay dense.
+    by per-layer ranks from greedy water-filling; matrices that do not break even stay dense, and
+    with ``sharing="auto"`` a matrix whose layers share too little to pay for ``W_s`` becomes
+    private-only (``W_i = B_i A_i``); ``sharing="always"`` keeps a shared part everywhere, ``"never"``
+    none (per-layer low rank).
     """
     if init not in INITS:
         raise LorsUsageError(f"init must be one of {INITS}, got {init!r}")
@@ -379,7 +405,8 @@ def convert(
         from .calibrated import apply_budget
 
         plan = plan_conversion(model, None, None, include, exclude, require_savings=False, adaptive=hook)
-        allocation = apply_budget(plan, model, budget, calibration, device=device, shared_parts=shared_parts)
+        allocation = apply_budget(plan, model, budget, calibration, device=device, shared_parts=shared_parts,
+                                  sharing=sharing)
     else:
         plan = plan_conversion(model, rank, groups, include, exclude, require_savings, adaptive=hook)
     if hook is not None:
@@ -408,7 +435,7 @@ def convert(
         else:
             factors = decompose_param(pp, weights, m, init=init, method=method, device=device)
         dtype, where = weights[0].dtype, weights[0].device
-        install_layers(model, pp, factors.shared.to(device=where, dtype=dtype),
+        install_layers(model, pp, factors.shared.to(device=where, dtype=dtype) if pp.has_shared else None,
                        [(f.B.to(device=where, dtype=dtype), f.A.to(device=where, dtype=dtype))
                         for f in factors.layers])
     report.params_after = count_parameters(model)

@@ -34,9 +34,10 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def lors_param_count(d: int, h: int, ranks: list[int]) -> int:
-    """Parameters of one shared matrix and its private factors: ``d*h + sum_i k_i*(d+h)``."""
-    return d * h + sum(ranks) * (d + h)
+def lors_param_count(d: int, h: int, ranks: list[int], shared: bool = True) -> int:
+    """Parameters of one shared matrix and its private factors: ``d*h + sum_i k_i*(d+h)``
+    (without the ``d*h`` for a private-only stack, ``shared=False``)."""
+    return d * h * bool(shared) + sum(ranks) * (d + h)
 
 
 def dense_param_count(d: int, h: int, n_layers: int) -> int:
@@ -210,8 +211,11 @@ def decompose_stack(
     return StackFactors(shared=W_s, layers=layers)
 
 
-def merge_weight(shared: torch.Tensor, B: torch.Tensor, A: torch.Tensor, shape, dtype) -> torch.Tensor:
-    """Dense weight ``W_s + B A`` in float32, reshaped to ``shape`` and cast to ``dtype``."""
+def merge_weight(shared: torch.Tensor | None, B: torch.Tensor, A: torch.Tensor, shape, dtype) -> torch.Tensor:
+    """Dense weight ``W_s + B A`` (``B A`` without a shared part) in float32, reshaped to ``shape``
+    and cast to ``dtype``."""
     cdtype = compute_dtype(dtype)
-    W = shared.to(cdtype) + B.to(cdtype) @ A.to(cdtype)  # (d, h)
+    W = B.to(cdtype) @ A.to(cdtype)  # (d, h)
+    if shared is not None:
+        W = shared.to(cdtype) + W
     return W.reshape(shape).to(dtype)

@@ -25,6 +25,7 @@ class MatrixReport:
     relative_error: list[float] = field(default_factory=list)  # ||W_i - What_i|| / ||W_i|| per layer
     retained_energy: list[float] = field(default_factory=list)  # kept / total residual energy per layer
     clamped: bool = False  # some K_i * r exceeded min(d, h)
+    shared: bool = True  # False: private-only (no shared part, W_i = B_i A_i)
 
     @property
     def savings(self) -> float:
@@ -155,7 +156,8 @@ def render(report: Report, console=None, title: str = "LORS savings") -> None:
             groups = ",".join(map(str, m.groups)) if len(set(m.groups)) > 1 else str(m.groups[0])
             err = f"{max(m.relative_error):.4f}" if m.relative_error else "-"
             ret = f"{min(m.retained_energy):.3f}" if m.retained_energy else "-"
-            table.add_row(f"  {m.name}" + (" [yellow](clamped)[/]" if m.clamped else ""), "",
+            table.add_row(f"  {m.name}" + (" [yellow](clamped)[/]" if m.clamped else "")
+                          + ("" if m.shared else " [dim](no shared part)[/]"), "",
                           f"{rank} x {groups}", _fmt_params(m.dense_params), _fmt_params(m.lors_params),
                           f"{100 * m.savings:.1f}%", err, ret)
         reasons: dict[str, int] = {}

@@ -281,7 +281,7 @@ def stream_convert(src: Path, out: Path, arch: str | None = None, rank: int | No
 
     from .checkpoint import (BUFFER_PREFIX, CONFIG_NAME, REPORT_NAME, atomic_output, build_config,
                              check_output, nonpersistent_buffers)
-    from .convert import decompose_param, param_entry, plan_conversion
+    from .convert import decompose_param, factor_tensors, param_entry, plan_conversion
     from .counting import count_parameters
     from .sources import file_sha256, refuse_non_finite
 
@@ -303,13 +303,8 @@ def stream_convert(src: Path, out: Path, arch: str | None = None, rank: int | No
     converted = {key for pp in plan.params for key in pp.keys}
     spec: dict[str, torch.Tensor] = {}
     for pp in plan.params:
-        d, h = pp.matrix
-        dtype = pp.param.dtype
-        spec[pp.shared_key] = meta_like((d, h), dtype)
-        for i, k in enumerate(pp.ranks):
-            keys = pp.factor_keys(i)
-            spec[keys["B"]] = meta_like((d, k), dtype)
-            spec[keys["A"]] = meta_like((k, h), dtype)
+        for key, shape in pp.tensor_specs():
+            spec[key] = meta_like(shape, pp.param.dtype)
     untouched = [k for k in manifest["keys"] if k not in converted and k not in manifest["aliases"]]
     for key in untouched:
         spec[key] = meta_like(*tensors.specs[key])
@@ -331,17 +326,12 @@ def stream_convert(src: Path, out: Path, arch: str | None = None, rank: int | No
         if progress is not None:
             steps = progress(steps, len(steps), "decomposing")
         for index, (pp, m) in steps:
-            keys = [pp.shared_key] + [k for i in range(len(pp.ranks)) for k in pp.factor_keys(i).values()]
-            if not any(writer.wants(k) for k in keys):
+            if not any(writer.wants(k) for k, _ in pp.tensor_specs()):
                 continue
             factors = decompose_param(pp, LazyTensors(tensors, pp.keys), m, init=init, method=method,
                                       device=device)
-            dtype = pp.param.dtype
-            writer.add(pp.shared_key, factors.shared.to(device="cpu", dtype=dtype))
-            for i, f in enumerate(factors.layers):
-                keys = pp.factor_keys(i)
-                writer.add(keys["B"], f.B.to(device="cpu", dtype=dtype))
-                writer.add(keys["A"], f.A.to(device="cpu", dtype=dtype))
+            for key, t in factor_tensors(pp, factors, pp.param.dtype):
+                writer.add(key, t)
             measured[index] = (m.relative_error, m.retained_energy)
             del factors
         for key in untouched:

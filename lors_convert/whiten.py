@@ -319,7 +319,8 @@ def decompose_weighted(
     ``refine``: alternating sweeps (shared <- weighted least squares given the private parts, then
     re-truncate), ``history`` holds the total weighted error after the initial fit and after each
     sweep (non-increasing); ``shared``: a given starting shared part (stored orientation);
-    ``shared_part=False``: no shared part at all (per-layer low rank, a baseline).
+    ``shared_part=False``: no shared part at all (per-layer low rank: a private-only stack; ``shared``
+    in the result is zero and ``history`` constant).
 
     Errors (``relative_error``, ``retained_energy``) are the plain Frobenius figures of the design,
     the weighted ones are in ``weighted_*``. Float64 math, float32 results on ``device``.
@@ -327,20 +328,22 @@ def decompose_weighted(
     W, wh, lw = _prepare(weights, grams, orientation, floor, damp, device, out_grams)
     Cs = [w.C for w in wh]
     Gs = None if lw is None else [w.C for w in lw]
+    sweeps = refine
     if not shared_part:
         W_s = torch.zeros_like(W[0])
-        refine = 0
+        sweeps = 0  # nothing to refine: the history stays flat
     elif shared is not None:
         W_s = _orient(as_matrix(shared).to(W), orientation)
     else:
         W_s = weighted_shared(W, Cs, left=Gs)
     factors, energy, discarded, _ = whitened_truncation(W - W_s, wh, ranks, lw)
     history = [sum(discarded)]
-    for _ in range(refine):
+    for _ in range(sweeps):
         P = torch.stack([B @ A for B, A in factors])
         W_s = weighted_shared(W, Cs, P, left=Gs, start=W_s)
         factors, energy, discarded, _ = whitened_truncation(W - W_s, wh, ranks, lw)
         history.append(sum(discarded))
+    history += history[-1:] * (refine - sweeps)
     layers = []
     outputs = []
     for i, (B, A) in enumerate(factors):

@@ -605,6 +605,10 @@ TAMPERS = {
                              ("unknown layer kind 'rnn'",)),
     "config_unknown_dtype": (_edit(lambda c: c["stacks"][0]["params"][0].update(dtype="float99")),
                              ("unknown dtype",)),
+    "config_shared_unknown_name": (_edit(lambda c: c["stacks"][0]["params"][0].update(shared=["mean"])),
+                                   ("shared must be ['shared'] or [] (private-only)",)),
+    "config_shared_dropped": (_edit(lambda c: c["stacks"][0]["params"][0].update(shared=[])),
+                              ("blocks.0.up.shared",)),
     "manifest_dtype_differs": (_edit(lambda c: c["manifest"]["keys"]["head.weight"].update(dtype="float16")),
                                ("head.weight", "float16")),
     "manifest_unknown_key": (_edit(lambda c: c["manifest"]["keys"].update({"ghost.weight": {

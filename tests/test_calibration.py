@@ -139,8 +139,12 @@ def test_convert_with_budget_meets_it():
     cal = collect_grams(model, [torch.randn(256, 64)])
     lors, report = convert(model, budget=0.6, calibration=cal)
     assert report.quality["stacked_fraction"] == pytest.approx(0.6, rel=0.01)
-    with pytest.raises(LorsUsageError):
-        convert(_tiny(), budget=0.1)  # below the shared parts' cost
+    with pytest.raises(LorsUsageError, match="shared parts alone"):
+        convert(_tiny(), budget=0.1, sharing="always")  # below the shared parts' cost
+    lors, report = convert(_tiny(), budget=0.1)  # auto: private-only stacks fit where LORS cannot
+    matrices = [m for s in report.stacks for m in s.matrices]
+    assert matrices and not any(m.shared for m in matrices)
+    assert report.quality["stacked_fraction"] <= 0.1
 
 
 def test_split_is_disjoint_and_deterministic(tmp_path):

@@ -342,3 +342,35 @@ def test_heal_on_tensor_inputs_uses_no_synthetic_steps(tmp_path):
               "-o", tmp_path / "h2.lors")
     assert res.exit_code == 2 and "synthetic inputs need token batches" in res.stderr
     assert not (tmp_path / "h2.lors").exists()
+
+
+def test_convert_sharing_option(tmp_path):
+    """--sharing never writes private-only entries (shared: [], no .shared tensor) that load and merge;
+    misuse is a one-line usage error and writes nothing."""
+    torch.manual_seed(0)
+    model = StackedMLP().eval()
+    src = tmp_path / "mlp.safetensors"
+    save_file(model.state_dict(), str(src))
+    out = tmp_path / "never.lors"
+    res = run("convert", src, "--arch", "tests.archs:stacked_mlp", "--budget", "0.5", "--sharing", "never",
+              "-o", out, "--json")
+    assert res.exit_code == 0, res.output
+    config = json.loads((out / "lors_config.json").read_text())
+    entries = [e for s in config["stacks"] for e in s["params"]]
+    assert entries and all(e["shared"] == [] for e in entries)
+    assert not any(k.endswith(".shared") for k in load_file(str(out / "model.safetensors")))
+    assert all(not m["shared"] for s in json.loads(res.stdout)["stacks"] for m in s["matrices"])
+    res = run("merge", out, "-o", tmp_path / "dense.safetensors", "-q")
+    assert res.exit_code == 0, res.output
+    assert load_file(str(tmp_path / "dense.safetensors")).keys() == model.state_dict().keys()
+    import lors_convert
+
+    lors = lors_convert.load(out, model=StackedMLP())
+    assert all(m.shared is None for m in lors.modules() if isinstance(m, lors_convert.layers.LorsModule))
+    for args, message in (
+            (("--rank", "2", "--sharing", "never"), "--sharing goes with --budget"),
+            (("--budget", "0.5", "--sharing", "sometimes"), "--sharing must be one of auto, always, never")):
+        bad = tmp_path / "bad.lors"
+        res = run("convert", src, "--arch", "tests.archs:stacked_mlp", *args, "-o", bad)
+        assert res.exit_code == 2 and message in res.stderr, (args, res.output)
+        assert "Traceback" not in res.output and not bad.exists()

@@ -3,7 +3,9 @@
 A LORS layer replaces one dense module of a stack. It holds
 
 - ``shared``: the stack's shared matrix ``W_s`` (d, h), the *same* ``nn.Parameter`` object in every
-  member, so optimizers and parameter counts see it once;
+  member, so optimizers and parameter counts see it once; ``None`` for a private-only stack (a rank
+  budget found that the layers share too little for ``W_s`` to pay its ``d*h`` parameters), whose
+  layers are ``W_i = B_i A_i``;
 - ``lors_B`` (d, k) and ``lors_A`` (k, h): this layer's private factors, ``k = K * r``;
 - the dense module's other parameters (bias) under their original names.
 
@@ -54,19 +56,20 @@ class LorsLayer(LorsModule):
 
     dense_types: tuple[type, ...] = ()
 
-    def __init__(self, dense: nn.Module, shared: nn.Parameter, total_rank: int, rank: int | None,
+    def __init__(self, dense: nn.Module, shared: nn.Parameter | None, total_rank: int, rank: int | None,
                  groups: int, weight_name: str = "weight") -> None:
         super().__init__()
         weight = getattr(dense, weight_name)
-        d, h = shared.shape
+        d, h = weight.shape[0], weight[0].numel()
         k = total_rank
         self.weight_shape = tuple(weight.shape)
         self.weight_dtype = weight.dtype
         self.weight_name = weight_name
         self.rank = rank  # r (None: full rank)
         self.groups = groups  # K
-        self.shared = shared  # (d, h), shared by the stack
-        factory = {"device": shared.device, "dtype": shared.dtype}
+        self.register_parameter("shared", shared)  # (d, h), shared by the stack; or None
+        like = weight if shared is None else shared
+        factory = {"device": like.device, "dtype": like.dtype}
         self.lors_B = nn.Parameter(torch.zeros(d, k, **factory))  # (d, k)
         self.lors_A = nn.Parameter(torch.zeros(k, h, **factory))  # (k, h)
         for name, p in dense._parameters.items():  # includes bias=None, which forward reads
@@ -82,7 +85,7 @@ class LorsLayer(LorsModule):
     def merge_state(cls, state: dict[str, torch.Tensor], meta: dict) -> dict[str, torch.Tensor]:
         weight_name = meta.get("weight_name", "weight")
         dtype = getattr(torch, meta["dtype"])
-        dense = {weight_name: merge_weight(state["shared"], state["lors_B"], state["lors_A"],
+        dense = {weight_name: merge_weight(state.get("shared"), state["lors_B"], state["lors_A"],
                                            tuple(meta["shape"]), dtype)}
         dense.update({k: v for k, v in state.items() if k not in ("shared", "lors_A", "lors_B")})
         return dense
@@ -94,16 +97,17 @@ class LorsLayer(LorsModule):
     @property
     def weight(self) -> torch.Tensor:
         """The dense weight ``W_s + B A`` for code that reads ``.weight`` directly (materializes it)."""
-        return merge_weight(self.shared, self.lors_B, self.lors_A, self.weight_shape, self.shared.dtype)
+        return merge_weight(self.shared, self.lors_B, self.lors_A, self.weight_shape, self.lors_B.dtype)
 
     def to_dense(self) -> nn.Module:
         """A module of the original class with the merged weight, on this layer's device."""
         dense = copy.deepcopy(self.template)
         # the current storage dtype: equal to the source's unless the model was cast (.half()) after
         # conversion, and then the merged weight must follow its bias and the inputs
-        merged = merge_weight(self.shared, self.lors_B, self.lors_A, self.weight_shape, self.shared.dtype)
-        dense.to_empty(device=self.shared.device, recurse=True)
-        setattr(dense, self.weight_name, nn.Parameter(merged.detach(), requires_grad=self.shared.requires_grad))
+        merged = merge_weight(self.shared, self.lors_B, self.lors_A, self.weight_shape, self.lors_B.dtype)
+        dense.to_empty(device=self.lors_B.device, recurse=True)
+        trains = (self.lors_B if self.shared is None else self.shared).requires_grad
+        setattr(dense, self.weight_name, nn.Parameter(merged.detach(), requires_grad=trains))
         for name, p in self.named_parameters(recurse=False):
             if name not in ("shared", "lors_A", "lors_B"):
                 setattr(dense, name, p)
@@ -113,4 +117,4 @@ class LorsLayer(LorsModule):
 
     def extra_repr(self) -> str:
         return (f"shape={self.weight_shape}, rank={self.rank}, groups={self.groups}, "
-                f"shared={tuple(self.shared.shape)}")
+                f"shared={None if self.shared is None else tuple(self.shared.shape)}")

@@ -1,7 +1,7 @@
 """LORS for transformers' GPT-2 ``Conv1D``, whose weight is stored ``(in, out)``: ``y = x W + b``.
 
 The factorized matrix is the weight as stored, so ``B`` is ``(in, k)`` and ``A`` is ``(k, out)``:
-``y = x W_s + (x B) A + b``.
+``y = x W_s + (x B) A + b`` (``(x B) A + b`` in a private-only stack).
 """
 from __future__ import annotations
 
@@ -23,6 +23,10 @@ class LorsConv1D(LorsLayer):
     dense_types = _conv1d_type()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out)
-        y = torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.shared)  # (M, out)
-        y = y + (x.reshape(-1, x.shape[-1]) @ self.lors_B) @ self.lors_A  # (M, k) -> (M, out)
+        rows = x.reshape(-1, x.shape[-1])  # (M, in)
+        if self.shared is None:
+            y = torch.addmm(self.bias, rows @ self.lors_B, self.lors_A)  # (M, k) -> (M, out)
+        else:
+            y = torch.addmm(self.bias, rows, self.shared)  # (M, out)
+            y = y + (rows @ self.lors_B) @ self.lors_A  # (M, k) -> (M, out)
         return y.reshape(*x.shape[:-1], y.shape[-1])

@@ -1,4 +1,5 @@
-"""LORS for ``nn.Linear``: ``y = x W_s^T + (x A^T) B^T + b``, never forming ``W_i``."""
+"""LORS for ``nn.Linear``: ``y = x W_s^T + (x A^T) B^T + b``, never forming ``W_i`` (no ``W_s`` term
+in a private-only stack)."""
 from __future__ import annotations
 
 import torch
@@ -13,5 +14,7 @@ class LorsLinear(LorsLayer):
     dense_types = (nn.Linear,)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out)
+        if self.shared is None:
+            return F.linear(F.linear(x, self.lors_A), self.lors_B, self.bias)  # (..., k) -> (..., out)
         y = F.linear(x, self.shared, self.bias)  # (..., out)
         return y + F.linear(F.linear(x, self.lors_A), self.lors_B)  # (..., k) -> (..., out)
