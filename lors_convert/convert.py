@@ -391,6 +391,10 @@ def convert(
         raise LorsUsageError(f"init must be one of {INITS}, got {init!r}")
     if method not in ("auto", "exact", "randomized"):
         raise LorsUsageError(f"method must be auto, exact or randomized, got {method!r}")
+    from .calibrated import SHARING
+
+    if sharing not in SHARING:
+        raise LorsUsageError(f"sharing must be one of {', '.join(SHARING)}, got {sharing!r}")
     params_before = count_parameters(model)
     calibrated = calibration is not None or refine > 0 or budget is not None
     if calibrated and init != "svd":

@@ -6,17 +6,22 @@ held-out text of a different kind than the calibration text (calibration: descri
 scripts/data/calib_prose.txt; held-out: questions, requests and chat, scripts/data/heldout_dialogue.txt;
 no sentence in both). Methods:
 
+The first four keep the LORS structure everywhere (``sharing="always"``: a shared part per stacked
+matrix):
+
 - ``mean+SVD``: the paper's LORST init (plain mean shared part, truncated SVD), ranks by the budget;
 - ``whitened (layer)``: activation-weighted shared part + whitened truncated SVD, every matrix's
   own output error as objective (``collect_grams(objective="layer")``);
-- ``output-aware``: the default calibrated conversion, input and output-gradient Grams: the model
-  output's error as objective, one unit for the budget (:mod:`lors_convert.sensitivity`);
+- ``output-aware``: input and output-gradient Grams: the model output's error as objective, one
+  unit for the budget (:mod:`lors_convert.sensitivity`);
 - ``+refine``: plus ``--refine`` alternating sweeps;
-- ``+heal``: output-aware+refine, then ``--heal-steps`` of distillation on the calibration text
+- ``sharing auto +refine``: the default calibrated conversion, where the budget also decides per
+  stacked matrix whether a shared part pays (:func:`lors_convert.budget.allocate_with_sharing`);
+- ``+heal``: that, then ``--heal-steps`` of distillation on the calibration text
   (``--heal-synthetic 0,0.75``: one column per share of steps on synthetic token inputs drawn from a
   bigram chain over the calibration tokens, :mod:`lors_convert.synthetic`);
-- ``per-layer output-aware``: no sharing, each layer its own two-sided whitened truncated SVD, same
-  budget and objective.
+- ``sharing never``: no shared part anywhere, each layer its own two-sided whitened truncated SVD
+  (per-layer low rank), same budget and objective.
 
     HF_HUB_OFFLINE=1 python scripts/bench_quality.py                # the table in the README
     HF_HUB_OFFLINE=1 python scripts/bench_quality.py --budgets 0.45 --heal-steps 100
@@ -40,41 +45,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from lors_convert import convert  # noqa: E402
-from lors_convert.budget import BudgetItem, allocate_ranks  # noqa: E402
-from lors_convert.calibrated import DAMP, FLOOR, layer_grams, orientation, output_grams  # noqa: E402
 from lors_convert.calibration import collect_grams, read_texts, text_batches  # noqa: E402
 from lors_convert.convert import plan_conversion  # noqa: E402
 from lors_convert.heal import heal  # noqa: E402
 from lors_convert.quality import fidelity, reference_outputs  # noqa: E402
-from lors_convert.whiten import decompose_weighted, whitened_spectra  # noqa: E402
 
 DATA = Path(__file__).resolve().parent / "data"
-
-
-def per_layer_whitened(model, budget, calibration):
-    """No sharing: every layer gets its own whitened truncated SVD; ranks by the same greedy budget."""
-    plan = plan_conversion(model, None, None, require_savings=False)
-    items, owners = [], []
-    for pp in plan.params:
-        weights = [model.get_parameter(k).detach() for k in pp.keys]
-        grams, _ = layer_grams(pp, weights, calibration)
-        out = output_grams(pp, weights, calibration) or [None] * len(weights)
-        spectra = whitened_spectra(weights, grams, orientation=orientation(pp), floor=FLOOR, damp=DAMP,
-                                   shared=False, out_grams=out)
-        d, h = pp.matrix
-        for i, s in enumerate(spectra):  # each layer alone: shared=False, dense cost d*h
-            items.append(BudgetItem(d=d, h=h, spectra=[s.tolist()], shared=False, name=pp.keys[i]))
-            owners.append((pp, i, weights, grams, out))
-    alloc = allocate_ranks(items, budget)
-    with torch.no_grad():
-        for (pp, i, weights, grams, out), ranks, dense in zip(owners, alloc.ranks, alloc.dense):
-            if dense:
-                continue
-            f = decompose_weighted([weights[i]], ranks, [grams[i]], orientation=orientation(pp), floor=FLOOR,
-                                   damp=DAMP, shared_part=False, out_grams=[out[i]])
-            merged = (f.layers[0].B @ f.layers[0].A).reshape(weights[i].shape)
-            model.get_parameter(pp.keys[i]).copy_(merged.to(weights[i].dtype))
-    return model, alloc.params, alloc.dense_params
 
 
 def main(argv=None) -> int:
@@ -86,7 +62,7 @@ def main(argv=None) -> int:
     ap.add_argument("--heal-loss", default="mse")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--methods", default="mean,layer,whitened,refine,heal,perlayer")
+    ap.add_argument("--methods", default="mean,layer,whitened,refine,auto,heal,never")
     ap.add_argument("--probes", type=int, default=4, help="probes per batch for the output-gradient Grams")
     ap.add_argument("--json", default=None)
     ap.add_argument("--extra-calib", default=None,
@@ -145,21 +121,29 @@ def main(argv=None) -> int:
 
         if "mean" in methods:
             t = time.time()
-            m, rep = convert(copy.deepcopy(source), budget=budget)
+            m, rep = convert(copy.deepcopy(source), budget=budget, sharing="always")
             record("mean+SVD", m, stacked_after(rep), time.time() - t)
         if "layer" in methods:
             t = time.time()
-            m, rep = convert(copy.deepcopy(source), budget=budget, calibration=cal_layer)
+            m, rep = convert(copy.deepcopy(source), budget=budget, calibration=cal_layer, sharing="always")
             record("whitened (layer)", m, stacked_after(rep), time.time() - t)
         if "whitened" in methods:
             t = time.time()
-            m, rep = convert(copy.deepcopy(source), budget=budget, calibration=cal)
+            m, rep = convert(copy.deepcopy(source), budget=budget, calibration=cal, sharing="always")
             record("output-aware", m, stacked_after(rep), time.time() - t)
-        if "refine" in methods or "heal" in methods:
+        if "refine" in methods:
+            t = time.time()
+            m, rep = convert(copy.deepcopy(source), budget=budget, calibration=cal, refine=args.refine,
+                             sharing="always")
+            record(f"+refine{args.refine}", m, stacked_after(rep), time.time() - t)
+        if "auto" in methods or "heal" in methods:
             t = time.time()
             m, rep = convert(copy.deepcopy(source), budget=budget, calibration=cal, refine=args.refine)
-            params, t_conv = stacked_after(rep), time.time() - t
-            record(f"+refine{args.refine}", m, params, t_conv)
+            params = stacked_after(rep)
+            shared = [mr.name.rsplit(".", 1)[0] for s in rep.stacks for mr in s.matrices if mr.shared]
+            record(f"sharing auto +refine{args.refine}", m, params, time.time() - t)
+            print(f"    shared parts kept: {shared or 'none'}; dense: {sorted(k for s in rep.stacks for k in s.kept_dense)}",
+                  file=sys.stderr)
             shares = [float(x) for x in args.heal_synthetic.split(",")] if "heal" in methods and args.heal_steps else []
             for share in shares:
                 student = copy.deepcopy(m)
@@ -168,10 +152,10 @@ def main(argv=None) -> int:
                      match=args.heal_match, synthetic=share)
                 name = f"+heal{args.heal_steps}" + (f" synthetic {share:g}" if share else "")
                 record(name, student, params, time.time() - t)
-        if "perlayer" in methods:
+        if "never" in methods:
             t = time.time()
-            m, params, _ = per_layer_whitened(copy.deepcopy(source), budget, cal)
-            record("per-layer output-aware", m, params, time.time() - t)
+            m, rep = convert(copy.deepcopy(source), budget=budget, calibration=cal, sharing="never")
+            record("sharing never", m, stacked_after(rep), time.time() - t)
         rows.append(row)
         if args.json:  # after every budget: a long run interrupted still leaves numbers
             Path(args.json).write_text(json.dumps({"stacked": stacked, "rows": rows, "args": vars(args)}, indent=2))
