@@ -27,7 +27,7 @@ from .budget import Allocation, BudgetItem, allocate_ranks, allocate_with_sharin
 from .decompose import as_matrix
 from .errors import LorsError, LorsUsageError
 from .whiten import (ScaledGram, DEFAULT_DAMP, DEFAULT_FLOOR, WeightedFactors, decompose_weighted,
-                     shared_and_spectra)
+                     shared_and_spectra, sharing_spectra)
 
 NORMALIZE = False  # True: relative output error per layer (measured worse on MiniLM)
 FLOOR = DEFAULT_FLOOR
@@ -157,14 +157,16 @@ def apply_budget(plan, model, budget: float, calibration=None, device=None, floo
         grams, _ = layer_grams(pp, weights, calibration, normalize)
         opts = dict(orientation=orientation(pp), floor=floor, damp=damp, device=device,
                     out_grams=output_grams(pp, weights, calibration))
-        shared, spectra = shared_and_spectra(
-            weights, grams, shared_matrix=_plain_mean(weights) if calibration is None else None, **opts)
+        plain = _plain_mean(weights) if calibration is None else None
+        if sharing == "always":
+            shared, spectra = shared_and_spectra(weights, grams, shared_matrix=plain, **opts)
+        else:  # also the same matrices without a shared part: the layers' own spectra
+            shared, spectra, alone = sharing_spectra(weights, grams, shared_matrix=plain, **opts)
         if shared_parts is not None:
             shared_parts[pp.shared_key] = shared
         d, h = pp.matrix
         items.append(BudgetItem(d=d, h=h, spectra=[s.tolist() for s in spectra], name=pp.relname))
-        if sharing != "always":  # the same matrices without a shared part: the layers' own spectra
-            _, alone = shared_and_spectra(weights, grams, shared=False, **opts)
+        if sharing != "always":
             private.append(BudgetItem(d=d, h=h, spectra=[s.tolist() for s in alone], shared=False,
                                       name=pp.relname))
     limit = int(round(budget * total)) - fixed

@@ -226,19 +226,40 @@ def shared_and_spectra(weights: list[torch.Tensor], grams: list[torch.Tensor], o
     float64; None with ``shared=False``): the initial shared part :func:`decompose_weighted` would
     solve for, so that it can be passed on instead of solved again."""
     W, wh, lw = _prepare(weights, grams, orientation, floor, damp, device, out_grams)
+    S = _budget_shared(W, wh, lw, orientation, shared, shared_matrix)
+    spectra = _layer_spectra(W if S is None else W - S, wh, lw)
+    return (None if S is None else _orient(S, orientation)), spectra
+
+
+def sharing_spectra(weights: list[torch.Tensor], grams: list[torch.Tensor], orientation: str = "out_in",
+                    floor: float = DEFAULT_FLOOR, damp: float = DEFAULT_DAMP,
+                    device: torch.device | str | None = None, shared_matrix: torch.Tensor | None = None,
+                    out_grams: list | None = None) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """:func:`shared_and_spectra` plus the spectra of the layers themselves (no shared part), from
+    one set of whiteners: the two structures a budget with ``sharing="auto"`` compares.
+    Returns ``(shared part, residual spectra, the layers' own spectra)``."""
+    W, wh, lw = _prepare(weights, grams, orientation, floor, damp, device, out_grams)
+    S = _budget_shared(W, wh, lw, orientation, True, shared_matrix)
+    return _orient(S, orientation), _layer_spectra(W - S, wh, lw), _layer_spectra(W, wh, lw)
+
+
+def _budget_shared(W, wh, lw, orientation, shared, shared_matrix):
+    """The given shared part (linear orientation), the weighted least-squares one, or None."""
     if shared_matrix is not None:
-        S = _orient(as_matrix(shared_matrix).to(W), orientation)
-    elif shared:
-        S = weighted_shared(W, [w.C for w in wh], left=None if lw is None else [w.C for w in lw])
-    else:
-        S = None
-    R = W if S is None else W - S
+        return _orient(as_matrix(shared_matrix).to(W), orientation)
+    if shared:
+        return weighted_shared(W, [w.C for w in wh], left=None if lw is None else [w.C for w in lw])
+    return None
+
+
+def _layer_spectra(R: torch.Tensor, wh, lw) -> list[torch.Tensor]:
+    """Per layer, the descending ``s^2`` of the whitened ``R[i]`` (CPU)."""
     spectra = []
-    for i in range(len(weights)):
+    for i in range(R.shape[0]):
         Z = _whiten(R[i], wh[i], None if lw is None else lw[i])  # (out, in)
         G = Z @ Z.T if Z.shape[0] <= Z.shape[1] else Z.T @ Z  # the smaller Gram: eigenvalues = s^2
         spectra.append(torch.linalg.eigvalsh(G).clamp_min(0.0).flip(0).cpu())
-    return (None if S is None else _orient(S, orientation)), spectra
+    return spectra
 
 
 def _prepare(weights, grams, orientation, floor, damp, device, out_grams=None):
@@ -362,5 +383,6 @@ def decompose_weighted(
 
 
 __all__ = ["Whitener", "whitener", "ScaledGram", "gram_eigh", "cached_eigh", "weighted_shared", "shared_and_spectra",
+           "sharing_spectra",
            "whitened_truncation", "whitened_spectra",
            "decompose_weighted", "WeightedFactors", "DEFAULT_FLOOR", "DEFAULT_DAMP"]

@@ -147,3 +147,23 @@ def test_sharing_option_values():
     lors, report = convert(Pair(), budget=0.45, sharing="always")
     assert all(m.shared for s in report.stacks for m in s.matrices)
     assert not any(isinstance(m, LorsModule) and m.shared is None for m in lors.modules())
+
+
+@pytest.mark.parametrize("orientation", ["out_in", "in_out"])
+def test_sharing_spectra_equal_the_two_separate_computations(orientation):
+    from lors_convert.whiten import shared_and_spectra, sharing_spectra
+
+    torch.manual_seed(0)
+    weights = [torch.randn(12, 20) for _ in range(3)]
+    n_in = 20 if orientation == "out_in" else 12
+    n_out = 32 - n_in
+    grams = [(lambda x: x.T @ x)(torch.randn(40, n_in, dtype=torch.float64)) for _ in range(3)]
+    outs = [(lambda x: x.T @ x)(torch.randn(40, n_out, dtype=torch.float64)) for _ in range(3)]
+    S, residual, alone = sharing_spectra(weights, grams, orientation, out_grams=outs)
+    S2, residual2 = shared_and_spectra(weights, grams, orientation, out_grams=outs)
+    none, alone2 = shared_and_spectra(weights, grams, orientation, shared=False, out_grams=outs)
+    assert none is None and torch.allclose(S, S2)
+    for a, b in zip(residual + alone, residual2 + alone2):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-10)
+    # the layers' own spectra hold all of each layer's whitened energy; the residual ones less in total
+    assert sum(float(a.sum()) for a in alone) > sum(float(r.sum()) for r in residual)
