@@ -17,8 +17,7 @@ solution of the relaxed problem; it stops within one unit ``(d + h)`` of the bud
 Sharing: :func:`allocate_with_sharing` also chooses, per stacked parameter, between the LORS
 structure (a shared part plus private ranks, spectra of the residuals) and private-only low rank
 (spectra of the layers themselves). Pretrained layers often share too little for ``W_s`` to pay its
-``d*h`` parameters: on all-MiniLM-L6-v2 every matrix type but the value projection does better
-without it. Coordinate descent: start from every parameter shared, flip one choice at a time while
+``d*h`` parameters: on all-MiniLM-L6-v2 (and SmolLM2-135M) the budget drops every shared part. Coordinate descent: start from every parameter shared, flip one choice at a time while
 the greedy allocation of the flipped set has a lower total error.
 """
 from __future__ import annotations
@@ -198,4 +197,5 @@ def uniform_ranks(items: Sequence[BudgetItem], rank: int) -> Allocation:
     return evaluate(items, ranks)
 
 
-__all__ = ["BudgetItem", "Allocation", "allocate_ranks", "allocate_with_sharing", "uniform_ranks", "evaluate", "minimum_params"]
+__all__ = ["BudgetItem", "Allocation", "allocate_ranks", "allocate_with_sharing", "uniform_ranks", "evaluate",
+           "minimum_params"]
