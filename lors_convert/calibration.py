@@ -190,14 +190,17 @@ class GramCollector:
         self.remove()
 
     def result(self, samples: int = 0) -> Calibration:
+        """The mean Grams; consumes the sums (each is divided in place: no second copy at the peak)."""
         grams: dict[str, torch.Tensor] = {}
-        distinct: list[torch.Tensor] = []
-        for k, total in self.sums.items():
-            g = (total / max(self.counts[k], 1)).cpu()
+        distinct: dict[tuple, list[torch.Tensor]] = {}  # cheap fingerprint -> Grams with it
+        for k in list(self.sums):
+            g = self.sums.pop(k).div_(max(self.counts[k], 1)).cpu()
             # q/k/v projections see the same input: one tensor object, so one eigendecomposition later
-            same = next((d for d in distinct if d.shape == g.shape and torch.equal(d, g)), None)
+            fingerprint = (tuple(g.shape), float(g.sum()), float(g.diagonal().sum()))
+            bucket = distinct.setdefault(fingerprint, [])
+            same = next((d for d in bucket if torch.equal(d, g)), None)
             if same is None:
-                distinct.append(g)
+                bucket.append(g)
             grams[k] = g if same is None else same
         skipped = dict(self.skipped)
         for key in self.owners:

@@ -125,7 +125,7 @@ def collect_output_grams(
             p.requires_grad_(False)
         model.train(was_training)
     scale = 1.0 / max(samples * probes, 1)
-    return {key: (G * scale).cpu() for key, G in sums.items()}
+    return {key: sums.pop(key).mul_(scale).cpu() for key in list(sums)}  # in place: no second copy
 
 
 __all__ = ["collect_output_grams", "DEFAULT_PROBES"]
