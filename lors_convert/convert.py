@@ -443,6 +443,10 @@ def convert(
                        [(f.B.to(device=where, dtype=dtype), f.A.to(device=where, dtype=dtype))
                         for f in factors.layers])
     report.params_after = count_parameters(model)
+    static = [pp for pp in plan.params if pp.kind == "static"]
+    if refine > 0 and static and not any(pp.has_shared for pp in static):
+        report.warnings.append(f"refine={refine} had nothing to refine: every converted matrix is private-only "
+                               "(no shared part)")
     if calibrated:
         from .calibrated import quality_summary
         report.quality.update(quality_summary(weighted, calibration, refine,

@@ -144,7 +144,10 @@ def test_sharing_option_values():
     torch.manual_seed(0)
     with pytest.raises(LorsUsageError, match="sharing must be one of auto, always, never"):
         convert(Pair(), budget=0.45, sharing="sometimes")
-    lors, report = convert(Pair(), budget=0.45, sharing="always")
+    _, report = convert(Pair(), budget=0.45, sharing="never", refine=2)
+    assert any("refine=2 had nothing to refine" in w for w in report.warnings)
+    lors, report = convert(Pair(), budget=0.45, sharing="always", refine=2)
+    assert not any("nothing to refine" in w for w in report.warnings)
     assert all(m.shared for s in report.stacks for m in s.matrices)
     assert not any(isinstance(m, LorsModule) and m.shared is None for m in lors.modules())
 
