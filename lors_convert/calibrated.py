@@ -158,14 +158,17 @@ def apply_budget(plan, model, budget: float, calibration=None, device=None, floo
         opts = dict(orientation=orientation(pp), floor=floor, damp=damp, device=device,
                     out_grams=output_grams(pp, weights, calibration))
         plain = _plain_mean(weights) if calibration is None else None
-        if sharing == "always":
-            shared, spectra = shared_and_spectra(weights, grams, shared_matrix=plain, **opts)
-        else:  # also the same matrices without a shared part: the layers' own spectra
+        if sharing == "auto":  # both structures: residual spectra and the layers' own
             shared, spectra, alone = sharing_spectra(weights, grams, shared_matrix=plain, **opts)
-        if shared_parts is not None:
+        elif sharing == "always":
+            shared, spectra = shared_and_spectra(weights, grams, shared_matrix=plain, **opts)
+        else:  # never: no shared part to solve for
+            shared, alone = shared_and_spectra(weights, grams, shared=False, **opts)
+        if shared_parts is not None and shared is not None:
             shared_parts[pp.shared_key] = shared
         d, h = pp.matrix
-        items.append(BudgetItem(d=d, h=h, spectra=[s.tolist() for s in spectra], name=pp.relname))
+        if sharing != "never":
+            items.append(BudgetItem(d=d, h=h, spectra=[s.tolist() for s in spectra], name=pp.relname))
         if sharing != "always":
             private.append(BudgetItem(d=d, h=h, spectra=[s.tolist() for s in alone], shared=False,
                                       name=pp.relname))
@@ -173,7 +176,7 @@ def apply_budget(plan, model, budget: float, calibration=None, device=None, floo
     if sharing == "auto":
         choice, alloc = allocate_with_sharing(items, private, limit, fraction=False)
     elif sharing == "never":
-        choice, alloc = [False] * len(items), allocate_ranks(private, limit, fraction=False)
+        choice, alloc = [False] * len(private), allocate_ranks(private, limit, fraction=False)
     else:
         choice, alloc = [True] * len(items), allocate_ranks(items, limit, fraction=False)
     kept = []

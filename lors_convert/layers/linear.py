@@ -14,7 +14,8 @@ class LorsLinear(LorsLayer):
     dense_types = (nn.Linear,)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out)
+        z = F.linear(x, self.lors_A)  # (..., k)
         if self.shared is None:
-            return F.linear(F.linear(x, self.lors_A), self.lors_B, self.bias)  # (..., k) -> (..., out)
+            return F.linear(z, self.lors_B, self.bias)  # (..., out)
         y = F.linear(x, self.shared, self.bias)  # (..., out)
-        return y + F.linear(F.linear(x, self.lors_A), self.lors_B)  # (..., k) -> (..., out)
+        return y + F.linear(z, self.lors_B)  # (..., out)
