@@ -21,7 +21,10 @@ matrix):
   (``--heal-synthetic 0,0.75``: one column per share of steps on synthetic token inputs drawn from a
   bigram chain over the calibration tokens, :mod:`lors_convert.synthetic`);
 - ``sharing never``: no shared part anywhere, each layer its own two-sided whitened truncated SVD
-  (per-layer low rank), same budget and objective.
+  (per-layer low rank), same budget and objective;
+- ``oracle``: a diagnostic, not a usable conversion: the default conversion (``sharing auto
+  +refine``) with its Grams collected on the *held-out* text itself, i.e. what calibrated
+  conversion could keep if the calibration text were of the held-out kind.
 
     HF_HUB_OFFLINE=1 python scripts/bench_quality.py                # the table in the README
     HF_HUB_OFFLINE=1 python scripts/bench_quality.py --budgets 0.45 --heal-steps 100
@@ -62,7 +65,7 @@ def main(argv=None) -> int:
     ap.add_argument("--heal-loss", default="mse")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--methods", default="mean,layer,whitened,refine,auto,heal,never")
+    ap.add_argument("--methods", default="mean,layer,whitened,refine,auto,heal,never,oracle")
     ap.add_argument("--probes", type=int, default=4, help="probes per batch for the output-gradient Grams")
     ap.add_argument("--json", default=None)
     ap.add_argument("--extra-calib", default=None,
@@ -97,6 +100,7 @@ def main(argv=None) -> int:
     cal = collect_grams(source, calib, probes=args.probes)
     t_out = time.time() - t0
     ref = reference_outputs(source, held)
+    cal_oracle = collect_grams(source, held, probes=args.probes) if "oracle" in args.methods.split(",") else None
     stacked = sum(pp.dense_params for pp in plan_conversion(source, None, None, require_savings=False).params)
     print(f"MiniLM: {stacked / 1e6:.2f}M stacked parameters in 6 BertLayers; calibration {len(calib_texts)} "
           f"sentences ({cal.summary()['rows']} tokens, input Grams in {t_grams:.1f}s, input + output Grams "
@@ -156,6 +160,10 @@ def main(argv=None) -> int:
             t = time.time()
             m, rep = convert(copy.deepcopy(source), budget=budget, calibration=cal, sharing="never")
             record("sharing never", m, stacked_after(rep), time.time() - t)
+        if cal_oracle is not None:
+            t = time.time()
+            m, rep = convert(copy.deepcopy(source), budget=budget, calibration=cal_oracle, refine=args.refine)
+            record("oracle (Grams of the held-out text)", m, stacked_after(rep), time.time() - t)
         rows.append(row)
         if args.json:  # after every budget: a long run interrupted still leaves numbers
             Path(args.json).write_text(json.dumps({"stacked": stacked, "rows": rows, "args": vars(args)}, indent=2))
