@@ -51,11 +51,62 @@ CG_TOL = 1e-8  # relative residual
 
 @dataclass
 class Whitener:
-    """The square root of one effective Gram matrix: ``L L^T = C'`` and ``L^-1``."""
+    """One effective Gram ``C' = Q diag(lam) Q^T`` (floored, damped) kept in its eigenbasis, and the
+    square root it defines: ``L = Q diag(lam)^{1/2}`` (``L L^T = C'``), ``L^-1 = diag(lam)^{-1/2} Q^T``.
 
-    L: torch.Tensor  # (n, n)
-    L_inv: torch.Tensor  # (n, n)
-    C: torch.Tensor  # (n, n): the effective (floored, damped) Gram that L factors
+    Only ``Q`` and the eigenvalues are held, never an ``n x n`` product: ``Q`` is the cached
+    eigendecomposition's own tensor (read, never written), ``None`` the identity basis. The methods
+    apply ``L``, ``L^-1`` and ``C'`` from either side; ``L``, ``L_inv`` and ``C`` form them densely
+    (tests and small cases).
+    """
+
+    Q: torch.Tensor | None  # (n, n) orthogonal, or None: the identity
+    lam: torch.Tensor  # (n,) effective eigenvalues, all > 0
+
+    @property
+    def root(self) -> torch.Tensor:
+        return self.lam.sqrt()  # (n,)
+
+    def right_L(self, R: torch.Tensor) -> torch.Tensor:
+        """``R L`` for ``R`` (m, n)."""
+        return (R if self.Q is None else R @ self.Q) * self.root
+
+    def left_LT(self, Z: torch.Tensor) -> torch.Tensor:
+        """``L^T Z`` for ``Z`` (n, m)."""
+        return self.root[:, None] * (Z if self.Q is None else self.Q.T @ Z)
+
+    def right_L_inv(self, A: torch.Tensor) -> torch.Tensor:
+        """``A L^-1`` for ``A`` (k, n)."""
+        A = A / self.root
+        return A if self.Q is None else A @ self.Q.T
+
+    def left_L_inv_T(self, B: torch.Tensor) -> torch.Tensor:
+        """``L^-T B`` for ``B`` (n, k)."""
+        B = B / self.root[:, None]
+        return B if self.Q is None else self.Q @ B
+
+    def gram(self) -> torch.Tensor:
+        """``C'`` as a dense (n, n) matrix."""
+        if self.Q is None:
+            return torch.diag(self.lam)
+        return (self.Q * self.lam) @ self.Q.T
+
+    @property
+    def L(self) -> torch.Tensor:
+        return self.right_L(torch.eye(self.lam.shape[0], dtype=self.lam.dtype, device=self.lam.device))
+
+    @property
+    def L_inv(self) -> torch.Tensor:
+        return self.right_L_inv(torch.eye(self.lam.shape[0], dtype=self.lam.dtype, device=self.lam.device))
+
+    @property
+    def C(self) -> torch.Tensor:
+        return self.gram()
+
+
+def identity_whitener(n: int, device=None) -> Whitener:
+    """The plain Frobenius error: ``L = C' = I``."""
+    return Whitener(Q=None, lam=torch.ones(n, dtype=torch.float64, device=device))
 
 
 def gram_eigh(C: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,12 +133,10 @@ def whitener(C: torch.Tensor | None = None, floor: float = DEFAULT_FLOOR, damp: 
     n = lam.shape[0]
     top = float(lam.max()) if n else 0.0
     if top <= 0.0 or not math.isfinite(top):
-        eye = torch.eye(n, dtype=torch.float64, device=lam.device)
-        return Whitener(L=eye, L_inv=eye.clone(), C=eye.clone())
+        return identity_whitener(n, lam.device)
     lam = lam + damp * float(lam.mean())
     lam = lam.clamp_min(floor * float(lam.max()))
-    root = lam.sqrt()
-    return Whitener(L=Q * root, L_inv=Q.T / root[:, None], C=(Q * lam) @ Q.T)
+    return Whitener(Q=Q, lam=lam)
 
 
 def weighted_shared(W: torch.Tensor, grams: list[torch.Tensor], private: torch.Tensor | None = None,
@@ -185,8 +234,8 @@ def whitened_truncation(R: torch.Tensor, whiteners: list[Whitener], ranks: list[
         k = min(k, S.shape[0])
         B, A_white = split_balanced(U[:, :k], S[:k], Vh[:k])
         if left is not None:
-            B = left[i].L_inv.T @ B  # M^-T U_k S_k^{1/2}: (out, k)
-        factors.append(rebalance(B, A_white @ whiteners[i].L_inv))
+            B = left[i].left_L_inv_T(B)  # M^-T U_k S_k^{1/2}: (out, k)
+        factors.append(rebalance(B, whiteners[i].right_L_inv(A_white)))  # A: (k, in)
         s2 = S * S
         energy.append(float(s2.sum()))
         discarded.append(float(s2[k:].sum()))
@@ -196,8 +245,8 @@ def whitened_truncation(R: torch.Tensor, whiteners: list[Whitener], ranks: list[
 
 def _whiten(R: torch.Tensor, right: Whitener, left: Whitener | None) -> torch.Tensor:
     """``M^T R L``: the residual in the space where the weighted error is the Frobenius norm."""
-    Z = R @ right.L  # (out, in)
-    return Z if left is None else left.L.T @ Z
+    Z = right.right_L(R)  # (out, in)
+    return Z if left is None else left.left_LT(Z)
 
 
 def _orient(M: torch.Tensor, orientation: str) -> torch.Tensor:
@@ -247,8 +296,8 @@ def _budget_shared(W, wh, lw, orientation, shared, shared_matrix):
     """The given shared part (linear orientation), the weighted least-squares one, or None."""
     if shared_matrix is not None:
         return _orient(as_matrix(shared_matrix).to(W), orientation)
-    if shared:
-        return weighted_shared(W, [w.C for w in wh], left=None if lw is None else [w.C for w in lw])
+    if shared:  # the dense Grams live only for the solve
+        return weighted_shared(W, [w.gram() for w in wh], left=None if lw is None else [w.gram() for w in lw])
     return None
 
 
@@ -279,8 +328,7 @@ def _whiteners(grams, count: int, n: int, floor, damp, device) -> list[Whitener]
     wh = []
     for C in grams:
         if C is None:
-            eye = torch.eye(n, dtype=torch.float64, device=device)
-            wh.append(Whitener(L=eye, L_inv=eye.clone(), C=eye.clone()))
+            wh.append(identity_whitener(n, device))
         elif isinstance(C, ScaledGram):
             lam, Q = cached_eigh(C.gram)
             if lam.shape[0] != n:
@@ -305,14 +353,22 @@ _EIG_CACHE: dict[int, tuple[weakref.ref, tuple[torch.Tensor, torch.Tensor]]] = {
 
 
 def cached_eigh(C: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`gram_eigh` cached per Gram tensor object (q/k/v share one; budget and decomposition reuse it)."""
-    entry = _EIG_CACHE.get(id(C))
+    """:func:`gram_eigh` cached per Gram tensor object (q/k/v share one; budget and decomposition reuse it).
+
+    An entry lives as long as its Gram: it is dropped when the Gram is freed (a calibration let go
+    of does not keep its eigenbases, as large as its Grams, alive).
+    """
+    key = id(C)
+    entry = _EIG_CACHE.get(key)
     if entry is not None and entry[0]() is C:
         return entry[1]
-    for key in [k for k, (ref, _) in _EIG_CACHE.items() if ref() is None]:
-        del _EIG_CACHE[key]
     eig = gram_eigh(C)
-    _EIG_CACHE[id(C)] = (weakref.ref(C), eig)
+
+    def forget(ref, key=key):
+        if _EIG_CACHE.get(key, (None,))[0] is ref:  # not a newer Gram that reuses the id
+            del _EIG_CACHE[key]
+
+    _EIG_CACHE[key] = (weakref.ref(C, forget), eig)
     return eig
 
 
@@ -347,8 +403,8 @@ def decompose_weighted(
     the weighted ones are in ``weighted_*``. Float64 math, float32 results on ``device``.
     """
     W, wh, lw = _prepare(weights, grams, orientation, floor, damp, device, out_grams)
-    Cs = [w.C for w in wh]
-    Gs = None if lw is None else [w.C for w in lw]
+    Cs = [w.gram() for w in wh] if shared_part else None  # dense Grams: only the shared solves need them
+    Gs = None if lw is None or not shared_part else [w.gram() for w in lw]
     sweeps = refine
     if not shared_part:
         W_s = torch.zeros_like(W[0])
@@ -382,7 +438,7 @@ def decompose_weighted(
                            history=history)
 
 
-__all__ = ["Whitener", "whitener", "ScaledGram", "gram_eigh", "cached_eigh", "weighted_shared", "shared_and_spectra",
+__all__ = ["Whitener", "whitener", "identity_whitener", "ScaledGram", "gram_eigh", "cached_eigh", "weighted_shared", "shared_and_spectra",
            "sharing_spectra",
            "whitened_truncation", "whitened_spectra",
            "decompose_weighted", "WeightedFactors", "DEFAULT_FLOOR", "DEFAULT_DAMP"]

@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 
 from lors_convert.budget import BudgetItem, allocate_ranks, evaluate, uniform_ranks
 from lors_convert.errors import LorsUsageError
-from lors_convert.whiten import decompose_weighted, weighted_shared, whitener
+from lors_convert.whiten import (ScaledGram, _whiteners, cached_eigh, decompose_weighted, identity_whitener,
+                                 weighted_shared, whitener)
 
 
 def _gram(n: int, gen: torch.Generator, rank: int | None = None) -> torch.Tensor:
@@ -90,6 +91,46 @@ def test_singular_gram_is_floored_not_cholesky():
     assert torch.isfinite(f.shared).all()
     zero = decompose_weighted(Ws, [2, 2, 2], [torch.zeros(8, 8, dtype=torch.float64)] * 3)  # unreached layers
     assert torch.isfinite(zero.shared).all()
+
+
+@pytest.mark.parametrize("rank", [None, 3])  # full-rank and singular (floored) Grams
+def test_whitener_operators_equal_the_dense_square_root(rank):
+    gen = torch.Generator().manual_seed(4)
+    C = _gram(8, gen, rank=rank)
+    w = whitener(C, damp=0.1)
+    L, L_inv, Ce = w.L, w.L_inv, w.C
+    assert torch.allclose(L @ L.T, Ce, rtol=1e-10, atol=1e-12 * float(Ce.abs().max()))
+    assert torch.allclose(L_inv @ L, torch.eye(8, dtype=torch.float64), atol=1e-9)
+    R = torch.randn(5, 8, generator=gen, dtype=torch.float64)
+    A = torch.randn(3, 8, generator=gen, dtype=torch.float64)
+    tol = dict(rtol=1e-10, atol=1e-10)
+    assert torch.allclose(w.right_L(R), R @ L, **tol)
+    assert torch.allclose(w.left_LT(R.T), L.T @ R.T, **tol)
+    assert torch.allclose(w.right_L_inv(A), A @ L_inv, **tol)
+    assert torch.allclose(w.left_L_inv_T(A.T), L_inv.T @ A.T, **tol)
+    eye = identity_whitener(8)
+    assert eye.Q is None and torch.equal(eye.right_L(R), R) and torch.equal(eye.gram(), torch.eye(8, dtype=torch.float64))
+
+
+def test_whiteners_hold_the_cached_basis_not_copies():
+    """Memory: one eigenbasis per distinct Gram, however many matrices (q/k/v) read it."""
+    gen = torch.Generator().manual_seed(5)
+    C = _gram(6, gen)
+    wh = _whiteners([ScaledGram(C), ScaledGram(C, 2.0)], 2, 6, 1e-6, 0.1, "cpu")
+    Q = cached_eigh(C)[1]
+    assert wh[0].Q is Q and wh[1].Q is Q
+    assert torch.allclose(wh[1].gram(), 2.0 * wh[0].gram(), rtol=1e-12)
+
+
+def test_eigen_cache_entry_dies_with_its_gram():
+    from lors_convert.whiten import _EIG_CACHE
+    C = _gram(5, torch.Generator().manual_seed(6))
+    key = id(C)
+    lam, Q = cached_eigh(C)
+    assert cached_eigh(C)[1] is Q  # a hit: the same basis
+    assert key in _EIG_CACHE
+    del C
+    assert key not in _EIG_CACHE
 
 
 @settings(max_examples=15, deadline=None)
