@@ -56,8 +56,8 @@ class Whitener:
 
     Only ``Q`` and the eigenvalues are held, never an ``n x n`` product: ``Q`` is the cached
     eigendecomposition's own tensor (read, never written), ``None`` the identity basis. The methods
-    apply ``L``, ``L^-1`` and ``C'`` from either side; ``L``, ``L_inv`` and ``C`` form them densely
-    (tests and small cases).
+    apply ``L``, ``L^-1`` from either side; ``gram()``, ``L`` and ``L_inv`` form dense matrices
+    (``gram()`` for the shared-part solves, the other two for tests).
     """
 
     Q: torch.Tensor | None  # (n, n) orthogonal, or None: the identity
@@ -98,10 +98,6 @@ class Whitener:
     @property
     def L_inv(self) -> torch.Tensor:
         return self.right_L_inv(torch.eye(self.lam.shape[0], dtype=self.lam.dtype, device=self.lam.device))
-
-    @property
-    def C(self) -> torch.Tensor:
-        return self.gram()
 
 
 def identity_whitener(n: int, device=None) -> Whitener:
@@ -297,8 +293,15 @@ def _budget_shared(W, wh, lw, orientation, shared, shared_matrix):
     if shared_matrix is not None:
         return _orient(as_matrix(shared_matrix).to(W), orientation)
     if shared:  # the dense Grams live only for the solve
-        return weighted_shared(W, [w.gram() for w in wh], left=None if lw is None else [w.gram() for w in lw])
+        Cs, Gs = _dense_grams(wh, lw)
+        return weighted_shared(W, Cs, left=Gs)
     return None
+
+
+def _dense_grams(wh: list[Whitener], lw: list[Whitener] | None
+                 ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+    """The effective input and output Grams as dense matrices, for :func:`weighted_shared`."""
+    return [w.gram() for w in wh], None if lw is None else [w.gram() for w in lw]
 
 
 def _layer_spectra(R: torch.Tensor, wh, lw) -> list[torch.Tensor]:
@@ -403,8 +406,7 @@ def decompose_weighted(
     the weighted ones are in ``weighted_*``. Float64 math, float32 results on ``device``.
     """
     W, wh, lw = _prepare(weights, grams, orientation, floor, damp, device, out_grams)
-    Cs = [w.gram() for w in wh] if shared_part else None  # dense Grams: only the shared solves need them
-    Gs = None if lw is None or not shared_part else [w.gram() for w in lw]
+    Cs, Gs = _dense_grams(wh, lw) if shared_part else (None, None)  # only the shared solves need them
     sweeps = refine
     if not shared_part:
         W_s = torch.zeros_like(W[0])

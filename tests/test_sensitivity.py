@@ -161,8 +161,8 @@ def test_two_sided_truncation_is_optimal_for_the_two_sided_error():
     P1 = [(f.B @ f.A).double() for f in one.layers]
     err2 = _two_sided_error(W, S2, P2, C, G)
     # the reported weighted error is the true two-sided error (floor/damp 0 here: C, G as given)
-    Ce = [whitener(c).C for c in C]
-    Ge = [whitener(g).C for g in G]
+    Ce = [whitener(c).gram() for c in C]
+    Ge = [whitener(g).gram() for g in G]
     assert err2 == pytest.approx(_two_sided_error(W, S2, P2, Ce, Ge), rel=1e-6)
     assert err2 == pytest.approx(two.total_weighted_error, rel=1e-4)
     # with the same shared part, the two-sided SVD beats the input-whitened one on the two-sided error

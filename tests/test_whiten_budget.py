@@ -98,7 +98,7 @@ def test_whitener_operators_equal_the_dense_square_root(rank):
     gen = torch.Generator().manual_seed(4)
     C = _gram(8, gen, rank=rank)
     w = whitener(C, damp=0.1)
-    L, L_inv, Ce = w.L, w.L_inv, w.C
+    L, L_inv, Ce = w.L, w.L_inv, w.gram()
     assert torch.allclose(L @ L.T, Ce, rtol=1e-10, atol=1e-12 * float(Ce.abs().max()))
     assert torch.allclose(L_inv @ L, torch.eye(8, dtype=torch.float64), atol=1e-9)
     R = torch.randn(5, 8, generator=gen, dtype=torch.float64)
