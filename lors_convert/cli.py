@@ -44,7 +44,7 @@ def handle_errors(fn):
         except typer.Exit:
             raise
         except LorsError as e:
-            _fail(_naming_source(e, kwargs.get("src") or kwargs.get("path")), e.exit_code)
+            _fail(str(e), e.exit_code)
         except KeyboardInterrupt:
             _fail("interrupted", 130)
         except MemoryError:
@@ -55,21 +55,6 @@ def handle_errors(fn):
             _fail(f"unexpected {type(e).__name__}: {e} (set LORS_DEBUG=1 for the traceback)", 1)
 
     return wrapper
-
-
-# errors raised while analysing the model (no stacks, patterns matching nothing, groups, NaN) do not
-# know which file the model came from: the CLI adds it
-_MODEL_MODULES = {"lors_convert.convert", "lors_convert.discovery", "lors_convert.decompose", "lors_convert.sweep",
-                  "lors_convert.lorsa", "lors_convert.streaming"}
-
-
-def _naming_source(e: LorsError, source) -> str:
-    tb, module = e.__traceback__, None
-    while tb is not None:  # the module that raised it
-        module, tb = tb.tb_frame.f_globals.get("__name__"), tb.tb_next
-    if source is not None and module in _MODEL_MODULES and str(source) not in str(e):
-        return f"{source}: {e}"
-    return str(e)
 
 
 def make_progress(enabled: bool):
@@ -168,12 +153,35 @@ def convert(
     force: bool = typer.Option(False, "--force", help="Replace an existing output."),
 ) -> None:
     """Convert a dense model to a LORS checkpoint and print the savings report."""
-    from . import checkpoint as ck
-    from .convert import convert as convert_model
-    from .convert import convert_tensors, plan_conversion
-    from .counting import count_parameters
-    from .sources import load_source
-    from .streaming import Dist, NotStreamable, stream_convert
+    from .convert import convert_file
+    from .io.atomic import check_not_input, check_output
+    from .io.dist import Dist
+
+    options = convert_options(rank, groups, include, exclude, init, method, device, adaptive, preset, refine,
+                              budget, sharing, keep_unsaving, calibrate, heldout, objective, probes)
+    out = output or default_output(src, ".lors")
+    if not dry_run:
+        check_not_input(out, src)
+        check_output(out, force)
+    data = options.pop("calibration_path")
+    if data is not None:
+        from .calibrate.data import read_calibration
+        from .io.sources import is_hf_dir
+
+        data = read_calibration(data, src, is_hf_dir(src), heldout)
+    report = convert_file(src, out, arch=arch, trust_pickle=trust_pickle, calibration_data=data,
+                          max_shard_size=shard_size, force=force, dist=Dist.from_env(), dry_run=dry_run,
+                          progress=make_progress(not (quiet or json_out)), **options)
+    if report is not None:  # None on torchrun ranks other than 0
+        _show(report, json_out, quiet, title=(f"LORS dry run of {src} (nothing written)" if dry_run
+                                              else f"LORS conversion of {src} -> {out}"))
+
+
+def convert_options(rank, groups, include, exclude, init, method, device, adaptive, preset, refine, budget,
+                    sharing, keep_unsaving, calibrate, heldout, objective, probes) -> dict:
+    """Check the convert command's flags together and turn them into ``convert_file`` arguments."""
+    from .calibrate.grams import OBJECTIVES
+    from .fit.calibrated import SHARING
 
     r = parse_rank(rank)
     group_list = parse_int_list(groups, "--groups")
@@ -189,19 +197,11 @@ def convert(
     if preset is not None:
         if preset != "adamixer-paper":
             raise LorsUsageError(f"--preset must be adamixer-paper, got {preset!r}")
-        from .lorsa import paper_adamixer_settings
+        from .discover.generators import paper_adamixer_settings
 
         settings = paper_adamixer_settings()
         r, group_arg, adaptive_arg = settings["rank"], settings["groups"], settings["adaptive"]
         include = include or settings["include"]
-    out = output or default_output(src, ".lors")
-    if not dry_run:
-        ck.check_not_input(out, src)
-        ck.check_output(out, force)
-    progress = make_progress(not (quiet or json_out))
-    require_savings = not keep_unsaving
-    dist = Dist.from_env()
-    calibrated = calibrate is not None or refine > 0 or budget is not None
     if refine < 0:
         raise LorsUsageError(f"--refine must be >= 0, got {refine}")
     if heldout is not None and calibrate is None:
@@ -209,8 +209,6 @@ def convert(
     for flag, value in (("--objective", objective), ("--probes", probes)):
         if value is not None and calibrate is None:
             raise LorsUsageError(f"{flag} goes with --calibrate")
-    from .calibration import OBJECTIVES
-
     objective = objective or "output"
     if objective not in OBJECTIVES:
         raise LorsUsageError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
@@ -218,96 +216,14 @@ def convert(
         raise LorsUsageError(f"--probes must be >= 1, got {probes}")
     if probes is not None and objective != "output":
         raise LorsUsageError("--probes goes with --objective output")
-    from .calibrated import SHARING
-
     if sharing is not None and budget is None:
         raise LorsUsageError("--sharing goes with --budget")
     sharing = sharing or "auto"
     if sharing not in SHARING:
         raise LorsUsageError(f"--sharing must be one of {', '.join(SHARING)}, got {sharing!r}")
-    try:  # HF directories and .safetensors + --arch stream: one group in memory at a time
-        if calibrated:
-            raise NotStreamable("calibration runs the model")
-        report = stream_convert(src, out, arch=arch, rank=r, groups=group_arg, include=include, exclude=exclude,
-                                init=init, method=method, device=device, require_savings=require_savings,
-                                max_shard_size=shard_size, force=force, progress=progress, dist=dist,
-                                dry_run=dry_run, adaptive=adaptive_arg)
-    except NotStreamable:
-        pass
-    else:
-        if dist.is_main:
-            _show(report, json_out, quiet, title=(f"LORS dry run of {src} (nothing written)" if dry_run
-                                                  else f"LORS conversion of {src} -> {out}"))
-        return
-    if dist.world > 1:
-        raise LorsUsageError("distributed conversion needs a Hugging Face directory or .safetensors + --arch")
-    model, source = load_source(src, arch=arch, trust_pickle=trust_pickle)
-    if dry_run:
-        hook = None
-        if adaptive_arg is not None:
-            from .lorsa import make_adaptive_hook
-
-            hook = make_adaptive_hook(adaptive_arg, r, group_arg)
-        plan = plan_conversion(model, r, group_arg, include, exclude, require_savings, adaptive=hook)
-        report = plan.report(count_parameters(model))
-        _show(report, json_out, quiet, title=f"LORS dry run of {src} (nothing written)")
-        return
-    manifest = ck.source_manifest(model)
-    if source.kind == "torchscript":
-        if adaptive_arg is not None:
-            raise LorsUsageError("--adaptive/--preset need a rebuildable model, not a TorchScript archive")
-        plan = plan_conversion(model, r, group_arg, include, exclude, require_savings)
-        report, matrices = plan.report_with_matrices(count_parameters(model))
-        state = model.state_dict()
-        tensors = dict(convert_tensors(plan, state.__getitem__, matrices, init=init, method=method,
-                                       device=device, progress=progress))
-        converted = {key for pp in plan.params for key in pp.keys}
-        untouched = ck.dedup_state({k: v for k, v in state.items() if k not in converted})
-        tensors.update(untouched)
-        config = ck.build_config([_stack_entry(pp_stack, plan) for pp_stack in plan.stacks
-                                  if any(pp.stack is pp_stack for pp in plan.params)], source, manifest)
-        ck.write_checkpoint(out, tensors, config, report, source, force=force, max_shard_size=shard_size)
-    else:
-        kwargs = dict(groups=group_arg, include=include, exclude=exclude, init=init, method=method, device=device,
-                      require_savings=require_savings, progress=progress, adaptive=adaptive_arg, sharing=sharing)
-        if calibrate is not None:
-            from .calibration import calibrated_convert
-
-            data = read_calibration(calibrate, src, source, heldout)
-            lors_model, report = calibrated_convert(model, data, refine=refine, budget=budget, rank=r,
-                                                    objective=objective, probes=probes, **kwargs)
-        else:
-            lors_model, report = convert_model(model, rank=r, refine=refine, budget=budget, **kwargs)
-        ck.save(lors_model, out, report=report, source=source, manifest=manifest, force=force,
-                max_shard_size=shard_size)
-    _show(report, json_out, quiet, title=f"LORS conversion of {src} -> {out}")
-
-
-def read_calibration(data: Path, src: Path, source, heldout: Path | None = None):
-    """Calibration inputs; text files are tokenized with the source's (or checkpoint's) tokenizer."""
-    from .calibration import load_calibration
-
-    tokenizer = None
-    if data.suffix not in (".safetensors", ".pt", ".pth", ".bin"):
-        tokenizer_dir = src if (src / "tokenizer_config.json").is_file() or (src / "tokenizer.json").is_file() \
-            else Path(source.path or "")
-        if source.kind != "hf" and not (tokenizer_dir / "tokenizer.json").is_file():
-            raise LorsUsageError(f"{data}: text calibration needs a Hugging Face text model (its tokenizer); "
-                                 "give a .safetensors/.pt file of model inputs instead")
-        from transformers import AutoTokenizer
-
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
-        except Exception as e:
-            raise LorsError(f"{tokenizer_dir}: no usable tokenizer for text calibration ({e})") from None
-    return load_calibration(data, tokenizer=tokenizer, heldout_path=heldout)
-
-
-def _stack_entry(stack, plan) -> dict:
-    from .convert import param_entry
-
-    return {"path": stack.path, "members": list(stack.members),
-            "params": [param_entry(pp) for pp in plan.params if pp.stack is stack]}
+    return dict(rank=r, groups=group_arg, include=include, exclude=exclude, init=init, method=method, device=device,
+                require_savings=not keep_unsaving, adaptive=adaptive_arg, refine=refine, budget=budget,
+                sharing=sharing, calibration_path=calibrate, objective=objective, probes=probes)
 
 
 def _show(report, json_out: bool, quiet: bool, title: str) -> None:
@@ -341,12 +257,14 @@ def report(
         rep = Checkpoint(path).report()
         _show(rep, json_out, quiet, title=f"LORS checkpoint {path}")
         return
+    from .errors import about
+    from .io.sources import load_source
     from .sweep import rank_sweep, render_sweep, write_plot
-    from .sources import load_source
 
     rank_list = parse_int_list(ranks, "--ranks")
     model, _ = load_source(path, arch=arch, trust_pickle=trust_pickle)
-    sweep = rank_sweep(model, rank_list, include=include, exclude=exclude)
+    with about(path):
+        sweep = rank_sweep(model, rank_list, include=include, exclude=exclude)
     if plot is not None:
         write_plot(sweep, plot)
     if json_out:
@@ -403,9 +321,11 @@ def heal(
 ) -> None:
     """Distill a LORS checkpoint towards its dense source; resumable (rerun the same command)."""
     from . import checkpoint as ck
+    from .calibrate.data import has_tokenizer, read_calibration
+    from .calibrate.fidelity import fidelity, reference_outputs
     from .heal import heal as run_heal
-    from .quality import fidelity, reference_outputs
-    from .sources import HF_SIDE_FILES, SourceInfo, load_source
+    from .io.atomic import check_output
+    from .io.sources import HF_SIDE_FILES, SourceInfo, load_source
 
     if steps < 1 or lr <= 0:
         raise LorsUsageError("--steps must be >= 1 and --lr > 0")
@@ -415,7 +335,7 @@ def heal(
         raise LorsUsageError(f"--synthetic must be a share of the steps in [0, 1], got {synthetic}")
     ckpt = ck.Checkpoint(path)
     out = output or default_output(path, ".healed.lors")
-    ck.check_output(out, force)
+    check_output(out, force)
     src = ckpt.source
     if not src.get("path") or not Path(src["path"]).exists():
         raise LorsError(f"{path}: healing needs the dense source {src.get('path')!r} as teacher, and it is not there")
@@ -426,7 +346,8 @@ def heal(
     student = ck.load(path, arch=recorded_arch, trust_pickle=trust_pickle)
     info = SourceInfo(kind=src["kind"], path=src.get("path"), arch=src.get("arch"), sha256=src.get("sha256"),
                       files=[f for f in HF_SIDE_FILES if (path / f).is_file()] if src.get("kind") == "hf" else [])
-    data_set = read_calibration(data, path, info, heldout)
+    data_set = read_calibration(data, path if has_tokenizer(path) else Path(info.path or ""), info.kind == "hf",
+                                heldout)
     reference = reference_outputs(teacher, data_set.heldout) if data_set.heldout else None
     before = fidelity(student, reference) if reference is not None else {}
     state_file = out.parent / f".{out.name}.heal-state.pt"  # resumable across interruptions

@@ -10,10 +10,11 @@ import math
 import torch
 from torch import nn
 
-from .convert import plan_conversion
 from .counting import count_parameters
-from .decompose import as_matrix, compute_dtype, dense_param_count, lors_param_count
+from .decompose.lorst import as_matrix, compute_dtype, dense_param_count, lors_param_count
+from .discover.plan import plan_conversion
 from .errors import LorsError
+from .io.atomic import atomic_output
 
 
 def residual_spectra(weights: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,8 +89,6 @@ def write_plot(sweep: dict, path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         raise LorsError("--plot needs matplotlib: pip install 'lors-convert[plot]'") from None
-    from .checkpoint import atomic_output
-
     rows = sweep["ranks"]
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot([r["params_after"] for r in rows], [r["relative_error"] for r in rows], marker="o")

@@ -32,12 +32,12 @@ sys.path.insert(0, str(ROOT))
 FLOOR = r"""
 import sys, torch
 from pathlib import Path
-from lors_convert.streaming import SafetensorsSource, ShardedWriter, meta_like
-from lors_convert.sources import hf_weight_files
+from lors_convert.io.safetensors import SafetensorsReader, ShardedWriter, meta_like
+from lors_convert.io.sources import hf_weight_files
 src, out, shard = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
-tensors = SafetensorsSource(hf_weight_files(src))
+tensors = SafetensorsReader(hf_weight_files(src))
 out.mkdir()
-spec = {k: meta_like(*tensors.specs[k]) for k in tensors.where}
+spec = {k: meta_like(tensors.shapes[k], tensors.dtype(k)) for k in tensors.keys()}
 writer = ShardedWriter(out, spec, shard, {"format": "pt"})
 for k in spec:
     writer.add(k, tensors.get(k))
@@ -61,8 +61,9 @@ def make_checkpoint(directory: Path, args) -> tuple[int, int]:
     """A random-weight sharded Llama checkpoint; returns (bytes on disk, largest group bytes)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from lors_convert.convert import plan_conversion
-    from lors_convert.streaming import ShardedWriter, empty_model, meta_like
+    from lors_convert.discover.plan import plan_conversion
+    from lors_convert.io.safetensors import ShardedWriter, meta_like
+    from lors_convert.io.sources import empty_model
 
     config = LlamaConfig(hidden_size=args.hidden, intermediate_size=args.intermediate,
                          num_hidden_layers=args.layers, num_attention_heads=args.heads,
@@ -85,7 +86,7 @@ def make_checkpoint(directory: Path, args) -> tuple[int, int]:
 
 
 def svd_comparison(args) -> dict:
-    from lors_convert.decompose import truncated_svd
+    from lors_convert.decompose.lorst import truncated_svd
 
     torch.manual_seed(0)
     d, h = args.intermediate, args.hidden

@@ -16,7 +16,7 @@ matrix):
   unit for the budget (:mod:`lors_convert.sensitivity`);
 - ``+refine``: plus ``--refine`` alternating sweeps;
 - ``sharing auto +refine``: the default calibrated conversion, where the budget also decides per
-  stacked matrix whether a shared part pays (:func:`lors_convert.budget.allocate_with_sharing`);
+  stacked matrix whether a shared part pays (:func:`lors_convert.decompose.budget.allocate_with_sharing`);
 - ``+heal``: that, then ``--heal-steps`` of distillation on the calibration text
   (``--heal-synthetic 0,0.75``: one column per share of steps on synthetic token inputs drawn from a
   bigram chain over the calibration tokens, :mod:`lors_convert.synthetic`);
@@ -48,10 +48,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from lors_convert import convert  # noqa: E402
-from lors_convert.calibration import collect_grams, read_texts, text_batches  # noqa: E402
-from lors_convert.convert import plan_conversion  # noqa: E402
+from lors_convert.calibrate.grams import collect_grams  # noqa: E402
+from lors_convert.calibrate.data import read_texts, text_batches
+from lors_convert.discover.plan import plan_conversion  # noqa: E402
 from lors_convert.heal import heal  # noqa: E402
-from lors_convert.quality import fidelity, reference_outputs  # noqa: E402
+from lors_convert.calibrate.fidelity import fidelity, reference_outputs  # noqa: E402
 
 DATA = Path(__file__).resolve().parent / "data"
 

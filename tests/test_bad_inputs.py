@@ -414,7 +414,7 @@ def test_kill_mid_write_keeps_previous_output(tmp_path):
 def test_sweep_removes_only_dead_local_temps(tmp_path):
     import socket
 
-    from lors_convert.checkpoint import sweep_stale_temps
+    from lors_convert.io.atomic import sweep_stale_temps
 
     done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead = int(done.stdout)  # exited: its pid is free (reuse within the test would only keep the entry)

@@ -8,11 +8,11 @@ import torch
 from torch import nn
 
 from lors_convert import convert, merge
-from lors_convert.calibration import (GramCollector, collect_grams, gram_owners, load_calibration,
-                                      split_heldout, tensor_batches)
+from lors_convert.calibrate.grams import GramCollector, collect_grams, gram_owners
+from lors_convert.calibrate.data import load_calibration, split_heldout, tensor_batches
 from lors_convert.errors import LorsUsageError
 from lors_convert.heal import distill_loss, heal, stack_members
-from lors_convert.quality import fidelity, reference_outputs
+from lors_convert.calibrate.fidelity import fidelity, reference_outputs
 
 
 class Block(nn.Module):
@@ -270,7 +270,7 @@ def test_distill_losses_are_zero_at_the_target():
 def test_calibrated_convert_reports_heldout_fidelity(tmp_path):
     from safetensors.torch import save_file
 
-    from lors_convert.calibration import calibrated_convert
+    from lors_convert.convert import calibrated_convert
 
     save_file({"input": torch.randn(40, 3, 16)}, tmp_path / "x.safetensors")
     data = load_calibration(tmp_path / "x.safetensors", batch_size=8, heldout=0.25)

@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from lors_convert.cli import app
-from lors_convert.decompose import lors_param_count
+from lors_convert.decompose.lorst import lors_param_count
 from tests.archs import StackedMLP
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -8,8 +8,7 @@ import torch
 
 from conftest import distinct_numel, expected_ranks, reference_errors, snapshot
 from lors_convert import convert, merge
-from lors_convert.decompose import (RANDOMIZED_MIN_DIM, RANDOMIZED_OVERSAMPLE, decompose_stack, row_energy,
-                                   stack_matrices, truncated_svd)
+from lors_convert.decompose.lorst import RANDOMIZED_MIN_DIM, RANDOMIZED_OVERSAMPLE, decompose_stack, row_energy, stack_matrices, truncated_svd
 from lors_convert.layers import LorsConv2d, LorsLinear
 from models import CASES
 

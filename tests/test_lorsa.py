@@ -12,9 +12,9 @@ from lors_convert import convert, count_parameters, merge, plan_conversion
 from lors_convert.errors import LorsUsageError
 from lors_convert.layers import layer_class
 from lors_convert.layers.adaptive import Layout, LorsaLinear
-from lors_convert.lorsa import GeneratorSpec, generator_tensors, make_adaptive_hook
-from lors_convert.tucker import (groups_to_tensor, hooi_sweep, hosvd, project_core, tucker_to_tensor,
-                                 unfold)
+from lors_convert.discover.generators import GeneratorSpec, make_adaptive_hook
+from lors_convert.fit.generator import generator_tensors
+from lors_convert.decompose.tucker import groups_to_tensor, hooi_sweep, hosvd, project_core, tucker_to_tensor, unfold
 from lors_convert.zoo.adamixer import AdaMixerConfig, AdaMixerDecoder, random_inputs
 
 GEN = "*adaptive_mixing.parameter_generator.0.weight"

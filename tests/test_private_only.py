@@ -16,7 +16,7 @@ from torch import nn
 
 from conftest import distinct_numel, max_rel_diff, snapshot
 from lors_convert import convert, count_parameters, load, merge, merge_checkpoint, save
-from lors_convert.budget import BudgetItem, allocate_ranks, allocate_with_sharing
+from lors_convert.decompose.budget import BudgetItem, allocate_ranks, allocate_with_sharing
 from lors_convert.errors import LorsUsageError
 from lors_convert.layers import LorsModule
 from models import CASES, SMALL
@@ -154,7 +154,7 @@ def test_sharing_option_values():
 
 @pytest.mark.parametrize("orientation", ["out_in", "in_out"])
 def test_sharing_spectra_equal_the_two_separate_computations(orientation):
-    from lors_convert.whiten import shared_and_spectra, sharing_spectra
+    from lors_convert.decompose.whiten import shared_and_spectra, sharing_spectra
 
     torch.manual_seed(0)
     weights = [torch.randn(12, 20) for _ in range(3)]

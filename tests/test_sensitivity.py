@@ -9,13 +9,13 @@ import torch
 from torch import nn
 
 from lors_convert import convert
-from lors_convert.budget import BudgetItem, allocate_ranks
-from lors_convert.calibration import collect_grams, gram_owners
-from lors_convert.decompose import rebalance
+from lors_convert.decompose.budget import BudgetItem, allocate_ranks
+from lors_convert.calibrate.grams import collect_grams, gram_owners
+from lors_convert.decompose.lorst import rebalance
 from lors_convert.errors import LorsUsageError
-from lors_convert.quality import fidelity, reference_outputs
-from lors_convert.sensitivity import collect_output_grams
-from lors_convert.whiten import decompose_weighted, weighted_shared, whitened_spectra, whitener
+from lors_convert.calibrate.fidelity import fidelity, reference_outputs
+from lors_convert.calibrate.sensitivity import collect_output_grams
+from lors_convert.decompose.whiten import decompose_weighted, weighted_shared, whitened_spectra, whitener
 
 from models import ConvStack, bert
 

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 import lors_convert
 from lors_convert.checkpoint import Checkpoint, save, source_manifest
 from lors_convert.cli import app
-from lors_convert.sources import load_source
+from lors_convert.io.sources import load_source
 from tests.archs import StackedMLP
 
 runner = CliRunner()
@@ -39,11 +39,12 @@ def gpt2_dir(tmp_path) -> Path:
 
 
 def test_streaming_equals_in_memory(gpt2_dir, tmp_path):
-    from lors_convert.streaming import open_streamable, streaming_manifest
+    from lors_convert.checkpoint.format import stored_manifest
+    from lors_convert.io.sources import open_lazy
 
-    meta, tensors, _ = open_streamable(gpt2_dir, None)  # the tied lm_head must survive the meta build,
+    meta, tensors, _ = open_lazy(gpt2_dir, None)  # the tied lm_head must survive the meta build,
     assert meta.lm_head.weight is meta.transformer.wte.weight  # else the CLI silently loads it whole
-    streaming_manifest(meta, tensors)  # no NotStreamable
+    assert stored_manifest(source_manifest(meta), tensors) is not None  # streamable
     res = runner.invoke(app, ["convert", str(gpt2_dir), "--rank", "8", "-o", str(tmp_path / "s.lors"), "-q"])
     assert res.exit_code == 0, res.output
     model, source = load_source(gpt2_dir)

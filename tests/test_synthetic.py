@@ -6,11 +6,12 @@ import copy
 import pytest
 import torch
 
-from lors_convert import convert, synthetic
+from lors_convert import convert
+from lors_convert.heal import synthetic
 from lors_convert.errors import LorsUsageError
 from lors_convert.heal import heal
-from lors_convert.quality import fidelity, reference_outputs
-from lors_convert.synthetic import BigramChain
+from lors_convert.calibrate.fidelity import fidelity, reference_outputs
+from lors_convert.heal.synthetic import BigramChain
 
 from models import bert
 

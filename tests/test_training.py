@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from lors_convert import convert, plan_conversion
-from lors_convert.convert import build_skeleton
+from lors_convert.swap import build_skeleton
 from lors_convert.layers import LorsLayer
 from models import CASES, SMALL, run
 

@@ -8,10 +8,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lors_convert.budget import BudgetItem, allocate_ranks, evaluate, uniform_ranks
+from lors_convert.decompose.budget import BudgetItem, allocate_ranks, evaluate, uniform_ranks
 from lors_convert.errors import LorsUsageError
-from lors_convert.whiten import (ScaledGram, _whiteners, cached_eigh, decompose_weighted, identity_whitener,
-                                 weighted_shared, whitener)
+from lors_convert.decompose.whiten import ScaledGram, _whiteners, cached_eigh, decompose_weighted, identity_whitener, weighted_shared, whitener
 
 
 def _gram(n: int, gen: torch.Generator, rank: int | None = None) -> torch.Tensor:
@@ -123,7 +122,7 @@ def test_whiteners_hold_the_cached_basis_not_copies():
 
 
 def test_eigen_cache_entry_dies_with_its_gram():
-    from lors_convert.whiten import _EIG_CACHE
+    from lors_convert.decompose.whiten import _EIG_CACHE
     C = _gram(5, torch.Generator().manual_seed(6))
     key = id(C)
     lam, Q = cached_eigh(C)

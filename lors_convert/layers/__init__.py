@@ -7,22 +7,19 @@ from torch import nn
 from .base import LorsLayer, LorsModule, meta_clone
 from .conv import LorsConv2d
 from .conv1d import LorsConv1D
+from .adaptive import LorsaLinear
 from .linear import LorsLinear
 
 STATIC_LAYERS: tuple[type[LorsLayer], ...] = (LorsLinear, LorsConv2d, LorsConv1D)
+ADAPTIVE_LAYERS: tuple[type[LorsModule], ...] = (LorsaLinear,)
 
 
 def layer_class(kind: str) -> type[LorsModule]:
     """The LORS module class recorded in a checkpoint under ``kind`` ("linear", "conv2d", ...)."""
-    for layer in STATIC_LAYERS + tuple(ADAPTIVE_LAYERS):
+    for layer in STATIC_LAYERS + ADAPTIVE_LAYERS:
         if layer.layer_kind == kind:
             return layer
     raise KeyError(kind)
-
-
-ADAPTIVE_LAYERS: list[type[LorsModule]] = []  # registered by lors_convert.layers.adaptive
-
-from .adaptive import LorsaLinear  # noqa: E402  (registers itself in ADAPTIVE_LAYERS)
 
 
 def static_layer_for(module: nn.Module) -> type[LorsLayer] | None:

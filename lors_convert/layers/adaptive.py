@@ -277,12 +277,3 @@ class LorsaLinear(LorsModule):
 
 __all__ = ["Layout", "LorsaLinear", "group_ranks", "private_param_count"]
 
-
-def _register() -> None:
-    from . import ADAPTIVE_LAYERS
-
-    if LorsaLinear not in ADAPTIVE_LAYERS:
-        ADAPTIVE_LAYERS.append(LorsaLinear)
-
-
-_register()

@@ -19,7 +19,7 @@ import copy
 import torch
 from torch import nn
 
-from ..decompose import merge_weight
+from ..decompose.lorst import merge_weight
 
 
 def meta_clone(module: nn.Module) -> nn.Module:

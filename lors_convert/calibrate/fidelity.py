@@ -13,37 +13,13 @@ any model the relative output error ``||y - y_ref|| / ||y_ref||`` per sample is 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .calibration import Batch, batch_mask, model_device, run_model, to_device
-
-
-def primary_output(out) -> torch.Tensor:
-    """The tensor to compare: ``last_hidden_state`` of HF outputs, else the first tensor."""
-    if isinstance(out, torch.Tensor):
-        return out
-    hidden = getattr(out, "last_hidden_state", None)
-    if isinstance(hidden, torch.Tensor):
-        return hidden
-    if isinstance(out, Mapping):
-        if isinstance(out.get("last_hidden_state"), torch.Tensor):
-            return out["last_hidden_state"]
-        out = list(out.values())
-    if isinstance(out, (tuple, list)):
-        for o in out:
-            if isinstance(o, torch.Tensor):
-                return o
-    raise TypeError(f"cannot find a tensor in the model output ({type(out).__name__})")
-
-
-def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Average over the real tokens: ``(B, T, H), (B, T) -> (B, H)``."""
-    m = mask.to(hidden.dtype).unsqueeze(-1)
-    return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
+from .batches import Batch, batch_mask, mean_pool, model_device, primary_output, run_model, to_device
 
 
 @dataclass
@@ -113,4 +89,4 @@ def fidelity(model: nn.Module, reference: Reference, prefix: str = "heldout") ->
     return result
 
 
-__all__ = ["primary_output", "mean_pool", "Reference", "reference_outputs", "fidelity"]
+__all__ = ["Reference", "reference_outputs", "fidelity"]

@@ -28,8 +28,7 @@ from collections.abc import Callable, Iterable, Mapping
 import torch
 from torch import nn
 
-from .calibration import Batch, batch_mask, batch_size, model_device, run_model, to_device, token_rows
-from .quality import primary_output
+from .batches import Batch, batch_mask, batch_size, model_device, primary_output, run_model, to_device, token_rows
 
 DEFAULT_PROBES = 4
 

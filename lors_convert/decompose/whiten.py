@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .decompose import LayerFactors, StackFactors, as_matrix, rebalance, split_balanced
+from .lorst import LayerFactors, StackFactors, as_matrix, rebalance, split_balanced
 
 DEFAULT_FLOOR = 1e-6  # eigenvalue floor, relative to the largest eigenvalue
 DEFAULT_DAMP = 0.0  # ridge relative to the mean eigenvalue

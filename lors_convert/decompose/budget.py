@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .errors import LorsUsageError
+from ..errors import LorsUsageError
 
 
 @dataclass

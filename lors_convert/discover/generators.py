@@ -1,9 +1,10 @@
-"""Adaptive LORS (LORSA): find parameter generators, plan them, convert them.
+"""Adaptive LORS (LORSA): which stacked Linears are parameter generators, and their output layouts.
 
 A *generator* is an ``nn.Linear`` whose output is reshaped into matrices that then multiply
 features (AdaMixer's ``parameter_generator``). Its stacked weight becomes a
 :class:`~lors_convert.layers.adaptive.LorsaLinear`: shared mean generator plus per-layer
-``B E(q) A`` groups from a truncated HOSVD (:mod:`lors_convert.tucker`).
+``B E(q) A`` groups from a truncated HOSVD (:mod:`lors_convert.decompose.tucker`, fitted by
+:mod:`lors_convert.fit`; planned by :func:`lors_convert.discover.plan.adaptive_plan`).
 
 How generators are chosen (``convert(model, adaptive=...)``):
 
@@ -33,17 +34,14 @@ import fnmatch
 import math
 import operator
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .convert import ParamPlan, resolve_groups
-from .decompose import dense_param_count
-from .discovery import Stack, StackedParam
-from .errors import LorsError, LorsUsageError
-from .layers.adaptive import Layout, LorsaLinear, group_ranks, private_param_count
-from .tucker import decompose_generators
+from ..errors import LorsUsageError
+from ..layers.adaptive import Layout
+from .stacks import Stack, StackedParam
 
 # --------------------------------------------------------------------------------------------
 # specs
@@ -311,60 +309,7 @@ def detect_generators(module: nn.Module) -> dict[str, Layout]:
 
 
 # --------------------------------------------------------------------------------------------
-# planning
-
-
-class AdaptivePlan(ParamPlan):
-    """A generator's plan (``kind="adaptive"``). ``matrix`` is the augmented weight ``(out, dq+1)``
-    (the shared tensor's shape); ``extra`` holds ``layout`` (string), ``has_bias`` and ``sweeps``.
-    A loader rebuilding plans from ``lors_config.json`` should build this class for adaptive entries.
-    """
-
-    @property
-    def layout(self) -> Layout:
-        return Layout.parse(self.extra["layout"])
-
-    @property
-    def has_bias(self) -> bool:
-        return bool(self.extra.get("has_bias", True))
-
-    @property
-    def matrix(self) -> tuple[int, int]:
-        return self.param.shape[0], self.param.shape[1] + (1 if self.has_bias else 0)
-
-    def factor_keys(self, i: int) -> dict[str, str]:
-        owner = f"{self.stack.members[i]}.{self.param.owner_relpath}"
-        keys = {}
-        for m in range(len(self.layout.entries)):
-            keys[f"B.{m}"] = f"{owner}.lors_B.{m}"
-            keys[f"A.{m}"] = f"{owner}.lors_A.{m}"
-            keys[f"E.{m}.weight"] = f"{owner}.lors_E.{m}.weight"
-            if self.has_bias:
-                keys[f"E.{m}.bias"] = f"{owner}.lors_E.{m}.bias"
-        return keys
-
-    @property
-    def dense_params(self) -> int:  # weight and bias of every layer: both are absorbed
-        d, h = self.matrix
-        return dense_param_count(d, h, len(self.groups))
-
-    @property
-    def lors_params(self) -> int:
-        d, h = self.matrix
-        dq = self.param.shape[1]
-        return d * h + sum(private_param_count(self.layout, dq, self.rank, k, self.has_bias) for k in self.groups)
-
-
-def _plan(stack: Stack, sp: StackedParam, claim: dict) -> AdaptivePlan:
-    rank, layout = claim["rank"], claim["layout"]
-    groups = [1] * len(stack) if rank is None else resolve_groups(claim["groups"], stack)
-    ranks = [sum(K * r1 for K, r1, _ in group_ranks(layout, rank, k)) for k in groups]
-    clamped = rank is not None and any(K * r1 > r or K * r2 > c for k in groups
-                                       for (K, r1, r2), (r, c) in zip(group_ranks(layout, rank, k),
-                                                                      layout.entries))
-    extra = {"layout": str(layout), "has_bias": claim["has_bias"], "sweeps": claim["sweeps"]}
-    return AdaptivePlan(stack=stack, param=sp, layer_kind=LorsaLinear.layer_kind, kind="adaptive",
-                                 rank=rank, groups=groups, ranks=ranks, clamped=clamped, extra=extra)
+# choosing generators
 
 
 def _matches(spec: GeneratorSpec, stack: Stack, sp: StackedParam) -> bool:
@@ -416,7 +361,7 @@ def make_adaptive_hook(adaptive: AdaptiveArg, rank: int | None, groups) -> Calla
             used.add(n)
             r = rank if spec.rank == "default" else spec.rank
             g = groups if (isinstance(spec.groups, str) and spec.groups == "default") else spec.groups
-            return {"plan": _plan, "layout": layout, "rank": r, "groups": g, "sweeps": spec.sweeps,
+            return {"layout": layout, "rank": r, "groups": g, "sweeps": spec.sweeps,
                     "has_bias": owner.bias is not None}
         return None
 
@@ -434,80 +379,6 @@ def check_specs_used(hook) -> None:
             raise LorsUsageError(f"generator spec {spec.pattern!r} matches no stacked Linear weight "
                                  "(patterns match full parameter or module names, e.g. "
                                  "'*.parameter_generator.0.weight'; the parameter must also pass include/exclude)")
-
-
-# --------------------------------------------------------------------------------------------
-# conversion
-
-
-def generator_tensors(weight: torch.Tensor, bias: torch.Tensor | None, layout: Layout) -> list[torch.Tensor]:
-    """Generator tensors of one layer, per layout entry ``(G, R, C, dq+1)``."""
-    T = weight if bias is None else torch.cat([weight, bias[:, None]], dim=1)  # (out, dq+1)
-    return layout.split(T)
-
-
-@dataclass
-class GeneratorResult:
-    relative_error: list[float] = field(default_factory=list)  # per layer, over the whole augmented tensor
-    retained_energy: list[float] = field(default_factory=list)
-
-
-def convert_generator(model: nn.Module, pp, init: str = "svd", device=None) -> GeneratorResult:
-    """Decompose one planned generator stack and install :class:`LorsaLinear` layers in place."""
-    from .convert import install_layers
-
-    layout = pp.layout
-    has_bias = pp.extra.get("has_bias", True)
-    owners = [model.get_submodule(f"{m}.{pp.param.owner_relpath}") for m in pp.stack.members]
-    dtype, where = owners[0].weight.dtype, owners[0].weight.device
-    for key, o in zip(pp.keys, owners):
-        if not torch.isfinite(o.weight).all() or (o.bias is not None and not torch.isfinite(o.bias).all()):
-            raise LorsError(f"tensor {key!r} contains NaN or Inf values; refusing to convert it")
-    N = len(owners)
-    m = pp.matrix[1]
-    result = GeneratorResult()
-    if init == "paper":
-        install_layers(model, pp, torch.empty(pp.matrix, dtype=dtype, device=where), None)
-        for mem in pp.stack.members:
-            model.get_submodule(f"{mem}.{pp.param.owner_relpath}").reset_paper()
-        return result
-    per_layer = [generator_tensors(o.weight.detach().to(device or where), None if o.bias is None
-                                   else o.bias.detach().to(device or where), layout) for o in owners]
-    shared_parts = []
-    entries_per_layer: list[list] = [[] for _ in range(N)]
-    res = [0.0] * N
-    disc = [0.0] * N
-    norms = [0.0] * N
-    for e, (r, c) in enumerate(layout.entries):
-        Bs = [[] for _ in range(N)]
-        As = [[] for _ in range(N)]
-        Cs = [[] for _ in range(N)]
-        shared_g = []
-        for g in range(layout.groups):
-            tensors = [per_layer[i][e][g] for i in range(N)]  # N x (R, C, m)
-            ks = [group_ranks(layout, pp.rank, k)[e] for k in pp.groups]  # per layer (K, r1, r2)
-            f = decompose_generators(tensors, [k[1] for k in ks], [k[2] for k in ks], [k[0] for k in ks],
-                                     sweeps=pp.extra.get("sweeps"))
-            shared_g.append(f.shared)
-            for i, tg in enumerate(f.layers):
-                Bs[i].append(tg.B)
-                As[i].append(tg.A)
-                Cs[i].append(tg.cores)
-                res[i] += f.residual_energy[i]
-                disc[i] += f.discarded_energy[i]
-                norms[i] += f.tensor_norm[i] ** 2
-        shared_parts.append(torch.stack(shared_g))  # (G, R, C, m)
-        for i in range(N):
-            entries_per_layer[i].append((torch.stack(Bs[i]), torch.stack(As[i]), torch.stack(Cs[i])))
-    shared = layout.join(shared_parts).reshape(pp.matrix[0], m)  # (out, m)
-    install_layers(model, pp, shared.to(device=where, dtype=dtype), None)
-    for i, mem in enumerate(pp.stack.members):
-        layer = model.get_submodule(f"{mem}.{pp.param.owner_relpath}")
-        layer.set_factors([(B.to(where, dtype), A.to(where, dtype), C.to(where, dtype))
-                           for B, A, C in entries_per_layer[i]])
-        result.relative_error.append(math.sqrt(max(disc[i], 0.0) / norms[i]) if norms[i] else 0.0)
-        result.retained_energy.append(1.0 - disc[i] / res[i] if res[i] > 0 else 1.0)
-    return result
 
 
 # --------------------------------------------------------------------------------------------
@@ -531,6 +402,5 @@ def paper_adamixer_settings(num_stages: int = 6) -> dict:
     }
 
 
-__all__ = ["GeneratorSpec", "detect_generators", "make_adaptive_hook", "convert_generator",
-           "generator_tensors", "paper_adamixer_settings", "parse_specs", "check_specs_used", "AdaptivePlan",
-           "GeneratorResult"]
+__all__ = ["GeneratorSpec", "detect_generators", "make_adaptive_hook", "paper_adamixer_settings", "parse_specs",
+           "check_specs_used"]

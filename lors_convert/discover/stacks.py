@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .errors import LorsUsageError
+from ..errors import LorsUsageError
 
 _CONTAINERS = (nn.ModuleList, nn.Sequential, nn.ModuleDict)
 

@@ -1,9 +1,11 @@
-"""Glue between a conversion plan and the calibrated math (:mod:`whiten`, :mod:`budget`).
+"""Calibrated fits: a conversion plan meets the weighted math (:mod:`~lors_convert.decompose.whiten`,
+:mod:`~lors_convert.decompose.budget`).
 
 ``convert(..., calibration=, refine=, budget=)`` calls these; they know about :class:`ParamPlan`
-(keys, layer kind) and nothing else of the model.
+(keys, layer kind) and read weights through a getter, nothing else of the model.
 
-Objective. With output Grams in the calibration (``Calibration.out_grams``, :mod:`sensitivity`,
+Objective. With output Grams in the calibration (``Calibration.out_grams``,
+:mod:`lors_convert.calibrate.sensitivity`,
 the default of ``collect_grams``) the error of every matrix is the model output's error it causes,
 to first order (K-FAC), ``tr(G_i D_i C_i D_i^T)``: one unit for all matrices, so the global budget
 compares a query projection with an FFN matrix directly. Without them (``objective="layer"``, or a
@@ -19,15 +21,16 @@ plain Frobenius error; uncalibrated, unrefined conversions keep the plain mean a
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 
-from .budget import Allocation, BudgetItem, allocate_ranks, allocate_with_sharing
-from .decompose import as_matrix
-from .errors import LorsError, LorsUsageError
-from .whiten import (ScaledGram, DEFAULT_DAMP, DEFAULT_FLOOR, WeightedFactors, decompose_weighted,
-                     shared_and_spectra, sharing_spectra)
+from ..decompose.budget import Allocation, BudgetItem, allocate_ranks, allocate_with_sharing
+from ..decompose.lorst import as_matrix
+from ..decompose.whiten import (DEFAULT_FLOOR, ScaledGram, decompose_weighted,
+                                shared_and_spectra, sharing_spectra)
+from ..errors import LorsError, LorsUsageError
+from .options import Fit
 
 NORMALIZE = False  # True: relative output error per layer (measured worse on MiniLM)
 FLOOR = DEFAULT_FLOOR
@@ -107,27 +110,32 @@ def _opts(floor, damp):
     return (FLOOR if floor is None else floor), (DAMP if damp is None else damp)
 
 
-def decompose_param(pp, weights: list[torch.Tensor], calibration=None, refine: int = 0, device=None,
-                    floor: float | None = None, damp: float | None = None, normalize: bool | None = None,
-                    shared: torch.Tensor | None = None) -> WeightedFactors:
-    """Factors of one planned parameter. Uncalibrated and unrefined: the plain mean + SVD.
+def fit_calibrated(pp, weights: list[torch.Tensor], calibration=None, refine: int = 0, device=None,
+                   shared: torch.Tensor | None = None, floor: float | None = None, damp: float | None = None,
+                   normalize: bool | None = None) -> Fit:
+    """The weighted fit of one planned parameter. Uncalibrated and unrefined: the plain mean + SVD.
 
     ``shared``: the initial shared part already solved for (:func:`apply_budget`'s ``shared_parts``).
     """
     floor, damp = _opts(floor, damp)
+    weights = list(weights)
     grams, _ = layer_grams(pp, weights, calibration, normalize)
     if shared is None and calibration is None and refine == 0:
         shared = _plain_mean(weights)
-    return decompose_weighted(weights, pp.ranks, grams, orientation=orientation(pp), refine=refine,
-                              floor=floor, damp=damp, device=device, shared=shared,
-                              shared_part=pp.has_shared, out_grams=output_grams(pp, weights, calibration))
+    factors = decompose_weighted(weights, pp.ranks, grams, orientation=orientation(pp), refine=refine,
+                                 floor=floor, damp=damp, device=device, shared=shared,
+                                 shared_part=pp.has_shared, out_grams=output_grams(pp, weights, calibration))
+    return Fit(shared=factors.shared if pp.has_shared else None, factors=[(f.B, f.A) for f in factors.layers],
+               relative_error=[f.relative_error for f in factors.layers],
+               retained_energy=[f.retained_energy for f in factors.layers],
+               weighted=(factors.weighted_error, factors.weighted_output, factors.history))
 
 
 def _plain_mean(weights: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack([as_matrix(w).to(torch.float64) for w in weights]).mean(0)
 
 
-def apply_budget(plan, model, budget: float, calibration=None, device=None, floor: float | None = None,
+def apply_budget(plan, get: Callable[[str], torch.Tensor], budget: float, calibration=None, device=None, floor: float | None = None,
                  damp: float | None = None, normalize: bool | None = None,
                  shared_parts: dict[str, torch.Tensor] | None = None, sharing: str = "auto") -> Allocation:
     """Choose per-layer ranks for the static parameters of ``plan`` under ``budget`` (in place).
@@ -138,8 +146,9 @@ def apply_budget(plan, model, budget: float, calibration=None, device=None, floo
     decides per parameter whether a shared part pays for itself (``pp.has_shared``, see
     :func:`lors_convert.budget.allocate_with_sharing`); ``"always"`` keeps the LORS structure,
     ``"never"`` makes every parameter private-only (per-layer low rank).
-    ``shared_parts``: a dict that receives each kept shared part (``pp.shared_key`` -> tensor),
-    solved for the spectra, so that :func:`decompose_param` need not solve again.
+    ``get(key)`` reads a layer weight. ``shared_parts``: a dict that receives each kept shared part
+    (``pp.shared_key`` -> tensor), solved for the spectra, so that :func:`fit_calibrated` need not
+    solve again.
     """
     if not (isinstance(budget, (int, float)) and 0 < budget):
         raise LorsUsageError(f"budget must be a positive fraction of the stacked parameters, got {budget!r}")
@@ -153,7 +162,7 @@ def apply_budget(plan, model, budget: float, calibration=None, device=None, floo
     for pp in static:
         if any(g != 1 for g in pp.groups):
             raise LorsUsageError("--budget chooses one rank per layer; it does not combine with groups")
-        weights = [model.get_parameter(k).detach() for k in pp.keys]
+        weights = [get(k) for k in pp.keys]
         grams, _ = layer_grams(pp, weights, calibration, normalize)
         opts = dict(orientation=orientation(pp), floor=floor, damp=damp, device=device,
                     out_grams=output_grams(pp, weights, calibration))
@@ -199,7 +208,7 @@ def apply_budget(plan, model, budget: float, calibration=None, device=None, floo
     return alloc
 
 
-__all__ = ["orientation", "layer_grams", "decompose_param", "apply_budget", "SHARING"]
+__all__ = ["orientation", "layer_grams", "fit_calibrated", "apply_budget", "quality_summary", "SHARING"]
 
 
 def quality_summary(weighted: list, calibration, refine: int, budget: float | None,

@@ -8,7 +8,7 @@ only the LORS modules' parameters train (shared parts, private factors and those
 ``trainable="lors"``);
 ``trainable="all"`` trains everything. Adam with a short warm-up and cosine decay. For token
 inputs, 3 steps in 4 by default (``synthetic``) run on inputs drawn from a bigram chain over the
-calibration tokens (:mod:`lors_convert.synthetic`), which generalizes to text of other kinds.
+calibration tokens (:mod:`lors_convert.heal.synthetic`), which generalizes to text of other kinds.
 
 Resumable: with ``checkpoint_path`` the trainable tensors, the optimizer state, the step and the
 loss history are saved every ``save_every`` steps, at the end, and on interruption (written to a
@@ -32,10 +32,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .calibration import Batch, batch_mask, run_model, to_device
-from .errors import LorsError, LorsUsageError
-from .layers import LorsModule
-from .quality import mean_pool, primary_output
+from ..calibrate.batches import Batch, batch_mask, mean_pool, primary_output, run_model, to_device
+from ..discover.stacks import find_stacks
+from ..errors import LorsError, LorsUsageError
+from ..layers import LorsModule
 from .synthetic import BigramChain, is_token_batch
 
 LOSSES = ("mse", "cosine", "pooled_cosine")
@@ -63,8 +63,6 @@ def lors_parameter_names(model: nn.Module) -> set[str]:
 
 def stack_members(model: nn.Module) -> list[str]:
     """Paths of every member of every stack of ``model`` (the blocks whose outputs ``match="layers"`` taps)."""
-    from .discovery import find_stacks
-
     return [m for stack in find_stacks(model) for m in stack.members]
 
 
@@ -166,7 +164,7 @@ def heal(
     the loss history; the student's train/eval mode and ``requires_grad`` flags are restored.
     ``synthetic``: the share of steps that train on a synthetic batch instead (token batches only:
     the step's calibration batch with its tokens redrawn from a bigram chain over all calibration
-    tokens, :mod:`lors_convert.synthetic`); a few hundred sentences are otherwise learnt by heart.
+    tokens, :mod:`lors_convert.heal.synthetic`); a few hundred sentences are otherwise learnt by heart.
     ``None``: :data:`SYNTHETIC_DEFAULT` when every batch is a token batch, else 0.
     """
     if loss not in LOSSES:

@@ -1,23 +1,27 @@
 """Reading the models users have: HF directories, state dicts + architecture, TorchScript, pickles.
 
-Unpickling runs code from the file, so every ``torch.load`` here is ``weights_only=True`` unless the
-caller passes ``trust_pickle=True``. Every failure is a :class:`LorsError` naming the file.
+Knows nothing of LORS. :func:`load_source` loads a dense model whole; :func:`open_lazy` gives,
+for an HF directory or a ``.safetensors`` file + architecture, the architecture on the meta device
+and a lazy reader of its tensors (streaming). Unpickling runs code from the file, so every
+``torch.load`` here is ``weights_only=True`` unless the caller passes ``trust_pickle=True``. Every
+failure is a :class:`LorsError` naming the file.
 """
 from __future__ import annotations
 
 import hashlib
 import importlib
-import json
 import pickle
 import warnings
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .errors import LorsError, LorsUsageError
+from ..errors import LorsError, LorsUsageError, short
+from .safetensors import SafetensorsReader, directory_weight_files
 
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 PICKLE_FLAG = "--trust-pickle"
@@ -77,6 +81,19 @@ def build_arch(ref: str, device: str | torch.device = "cpu") -> nn.Module:
     return model
 
 
+def empty_model(factory: Callable[[], nn.Module]) -> nn.Module:
+    """Build a model with parameters on the meta device and real (small) buffers."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):
+        model = factory()
+    # init_empty_weights re-registers every parameter as a new meta tensor, which unties the ties
+    # transformers made at construction (lm_head / embeddings): tie them again
+    if callable(getattr(model, "tie_weights", None)):
+        model.tie_weights()
+    return model
+
+
 # ---------------------------------------------------------------------------------------------
 # state dicts
 
@@ -99,7 +116,7 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except Exception as e:
-        raise LorsError(f"{path}: not a readable safetensors file ({_short(e)})") from None
+        raise LorsError(f"{path}: not a readable safetensors file ({short(e)})") from None
 
 
 def _check_file(path: Path) -> None:
@@ -109,11 +126,6 @@ def _check_file(path: Path) -> None:
         raise LorsError(f"{path}: is a directory without config.json (not a Hugging Face model directory)")
     if path.stat().st_size == 0:
         raise LorsError(f"{path}: file is empty")
-
-
-def _short(e: BaseException) -> str:
-    text = " ".join(str(e).split())
-    return text if len(text) <= 160 else text[:157] + "..."
 
 
 def _describe(obj) -> str:
@@ -163,9 +175,9 @@ def _torch_load(path: Path, trust_pickle: bool):
                 f"Pass {PICKLE_FLAG} only if you trust its origin, or save a state dict and use --arch"
             ) from None
         detail = message.split("WeightsUnpickler error:", 1)[-1].split("Check the documentation")[0]
-        raise LorsError(f"{path}: not a readable PyTorch file ({_short(detail)})") from None
+        raise LorsError(f"{path}: not a readable PyTorch file ({short(detail)})") from None
     except Exception as e:
-        raise LorsError(f"{path}: not a readable PyTorch file ({_short(e)})") from None
+        raise LorsError(f"{path}: not a readable PyTorch file ({short(e)})") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,16 +194,9 @@ def is_hf_dir(path: Path) -> bool:
 
 
 def hf_weight_files(path: Path) -> list[Path]:
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (ValueError, KeyError, TypeError) as e:
-            raise LorsError(f"{index}: malformed safetensors index ({_short(e)})") from None
-        return [path / s for s in shards]
-    single = path / "model.safetensors"
-    if single.is_file():
-        return [single]
+    files = directory_weight_files(path)  # an index's shards are confined to the directory
+    if files is not None:
+        return files
     raise LorsError(f"{path}: Hugging Face directory without model.safetensors (only safetensors weights "
                     "are read: .bin pickles would run code)")
 
@@ -212,8 +217,6 @@ def hf_model_class(config, keys: set[str] | None = None):
         if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
             return cls
     if keys:
-        from .streaming import empty_model
-
         for name in AUTO_CLASSES:
             auto = getattr(transformers, name)
             try:
@@ -231,7 +234,7 @@ def load_hf_config(path: Path):
     try:
         return AutoConfig.from_pretrained(str(path), local_files_only=True)
     except Exception as e:
-        raise LorsError(f"{path / 'config.json'}: not a usable Hugging Face config ({_short(e)})") from None
+        raise LorsError(f"{path / 'config.json'}: not a usable Hugging Face config ({short(e)})") from None
 
 
 def build_hf(path: Path, device: str | torch.device = "meta", keys: set[str] | None = None) -> nn.Module:
@@ -247,18 +250,16 @@ def build_hf(path: Path, device: str | torch.device = "meta", keys: set[str] | N
 def load_hf(path: Path) -> nn.Module:
     from transformers.utils import logging as hf_logging
 
-    from .streaming import SafetensorsSource
-
     hf_logging.disable_progress_bar()  # our own progress and --json output own the terminal
     hf_logging.set_verbosity_error()  # its load report would break the one-line error contract
     config = load_hf_config(path)
     files = hf_weight_files(path)  # clear error when weights are missing
-    cls = hf_model_class(config, set(SafetensorsSource(files).where))
+    cls = hf_model_class(config, set(SafetensorsReader(files).keys()))
     try:
         model, info = cls.from_pretrained(str(path), local_files_only=True, dtype="auto",
                                           output_loading_info=True)
     except Exception as e:
-        raise LorsError(f"{path}: transformers could not load the model ({_short(e)})") from None
+        raise LorsError(f"{path}: transformers could not load the model ({short(e)})") from None
     # transformers fills missing or mismatched weights with a random init: never convert those
     bad = sorted(info.get("missing_keys") or []) + sorted(str(k[0]) if isinstance(k, tuple) else str(k)
                                                         for k in info.get("mismatched_keys") or [])
@@ -319,7 +320,7 @@ def load_source(path: str | Path, arch: str | None = None, trust_pickle: bool = 
         try:
             model = torch.jit.load(str(path), map_location="cpu")
         except Exception as e:
-            raise LorsError(f"{path}: not a loadable TorchScript archive ({_short(e)})") from None
+            raise LorsError(f"{path}: not a loadable TorchScript archive ({short(e)})") from None
         check_finite(model, path)
         return model, SourceInfo(kind="torchscript", path=str(path.resolve()), sha256=sha)
     obj = _torch_load(path, trust_pickle=trust_pickle)
@@ -329,3 +330,23 @@ def load_source(path: str | Path, arch: str | None = None, trust_pickle: bool = 
     if _as_state_dict(obj) is not None:
         raise LorsUsageError(f"{path} is a state dict: pass --arch package.module:callable to build the model")
     raise LorsError(f"{path}: expected a model or a state dict, found {_describe(obj)}")
+
+
+def open_lazy(path: str | Path, arch: str | None = None) -> tuple[nn.Module, SafetensorsReader, SourceInfo] | None:
+    """(meta-device model, lazy tensors, source info) for an HF directory or ``.safetensors`` +
+    ``arch``; None for any other input (it must be loaded whole).
+
+    The info's ``sha256`` is left None: hashing reads every byte, so the caller does it only once
+    it will write.
+    """
+    src = Path(path)
+    if is_hf_dir(src):
+        tensors = SafetensorsReader(hf_weight_files(src))
+        model = empty_model(lambda: build_hf(src, device="cpu", keys=set(tensors.keys())))
+        return model, tensors, SourceInfo(kind="hf", path=str(src.resolve()), arch=type(model).__name__,
+                                          files=[f for f in HF_SIDE_FILES if (src / f).is_file()])
+    if src.suffix == ".safetensors" and arch is not None and src.is_file():
+        tensors = SafetensorsReader([src])
+        model = empty_model(lambda: build_arch(arch))
+        return model, tensors, SourceInfo(kind="state_dict", path=str(src.resolve()), arch=arch)
+    return None

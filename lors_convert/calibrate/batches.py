@@ -1,0 +1,82 @@
+"""Running a model on calibration batches: what a batch is, where it runs, which output to compare.
+
+A batch is a tensor (passed positionally) or a dict of tensors (keyword arguments, e.g.
+``input_ids`` and ``attention_mask``); padding is the ``attention_mask``'s zeros.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+Batch = torch.Tensor | dict[str, torch.Tensor]
+
+
+def model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def to_device(batch: Batch, device: torch.device | str) -> Batch:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+
+def run_model(model: nn.Module, batch: Batch):
+    """Call ``model`` on a batch: a tensor positionally, a dict as keyword arguments."""
+    if isinstance(batch, Mapping):
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    return model(batch)
+
+
+def batch_mask(batch: Batch) -> torch.Tensor | None:
+    if isinstance(batch, Mapping) and isinstance(batch.get("attention_mask"), torch.Tensor):
+        return batch["attention_mask"].bool()
+    return None
+
+
+def batch_size(batch: Batch) -> int:
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0]) if batch.dim() else 1
+    for v in batch.values():
+        if isinstance(v, torch.Tensor) and v.dim():
+            return int(v.shape[0])
+    return 1
+
+
+def token_rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """An activation ``(..., n)`` as rows ``(positions, n)``; with a ``(B, T)`` mask matching its
+    leading dimensions, the real tokens only."""
+    n = x.shape[-1]
+    if mask is not None and x.dim() >= 3 and tuple(x.shape[:2]) == tuple(mask.shape):
+        return x[mask.to(x.device)].reshape(-1, n)
+    return x.reshape(-1, n)
+
+
+def primary_output(out) -> torch.Tensor:
+    """The tensor to compare: ``last_hidden_state`` of HF outputs, else the first tensor."""
+    if isinstance(out, torch.Tensor):
+        return out
+    hidden = getattr(out, "last_hidden_state", None)
+    if isinstance(hidden, torch.Tensor):
+        return hidden
+    if isinstance(out, Mapping):
+        if isinstance(out.get("last_hidden_state"), torch.Tensor):
+            return out["last_hidden_state"]
+        out = list(out.values())
+    if isinstance(out, (tuple, list)):
+        for o in out:
+            if isinstance(o, torch.Tensor):
+                return o
+    raise TypeError(f"cannot find a tensor in the model output ({type(out).__name__})")
+
+
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Average over the real tokens: ``(B, T, H), (B, T) -> (B, H)``."""
+    m = mask.to(hidden.dtype).unsqueeze(-1)
+    return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)

@@ -1,0 +1,28 @@
+"""The package's shape: layered imports with no cycles (import-linter, contracts in pyproject.toml),
+and modules small enough to read."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+MAX_LINES = 450
+
+
+def test_import_contracts_hold():
+    lint = shutil.which("lint-imports", path=str(Path(sys.executable).parent))
+    if lint is None:
+        pytest.fail("lint-imports is not installed: pip install -e '.[test]'")
+    res = subprocess.run([lint, "--no-cache"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
+    assert "2 kept, 0 broken" in res.stdout
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "lors_convert").rglob("*.py")), ids=lambda p: str(p.relative_to(ROOT)))
+def test_module_is_small(path):
+    lines = len(path.read_text().splitlines())
+    assert lines <= MAX_LINES, f"{path.relative_to(ROOT)} has {lines} lines (at most {MAX_LINES}): split it"
