@@ -376,3 +376,29 @@ def test_convert_sharing_option(tmp_path):
         res = run("convert", src, "--arch", "tests.archs:stacked_mlp", *args, "-o", bad)
         assert res.exit_code == 2 and message in res.stderr, (args, res.output)
         assert "Traceback" not in res.output and not bad.exists()
+
+
+@pytest.mark.parametrize("flags", [["--budget", "0.5"], ["--budget", "0.4", "--sharing", "never"], ["--rank", "4"]],
+                         ids=["budget", "budget-never", "rank"])
+def test_calibrated_dry_run_plans_what_the_run_does(tmp_path, flags):
+    """--dry-run with --calibrate projects the ranks and parameter counts the real run gives."""
+    torch.manual_seed(0)
+    src = tmp_path / "mlp.safetensors"
+    save_file(StackedMLP().state_dict(), str(src))
+    inputs = tmp_path / "inputs.safetensors"
+    save_file({"x": torch.randn(64, 8)}, str(inputs))
+    common = [src, "--arch", "tests.archs:stacked_mlp", "--calibrate", inputs, *flags, "--json"]
+    dry = run("convert", *common, "--dry-run", "-o", tmp_path / "dry.lors")
+    assert dry.exit_code == 0, dry.output
+    assert not (tmp_path / "dry.lors").exists()
+    real = run("convert", *common, "-o", tmp_path / "real.lors")
+    assert real.exit_code == 0, real.output
+    planned, done = json.loads(dry.stdout), json.loads(real.stdout)
+
+    def plan_of(report):
+        return [(s["path"], m["name"], m["ranks"], m["lors_params"], m["shared"], sorted(s["kept_dense"]))
+                for s in report["stacks"] for m in s["matrices"]]
+
+    assert plan_of(planned) == plan_of(done)
+    assert planned["total"]["params_after"] == done["total"]["params_after"]
+    assert any("dry run" in w for w in planned["warnings"])

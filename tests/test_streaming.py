@@ -1,6 +1,7 @@
 """Streaming conversion: equal to the in-memory path, sharded output, torchrun ranks, AdaMixer via CLI."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -129,14 +130,51 @@ def test_torchrun_two_processes_identical(tmp_path):
     files = sorted(p.name for p in one.iterdir())
     assert files == sorted(p.name for p in two.iterdir())
     assert sum(f.endswith(".safetensors") for f in files) >= 2  # several shards, split across the ranks
-    for name in files:
-        if name.endswith(".safetensors"):
-            a, b = load_file(str(one / name)), load_file(str(two / name))
-            assert a.keys() == b.keys()
-            for k in a:
-                assert torch.equal(a[k], b[k]), k
-    assert json.loads((one / "report.json").read_text()) == json.loads((two / "report.json").read_text())
-    assert (one / "lors_config.json").read_text() == (two / "lors_config.json").read_text()
+    assert _digests(one) == _digests(two)  # byte-identical files
+
+
+def _digests(directory: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.iterdir())}
+
+
+def test_every_conversion_path_writes_the_same_checkpoint(tmp_path):
+    """In memory (Python API + save), streamed (.safetensors + --arch), loaded whole (a pickled module) and
+    TorchScript: one loop, so the same tensors; the first two record the same source, so the same bytes."""
+    torch.manual_seed(0)
+    model = StackedMLP()
+    src = tmp_path / "mlp.safetensors"
+    save_file(model.state_dict(), str(src))
+    arch = "tests.archs:stacked_mlp"
+    res = runner.invoke(app, ["convert", str(src), "--arch", arch, "--rank", "4", "-o", str(tmp_path / "s.lors"), "-q"])
+    assert res.exit_code == 0, res.output
+    dense, source = load_source(src, arch=arch)
+    manifest = source_manifest(dense)
+    lors_model, report = lors_convert.convert(dense, rank=4)
+    save(lors_model, tmp_path / "m.lors", report, source, manifest)
+    assert _digests(tmp_path / "s.lors") == _digests(tmp_path / "m.lors")
+
+    torch.save(StackedMLP(), tmp_path / "whole.pt")  # other weights, same structure: reload ours into it
+    whole = torch.load(tmp_path / "whole.pt", weights_only=False)
+    whole.load_state_dict(model.state_dict())
+    torch.save(whole, tmp_path / "whole.pt")
+    torch.jit.script(whole).save(str(tmp_path / "scripted.pt"))
+    outputs = {}
+    for name, extra in (("pickle", ["--trust-pickle"]), ("torchscript", [])):
+        source_file = tmp_path / ("whole.pt" if name == "pickle" else "scripted.pt")
+        res = runner.invoke(app, ["convert", str(source_file), "--rank", "4", "-o", str(tmp_path / f"{name}.lors"),
+                                  "-q", *extra])
+        assert res.exit_code == 0, res.output
+        outputs[name] = tmp_path / f"{name}.lors"
+    reference = Checkpoint(tmp_path / "s.lors")
+    for name, path in outputs.items():
+        ckpt = Checkpoint(path)
+        assert ckpt.source["kind"] == name
+        assert {k: v for k, v in ckpt.config.items() if k != "source"} == \
+            {k: v for k, v in reference.config.items() if k != "source"}, name
+        assert sorted(ckpt.keys()) == sorted(reference.keys()), name
+        for key in reference.keys():
+            assert torch.equal(ckpt.get(key), reference.get(key)), (name, key)
+        assert (path / "report.json").read_bytes() == (tmp_path / "s.lors" / "report.json").read_bytes(), name
 
 
 def test_adamixer_via_cli(tmp_path):

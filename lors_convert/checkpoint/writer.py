@@ -62,8 +62,9 @@ class CheckpointWriter:
         self.config = build_config(stacks, source, manifest)
         self.dist = dist or Dist()
         spec = {key: meta_like(*tensors[key]) for key in checkpoint_order(stacks, tensors)}
+        # one metadata key: safetensors writes several in a different order in every process
         self.shards = ShardedWriter(self.directory, spec, max_shard_size,
-                                    {"format": "pt", "lors_config": dump_json(self.config, indent=None)}, self.dist)
+                                    {"lors_config": dump_json(self.config, indent=None)}, self.dist)
 
     def wants(self, pp: ParamPlan) -> bool:
         """Whether this process writes any tensor of ``pp`` (always, outside torchrun)."""
