@@ -9,6 +9,7 @@ import functools
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -21,11 +22,20 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="LORS (Low-Rank Residual Structure) surgery for stacked networks.")
 
 
-def _console():
+def _console(stderr: bool = False):
+    """Reports go to stdout, progress and warnings to stderr."""
     from rich.console import Console
 
+    stream = sys.stderr if stderr else sys.stdout
     # a log or pipe has no width: rich would crop the table at 80 columns
-    return Console(stderr=True, width=None if sys.stderr.isatty() else 150)
+    return Console(stderr=stderr, width=None if stream.isatty() else 150)
+
+
+def _log(quiet: bool):
+    """Progress lines of long steps on stderr (None when quiet)."""
+    if quiet:
+        return None
+    return lambda line: typer.echo(line, err=True)
 
 
 def _fail(message: str, code: int) -> None:
@@ -57,21 +67,37 @@ def handle_errors(fn):
     return wrapper
 
 
+PROGRESS_EVERY = 5.0  # seconds between progress lines when stderr is not a terminal
+
+
 def make_progress(enabled: bool):
-    """A progress wrapper for long loops (rich, on stderr), or None when output must stay quiet."""
-    if not enabled or not sys.stderr.isatty():
+    """A progress wrapper for long loops on stderr: a rich bar on a terminal, else a line every few
+    seconds (a log still shows a long run moving); None when output must stay quiet."""
+    if not enabled:
         return None
+    if not sys.stderr.isatty():
+        return _progress_lines
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     def progress(items, total: int, label: str):
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                      TimeElapsedColumn(), console=_console(), transient=True) as bar:
+                      TimeElapsedColumn(), console=_console(stderr=True), transient=True) as bar:
             task = bar.add_task(label, total=total)
             for item in items:
                 yield item
                 bar.advance(task)
 
     return progress
+
+
+def _progress_lines(items, total: int, label: str):
+    start = last = time.monotonic()
+    for done, item in enumerate(items):
+        now = time.monotonic()
+        if now - last >= PROGRESS_EVERY:
+            typer.echo(f"{label}: {done}/{total} ({now - start:.0f} s)", err=True)
+            last = now
+        yield item
 
 
 def parse_rank(text: str) -> int | None:
@@ -132,8 +158,11 @@ def convert(
                                          "LORSA r=16 K=1,1,2,2,3,3 on the generators (overrides rank/groups)."),
     calibrate: Optional[Path] = typer.Option(None, "--calibrate", help="Calibration inputs: a text file (HF text "
                                              "models) or a .safetensors/.pt tensor file; whitened, activation-aware fit."),
-    heldout: Optional[Path] = typer.Option(None, "--heldout", help="Held-out inputs for the quality report "
-                                           "[20% of --calibrate]."),
+    heldout: Optional[Path] = typer.Option(None, "--heldout", help="Held-out inputs for the fidelity report "
+                                           "[20% of --calibrate, else lors's probe text for HF text models]."),
+    target: Optional[str] = typer.Option(None, "--target", help="Smallest budget keeping a held-out fidelity: "
+                                         "top1=0.95, cosine=0.95, ppl-ratio=1.1 or rel-error=0.2 (replaces --budget)."),
+    fidelity: bool = typer.Option(True, "--fidelity/--no-fidelity", help="Measure held-out fidelity."),
     refine: int = typer.Option(0, "--refine", help="Alternating refinement sweeps of the shared part."),
     budget: Optional[float] = typer.Option(None, "--budget", help="Target fraction of the stacked parameters; "
                                            "ranks per layer by water-filling (replaces --rank)."),
@@ -153,35 +182,30 @@ def convert(
     force: bool = typer.Option(False, "--force", help="Replace an existing output."),
 ) -> None:
     """Convert a dense model to a LORS checkpoint and print the savings report."""
-    from .convert import convert_file
+    from .convert_file import convert_file
     from .io.atomic import check_not_input, check_output
     from .io.dist import Dist
 
     options = convert_options(rank, groups, include, exclude, init, method, device, adaptive, preset, refine,
-                              budget, sharing, keep_unsaving, calibrate, heldout, objective, probes)
+                              budget, sharing, keep_unsaving, calibrate, objective, probes, target)
     out = output or default_output(src, ".lors")
     if not dry_run:
         check_not_input(out, src)
         check_output(out, force)
-    data = options.pop("calibration_path")
-    if data is not None:
-        from .calibrate.data import read_calibration
-        from .io.sources import is_hf_dir
-
-        data = read_calibration(data, src, is_hf_dir(src), heldout)
-    report = convert_file(src, out, arch=arch, trust_pickle=trust_pickle, calibration_data=data,
+    report = convert_file(src, out, arch=arch, trust_pickle=trust_pickle, heldout=heldout, measure=fidelity,
                           max_shard_size=shard_size, force=force, dist=Dist.from_env(), dry_run=dry_run,
-                          progress=make_progress(not (quiet or json_out)), **options)
+                          progress=make_progress(not (quiet or json_out)), log=_log(quiet), **options)
     if report is not None:  # None on torchrun ranks other than 0
         _show(report, json_out, quiet, title=(f"LORS dry run of {src} (nothing written)" if dry_run
                                               else f"LORS conversion of {src} -> {out}"))
 
 
 def convert_options(rank, groups, include, exclude, init, method, device, adaptive, preset, refine, budget,
-                    sharing, keep_unsaving, calibrate, heldout, objective, probes) -> dict:
+                    sharing, keep_unsaving, calibrate, objective, probes, target) -> dict:
     """Check the convert command's flags together and turn them into ``convert_file`` arguments."""
     from .calibrate.grams import OBJECTIVES
     from .fit.calibrated import SHARING
+    from .target import Target
 
     r = parse_rank(rank)
     group_list = parse_int_list(groups, "--groups")
@@ -204,8 +228,6 @@ def convert_options(rank, groups, include, exclude, init, method, device, adapti
         include = include or settings["include"]
     if refine < 0:
         raise LorsUsageError(f"--refine must be >= 0, got {refine}")
-    if heldout is not None and calibrate is None:
-        raise LorsUsageError("--heldout goes with --calibrate")
     for flag, value in (("--objective", objective), ("--probes", probes)):
         if value is not None and calibrate is None:
             raise LorsUsageError(f"{flag} goes with --calibrate")
@@ -216,23 +238,28 @@ def convert_options(rank, groups, include, exclude, init, method, device, adapti
         raise LorsUsageError(f"--probes must be >= 1, got {probes}")
     if probes is not None and objective != "output":
         raise LorsUsageError("--probes goes with --objective output")
-    if sharing is not None and budget is None:
-        raise LorsUsageError("--sharing goes with --budget")
+    if sharing is not None and budget is None and target is None:
+        raise LorsUsageError("--sharing goes with --budget or --target")
     sharing = sharing or "auto"
     if sharing not in SHARING:
         raise LorsUsageError(f"--sharing must be one of {', '.join(SHARING)}, got {sharing!r}")
     return dict(rank=r, groups=group_arg, include=include, exclude=exclude, init=init, method=method, device=device,
                 require_savings=not keep_unsaving, adaptive=adaptive_arg, refine=refine, budget=budget,
-                sharing=sharing, calibration_path=calibrate, objective=objective, probes=probes)
+                sharing=sharing, calibrate=calibrate, objective=objective, probes=probes,
+                target=Target.parse(target) if target is not None else None)
 
 
 def _show(report, json_out: bool, quiet: bool, title: str) -> None:
+    """The report on stdout (a table, or JSON); its warnings on stderr."""
     from .report import render
 
     if json_out:
         emit_json(report.to_dict())
     elif not quiet:
         render(report, _console(), title=title)
+    if not quiet:
+        for w in report.warnings:
+            typer.echo(f"warning: {w}", err=True)
 
 
 @app.command()
@@ -304,7 +331,10 @@ def heal(
     heldout: Optional[Path] = typer.Option(None, "--heldout", help="Held-out inputs for the fidelity report."),
     steps: int = typer.Option(300, "--steps", help="Optimizer steps."),
     lr: float = typer.Option(1e-3, "--lr", help="Learning rate (AdamW, warmup + cosine)."),
-    loss: str = typer.Option("mse", "--loss", help="mse, cosine or pooled_cosine (on the last hidden state)."),
+    loss: Optional[str] = typer.Option(None, "--loss", help="mse, cosine or pooled_cosine (on the last hidden "
+                                       "state), or kl (on next-token logits) [kl for causal LMs, else mse]."),
+    eval_every: Optional[int] = typer.Option(None, "--eval-every", help="Measure held-out fidelity every N steps "
+                                             "and keep the best state [steps/10]."),
     match: str = typer.Option("output", "--match", help="output (the model's) or layers (also every stacked block's)."),
     trainable: str = typer.Option("lors", "--train", help="lors (shared + factors) or all parameters."),
     synthetic: Optional[float] = typer.Option(
@@ -322,7 +352,7 @@ def heal(
     """Distill a LORS checkpoint towards its dense source; resumable (rerun the same command)."""
     from . import checkpoint as ck
     from .calibrate.data import has_tokenizer, read_calibration
-    from .calibrate.fidelity import fidelity, reference_outputs
+    from .calibrate.fidelity import Reference, fidelity, fidelity_score, is_causal_lm
     from .heal import heal as run_heal
     from .io.atomic import check_output
     from .io.sources import HF_SIDE_FILES, SourceInfo, load_source
@@ -333,6 +363,8 @@ def heal(
         raise LorsUsageError(f"--match must be output or layers, got {match!r}")
     if synthetic is not None and not 0.0 <= synthetic <= 1.0:
         raise LorsUsageError(f"--synthetic must be a share of the steps in [0, 1], got {synthetic}")
+    if eval_every is not None and eval_every < 1:
+        raise LorsUsageError(f"--eval-every must be >= 1, got {eval_every}")
     ckpt = ck.Checkpoint(path)
     out = output or default_output(path, ".healed.lors")
     check_output(out, force)
@@ -348,8 +380,9 @@ def heal(
                       files=[f for f in HF_SIDE_FILES if (path / f).is_file()] if src.get("kind") == "hf" else [])
     data_set = read_calibration(data, path if has_tokenizer(path) else Path(info.path or ""), info.kind == "hf",
                                 heldout)
-    reference = reference_outputs(teacher, data_set.heldout) if data_set.heldout else None
+    reference = Reference(teacher, data_set.heldout) if data_set.heldout else None
     before = fidelity(student, reference) if reference is not None else {}
+    loss = loss or ("kl" if is_causal_lm(teacher) else "mse")
     state_file = out.parent / f".{out.name}.heal-state.pt"  # resumable across interruptions
     bar = make_progress(not (quiet or json_out))
     callback = None
@@ -358,17 +391,25 @@ def heal(
 
         def callback(step, total, value):
             next(ticks, None)
+    evaluate = (lambda: fidelity_score(fidelity(student, reference))) if reference is not None else None
     result = run_heal(student, teacher, data_set.calibration, steps=steps, lr=lr, loss=loss, trainable=trainable,
                       checkpoint_path=state_file, progress=callback, device=device, match=match,
-                      synthetic=synthetic)
+                      synthetic=synthetic, evaluate=evaluate, eval_every=eval_every or max(1, steps // 10))
     student = student.to("cpu")
     report = ckpt.report()
     report.quality.update({f"before_heal_{k}": v for k, v in before.items()})
     if reference is not None:
         report.quality.update(fidelity(student, reference))
-    report.quality.update({"heal_steps": result.steps, "heal_synthetic": result.synthetic,
-                           "heal_final_loss": result.history[-1]["loss"]
-                           if result.history else None})
+    report.quality.update({"heal_steps": result.steps, "heal_synthetic": result.synthetic, "heal_loss": loss,
+                           "heal_final_loss": result.history[-1]["loss"] if result.history else None,
+                           "heal_best_step": result.best_step, "heal_evaluations": result.evaluations})
+    if reference is None:
+        report.warnings.append("heal: no held-out inputs, so fidelity was not measured and the last state is kept; "
+                               "give --heldout FILE (or more --data lines: 20% are held out)")
+    elif result.best_step == result.resumed_from:
+        report.warnings.append(f"heal: no step improved held-out fidelity over the start (score "
+                               f"{result.evaluations[0]['score']:.4f}, best of {len(result.evaluations)} "
+                               "measurements): the model is kept as it was; try a lower --lr or more --data")
     ck.save(student, out, report=report, source=info, manifest=ckpt.manifest, force=force, files_dir=path)
     state_file.unlink(missing_ok=True)
     _show(report, json_out, quiet, title=f"LORS heal of {path} -> {out}")

@@ -38,6 +38,7 @@ class StackReport:
     members: list[str]
     matrices: list[MatrixReport] = field(default_factory=list)
     kept_dense: dict[str, str] = field(default_factory=dict)  # relname -> reason
+    kept_dense_params: dict[str, int] = field(default_factory=dict)  # relname -> parameters over all layers
 
     @property
     def dense_params(self) -> int:
@@ -72,6 +73,13 @@ class Report:
     def savings(self) -> float:
         return 1.0 - self.params_after / self.params_before if self.params_before else 0.0
 
+    @property
+    def stacked_fraction(self) -> float | None:
+        """What the stacked matrices keep, matrices left dense included: a budget's measure."""
+        kept = sum(sum(s.kept_dense_params.values()) for s in self.stacks)
+        dense = self.stacked_dense_params + kept
+        return (self.stacked_lors_params + kept) / dense if dense else None
+
     def to_dict(self) -> dict:
         stacks = []
         for s in self.stacks:
@@ -80,7 +88,8 @@ class Report:
                 matrices.append({**asdict(m), "savings": m.savings})
             stacks.append({"path": s.path, "members": s.members, "layers": len(s.members),
                            "dense_params": s.dense_params, "lors_params": s.lors_params,
-                           "savings": s.savings, "matrices": matrices, "kept_dense": s.kept_dense})
+                           "savings": s.savings, "matrices": matrices, "kept_dense": s.kept_dense,
+                           "kept_dense_params": s.kept_dense_params})
         return {
             "stacks": stacks,
             "total": {
@@ -88,6 +97,7 @@ class Report:
                 "savings": self.savings,
                 "stacked_dense_params": self.stacked_dense_params,
                 "stacked_lors_params": self.stacked_lors_params,
+                "stacked_fraction": self.stacked_fraction,
             },
             "warnings": self.warnings,
             "quality": self.quality,
@@ -102,7 +112,8 @@ class Report:
                 m = {k: v for k, v in m.items() if k != "savings"}
                 matrices.append(MatrixReport(**m))
             stacks.append(StackReport(path=s["path"], members=list(s["members"]), matrices=matrices,
-                                      kept_dense=dict(s.get("kept_dense", {}))))
+                                      kept_dense=dict(s.get("kept_dense", {})),
+                                      kept_dense_params=dict(s.get("kept_dense_params", {}))))
         total = data["total"]
         return cls(stacks=stacks, params_before=total["params_before"], params_after=total["params_after"],
                    warnings=list(data.get("warnings", [])), quality=dict(data.get("quality", {})))
@@ -132,14 +143,50 @@ def _literal(report: Report) -> Report:
     return report
 
 
+def _ranks(m: MatrixReport) -> str:
+    """``r x K`` of a uniform conversion; ``lo-hi`` per-layer total ranks after a budget."""
+    if m.rank is None:
+        rank = "full"
+    elif len(set(m.ranks)) > 1 and all(g == 1 for g in m.groups):
+        return f"{min(m.ranks)}-{max(m.ranks)}"
+    else:
+        rank = str(m.rank)
+    groups = ",".join(map(str, m.groups)) if len(set(m.groups)) > 1 else str(m.groups[0])
+    return f"{rank} x {groups}"
+
+
+def fidelity_line(quality: dict, prefix: str = "heldout") -> str | None:
+    """One line a person reads: what the conversion kept of the model's function, and on what."""
+    if f"{prefix}_rel_error" not in quality:
+        return None
+    q = {k.removeprefix(prefix + "_"): v for k, v in quality.items() if k.startswith(prefix + "_")}
+    parts = []
+    if q.get("cosine") is not None:
+        parts.append(f"embedding cosine {q['cosine']:.4f} (5th pct {q['cosine_p05']:.4f})")
+    if q.get("ppl") is not None:
+        parts.append(f"perplexity {q['ppl']:.2f} vs {q['ppl_source']:.2f} ({q['ppl_ratio']:.3f}x)")
+    if q.get("top1") is not None:
+        parts.append(f"top-1 agreement {q['top1']:.4f}")
+    if q.get("kl") is not None:
+        parts.append(f"KL {q['kl']:.4f}")
+    if q.get("rel_error") is not None:
+        parts.append(f"rel. output error {q['rel_error']:.4f}")
+    synthetic = " (synthetic inputs)" if q.get("synthetic") else ""
+    return f"fidelity on {q.get('probe', 'held-out inputs')}{synthetic}, {q.get('samples')} samples: " + ", ".join(parts)
+
+
 def render(report: Report, console=None, title: str = "LORS savings") -> None:
-    """Print the per-stack and per-matrix tables with rich."""
+    """Print the per-stack and per-matrix tables and the fidelity line with rich (warnings are the
+    caller's, on stderr)."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
+    line = fidelity_line(report.quality)
+    frontier = report.quality.get("target")
     report = _literal(report)
 
-    console = console or Console(stderr=True)
+    console = console or Console()
     table = Table(title=title, show_lines=False)
     for col in ("stack / matrix", "layers", "rank x groups", "dense", "LORS", "savings",
                 "rel. error (max)", "retained energy (min)"):
@@ -152,26 +199,35 @@ def render(report: Report, console=None, title: str = "LORS savings") -> None:
                       str(len(s.members)), "", _fmt_params(s.dense_params), _fmt_params(s.lors_params),
                       f"{100 * s.savings:.1f}%", "", "")
         for m in s.matrices:
-            rank = "full" if m.rank is None else str(m.rank)
-            groups = ",".join(map(str, m.groups)) if len(set(m.groups)) > 1 else str(m.groups[0])
             err = f"{max(m.relative_error):.4f}" if m.relative_error else "-"
             ret = f"{min(m.retained_energy):.3f}" if m.retained_energy else "-"
             table.add_row(f"  {m.name}" + (" [yellow](clamped)[/]" if m.clamped else "")
                           + ("" if m.shared else " [dim](no shared part)[/]"), "",
-                          f"{rank} x {groups}", _fmt_params(m.dense_params), _fmt_params(m.lors_params),
+                          _ranks(m), _fmt_params(m.dense_params), _fmt_params(m.lors_params),
                           f"{100 * m.savings:.1f}%", err, ret)
-        reasons: dict[str, int] = {}
-        for why in s.kept_dense.values():
-            reasons[why] = reasons.get(why, 0) + 1
-        for why, count in reasons.items():
-            table.add_row(f"  [dim]{count} kept dense: {why}[/]", "", "", "", "", "", "", "")
-    table.add_row("[bold]stacked total[/]", "", "", _fmt_params(report.stacked_dense_params),
-                  _fmt_params(report.stacked_lors_params),
-                  f"{100 * (1 - report.stacked_lors_params / max(report.stacked_dense_params, 1)):.1f}%", "", "")
+        for name, why in s.kept_dense.items():
+            n = s.kept_dense_params.get(name)
+            size = _fmt_params(n) if n is not None else ""
+            table.add_row(f"  [dim]{name} kept dense: {why}[/]", "", "", size, size, "", "", "")
+    fraction = report.stacked_fraction
+    kept = sum(sum(s.kept_dense_params.values()) for s in report.stacks)
+    table.add_row("[bold]stacked total[/]", "", "", _fmt_params(report.stacked_dense_params + kept),
+                  _fmt_params(report.stacked_lors_params + kept),
+                  f"{100 * (1 - fraction):.1f}%" if fraction is not None else "", "", "")
     table.add_row("[bold]whole model[/]", "", "", _fmt_params(report.params_before),
                   _fmt_params(report.params_after), f"{100 * report.savings:.1f}%", "", "")
     console.print(table)
+    if line is not None:
+        console.print(escape(line))
+    if isinstance(frontier, dict):
+        console.print(f"target {escape(str(frontier.get('target')))}: the budgets tried (fraction of the stacked "
+                      "parameters kept -> fidelity)")
+        for p in frontier.get("frontier", []):
+            value = p.get(frontier.get("key", ""), None)
+            console.print(escape(f"  budget {p['budget']:.3f}: kept {p['stacked_fraction']}, " + ", ".join(
+                f"{k} {v:.4f}" for k, v in p.items() if k in ("cosine", "top1", "ppl_ratio", "kl", "rel_error")
+                and v is not None) + (" (meets)" if p.get("meets") else "") + (f" {p['note']}" if p.get("note")
+                                                                                 else "")))
     for key, value in report.quality.items():
-        console.print(f"quality: {key} = {value}")
-    for w in report.warnings:
-        console.print(f"[yellow]warning:[/] {w}")
+        if not key.startswith(("heldout_", "target")):
+            console.print(f"quality: {key} = {value}")

@@ -361,7 +361,7 @@ def test_convert_sharing_option(tmp_path):
     assert not any(k.endswith(".shared") for k in load_file(str(out / "model.safetensors")))
     assert all(not m["shared"] for s in json.loads(res.stdout)["stacks"] for m in s["matrices"])
     res = run("report", out)
-    assert res.exit_code == 0 and "no shared part" in res.stderr, res.output
+    assert res.exit_code == 0 and "no shared part" in res.stdout, res.output  # reports go to stdout
     res = run("merge", out, "-o", tmp_path / "dense.safetensors", "-q")
     assert res.exit_code == 0, res.output
     assert load_file(str(tmp_path / "dense.safetensors")).keys() == model.state_dict().keys()

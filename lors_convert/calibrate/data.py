@@ -179,6 +179,16 @@ def has_tokenizer(directory: Path) -> bool:
     return (directory / "tokenizer_config.json").is_file() or (directory / "tokenizer.json").is_file()
 
 
+def load_tokenizer(directory: Path):
+    """The Hugging Face tokenizer saved in ``directory`` (local files only)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+    except Exception as e:
+        raise LorsError(f"{directory}: no usable tokenizer for text inputs ({e})") from None
+
+
 def read_calibration(data: Path, tokenizer_dir: Path, text_model: bool, heldout: Path | None = None
                      ) -> CalibrationData:
     """Calibration inputs from a file; text files are tokenized with the tokenizer in ``tokenizer_dir``
@@ -188,10 +198,5 @@ def read_calibration(data: Path, tokenizer_dir: Path, text_model: bool, heldout:
         if not text_model and not (tokenizer_dir / "tokenizer.json").is_file():
             raise LorsUsageError(f"{data}: text calibration needs a Hugging Face text model (its tokenizer); "
                                  "give a .safetensors/.pt file of model inputs instead")
-        from transformers import AutoTokenizer
-
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
-        except Exception as e:
-            raise LorsError(f"{tokenizer_dir}: no usable tokenizer for text calibration ({e})") from None
+        tokenizer = load_tokenizer(tokenizer_dir)
     return load_calibration(data, tokenizer=tokenizer, heldout_path=heldout)

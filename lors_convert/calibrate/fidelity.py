@@ -1,92 +1,203 @@
-"""Function-level fidelity: how close the converted model's outputs are to the source's on held-out data.
+"""Function-level fidelity: how close a converted model's function stays to its source's on held-out inputs.
 
-Take the reference outputs *before* converting (conversion is in place)::
+The source and the converted model run side by side on the same batches (nothing large is stored:
+a causal LM's logits over its vocabulary would not fit). What is compared depends on the kind of
+model, read off its output (:func:`output_kind`), in the metric its users judge by:
+
+- ``causal_lm`` (``logits (B, T, V)`` of a model that generates, token batches): perplexity of
+  source and converted on the batch's own next tokens, next-token top-1 agreement and mean
+  ``KL(source || converted)`` per predicted token;
+- ``encoder`` (a ``(B, T, H)`` output with an ``attention_mask``): cosine of mean-pooled embeddings
+  (sentence-transformers pooling), mean and 5th percentile over samples;
+- ``classifier`` (``(B, C)`` logits): top-1 agreement;
+- every model: relative output error ``||y - y_src|| / ||y_src||`` per sample (real tokens only).
+
+Use (conversion is in place, so the reference keeps a copy of the source)::
 
     ref = reference_outputs(model, heldout_batches)
     lors_model, report = convert(model, ...)
     report.quality.update(fidelity(lors_model, ref))
-
-For text encoders (keyword batches with an ``attention_mask`` and a ``(B, T, H)`` output) the
-figure is the cosine between mean-pooled sentence embeddings (sentence-transformers pooling); for
-any model the relative output error ``||y - y_ref|| / ||y_ref||`` per sample is reported too.
 """
 from __future__ import annotations
 
+import copy
 import math
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .batches import Batch, batch_mask, mean_pool, model_device, primary_output, run_model, to_device
 
+POOR_SIMILARITY = 0.9  # cosine or top-1 agreement below this: warn
+POOR_PPL_RATIO = 1.25  # converted perplexity above this multiple of the source's: warn
+
 
 @dataclass
 class Reference:
-    """Source-model outputs on held-out batches (CPU float32)."""
+    """The source model and the held-out batches to compare a converted model with."""
 
+    source: nn.Module
     batches: list[Batch]
-    outputs: list[torch.Tensor]
-    masks: list[torch.Tensor | None]
+    label: str = "held-out inputs"  # where the batches came from, for the report
+    synthetic: bool = False  # the batches are made up (no real data was given)
 
 
-@torch.no_grad()
-def reference_outputs(model: nn.Module, batches: Iterable[Batch]) -> Reference:
-    batches = list(batches)
-    outputs, masks = [], []
-    was_training = model.training
-    model.eval()
-    where = model_device(model)
-    try:
-        for b in batches:
-            y = primary_output(run_model(model, to_device(b, where)))
-            outputs.append(y.detach().float().cpu())
-            m = batch_mask(b)
-            masks.append(m.cpu() if m is not None else None)
-    finally:
-        model.train(was_training)
-    return Reference(batches, outputs, masks)
+def reference_outputs(model: nn.Module, batches: Iterable[Batch], label: str = "held-out inputs",
+                      synthetic: bool = False) -> Reference:
+    """A reference for ``model`` as it is now: a frozen copy, since conversion changes it in place."""
+    source = copy.deepcopy(model).eval().requires_grad_(False)
+    return Reference(source, list(batches), label, synthetic)
+
+
+def is_causal_lm(model: nn.Module) -> bool:
+    can_generate = getattr(model, "can_generate", None)
+    config = getattr(model, "config", None)
+    return bool(callable(can_generate) and can_generate() and not getattr(config, "is_encoder_decoder", False))
+
+
+def output_kind(model: nn.Module, out, batch: Batch) -> str:
+    """``causal_lm``, ``encoder``, ``classifier`` or ``other`` (see the module docstring)."""
+    logits = getattr(out, "logits", None)
+    if isinstance(logits, torch.Tensor) and logits.dim() == 3 and isinstance(batch, Mapping) \
+            and "input_ids" in batch and is_causal_lm(model):
+        return "causal_lm"
+    y = primary_output(out)
+    mask = batch_mask(batch)
+    if mask is not None and y.dim() == 3 and tuple(y.shape[:2]) == tuple(mask.shape):
+        return "encoder"
+    if y.dim() == 2 and y.shape[1] >= 2:
+        return "classifier"
+    return "other"
+
+
+@dataclass
+class _Sums:
+    """Running sums over the held-out batches."""
+
+    rel: list[torch.Tensor] = field(default_factory=list)  # per sample
+    cosine: list[torch.Tensor] = field(default_factory=list)  # per sample (encoders)
+    agree: float = 0.0  # top-1 agreements (tokens or samples)
+    compared: int = 0  # how many top-1 decisions were compared
+    nll_source: float = 0.0
+    nll_converted: float = 0.0
+    kl: float = 0.0
+    tokens: int = 0  # predicted tokens (causal LMs)
+
+
+def _rel_error(y: torch.Tensor, y_ref: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Per sample ``||y - y_ref|| / ||y_ref||``, over real tokens when a mask fits."""
+    if mask is not None and y.dim() >= 3 and tuple(y.shape[:2]) == tuple(mask.shape):
+        m = mask.reshape(*mask.shape, *([1] * (y.dim() - 2))).to(y.dtype)  # (B, T, 1...)
+        num, den = (((y - y_ref) * m) ** 2).flatten(1).sum(1), ((y_ref * m) ** 2).flatten(1).sum(1)
+    else:
+        yf, rf = y.reshape(y.shape[0], -1), y_ref.reshape(y_ref.shape[0], -1)
+        num, den = ((yf - rf) ** 2).sum(1), (rf ** 2).sum(1)
+    return (num / den.clamp_min(1e-30)).sqrt()
+
+
+def _next_token(sums: _Sums, logits: torch.Tensor, ref: torch.Tensor, ids: torch.Tensor,
+                mask: torch.Tensor | None) -> None:
+    """Causal-LM sums, one sample at a time (a sample's ``(T, V)`` log-probabilities, not the batch's)."""
+    for b in range(ids.shape[0]):
+        keep = torch.ones(ids.shape[1] - 1, dtype=torch.bool) if mask is None else mask[b, 1:] & mask[b, :-1]
+        if not keep.any():
+            continue
+        target = ids[b, 1:][keep]  # (n,)
+        lp_c = F.log_softmax(logits[b, :-1][keep].double(), dim=-1)  # (n, V)
+        lp_s = F.log_softmax(ref[b, :-1][keep].double(), dim=-1)
+        sums.nll_converted -= float(lp_c.gather(1, target[:, None]).sum())
+        sums.nll_source -= float(lp_s.gather(1, target[:, None]).sum())
+        sums.kl += float((lp_s.exp() * (lp_s - lp_c)).sum())
+        sums.agree += float((lp_c.argmax(-1) == lp_s.argmax(-1)).sum())
+        sums.compared += int(target.numel())
+        sums.tokens += int(target.numel())
 
 
 @torch.no_grad()
 def fidelity(model: nn.Module, reference: Reference, prefix: str = "heldout") -> dict:
-    """Compare ``model`` with the reference outputs; a flat dict for ``report.quality``.
+    """Compare ``model`` with the reference's source on its batches; a flat dict for ``report.quality``.
 
-    Keys: ``{prefix}_samples``, ``{prefix}_rel_error`` (mean over samples), and for text encoders
-    ``{prefix}_cosine`` (mean) and ``{prefix}_cosine_min``.
+    Keys (``{prefix}_...``): ``kind``, ``probe``, ``synthetic``, ``samples``, ``rel_error`` (mean over
+    samples); encoders ``cosine`` (mean), ``cosine_p05``, ``cosine_min``; classifiers and causal LMs
+    ``top1``; causal LMs ``ppl_source``, ``ppl``, ``ppl_ratio``, ``kl``, ``tokens``.
     """
     if not reference.batches:
         return {}
-    was_training = model.training
-    model.eval()
-    where = model_device(model)
-    cosines, rel = [], []
+    modes = [(m, m.training) for m in (model, reference.source)]
+    for m, _ in modes:
+        m.eval()
+    where, ref_where = model_device(model), model_device(reference.source)
+    sums, kind = _Sums(), "other"
     try:
-        for b, y_ref, mask in zip(reference.batches, reference.outputs, reference.masks):
-            y = primary_output(run_model(model, to_device(b, where))).detach().float().cpu()
-            if mask is not None and y.dim() == 3 and tuple(y.shape[:2]) == tuple(mask.shape):
-                e, e_ref = mean_pool(y, mask), mean_pool(y_ref, mask)
-                cosines.append(torch.nn.functional.cosine_similarity(e, e_ref, dim=-1))
-                m = mask.unsqueeze(-1).float()
-                num = (((y - y_ref) * m) ** 2).flatten(1).sum(1)
-                den = ((y_ref * m) ** 2).flatten(1).sum(1)
-            else:
-                yf, rf = y.reshape(y.shape[0], -1), y_ref.reshape(y_ref.shape[0], -1)
-                num, den = ((yf - rf) ** 2).sum(1), (rf ** 2).sum(1)
-            rel.append((num / den.clamp_min(1e-30)).sqrt())
+        for batch in reference.batches:
+            out = run_model(model, to_device(batch, where))
+            ref_out = run_model(reference.source, to_device(batch, ref_where))
+            kind = output_kind(reference.source, ref_out, batch)
+            y = (out.logits if kind == "causal_lm" else primary_output(out)).detach().float().cpu()
+            y_ref = (ref_out.logits if kind == "causal_lm" else primary_output(ref_out)).detach().float().cpu()
+            mask = batch_mask(batch)
+            mask = mask.cpu() if mask is not None else None
+            sums.rel.append(_rel_error(y, y_ref, mask))
+            if kind == "causal_lm":
+                _next_token(sums, y, y_ref, batch["input_ids"].cpu(), mask)
+            elif kind == "encoder":
+                sums.cosine.append(F.cosine_similarity(mean_pool(y, mask), mean_pool(y_ref, mask), dim=-1))
+            elif kind == "classifier":
+                sums.agree += float((y.argmax(-1) == y_ref.argmax(-1)).sum())
+                sums.compared += int(y.shape[0])
     finally:
-        model.train(was_training)
-    rel_all = torch.cat(rel)
-    result = {f"{prefix}_samples": int(rel_all.numel()), f"{prefix}_rel_error": float(rel_all.mean())}
-    if cosines:
-        cos = torch.cat(cosines)
-        result[f"{prefix}_cosine"] = float(cos.mean())
-        result[f"{prefix}_cosine_min"] = float(cos.min())
+        for m, training in modes:
+            m.train(training)
+    return _summary(sums, kind, reference, prefix)
+
+
+def _summary(sums: _Sums, kind: str, reference: Reference, prefix: str) -> dict:
+    rel = torch.cat(sums.rel)
+    result: dict = {"kind": kind, "probe": reference.label, "synthetic": reference.synthetic,
+                    "samples": int(rel.numel()), "rel_error": float(rel.mean())}
+    if sums.cosine:
+        cos = torch.cat(sums.cosine).double()
+        result.update(cosine=float(cos.mean()), cosine_p05=float(torch.quantile(cos, 0.05)),
+                      cosine_min=float(cos.min()))
+    if sums.compared:
+        result["top1"] = sums.agree / sums.compared
+    if sums.tokens:
+        ppl_source, ppl = math.exp(sums.nll_source / sums.tokens), math.exp(sums.nll_converted / sums.tokens)
+        result.update(ppl_source=ppl_source, ppl=ppl, ppl_ratio=ppl / ppl_source, kl=sums.kl / sums.tokens,
+                      tokens=sums.tokens)
     for k, v in result.items():
         if isinstance(v, float) and not math.isfinite(v):
             result[k] = None
-    return result
+    return {f"{prefix}_{k}": v for k, v in result.items()}
 
 
-__all__ = ["Reference", "reference_outputs", "fidelity"]
+def fidelity_score(quality: dict, prefix: str = "heldout") -> float:
+    """One number to keep the best of (higher is better): embedding cosine for encoders, minus the
+    mean KL for causal LMs, else minus the relative output error."""
+    kind = quality.get(f"{prefix}_kind")
+    key, sign = {"encoder": ("cosine", 1.0), "causal_lm": ("kl", -1.0)}.get(kind, ("rel_error", -1.0))
+    value = quality.get(f"{prefix}_{key}")
+    return -math.inf if value is None else sign * value
+
+
+def fidelity_problems(quality: dict, prefix: str = "heldout") -> list[str]:
+    """What in a fidelity dict is poor enough that the model may not be usable (empty if nothing)."""
+    problems = []
+    for key, what in (("cosine", "embedding cosine"), ("top1", "top-1 agreement")):
+        value = quality.get(f"{prefix}_{key}")
+        if value is not None and value < POOR_SIMILARITY:
+            problems.append(f"{what} {value:.3f} (< {POOR_SIMILARITY})")
+    ratio = quality.get(f"{prefix}_ppl_ratio")
+    if ratio is not None and ratio > POOR_PPL_RATIO:
+        problems.append(f"perplexity {ratio:.2f}x the source's (> {POOR_PPL_RATIO}x)")
+    if quality.get(f"{prefix}_samples") and any(quality.get(f"{prefix}_{k}") is None
+                                                for k in ("rel_error",)):
+        problems.append("outputs are not finite")
+    return problems
+
+
+__all__ = ["Reference", "reference_outputs", "fidelity", "fidelity_problems", "fidelity_score", "output_kind", "is_causal_lm",
+           "POOR_SIMILARITY", "POOR_PPL_RATIO"]

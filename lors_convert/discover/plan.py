@@ -107,7 +107,9 @@ class ConversionPlan:
         by_stack: dict[int, StackReport] = {}
         for stack in self.stacks:
             by_stack[id(stack)] = StackReport(path=stack.path, members=list(stack.members),
-                                              kept_dense=dict(stack.excluded))
+                                              kept_dense=dict(stack.excluded),
+                                              kept_dense_params={sp.relname: len(stack) * math.prod(sp.shape)
+                                                                 for sp in stack.params if sp.relname in stack.excluded})
         matrices = [pp.matrix_report() for pp in self.params]
         for pp, m in zip(self.params, matrices):
             by_stack[id(pp.stack)].matrices.append(m)

@@ -38,7 +38,7 @@ from ..errors import LorsError, LorsUsageError
 from ..layers import LorsModule
 from .synthetic import BigramChain, is_token_batch
 
-LOSSES = ("mse", "cosine", "pooled_cosine")
+LOSSES = ("mse", "cosine", "pooled_cosine", "kl")
 MATCHES = ("output", "layers")
 STATE_VERSION = 1
 SYNTHETIC_DEFAULT = 0.75  # share of synthetic steps for token data (docs/calibration.md has the measurements)
@@ -50,6 +50,8 @@ class HealResult:
     steps: int = 0  # steps done in total (including resumed ones)
     resumed_from: int = 0  # step the run resumed at (0: fresh)
     synthetic: float = 0.0  # share of steps on synthetic inputs that was used
+    evaluations: list[dict] = field(default_factory=list)  # {"step": s, "score": held-out score}
+    best_step: int | None = None  # the step whose state the student ends in (when evaluated)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -92,9 +94,17 @@ class BlockTaps:
 
 def distill_loss(student_out: torch.Tensor, teacher_out: torch.Tensor, mask: torch.Tensor | None,
                  kind: str = "mse") -> torch.Tensor:
-    """Mean loss of a batch; ``mask`` (B, T) selects real tokens of (B, T, H) outputs."""
+    """Mean loss of a batch; ``mask`` (B, T) selects real tokens of (B, T, H) outputs. ``kl``: the
+    outputs are logits, the loss ``KL(teacher || student)`` of their distributions per token."""
     s, t = student_out.float(), teacher_out.float()
     use_mask = mask is not None and s.dim() == 3 and tuple(s.shape[:2]) == tuple(mask.shape)
+    if kind == "kl":
+        lp_s, lp_t = F.log_softmax(s, dim=-1), F.log_softmax(t, dim=-1)  # (B, T, V)
+        kl = (lp_t.exp() * (lp_t - lp_s)).sum(-1)  # (B, T)
+        if use_mask:
+            m = mask.to(kl.dtype)
+            return (kl * m).sum() / m.sum().clamp_min(1.0)
+        return kl.mean()
     if kind == "pooled_cosine":
         if use_mask:
             s, t = mean_pool(s, mask), mean_pool(t, mask)
@@ -152,6 +162,8 @@ def heal(
     cache_teacher: bool = True,
     match: str = "output",
     synthetic: float | None = None,
+    evaluate: Callable[[], float] | None = None,
+    eval_every: int = 0,
 ) -> HealResult:
     """Train ``student`` (in place) to match ``teacher`` on ``batches`` for ``steps`` optimizer steps.
 
@@ -166,6 +178,9 @@ def heal(
     the step's calibration batch with its tokens redrawn from a bigram chain over all calibration
     tokens, :mod:`lors_convert.heal.synthetic`); a few hundred sentences are otherwise learnt by heart.
     ``None``: :data:`SYNTHETIC_DEFAULT` when every batch is a token batch, else 0.
+    ``evaluate()``: a held-out score of the student (higher is better), taken before the first step,
+    every ``eval_every`` steps and after the last; the student ends in its best-scoring state (which
+    may be the one it started in), recorded in ``HealResult.evaluations`` and ``best_step``.
     """
     if loss not in LOSSES:
         raise LorsUsageError(f"loss must be one of {LOSSES}, got {loss!r}")
@@ -230,7 +245,19 @@ def heal(
     members = stack_members(teacher) if match == "layers" else []
     student_taps, teacher_taps = BlockTaps(student, members), BlockTaps(teacher, members)
     done = start
+    best: dict = {}
+
+    def check(step: int) -> None:
+        """Score the student; remember its trainable state when it is the best so far."""
+        if evaluate is None:
+            return
+        score = float(evaluate())
+        result.evaluations.append({"step": step, "score": score})
+        if not best or score > best["score"]:
+            best.update(score=score, step=step, state={n: params[n].detach().clone() for n in names})
+
     try:
+        check(start)
         for step in range(start, steps):
             epoch, pos = divmod(step, len(batches))
             idx = _order(len(batches), epoch, seed)[pos]
@@ -261,7 +288,16 @@ def heal(
                 progress(step + 1, steps, float(value.detach()))
             if save_every and (step + 1) % save_every == 0 and step + 1 < steps:
                 snapshot(step + 1)
+            if eval_every and (step + 1) % eval_every == 0 and step + 1 < steps:
+                check(step + 1)
         snapshot(done)
+        if done > start or not result.evaluations:
+            check(done)
+        if best:
+            with torch.no_grad():
+                for n, t in best["state"].items():
+                    params[n].copy_(t)
+            result.best_step = best["step"]
     except BaseException:
         snapshot(done)  # interrupted: keep every finished step (one in flight is redone on resume)
         raise

@@ -1,0 +1,132 @@
+"""``--target``: the smallest budget whose calibrated conversion keeps a fidelity target on held-out data.
+
+One calibration (the Grams are reused by every candidate, and so are their cached
+eigendecompositions), then a bisection over the fraction of stacked parameters: each candidate
+converts a copy of the source and is measured against it. Fidelity is assumed to grow with the
+budget; every point tried is kept as the explored frontier (fraction -> fidelity).
+"""
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from .calibrate.fidelity import Reference, fidelity
+from .convert import convert
+from .errors import LorsError, LorsUsageError
+from .report import Report
+
+# --target name -> (fidelity key, True when higher is better)
+METRICS = {"top1": ("top1", True), "cosine": ("cosine", True), "ppl-ratio": ("ppl_ratio", False),
+           "rel-error": ("rel_error", False)}
+FIRST, STEPS, HIGHEST = 0.5, 6, 0.95  # bisection over (0, HIGHEST]: 6 steps resolve 1/64
+
+
+@dataclass(frozen=True)
+class Target:
+    metric: str  # a key of METRICS
+    value: float
+
+    @classmethod
+    def parse(cls, text: str) -> "Target":
+        name, sep, value = text.partition("=")
+        name = name.strip().lower()
+        try:
+            number = float(value)
+        except ValueError:
+            number = None
+        if not sep or name not in METRICS or number is None:
+            raise LorsUsageError(f"--target must look like METRIC=VALUE with METRIC one of {', '.join(METRICS)} "
+                                 f"(e.g. top1=0.95), got {text!r}")
+        return cls(name, number)
+
+    @property
+    def key(self) -> str:
+        return METRICS[self.metric][0]
+
+    def met(self, quality: dict, prefix: str = "heldout") -> bool:
+        value = quality.get(f"{prefix}_{self.key}")
+        if value is None:
+            kind = quality.get(f"{prefix}_kind", "this model")
+            raise LorsUsageError(f"--target {self.metric}: fidelity of a {kind} has no {self.key} "
+                                 f"(it reports {_measured(quality, prefix)}); choose one of those")
+        return value >= self.value if METRICS[self.metric][1] else value <= self.value
+
+    def __str__(self) -> str:
+        return f"{self.metric}={self.value:g}"
+
+
+def _measured(quality: dict, prefix: str) -> str:
+    names = [name for name, (key, _) in METRICS.items() if quality.get(f"{prefix}_{key}") is not None]
+    return ", ".join(names) or "nothing"
+
+
+@dataclass
+class Point:
+    """One budget tried: what it kept and how faithful it was."""
+
+    budget: float
+    stacked_fraction: float | None
+    params_after: int | None
+    quality: dict = field(default_factory=dict)
+    meets: bool = False
+    note: str = ""
+
+    def to_dict(self, target: Target, prefix: str = "heldout") -> dict:
+        return {"budget": self.budget, "stacked_fraction": self.stacked_fraction, "params_after": self.params_after,
+                target.key: self.quality.get(f"{prefix}_{target.key}"), "meets": self.meets, "note": self.note,
+                **{k.removeprefix(prefix + "_"): v for k, v in self.quality.items()
+                   if k.removeprefix(prefix + "_") in ("cosine", "top1", "ppl_ratio", "kl", "rel_error")}}
+
+
+def search_budget(model: nn.Module, reference: Reference, target: Target, convert_kwargs: dict,
+                  log: Callable[[str], None] | None = None) -> tuple[nn.Module, Report, list[Point]]:
+    """Bisect the budget for ``target``; returns the smallest passing converted model, its report and
+    every point tried (sorted by budget). ``model`` is not changed. Raises :class:`LorsError` when no
+    budget up to ``HIGHEST`` meets the target (only the dense model does)."""
+    points: list[Point] = []
+    best: tuple[float, nn.Module, Report] | None = None
+    low, high, budget = 0.0, None, FIRST  # high: the smallest budget that met the target
+    for _ in range(STEPS):
+        candidate = copy.deepcopy(model)
+        try:
+            candidate, report = convert(candidate, budget=budget, **convert_kwargs)
+        except LorsUsageError as e:  # e.g. the budget keeps every matrix dense
+            point = Point(budget, None, None, note=str(e))
+        else:
+            quality = fidelity(candidate, reference)
+            point = Point(budget, report.quality.get("stacked_fraction"), report.params_after, quality,
+                          target.met(quality))
+            if point.meets and (best is None or budget < best[0]):
+                best = (budget, candidate, report)
+        points.append(point)
+        if log is not None:
+            log(_describe(point, target))
+        if point.meets:
+            high = budget
+        else:
+            low = budget
+        if high is None:  # nothing met it yet: try the highest budget, then give up
+            if budget >= HIGHEST:
+                break
+            budget = HIGHEST
+        else:
+            budget = (low + high) / 2
+    points.sort(key=lambda p: p.budget)
+    if best is None:
+        tried = ", ".join(f"{p.budget:.3f}" for p in points)
+        raise LorsError(f"no budget meets --target {target} (tried {tried}): only the dense model does; "
+                        "nothing written")
+    return best[1], best[2], points
+
+
+def _describe(point: Point, target: Target) -> str:
+    value = point.quality.get(f"heldout_{target.key}")
+    shown = "n/a" if value is None else f"{value:.4f}"
+    return (f"budget {point.budget:.3f}: {target.key} {shown} "
+            f"({'meets' if point.meets else 'misses'} {target}){' ' + point.note if point.note else ''}")
+
+
+__all__ = ["Target", "Point", "search_budget", "METRICS"]
