@@ -205,10 +205,10 @@ def render(report: Report, console=None, title: str = "LORS savings") -> None:
                           + ("" if m.shared else " [dim](no shared part)[/]"), "",
                           _ranks(m), _fmt_params(m.dense_params), _fmt_params(m.lors_params),
                           f"{100 * m.savings:.1f}%", err, ret)
-        for name, why in s.kept_dense.items():
+        for name in s.kept_dense:
             n = s.kept_dense_params.get(name)
             size = _fmt_params(n) if n is not None else ""
-            table.add_row(f"  [dim]{name} kept dense: {why}[/]", "", "", size, size, "", "", "")
+            table.add_row(f"  [dim]{name} (kept dense)[/]", "", "dense", size, size, "0.0%", "0", "")
     fraction = report.stacked_fraction
     kept = sum(sum(s.kept_dense_params.values()) for s in report.stacks)
     table.add_row("[bold]stacked total[/]", "", "", _fmt_params(report.stacked_dense_params + kept),
@@ -217,14 +217,20 @@ def render(report: Report, console=None, title: str = "LORS savings") -> None:
     table.add_row("[bold]whole model[/]", "", "", _fmt_params(report.params_before),
                   _fmt_params(report.params_after), f"{100 * report.savings:.1f}%", "", "")
     console.print(table)
+    reasons: dict[str, list[str]] = {}
+    for s in report.stacks:
+        for name, why in s.kept_dense.items():
+            reasons.setdefault(why, []).append(name)
+    for why, names in reasons.items():
+        console.print(f"[dim]kept dense ({len(names)}): {why}: {', '.join(sorted(set(names)))}[/]")
     if line is not None:
         console.print(escape(line))
     if isinstance(frontier, dict):
         console.print(f"target {escape(str(frontier.get('target')))}: the budgets tried (fraction of the stacked "
                       "parameters kept -> fidelity)")
         for p in frontier.get("frontier", []):
-            value = p.get(frontier.get("key", ""), None)
-            console.print(escape(f"  budget {p['budget']:.3f}: kept {p['stacked_fraction']}, " + ", ".join(
+            kept = "-" if p.get("stacked_fraction") is None else f"{p['stacked_fraction']:.3f}"
+            console.print(escape(f"  budget {p['budget']:.3f}: kept {kept}, " + ", ".join(
                 f"{k} {v:.4f}" for k, v in p.items() if k in ("cosine", "top1", "ppl_ratio", "kl", "rel_error")
                 and v is not None) + (" (meets)" if p.get("meets") else "") + (f" {p['note']}" if p.get("note")
                                                                                  else "")))

