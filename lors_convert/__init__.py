@@ -8,21 +8,34 @@ Public API::
     lors_model = load("model.lors")                      # runnable, trainable
     dense = merge(lors_model)                             # original classes, keys, shapes, dtypes
 
-The package is layered (``docs/architecture.md``): ``cli`` > ``convert``/``heal``/``sweep`` >
-``checkpoint`` > ``swap`` > ``fit``/``calibrate`` > ``discover`` > ``layers`` > ``decompose``/``io``
-> ``errors``/``report``/``counting``; a lower layer never imports a higher one.
+The names are imported on first use (PEP 562), so ``import lors_convert`` and the CLI's usage
+errors do not wait for torch. The package is layered (``docs/architecture.md``); a lower layer never
+imports a higher one.
 """
 from __future__ import annotations
 
-from .checkpoint import Checkpoint, load, merge_checkpoint, save
-from .convert import convert
-from .counting import count_parameters
-from .discover.plan import plan_conversion
-from .discover.stacks import Stack, find_stacks
+import importlib
+
 from .errors import LorsError, LorsUsageError
-from .report import Report
-from .swap import merge
 from .version import __version__
 
-__all__ = ["find_stacks", "convert", "merge", "save", "load", "merge_checkpoint", "Checkpoint", "plan_conversion",
-           "count_parameters", "Stack", "Report", "LorsError", "LorsUsageError", "__version__"]
+_API = {  # public name -> the module that defines it
+    "convert": ".conversion", "merge": ".swap", "plan_conversion": ".discover.plan",
+    "find_stacks": ".discover.stacks", "Stack": ".discover.stacks", "save": ".checkpoint", "load": ".checkpoint",
+    "merge_checkpoint": ".checkpoint", "Checkpoint": ".checkpoint", "count_parameters": ".counting",
+    "Report": ".report",
+}
+
+__all__ = [*_API, "LorsError", "LorsUsageError", "__version__"]
+
+
+def __getattr__(name: str):
+    if name not in _API:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_API[name], __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_API))

@@ -182,9 +182,7 @@ def convert(
     force: bool = typer.Option(False, "--force", help="Replace an existing output."),
 ) -> None:
     """Convert a dense model to a LORS checkpoint and print the savings report."""
-    from .convert_file import convert_file
     from .io.atomic import check_not_input, check_output
-    from .io.dist import Dist
 
     options = convert_options(rank, groups, include, exclude, init, method, device, adaptive, preset, refine,
                               budget, sharing, keep_unsaving, calibrate, objective, probes, target)
@@ -192,6 +190,9 @@ def convert(
     if not dry_run:
         check_not_input(out, src)
         check_output(out, force)
+    from .convert_file import convert_file  # torch and transformers: only once the flags are known good
+    from .io.dist import Dist
+
     report = convert_file(src, out, arch=arch, trust_pickle=trust_pickle, heldout=heldout, measure=fidelity,
                           max_shard_size=shard_size, force=force, dist=Dist.from_env(), dry_run=dry_run,
                           progress=make_progress(not (quiet or json_out)), log=_log(quiet), **options)
@@ -203,11 +204,13 @@ def convert(
 def convert_options(rank, groups, include, exclude, init, method, device, adaptive, preset, refine, budget,
                     sharing, keep_unsaving, calibrate, objective, probes, target) -> dict:
     """Check the convert command's flags together and turn them into ``convert_file`` arguments."""
-    from .calibrate.grams import OBJECTIVES
-    from .fit.calibrated import SHARING
-    from .target import Target
+    from .options import INITS, METHODS, OBJECTIVES, SHARING, Target
 
     r = parse_rank(rank)
+    if init not in INITS:
+        raise LorsUsageError(f"--init must be one of {', '.join(INITS)}, got {init!r}")
+    if method not in METHODS:
+        raise LorsUsageError(f"--svd must be one of {', '.join(METHODS)}, got {method!r}")
     group_list = parse_int_list(groups, "--groups")
     group_arg = group_list[0] if group_list and len(group_list) == 1 else group_list
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):

@@ -1,6 +1,6 @@
 """``lors convert``: a model file in, a LORS checkpoint out, and what the conversion did to the model.
 
-:func:`convert_file` picks the way in, runs the conversion loop (:func:`lors_convert.convert.run_plan`)
+:func:`convert_file` picks the way in, runs the conversion loop (:func:`lors_convert.conversion.run_plan`)
 and measures the result on held-out inputs:
 
 - weights only (no model run): Hugging Face directories and ``.safetensors`` + architecture are
@@ -33,7 +33,7 @@ from .checkpoint.format import (BUFFER_PREFIX, DEFAULT_SHARD_SIZE, REPORT_NAME, 
 from .checkpoint.merge import merged_tensors
 from .checkpoint.reader import Checkpoint
 from .checkpoint.writer import CheckpointWriter, save
-from .convert import Getter, calibrated_convert, check_sharing, convert, finish_report, make_plan, note_calibration, \
+from .conversion import Getter, calibrated_convert, check_sharing, convert, finish_report, make_plan, note_calibration, \
     run_plan
 from .counting import count_parameters
 from .errors import LorsUsageError, about

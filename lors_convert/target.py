@@ -14,53 +14,12 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from .calibrate.fidelity import Reference, fidelity
-from .convert import convert
+from .conversion import convert
 from .errors import LorsError, LorsUsageError
+from .options import Target
 from .report import Report
 
-# --target name -> (fidelity key, True when higher is better)
-METRICS = {"top1": ("top1", True), "cosine": ("cosine", True), "ppl-ratio": ("ppl_ratio", False),
-           "rel-error": ("rel_error", False)}
 FIRST, STEPS, HIGHEST = 0.5, 6, 0.95  # bisection over (0, HIGHEST]: 6 steps resolve 1/64
-
-
-@dataclass(frozen=True)
-class Target:
-    metric: str  # a key of METRICS
-    value: float
-
-    @classmethod
-    def parse(cls, text: str) -> "Target":
-        name, sep, value = text.partition("=")
-        name = name.strip().lower()
-        try:
-            number = float(value)
-        except ValueError:
-            number = None
-        if not sep or name not in METRICS or number is None:
-            raise LorsUsageError(f"--target must look like METRIC=VALUE with METRIC one of {', '.join(METRICS)} "
-                                 f"(e.g. top1=0.95), got {text!r}")
-        return cls(name, number)
-
-    @property
-    def key(self) -> str:
-        return METRICS[self.metric][0]
-
-    def met(self, quality: dict, prefix: str = "heldout") -> bool:
-        value = quality.get(f"{prefix}_{self.key}")
-        if value is None:
-            kind = quality.get(f"{prefix}_kind", "this model")
-            raise LorsUsageError(f"--target {self.metric}: fidelity of a {kind} has no {self.key} "
-                                 f"(it reports {_measured(quality, prefix)}); choose one of those")
-        return value >= self.value if METRICS[self.metric][1] else value <= self.value
-
-    def __str__(self) -> str:
-        return f"{self.metric}={self.value:g}"
-
-
-def _measured(quality: dict, prefix: str) -> str:
-    names = [name for name, (key, _) in METRICS.items() if quality.get(f"{prefix}_{key}") is not None]
-    return ", ".join(names) or "nothing"
 
 
 @dataclass
@@ -129,4 +88,4 @@ def _describe(point: Point, target: Target) -> str:
             f"({'meets' if point.meets else 'misses'} {target}){' ' + point.note if point.note else ''}")
 
 
-__all__ = ["Target", "Point", "search_budget", "METRICS"]
+__all__ = ["Point", "search_budget"]

@@ -26,3 +26,13 @@ def test_import_contracts_hold():
 def test_module_is_small(path):
     lines = len(path.read_text().splitlines())
     assert lines <= MAX_LINES, f"{path.relative_to(ROOT)} has {lines} lines (at most {MAX_LINES}): split it"
+
+
+def test_usage_errors_do_not_wait_for_torch():
+    """A bad flag is answered before torch or transformers are imported (they take seconds)."""
+    code = ("import sys\nfrom lors_convert.cli import main\nsys.argv = ['lors', 'convert', 'missing', '--rank', '0']\n"
+            "try:\n    main()\nexcept SystemExit as e:\n    code = e.code\n"
+            "print(code, 'torch' in sys.modules, 'transformers' in sys.modules)")
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.stdout.split() == ["2", "False", "False"], res.stdout + res.stderr
+    assert "--rank must be a positive integer or 'full', got 0" in res.stderr

@@ -270,7 +270,7 @@ def test_distill_losses_are_zero_at_the_target():
 def test_calibrated_convert_reports_heldout_fidelity(tmp_path):
     from safetensors.torch import save_file
 
-    from lors_convert.convert import calibrated_convert
+    from lors_convert.conversion import calibrated_convert
 
     save_file({"input": torch.randn(40, 3, 16)}, tmp_path / "x.safetensors")
     data = load_calibration(tmp_path / "x.safetensors", batch_size=8, heldout=0.25)

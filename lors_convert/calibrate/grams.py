@@ -22,10 +22,10 @@ from torch import nn
 
 from ..discover.stacks import find_stacks
 from ..errors import LorsError, LorsUsageError
+from ..options import OBJECTIVES
 from .batches import Batch, batch_mask, batch_size, model_device, run_model, to_device, token_rows
 from .sensitivity import DEFAULT_PROBES, collect_output_grams
 
-OBJECTIVES = ("output", "layer")
 
 
 @dataclass

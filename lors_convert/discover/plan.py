@@ -23,7 +23,6 @@ from ..report import MatrixReport, Report, StackReport
 from .stacks import Stack, StackedParam, find_stacks
 
 Groups = int | Sequence[int] | None
-INITS = ("svd", "paper")
 
 
 @dataclass

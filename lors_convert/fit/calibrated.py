@@ -30,12 +30,12 @@ from ..decompose.lorst import as_matrix
 from ..decompose.whiten import (DEFAULT_FLOOR, ScaledGram, decompose_weighted,
                                 shared_and_spectra, sharing_spectra)
 from ..errors import LorsError, LorsUsageError
+from ..options import SHARING
 from .options import Fit
 
 NORMALIZE = False  # True: relative output error per layer (measured worse on MiniLM)
 FLOOR = DEFAULT_FLOOR
 DAMP = 0.1  # ridge: generalizes better to held-out text of another kind (MiniLM)
-SHARING = ("auto", "always", "never")  # --budget: per parameter, does a shared part pay? (or force it)
 
 
 def orientation(pp) -> str:

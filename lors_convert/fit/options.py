@@ -6,9 +6,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import LorsUsageError
+from ..options import INITS, METHODS
 
-INITS = ("svd", "paper")
-METHODS = ("auto", "exact", "randomized")
 
 
 @dataclass

@@ -35,11 +35,10 @@ from torch import nn
 from ..calibrate.batches import Batch, batch_mask, mean_pool, primary_output, run_model, to_device
 from ..discover.stacks import find_stacks
 from ..errors import LorsError, LorsUsageError
+from ..options import LOSSES, MATCHES
 from ..layers import LorsModule
 from .synthetic import BigramChain, is_token_batch
 
-LOSSES = ("mse", "cosine", "pooled_cosine", "kl")
-MATCHES = ("output", "layers")
 STATE_VERSION = 1
 SYNTHETIC_DEFAULT = 0.75  # share of synthetic steps for token data (docs/calibration.md has the measurements)
 
