@@ -14,9 +14,9 @@ import torch
 from ..discover.plan import dtype_name
 from ..errors import LorsError, short
 from ..io.atomic import atomic_output, check_not_input, check_output
-from ..io.safetensors import INDEX_NAME, WEIGHTS_NAME, ShardedWriter, meta_like
+from ..io.safetensors import INDEX_NAME, WEIGHTS_NAME, SafetensorsFile, ShardedWriter, meta_like
 from ..layers import layer_class
-from .format import CONFIG_NAME, DEFAULT_SHARD_SIZE, REPORT_NAME, alias_map
+from .format import CONFIG_NAME, DEFAULT_SHARD_SIZE, REPORT_NAME
 from .reader import Checkpoint
 
 
@@ -70,17 +70,15 @@ def merge_checkpoint(path: str | Path, out: str | Path, force: bool = False, pro
     check_not_input(out, Path(path))
     check_output(out, force)
     metadata = {"format": "pt"}
-    if out.suffix == ".safetensors":  # one file: safetensors needs every tensor at once
-        from safetensors.torch import save_file
-
-        dense = _clone_aliases(dict(merged_tensors(ckpt, progress)))
-        missing = [k for k in ckpt.manifest["keys"] if k not in dense]
-        if missing:
-            raise LorsError(f"{ckpt.path}: merge could not produce {missing[0]!r}")
+    if out.suffix == ".safetensors":  # one file, also streamed: each tensor goes into its place
         with atomic_output(out, force, directory=False) as tmp:
-            save_file({k: dense[k].contiguous() for k in ckpt.manifest["keys"]}, str(tmp), metadata=metadata)
+            writer = SafetensorsFile(tmp, merge_spec(ckpt), metadata)
+            for key, t in merged_tensors(ckpt, progress):
+                writer.add(key, t)
+            if writer.pending:
+                raise LorsError(f"{ckpt.path}: merge could not produce {sorted(writer.pending)[0]!r}")
         return out
-    with atomic_output(out, force) as tmp:  # streamed: shards are written as their groups are merged
+    with atomic_output(out, force) as tmp:  # streamed: each tensor is written as its group is merged
         writer = ShardedWriter(tmp, merge_spec(ckpt), max_shard_size, metadata)
         for key, t in merged_tensors(ckpt, progress):
             writer.add(key, t)
@@ -105,10 +103,3 @@ def merge_spec(ckpt: Checkpoint) -> dict[str, torch.Tensor]:
     placed = set(order)
     order.extend(k for k in keys if k not in placed)
     return {k: meta_like(keys[k]["shape"], getattr(torch, keys[k]["dtype"])) for k in order}
-
-
-def _clone_aliases(dense: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """safetensors stores no aliases: give tied keys their own copy."""
-    for name in alias_map(dense):
-        dense[name] = dense[name].clone()
-    return dense

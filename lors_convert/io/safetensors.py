@@ -4,7 +4,7 @@ Knows nothing of LORS. :class:`SafetensorsReader` opens every file once to learn
 dtypes and metadata, then maps a file per read (see :meth:`SafetensorsReader.get`); an index's
 shard names must stay inside its directory. :class:`ShardedWriter` takes the output layout from
 shapes alone (``huggingface_hub.split_torch_state_dict_into_shards`` over meta tensors) and writes
-each shard as soon as its tensors exist.
+each tensor into its place in its shard as soon as it exists (headers first, nothing buffered).
 """
 from __future__ import annotations
 
@@ -120,8 +120,59 @@ def meta_like(shape, dtype) -> torch.Tensor:
     return torch.empty(tuple(shape), dtype=dtype, device="meta")
 
 
+_CODES = {getattr(torch, name): code for code, name in SAFETENSORS_DTYPES.items()}
+
+
+class SafetensorsFile:
+    """One safetensors file laid out from shapes alone: the header is written first, each tensor
+    goes straight into its place when it comes, in any order, and nothing is buffered.
+
+    Layout as safetensors writes it: an 8-byte little-endian header length, the JSON header
+    (``__metadata__`` first, padded with spaces to 8 bytes), then the data, larger items first and by
+    name within a size, so every tensor starts aligned to its item size.
+    """
+
+    def __init__(self, path: Path, spec: dict[str, torch.Tensor], metadata: dict[str, str]):
+        self.path = Path(path)
+        self.spec = spec
+        order = sorted(spec, key=lambda k: (-spec[k].element_size(), k))
+        header: dict = {"__metadata__": dict(sorted(metadata.items()))} if metadata else {}
+        self.offsets: dict[str, int] = {}
+        end = 0
+        for key in order:
+            t = spec[key]
+            if t.dtype not in _CODES:
+                raise LorsError(f"cannot write {key!r}: safetensors has no code for {t.dtype}")
+            nbytes = t.numel() * t.element_size()
+            header[key] = {"dtype": _CODES[t.dtype], "shape": list(t.shape), "data_offsets": [end, end + nbytes]}
+            self.offsets[key] = end
+            end += nbytes
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)
+        self.start = 8 + len(text)
+        self.pending = set(spec)
+        with open(self.path, "wb") as f:
+            f.write(len(text).to_bytes(8, "little") + text)
+            f.truncate(self.start + end)
+
+    def add(self, key: str, tensor: torch.Tensor) -> bool:
+        """Write one tensor into its place; True once every tensor is there."""
+        expected = self.spec[key]
+        if tuple(tensor.shape) != tuple(expected.shape) or tensor.dtype != expected.dtype:
+            raise LorsError(f"internal: {key} is {tuple(tensor.shape)} {tensor.dtype}, planned "
+                            f"{tuple(expected.shape)} {expected.dtype}")
+        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()  # (nbytes,)
+        with open(self.path, "r+b") as f:
+            f.seek(self.start + self.offsets[key])
+            f.write(data.tobytes() if data.size else b"")
+        self.pending.discard(key)
+        return not self.pending
+
+
 class ShardedWriter:
-    """Writes tensors into a shard layout planned from shapes, flushing each shard when complete.
+    """Writes tensors into a shard layout planned from shapes (``huggingface_hub``'s planner), each
+    tensor into its place in its shard as it comes (:class:`SafetensorsFile`): memory holds one
+    tensor, whatever the shard size.
 
     ``spec`` maps every output key, in output order, to a meta tensor of its shape and dtype. Only
     shards whose index ``% dist.world == dist.rank`` are written by this process.
@@ -137,33 +188,22 @@ class ShardedWriter:
         self.split = split_torch_state_dict_into_shards(spec, max_shard_size=max_shard_size)
         self.files = list(self.split.filename_to_tensors)
         self.mine = {f for j, f in enumerate(self.files) if j % self.dist.world == self.dist.rank}
-        self.pending = {f: set(keys) for f, keys in self.split.filename_to_tensors.items()}
-        self.buffers: dict[str, dict[str, torch.Tensor]] = {f: {} for f in self.files}
-        self.spec = spec
+        self.shards = {f: SafetensorsFile(self.directory / f, {k: spec[k] for k in keys}, metadata)
+                       for f, keys in self.split.filename_to_tensors.items() if f in self.mine}
 
     def wants(self, key: str) -> bool:
         return self.split.tensor_to_filename[key] in self.mine
 
     def add(self, key: str, tensor: torch.Tensor) -> None:
-        from safetensors.torch import save_file
-
         f = self.split.tensor_to_filename[key]
-        if f not in self.mine:
-            return
-        expected = self.spec[key]
-        if tuple(tensor.shape) != tuple(expected.shape) or tensor.dtype != expected.dtype:
-            raise LorsError(f"internal: {key} is {tuple(tensor.shape)} {tensor.dtype}, planned "
-                            f"{tuple(expected.shape)} {expected.dtype}")
-        self.buffers[f][key] = tensor.detach().contiguous()
-        self.pending[f].discard(key)
-        if not self.pending[f]:
-            save_file(self.buffers.pop(f), str(self.directory / f), metadata=self.metadata)
+        if f in self.shards:
+            self.shards[f].add(key, tensor)
 
     def close(self) -> None:
         """Check completeness; the main process writes the index of a sharded output."""
-        unfinished = [f for f in self.mine if self.pending[f]]
+        unfinished = [f for f, shard in self.shards.items() if shard.pending]
         if unfinished:
-            missing = sorted(self.pending[unfinished[0]])[:3]
+            missing = sorted(self.shards[unfinished[0]].pending)[:3]
             raise LorsError(f"internal: shard {unfinished[0]} never completed (missing {missing})")
         if self.split.is_sharded and self.dist.is_main:
             index = {"metadata": {**self.split.metadata, **self.metadata},
@@ -171,7 +211,7 @@ class ShardedWriter:
             (self.directory / INDEX_NAME).write_text(dump_json(index))
 
 
-__all__ = ["SafetensorsReader", "ShardedWriter", "SAFETENSORS_DTYPES", "INDEX_NAME", "WEIGHTS_NAME", "meta_like",
+__all__ = ["SafetensorsReader", "SafetensorsFile", "ShardedWriter", "SAFETENSORS_DTYPES", "INDEX_NAME", "WEIGHTS_NAME", "meta_like",
            "index_shards", "directory_weight_files", "read_json", "dump_json"]
 
 
