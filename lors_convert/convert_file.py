@@ -89,17 +89,20 @@ def convert_file(src: str | Path, out: str | Path | None, *, arch: str | None = 
         state = model.state_dict()
         return _convert_weights(src, out, model, state.__getitem__, manifest, source, dist, dry_run, force,
                                 max_shard_size, measurer, **convert_kwargs)
-    data = _calibration_data(calibrate, heldout, src, text_model) if calibrated else None
-    probe = _probes(src, heldout, data, text_model, model) if measure or target is not None else None
+    data, probe = _calibration_data(calibrate, heldout, src, text_model) if calibrated else (None, None)
+    if (measure or target is not None) and (probe is None or not probe.batches):
+        probe = _probes(src, heldout, text_model, model)
+    elif not (measure or target is not None):
+        probe = None
     if dry_run:
         return _dry_run(src, model, data, objective, probes, target, convert_kwargs)
     if target is not None:
         lors_model, report = _search(src, model, data, probe, target, objective, probes, log, convert_kwargs)
     else:
         reference = _reference(model, probe, copy_source=True)
-        if data is not None:
-            lors_model, report = calibrated_convert(model, data, objective=objective, probes=probes,
-                                                    reference=reference, **convert_kwargs)
+        if data is not None:  # its own held-out batches are measured only through ``reference``
+            lors_model, report = calibrated_convert(model, replace(data, heldout=[]), objective=objective,
+                                                    probes=probes, reference=reference, **convert_kwargs)
         else:
             with about(src):
                 lors_model, report = convert(model, **convert_kwargs)
@@ -115,8 +118,10 @@ def convert_file(src: str | Path, out: str | Path | None, *, arch: str | None = 
 # inputs
 
 
-def _calibration_data(calibrate: Path | None, heldout: Path | None, src: Path, text_model: bool) -> CalibrationData:
-    """The calibration data asked for, or the shipped text (held out: the shipped probe text)."""
+def _calibration_data(calibrate: Path | None, heldout: Path | None, src: Path, text_model: bool
+                      ) -> tuple[CalibrationData, Probes]:
+    """The calibration data asked for, or the shipped text (held out: the shipped probe text), and
+    its held-out part as probes."""
     path = calibrate if calibrate is not None else CALIBRATION_TEXT
     is_text = path.suffix not in (".safetensors", ".pt", ".pth", ".bin")
     if is_text and not text_model:
@@ -128,15 +133,14 @@ def _calibration_data(calibrate: Path | None, heldout: Path | None, src: Path, t
     data = load_calibration(path, tokenizer=tokenizer, heldout_path=heldout)
     if calibrate is None:
         data.source = f"lors calibration text ({data.n_calibration} lines, shipped)"
-    return data
+    if heldout is not None:
+        label = "lors probe text (shipped)" if heldout == PROBE_TEXT else f"{heldout.name} (--heldout)"
+    else:
+        label = f"held-out {data.n_heldout} samples of {path.name}"
+    return data, Probes(data.heldout, label)
 
 
-def _probes(src: Path, heldout: Path | None, data: CalibrationData | None, text_model: bool, model) -> Probes:
-    if data is not None and data.heldout:
-        name = "lors probe text (shipped)" if heldout == PROBE_TEXT or (heldout is None and data.source.startswith(
-            "lors")) else (f"{heldout.name} (--heldout)" if heldout is not None
-                           else f"held-out {data.n_heldout} samples of {Path(data.source).name}")
-        return Probes(data.heldout, name)
+def _probes(src: Path, heldout: Path | None, text_model: bool, model) -> Probes:
     if heldout is not None:
         return read_probes(heldout, src if text_model else None)
     return default_probes(src if text_model else None, getattr(model, "config", None))
@@ -221,7 +225,7 @@ def _measurer(src, arch, trust_pickle, loaded: nn.Module | None, heldout, text_m
     there is nothing to measure on (the reason goes in the report)."""
 
     def measure(checkpoint_dir: Path, report: Report) -> None:
-        probe = _probes(src, heldout, None, text_model, structure)
+        probe = _probes(src, heldout, text_model, structure)
         if not probe.batches:
             _judge(report, probe)
             return

@@ -34,10 +34,15 @@ def minilm_dir(work: Path) -> Path:
 
 
 def smollm2_dir(work: Path) -> Path:
-    """A dequantized Hugging Face copy of the packaged GGUF (made once)."""
+    """A dequantized Hugging Face copy of the packaged GGUF, made once, in a child process: a fork of a
+    large parent would count its pages in every later run's peak RSS."""
     out = work / "smollm2-135m"
-    if (out / "model.safetensors").is_file():
-        return out
+    if not (out / "model.safetensors").is_file():
+        subprocess.run([sys.executable, __file__, "--make-smollm2", str(out)], check=True)
+    return out
+
+
+def make_smollm2(out: Path) -> None:
     import importlib.util
 
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -54,7 +59,6 @@ def smollm2_dir(work: Path) -> Path:
     model.tie_weights()
     model.save_pretrained(out)
     AutoTokenizer.from_pretrained(folder, gguf_file=name).save_pretrained(out)
-    return out
 
 
 MODELS = {"minilm": minilm_dir, "smollm2": smollm2_dir}
@@ -96,7 +100,11 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--work", default=None, help="where the dequantized SmolLM2 copy and outputs go")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--make-smollm2", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.make_smollm2:
+        make_smollm2(Path(args.make_smollm2))
+        return 0
     work = Path(args.work or tempfile.mkdtemp(prefix="lors-frontier-"))
     work.mkdir(parents=True, exist_ok=True)
     results = {}

@@ -42,10 +42,11 @@ def main() -> None:
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="lors-mem-"))
     src = work / "gpt2"
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    config = GPT2Config(n_layer=args.layers, n_embd=args.embd, n_head=16, vocab_size=50257, n_positions=1024)
-    GPT2LMHeadModel(config).save_pretrained(src)
+    # in a child: this process must stay small, a fork's peak RSS counts the parent's pages
+    make = (f"from transformers import GPT2Config, GPT2LMHeadModel\n"
+            f"config = GPT2Config(n_layer={args.layers}, n_embd={args.embd}, n_head=16, vocab_size=50257, "
+            f"n_positions=1024)\nGPT2LMHeadModel(config).save_pretrained({str(src)!r})\n")
+    subprocess.run([sys.executable, "-c", make], check=True, capture_output=True)
     group = args.layers * args.embd * 4 * args.embd * 4  # the MLP matrices: (d, 4d) float32 per layer
     size = sum(f.stat().st_size for f in src.glob("*.safetensors"))
     print(f"source {size / 1e9:.2f} GB, largest stacked group {group / 1e6:.0f} MB\n")

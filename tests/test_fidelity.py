@@ -266,3 +266,21 @@ def test_heal_keeps_its_best_state_and_says_when_nothing_improved():
     result = heal(student, teacher, [x[:16], x[16:32], x[32:48]], steps=30, lr=1e-2, evaluate=score, eval_every=10)
     assert result.best_step > 0 and score() > before  # a sane one improves, and ends in its best state
     assert score() == pytest.approx(max(e["score"] for e in result.evaluations))
+
+
+def test_no_fidelity_measures_nothing_even_with_calibration_data(mlp_files, tmp_path):
+    src, held = mlp_files
+    res = run("convert", src, "--arch", "tests.archs:stacked_mlp", "--calibrate", held, "--budget", "0.5",
+              "--no-fidelity", "--json", "-o", tmp_path / "o.lors")
+    assert res.exit_code == 0, res.output
+    quality = json.loads(res.stdout)["quality"]
+    assert quality["calibrated"] is True and not any(k.startswith("heldout_") for k in quality)
+
+
+def test_dry_run_of_a_target_says_what_it_skipped(mlp_files, tmp_path):
+    src, held = mlp_files
+    res = run("convert", src, "--arch", "tests.archs:stacked_mlp", "--heldout", held, "--target", "top1=0.9",
+              "--dry-run", "--json", "-o", tmp_path / "o.lors")
+    assert res.exit_code == 0, res.output
+    assert not (tmp_path / "o.lors").exists()
+    assert any("dry run: --target" in w and "first candidate" in w for w in json.loads(res.stdout)["warnings"])
