@@ -291,15 +291,18 @@ def _convert_weights(src: Path, out: Path | None, model: nn.Module, get: Getter,
 
     def write(tmp: Path) -> dict[int, tuple]:
         writer = CheckpointWriter(tmp, stacks, source, manifest, specs, max_shard_size, dist)
-        with about(src):
-            fits = run_plan(plan, get, writer, options, matrices, progress, shared_parts, only=writer.wants)
+        # the untouched tensors first, each read and written alone: after the groups, the freed heap
+        # of a stacked group (kept by the allocator) would add to an embedding's pages
         for key in untouched:
             if writer.shards.wants(key):
                 t = get(key)
                 refuse_non_finite(t, key, src)
                 writer.put_tensor(key, t)
+                del t
         for name, b in buffers.items():
             writer.put_tensor(BUFFER_PREFIX + name, b)
+        with about(src):
+            fits = run_plan(plan, get, writer, options, matrices, progress, shared_parts, only=writer.wants)
         measured = {i: (f.relative_error, f.retained_energy) for i, f in fits.items()}
         if not dist.is_main:
             writer.shards.close()
