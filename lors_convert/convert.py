@@ -231,7 +231,7 @@ def convert_file(src: str | Path, out: str | Path | None, *, arch: str | None = 
     if dist.world > 1:
         raise LorsUsageError("distributed conversion needs a Hugging Face directory or .safetensors + --arch")
     model, source = load_source(src, arch=arch, trust_pickle=trust_pickle)
-    manifest = source_manifest(model)
+    manifest = source_manifest(model, source.stored)
     if source.kind == "torchscript" and in_memory:
         raise LorsUsageError("--adaptive/--calibrate need a rebuildable model, not a TorchScript archive")
     if not in_memory:

@@ -512,6 +512,60 @@ def test_tied_embedding_and_lm_head_survive_convert_and_merge(tmp_path):
     assert ((a - b).norm() / a.norm()) <= 1e-4 and ((a - c).norm() / a.norm()) <= 1e-4
 
 
+def ok(*args):
+    res = run(*args)
+    assert res.exit_code == 0, (res.exit_code, res.stderr)
+    return res
+
+
+def test_tied_keys_merge_once_for_every_source_kind(tmp_path):
+    """Merge writes exactly the source's keys: a tied lm_head comes back once from an HF directory
+    (as transformers saves it), under both names from a .pt state dict that stores both and from the
+    Python API (the state dict is the source). (A GGUF source: tests/test_gguf.py, test_smollm2.py.)"""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=50, tie_word_embeddings=True)
+    model = LlamaForCausalLM(config).eval()
+    model.save_pretrained(tmp_path / "hf")
+    file_keys = sorted(load_file(str(tmp_path / "hf" / "model.safetensors")))
+    assert "lm_head.weight" not in file_keys
+    ok("convert", tmp_path / "hf", "--rank", "full", "--keep-unsaving", "-o", tmp_path / "hf.lors", "-q")
+    ok("merge", tmp_path / "hf.lors", "-o", tmp_path / "hf.safetensors", "-q")
+    assert sorted(load_file(str(tmp_path / "hf.safetensors"))) == file_keys
+
+    lors_model, report = lors_convert.convert(LlamaForCausalLM.from_pretrained(str(tmp_path / "hf")), rank=None,
+                                              require_savings=False)
+    lors_convert.save(lors_model, tmp_path / "api.lors", report)
+    ok("merge", tmp_path / "api.lors", "-o", tmp_path / "api.safetensors", "-q")
+    assert sorted(load_file(str(tmp_path / "api.safetensors"))) == sorted(model.state_dict())
+
+    config = _config(tmp_path / "hf.lors")  # a checkpoint from before stored_aliases
+    del config["manifest"]["stored_aliases"]
+    _set_config(tmp_path / "hf.lors", config, metadata_too=True)
+    ok("merge", tmp_path / "hf.lors", "-o", tmp_path / "old.safetensors", "-q")
+    assert sorted(load_file(str(tmp_path / "old.safetensors"))) == sorted(model.state_dict())  # as it did then
+
+    torch.save(model.state_dict(), tmp_path / "both.pt")  # a state dict with both names of the tie
+    ckpt = tmp_path / "pt.lors"
+    ok("convert", tmp_path / "both.pt", "--arch", "tests.test_bad_inputs:tiny_tied_llama", "--rank", "full",
+       "--keep-unsaving", "-o", ckpt, "-q")
+    assert Checkpoint(ckpt).manifest["stored_aliases"] == ["lm_head.weight"]
+    ok("merge", ckpt, "-o", tmp_path / "pt.safetensors", "-q")
+    both = load_file(str(tmp_path / "pt.safetensors"))
+    assert sorted(both) == sorted(model.state_dict())
+    assert torch.equal(both["lm_head.weight"], both["model.embed_tokens.weight"])
+
+
+def tiny_tied_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                        num_attention_heads=4, num_key_value_heads=2, vocab_size=50,
+                                        tie_word_embeddings=True))
+
+
 # ---------------------------------------------------------------------------------------------
 # tampered checkpoints: report, merge and load
 

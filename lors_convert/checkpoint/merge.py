@@ -1,7 +1,8 @@
 """``lors merge``: a LORS checkpoint -> dense weights under exactly the source's keys, shapes and dtypes.
 
 Pure tensor math from the checkpoint alone (each layer class's ``merge_state``), streamed one
-converted group at a time into shards planned up front; no architecture is built.
+converted group at a time into shards planned up front; no architecture is built. A tied tensor is
+written under the names the source stored it under (:func:`~.format.merged_keys`).
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from ..errors import LorsError, short
 from ..io.atomic import atomic_output, check_not_input, check_output
 from ..io.safetensors import INDEX_NAME, WEIGHTS_NAME, ShardedWriter, meta_like
 from ..layers import layer_class
-from .format import CONFIG_NAME, DEFAULT_SHARD_SIZE, REPORT_NAME, alias_map
+from .format import CONFIG_NAME, DEFAULT_SHARD_SIZE, REPORT_NAME, alias_map, merged_keys
 from .reader import Checkpoint
 
 
@@ -24,6 +25,7 @@ from .reader import Checkpoint
 def merged_tensors(ckpt: Checkpoint, progress=None) -> Iterator[tuple[str, torch.Tensor]]:
     """Dense ``(key, tensor)`` pairs with exactly the source's keys, one converted group at a time."""
     manifest = ckpt.manifest
+    wanted = set(merged_keys(manifest))
     owners = ckpt.owner_prefixes()
     groups = [(s, e) for s in ckpt.stacks for e in s["params"]]
     steps = iter(groups)
@@ -41,7 +43,7 @@ def merged_tensors(ckpt: Checkpoint, progress=None) -> Iterator[tuple[str, torch
                 yield prefix + rel, _checked(ckpt, prefix + rel, t)
             del dense
     for key in manifest["keys"]:
-        if any(key.startswith(p) for p in owners):
+        if key not in wanted or any(key.startswith(p) for p in owners):
             continue
         source = manifest["aliases"].get(key, key)
         if any(source.startswith(p) for p in owners):
@@ -73,12 +75,13 @@ def merge_checkpoint(path: str | Path, out: str | Path, force: bool = False, pro
     if out.suffix == ".safetensors":  # one file: safetensors needs every tensor at once
         from safetensors.torch import save_file
 
+        keys = merged_keys(ckpt.manifest)
         dense = _clone_aliases(dict(merged_tensors(ckpt, progress)))
-        missing = [k for k in ckpt.manifest["keys"] if k not in dense]
+        missing = [k for k in keys if k not in dense]
         if missing:
             raise LorsError(f"{ckpt.path}: merge could not produce {missing[0]!r}")
         with atomic_output(out, force, directory=False) as tmp:
-            save_file({k: dense[k].contiguous() for k in ckpt.manifest["keys"]}, str(tmp), metadata=metadata)
+            save_file({k: dense[k].contiguous() for k in keys}, str(tmp), metadata=metadata)
         return out
     with atomic_output(out, force) as tmp:  # streamed: shards are written as their groups are merged
         writer = ShardedWriter(tmp, merge_spec(ckpt), max_shard_size, metadata)
@@ -95,7 +98,7 @@ def merge_checkpoint(path: str | Path, out: str | Path, force: bool = False, pro
 
 def merge_spec(ckpt: Checkpoint) -> dict[str, torch.Tensor]:
     """Meta tensors of the dense output in the order :func:`merged_tensors` produces them."""
-    keys = ckpt.manifest["keys"]
+    keys = {k: ckpt.manifest["keys"][k] for k in merged_keys(ckpt.manifest)}
     order: list[str] = []
     for stack in ckpt.stacks:
         for entry in stack["params"]:

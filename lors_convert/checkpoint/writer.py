@@ -143,4 +143,5 @@ def _manifest_from_lors(model: nn.Module, stacks: list[dict]) -> dict:
         if not rel.startswith("lors_") and rel not in entry["shared"]:  # factors are not dense keys
             dense_model_keys[name] = {"shape": list(t.shape), "dtype": dtype_name(t.dtype)}
     aliases = alias_map({name: t for name, t in lors_state.items() if name in dense_model_keys})
-    return {"keys": dense_model_keys, "aliases": aliases}
+    # the state dict is the source: it has every name of a tie
+    return {"keys": dense_model_keys, "aliases": aliases, "stored_aliases": list(aliases)}

@@ -36,6 +36,9 @@ class SourceInfo:
     arch: str | None = None  # "pkg.module:callable" for state dicts; HF class name for "hf"
     sha256: str | None = None
     files: list[str] = field(default_factory=list)  # small HF side files copied along (config, tokenizer)
+    # the tensor names the source file stores (None: the model's state dict is the source, with every
+    # name): merge writes a tied key back only where the source stored it
+    stored: set[str] | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict:
         return {"kind": self.kind, "path": self.path, "arch": self.arch, "sha256": self.sha256}
@@ -247,14 +250,16 @@ def build_hf(path: Path, device: str | torch.device = "meta", keys: set[str] | N
         return cls(config)
 
 
-def load_hf(path: Path) -> nn.Module:
+def load_hf(path: Path, stored: set[str] | None = None) -> nn.Module:
+    """The model of an HF directory, loaded by transformers; ``stored``: the weight files' keys."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our own progress and --json output own the terminal
     hf_logging.set_verbosity_error()  # its load report would break the one-line error contract
     config = load_hf_config(path)
-    files = hf_weight_files(path)  # clear error when weights are missing
-    cls = hf_model_class(config, set(SafetensorsReader(files).keys()))
+    if stored is None:
+        stored = set(SafetensorsReader(hf_weight_files(path)).keys())  # clear error when weights are missing
+    cls = hf_model_class(config, stored)
     try:
         model, info = cls.from_pretrained(str(path), local_files_only=True, dtype="auto",
                                           output_loading_info=True)
@@ -289,11 +294,12 @@ def load_source(path: str | Path, arch: str | None = None, trust_pickle: bool = 
     """Load a dense model from any supported input and say where it came from."""
     path = Path(path)
     if is_hf_dir(path):
-        model = load_hf(path)
+        stored = set(SafetensorsReader(hf_weight_files(path)).keys())
+        model = load_hf(path, stored)
         check_finite(model, path)
         files = [f for f in HF_SIDE_FILES if (path / f).is_file()]
         return model, SourceInfo(kind="hf", path=str(path.resolve()), arch=type(model).__name__,
-                                 sha256=file_sha256(hf_weight_files(path)), files=files)
+                                 sha256=file_sha256(hf_weight_files(path)), files=files, stored=stored)
     _check_file(path)
     sha = file_sha256([path])
     if arch is not None:
@@ -312,7 +318,8 @@ def load_source(path: str | Path, arch: str | None = None, trust_pickle: bool = 
             raise LorsError(f"{path} does not match --arch {arch}: missing {result.missing_keys[:3]}, "
                             f"unexpected {result.unexpected_keys[:3]}")
         check_finite(model, path)
-        return model.eval(), SourceInfo(kind="state_dict", path=str(path.resolve()), arch=arch, sha256=sha)
+        return model.eval(), SourceInfo(kind="state_dict", path=str(path.resolve()), arch=arch, sha256=sha,
+                                        stored=set(state))
     if path.suffix == ".safetensors":
         _read_safetensors(path)  # a clear error for corrupt files before the usage hint
         raise LorsUsageError(f"{path} holds only tensors: pass --arch package.module:callable to build the model")
