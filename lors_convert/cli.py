@@ -114,7 +114,7 @@ def emit_json(data) -> None:
 @app.command()
 @handle_errors
 def convert(
-    src: Path = typer.Argument(..., help="HF model dir, state dict (.safetensors/.pt, with --arch), "
+    src: Path = typer.Argument(..., help="HF model dir, GGUF file, state dict (.safetensors/.pt, with --arch), "
                                          "TorchScript archive, or pickled module (with --trust-pickle)."),
     rank: str = typer.Option("8", "--rank", "-r", help="Rank r of each private group, or 'full'."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output directory [<src>.lors]."),
@@ -166,9 +166,10 @@ def convert(
     data = options.pop("calibration_path")
     if data is not None:
         from .calibrate.data import read_calibration
+        from .io.gguf import is_gguf
         from .io.sources import is_hf_dir
 
-        data = read_calibration(data, src, is_hf_dir(src), heldout)
+        data = read_calibration(data, src, is_hf_dir(src) or is_gguf(src), heldout)
     report = convert_file(src, out, arch=arch, trust_pickle=trust_pickle, calibration_data=data,
                           max_shard_size=shard_size, force=force, dist=Dist.from_env(), dry_run=dry_run,
                           progress=make_progress(not (quiet or json_out)), **options)
@@ -325,7 +326,7 @@ def heal(
     from .calibrate.fidelity import fidelity, reference_outputs
     from .heal import heal as run_heal
     from .io.atomic import check_output
-    from .io.sources import HF_SIDE_FILES, SourceInfo, load_source
+    from .io.sources import SourceInfo, load_source
 
     if steps < 1 or lr <= 0:
         raise LorsUsageError("--steps must be >= 1 and --lr > 0")
@@ -345,9 +346,9 @@ def heal(
     teacher, _ = load_source(src["path"], arch=recorded_arch, trust_pickle=trust_pickle)
     student = ck.load(path, arch=recorded_arch, trust_pickle=trust_pickle)
     info = SourceInfo(kind=src["kind"], path=src.get("path"), arch=src.get("arch"), sha256=src.get("sha256"),
-                      files=[f for f in HF_SIDE_FILES if (path / f).is_file()] if src.get("kind") == "hf" else [])
-    data_set = read_calibration(data, path if has_tokenizer(path) else Path(info.path or ""), info.kind == "hf",
-                                heldout)
+                      files=ckpt.side_files() if src.get("kind") in ("hf", "gguf") else [])
+    data_set = read_calibration(data, path if has_tokenizer(path) else Path(info.path or ""),
+                                info.kind in ("hf", "gguf"), heldout)
     reference = reference_outputs(teacher, data_set.heldout) if data_set.heldout else None
     before = fidelity(student, reference) if reference is not None else {}
     state_file = out.parent / f".{out.name}.heal-state.pt"  # resumable across interruptions

@@ -7,8 +7,8 @@ getter, fits them (:func:`lors_convert.fit.fit_param`), fills the report row and
 - :class:`lors_convert.swap.ModuleSink` installs LORS layers in a model (:func:`convert`, the
   Python API, and every conversion that runs the model: calibration, LORSA);
 - :class:`lors_convert.checkpoint.CheckpointWriter` writes checkpoint shards as the factors come
-  (:func:`convert_file`: Hugging Face directories and ``.safetensors`` + architecture streamed one
-  stacked group at a time, TorchScript archives and other whole-loaded models from their state
+  (:func:`convert_file`: Hugging Face directories, ``.safetensors`` + architecture and GGUF files
+  streamed one stacked group at a time, TorchScript archives and other whole-loaded models from their state
   dict, ``torchrun`` ranks each writing their shards).
 """
 from __future__ import annotations
@@ -212,8 +212,8 @@ def convert_file(src: str | Path, out: str | Path | None, *, arch: str | None = 
 
     ``convert_kwargs`` are :func:`convert`'s. A model that has to run (``calibration_data``) or
     whose generators become LORSA layers (``adaptive``) is converted in memory and saved; every other
-    conversion writes the checkpoint from the weights directly, streamed from an HF directory or a
-    ``.safetensors`` file + ``arch`` (one stacked group in memory), else from the loaded model's state
+    conversion writes the checkpoint from the weights directly, streamed from an HF directory, a
+    ``.safetensors`` file + ``arch`` or a GGUF file (one stacked group in memory), else from the loaded model's state
     dict (TorchScript, pickles). Returns None on ``torchrun`` ranks other than 0.
     """
     src = Path(src)

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from ..errors import LorsError, LorsUsageError
+from ..io.gguf import is_gguf
 from .batches import Batch
 
 TENSOR_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
@@ -182,7 +183,8 @@ def has_tokenizer(directory: Path) -> bool:
 def read_calibration(data: Path, tokenizer_dir: Path, text_model: bool, heldout: Path | None = None
                      ) -> CalibrationData:
     """Calibration inputs from a file; text files are tokenized with the tokenizer in ``tokenizer_dir``
-    (``text_model``: the model is a Hugging Face model, whose directory should hold one)."""
+    (or in a GGUF file's metadata; ``text_model``: the model is a Hugging Face model, whose directory
+    should hold one)."""
     tokenizer = None
     if Path(data).suffix not in TENSOR_SUFFIXES:
         if not text_model and not (tokenizer_dir / "tokenizer.json").is_file():
@@ -191,7 +193,11 @@ def read_calibration(data: Path, tokenizer_dir: Path, text_model: bool, heldout:
         from transformers import AutoTokenizer
 
         try:
-            tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
+            if tokenizer_dir.is_file() and is_gguf(tokenizer_dir):
+                tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir.parent), gguf_file=tokenizer_dir.name,
+                                                          local_files_only=True)
+            else:
+                tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
         except Exception as e:
             raise LorsError(f"{tokenizer_dir}: no usable tokenizer for text calibration ({e})") from None
     return load_calibration(data, tokenizer=tokenizer, heldout_path=heldout)

@@ -52,7 +52,7 @@ def merged_keys(manifest: dict) -> list[str]:
 def stored_manifest(manifest: dict, stored) -> dict | None:
     """``manifest`` of a meta-device architecture with the dtypes as stored; None when a key is not
     in the stored tensors (they do not map onto the architecture: load the model whole instead).
-    ``stored`` is the lazy reader of the source files (``SafetensorsReader``)."""
+    ``stored`` is a lazy reader (``SafetensorsReader`` or ``GGUFTensors``)."""
     keys, aliases = manifest["keys"], manifest["aliases"]
     manifest["stored_aliases"] = [k for k in aliases if k in stored]
     for key, spec in keys.items():

@@ -15,10 +15,12 @@ import torch
 from ..discover.plan import dtype_name
 from ..errors import LorsError, short
 from ..io.atomic import atomic_output, check_not_input, check_output
-from ..io.safetensors import INDEX_NAME, WEIGHTS_NAME, ShardedWriter, meta_like
+from ..io.gguf_model import METADATA_NAME
+from ..io.safetensors import ShardedWriter, meta_like
 from ..layers import layer_class
-from .format import CONFIG_NAME, DEFAULT_SHARD_SIZE, REPORT_NAME, alias_map, merged_keys
+from .format import DEFAULT_SHARD_SIZE, alias_map, merged_keys
 from .reader import Checkpoint
+
 
 
 
@@ -66,7 +68,8 @@ def _checked(ckpt: Checkpoint, key: str, t: torch.Tensor) -> torch.Tensor:
 
 def merge_checkpoint(path: str | Path, out: str | Path, force: bool = False, progress=None,
                      max_shard_size: int | str = DEFAULT_SHARD_SIZE) -> Path:
-    """``lors merge``: dense weights under the source's keys; for an HF source a loadable directory."""
+    """``lors merge``: dense weights under the source's keys; for an HF or GGUF source a directory
+    transformers loads."""
     ckpt = Checkpoint(path)
     out = Path(out)
     check_not_input(out, Path(path))
@@ -88,11 +91,10 @@ def merge_checkpoint(path: str | Path, out: str | Path, force: bool = False, pro
         for key, t in merged_tensors(ckpt, progress):
             writer.add(key, t)
         writer.close()
-        if ckpt.source.get("kind") == "hf":
-            for f in ckpt.path.iterdir():
-                if f.is_file() and f.name not in (CONFIG_NAME, REPORT_NAME, WEIGHTS_NAME, INDEX_NAME) \
-                        and not f.name.endswith(".safetensors"):
-                    shutil.copy2(f, tmp / f.name)
+        if ckpt.source.get("kind") in ("hf", "gguf"):
+            for name in ckpt.side_files():
+                if name != METADATA_NAME:  # a GGUF source's metadata: not part of a transformers directory
+                    shutil.copy2(ckpt.path / name, tmp / name)
     return out
 
 
