@@ -278,9 +278,12 @@ def report(
 @handle_errors
 def merge(
     path: Path = typer.Argument(..., help="A LORS checkpoint directory."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o",
-                                          help="Dense output: a directory, or a .safetensors file [<ckpt>.merged]."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Dense output: a directory, a .safetensors "
+                                          "file, or a .gguf file [<ckpt>.merged]."),
     shard_size: str = typer.Option("2GB", "--max-shard-size"),
+    out_format: Optional[str] = typer.Option(None, "--format", help="hf (a directory, or a .safetensors file) or "
+                                             "gguf (a GGUF source only) [gguf for an output ending in .gguf]."),
+    outtype: Optional[str] = typer.Option(None, "--outtype", help="With --format gguf: f32 or f16 [f32]."),
     json_out: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
     force: bool = typer.Option(False, "--force", help="Replace an existing output."),
@@ -288,9 +291,12 @@ def merge(
     """Merge a LORS checkpoint back to dense weights with the source's keys, shapes and dtypes."""
     from .checkpoint import merge_checkpoint
 
-    out = output or default_output(path, ".merged")
+    out = output or default_output(path, ".gguf" if out_format == "gguf" else ".merged")
+    is_gguf = (out_format or ("gguf" if out.suffix.lower() == ".gguf" else "hf")) == "gguf"
+    if outtype is not None and not is_gguf:
+        raise LorsUsageError("--outtype goes with --format gguf")
     merge_checkpoint(path, out, force=force, progress=make_progress(not (quiet or json_out)),
-                     max_shard_size=shard_size)
+                     max_shard_size=shard_size, format=out_format, gguf_type=outtype or "f32")
     if json_out:
         emit_json({"output": str(out)})
     elif not quiet:

@@ -1,7 +1,8 @@
 """GGUF in and out (issue 18) on tiny Llama files written as llama.cpp writes them (tests/gguf_models.py).
 
 Reading is checked against the model the file was written from (exact for F32) and against
-transformers' own GGUF loader; conversion and merge round trips against the dequantized source.
+transformers' own GGUF loader; conversion and merge round trips against the dequantized source;
+the GGUF output by reading it back with the gguf package and with transformers.
 """
 from __future__ import annotations
 
@@ -109,7 +110,122 @@ def test_convert_then_merge_to_a_transformers_directory(files, tmp_path):
         AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)(text)["input_ids"]
 
 
+@pytest.mark.parametrize("outtype", ["f32", "f16"])
+def test_merge_to_gguf_gives_the_source_tensors_and_metadata(files, tmp_path, outtype):
+    import gguf
+
+    src = files["Q8_0"]
+    ckpt = tmp_path / "q8.lors"
+    run("convert", src, "--rank", "4", "-o", ckpt, "-q")  # truncated: the merge is LORS's approximation
+    exact = tmp_path / "full.lors"
+    run("convert", src, "--rank", "full", "--keep-unsaving", "-o", exact, "-q")
+    out = tmp_path / f"merged-{outtype}.gguf"
+    args = ["--outtype", outtype] if outtype == "f16" else []
+    run("merge", exact, "-o", out, "--format", "gguf", *args, "-q")
+
+    (source, meta_in), (merged, meta_out) = gm.contents(src), gm.contents(out)
+    assert sorted(merged) == sorted(source)  # same names: no output.weight for the tied head
+    tol = 1e-5 if outtype == "f32" else 1e-3
+    for name, t in source.items():
+        assert merged[name].shape == t.shape, name
+        assert np.abs(merged[name] - t).max() <= tol * np.abs(t).max(), name
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(out)).tensors}
+    want_2d = "F16" if outtype == "f16" else "F32"
+    assert all(types[n] == (want_2d if source[n].ndim == 2 else "F32") for n in source), types
+    assert meta_out.keys() == meta_in.keys()
+    assert {k for k in meta_in if str(meta_in[k]) != str(meta_out[k])} == {"general.file_type"}
+    assert meta_out["general.file_type"] == (1 if outtype == "f16" else 0)  # MOSTLY_F16 / ALL_F32
+
+    reread = transformers_model(out)  # transformers' GGUF reader accepts it: same function as the source
+    ref = logits(transformers_model(src), IDS)
+    assert (logits(reread, IDS) - ref).norm() / ref.norm() <= (1e-5 if outtype == "f32" else 1e-2)
+
+    approx = tmp_path / "r4.gguf"
+    run("merge", ckpt, "-o", approx, "-q")  # a .gguf output name chooses the format
+    lors_model = lors_convert.load(ckpt)
+    got = logits(transformers_model(approx), IDS)
+    want = logits(lors_model, IDS)
+    assert (got - want).norm() / want.norm() <= 1e-5  # the GGUF holds the rank-4 model's weights
+
+
+def test_untied_head_and_tensors_without_a_place(files, tmp_path):
+    src = files["untied"]
+    ckpt = tmp_path / "u.lors"
+    res = run("convert", src, "--rank", "full", "--keep-unsaving", "-o", ckpt, "--json")
+    warnings = json.loads(res.stdout)["warnings"]
+    assert any("rope_freqs.weight" in w and "GGUF output" in w for w in warnings), warnings
+    assert Checkpoint(ckpt).manifest["aliases"] == {}
+    run("merge", ckpt, "-o", tmp_path / "dense", "-q")
+    stored = load_file(str(tmp_path / "dense" / "model.safetensors"))
+    assert "lm_head.weight" in stored and not any("rope" in k for k in stored)
+    out = tmp_path / "u.gguf"
+    run("merge", ckpt, "-o", out, "-q")
+    (source, _), (merged, _) = gm.contents(src), gm.contents(out)
+    assert sorted(merged) == sorted(source) and "output.weight" in merged
+    assert np.array_equal(merged["rope_freqs.weight"], source["rope_freqs.weight"])  # carried through as is
+    for name, t in source.items():
+        assert np.abs(merged[name] - t).max() <= 1e-5 * np.abs(t).max(), name
+
+
 def test_report_projects_a_gguf_source(files):
     res = run("report", files["Q8_0"], "--ranks", "4,8", "--json")
     sweep = json.loads(res.stdout)
     assert [row["rank"] for row in sweep["ranks"]] == [4, 8]
+
+
+def test_merge_gguf_needs_a_gguf_source(tmp_path):
+    from tests.test_bad_inputs import ARCH, assert_clean_failure, write_weights
+
+    src = write_weights(tmp_path / "w.safetensors")
+    ckpt = tmp_path / "c.lors"
+    run("convert", src, "--arch", ARCH, "--rank", "4", "-o", ckpt, "-q")
+    for args, words in ((["--format", "gguf"], ("needs a checkpoint converted from a GGUF file",)),
+                        (["--outtype", "f16"], ("--outtype goes with --format gguf",)),
+                        (["--format", "onnx"], ("--format must be one of hf, gguf",))):
+        res = runner.invoke(app, ["merge", str(ckpt), "-o", str(tmp_path / "out"), *args])
+        assert_clean_failure(res, 2, words, None)
+        assert not (tmp_path / "out").exists()
+
+
+def test_calibrate_and_heal_a_gguf_source_then_merge_to_gguf(files, tmp_path):
+    """Text calibration tokenizes with the GGUF's own tokenizer; heal re-saves the side files, so the
+    healed checkpoint still merges into a GGUF with the source's metadata."""
+    src = files["Q8_0"]
+    text = tmp_path / "calib.txt"
+    text.write_text("\n".join(f"the hello {i} all tell the {i * 7} well" for i in range(24)))
+    cal = tmp_path / "cal.lors"
+    run("convert", src, "--calibrate", text, "--rank", "4", "-o", cal, "-q")
+    healed = tmp_path / "healed.lors"
+    run("heal", cal, "--data", text, "--steps", "2", "-o", healed, "-q")
+    assert sorted(Checkpoint(healed).side_files()) == sorted(Checkpoint(cal).side_files())
+    assert "gguf_metadata.gguf" in Checkpoint(healed).side_files()
+    out = tmp_path / "healed.gguf"
+    run("merge", healed, "-o", out, "-q")
+    (source, meta_in), (merged, meta_out) = gm.contents(src), gm.contents(out)
+    assert sorted(merged) == sorted(source) and meta_out.keys() == meta_in.keys()
+    got = logits(transformers_model(out), IDS)
+    want = logits(lors_convert.load(healed), IDS)
+    assert (got - want).norm() / want.norm() <= 1e-5
+
+
+@pytest.mark.parametrize("version", [2, 3])
+def test_qwen_gguf_reads_exactly_and_merges_back(tmp_path, version):
+    """Qwen2 (q/k/v biases) and Qwen3 (q/k norms) store every tensor as the model holds it."""
+    from lors_convert.io.sources import open_lazy
+
+    model = gm.qwen(version)
+    src = gm.write(tmp_path / f"qwen{version}.gguf", model, "F32", arch=f"qwen{version}")
+    meta, tensors, _ = open_lazy(src)
+    assert type(meta).__name__ == f"Qwen{version}ForCausalLM"
+    source = model.state_dict()
+    assert set(tensors.keys()) == set(source) - {"lm_head.weight"}
+    for key in tensors.keys():
+        assert torch.equal(tensors.get(key), source[key]), key
+    ckpt = tmp_path / "q.lors"
+    run("convert", src, "--rank", "4", "-o", ckpt, "-q")
+    out = tmp_path / "q.gguf"
+    run("merge", ckpt, "-o", out, "-q")
+    (before, meta_in), (after, meta_out) = gm.contents(src), gm.contents(out)
+    assert sorted(after) == sorted(before) and meta_out.keys() == meta_in.keys()
+    want = logits(lors_convert.load(ckpt), IDS)
+    assert (logits(transformers_model(out), IDS) - want).norm() / want.norm() <= 1e-5
