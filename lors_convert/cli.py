@@ -140,7 +140,7 @@ def emit_json(data) -> None:
 @app.command()
 @handle_errors
 def convert(
-    src: Path = typer.Argument(..., help="HF model dir, state dict (.safetensors/.pt, with --arch), "
+    src: Path = typer.Argument(..., help="HF model dir, GGUF file, state dict (.safetensors/.pt, with --arch), "
                                          "TorchScript archive, or pickled module (with --trust-pickle)."),
     rank: str = typer.Option("8", "--rank", "-r", help="Rank r of each private group, or 'full'."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output directory [<src>.lors]."),
@@ -307,9 +307,12 @@ def report(
 @handle_errors
 def merge(
     path: Path = typer.Argument(..., help="A LORS checkpoint directory."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o",
-                                          help="Dense output: a directory, or a .safetensors file [<ckpt>.merged]."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Dense output: a directory, a .safetensors "
+                                          "file, or a .gguf file [<ckpt>.merged]."),
     shard_size: str = typer.Option("2GB", "--max-shard-size"),
+    out_format: Optional[str] = typer.Option(None, "--format", help="hf (a directory, or a .safetensors file) or "
+                                             "gguf (a GGUF source only) [gguf for an output ending in .gguf]."),
+    outtype: Optional[str] = typer.Option(None, "--outtype", help="With --format gguf: f32 or f16 [f32]."),
     json_out: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
     force: bool = typer.Option(False, "--force", help="Replace an existing output."),
@@ -317,9 +320,12 @@ def merge(
     """Merge a LORS checkpoint back to dense weights with the source's keys, shapes and dtypes."""
     from .checkpoint import merge_checkpoint
 
-    out = output or default_output(path, ".merged")
+    out = output or default_output(path, ".gguf" if out_format == "gguf" else ".merged")
+    is_gguf = (out_format or ("gguf" if out.suffix.lower() == ".gguf" else "hf")) == "gguf"
+    if outtype is not None and not is_gguf:
+        raise LorsUsageError("--outtype goes with --format gguf")
     merge_checkpoint(path, out, force=force, progress=make_progress(not (quiet or json_out)),
-                     max_shard_size=shard_size)
+                     max_shard_size=shard_size, format=out_format, gguf_type=outtype or "f32")
     if json_out:
         emit_json({"output": str(out)})
     elif not quiet:
@@ -358,7 +364,7 @@ def heal(
     from .calibrate.fidelity import Reference, fidelity, fidelity_score, is_causal_lm
     from .heal import heal as run_heal
     from .io.atomic import check_output
-    from .io.sources import HF_SIDE_FILES, SourceInfo, load_source
+    from .io.sources import SourceInfo, load_source
 
     if steps < 1 or lr <= 0:
         raise LorsUsageError("--steps must be >= 1 and --lr > 0")
@@ -380,9 +386,9 @@ def heal(
     teacher, _ = load_source(src["path"], arch=recorded_arch, trust_pickle=trust_pickle)
     student = ck.load(path, arch=recorded_arch, trust_pickle=trust_pickle)
     info = SourceInfo(kind=src["kind"], path=src.get("path"), arch=src.get("arch"), sha256=src.get("sha256"),
-                      files=[f for f in HF_SIDE_FILES if (path / f).is_file()] if src.get("kind") == "hf" else [])
-    data_set = read_calibration(data, path if has_tokenizer(path) else Path(info.path or ""), info.kind == "hf",
-                                heldout)
+                      files=ckpt.side_files() if src.get("kind") in ("hf", "gguf") else [])
+    data_set = read_calibration(data, path if has_tokenizer(path) else Path(info.path or ""),
+                                info.kind in ("hf", "gguf"), heldout)
     reference = Reference(teacher, data_set.heldout) if data_set.heldout else None
     before = fidelity(student, reference) if reference is not None else {}
     loss = loss or ("kl" if is_causal_lm(teacher) else "mse")

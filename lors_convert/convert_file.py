@@ -3,8 +3,8 @@
 :func:`convert_file` picks the way in, runs the conversion loop (:func:`lors_convert.conversion.run_plan`)
 and measures the result on held-out inputs:
 
-- weights only (no model run): Hugging Face directories and ``.safetensors`` + architecture are
-  streamed one stacked group at a time, TorchScript archives and pickled modules converted from their
+- weights only (no model run): Hugging Face directories, ``.safetensors`` + architecture and GGUF
+  files are streamed one stacked group at a time, TorchScript archives and pickled modules converted from their
   state dict; the :class:`~lors_convert.checkpoint.CheckpointWriter` is the loop's sink;
 - in memory, when the model has to run (calibration, ``--target``) or its generators become LORSA
   layers: converted in place and saved.
@@ -63,7 +63,7 @@ def convert_file(src: str | Path, out: str | Path | None, *, arch: str | None = 
     ``log`` receives progress lines. Returns None on ``torchrun`` ranks other than 0.
     """
     src, out, dist = Path(src), Path(out) if out is not None else None, dist or Dist()
-    text_model = is_hf_dir(src) and has_tokenizer(src)
+    text_model = (is_hf_dir(src) or src.is_file()) and has_tokenizer(src)  # a GGUF file carries its tokenizer
     if target is not None and convert_kwargs.get("budget") is not None:
         raise LorsUsageError("--target chooses the budget: give --target or --budget, not both")
     wants_budget = convert_kwargs.get("budget") is not None or target is not None
@@ -81,7 +81,7 @@ def convert_file(src: str | Path, out: str | Path | None, *, arch: str | None = 
     if dist.world > 1:
         raise LorsUsageError("distributed conversion needs a Hugging Face directory or .safetensors + --arch")
     model, source = load_source(src, arch=arch, trust_pickle=trust_pickle)
-    manifest = source_manifest(model)
+    manifest = source_manifest(model, source.stored)
     if source.kind == "torchscript" and in_memory:
         raise LorsUsageError("--adaptive, --calibrate and --target need a rebuildable model, not a TorchScript archive")
     if not in_memory:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -225,7 +226,61 @@ CASES = [
     Case("arch_not_a_module", _convert(_w, "--arch", "builtins:dict"), 1, ("not a torch nn.Module",),
          names="builtins:dict"),
     Case("hf_dir_without_safetensors", _convert(lambda t: _hf_bin_only(t)), 1, ("model.safetensors",)),
+    # GGUF (issue 18): the header, the tensor table and the metadata must agree with each other and the file
+    Case("gguf_truncated", _convert(lambda t: _gguf_cut(t, 0.6)), 1, ("truncated",)),
+    Case("gguf_truncated_header", _convert(lambda t: _gguf_cut(t, 0.01)), 1, ("truncated or corrupt",)),
+    Case("gguf_empty", _convert(lambda t: _mk(t, "e.gguf", b"")), 1, ("not a GGUF file", "empty")),
+    Case("gguf_wrong_magic", _convert(lambda t: _mk(t, "m.gguf", b"GGUX" + _gguf_bytes(t)[4:])), 1,
+         ("not a GGUF file", "b'GGUX'")),
+    Case("gguf_wrong_magic_report", lambda t: ["report", _mk(t, "m.gguf", b"GGML" + _gguf_bytes(t)[4:])], 1,
+         ("not a GGUF file",)),
+    Case("gguf_unsupported_architecture", _convert(lambda t: _gguf(t, arch="gpt2")), 1,
+         ("GGUF architecture 'gpt2' is not supported", "llama")),
+    Case("gguf_tensor_count_beyond_table", _convert(lambda t: _gguf_tensor_count(t, +1)), 1,
+         ("corrupt GGUF",)),  # the reader parses tensor data as a table entry: where it fails depends on the bytes
+    Case("gguf_tensor_count_short_of_table", _convert(lambda t: _gguf_tensor_count(t, -1)), 1,
+         ("corrupt GGUF", "tensor count")),
+    Case("gguf_block_missing", _convert(lambda t: _gguf(t, drop=_block_names(2))), 1,
+         ("'model.layers.2.", "no tensor 'blk.2.")),
+    Case("gguf_block_count_too_small", _convert(lambda t: _gguf(t, block_count=2)), 1,
+         ("no place for tensor 'blk.2.", "block_count is 2")),
+    Case("gguf_metadata_shape_mismatch", _convert(lambda t: _gguf(t, ffn_length=96)), 1,
+         ("model.layers.0.mlp.gate_proj.weight", "shape [96, 64]", "[128, 64]")),
+    Case("gguf_type_not_dequantizable", _convert(lambda t: _gguf(
+        t, extra={"rope_freqs.weight": (np.zeros((1, 40), dtype=np.uint8), "Q8_1")})), 1,
+         ("'rope_freqs.weight'", "Q8_1", "cannot dequantize")),
+    Case("gguf_with_arch", _convert(lambda t: _gguf(t), "--arch", ARCH), 2, ("--arch does not apply",)),
 ]
+
+
+def _gguf(tmp: Path, name: str = "m.gguf", **kw) -> Path:
+    pytest.importorskip("gguf")
+    from tests import gguf_models
+
+    return gguf_models.write(_input(tmp, name), gguf_models.llama(), "Q8_0", **kw)
+
+
+def _gguf_bytes(tmp: Path) -> bytes:
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / "in").mkdir()
+        return _gguf(Path(d)).read_bytes()
+
+
+def _gguf_cut(tmp: Path, keep: float) -> Path:
+    data = _gguf_bytes(tmp)
+    return _mk(tmp, "cut.gguf", data[:int(len(data) * keep)])
+
+
+def _gguf_tensor_count(tmp: Path, delta: int) -> Path:
+    data = bytearray(_gguf_bytes(tmp))
+    count = struct.unpack_from("<Q", data, 8)[0]  # magic, version (u32), then the tensor count (u64)
+    struct.pack_into("<Q", data, 8, count + delta)
+    return _mk(tmp, "count.gguf", bytes(data))
+
+
+def _block_names(i: int) -> tuple[str, ...]:
+    return tuple(f"blk.{i}.{n}.weight" for n in ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output",
+                                                  "ffn_norm", "ffn_gate", "ffn_up", "ffn_down"))
 
 
 def _hf_missing_weight(tmp: Path) -> Path:
@@ -510,6 +565,60 @@ def test_tied_embedding_and_lm_head_survive_convert_and_merge(tmp_path):
     with torch.no_grad():
         a, b, c = (m(input_ids=ids).logits for m in (src_model, dense, lors_model))
     assert ((a - b).norm() / a.norm()) <= 1e-4 and ((a - c).norm() / a.norm()) <= 1e-4
+
+
+def ok(*args):
+    res = run(*args)
+    assert res.exit_code == 0, (res.exit_code, res.stderr)
+    return res
+
+
+def test_tied_keys_merge_once_for_every_source_kind(tmp_path):
+    """Merge writes exactly the source's keys: a tied lm_head comes back once from an HF directory
+    (as transformers saves it), under both names from a .pt state dict that stores both and from the
+    Python API (the state dict is the source). (A GGUF source: tests/test_gguf.py, test_smollm2.py.)"""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=50, tie_word_embeddings=True)
+    model = LlamaForCausalLM(config).eval()
+    model.save_pretrained(tmp_path / "hf")
+    file_keys = sorted(load_file(str(tmp_path / "hf" / "model.safetensors")))
+    assert "lm_head.weight" not in file_keys
+    ok("convert", tmp_path / "hf", "--rank", "full", "--keep-unsaving", "-o", tmp_path / "hf.lors", "-q")
+    ok("merge", tmp_path / "hf.lors", "-o", tmp_path / "hf.safetensors", "-q")
+    assert sorted(load_file(str(tmp_path / "hf.safetensors"))) == file_keys
+
+    lors_model, report = lors_convert.convert(LlamaForCausalLM.from_pretrained(str(tmp_path / "hf")), rank=None,
+                                              require_savings=False)
+    lors_convert.save(lors_model, tmp_path / "api.lors", report)
+    ok("merge", tmp_path / "api.lors", "-o", tmp_path / "api.safetensors", "-q")
+    assert sorted(load_file(str(tmp_path / "api.safetensors"))) == sorted(model.state_dict())
+
+    config = _config(tmp_path / "hf.lors")  # a checkpoint from before stored_aliases
+    del config["manifest"]["stored_aliases"]
+    _set_config(tmp_path / "hf.lors", config, metadata_too=True)
+    ok("merge", tmp_path / "hf.lors", "-o", tmp_path / "old.safetensors", "-q")
+    assert sorted(load_file(str(tmp_path / "old.safetensors"))) == sorted(model.state_dict())  # as it did then
+
+    torch.save(model.state_dict(), tmp_path / "both.pt")  # a state dict with both names of the tie
+    ckpt = tmp_path / "pt.lors"
+    ok("convert", tmp_path / "both.pt", "--arch", "tests.test_bad_inputs:tiny_tied_llama", "--rank", "full",
+       "--keep-unsaving", "-o", ckpt, "-q")
+    assert Checkpoint(ckpt).manifest["stored_aliases"] == ["lm_head.weight"]
+    ok("merge", ckpt, "-o", tmp_path / "pt.safetensors", "-q")
+    both = load_file(str(tmp_path / "pt.safetensors"))
+    assert sorted(both) == sorted(model.state_dict())
+    assert torch.equal(both["lm_head.weight"], both["model.embed_tokens.weight"])
+
+
+def tiny_tied_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                        num_attention_heads=4, num_key_value_heads=2, vocab_size=50,
+                                        tie_word_embeddings=True))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from ..errors import LorsError, LorsUsageError
+from ..io.gguf import is_gguf
 from .batches import Batch
 
 TENSOR_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
@@ -176,14 +177,21 @@ __all__ = ["CalibrationData", "read_texts", "text_batches", "read_tensors", "ten
 
 
 def has_tokenizer(directory: Path) -> bool:
+    """Whether ``directory`` holds a Hugging Face tokenizer, or is a GGUF file (which carries one)."""
+    directory = Path(directory)
+    if directory.is_file():
+        return is_gguf(directory)
     return (directory / "tokenizer_config.json").is_file() or (directory / "tokenizer.json").is_file()
 
 
 def load_tokenizer(directory: Path):
-    """The Hugging Face tokenizer saved in ``directory`` (local files only)."""
+    """The Hugging Face tokenizer saved in ``directory``, or in a GGUF file's metadata (local files only)."""
     from transformers import AutoTokenizer
 
+    directory = Path(directory)
     try:
+        if directory.is_file() and is_gguf(directory):
+            return AutoTokenizer.from_pretrained(str(directory.parent), gguf_file=directory.name, local_files_only=True)
         return AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
     except Exception as e:
         raise LorsError(f"{directory}: no usable tokenizer for text inputs ({e})") from None
@@ -192,7 +200,8 @@ def load_tokenizer(directory: Path):
 def read_calibration(data: Path, tokenizer_dir: Path, text_model: bool, heldout: Path | None = None
                      ) -> CalibrationData:
     """Calibration inputs from a file; text files are tokenized with the tokenizer in ``tokenizer_dir``
-    (``text_model``: the model is a Hugging Face model, whose directory should hold one)."""
+    (or in a GGUF file's metadata; ``text_model``: the model is a Hugging Face model, whose directory
+    should hold one)."""
     tokenizer = None
     if Path(data).suffix not in TENSOR_SUFFIXES:
         if not text_model and not (tokenizer_dir / "tokenizer.json").is_file():

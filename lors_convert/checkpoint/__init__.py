@@ -8,7 +8,8 @@ Layout (``lors_config.json`` documents every name)::
       model.safetensors            # or model-0000i-of-0000n.safetensors + model.safetensors.index.json
       lors_config.json             # format, source, source state-dict manifest, stacks and parameters
       report.json                  # the savings report
-      config.json, tokenizer...    # copied from a Hugging Face source
+      config.json, tokenizer...    # copied from a Hugging Face source, written from a GGUF source's metadata
+      gguf_metadata.gguf           # a GGUF source's key/values and tensors without a place in the model
 
 Tensor names: every untouched tensor keeps its original name; for a converted parameter
 ``<member>.<owner>.weight`` the stack's shared matrix is stored once as

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from pathlib import Path
 
 import torch
@@ -15,7 +15,6 @@ from torch import nn
 from ..version import __version__
 from ..discover.plan import ConversionPlan, dtype_name, param_entry
 from ..errors import LorsError
-from ..io.safetensors import SafetensorsReader
 from ..layers import LorsModule, layer_class
 from ..report import Report
 from ..io.sources import SourceInfo
@@ -28,17 +27,34 @@ BUFFER_PREFIX = "__buffers__."
 DEFAULT_SHARD_SIZE = "2GB"
 
 
-def source_manifest(model: nn.Module) -> dict:
-    """The source's state-dict keys with shape and dtype, and which keys alias an earlier one."""
+def source_manifest(model: nn.Module, stored: Collection[str] | None = None) -> dict:
+    """The source's state-dict keys with shape and dtype, which keys alias an earlier one (tied), and
+    which of those aliases the source stores under their own name too (``stored``: the source file's
+    tensor names; None: the state dict is the source, which has every name)."""
     state = model.state_dict(keep_vars=True)
     keys = {name: {"shape": list(t.shape), "dtype": dtype_name(t.dtype)} for name, t in state.items()}
-    return {"keys": keys, "aliases": alias_map(state)}
+    aliases = alias_map(state)
+    kept = [k for k in aliases if stored is None or k in stored]
+    return {"keys": keys, "aliases": aliases, "stored_aliases": kept}
 
 
-def stored_manifest(manifest: dict, stored: SafetensorsReader) -> dict | None:
+def merged_keys(manifest: dict) -> list[str]:
+    """The keys a merge writes, exactly the source's: a tied tensor under the names the source stored
+    it under (an HF directory or a GGUF file stores ``lm_head.weight`` tied to the embeddings once,
+    and ``from_pretrained`` re-ties it). A manifest written before ``stored_aliases`` writes every name."""
+    kept = manifest.get("stored_aliases")
+    if kept is None:
+        return list(manifest["keys"])
+    aliases, kept = manifest["aliases"], set(kept)
+    return [k for k in manifest["keys"] if k not in aliases or k in kept]
+
+
+def stored_manifest(manifest: dict, stored) -> dict | None:
     """``manifest`` of a meta-device architecture with the dtypes as stored; None when a key is not
-    in the stored tensors (they do not map onto the architecture: load the model whole instead)."""
+    in the stored tensors (they do not map onto the architecture: load the model whole instead).
+    ``stored`` is a lazy reader (``SafetensorsReader`` or ``GGUFTensors``)."""
     keys, aliases = manifest["keys"], manifest["aliases"]
+    manifest["stored_aliases"] = [k for k in aliases if k in stored]
     for key, spec in keys.items():
         if key in aliases:
             continue
@@ -244,6 +260,9 @@ def _validate_structure(config: dict, fail) -> None:
     for key, target in manifest["aliases"].items():
         if not isinstance(target, str) or target not in manifest["keys"] or key not in manifest["keys"]:
             fail(f"manifest alias {key!r} -> {target!r} names a key the manifest lacks")
+    stored_aliases = manifest.get("stored_aliases", [])  # absent in checkpoints written before it
+    if not _is_strs(stored_aliases) or any(k not in manifest["aliases"] for k in stored_aliases):
+        fail("manifest stored_aliases must list aliases of the manifest")
     for s in config["stacks"]:
         if not _is_strs(s["members"]) or len(set(s["members"])) != len(s["members"]):
             fail(f"stack {s.get('path')!r}: members must be distinct strings")

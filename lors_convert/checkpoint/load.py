@@ -31,7 +31,9 @@ def build_architecture(ckpt: Checkpoint, trust_pickle: bool = False, arch: str |
     """
     source = ckpt.source
     kind = source.get("kind")
-    if kind == "hf":
+    if kind in ("hf", "gguf"):  # a GGUF source's config.json was written from its metadata at conversion
+        if not (ckpt.path / "config.json").is_file():
+            raise LorsError(f"{ckpt.path}: the checkpoint of a {kind} source has no config.json to rebuild it from")
         return build_hf(ckpt.path, device="meta", keys=set(ckpt.config["manifest"]["keys"]))
     if kind == "state_dict":
         recorded = source["arch"]

@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 
 from ..errors import LorsError, short
-from ..io.safetensors import WEIGHTS_NAME, SafetensorsReader, directory_weight_files, read_json
+from ..io.safetensors import INDEX_NAME, WEIGHTS_NAME, SafetensorsReader, directory_weight_files, read_json
 from ..report import Report
 from .format import CONFIG_NAME, REPORT_NAME, check_report_types, json_or_none, validate_config
 
@@ -51,6 +51,12 @@ class Checkpoint:
 
     def keys(self) -> list[str]:
         return self.tensors.keys()
+
+    def side_files(self) -> list[str]:
+        """The files next to the weights that came from the source (config, tokenizer, GGUF metadata)."""
+        own = {CONFIG_NAME, REPORT_NAME, WEIGHTS_NAME, INDEX_NAME}
+        return sorted(f.name for f in self.path.iterdir()
+                      if f.is_file() and f.name not in own and not f.name.endswith(".safetensors"))
 
     def __contains__(self, key: str) -> bool:
         return key in self.tensors

@@ -7,7 +7,6 @@ converted in-memory model through the same writer, so both paths give the same f
 """
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -84,16 +83,14 @@ class CheckpointWriter:
         self.shards.add(key, tensor)
 
     def close(self, report: Report, files_dir: Path | None = None) -> None:
-        """Finish the shards; the main process writes the index, config, report and the HF side files
-        (from ``files_dir``, default the source directory)."""
+        """Finish the shards; the main process writes the index, config, report and the source's side
+        files (copied from ``files_dir``, default the source directory; or produced from a GGUF source)."""
         self.shards.close()
         if not self.dist.is_main:
             return
+        report.warnings += self.source.write_files(self.directory, files_dir)
         (self.directory / CONFIG_NAME).write_text(dump_json(self.config))
         (self.directory / REPORT_NAME).write_text(dump_json(report.to_dict()))
-        if self.source.kind == "hf" and self.source.path:
-            for name in self.source.files:
-                shutil.copy2(Path(files_dir or self.source.path) / name, self.directory / name)
 
 
 def save(model: nn.Module, out: str | Path, report: Report | None = None, source: SourceInfo | None = None,
@@ -143,4 +140,5 @@ def _manifest_from_lors(model: nn.Module, stacks: list[dict]) -> dict:
         if not rel.startswith("lors_") and rel not in entry["shared"]:  # factors are not dense keys
             dense_model_keys[name] = {"shape": list(t.shape), "dtype": dtype_name(t.dtype)}
     aliases = alias_map({name: t for name, t in lors_state.items() if name in dense_model_keys})
-    return {"keys": dense_model_keys, "aliases": aliases}
+    # the state dict is the source: it has every name of a tie
+    return {"keys": dense_model_keys, "aliases": aliases, "stored_aliases": list(aliases)}

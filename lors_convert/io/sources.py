@@ -1,8 +1,9 @@
-"""Reading the models users have: HF directories, state dicts + architecture, TorchScript, pickles.
+"""Reading the models users have: HF directories, state dicts + architecture, GGUF files, TorchScript,
+pickles.
 
 Knows nothing of LORS. :func:`load_source` loads a dense model whole; :func:`open_lazy` gives,
-for an HF directory or a ``.safetensors`` file + architecture, the architecture on the meta device
-and a lazy reader of its tensors (streaming). Unpickling runs code from the file, so every
+for an HF directory, a ``.safetensors`` file + architecture or a GGUF file, the architecture on the
+meta device and a lazy reader of its tensors (streaming). Unpickling runs code from the file, so every
 ``torch.load`` here is ``weights_only=True`` unless the caller passes ``trust_pickle=True``. Every
 failure is a :class:`LorsError` naming the file.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import pickle
+import shutil
 import warnings
 import zipfile
 from collections.abc import Callable
@@ -21,6 +23,8 @@ import torch
 from torch import nn
 
 from ..errors import LorsError, LorsUsageError, short
+from .gguf import GGUFFile, is_gguf
+from .gguf_model import GGUFTensors, export_side_files, load_config
 from .safetensors import SafetensorsReader, directory_weight_files
 
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
@@ -31,14 +35,30 @@ PICKLE_FLAG = "--trust-pickle"
 class SourceInfo:
     """What a checkpoint records about where its weights came from."""
 
-    kind: str  # "hf", "state_dict", "torchscript", "pickle", "module"
+    kind: str  # "hf", "state_dict", "gguf", "torchscript", "pickle", "module"
     path: str | None = None
-    arch: str | None = None  # "pkg.module:callable" for state dicts; HF class name for "hf"
+    arch: str | None = None  # "pkg.module:callable" for state dicts; HF class name for "hf" and "gguf"
     sha256: str | None = None
     files: list[str] = field(default_factory=list)  # small HF side files copied along (config, tokenizer)
+    # the tensor names the source file stores (None: the model's state dict is the source, with every
+    # name): merge writes a tied key back only where the source stored it
+    stored: set[str] | None = field(default=None, repr=False)
+    # produces the side files (a GGUF source: config, tokenizer, metadata) -> (files, warnings)
+    export: Callable[[Path], tuple[list[str], list[str]]] | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict:
         return {"kind": self.kind, "path": self.path, "arch": self.arch, "sha256": self.sha256}
+
+    def write_files(self, directory: Path, files_dir: Path | None = None) -> list[str]:
+        """Put the side files into ``directory``: copied from ``files_dir`` (default: the source
+        directory of an HF source), or produced from the source (GGUF). Returns warnings."""
+        if files_dir is None and self.export is not None:
+            self.files, warnings = self.export(directory)
+            return warnings
+        origin = files_dir or (Path(self.path) if self.kind == "hf" and self.path else None)
+        for name in self.files if origin is not None else []:
+            shutil.copy2(Path(origin) / name, Path(directory) / name)
+        return []
 
 
 def file_sha256(paths: list[Path]) -> str:
@@ -247,14 +267,16 @@ def build_hf(path: Path, device: str | torch.device = "meta", keys: set[str] | N
         return cls(config)
 
 
-def load_hf(path: Path) -> nn.Module:
+def load_hf(path: Path, stored: set[str] | None = None) -> nn.Module:
+    """The model of an HF directory, loaded by transformers; ``stored``: the weight files' keys."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our own progress and --json output own the terminal
     hf_logging.set_verbosity_error()  # its load report would break the one-line error contract
     config = load_hf_config(path)
-    files = hf_weight_files(path)  # clear error when weights are missing
-    cls = hf_model_class(config, set(SafetensorsReader(files).keys()))
+    if stored is None:
+        stored = set(SafetensorsReader(hf_weight_files(path)).keys())  # clear error when weights are missing
+    cls = hf_model_class(config, stored)
     try:
         model, info = cls.from_pretrained(str(path), local_files_only=True, dtype="auto",
                                           output_loading_info=True)
@@ -289,11 +311,14 @@ def load_source(path: str | Path, arch: str | None = None, trust_pickle: bool = 
     """Load a dense model from any supported input and say where it came from."""
     path = Path(path)
     if is_hf_dir(path):
-        model = load_hf(path)
+        stored = set(SafetensorsReader(hf_weight_files(path)).keys())
+        model = load_hf(path, stored)
         check_finite(model, path)
         files = [f for f in HF_SIDE_FILES if (path / f).is_file()]
         return model, SourceInfo(kind="hf", path=str(path.resolve()), arch=type(model).__name__,
-                                 sha256=file_sha256(hf_weight_files(path)), files=files)
+                                 sha256=file_sha256(hf_weight_files(path)), files=files, stored=stored)
+    if is_gguf(path):
+        return load_gguf(path, arch)
     _check_file(path)
     sha = file_sha256([path])
     if arch is not None:
@@ -312,7 +337,8 @@ def load_source(path: str | Path, arch: str | None = None, trust_pickle: bool = 
             raise LorsError(f"{path} does not match --arch {arch}: missing {result.missing_keys[:3]}, "
                             f"unexpected {result.unexpected_keys[:3]}")
         check_finite(model, path)
-        return model.eval(), SourceInfo(kind="state_dict", path=str(path.resolve()), arch=arch, sha256=sha)
+        return model.eval(), SourceInfo(kind="state_dict", path=str(path.resolve()), arch=arch, sha256=sha,
+                                        stored=set(state))
     if path.suffix == ".safetensors":
         _read_safetensors(path)  # a clear error for corrupt files before the usage hint
         raise LorsUsageError(f"{path} holds only tensors: pass --arch package.module:callable to build the model")
@@ -333,8 +359,8 @@ def load_source(path: str | Path, arch: str | None = None, trust_pickle: bool = 
 
 
 def open_lazy(path: str | Path, arch: str | None = None) -> tuple[nn.Module, SafetensorsReader, SourceInfo] | None:
-    """(meta-device model, lazy tensors, source info) for an HF directory or ``.safetensors`` +
-    ``arch``; None for any other input (it must be loaded whole).
+    """(meta-device model, lazy tensors, source info) for an HF directory, ``.safetensors`` +
+    ``arch`` or a GGUF file; None for any other input (it must be loaded whole).
 
     The info's ``sha256`` is left None: hashing reads every byte, so the caller does it only once
     it will write.
@@ -349,4 +375,46 @@ def open_lazy(path: str | Path, arch: str | None = None) -> tuple[nn.Module, Saf
         tensors = SafetensorsReader([src])
         model = empty_model(lambda: build_arch(arch))
         return model, tensors, SourceInfo(kind="state_dict", path=str(src.resolve()), arch=arch)
+    if is_gguf(src):
+        return open_gguf(src, arch)
     return None
+
+
+# ---------------------------------------------------------------------------------------------
+# GGUF files
+
+
+def open_gguf(path: Path, arch: str | None = None):
+    """(meta-device model, lazy dequantized tensors, source info) of a GGUF file: the transformers
+    causal LM its metadata describes, tied weights tied."""
+    if arch is not None:
+        raise LorsUsageError(f"{path}: --arch does not apply to a GGUF file (its metadata names the architecture)")
+    gguf = GGUFFile(path)
+    config = load_config(gguf)
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = empty_model(lambda: AutoModelForCausalLM.from_config(config))
+    except Exception as e:
+        raise LorsError(f"{path}: transformers cannot build the model its GGUF metadata describes ({short(e)})") from None
+    config.architectures = [type(model).__name__]  # config.json names the class, as a saved HF model's does
+    state = model.state_dict(keep_vars=True)
+    first: dict[int, str] = {}
+    tied = [k for k, t in state.items() if first.setdefault(id(t), k) != k]
+    tensors = GGUFTensors(gguf, {k: tuple(t.shape) for k, t in state.items()}, tied, type(model).__name__)
+    info = SourceInfo(kind="gguf", path=str(path.resolve()), arch=type(model).__name__, stored=set(tensors.keys()),
+                      export=lambda directory: export_side_files(gguf, config, tensors.extras, directory))
+    return model, tensors, info
+
+
+def load_gguf(path: Path, arch: str | None = None) -> tuple[nn.Module, SourceInfo]:
+    """A GGUF file's model with every tensor dequantized (float32)."""
+    model, tensors, info = open_gguf(path, arch)
+    model.load_state_dict({k: tensors.get(k) for k in tensors.keys()}, strict=False, assign=True)
+    model.tie_weights()  # assign replaced the tied parameter's owner only
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.device.type == "meta"]
+    if left:
+        raise LorsError(f"{path}: no tensor for {left[0]!r}")
+    check_finite(model, path)
+    info.sha256 = file_sha256([path])
+    return model.eval(), info
