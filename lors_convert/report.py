@@ -164,7 +164,7 @@ def fidelity_line(quality: dict, prefix: str = "heldout") -> str | None:
     if q.get("cosine") is not None:
         parts.append(f"embedding cosine {q['cosine']:.4f} (5th pct {q['cosine_p05']:.4f})")
     if q.get("ppl") is not None:
-        parts.append(f"perplexity {q['ppl']:.2f} vs {q['ppl_source']:.2f} ({q['ppl_ratio']:.3f}x)")
+        parts.append(f"perplexity {q['ppl']:.4g} vs {q['ppl_source']:.4g} ({q['ppl_ratio']:.4g}x)")
     if q.get("top1") is not None:
         parts.append(f"top-1 agreement {q['top1']:.4f}")
     if q.get("kl") is not None:

@@ -192,7 +192,7 @@ def fidelity_problems(quality: dict, prefix: str = "heldout") -> list[str]:
             problems.append(f"{what} {value:.3f} (< {POOR_SIMILARITY})")
     ratio = quality.get(f"{prefix}_ppl_ratio")
     if ratio is not None and ratio > POOR_PPL_RATIO:
-        problems.append(f"perplexity {ratio:.2f}x the source's (> {POOR_PPL_RATIO}x)")
+        problems.append(f"perplexity {ratio:.3g}x the source's (> {POOR_PPL_RATIO}x)")
     if quality.get(f"{prefix}_samples") and any(quality.get(f"{prefix}_{k}") is None
                                                 for k in ("rel_error",)):
         problems.append("outputs are not finite")
