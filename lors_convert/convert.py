@@ -28,7 +28,7 @@ from .checkpoint.format import (BUFFER_PREFIX, DEFAULT_SHARD_SIZE, nonpersistent
 from .checkpoint.writer import CheckpointWriter, save
 from .counting import count_parameters
 from .discover.generators import check_specs_used, make_adaptive_hook
-from .discover.plan import ConversionPlan, Groups, ParamPlan, plan_conversion
+from .discover.plan import ConversionPlan, Groups, ParamPlan, full_rank_note, plan_conversion
 from .errors import LorsUsageError, about
 from .fit import Fit, FitOptions, fit_param
 from .fit.calibrated import SHARING, apply_budget, quality_summary
@@ -91,6 +91,8 @@ def _plan(model: nn.Module, get: Getter, rank, groups, include, exclude, require
                                   shared_parts=shared_parts, sharing=sharing)
     else:
         plan = plan_conversion(model, rank, groups, include, exclude, require_savings, adaptive=hook)
+        if rank is None and any(pp.kind == "static" for pp in plan.params):
+            plan.warnings.append(full_rank_note(plan.params))  # asked for: exact, and it saves nothing
     if hook is not None:
         check_specs_used(hook)
     return plan, allocation

@@ -168,6 +168,33 @@ def test_state_dict_with_arch_round_trip(tmp_path):
     assert_merges_back(out, model, tmp_path / "m.safetensors")
 
 
+def test_rank_full_is_exact_without_keep_unsaving_and_says_it_saves_nothing(tmp_path):
+    """--rank full is documented as exact: it converts every matrix, and the report says what it costs."""
+    torch.manual_seed(0)
+    model = StackedMLP().eval()
+    src = tmp_path / "mlp.safetensors"
+    save_file(model.state_dict(), str(src))
+    out = tmp_path / "full.lors"
+    res = run("convert", src, "--arch", "tests.archs:stacked_mlp", "--rank", "full", "-o", out, "--json")
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout)
+    assert {m["name"] for m in report["stacks"][0]["matrices"]} == {"up.weight", "down.weight"}
+    assert report["stacks"][0]["kept_dense"] == {}
+    assert any("exact" in w and "saves nothing" in w for w in report["warnings"]), report["warnings"]
+    assert report["total"]["params_after"] > report["total"]["params_before"]
+    human = run("report", out)
+    assert human.exit_code == 0 and "saves nothing" in human.stderr and "None" not in human.stderr
+    assert_merges_back(out, model, tmp_path / "m.safetensors")
+
+
+def test_no_message_prints_none_for_a_rank(tmp_path):
+    src = tmp_path / "w.safetensors"
+    save_file(StackedMLP().state_dict(), str(src))
+    res = run("convert", src, "--arch", "tests.archs:stacked_mlp", "--rank", "31", "-o", tmp_path / "o.lors")
+    assert res.exit_code == 1 and "rank 31 x groups saves nothing" in res.stderr, res.stderr
+    assert "None" not in res.stderr
+
+
 def test_state_dict_without_arch_is_usage_error(tmp_path):
     src = tmp_path / "w.safetensors"
     save_file(StackedMLP().state_dict(), str(src))

@@ -151,8 +151,9 @@ def plan_conversion(
 ) -> ConversionPlan:
     """Decide, without touching weights, which stacked parameters become LORS and at what rank.
 
-    ``rank=None`` converts at full rank (exact). With ``require_savings`` a matrix whose
-    factorization would not save parameters stays dense (and the report says so).
+    ``rank=None`` converts every matrix at full rank (exact, whatever ``require_savings``;
+    :func:`full_rank_note` says what it costs). With ``require_savings`` a matrix whose
+    factorization at ``rank`` would not save parameters stays dense (and the report says so).
     ``adaptive(model, stack, param)`` may claim a parameter as a generator: it returns the LORSA
     settings (``rank``, ``groups``, layout) or None.
     """
@@ -184,7 +185,7 @@ def plan_conversion(
                 continue
             d, h = sp.shape[0], math.prod(sp.shape[1:])
             ranks, clamped = resolve_ranks(rank, groups_i, d, h)
-            if require_savings and not saves_parameters(d, h, ranks):
+            if require_savings and rank is not None and not saves_parameters(d, h, ranks):
                 stack.excluded[sp.relname] = (f"rank {rank} x groups saves nothing on a {d}x{h} matrix "
                                               f"({lors_param_count(d, h, ranks)} >= "
                                               f"{dense_param_count(d, h, len(ranks))} parameters)")
@@ -200,6 +201,14 @@ def plan_conversion(
             f"found {len(stacks)} stack(s) but no parameter to convert: " + "; ".join(sorted(reasons)[:3])
         )
     return ConversionPlan(stacks=stacks, params=params, warnings=warnings)
+
+
+def full_rank_note(params: list[ParamPlan]) -> str:
+    """What a full-rank conversion costs: it is exact, and it saves nothing."""
+    static = [pp for pp in params if pp.kind == "static"]
+    lors, dense = sum(pp.lors_params for pp in static), sum(pp.dense_params for pp in static)
+    return (f"rank full is an exact conversion and saves nothing: the converted matrices take {lors} "
+            f"parameters instead of {dense} dense")
 
 
 class AdaptivePlan(ParamPlan):
