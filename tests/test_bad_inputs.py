@@ -160,9 +160,9 @@ def _w(tmp: Path) -> Path:
 
 
 CASES = [
-    Case("missing_file", _convert(lambda t: _input(t, "missing.pt")), 1, ("no such file",)),
-    Case("missing_file_report", lambda t: ["report", _input(t, "missing.lors")], 1, ("no such file",)),
-    Case("missing_file_merge", lambda t: ["merge", _input(t, "missing.lors")], 1, ("no such file",),
+    Case("missing_file", _convert(lambda t: _input(t, "missing.pt")), 2, ("no such file",)),
+    Case("missing_file_report", lambda t: ["report", _input(t, "missing.lors")], 2, ("no such file",)),
+    Case("missing_file_merge", lambda t: ["merge", _input(t, "missing.lors")], 2, ("no such file",),
          out="merged"),
     Case("empty_pt", _convert(lambda t: _mk(t, "empty.pt", b"")), 1, ("empty",)),
     Case("empty_safetensors_arch", _convert(lambda t: _mk(t, "e.safetensors", b""), "--arch", ARCH), 1,

@@ -246,9 +246,10 @@ def test_report_rank_sweep_on_dense_source(tmp_path):
     (["convert", "{src}", "--arch", "tests.archs:stacked_mlp", "--groups", "1,2"], 2, "groups"),
     (["convert", "{src}", "--arch", "tests.archs:stacked_mlp", "--include", "*nothing*"], 2, "*nothing*"),
     (["convert", "{src}", "--arch", "nonexistent_pkg:fn"], 2, "nonexistent_pkg"),
-    (["convert", "{missing}"], 1, "no such file"),
-    (["report", "{missing}"], 1, "no such file"),
-    (["merge", "{missing}"], 1, "no such file"),
+    (["convert", "{missing}"], 2, "no such file"),
+    (["report", "{missing}"], 2, "no such file"),
+    (["merge", "{missing}"], 2, "no such file"),
+    (["heal", "{missing}", "--data", "{src}"], 2, "no such file"),
     (["convert"], 2, "Missing argument"),
     (["convert", "{src}", "--bogus"], 2, "--bogus"),
 ])

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import LorsError, short
+from ..errors import LorsError, LorsUsageError, short
 from ..io.safetensors import WEIGHTS_NAME, SafetensorsReader, directory_weight_files, read_json
 from ..report import Report
 from .format import CONFIG_NAME, REPORT_NAME, check_report_types, json_or_none, validate_config
@@ -17,7 +17,7 @@ class Checkpoint:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         if not self.path.exists():
-            raise LorsError(f"{self.path}: no such file or directory")
+            raise LorsUsageError(f"{self.path}: no such file or directory")
         if not (self.path / CONFIG_NAME).is_file():
             raise LorsError(f"{self.path}: not a LORS checkpoint (no {CONFIG_NAME})")
         self.config = read_json(self.path / CONFIG_NAME)

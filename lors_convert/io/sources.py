@@ -120,8 +120,8 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _check_file(path: Path) -> None:
-    if not path.exists():
-        raise LorsError(f"{path}: no such file or directory")
+    if not path.exists():  # a wrong path is a usage error (exit 2), like a wrong flag
+        raise LorsUsageError(f"{path}: no such file or directory")
     if path.is_dir():
         raise LorsError(f"{path}: is a directory without config.json (not a Hugging Face model directory)")
     if path.stat().st_size == 0:
