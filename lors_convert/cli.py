@@ -325,7 +325,7 @@ def heal(
     from .calibrate.fidelity import fidelity, reference_outputs
     from .heal import heal as run_heal
     from .io.atomic import check_output
-    from .io.sources import HF_SIDE_FILES, SourceInfo, load_source
+    from .io.sources import SourceInfo, hf_side_files, load_source
 
     if steps < 1 or lr <= 0:
         raise LorsUsageError("--steps must be >= 1 and --lr > 0")
@@ -345,7 +345,7 @@ def heal(
     teacher, _ = load_source(src["path"], arch=recorded_arch, trust_pickle=trust_pickle)
     student = ck.load(path, arch=recorded_arch, trust_pickle=trust_pickle)
     info = SourceInfo(kind=src["kind"], path=src.get("path"), arch=src.get("arch"), sha256=src.get("sha256"),
-                      files=[f for f in HF_SIDE_FILES if (path / f).is_file()] if src.get("kind") == "hf" else [])
+                      files=hf_side_files(path) if src.get("kind") == "hf" else [])
     data_set = read_calibration(data, path if has_tokenizer(path) else Path(info.path or ""), info.kind == "hf",
                                 heldout)
     reference = reference_outputs(teacher, data_set.heldout) if data_set.heldout else None

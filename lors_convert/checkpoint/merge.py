@@ -14,6 +14,7 @@ import torch
 from ..discover.plan import dtype_name
 from ..errors import LorsError, short
 from ..io.atomic import atomic_output, check_not_input, check_output
+from ..io.confine import confined
 from ..io.safetensors import INDEX_NAME, WEIGHTS_NAME, ShardedWriter, meta_like
 from ..layers import layer_class
 from .format import CONFIG_NAME, DEFAULT_SHARD_SIZE, REPORT_NAME, alias_map
@@ -86,10 +87,10 @@ def merge_checkpoint(path: str | Path, out: str | Path, force: bool = False, pro
             writer.add(key, t)
         writer.close()
         if ckpt.source.get("kind") == "hf":
-            for f in ckpt.path.iterdir():
+            for f in sorted(ckpt.path.iterdir()):
                 if f.is_file() and f.name not in (CONFIG_NAME, REPORT_NAME, WEIGHTS_NAME, INDEX_NAME) \
                         and not f.name.endswith(".safetensors"):
-                    shutil.copy2(f, tmp / f.name)
+                    shutil.copy2(confined(ckpt.path, f.name, "side file"), tmp / f.name)
     return out
 
 

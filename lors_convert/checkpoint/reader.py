@@ -6,6 +6,7 @@ from pathlib import Path
 import torch
 
 from ..errors import LorsError, LorsUsageError, short
+from ..io.confine import confined
 from ..io.safetensors import WEIGHTS_NAME, SafetensorsReader, directory_weight_files, read_json
 from ..report import Report
 from .format import CONFIG_NAME, REPORT_NAME, check_report_types, json_or_none, validate_config
@@ -18,7 +19,7 @@ class Checkpoint:
         self.path = Path(path)
         if not self.path.exists():
             raise LorsUsageError(f"{self.path}: no such file or directory")
-        if not (self.path / CONFIG_NAME).is_file():
+        if not confined(self.path, CONFIG_NAME, "config").is_file():
             raise LorsError(f"{self.path}: not a LORS checkpoint (no {CONFIG_NAME})")
         self.config = read_json(self.path / CONFIG_NAME)
         validate_config(self.config, self.path / CONFIG_NAME)
@@ -56,7 +57,7 @@ class Checkpoint:
         return key in self.tensors
 
     def report(self) -> Report:
-        path = self.path / REPORT_NAME
+        path = confined(self.path, REPORT_NAME, "report")
         if not path.is_file():
             raise LorsError(f"{self.path}: missing {REPORT_NAME}")
         try:

@@ -18,6 +18,7 @@ from ..discover.plan import ParamPlan, dtype_name
 from ..errors import LorsError
 from ..fit import Fit
 from ..io.atomic import atomic_output
+from ..io.confine import confined
 from ..io.dist import Dist
 from ..io.safetensors import ShardedWriter, dump_json, meta_like
 from ..io.sources import SourceInfo
@@ -92,8 +93,9 @@ class CheckpointWriter:
         (self.directory / CONFIG_NAME).write_text(dump_json(self.config))
         (self.directory / REPORT_NAME).write_text(dump_json(report.to_dict()))
         if self.source.kind == "hf" and self.source.path:
-            for name in self.source.files:
-                shutil.copy2(Path(files_dir or self.source.path) / name, self.directory / name)
+            directory = Path(files_dir or self.source.path)
+            for name in self.source.files:  # checked again here: the directory may have changed since
+                shutil.copy2(confined(directory, name, "side file"), self.directory / name)
 
 
 def save(model: nn.Module, out: str | Path, report: Report | None = None, source: SourceInfo | None = None,

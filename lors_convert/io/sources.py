@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..errors import LorsError, LorsUsageError, short
+from .confine import confined
 from .safetensors import SafetensorsReader, directory_weight_files
 
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
@@ -193,6 +194,12 @@ def is_hf_dir(path: Path) -> bool:
     return path.is_dir() and (path / "config.json").is_file()
 
 
+def hf_side_files(path: Path) -> list[str]:
+    """The side files (config, tokenizer) present in an HF directory, each confined to it: a side
+    file that links outside the directory is refused, never read or copied into an output."""
+    return [name for name in HF_SIDE_FILES if confined(path, name, "side file").is_file()]
+
+
 def hf_weight_files(path: Path) -> list[Path]:
     files = directory_weight_files(path)  # an index's shards are confined to the directory
     if files is not None:
@@ -231,6 +238,7 @@ def hf_model_class(config, keys: set[str] | None = None):
 def load_hf_config(path: Path):
     from transformers import AutoConfig
 
+    confined(path, "config.json", "config")
     try:
         return AutoConfig.from_pretrained(str(path), local_files_only=True)
     except Exception as e:
@@ -291,9 +299,8 @@ def load_source(path: str | Path, arch: str | None = None, trust_pickle: bool = 
     if is_hf_dir(path):
         model = load_hf(path)
         check_finite(model, path)
-        files = [f for f in HF_SIDE_FILES if (path / f).is_file()]
         return model, SourceInfo(kind="hf", path=str(path.resolve()), arch=type(model).__name__,
-                                 sha256=file_sha256(hf_weight_files(path)), files=files)
+                                 sha256=file_sha256(hf_weight_files(path)), files=hf_side_files(path))
     _check_file(path)
     sha = file_sha256([path])
     if arch is not None:
@@ -344,7 +351,7 @@ def open_lazy(path: str | Path, arch: str | None = None) -> tuple[nn.Module, Saf
         tensors = SafetensorsReader(hf_weight_files(src))
         model = empty_model(lambda: build_hf(src, device="cpu", keys=set(tensors.keys())))
         return model, tensors, SourceInfo(kind="hf", path=str(src.resolve()), arch=type(model).__name__,
-                                          files=[f for f in HF_SIDE_FILES if (src / f).is_file()])
+                                          files=hf_side_files(src))
     if src.suffix == ".safetensors" and arch is not None and src.is_file():
         tensors = SafetensorsReader([src])
         model = empty_model(lambda: build_arch(arch))
