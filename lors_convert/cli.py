@@ -14,7 +14,7 @@ from typing import Optional
 
 import typer
 
-from .errors import LorsError, LorsUsageError
+from .errors import LorsError, LorsUsageError, about
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   rich_markup_mode=None,  # plain click usage errors: one "Error: ..." line, no box
@@ -134,6 +134,8 @@ def convert(
                                              "models) or a .safetensors/.pt tensor file; whitened, activation-aware fit."),
     heldout: Optional[Path] = typer.Option(None, "--heldout", help="Held-out inputs for the quality report "
                                            "[20% of --calibrate]."),
+    heldout_fraction: Optional[float] = typer.Option(None, "--heldout-fraction", help="Share of --calibrate held "
+                                                     "out for the quality report [0.2; 0 with --heldout]."),
     refine: int = typer.Option(0, "--refine", help="Alternating refinement sweeps of the shared part."),
     budget: Optional[float] = typer.Option(None, "--budget", help="Target fraction of the stacked parameters; "
                                            "ranks per layer by water-filling (replaces --rank)."),
@@ -159,6 +161,8 @@ def convert(
 
     options = convert_options(rank, groups, include, exclude, init, method, device, adaptive, preset, refine,
                               budget, sharing, keep_unsaving, calibrate, heldout, objective, probes)
+    if heldout_fraction is not None and calibrate is None:
+        raise LorsUsageError("--heldout-fraction goes with --calibrate")
     out = output or default_output(src, ".lors")
     if not dry_run:
         check_not_input(out, src)
@@ -168,7 +172,7 @@ def convert(
         from .calibrate.data import read_calibration
         from .io.sources import is_hf_dir
 
-        data = read_calibration(data, src, is_hf_dir(src), heldout)
+        data = read_calibration(data, src, is_hf_dir(src), heldout, heldout_fraction)
     report = convert_file(src, out, arch=arch, trust_pickle=trust_pickle, calibration_data=data,
                           max_shard_size=shard_size, force=force, dist=Dist.from_env(), dry_run=dry_run,
                           progress=make_progress(not (quiet or json_out)), **options)
@@ -302,6 +306,8 @@ def heal(
     path: Path = typer.Argument(..., help="A LORS checkpoint directory."),
     data: Path = typer.Option(..., "--data", help="Distillation inputs: text file or .safetensors/.pt tensors."),
     heldout: Optional[Path] = typer.Option(None, "--heldout", help="Held-out inputs for the fidelity report."),
+    heldout_fraction: Optional[float] = typer.Option(None, "--heldout-fraction", help="Share of --data held out "
+                                                     "for the fidelity report [0.2; 0 with --heldout]."),
     steps: int = typer.Option(300, "--steps", help="Optimizer steps."),
     lr: float = typer.Option(1e-3, "--lr", help="Learning rate (AdamW, warmup + cosine)."),
     loss: str = typer.Option("mse", "--loss", help="mse, cosine or pooled_cosine (on the last hidden state)."),
@@ -347,8 +353,9 @@ def heal(
     info = SourceInfo(kind=src["kind"], path=src.get("path"), arch=src.get("arch"), sha256=src.get("sha256"),
                       files=hf_side_files(path) if src.get("kind") == "hf" else [])
     data_set = read_calibration(data, path if has_tokenizer(path) else Path(info.path or ""), info.kind == "hf",
-                                heldout)
-    reference = reference_outputs(teacher, data_set.heldout) if data_set.heldout else None
+                                heldout, heldout_fraction)
+    with about(data_set.heldout_origin):
+        reference = reference_outputs(teacher, data_set.heldout) if data_set.heldout else None
     before = fidelity(student, reference) if reference is not None else {}
     state_file = out.parent / f".{out.name}.heal-state.pt"  # resumable across interruptions
     bar = make_progress(not (quiet or json_out))
@@ -366,6 +373,9 @@ def heal(
     report.quality.update({f"before_heal_{k}": v for k, v in before.items()})
     if reference is not None:
         report.quality.update(fidelity(student, reference))
+    summary = data_set.summary()
+    report.quality.update({"heal_data": summary["calibration_data"], "heal_samples": summary["calibration_samples"],
+                           "heal_heldout_data": summary["heldout_data"]})
     report.quality.update({"heal_steps": result.steps, "heal_synthetic": result.synthetic,
                            "heal_final_loss": result.history[-1]["loss"]
                            if result.history else None})

@@ -185,14 +185,14 @@ def calibrated_convert(model: nn.Module, data: CalibrationData, *, refine: int =
     Returns ``(lors_model, report)``.
     """
     include, exclude = convert_kwargs.get("include"), convert_kwargs.get("exclude")
-    calibration = collect_grams(model, data.calibration, include=include, exclude=exclude,
-                                objective=objective, probes=probes)
-    reference = reference_outputs(model, data.heldout) if data.heldout else None
+    with about(data.source or None):  # inputs the model cannot run on name their file
+        calibration = collect_grams(model, data.calibration, include=include, exclude=exclude,
+                                    objective=objective, probes=probes)
+    with about(data.heldout_origin or None):
+        reference = reference_outputs(model, data.heldout) if data.heldout else None
     model, report = convert(model, rank=rank, calibration=calibration, refine=refine, budget=budget,
                             progress=progress, **convert_kwargs)
-    report.quality["calibration_data"] = data.source
-    report.quality["calibration_kind"] = data.kind
-    report.quality["calibration_samples"] = data.n_calibration
+    report.quality.update(data.summary())  # samples fitted, samples held out and where from
     report.quality["objective"] = calibration.objective
     if reference is not None:
         report.quality.update(fidelity(model, reference))

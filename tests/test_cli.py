@@ -430,3 +430,45 @@ def test_calibrated_dry_run_plans_what_the_run_does(tmp_path, flags):
     assert plan_of(planned) == plan_of(done)
     assert planned["total"]["params_after"] == done["total"]["params_after"]
     assert any("dry run" in w for w in planned["warnings"])
+
+
+@pytest.mark.parametrize("fraction, heldout_file, fitted, held", [
+    (None, False, 32, 8), ("0.25", False, 30, 10), ("0.5", False, 20, 20), (None, True, 40, 12), ("0", True, 40, 12),
+])
+def test_heldout_fraction_controls_the_split_and_the_report_says_it(fraction, heldout_file, fitted, held, tmp_path):
+    torch.manual_seed(0)
+    src = tmp_path / "w.safetensors"
+    save_file(StackedMLP().state_dict(), str(src))
+    save_file({"input": torch.randn(40, 8)}, str(tmp_path / "calib.safetensors"))
+    save_file({"input": torch.randn(12, 8)}, str(tmp_path / "held.safetensors"))
+    args = ["convert", src, "--arch", "tests.archs:stacked_mlp", "--calibrate", tmp_path / "calib.safetensors",
+            "--rank", "4", "-o", tmp_path / "o.lors", "--json"]
+    args += ["--heldout-fraction", fraction] if fraction is not None else []
+    args += ["--heldout", tmp_path / "held.safetensors"] if heldout_file else []
+    res = run(*args)
+    assert res.exit_code == 0, res.output
+    quality = json.loads(res.stdout)["quality"]
+    assert (quality["calibration_samples"], quality["heldout_samples"]) == (fitted, held)
+    expected = str(tmp_path / "held.safetensors") if heldout_file else \
+        f"{float(fraction or 0.2):.0%} of {tmp_path / 'calib.safetensors'}"
+    assert quality["heldout_data"] == expected
+    human = run("report", tmp_path / "o.lors")
+    assert f"calibration_samples = {fitted}" in human.stderr and f"heldout_samples = {held}" in human.stderr
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--heldout-fraction", "0"], "holds nothing back"),
+    (["--heldout-fraction", "1"], "[0, 1)"),
+    (["--heldout-fraction", "-0.1"], "[0, 1)"),
+    (["--heldout-fraction", "0.3", "--heldout", "{held}"], "replaces the split"),
+])
+def test_heldout_fraction_usage_errors(extra, words, tmp_path):
+    src = tmp_path / "w.safetensors"
+    save_file(StackedMLP().state_dict(), str(src))
+    save_file({"input": torch.randn(40, 8)}, str(tmp_path / "calib.safetensors"))
+    save_file({"input": torch.randn(12, 8)}, str(tmp_path / "held.safetensors"))
+    extra = [a.format(held=tmp_path / "held.safetensors") for a in extra]
+    res = run("convert", src, "--arch", "tests.archs:stacked_mlp", "--calibrate", tmp_path / "calib.safetensors",
+              "-o", tmp_path / "o.lors", *extra)
+    assert res.exit_code == 2 and words in res.stderr, res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1 and not (tmp_path / "o.lors").exists()
