@@ -323,7 +323,8 @@ def heal(
     trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow unpickling a pickled-module source."),
     json_out: bool = typer.Option(False, "--json", help="The report as JSON on stdout."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
-    force: bool = typer.Option(False, "--force", help="Replace an existing output."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output; discard a heal state left "
+                               "by other settings."),
 ) -> None:
     """Distill a LORS checkpoint towards its dense source; resumable (rerun the same command)."""
     from . import checkpoint as ck
@@ -367,7 +368,7 @@ def heal(
             next(ticks, None)
     result = run_heal(student, teacher, data_set.calibration, steps=steps, lr=lr, loss=loss, trainable=trainable,
                       checkpoint_path=state_file, progress=callback, device=device, match=match,
-                      synthetic=synthetic)
+                      synthetic=synthetic, restart=force, data_name=str(data))
     student = student.to("cpu")
     report = ckpt.report()
     report.quality.update({f"before_heal_{k}": v for k, v in before.items()})
