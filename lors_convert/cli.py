@@ -254,7 +254,9 @@ def report(
 ) -> None:
     """Show what a LORS checkpoint saved, or project savings and error for a dense model."""
     from .checkpoint import CONFIG_NAME, Checkpoint
+    from .io.atomic import recover_output
 
+    recover_output(path)  # a replacement killed half-way: the previous output comes back first
     if (path / CONFIG_NAME).is_file() if path.is_dir() else False:
         if plot is not None:
             raise LorsUsageError("--plot draws a rank sweep: give the dense source, not a LORS checkpoint")

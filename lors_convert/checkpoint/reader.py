@@ -6,6 +6,7 @@ from pathlib import Path
 import torch
 
 from ..errors import LorsError, LorsUsageError, short
+from ..io.atomic import recover_output
 from ..io.confine import confined
 from ..io.safetensors import WEIGHTS_NAME, SafetensorsReader, directory_weight_files, read_json
 from ..report import Report
@@ -17,6 +18,7 @@ class Checkpoint:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        recover_output(self.path)  # a replacement killed half-way: the previous checkpoint comes back
         if not self.path.exists():
             raise LorsUsageError(f"{self.path}: no such file or directory")
         if not confined(self.path, CONFIG_NAME, "config").is_file():

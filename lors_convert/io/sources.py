@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..errors import LorsError, LorsUsageError, short
+from .atomic import recover_output
 from .confine import confined
 from .safetensors import SafetensorsReader, directory_weight_files
 
@@ -296,6 +297,7 @@ def load_source(path: str | Path, arch: str | None = None, trust_pickle: bool = 
                 ) -> tuple[nn.Module, SourceInfo]:
     """Load a dense model from any supported input and say where it came from."""
     path = Path(path)
+    recover_output(path)  # an output of lors (merge) whose replacement was killed half-way
     if is_hf_dir(path):
         model = load_hf(path)
         check_finite(model, path)
@@ -347,6 +349,7 @@ def open_lazy(path: str | Path, arch: str | None = None) -> tuple[nn.Module, Saf
     it will write.
     """
     src = Path(path)
+    recover_output(src)
     if is_hf_dir(src):
         tensors = SafetensorsReader(hf_weight_files(src))
         model = empty_model(lambda: build_hf(src, device="cpu", keys=set(tensors.keys())))
