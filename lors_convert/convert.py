@@ -299,7 +299,7 @@ def _convert_weights(src: Path, out: Path | None, model: nn.Module, get: Getter,
         check_output(out, force)
     if hash_files is not None:
         source.sha256 = file_sha256(hash_files)
-    converted = {key for pp in plan.params for key in pp.keys}
+    converted = {key for pp in plan.params for key in pp.converted_keys}  # a member kept dense is untouched
     untouched = [k for k in manifest["keys"] if k not in converted and k not in manifest["aliases"]]
     buffers = nonpersistent_buffers(model)
     specs = {key: (tuple(shape), pp.param.dtype) for pp in plan.params for key, shape in pp.tensor_specs()}

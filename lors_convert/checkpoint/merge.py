@@ -33,6 +33,8 @@ def merged_tensors(ckpt: Checkpoint, progress=None) -> Iterator[tuple[str, torch
     for stack, entry in steps:
         cls = layer_class(entry["layer"])
         for i, member in enumerate(stack["members"]):
+            if i in entry.get("dense_members", []):
+                continue  # kept dense: its tensors are copied below, as stored
             prefix = f"{member}.{entry['owner']}."
             try:
                 dense = cls.merge_state(ckpt.owner_state(stack, entry, i), entry)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -40,6 +40,7 @@ class ParamPlan:
     clamped: bool = False
     extra: dict = field(default_factory=dict)  # layer-specific settings (adaptive layout, ...)
     has_shared: bool = True  # False: a private-only stack, W_i = B_i A_i (a rank budget's choice)
+    dense_members: list[int] = field(default_factory=list)  # members kept dense (exact) inside the stack
 
     @property
     def relname(self) -> str:
@@ -55,9 +56,26 @@ class ParamPlan:
         return self.stack.keys(self.relname)
 
     @property
+    def lors_members(self) -> list[int]:
+        """Indices of the members that become LORS layers (all but ``dense_members``)."""
+        return [i for i in range(len(self.stack.members)) if i not in self.dense_members]
+
+    @property
+    def converted_keys(self) -> list[str]:
+        """The weight keys replaced by LORS tensors (a dense member's stays as it is)."""
+        return [self.keys[i] for i in self.lors_members]
+
+    @property
     def shared_key(self) -> str:
-        """The checkpoint name of the shared tensor: on the first member's LORS layer."""
-        return f"{self.stack.members[0]}.{self.param.owner_relpath}.shared"
+        """The checkpoint name of the shared tensor: on the first LORS member's layer."""
+        return f"{self.stack.members[self.lors_members[0]]}.{self.param.owner_relpath}.shared"
+
+    def lors_view(self) -> "ParamPlan":
+        """This plan restricted to its LORS members (what a fit sees: dense members take no part)."""
+        keep = self.lors_members
+        stack = replace(self.stack, members=[self.stack.members[i] for i in keep])
+        return replace(self, stack=stack, groups=[self.groups[i] for i in keep],
+                       ranks=[self.ranks[i] for i in keep], dense_members=[])
 
     def factor_keys(self, i: int) -> dict[str, str]:
         owner = f"{self.stack.members[i]}.{self.param.owner_relpath}"
@@ -69,7 +87,8 @@ class ParamPlan:
         d, h = self.matrix
         if self.has_shared:
             yield self.shared_key, (d, h)
-        for i, k in enumerate(self.ranks):
+        for i in self.lors_members:
+            k = self.ranks[i]
             keys = self.factor_keys(i)
             yield keys["B"], (d, k)
             yield keys["A"], (k, h)
@@ -82,14 +101,15 @@ class ParamPlan:
     @property
     def lors_params(self) -> int:
         d, h = self.matrix
-        return lors_param_count(d, h, self.ranks, self.has_shared)
+        ranks = [self.ranks[i] for i in self.lors_members]
+        return lors_param_count(d, h, ranks, self.has_shared) + d * h * len(self.dense_members)
 
     def matrix_report(self) -> MatrixReport:
         return MatrixReport(name=self.relname, kind=self.kind, layer=self.layer_kind,
                             shape=list(self.param.shape), matrix=list(self.matrix), rank=self.rank,
                             groups=list(self.groups), ranks=list(self.ranks),
                             dense_params=self.dense_params, lors_params=self.lors_params,
-                            clamped=self.clamped, shared=self.has_shared)
+                            clamped=self.clamped, shared=self.has_shared, dense_members=list(self.dense_members))
 
 
 @dataclass
@@ -277,7 +297,7 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 def param_entry(pp: ParamPlan) -> dict:
     """The JSON record of one converted parameter (``lors_config.json`` -> stacks[].params[])."""
-    return {
+    entry = {
         "name": pp.relname, "owner": pp.param.owner_relpath, "attr": pp.param.attr,
         "layer": pp.layer_kind, "kind": pp.kind, "shape": list(pp.param.shape),
         "dtype": dtype_name(pp.param.dtype), "matrix": list(pp.matrix), "rank": pp.rank,
@@ -285,6 +305,9 @@ def param_entry(pp: ParamPlan) -> dict:
         "shared": list(layer_class(pp.layer_kind).shared_names) if pp.has_shared else [],
         "extra": dict(pp.extra),
     }
+    if pp.dense_members:  # members kept dense: their weight stays under its own key (rank 0 here)
+        entry["dense_members"] = list(pp.dense_members)
+    return entry
 
 
 def plan_from_entry(stack: Stack, entry: dict) -> ParamPlan:
@@ -295,4 +318,5 @@ def plan_from_entry(stack: Stack, entry: dict) -> ParamPlan:
     return cls(stack=stack, param=sp, layer_kind=entry["layer"], kind=entry["kind"],
                rank=entry["rank"], groups=list(entry["groups"]), ranks=list(entry["ranks"]),
                clamped=bool(entry.get("clamped", False)), extra=dict(entry.get("extra", {})),
-               has_shared=entry["kind"] != "static" or bool(entry["shared"]))
+               has_shared=entry["kind"] != "static" or bool(entry["shared"]),
+               dense_members=list(entry.get("dense_members", [])))

@@ -189,17 +189,20 @@ def apply_budget(plan, get: Callable[[str], torch.Tensor], budget: float, calibr
     else:
         choice, alloc = [True] * len(items), allocate_ranks(items, limit, fraction=False)
     kept = []
-    for pp, ranks, dense, has_shared in zip(static, alloc.ranks, alloc.dense, choice):
+    for pp, ranks, dense, has_shared, dense_layers in zip(static, alloc.ranks, alloc.dense, choice,
+                                                           alloc.dense_layers):
         pp.has_shared = has_shared
-        if shared_parts is not None and (dense or not has_shared):
-            shared_parts.pop(pp.shared_key, None)
+        shared = shared_parts.pop(pp.shared_key, None) if shared_parts is not None else None
         if dense:
             pp.stack.excluded[pp.relname] = "the budget keeps it dense (a factorization would not break even)"
             continue
+        pp.dense_members = [i for i, dn in enumerate(dense_layers) if dn]  # a rank would cost more than W_i
         pp.ranks = list(ranks)
-        pp.rank = max(ranks) if ranks else 0
+        pp.rank = max(ranks[i] for i in pp.lors_members)
         pp.groups = [1] * len(ranks)
         pp.clamped = False
+        if shared is not None and has_shared:
+            shared_parts[pp.shared_key] = shared  # keyed by the first LORS member
         kept.append(pp)
     kept_ids = {id(pp) for pp in kept}
     plan.params = [pp for pp in plan.params if pp.kind != "static" or id(pp) in kept_ids]
