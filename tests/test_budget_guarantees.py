@@ -136,34 +136,66 @@ def test_streamed_budget_conversion_with_a_dense_member_merges_back(tmp_path):
     assert torch.equal(merged["blocks.3.down.weight"], model.state_dict()["blocks.3.down.weight"])
 
 
-@pytest.mark.parametrize("calibrated", [False, True])
-def test_first_member_dense_in_a_shared_stack(calibrated, tmp_path):
-    """The shared tensor lives on the first LORS member when member 0 is kept dense."""
+def _flat_first_layer() -> StackedMLP:
     model = flat_last_layer()
     with torch.no_grad():  # move the flat layer to the front
-        blocks = model.blocks
         for name in ("up", "down"):
-            w0, w3 = blocks[0].get_submodule(name).weight.clone(), blocks[3].get_submodule(name).weight.clone()
-            blocks[0].get_submodule(name).weight.copy_(w3)
-            blocks[3].get_submodule(name).weight.copy_(w0)
-    x = torch.randn(64, 8)
-    # identity Grams: the calibrated (weighted) fit, with the plain fit's allocation
-    calibration = {k: torch.eye(v.shape[1], dtype=torch.float64) for k, v in model.state_dict().items()
-                   if k.startswith("blocks.") and k.endswith("p.weight")} if calibrated else None
-    with torch.no_grad():
-        y = model(x)
-    lors, report = convert(model, budget=0.7, sharing="always", calibration=calibration, refine=1)
-    rows = [m for s in report.stacks for m in s.matrices]
-    assert rows and all(m.shared and m.dense_members == [0] for m in rows), [(m.shared, m.dense_members) for m in rows]
-    assert lors.blocks[1].up.shared is lors.blocks[3].up.shared
+            first, last = model.blocks[0].get_submodule(name), model.blocks[3].get_submodule(name)
+            w0 = first.weight.clone()
+            first.weight.copy_(last.weight)
+            last.weight.copy_(w0)
+    return model
+
+
+def _round_trip(lors, report, model, x, tmp_path, tol):
     path = save(lors, tmp_path / "c.lors", report)
-    assert "blocks.1.up.shared" in Checkpoint(path) and "blocks.0.up.shared" not in Checkpoint(path)
+    stored = Checkpoint(path)
+    assert "blocks.1.up.shared" in stored and "blocks.0.up.shared" not in stored
+    assert "blocks.0.up.weight" in stored and "blocks.0.up.lors_A" not in stored
     reloaded = load(path, model=StackedMLP())
     with torch.no_grad():
         assert max_rel_diff(reloaded(x), lors(x)) <= 1e-6
-        assert max_rel_diff(lors(x), y) <= 0.05
+        assert max_rel_diff(lors(x), model(x)) <= tol
     merge_checkpoint(path, tmp_path / "m.safetensors")
     assert torch.equal(load_file(str(tmp_path / "m.safetensors"))["blocks.0.up.weight"], model.blocks[0].up.weight)
+
+
+def test_first_member_dense_in_a_shared_stack(tmp_path):
+    """The budget keeps member 0 dense: the shared tensor lives on the first LORS member."""
+    model = _flat_first_layer()
+    x = torch.randn(64, 8)
+    lors, report = convert(_copy(model), budget=0.7, sharing="always", refine=1)
+    rows = [m for s in report.stacks for m in s.matrices]
+    assert rows and all(m.shared and m.dense_members == [0] for m in rows), [(m.shared, m.dense_members) for m in rows]
+    assert lors.blocks[1].up.shared is lors.blocks[3].up.shared
+    _round_trip(lors, report, model, x, tmp_path, 0.05)
+
+
+def test_calibrated_fit_leaves_dense_members_out(tmp_path):
+    """The weighted fit (output objective, refined) of a plan with member 0 kept dense."""
+    from lors_convert.calibrate.grams import collect_grams
+    from lors_convert.convert import run_plan
+    from lors_convert.discover.plan import plan_conversion
+    from lors_convert.fit import FitOptions
+    from lors_convert.swap import ModuleSink
+
+    model = _flat_first_layer()
+    x = torch.randn(64, 8)
+    cal = collect_grams(model, [x])
+    lors = _copy(model)
+    plan = plan_conversion(lors, 4)
+    for pp in plan.params:
+        pp.dense_members, pp.ranks = [0], [0, 4, 4, 4]
+    report, rows = plan.report_with_matrices(0)
+    fits = run_plan(plan, lambda k: lors.get_parameter(k).detach(), ModuleSink(lors),
+                    FitOptions(calibration=cal, refine=2), rows)
+    for fit in fits.values():
+        history = fit.weighted[2]
+        assert all(b <= a * (1 + 1e-9) for a, b in zip(history, history[1:]))  # refinement stays monotone
+    for row in rows:
+        assert row.relative_error[0] == 0.0 and 0.0 < max(row.relative_error[1:]) < 0.5
+    assert not isinstance(lors.blocks[0].up, LorsLinear) and lors.blocks[1].up.shared is lors.blocks[2].up.shared
+    _round_trip(lors, report, model, x, tmp_path, 0.5)
 
 
 def _sharing_instance(seed: int):
@@ -194,3 +226,41 @@ def test_sharing_auto_is_never_worse_than_always_or_never(seed):
     except LorsUsageError:  # the shared parts alone exceed the budget: always is not an option
         return
     assert alloc.error <= always + 1e-12
+
+
+def test_layer_objective_budget_compares_relative_errors():
+    """Under the layer objective each matrix's error is relative to its own dense output energy, so
+    activations 100x larger on one matrix type do not buy it the budget (they did: absolute errors)."""
+    from lors_convert.calibrate.grams import collect_grams
+    from lors_convert.fit.calibrated import layer_grams, layer_objective
+
+    torch.manual_seed(0)
+    model = StackedMLP(dim=32, hidden=64, depth=4).eval()
+    cal = collect_grams(model, [torch.randn(256, 8)], objective="layer")
+    ranks = {}
+    for scale in (1.0, 1e4):
+        grams = {k: (g * scale if ".up." in k else g) for k, g in cal.grams.items()}
+        _, report = convert(_copy(model), budget=0.5, calibration=grams)
+        ranks[scale] = {m.name: m.ranks for s in report.stacks for m in s.matrices}
+    assert ranks[1.0] == ranks[1e4]
+    out = collect_grams(model, [torch.randn(64, 8)])  # the output objective: one unit already, no scaling
+    plan_pp = _plan_param(model)
+    assert layer_objective(plan_pp, cal) and not layer_objective(plan_pp, out)
+    weights = [model.get_parameter(k).detach() for k in plan_pp.keys]
+    assert all(g.scale == 1.0 for g in layer_grams(plan_pp, weights, out)[0])
+    scaled = layer_grams(plan_pp, weights, cal)[0]
+    for g, w in zip(scaled, weights):  # tr(W C W^T) * scale == 1: the error relative to the dense output
+        energy = float(((w.double() @ g.gram) * w.double()).sum())
+        assert energy * g.scale == pytest.approx(1.0)
+
+
+def _copy(model):
+    import copy
+
+    return copy.deepcopy(model)
+
+
+def _plan_param(model):
+    from lors_convert.discover.plan import plan_conversion
+
+    return next(pp for pp in plan_conversion(model, 4).params if pp.relname == "up.weight")
