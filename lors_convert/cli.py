@@ -13,12 +13,39 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from typer.core import TyperGroup
 
 from .errors import LorsError, LorsUsageError, about
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  rich_markup_mode=None,  # plain click usage errors: one "Error: ..." line, no box
-                  help="LORS (Low-Rank Residual Structure) surgery for stacked networks.")
+class _OneLineUsage(TyperGroup):
+    """Click's usage errors (a missing argument, an unknown option, a value of the wrong type) as
+    one ``error: ...`` line and exit code 2, like every other error of lors; not usage + hint + error.
+    (Matched by class name: typer vendors its own click in some versions.)"""
+
+    def main(self, *args, **kwargs):
+        if kwargs.get("standalone_mode", True) is False:
+            return super().main(*args, **kwargs)
+        try:
+            rv = super().main(*args, **{**kwargs, "standalone_mode": False})
+        except Exception as e:  # noqa: BLE001 - re-raised unless it is click's
+            kinds = {c.__name__ for c in type(e).__mro__}
+            if "NoArgsIsHelpError" in kinds:  # bare `lors`: the help, as click shows it
+                e.show()
+                sys.exit(e.exit_code)
+            if "Abort" in kinds:
+                _fail("interrupted", 130)
+            if "ClickException" not in kinds:
+                raise
+            ctx = getattr(e, "ctx", None)
+            command = f" {ctx.info_name}" if ctx is not None and ctx.parent is not None else ""
+            hint = f" (see lors{command} --help)" if "UsageError" in kinds else ""
+            typer.echo(f"error: {' '.join(e.format_message().split())}{hint}", err=True)
+            sys.exit(e.exit_code)
+        sys.exit(rv if isinstance(rv, int) else 0)  # typer.Exit(code) returns its code here
+
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, cls=_OneLineUsage,
+                  rich_markup_mode=None, help="LORS (Low-Rank Residual Structure) surgery for stacked networks.")
 
 
 def _console():
@@ -165,7 +192,9 @@ def convert(
         raise LorsUsageError("--heldout-fraction goes with --calibrate")
     out = output or default_output(src, ".lors")
     if not dry_run:
-        check_not_input(out, src)
+        for given in (src, calibrate, heldout):  # never replace an input, even with --force
+            if given is not None:
+                check_not_input(out, given)
         check_output(out, force)
     data = options.pop("calibration_path")
     if data is not None:
@@ -222,6 +251,8 @@ def convert_options(rank, groups, include, exclude, init, method, device, adapti
         raise LorsUsageError("--probes goes with --objective output")
     if sharing is not None and budget is None:
         raise LorsUsageError("--sharing goes with --budget")
+    if budget is not None and groups is not None:  # the budget chose the ranks: --groups was ignored
+        raise LorsUsageError("--groups does not combine with --budget: the budget chooses one rank per layer")
     sharing = sharing or "auto"
     if sharing not in SHARING:
         raise LorsUsageError(f"--sharing must be one of {', '.join(SHARING)}, got {sharing!r}")
@@ -333,7 +364,7 @@ def heal(
     from .calibrate.data import has_tokenizer, read_calibration
     from .calibrate.fidelity import fidelity, reference_outputs
     from .heal import heal as run_heal
-    from .io.atomic import check_output
+    from .io.atomic import check_not_input, check_output
     from .io.sources import SourceInfo, hf_side_files, load_source
 
     if steps < 1 or lr <= 0:
@@ -344,8 +375,11 @@ def heal(
         raise LorsUsageError(f"--synthetic must be a share of the steps in [0, 1], got {synthetic}")
     ckpt = ck.Checkpoint(path)
     out = output or default_output(path, ".healed.lors")
-    check_output(out, force)
     src = ckpt.source
+    for given in (path, data, heldout, src.get("path")):  # never replace an input, even with --force
+        if given:
+            check_not_input(out, Path(given))
+    check_output(out, force)
     if not src.get("path") or not Path(src["path"]).exists():
         raise LorsError(f"{path}: healing needs the dense source {src.get('path')!r} as teacher, and it is not there")
     recorded_arch = arch or (src.get("arch") if src.get("kind") == "state_dict" and trust_arch else None)
@@ -353,6 +387,7 @@ def heal(
         raise LorsUsageError(f"{path}: pass --arch {src.get('arch')} (or --trust-arch) to rebuild the teacher")
     teacher, _ = load_source(src["path"], arch=recorded_arch, trust_pickle=trust_pickle)
     student = ck.load(path, arch=recorded_arch, trust_pickle=trust_pickle)
+    report = ckpt.report()  # read (and checked) before any work: a broken report.json fails here
     info = SourceInfo(kind=src["kind"], path=src.get("path"), arch=src.get("arch"), sha256=src.get("sha256"),
                       files=hf_side_files(path) if src.get("kind") == "hf" else [])
     data_set = read_calibration(data, path if has_tokenizer(path) else Path(info.path or ""), info.kind == "hf",
@@ -372,7 +407,6 @@ def heal(
                       checkpoint_path=state_file, progress=callback, device=device, match=match,
                       synthetic=synthetic, restart=force, data_name=str(data))
     student = student.to("cpu")
-    report = ckpt.report()
     report.quality.update({f"before_heal_{k}": v for k, v in before.items()})
     if reference is not None:
         report.quality.update(fidelity(student, reference))

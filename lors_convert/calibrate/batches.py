@@ -86,6 +86,13 @@ def primary_output(out) -> torch.Tensor:
     raise TypeError(f"cannot find a tensor in the model output ({type(out).__name__})")
 
 
+def finite(y: torch.Tensor) -> torch.Tensor:
+    """``y``, refused when a model output is NaN or Inf (inputs that overflow the model)."""
+    if y.is_floating_point() and not torch.isfinite(y).all():
+        raise LorsError("the model's output on these inputs is not finite (NaN or Inf): they overflow it")
+    return y
+
+
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Average over the real tokens: ``(B, T, H), (B, T) -> (B, H)``."""
     m = mask.to(hidden.dtype).unsqueeze(-1)

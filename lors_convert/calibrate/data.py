@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from ..errors import LorsError, LorsUsageError, about, short
-from ..io.sources import hf_side_files
+from ..io.sources import hf_side_files, read_torch_file
 from .batches import Batch
 
 TENSOR_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
@@ -88,12 +88,8 @@ def read_tensors(path: str | Path) -> torch.Tensor | dict[str, torch.Tensor]:
             data = load_file(str(path))
         except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
             raise LorsError(f"{path}: not a readable safetensors file ({short(e)})") from None
-    else:
-        try:
-            data = torch.load(str(path), map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - pickles of code objects etc.
-            raise LorsError(f"{path}: cannot read inputs with weights_only=True ({short(e)}); save plain "
-                            "tensors or a dict of tensors") from None
+    else:  # weights_only: a pickle that would run code is refused, never unpickled
+        data = read_torch_file(path)
     if isinstance(data, (list, tuple)) and data and all(isinstance(t, torch.Tensor) for t in data):
         data = torch.cat([t if t.dim() else t[None] for t in data]) if len({tuple(t.shape[1:]) for t in data}) == 1 \
             else {str(i): t for i, t in enumerate(data)}

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .batches import Batch, batch_mask, mean_pool, model_device, primary_output, run_model, to_device
+from .batches import Batch, batch_mask, finite, mean_pool, model_device, primary_output, run_model, to_device
 
 
 @dataclass
@@ -40,7 +40,7 @@ def reference_outputs(model: nn.Module, batches: Iterable[Batch]) -> Reference:
     where = model_device(model)
     try:
         for b in batches:
-            y = primary_output(run_model(model, to_device(b, where)))
+            y = finite(primary_output(run_model(model, to_device(b, where))))
             outputs.append(y.detach().float().cpu())
             m = batch_mask(b)
             masks.append(m.cpu() if m is not None else None)

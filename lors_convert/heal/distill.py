@@ -28,6 +28,7 @@ import hashlib
 import math
 import os
 import random
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..calibrate.batches import Batch, batch_mask, mean_pool, primary_output, run_model, to_device
+from ..calibrate.batches import Batch, batch_mask, finite, mean_pool, primary_output, run_model, to_device
 from ..discover.stacks import find_stacks
 from ..errors import LorsError, LorsUsageError, about, short
 from ..layers import LorsModule
@@ -167,12 +168,15 @@ def _read_state(path: Path, where: torch.device, config: dict, names: set[str], 
     if not path.exists():
         return None
     try:
-        state = torch.load(path, map_location=where, weights_only=True)
+        with warnings.catch_warnings():  # torch warns about odd pickles: stderr keeps to one line
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location=where, weights_only=True)
         version, recorded = state.get("version"), state.get("config")
     except Exception as e:  # noqa: BLE001 - truncated, not a torch file, not a dict
         if restart:
             return None
-        raise LorsUsageError(f"{path}: cannot read the heal state ({short(e)}); {AFRESH}") from None
+        why = short(e) or type(e).__name__
+        raise LorsUsageError(f"{path}: cannot read the heal state ({why}); {AFRESH}") from None
     if version != STATE_VERSION or not isinstance(recorded, dict):
         why = f"it was written by another version of lors (state version {version!r})"
     elif recorded != config:
@@ -293,7 +297,7 @@ def heal(
 
     @torch.no_grad()
     def teacher_targets(batch: Batch) -> list[torch.Tensor]:
-        final = primary_output(run_model(teacher, batch)).detach()
+        final = finite(primary_output(run_model(teacher, batch)).detach())
         return teacher_taps.take() + [final]
 
     done = start

@@ -157,6 +157,12 @@ def _is_torchscript(path: Path) -> bool:
     return any(n.endswith("/constants.pkl") for n in names) and any("/code/" in n for n in names)
 
 
+def read_torch_file(path: Path):
+    """The object of a ``torch.save`` file, read with ``weights_only=True`` (tensors, containers):
+    one-line errors for pickles that would run code and for unreadable files."""
+    return _torch_load(Path(path), trust_pickle=False)
+
+
 def _torch_load(path: Path, trust_pickle: bool):
     _check_file(path)
     try:
@@ -356,6 +362,7 @@ def open_lazy(path: str | Path, arch: str | None = None) -> tuple[nn.Module, Saf
         return model, tensors, SourceInfo(kind="hf", path=str(src.resolve()), arch=type(model).__name__,
                                           files=hf_side_files(src))
     if src.suffix == ".safetensors" and arch is not None and src.is_file():
+        _check_file(src)  # an empty file says so, not "header too small"
         tensors = SafetensorsReader([src])
         model = empty_model(lambda: build_arch(arch))
         return model, tensors, SourceInfo(kind="state_dict", path=str(src.resolve()), arch=arch)
