@@ -1,8 +1,11 @@
-"""Bad inputs (issue 7): every one gets a clear error, nothing is lost, nothing runs that should not.
+"""Bad inputs (issues 7 and 19): every one gets a clear error, nothing is lost, nothing runs that should not.
 
 Each table case runs one ``lors`` command and checks: exit code 1 (runtime) or 2 (usage), exactly one
-line on stderr that names the problem (and the file, where a file is the problem), no traceback,
-nothing new on disk (no output, no hidden ``.NAME.tmp-*`` leftover) and every input byte-identical.
+line on stderr that names the problem (and the file, where a file is the problem), no traceback and
+no warning, nothing new on disk (no output, no hidden ``.NAME.tmp-*`` leftover) and every input
+byte-identical. Groups: source (model files), usage (flags), paths, calibration (files given to
+``--calibrate``/``--heldout``/``--data``), confined (names and links leading out of a directory),
+heal_state (a state that must not be resumed) and outputs (an output onto an input).
 Then: the pickle payload proof, rank clamping, fp16/bf16, tied weights, SIGKILL mid-write, tampered
 checkpoints against report/merge/load, a mismatching architecture, and a bounded fuzz of the reader.
 """
@@ -1368,3 +1371,16 @@ def test_fuzz_checkpoint_reader(mutation, small_ckpt, sharded_ckpt):
             if res.exit_code:
                 one_line(res.stderr)
         assert not [p for p in Path(d).iterdir() if ".tmp-" in p.name or ".old-" in p.name]
+
+
+def test_heal_force_discards_a_state_left_by_other_settings(tmp_path):
+    """The refused state's message says --force starts afresh: it does, and leaves no state behind."""
+    (tmp_path / "in").mkdir()
+    args = _heal_state(steps=5)(tmp_path)
+    state = tmp_path / ".out.lors.heal-state.pt"
+    assert state.is_file()
+    res = run(*args, "-o", tmp_path / "out.lors", "--force", "--json")
+    assert res.exit_code == 0, res.output
+    quality = json.loads(res.stdout)["quality"]
+    assert quality["heal_steps"] == 4 and quality["heal_samples"] == 32
+    assert not state.exists() and Checkpoint(tmp_path / "out.lors").report() is not None
