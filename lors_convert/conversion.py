@@ -24,8 +24,8 @@ from .calibrate.fidelity import Reference, fidelity, reference_outputs
 from .calibrate.grams import collect_grams
 from .counting import count_parameters
 from .discover.generators import check_specs_used, make_adaptive_hook
-from .discover.plan import ConversionPlan, Groups, ParamPlan, plan_conversion
-from .errors import LorsUsageError
+from .discover.plan import ConversionPlan, Groups, ParamPlan, full_rank_note, plan_conversion
+from .errors import LorsUsageError, about
 from .fit import Fit, FitOptions, fit_param
 from .fit.calibrated import SHARING, apply_budget, quality_summary
 from .report import MatrixReport, Report
@@ -84,6 +84,8 @@ def make_plan(model: nn.Module, get: Getter, rank, groups, include, exclude, req
                                   shared_parts=shared_parts, sharing=sharing)
     else:
         plan = plan_conversion(model, rank, groups, include, exclude, require_savings, adaptive=hook)
+        if rank is None and any(pp.kind == "static" for pp in plan.params):
+            plan.warnings.append(full_rank_note(plan.params))  # asked for: exact, and it saves nothing
     if hook is not None:
         check_specs_used(hook)
     return plan, allocation
@@ -176,10 +178,12 @@ def calibrated_convert(model: nn.Module, data: CalibrationData, *, refine: int =
     ``report.quality``. Returns ``(lors_model, report)``.
     """
     include, exclude = convert_kwargs.get("include"), convert_kwargs.get("exclude")
-    calibration = collect_grams(model, data.calibration, include=include, exclude=exclude,
-                                objective=objective, probes=probes)
+    with about(data.source or None):  # inputs the model cannot run on name their file
+        calibration = collect_grams(model, data.calibration, include=include, exclude=exclude,
+                                    objective=objective, probes=probes)
     if reference is None and data.heldout:
-        reference = reference_outputs(model, data.heldout)
+        with about(data.heldout_origin or None):
+            reference = reference_outputs(model, data.heldout)
     model, report = convert(model, rank=rank, calibration=calibration, refine=refine, budget=budget,
                             progress=progress, **convert_kwargs)
     note_calibration(report, data, calibration)
@@ -190,9 +194,7 @@ def calibrated_convert(model: nn.Module, data: CalibrationData, *, refine: int =
 
 def note_calibration(report: Report, data: CalibrationData, calibration) -> None:
     """What a calibrated conversion was calibrated on, in the report."""
-    report.quality["calibration_data"] = data.source
-    report.quality["calibration_kind"] = data.kind
-    report.quality["calibration_samples"] = data.n_calibration
+    report.quality.update(data.summary())  # samples fitted, samples held out and where from
     report.quality["objective"] = calibration.objective
     for key, why in sorted(calibration.skipped.items())[:5]:
         report.warnings.append(f"{key}: no calibration Gram ({why}); converted with the unweighted fit")

@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .calibrate.data import CalibrationData, has_tokenizer, load_calibration, load_tokenizer
-from .calibrate.fidelity import Reference, fidelity, fidelity_problems
+from .calibrate.data import CalibrationData, check_data_file, has_tokenizer, load_calibration, load_tokenizer
+from .calibrate.fidelity import Reference, check_inputs, fidelity, fidelity_problems
 from .calibrate.grams import collect_grams
 from .calibrate.probes import CALIBRATION_TEXT, PROBE_TEXT, Probes, default_probes, read_probes
 from .checkpoint.format import (BUFFER_PREFIX, DEFAULT_SHARD_SIZE, REPORT_NAME, nonpersistent_buffers, plan_stacks,
@@ -50,7 +50,8 @@ NEXT_STEPS = "try --calibrate DATA, a larger --budget or --target, or lors heal"
 
 
 def convert_file(src: str | Path, out: str | Path | None, *, arch: str | None = None, trust_pickle: bool = False,
-                 calibrate: Path | None = None, heldout: Path | None = None, target: Target | None = None,
+                 calibrate: Path | None = None, heldout: Path | None = None, heldout_fraction: float | None = None,
+                 target: Target | None = None,
                  objective: str = "output", probes: int | None = None, measure: bool = True,
                  max_shard_size: int | str = DEFAULT_SHARD_SIZE, force: bool = False, dist: Dist | None = None,
                  dry_run: bool = False, log: Callable[[str], None] | None = None, **convert_kwargs) -> Report | None:
@@ -89,11 +90,15 @@ def convert_file(src: str | Path, out: str | Path | None, *, arch: str | None = 
         state = model.state_dict()
         return _convert_weights(src, out, model, state.__getitem__, manifest, source, dist, dry_run, force,
                                 max_shard_size, measurer, **convert_kwargs)
-    data, probe = _calibration_data(calibrate, heldout, src, text_model) if calibrated else (None, None)
+    data, probe = (_calibration_data(calibrate, heldout, src, text_model, heldout_fraction) if calibrated
+                   else (None, None))
     if (measure or target is not None) and (probe is None or not probe.batches):
         probe = _probes(src, heldout, text_model, model)
     elif not (measure or target is not None):
         probe = None
+    if probe is not None and probe.batches:
+        with about(probe.origin):
+            check_inputs(model, probe.batches)
     if dry_run:
         return _dry_run(src, model, data, objective, probes, target, convert_kwargs)
     if target is not None:
@@ -107,7 +112,8 @@ def convert_file(src: str | Path, out: str | Path | None, *, arch: str | None = 
             with about(src):
                 lors_model, report = convert(model, **convert_kwargs)
             if reference is not None:
-                report.quality.update(fidelity(lors_model, reference))
+                with about(probe.origin):
+                    report.quality.update(fidelity(lors_model, reference))
     _judge(report, probe)
     save(lors_model, out, report=report, source=source, manifest=manifest, force=force,
          max_shard_size=max_shard_size)
@@ -118,26 +124,27 @@ def convert_file(src: str | Path, out: str | Path | None, *, arch: str | None = 
 # inputs
 
 
-def _calibration_data(calibrate: Path | None, heldout: Path | None, src: Path, text_model: bool
-                      ) -> tuple[CalibrationData, Probes]:
+def _calibration_data(calibrate: Path | None, heldout: Path | None, src: Path, text_model: bool,
+                      heldout_fraction: float | None = None) -> tuple[CalibrationData, Probes]:
     """The calibration data asked for, or the shipped text (held out: the shipped probe text), and
     its held-out part as probes."""
     path = calibrate if calibrate is not None else CALIBRATION_TEXT
     is_text = path.suffix not in (".safetensors", ".pt", ".pth", ".bin")
+    check_data_file(path)
     if is_text and not text_model:
         raise LorsUsageError(f"{path}: text calibration needs a Hugging Face text model (its tokenizer); "
                              "give a .safetensors/.pt file of model inputs instead")
     tokenizer = load_tokenizer(src) if is_text else None
     if calibrate is None and heldout is None:
         heldout = PROBE_TEXT
-    data = load_calibration(path, tokenizer=tokenizer, heldout_path=heldout)
+    data = load_calibration(path, tokenizer=tokenizer, heldout_path=heldout, heldout=heldout_fraction)
     if calibrate is None:
         data.source = f"lors calibration text ({data.n_calibration} lines, shipped)"
     if heldout is not None:
         label = "lors probe text (shipped)" if heldout == PROBE_TEXT else f"{heldout.name} (--heldout)"
     else:
         label = f"held-out {data.n_heldout} samples of {path.name}"
-    return data, Probes(data.heldout, label)
+    return data, Probes(data.heldout, label, origin=data.heldout_origin)
 
 
 def _probes(src: Path, heldout: Path | None, text_model: bool, model) -> Probes:
@@ -178,8 +185,9 @@ def _search(src, model, data, probe, target, objective, probes, log, kw):
         raise LorsUsageError(f"--target needs held-out inputs to measure: {probe.why_none if probe else ''}")
     calibration = None
     if data is not None:
-        calibration = collect_grams(model, data.calibration, include=kw.get("include"), exclude=kw.get("exclude"),
-                                    objective=objective, probes=probes)
+        with about(data.source or None):
+            calibration = collect_grams(model, data.calibration, include=kw.get("include"),
+                                        exclude=kw.get("exclude"), objective=objective, probes=probes)
     reference = Reference(model, probe.batches, probe.label, probe.synthetic)  # the search converts copies
     with about(src):
         options = {k: v for k, v in kw.items() if k != "budget"}
@@ -237,7 +245,8 @@ def _measurer(src, arch, trust_pickle, loaded: nn.Module | None, heldout, text_m
             return
         source = loaded if loaded is not None else load_source(src, arch=arch, trust_pickle=trust_pickle)[0]
         converted = _merged_copy(source, Checkpoint(checkpoint_dir))
-        report.quality.update(fidelity(converted, Reference(source, probe.batches, probe.label, probe.synthetic)))
+        with about(probe.origin):
+            report.quality.update(fidelity(converted, Reference(source, probe.batches, probe.label, probe.synthetic)))
         _judge(report, probe)
 
     return measure
@@ -280,7 +289,7 @@ def _convert_weights(src: Path, out: Path | None, model: nn.Module, get: Getter,
         check_output(out, force)
     if hash_files is not None:
         source.sha256 = file_sha256(hash_files)
-    converted = {key for pp in plan.params for key in pp.keys}
+    converted = {key for pp in plan.params for key in pp.converted_keys}  # a member kept dense is untouched
     untouched = [k for k in manifest["keys"] if k not in converted and k not in manifest["aliases"]]
     buffers = nonpersistent_buffers(model)
     specs = {key: (tuple(shape), pp.param.dtype) for pp in plan.params for key, shape in pp.tensor_specs()}

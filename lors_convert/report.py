@@ -26,6 +26,7 @@ class MatrixReport:
     retained_energy: list[float] = field(default_factory=list)  # kept / total residual energy per layer
     clamped: bool = False  # some K_i * r exceeded min(d, h)
     shared: bool = True  # False: private-only (no shared part, W_i = B_i A_i)
+    dense_members: list[int] = field(default_factory=list)  # members kept dense (exact): a rank would not pay
 
     @property
     def savings(self) -> float:
@@ -85,7 +86,8 @@ class Report:
         for s in self.stacks:
             matrices = []
             for m in s.matrices:
-                matrices.append({**asdict(m), "savings": m.savings})
+                row = {k: v for k, v in asdict(m).items() if k != "dense_members" or v}  # absent when none
+                matrices.append({**row, "savings": m.savings})
             stacks.append({"path": s.path, "members": s.members, "layers": len(s.members),
                            "dense_params": s.dense_params, "lors_params": s.lors_params,
                            "savings": s.savings, "matrices": matrices, "kept_dense": s.kept_dense,
@@ -202,7 +204,8 @@ def render(report: Report, console=None, title: str = "LORS savings") -> None:
             err = f"{max(m.relative_error):.4f}" if m.relative_error else "-"
             ret = f"{min(m.retained_energy):.3f}" if m.retained_energy else "-"
             table.add_row(f"  {m.name}" + (" [yellow](clamped)[/]" if m.clamped else "")
-                          + ("" if m.shared else " [dim](no shared part)[/]"), "",
+                          + ("" if m.shared else " [dim](no shared part)[/]")
+                          + (f" [dim]({len(m.dense_members)} dense)[/]" if m.dense_members else ""), "",
                           _ranks(m), _fmt_params(m.dense_params), _fmt_params(m.lors_params),
                           f"{100 * m.savings:.1f}%", err, ret)
         for name in s.kept_dense:

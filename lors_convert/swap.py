@@ -24,7 +24,8 @@ def install_layers(model: nn.Module, pp: ParamPlan, shared: torch.Tensor | None,
 
     ``shared`` and ``factors`` are given in the storage dtype and device (``shared`` is ignored for a
     private-only plan, ``pp.has_shared=False``); with ``factors=None`` the layers are left with empty
-    factors of the right shapes (a skeleton to load a state dict into).
+    factors of the right shapes (a skeleton to load a state dict into). Members in
+    ``pp.dense_members`` keep their dense module (their ``factors`` entry is None).
     """
     layer_cls = layer_class(pp.layer_kind)
     paths = owner_paths(pp)
@@ -33,6 +34,8 @@ def install_layers(model: nn.Module, pp: ParamPlan, shared: torch.Tensor | None,
     entry = param_entry(pp)
     stack = {"path": pp.stack.path, "members": list(pp.stack.members)}
     for i, path in enumerate(paths):
+        if i in pp.dense_members:
+            continue
         dense = model.get_submodule(path)
         layer = layer_cls(dense, shared_param, total_rank=pp.ranks[i], rank=pp.rank, groups=pp.groups[i],
                           **pp.extra)
@@ -73,7 +76,7 @@ class ModuleSink:
             self._put_generators(pp, fit, cast)
             return
         install_layers(self.model, pp, cast(fit.shared) if pp.has_shared else None,
-                       [(cast(B), cast(A)) for B, A in fit.factors])
+                       [None if f is None else (cast(f[0]), cast(f[1])) for f in fit.factors])
 
     def _put_generators(self, pp: ParamPlan, fit: Fit, cast) -> None:
         paper = fit.factors is None  # the layers keep their own from-scratch init

@@ -1,13 +1,18 @@
-"""Bad inputs (issue 7): every one gets a clear error, nothing is lost, nothing runs that should not.
+"""Bad inputs (issues 7 and 19): every one gets a clear error, nothing is lost, nothing runs that should not.
 
 Each table case runs one ``lors`` command and checks: exit code 1 (runtime) or 2 (usage), exactly one
-line on stderr that names the problem (and the file, where a file is the problem), no traceback,
-nothing new on disk (no output, no hidden ``.NAME.tmp-*`` leftover) and every input byte-identical.
+line on stderr that names the problem (and the file, where a file is the problem), no traceback and
+no warning, nothing new on disk (no output, no hidden ``.NAME.tmp-*`` leftover) and every input
+byte-identical. Groups: source (model files), usage (flags), paths, calibration (files given to
+``--calibrate``/``--heldout``/``--data``), confined (names and links leading out of a directory),
+heal_state (a state that must not be resumed) and outputs (an output onto an input).
 Then: the pickle payload proof, rank clamping, fp16/bf16, tied weights, SIGKILL mid-write, tampered
 checkpoints against report/merge/load, a mismatching architecture, and a bounded fuzz of the reader.
 """
 from __future__ import annotations
 
+import atexit
+import functools
 import hashlib
 import json
 import os
@@ -19,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -107,6 +113,7 @@ class Case:
     names: str | None = "{input}"  # what the message must name; None for pure option errors
     out: str = "out.lors"
     marker: bool = False  # a pickle payload that must not run
+    group: str = "source"  # what kind of input is wrong (the table is counted by group)
 
 
 def _input(tmp: Path, name: str) -> Path:
@@ -161,9 +168,9 @@ def _w(tmp: Path) -> Path:
 
 
 CASES = [
-    Case("missing_file", _convert(lambda t: _input(t, "missing.pt")), 1, ("no such file",)),
-    Case("missing_file_report", lambda t: ["report", _input(t, "missing.lors")], 1, ("no such file",)),
-    Case("missing_file_merge", lambda t: ["merge", _input(t, "missing.lors")], 1, ("no such file",),
+    Case("missing_file", _convert(lambda t: _input(t, "missing.pt")), 2, ("no such file",)),
+    Case("missing_file_report", lambda t: ["report", _input(t, "missing.lors")], 2, ("no such file",)),
+    Case("missing_file_merge", lambda t: ["merge", _input(t, "missing.lors")], 2, ("no such file",),
          out="merged"),
     Case("empty_pt", _convert(lambda t: _mk(t, "empty.pt", b"")), 1, ("empty",)),
     Case("empty_safetensors_arch", _convert(lambda t: _mk(t, "e.safetensors", b""), "--arch", ARCH), 1,
@@ -303,18 +310,529 @@ def _hf_bin_only(tmp: Path) -> Path:
     return d
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+# ---------------------------------------------------------------------------------------------
+# issue 19: the table grows by group. Inputs that take a while to build (a tiny BERT with its
+# tokenizer, converted checkpoints) are built once into a template directory outside the case's
+# tree and copied in; a case's tree (inputs, outputs, hidden entries) must not change.
+
+BERT_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(40)] + \
+    "the a river stone is was where what how why you i".split()
+TEXT = "\n".join(f"the river w{i} is a stone w{i + 1}" for i in range(30)) + "\n"
+
+
+@functools.lru_cache(maxsize=None)
+def _template(name: str) -> Path:
+    """Built once per session: ``mlp.safetensors``, ``mlp.lors``, ``mlp2.lors`` (rank 2), ``bert`` (an HF
+    directory with its tokenizer), ``bert.lors``, ``bert_sharded.lors``."""
+    root = _template_root()
+    target = root / name
+    if name == "mlp.safetensors":
+        write_weights(target)
+    elif name in ("mlp.lors", "mlp2.lors"):
+        rank = "4" if name == "mlp.lors" else "2"
+        res = run("convert", _template("mlp.safetensors"), "--arch", ARCH, "--rank", rank, "-o", target, "-q")
+        assert res.exit_code == 0, res.output
+    elif name == "bert":
+        from transformers import BertConfig, BertModel, BertTokenizerFast
+
+        (root / "vocab.txt").write_text("\n".join(BERT_VOCAB) + "\n")
+        BertTokenizerFast(vocab_file=str(root / "vocab.txt")).save_pretrained(str(target))
+        torch.manual_seed(0)
+        BertModel(BertConfig(vocab_size=len(BERT_VOCAB), hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                             intermediate_size=32, max_position_embeddings=64)).save_pretrained(str(target))
+    elif name in ("bert.lors", "bert_sharded.lors"):
+        extra = ["--max-shard-size", "20KB"] if "sharded" in name else []
+        res = run("convert", _template("bert"), "--rank", "2", "-o", target, "-q", *extra)
+        assert res.exit_code == 0, res.output
+    return target
+
+
+@functools.lru_cache(maxsize=1)
+def _template_root() -> Path:
+    root = Path(tempfile.mkdtemp(prefix="lors-bad-inputs-"))
+    atexit.register(shutil.rmtree, root, True)
+    return root
+
+
+def _copy_in(tmp: Path, name: str, as_name: str | None = None) -> Path:
+    source = _template(name)
+    target = _input(tmp, as_name or name)
+    if source.is_dir():
+        shutil.copytree(source, target)
+    else:
+        shutil.copy2(source, target)
+    return target
+
+
+def _st_bytes(tensors: dict) -> bytes:
+    with tempfile.TemporaryDirectory() as d:
+        save_file(tensors, str(Path(d) / "x.safetensors"))
+        return (Path(d) / "x.safetensors").read_bytes()
+
+
+# ---- group "usage": flags and paths that are wrong (exit 2, nothing read that need not be)
+
+def _conv(*flags):
+    return lambda t: ["convert", _w(t), "--arch", ARCH, *flags]
+
+
+def _calib_conv(*flags):
+    return lambda t: ["convert", _w(t), "--arch", ARCH, "--calibrate", _good_tensors(t), *flags]
+
+
+def _heal(*flags, data=True):
+    def build(t):
+        ckpt = _copy_in(t, "mlp.lors")
+        return ["heal", ckpt, "--arch", ARCH, *(["--data", _good_tensors(t)] if data else []), *flags]
+    return build
+
+
+def _good_tensors(t: Path, name: str = "calib.safetensors", n: int = 40) -> Path:
+    p = _input(t, name)
+    if not p.exists():
+        torch.manual_seed(1)
+        save_file({"input": torch.randn(n, 8)}, str(p))
+    return p
+
+
+USAGE = [
+    Case("rank_empty", _conv("--rank", ""), 2, ("--rank",), names=None),
+    Case("rank_fraction", _conv("--rank", "1.5"), 2, ("--rank", "1.5"), names=None),
+    Case("rank_full_suffix", _conv("--rank", "full8"), 2, ("--rank", "full8"), names=None),
+    Case("rank_hex", _conv("--rank", "0x10"), 2, ("--rank", "0x10"), names=None),
+    Case("groups_letters", _conv("--groups", "a,b"), 2, ("--groups", "a,b"), names=None),
+    Case("groups_negative", _conv("--groups", "-1"), 2, ("--groups",), names=None),
+    Case("groups_empty_items", _conv("--groups", ",,"), 2, ("--groups",), names=None),
+    Case("device_unknown", _conv("--device", "tpu"), 2, ("--device", "tpu"), names=None),
+    Case("svd_unknown", _conv("--svd", "magic"), 2, ("magic",), names=None),
+    Case("init_unknown", _conv("--init", "random"), 2, ("random",), names=None),
+    Case("preset_unknown", _conv("--preset", "other"), 2, ("--preset", "other"), names=None),
+    Case("refine_negative", _conv("--refine", "-1"), 2, ("--refine",), names=None),
+    Case("refine_not_int", _conv("--refine", "two"), 2, ("--refine",), names=None),
+    Case("budget_zero", _conv("--budget", "0"), 2, ("budget",), names=None),
+    Case("budget_negative", _conv("--budget", "-0.5"), 2, ("budget",), names=None),
+    Case("budget_not_a_number", _conv("--budget", "half"), 2, ("--budget",), names=None),
+    Case("budget_with_groups", _conv("--budget", "0.5", "--groups", "2"), 2, ("groups",), names=None),
+    Case("sharing_unknown", _conv("--budget", "0.5", "--sharing", "sometimes"), 2, ("--sharing",), names=None),
+    Case("sharing_without_budget", _conv("--sharing", "never"), 2, ("--sharing", "--budget"), names=None),
+    Case("objective_without_calibrate", _conv("--objective", "layer"), 2, ("--objective", "--calibrate"),
+         names=None),
+    Case("objective_unknown", _calib_conv("--objective", "sideways"), 2, ("--objective",), names=None),
+    Case("probes_zero", _calib_conv("--probes", "0"), 2, ("--probes",), names=None),
+    Case("probes_without_calibrate", _conv("--probes", "2"), 2, ("--probes", "--calibrate"), names=None),
+    Case("probes_with_layer_objective", _calib_conv("--objective", "layer", "--probes", "2"), 2, ("--probes",),
+         names=None),
+    Case("heldout_text_without_a_tokenizer", lambda t: [*_conv()(t), "--heldout", _mk(t, "held.txt", TEXT.encode())],
+         2, ("text held-out inputs need a Hugging Face text model",), names=None),
+    Case("heldout_fraction_without_calibrate", _conv("--heldout-fraction", "0.2"), 2, ("--heldout-fraction",),
+         names=None),
+    Case("heldout_fraction_one", _calib_conv("--heldout-fraction", "1"), 2, ("[0, 1)",), names=None),
+    Case("heldout_fraction_negative", _calib_conv("--heldout-fraction", "-0.2"), 2, ("[0, 1)",), names=None),
+    Case("heldout_fraction_zero_alone", _calib_conv("--heldout-fraction", "0"), 2, ("holds nothing back",),
+         names=None),
+    Case("heldout_fraction_with_heldout", lambda t: [*_calib_conv("--heldout-fraction", "0.3")(t), "--heldout",
+                                                     _good_tensors(t, "held.safetensors")], 2,
+         ("replaces the split",), names=None),
+    Case("adaptive_bad_spec", _conv("--adaptive", "blocks.*.up: 2 x [3y4]"), 2, ("generator layout", "3y4"),
+         names=None),
+    Case("arch_without_colon", _conv("--arch", "tests.archs.stacked_mlp"), 2, ("--arch",), names=None),
+    Case("arch_missing_attribute", _conv("--arch", "tests.archs:no_such_fn"), 2, ("no_such_fn",), names=None),
+    Case("unknown_option", _conv("--bogus"), 2, ("--bogus",), names=None),
+    Case("extra_argument", lambda t: [*_conv()(t), "extra"], 2, ("extra",), names=None),
+    Case("convert_without_source", lambda t: ["convert"], 2, ("Missing argument",), names=None),
+    Case("report_ranks_letters", lambda t: ["report", _w(t), "--arch", ARCH, "--ranks", "4,x"], 2, ("--ranks",),
+         names=None),
+    Case("report_ranks_zero", lambda t: ["report", _w(t), "--arch", ARCH, "--ranks", "0"], 2, ("--ranks",),
+         names=None),
+    Case("report_plot_of_a_checkpoint", lambda t: ["report", _copy_in(t, "mlp.lors"), "--plot", t / "p.png"], 2,
+         ("--plot",), names=None),
+    Case("merge_without_path", lambda t: ["merge"], 2, ("Missing argument",), names=None, out="merged"),
+    Case("heal_steps_zero", _heal("--steps", "0"), 2, ("--steps",), names=None),
+    Case("heal_lr_zero", _heal("--lr", "0"), 2, ("--lr",), names=None),
+    Case("heal_lr_negative", _heal("--lr", "-1e-3"), 2, ("--lr",), names=None),
+    Case("heal_match_unknown", _heal("--match", "blocks"), 2, ("--match", "blocks"), names=None),
+    Case("heal_loss_unknown", _heal("--loss", "l1", "--steps", "2"), 2, ("loss", "l1"), names=None),
+    Case("heal_train_unknown", _heal("--train", "some", "--steps", "2"), 2, ("trainable", "some"), names=None),
+    Case("heal_synthetic_above_one", _heal("--synthetic", "2"), 2, ("--synthetic",), names=None),
+    Case("heal_synthetic_negative", _heal("--synthetic", "-0.5"), 2, ("--synthetic",), names=None),
+    Case("heal_without_data", _heal(data=False), 2, ("--data",), names=None),
+    Case("heal_without_arch", lambda t: ["heal", _copy_in(t, "mlp.lors"), "--data", _good_tensors(t)], 2,
+         ("--arch",)),
+    Case("heal_heldout_fraction_zero_alone", _heal("--heldout-fraction", "0"), 2, ("holds nothing back",),
+         names=None),
+]
+
+# ---- group "paths": a path that is not there, or not a file, is a usage error (exit 2)
+
+PATHS = [
+    Case("convert_missing_safetensors", lambda t: ["convert", _input(t, "nope.safetensors"), "--arch", ARCH], 2,
+         ("no such file",)),
+    Case("convert_missing_directory", lambda t: ["convert", _input(t, "nope_dir")], 2, ("no such file",)),
+    Case("report_missing_source", lambda t: ["report", _input(t, "nope.pt"), "--arch", ARCH], 2, ("no such file",)),
+    Case("heal_missing_checkpoint", lambda t: ["heal", _input(t, "nope.lors"), "--data", _good_tensors(t)], 2,
+         ("no such file",)),
+    Case("heal_missing_data", lambda t: ["heal", _copy_in(t, "mlp.lors"), "--arch", ARCH, "--data",
+                                         _input(t, "nope.txt")], 2, ("does not exist",), names="{tmp}/in/nope.txt"),
+    Case("heal_missing_heldout", lambda t: [*_heal()(t), "--heldout", _input(t, "nope.pt")], 2,
+         ("does not exist",), names="{tmp}/in/nope.pt"),
+    Case("convert_missing_calibrate", _conv("--calibrate", "/nonexistent/calib.txt"), 2, ("does not exist",),
+         names="/nonexistent/calib.txt"),
+    Case("convert_missing_heldout", lambda t: [*_calib_conv()(t), "--heldout", _input(t, "nope.safetensors")], 2,
+         ("does not exist",), names="{tmp}/in/nope.safetensors"),
+    Case("arch_package_missing", _conv("--arch", "no_such_package_xyz:build"), 2, ("no_such_package_xyz",),
+         names=None),
+]
+
+
+# ---- group "calibration": files given to --calibrate, --heldout (convert) and --data, --heldout (heal)
+
+def _text(data: bytes):
+    return lambda t, name: _mk(t, name + ".txt", data)
+
+
+def _tensor_file(tensors: dict | None = None, raw: bytes | None = None, suffix: str = ".safetensors"):
+    def build(t, name):
+        return _mk(t, name + suffix, raw if raw is not None else _st_bytes(tensors))
+    return build
+
+
+def _pt(obj):
+    return lambda t, name: _mk(t, name + ".pt", _torch_bytes(obj))
+
+
+def _evil_data(t, name):
+    return _mk(t, name + ".pt", _torch_bytes(Evil(t / "marker")))
+
+
+def _directory(t, name):
+    p = _input(t, name + ".txt")
+    p.mkdir()
+    return p
+
+
+def _fifo(t, name):
+    p = _input(t, name + ".txt")
+    os.mkfifo(p)
+    return p
+
+
+def _tokens(ids) -> dict:
+    ids = torch.as_tensor(ids)
+    return {"input_ids": ids, "attention_mask": torch.ones(ids.shape, dtype=torch.int64)}
+
+
+VOCAB = len(BERT_VOCAB)
+_T = torch.randn(20, 8)
+
+# kind -> (model, builder, code, words, in a held-out slot too)
+CALIBRATION_KINDS = {
+    "text_empty": ("bert", _text(b""), 1, ("no text lines",), True),
+    "text_blank_lines": ("bert", _text(b"\n  \n\t\n"), 1, ("no text lines",), True),
+    "text_binary": ("bert", _text(b"PK\x03\x04\x00\x00binary" * 64), 1, ("binary", "NUL"), True),
+    "text_utf16": ("bert", _text("the river\n".encode("utf-16")), 1, ("binary",), True),
+    "text_latin1": ("bert", _text("the caf\xe9 river\n".encode("latin-1")), 1, ("not UTF-8", "0xe9"), True),
+    "text_one_10mb_line": ("bert", _text(b"river " * 1_800_000), 1, ("line 1", "characters"), True),
+    "text_one_line": ("bert", _text(b"the river is a stone\n"), 1, ("too few",), False),
+    "text_directory": ("bert", _directory, 2, ("regular file", "directory"), True),
+    "text_fifo": ("bert", _fifo, 2, ("regular file", "special file"), True),
+    "tensor_empty_file": ("mlp", _tensor_file(raw=b""), 1, ("empty",), True),
+    "tensor_truncated": ("mlp", _tensor_file(raw=_st_bytes({"input": _T})[:60]), 1, ("not a readable safetensors",),
+                         True),
+    "tensor_random_pt": ("mlp", _tensor_file(raw=os.urandom(512), suffix=".pt"), 1,
+                         ("not a readable PyTorch file",), True),
+    "tensor_pickle_payload": ("mlp", _evil_data, 1, ("refused to unpickle", "runs code"), True),
+    "tensor_string_pt": ("mlp", _pt("not tensors"), 1, ("expected a tensor",), True),
+    "tensor_empty_dict_pt": ("mlp", _pt({}), 1, ("expected a tensor",), True),
+    "tensor_nan": ("mlp", _tensor_file({"input": torch.full((20, 8), float("nan"))}), 1, ("NaN",), True),
+    "tensor_inf": ("mlp", _tensor_file({"input": torch.full((20, 8), float("inf"))}), 1, ("Inf",), True),
+    "tensor_overflowing_values": ("mlp", _tensor_file({"input": torch.full((20, 8), 3e38)}), 1, ("not finite",),
+                                  True),
+    "tensor_scalar": ("mlp", _tensor_file({"input": torch.tensor(1.0)}), 1, ("scalar",), True),
+    "tensor_wrong_width": ("mlp", _tensor_file({"input": torch.randn(20, 5)}), 1, ("cannot run", "shapes"), True),
+    "tensor_integer_inputs": ("mlp", _tensor_file({"input": torch.ones(20, 8, dtype=torch.int64)}), 1,
+                              ("cannot run",), True),
+    "tensor_counts_disagree": ("mlp", _tensor_file({"a": torch.randn(10, 8), "b": torch.randn(12, 8)}), 1,
+                               ("disagree",), True),
+    "tensor_unknown_keywords": ("mlp", _tensor_file({"a": torch.randn(10, 8), "b": torch.randn(10, 8)}), 1,
+                                ("cannot run", "argument"), True),
+    "tensor_no_samples": ("mlp", _tensor_file({"input": torch.randn(0, 8)}), 1, ("too few",), False),
+    "tensor_one_sample": ("mlp", _tensor_file({"input": torch.randn(1, 8)}), 1, ("too few",), False),
+    "token_ids_beyond_vocabulary": ("bert", _tensor_file(_tokens(torch.full((8, 6), VOCAB + 3))), 1,
+                                    ("cannot run", "index"), True),
+    "token_ids_negative": ("bert", _tensor_file(_tokens(torch.full((8, 6), -1))), 1, ("cannot run",), True),
+    "token_ids_int64_overflow": ("bert", _tensor_file(_tokens(torch.full((8, 6), 2 ** 62))), 1, ("cannot run",),
+                                 True),
+    "token_ids_float": ("bert", _tensor_file(_tokens(torch.full((8, 6), 3.0))), 1, ("cannot run",), True),
+}
+
+
+def _good(t: Path, model: str, kind: str = "text") -> Path:
+    """Good data of the same kind as ``kind``'s bad file (a held-out file is read like the calibration one)."""
+    if model == "mlp":
+        return _good_tensors(t, "good.safetensors")
+    if kind.startswith("token"):
+        torch.manual_seed(2)
+        return _tensor_file(_tokens(torch.randint(5, VOCAB, (16, 6))))(t, "good")
+    return _mk(t, "good.txt", TEXT.encode())
+
+
+def _calibration_case(slot: str, kind: str) -> Case:
+    model, builder, code, words, _ = CALIBRATION_KINDS[kind]
+    arch = ["--arch", ARCH] if model == "mlp" else []
+
+    def build(t):
+        bad = builder(t, "bad")
+        if slot.startswith("convert"):
+            src = _w(t) if model == "mlp" else _copy_in(t, "bert")
+            data = ["--calibrate", bad] if slot == "convert_calibrate" else \
+                ["--calibrate", _good(t, model, kind), "--heldout", bad]
+            return ["convert", src, *arch, *data, "--rank", "2"]
+        ckpt = _copy_in(t, "mlp.lors" if model == "mlp" else "bert.lors")
+        data = ["--data", bad] if slot == "heal_data" else ["--data", _good(t, model, kind), "--heldout", bad]
+        return ["heal", ckpt, *arch, *data, "--steps", "2"]
+
+    suffix = ".txt" if kind.startswith("text") or builder in (_directory, _fifo) else \
+        (".pt" if kind in ("tensor_random_pt", "tensor_pickle_payload", "tensor_string_pt",
+                           "tensor_empty_dict_pt") else ".safetensors")
+    return Case(f"{slot}-{kind}", build, code, words, names="{tmp}/in/bad" + suffix,
+                marker=kind == "tensor_pickle_payload")
+
+
+CALIBRATION = [_calibration_case(slot, kind) for kind, spec in CALIBRATION_KINDS.items()
+               for slot in ("convert_calibrate", "convert_heldout", "heal_data", "heal_heldout")
+               if spec[4] or slot in ("convert_calibrate", "heal_data")]
+
+
+# ---- group "confined": names and links that lead out of a model directory or a checkpoint
+
+def _outside(t: Path, name: str, data: bytes = b"{}") -> Path:
+    p = t / "outside" / name
+    p.parent.mkdir(exist_ok=True)
+    p.write_bytes(data)
+    return p
+
+
+def _link_out(entry: str):
+    """The entry becomes a symlink to a copy of itself outside the directory (the content is valid)."""
+    def tamper(t: Path, d: Path):
+        target = _outside(t, entry, (d / entry).read_bytes())
+        (d / entry).unlink()
+        (d / entry).symlink_to(target)
+    return tamper
+
+
+def _shard_index(names: list[str]):
+    def tamper(t: Path, d: Path):
+        weights = d / "model.safetensors"
+        shard = d / "model-00001-of-00001.safetensors"
+        weights.rename(shard)
+        keys = list(load_file(str(shard)))
+        mapping = {k: names[i % len(names)] for i, k in enumerate(keys)}
+        (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": mapping}))
+        _outside(t, "secret.safetensors", shard.read_bytes())
+    return tamper
+
+
+def _shard_link_out(t: Path, d: Path):
+    _shard_index(["model-00001-of-00001.safetensors"])(t, d)
+    _link_out("model-00001-of-00001.safetensors")(t, d)
+
+
+def _index_link_out(t: Path, d: Path):
+    _shard_index(["model-00001-of-00001.safetensors"])(t, d)
+    _link_out("model.safetensors.index.json")(t, d)
+
+
+SOURCE_TAMPERS = {
+    "config_links_out": (_link_out("config.json"), ("config 'config.json' links to a file outside",)),
+    "tokenizer_links_out": (_link_out("tokenizer.json"), ("side file 'tokenizer.json' links",)),
+    "tokenizer_config_links_out": (_link_out("tokenizer_config.json"), ("side file 'tokenizer_config.json' links",)),
+    "weights_link_out": (_link_out("model.safetensors"), ("'model.safetensors' links to a file outside",)),
+    "index_links_out": (_index_link_out, ("index", "links to a file outside")),
+    "index_shard_dotdot": (_shard_index(["../outside/secret.safetensors"]), ("names a file outside",)),
+    "index_shard_absolute": (lambda t, d: _shard_index([str(t / "outside" / "secret.safetensors")])(t, d),
+                             ("names a file outside",)),
+    "index_shard_subdirectory": (_shard_index(["sub/model.safetensors"]), ("names a file outside",)),
+    "index_shard_links_out": (_shard_link_out, ("shard", "links to a file outside")),
+}
+
+
+def _source_case(command: str, kind: str) -> Case:
+    tamper, words = SOURCE_TAMPERS[kind]
+
+    def build(t):
+        d = _copy_in(t, "bert")
+        tamper(t, d)
+        return ["convert", d, "--rank", "2"] if command == "convert" else ["report", d, "--ranks", "2"]
+    return Case(f"{command}_source-{kind}", build, 1, words)
+
+
+CKPT_TAMPERS = {  # kind -> (tamper, words, commands it must stop)
+    "config_links_out": (_link_out("lors_config.json"), ("config 'lors_config.json' links",),
+                         ("report", "merge", "heal")),
+    "weights_link_out": (_link_out("model.safetensors"), ("'model.safetensors' links",), ("report", "merge", "heal")),
+    "side_file_links_out": (_link_out("tokenizer.json"), ("side file 'tokenizer.json' links",), ("merge", "heal")),
+    "report_links_out": (_link_out("report.json"), ("report 'report.json' links",), ("report", "heal")),
+}
+
+
+def _ckpt_case(command: str, kind: str, sharded: bool = False) -> Case:
+    if sharded:
+        tamper, words = (lambda t, d: _rename_shard(d)), ("names a file outside",)
+    else:
+        tamper, words, _ = CKPT_TAMPERS[kind]
+
+    def build(t):
+        d = _copy_in(t, "bert_sharded.lors" if sharded else "bert.lors", "c.lors")
+        tamper(t, d)
+        if command == "heal":
+            return ["heal", d, "--data", _good(t, "bert"), "--steps", "2"]
+        return [command, d]
+    return Case(f"{command}_checkpoint-{kind}", build, 1, words, out="merged" if command == "merge" else "out.lors")
+
+
+def _rename_shard(d: Path) -> None:
+    index = json.loads((d / "model.safetensors.index.json").read_text())
+    first = sorted(set(index["weight_map"].values()))[0]
+    index["weight_map"] = {k: (f"../{v}" if v == first else v) for k, v in index["weight_map"].items()}
+    (d / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+CONFINED = [_source_case(c, k) for k in SOURCE_TAMPERS for c in ("convert", "report")] + \
+    [_ckpt_case(c, k) for k, (_, _, commands) in CKPT_TAMPERS.items() for c in commands] + \
+    [_ckpt_case(c, "index_shard_dotdot", sharded=True) for c in ("report", "merge", "heal")]
+
+
+# ---- group "heal_state": a state beside the output that this command must not resume
+
+def _heal_state(**given):
+    """A state left by ``heal`` with other settings (interrupted after 2 steps) at the CLI's path."""
+    def build(t):
+        settings = dict(given)
+        import lors_convert
+        from lors_convert.calibrate.data import load_calibration
+        from lors_convert.heal import heal
+        from lors_convert.io.sources import load_source
+
+        ckpt = _copy_in(t, settings.pop("ckpt", "mlp.lors"))
+        data = _good_tensors(t)
+        other = _good_tensors(t, "other.safetensors", n=30) if settings.pop("other_data", False) else data
+        teacher, _ = load_source(_template("mlp.safetensors"), arch=ARCH)
+        student = lors_convert.load(ckpt, arch=ARCH)
+        batches = load_calibration(other).calibration
+        kwargs = {"steps": 4, "lr": 1e-3, "loss": "mse", "trainable": "lors", "match": "output", **settings}
+
+        def stop(step, steps, loss):
+            if step == 2:
+                raise KeyboardInterrupt
+
+        try:
+            heal(student, teacher, batches, checkpoint_path=t / ".out.lors.heal-state.pt", progress=stop, **kwargs)
+        except KeyboardInterrupt:
+            pass
+        assert (t / ".out.lors.heal-state.pt").is_file()
+        return ["heal", _copy_in(t, "mlp.lors", "c.lors"), "--arch", ARCH, "--data", data, "--steps", "4"]
+    return build
+
+
+def _state_file(make):
+    def build(t):
+        make(t / ".out.lors.heal-state.pt")
+        return ["heal", _copy_in(t, "mlp.lors"), "--arch", ARCH, "--data", _good_tensors(t), "--steps", "4"]
+    return build
+
+
+def _truncated_state(path: Path) -> None:
+    _heal_state()(path.parent)
+    shutil.rmtree(path.parent / "in")
+    (path.parent / "in").mkdir()
+    path.write_bytes(path.read_bytes()[:200])
+
+
+def _state_without(key: str):
+    def make(path: Path) -> None:
+        _heal_state()(path.parent)
+        shutil.rmtree(path.parent / "in")
+        (path.parent / "in").mkdir()
+        state = torch.load(path, weights_only=True)
+        del state[key]
+        torch.save(state, path)
+    return make
+
+
+def _state_link(path: Path) -> None:
+    target = _outside(path.parent, "state.pt", _torch_bytes({"version": 2}))
+    path.symlink_to(target)
+
+
+HEAL_STATE = [
+    Case("other_steps", _heal_state(steps=5), 2, ("different command", "steps 5 -> 4", "--force")),
+    Case("other_lr", _heal_state(lr=3e-3), 2, ("different command", "lr", "--force")),
+    Case("other_loss", _heal_state(loss="cosine"), 2, ("different command", "loss 'cosine' -> 'mse'")),
+    Case("other_match", _heal_state(match="layers"), 2, ("different command", "match 'layers' -> 'output'")),
+    Case("other_trainable", _heal_state(trainable="all"), 2, ("different command", "trainable 'all' -> 'lors'")),
+    Case("other_data", _heal_state(other_data=True), 2, ("different command", "(data)")),
+    Case("other_model_shapes", _heal_state(ckpt="mlp2.lors"), 2, ("cannot resume",)),
+    Case("corrupt_bytes", _state_file(lambda p: p.write_bytes(b"\x80\x04garbage")), 2, ("cannot read the heal state",)),
+    Case("empty_file", _state_file(lambda p: p.write_bytes(b"")), 2, ("cannot read the heal state",)),
+    Case("truncated", _state_file(_truncated_state), 2, ("cannot read the heal state",)),
+    Case("old_version", _state_file(lambda p: p.write_bytes(_torch_bytes({"version": 1, "step": 2}))), 2,
+         ("another version of lors",)),
+    Case("not_a_dict", _state_file(lambda p: p.write_bytes(_torch_bytes([1, 2, 3]))), 2,
+         ("cannot read the heal state",)),
+    Case("without_optimizer", _state_file(_state_without("optimizer")), 2, ("cannot resume",)),
+    Case("directory", _state_file(lambda p: p.mkdir()), 2, ("not a regular file",)),
+    Case("symlink", _state_file(_state_link), 2, ("not a regular file",)),
+]
+for case in HEAL_STATE:
+    case.names = "{tmp}/.out.lors.heal-state.pt"
+
+
+# ---- group "outputs": an output that would replace one of the inputs, or exists
+
+OUTPUTS = [
+    Case("convert_onto_calibration_file", lambda t: [*_calib_conv()(t), "--force"], 2, ("would replace the input",),
+         names="{tmp}/in/calib.safetensors", out="in/calib.safetensors"),
+    Case("convert_onto_heldout_file", lambda t: [*_calib_conv()(t), "--heldout", _good_tensors(t, "held.safetensors"),
+                                                 "--force"], 2, ("would replace the input",),
+         names="{tmp}/in/held.safetensors", out="in/held.safetensors"),
+    Case("heal_onto_its_checkpoint", lambda t: [*_heal()(t), "--force"], 2, ("would replace the input",),
+         names="{tmp}/in/mlp.lors", out="in/mlp.lors"),
+    Case("heal_onto_its_data", lambda t: [*_heal()(t), "--force"], 2, ("would replace the input",),
+         names="{tmp}/in/calib.safetensors", out="in/calib.safetensors"),
+    Case("heal_onto_the_input_directory", lambda t: [*_heal()(t), "--force"], 2, ("would replace the input",),
+         names="{tmp}/in/mlp.lors", out="in"),
+    Case("heal_output_exists", lambda t: [_old_output(t / "out.lors"), *_heal()(t)][1:], 2,
+         ("already exists", "--force"), names="{tmp}/out.lors"),
+]
+
+for group, cases in (("source", CASES), ("usage", USAGE), ("paths", PATHS), ("calibration", CALIBRATION),
+                     ("confined", CONFINED), ("heal_state", HEAL_STATE), ("outputs", OUTPUTS)):
+    for case in cases:
+        case.group = group
+CASES = CASES + USAGE + PATHS + CALIBRATION + CONFINED + HEAL_STATE + OUTPUTS
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"{c.group}-{c.id}" for c in CASES])
 def test_bad_input(case: Case, tmp_path):
     (tmp_path / "in").mkdir()
     args = case.build(tmp_path)
     out = tmp_path / case.out
-    if args[0] in ("convert", "merge"):
+    if args and args[0] in ("convert", "merge", "heal"):
         args += ["-o", out]
+    existed = os.path.lexists(out)
     before = tree_state(tmp_path)
-    res = run(*args)
-    names = case.names.format(input=args[1]) if case.names else None
-    assert_clean_failure(res, case.code, case.words, names)
-    assert not out.exists()
+    with warnings.catch_warnings(record=True) as caught:  # a warning is a second line on a user's stderr
+        warnings.simplefilter("always")
+        res = run(*args)
+    shown = [f"{w.category.__name__}: {w.message}" for w in caught
+             if not issubclass(w.category, (DeprecationWarning, PendingDeprecationWarning))]
+    assert not shown, shown
+    names = case.names.format(input=args[1] if len(args) > 1 else "", tmp=tmp_path) if case.names else None
+    line = assert_clean_failure(res, case.code, (), names)
+    for w in case.words:  # not in the case's temporary path, which holds its name
+        assert w in line.replace(str(tmp_path), "<tmp>"), (w, line)
+    assert os.path.lexists(out) == existed
     assert tree_state(tmp_path) == before  # inputs untouched, nothing written, no hidden leftovers
     if case.marker:
         assert not (tmp_path / "marker").exists(), "the pickle payload ran"
@@ -962,3 +1480,16 @@ def test_fuzz_checkpoint_reader(mutation, small_ckpt, sharded_ckpt):
             if res.exit_code:
                 one_line(res.stderr)
         assert not [p for p in Path(d).iterdir() if ".tmp-" in p.name or ".old-" in p.name]
+
+
+def test_heal_force_discards_a_state_left_by_other_settings(tmp_path):
+    """The refused state's message says --force starts afresh: it does, and leaves no state behind."""
+    (tmp_path / "in").mkdir()
+    args = _heal_state(steps=5)(tmp_path)
+    state = tmp_path / ".out.lors.heal-state.pt"
+    assert state.is_file()
+    res = run(*args, "-o", tmp_path / "out.lors", "--force", "--json")
+    assert res.exit_code == 0, res.output
+    quality = json.loads(res.stdout)["quality"]
+    assert quality["heal_steps"] == 4 and quality["heal_samples"] == 32
+    assert not state.exists() and Checkpoint(tmp_path / "out.lors").report() is not None

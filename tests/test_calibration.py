@@ -10,7 +10,7 @@ from torch import nn
 from lors_convert import convert, merge
 from lors_convert.calibrate.grams import GramCollector, collect_grams, gram_owners
 from lors_convert.calibrate.data import load_calibration, split_heldout, tensor_batches
-from lors_convert.errors import LorsUsageError
+from lors_convert.errors import LorsError, LorsUsageError
 from lors_convert.heal import distill_loss, heal, stack_members
 from lors_convert.calibrate.fidelity import fidelity, reference_outputs
 
@@ -257,6 +257,55 @@ def test_heal_resume_matches_uninterrupted_run(tmp_path):
     assert result.resumed_from == 6 and len(result.history) == 10
     for (n, a), (_, b) in zip(student_a.named_parameters(), fresh.named_parameters()):
         assert torch.allclose(a, b, atol=1e-6), n
+
+
+@pytest.mark.parametrize("change", ["steps", "lr", "loss", "trainable", "match", "warmup", "data", "seed"])
+def test_heal_refuses_a_state_left_by_other_settings(change, tmp_path):
+    """A rerun with other settings never resumes silently: it names what changed and how to start afresh."""
+    teacher, student, batches = _heal_setup()
+    state = tmp_path / "heal.pt"
+    base = dict(steps=4, lr=1e-3, loss="mse", trainable="lors", match="output", synthetic=0.0, seed=0)
+
+    class Stop(Exception):
+        pass
+
+    def interrupt(step, steps, loss):
+        if step == 2:
+            raise Stop
+
+    with pytest.raises(Stop):
+        heal(copy.deepcopy(student), teacher, batches, checkpoint_path=state, progress=interrupt, **base)
+    saved = state.read_bytes()
+    other = {"steps": 5, "lr": 2e-3, "loss": "cosine", "trainable": "all", "match": "layers", "warmup": 3,
+             "seed": 1, "data": None}[change]
+    data = [b + 1.0 for b in batches] if change == "data" else batches
+    kwargs = {**base, **({} if change == "data" else {change: other})}
+    with pytest.raises(LorsUsageError) as info:
+        heal(copy.deepcopy(student), teacher, data, checkpoint_path=state, **kwargs)
+    message = str(info.value)
+    assert str(state) in message and "different command" in message and "--force" in message, message
+    assert "delete" in message and "\n" not in message
+    assert state.read_bytes() == saved  # the refused state is left as it was
+    result = heal(copy.deepcopy(student), teacher, data, checkpoint_path=state, restart=True, **kwargs)
+    assert result.resumed_from == 0 and result.steps == kwargs["steps"]
+    again = heal(copy.deepcopy(student), teacher, data, checkpoint_path=state, **kwargs)  # same settings: resumes
+    assert again.resumed_from == kwargs["steps"]
+
+
+def test_heal_state_that_cannot_be_read_is_refused(tmp_path):
+    teacher, student, batches = _heal_setup()
+    state = tmp_path / "heal.pt"
+    state.write_bytes(b"not a torch file")
+    with pytest.raises(LorsUsageError, match="cannot read the heal state.*--force"):
+        heal(copy.deepcopy(student), teacher, batches, steps=2, checkpoint_path=state)
+    assert state.read_bytes() == b"not a torch file"
+    assert heal(copy.deepcopy(student), teacher, batches, steps=2, checkpoint_path=state, restart=True).steps == 2
+
+
+def test_heal_stops_when_the_loss_diverges():
+    teacher, student, batches = _heal_setup()
+    with pytest.raises(LorsError, match="loss became"):
+        heal(student, teacher, batches, steps=20, lr=1e30)
 
 
 def test_distill_losses_are_zero_at_the_target():

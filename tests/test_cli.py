@@ -168,6 +168,33 @@ def test_state_dict_with_arch_round_trip(tmp_path):
     assert_merges_back(out, model, tmp_path / "m.safetensors")
 
 
+def test_rank_full_is_exact_without_keep_unsaving_and_says_it_saves_nothing(tmp_path):
+    """--rank full is documented as exact: it converts every matrix, and the report says what it costs."""
+    torch.manual_seed(0)
+    model = StackedMLP().eval()
+    src = tmp_path / "mlp.safetensors"
+    save_file(model.state_dict(), str(src))
+    out = tmp_path / "full.lors"
+    res = run("convert", src, "--arch", "tests.archs:stacked_mlp", "--rank", "full", "-o", out, "--json")
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout)
+    assert {m["name"] for m in report["stacks"][0]["matrices"]} == {"up.weight", "down.weight"}
+    assert report["stacks"][0]["kept_dense"] == {}
+    assert any("exact" in w and "saves nothing" in w for w in report["warnings"]), report["warnings"]
+    assert report["total"]["params_after"] > report["total"]["params_before"]
+    human = run("report", out)
+    assert human.exit_code == 0 and "saves nothing" in human.stderr and "None" not in human.stderr
+    assert_merges_back(out, model, tmp_path / "m.safetensors")
+
+
+def test_no_message_prints_none_for_a_rank(tmp_path):
+    src = tmp_path / "w.safetensors"
+    save_file(StackedMLP().state_dict(), str(src))
+    res = run("convert", src, "--arch", "tests.archs:stacked_mlp", "--rank", "31", "-o", tmp_path / "o.lors")
+    assert res.exit_code == 1 and "rank 31 x groups saves nothing" in res.stderr, res.stderr
+    assert "None" not in res.stderr
+
+
 def test_state_dict_without_arch_is_usage_error(tmp_path):
     src = tmp_path / "w.safetensors"
     save_file(StackedMLP().state_dict(), str(src))
@@ -219,9 +246,10 @@ def test_report_rank_sweep_on_dense_source(tmp_path):
     (["convert", "{src}", "--arch", "tests.archs:stacked_mlp", "--groups", "1,2"], 2, "groups"),
     (["convert", "{src}", "--arch", "tests.archs:stacked_mlp", "--include", "*nothing*"], 2, "*nothing*"),
     (["convert", "{src}", "--arch", "nonexistent_pkg:fn"], 2, "nonexistent_pkg"),
-    (["convert", "{missing}"], 1, "no such file"),
-    (["report", "{missing}"], 1, "no such file"),
-    (["merge", "{missing}"], 1, "no such file"),
+    (["convert", "{missing}"], 2, "no such file"),
+    (["report", "{missing}"], 2, "no such file"),
+    (["merge", "{missing}"], 2, "no such file"),
+    (["heal", "{missing}", "--data", "{src}"], 2, "no such file"),
     (["convert"], 2, "Missing argument"),
     (["convert", "{src}", "--bogus"], 2, "--bogus"),
 ])
@@ -402,3 +430,45 @@ def test_calibrated_dry_run_plans_what_the_run_does(tmp_path, flags):
     assert plan_of(planned) == plan_of(done)
     assert planned["total"]["params_after"] == done["total"]["params_after"]
     assert any("dry run" in w for w in planned["warnings"])
+
+
+@pytest.mark.parametrize("fraction, heldout_file, fitted, held", [
+    (None, False, 32, 8), ("0.25", False, 30, 10), ("0.5", False, 20, 20), (None, True, 40, 12), ("0", True, 40, 12),
+])
+def test_heldout_fraction_controls_the_split_and_the_report_says_it(fraction, heldout_file, fitted, held, tmp_path):
+    torch.manual_seed(0)
+    src = tmp_path / "w.safetensors"
+    save_file(StackedMLP().state_dict(), str(src))
+    save_file({"input": torch.randn(40, 8)}, str(tmp_path / "calib.safetensors"))
+    save_file({"input": torch.randn(12, 8)}, str(tmp_path / "held.safetensors"))
+    args = ["convert", src, "--arch", "tests.archs:stacked_mlp", "--calibrate", tmp_path / "calib.safetensors",
+            "--rank", "4", "-o", tmp_path / "o.lors", "--json"]
+    args += ["--heldout-fraction", fraction] if fraction is not None else []
+    args += ["--heldout", tmp_path / "held.safetensors"] if heldout_file else []
+    res = run(*args)
+    assert res.exit_code == 0, res.output
+    quality = json.loads(res.stdout)["quality"]
+    assert (quality["calibration_samples"], quality["heldout_samples"]) == (fitted, held)
+    expected = str(tmp_path / "held.safetensors") if heldout_file else \
+        f"{float(fraction or 0.2):.0%} of {tmp_path / 'calib.safetensors'}"
+    assert quality["heldout_data"] == expected
+    human = run("report", tmp_path / "o.lors")
+    assert f"calibration_samples = {fitted}" in human.stdout and f", {held} samples:" in human.stdout  # fidelity line
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--heldout-fraction", "0"], "holds nothing back"),
+    (["--heldout-fraction", "1"], "[0, 1)"),
+    (["--heldout-fraction", "-0.1"], "[0, 1)"),
+    (["--heldout-fraction", "0.3", "--heldout", "{held}"], "replaces the split"),
+])
+def test_heldout_fraction_usage_errors(extra, words, tmp_path):
+    src = tmp_path / "w.safetensors"
+    save_file(StackedMLP().state_dict(), str(src))
+    save_file({"input": torch.randn(40, 8)}, str(tmp_path / "calib.safetensors"))
+    save_file({"input": torch.randn(12, 8)}, str(tmp_path / "held.safetensors"))
+    extra = [a.format(held=tmp_path / "held.safetensors") for a in extra]
+    res = run("convert", src, "--arch", "tests.archs:stacked_mlp", "--calibrate", tmp_path / "calib.safetensors",
+              "-o", tmp_path / "o.lors", *extra)
+    assert res.exit_code == 2 and words in res.stderr, res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1 and not (tmp_path / "o.lors").exists()

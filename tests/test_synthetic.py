@@ -134,6 +134,8 @@ def test_synthetic_heal_resumes_to_the_uninterrupted_result(tmp_path):
         heal(copy.deepcopy(original), teacher, calib, steps=8, lr=1e-3, synthetic=0.5, checkpoint_path=state,
              progress=interrupt)
     resumed = copy.deepcopy(original)
+    with pytest.raises(LorsUsageError, match=r"different command \(synthetic 0.5 -> 0.75\).*--force"):
+        heal(copy.deepcopy(original), teacher, calib, steps=8, lr=1e-3, synthetic=0.75, checkpoint_path=state)
     result = heal(resumed, teacher, calib, steps=8, lr=1e-3, synthetic=0.5, checkpoint_path=state)
     assert result.resumed_from == 5
     for (n, a), (_, b) in zip(student_a.named_parameters(), resumed.named_parameters()):

@@ -1,7 +1,8 @@
 """Running a model on calibration batches: what a batch is, where it runs, which output to compare.
 
 A batch is a tensor (passed positionally) or a dict of tensors (keyword arguments, e.g.
-``input_ids`` and ``attention_mask``); padding is the ``attention_mask``'s zeros.
+``input_ids`` and ``attention_mask``); padding is the ``attention_mask``'s zeros. A model that
+cannot run on a batch raises a one-line :class:`~lors_convert.errors.LorsError`.
 """
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from collections.abc import Mapping
 
 import torch
 from torch import nn
+
+from ..errors import LorsError, short
 
 Batch = torch.Tensor | dict[str, torch.Tensor]
 
@@ -26,12 +29,19 @@ def to_device(batch: Batch, device: torch.device | str) -> Batch:
 
 
 def run_model(model: nn.Module, batch: Batch):
-    """Call ``model`` on a batch: a tensor positionally, a dict as keyword arguments."""
-    if isinstance(batch, Mapping):
-        return model(**batch)
-    if isinstance(batch, (tuple, list)):
-        return model(*batch)
-    return model(batch)
+    """Call ``model`` on a batch: a tensor positionally, a dict as keyword arguments.
+
+    Inputs the model cannot take (wrong shapes, token ids beyond its vocabulary, unknown keywords)
+    are a :class:`LorsError` on one line, not a traceback from deep inside the model.
+    """
+    try:
+        if isinstance(batch, Mapping):
+            return model(**batch)
+        if isinstance(batch, (tuple, list)):
+            return model(*batch)
+        return model(batch)
+    except (RuntimeError, IndexError, TypeError, ValueError) as e:
+        raise LorsError(f"the model cannot run on these inputs ({type(e).__name__}: {short(e)})") from None
 
 
 def batch_mask(batch: Batch) -> torch.Tensor | None:
@@ -74,6 +84,13 @@ def primary_output(out) -> torch.Tensor:
             if isinstance(o, torch.Tensor):
                 return o
     raise TypeError(f"cannot find a tensor in the model output ({type(out).__name__})")
+
+
+def finite(y: torch.Tensor) -> torch.Tensor:
+    """``y``, refused when a model output is NaN or Inf (inputs that overflow the model)."""
+    if y.is_floating_point() and not torch.isfinite(y).all():
+        raise LorsError("the model's output on these inputs is not finite (NaN or Inf): they overflow it")
+    return y
 
 
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .batches import Batch, batch_mask, mean_pool, model_device, primary_output, run_model, to_device
+from .batches import Batch, batch_mask, finite, mean_pool, model_device, primary_output, run_model, to_device
 
 POOR_SIMILARITY = 0.9  # cosine or top-1 agreement below this: warn
 POOR_PPL_RATIO = 1.25  # converted perplexity above this multiple of the source's: warn
@@ -50,6 +50,22 @@ def reference_outputs(model: nn.Module, batches: Iterable[Batch], label: str = "
     """A reference for ``model`` as it is now: a frozen copy, since conversion changes it in place."""
     source = copy.deepcopy(model).eval().requires_grad_(False)
     return Reference(source, list(batches), label, synthetic)
+
+
+@torch.no_grad()
+def check_inputs(model: nn.Module, batches: Iterable[Batch]) -> None:
+    """Run ``model`` once on every batch: inputs it cannot take, or that overflow it, fail here, before
+    any conversion work, not after."""
+    was_training = model.training
+    model.eval()
+    where = model_device(model)
+    try:
+        for batch in batches:
+            out = run_model(model, to_device(batch, where))
+            finite(getattr(out, "logits", None) if isinstance(getattr(out, "logits", None), torch.Tensor)
+                   else primary_output(out))
+    finally:
+        model.train(was_training)
 
 
 def is_causal_lm(model: nn.Module) -> bool:
@@ -137,7 +153,7 @@ def fidelity(model: nn.Module, reference: Reference, prefix: str = "heldout") ->
             ref_out = run_model(reference.source, to_device(batch, ref_where))
             kind = output_kind(reference.source, ref_out, batch)
             y = (out.logits if kind == "causal_lm" else primary_output(out)).detach().float().cpu()
-            y_ref = (ref_out.logits if kind == "causal_lm" else primary_output(ref_out)).detach().float().cpu()
+            y_ref = finite(ref_out.logits if kind == "causal_lm" else primary_output(ref_out)).detach().float().cpu()
             mask = batch_mask(batch)
             mask = mask.cpu() if mask is not None else None
             sums.rel.append(_rel_error(y, y_ref, mask))
@@ -199,5 +215,5 @@ def fidelity_problems(quality: dict, prefix: str = "heldout") -> list[str]:
     return problems
 
 
-__all__ = ["Reference", "reference_outputs", "fidelity", "fidelity_problems", "fidelity_score", "output_kind", "is_causal_lm",
+__all__ = ["Reference", "reference_outputs", "check_inputs", "fidelity", "fidelity_problems", "fidelity_score", "output_kind", "is_causal_lm",
            "POOR_SIMILARITY", "POOR_PPL_RATIO"]

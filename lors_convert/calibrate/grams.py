@@ -217,6 +217,11 @@ def collect_grams(
         calibration.out_grams = collect_output_grams(
             model, owners, batches, probes=DEFAULT_PROBES if probes is None else probes, seed=seed,
             device=device)
+    for kind, grams in (("input", calibration.grams), ("output-gradient", calibration.out_grams or {})):
+        bad = next((key for key, g in grams.items() if not torch.isfinite(g).all()), None)
+        if bad is not None:  # the activations overflowed: a fit would write NaN factors
+            raise LorsError(f"the {kind} Gram of {bad!r} is not finite: the model overflows on the "
+                            "calibration inputs")
     return calibration
 
 

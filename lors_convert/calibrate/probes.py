@@ -29,16 +29,18 @@ class Probes:
     label: str = ""  # where they come from, for the report
     synthetic: bool = False  # made up, not real data
     why_none: str | None = None  # set when ``batches`` is empty
+    origin: str | None = None  # the file they were read from: names it in errors
 
 
 def read_probes(path: Path, tokenizer_dir: Path | None) -> Probes:
     """Held-out inputs from a file: a tensor file as is, text tokenized with the model's tokenizer."""
     if path.suffix in TENSOR_SUFFIXES:
-        return Probes(tensor_batches(read_tensors(path)), f"{path.name} (--heldout)")
+        return Probes(tensor_batches(read_tensors(path)), f"{path.name} (--heldout)", origin=str(path))
     if tokenizer_dir is None:
         raise LorsUsageError(f"{path}: text held-out inputs need a Hugging Face text model (its tokenizer); "
                              "give a .safetensors/.pt file of model inputs instead")
-    return Probes(text_batches(load_tokenizer(tokenizer_dir), read_texts(path)), f"{path.name} (--heldout)")
+    return Probes(text_batches(load_tokenizer(tokenizer_dir), read_texts(path)), f"{path.name} (--heldout)",
+                  origin=str(path))
 
 
 def default_probes(model_dir: Path | None, config=None) -> Probes:
@@ -47,7 +49,8 @@ def default_probes(model_dir: Path | None, config=None) -> Probes:
     ``num_channels``), else none, with the reason."""
     if model_dir is not None and has_tokenizer(model_dir):
         texts = read_texts(PROBE_TEXT)
-        return Probes(text_batches(load_tokenizer(model_dir), texts), f"lors probe text ({len(texts)} lines, shipped)")
+        return Probes(text_batches(load_tokenizer(model_dir), texts), f"lors probe text ({len(texts)} lines, shipped)",
+                      origin=str(PROBE_TEXT))
     size, channels = getattr(config, "image_size", None), getattr(config, "num_channels", None)
     if isinstance(size, (int, tuple, list)) and isinstance(channels, int):
         h, w = (size, size) if isinstance(size, int) else tuple(size)[:2]

@@ -88,6 +88,13 @@ def _identity(t: torch.Tensor) -> tuple:
     return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
 
 
+def lors_members(stack: dict, entry: dict) -> list[str]:
+    """The members of a recorded stack whose parameter ``entry`` is a LORS layer (not kept dense);
+    the first holds the stack's shared tensors."""
+    dense = set(entry.get("dense_members", []))
+    return [m for i, m in enumerate(stack["members"]) if i not in dense]
+
+
 def nonpersistent_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
     persistent = set(model.state_dict().keys())
     return {name: b for name, b in model.named_buffers() if name not in persistent}
@@ -194,7 +201,7 @@ def check_report_types(report: Report, path: Path) -> None:
                 and _is_dims(m.matrix) and (m.rank is None or _is_int(m.rank)) and _is_dims(m.groups, low=1) \
                 and len(m.groups) > 0 and _is_dims(m.ranks) and _is_int(m.dense_params) \
                 and _is_int(m.lors_params) and num_list(m.relative_error) and num_list(m.retained_energy) \
-                and isinstance(m.clamped, bool)
+                and isinstance(m.clamped, bool) and _is_dims(m.dense_members)
     if not ok:
         raise LorsError(f"{path}: malformed report (a field has the wrong type)")
 
@@ -243,6 +250,12 @@ def _validate_entry(e: dict, members: list, fail) -> None:
         fail(f"{name}: a static parameter's shared must be ['shared'] or [] (private-only), got {e['shared']!r}")
     if not isinstance(e.get("extra", {}), dict):
         fail(f"{name}: extra must be an object")
+    dense = e.get("dense_members", [])
+    if not _is_dims(dense) or len(set(dense)) != len(dense) or any(i >= len(members) for i in dense) \
+            or len(dense) >= len(members) or (dense and e["kind"] != "static") \
+            or any(e["ranks"][i] != 0 for i in dense):
+        fail(f"{name}: dense_members must be distinct member indices (not all of them) of rank 0, "
+             f"got {dense!r}")
 
 
 def _validate_structure(config: dict, fail) -> None:

@@ -13,7 +13,7 @@ from ..errors import LorsError, short
 from ..io.sources import build_arch, build_hf, load_source
 from ..layers import meta_clone
 from ..swap import install_layers
-from .format import BUFFER_PREFIX
+from .format import BUFFER_PREFIX, lors_members
 from .reader import Checkpoint
 
 
@@ -92,7 +92,7 @@ def load(path: str | Path, model: nn.Module | None = None, arch: str | None = No
             stack, entry, _ = owners[prefix]
             rel = key[len(prefix):]
             if rel in entry["shared"]:
-                state[key] = ckpt.get(f"{stack['members'][0]}.{entry['owner']}.{rel}")
+                state[key] = ckpt.get(f"{lors_members(stack, entry)[0]}.{entry['owner']}.{rel}")
                 continue
         if key in manifest_aliases:
             state[key] = ckpt.get(manifest_aliases[key])

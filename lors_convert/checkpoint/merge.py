@@ -16,6 +16,7 @@ import torch
 from ..discover.plan import dtype_name
 from ..errors import LorsError, LorsUsageError, short
 from ..io.atomic import atomic_output, check_not_input, check_output
+from ..io.confine import confined
 from ..io.gguf import FILE_TYPE_KEY, Field, GGUFFile, gguf_package, out_tensor, write_gguf
 from ..io.gguf_model import METADATA_NAME, GGUFLayout
 from ..io.safetensors import SafetensorsFile, ShardedWriter, meta_like
@@ -39,6 +40,8 @@ def merged_tensors(ckpt: Checkpoint, progress=None) -> Iterator[tuple[str, torch
     for stack, entry in steps:
         cls = layer_class(entry["layer"])
         for i, member in enumerate(stack["members"]):
+            if i in entry.get("dense_members", []):
+                continue  # kept dense: its tensors are copied below, as stored
             prefix = f"{member}.{entry['owner']}."
             try:
                 dense = cls.merge_state(ckpt.owner_state(stack, entry, i), entry)
@@ -103,7 +106,7 @@ def merge_checkpoint(path: str | Path, out: str | Path, force: bool = False, pro
         if ckpt.source.get("kind") in ("hf", "gguf"):
             for name in ckpt.side_files():
                 if name != METADATA_NAME:  # a GGUF source's metadata: not part of a transformers directory
-                    shutil.copy2(ckpt.path / name, tmp / name)
+                    shutil.copy2(confined(ckpt.path, name, "side file"), tmp / name)
     return out
 
 

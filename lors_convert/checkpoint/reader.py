@@ -5,10 +5,12 @@ from pathlib import Path
 
 import torch
 
-from ..errors import LorsError, short
+from ..errors import LorsError, LorsUsageError, short
+from ..io.atomic import recover_output
+from ..io.confine import confined
 from ..io.safetensors import INDEX_NAME, WEIGHTS_NAME, SafetensorsReader, directory_weight_files, read_json
 from ..report import Report
-from .format import CONFIG_NAME, REPORT_NAME, check_report_types, json_or_none, validate_config
+from .format import CONFIG_NAME, REPORT_NAME, check_report_types, json_or_none, lors_members, validate_config
 
 
 class Checkpoint:
@@ -16,9 +18,10 @@ class Checkpoint:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        recover_output(self.path)  # a replacement killed half-way: the previous checkpoint comes back
         if not self.path.exists():
-            raise LorsError(f"{self.path}: no such file or directory")
-        if not (self.path / CONFIG_NAME).is_file():
+            raise LorsUsageError(f"{self.path}: no such file or directory")
+        if not confined(self.path, CONFIG_NAME, "config").is_file():
             raise LorsError(f"{self.path}: not a LORS checkpoint (no {CONFIG_NAME})")
         self.config = read_json(self.path / CONFIG_NAME)
         validate_config(self.config, self.path / CONFIG_NAME)
@@ -62,7 +65,7 @@ class Checkpoint:
         return key in self.tensors
 
     def report(self) -> Report:
-        path = self.path / REPORT_NAME
+        path = confined(self.path, REPORT_NAME, "report")
         if not path.is_file():
             raise LorsError(f"{self.path}: missing {REPORT_NAME}")
         try:
@@ -93,14 +96,15 @@ class Checkpoint:
     def _check_tensors(self) -> None:
         """Every tensor the config promises is there with the right shape."""
         for stack in self.stacks:
-            members = stack["members"]
             for entry in stack["params"]:
+                members = lors_members(stack, entry)  # a member kept dense has its dense tensors instead
                 owner0 = f"{members[0]}.{entry['owner']}"
                 if entry["kind"] == "static":
                     d, h = entry["matrix"]
                     if entry["shared"]:  # [] for a private-only stack
                         self._expect(f"{owner0}.shared", (d, h), entry["dtype"])
-                    for member, k in zip(members, entry["ranks"]):
+                    dense = set(entry.get("dense_members", []))
+                    for member, k in zip(members, [k for i, k in enumerate(entry["ranks"]) if i not in dense]):
                         owner = f"{member}.{entry['owner']}"
                         self._expect(f"{owner}.lors_B", (d, k), entry["dtype"])
                         self._expect(f"{owner}.lors_A", (k, h), entry["dtype"])
@@ -113,8 +117,9 @@ class Checkpoint:
             stack_entry = owners.get(prefix + ".")
             if stack_entry is None or stack_entry[1]["kind"] != "static" or key in self.manifest["keys"]:
                 continue
-            _, entry, i = stack_entry
-            if rel not in ("lors_A", "lors_B") and not (i == 0 and rel in entry["shared"]):
+            stack, entry, i = stack_entry
+            first = stack["members"][i] == lors_members(stack, entry)[0]  # the holder of the shared tensors
+            if rel not in ("lors_A", "lors_B") and not (first and rel in entry["shared"]):
                 raise LorsError(f"{self.path}: tensor {key!r} is not named in {CONFIG_NAME}")
         produced = set(owners)
         for key in self.manifest["keys"]:
@@ -132,18 +137,21 @@ class Checkpoint:
             raise LorsError(f"{self.path}: tensor {key!r} is stored as {stored}, {CONFIG_NAME} says {dtype}")
 
     def owner_prefixes(self) -> dict[str, tuple[dict, dict, int]]:
-        """``"<member>.<owner>."`` -> (stack, entry, member index) for every converted owner."""
+        """``"<member>.<owner>."`` -> (stack, entry, member index) for every converted owner (a
+        member kept dense is no LORS owner: its tensors are stored as they were)."""
         out = {}
         for stack in self.stacks:
             for entry in stack["params"]:
+                dense = set(entry.get("dense_members", []))
                 for i, member in enumerate(stack["members"]):
-                    out[f"{member}.{entry['owner']}."] = (stack, entry, i)
+                    if i not in dense:
+                        out[f"{member}.{entry['owner']}."] = (stack, entry, i)
         return out
 
     def owner_state(self, stack: dict, entry: dict, i: int) -> dict[str, torch.Tensor]:
         """The LORS layer's tensors of member ``i`` under their relative names."""
         prefix = f"{stack['members'][i]}.{entry['owner']}."
-        first = f"{stack['members'][0]}.{entry['owner']}."
+        first = f"{lors_members(stack, entry)[0]}.{entry['owner']}."
         state = {name: self.get(first + name) for name in entry["shared"]}
         for key in self.tensors.keys():
             if key.startswith(prefix):

@@ -22,7 +22,7 @@ from ..io.safetensors import ShardedWriter, dump_json, meta_like
 from ..io.sources import SourceInfo
 from ..report import Report
 from .format import (BUFFER_PREFIX, CONFIG_NAME, DEFAULT_SHARD_SIZE, REPORT_NAME, alias_map, build_config,
-                     dedup_state, model_stacks, nonpersistent_buffers)
+                     dedup_state, lors_members, model_stacks, nonpersistent_buffers)
 
 TensorSpec = tuple[tuple[int, ...], torch.dtype]
 
@@ -35,7 +35,7 @@ def checkpoint_order(stacks: list[dict], keys: Iterable[str]) -> list[str]:
     first: list[str] = []
     for stack in stacks:
         for entry in stack["params"]:
-            owners = [f"{m}.{entry['owner']}." for m in stack["members"]]
+            owners = [f"{m}.{entry['owner']}." for m in lors_members(stack, entry)]
             first += [owners[0] + name for name in entry["shared"]]
             for owner in owners:
                 if entry["kind"] == "static":
@@ -74,8 +74,8 @@ class CheckpointWriter:
         if pp.kind != "static":
             raise LorsError(f"{pp.relname}: adaptive layers need the in-memory path")
         tensors = [fit.shared] if pp.has_shared else []
-        for B, A in fit.factors:
-            tensors += [B, A]
+        for factors in fit.factors:
+            tensors += [] if factors is None else list(factors)  # None: a member kept dense
         for (key, _), t in zip(pp.tensor_specs(), tensors, strict=True):
             self.put_tensor(key, t.to(device="cpu", dtype=pp.param.dtype))
 
@@ -126,7 +126,7 @@ def _manifest_from_lors(model: nn.Module, stacks: list[dict]) -> dict:
     owners = {}
     for stack in stacks:
         for entry in stack["params"]:
-            for member in stack["members"]:
+            for member in lors_members(stack, entry):
                 owners[f"{member}.{entry['owner']}."] = entry
     for name, t in lors_state.items():
         prefix = next((p for p in owners if name.startswith(p)), None)

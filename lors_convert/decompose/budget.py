@@ -5,20 +5,27 @@ and, per layer, the energies ``s_j^2`` (descending) that each further rank unit 
 that layer's error (the whitened residual spectrum for calibrated conversion, the plain one
 otherwise). Exact parameter costs:
 
-- LORS: ``d*h`` for the shared part (0 with ``shared=False``) plus ``(d + h)`` per rank unit;
+- LORS: ``d*h`` for the shared part (0 with ``shared=False``) plus ``(d + h)`` per rank unit, and
+  ``d*h`` for each layer kept dense inside the stack;
 - dense: ``N*d*h`` and no error.
 
 Greedy: every item starts at rank 0 (cost: its shared part); rank units are bought in order of
 removed energy per parameter, ``s_j^2 / (d + h)``, across all items and layers, while they fit in
-the budget. An item whose next unit would make it cost as much as staying dense is switched to dense
-(zero error, it did not break even). For per-layer spectra that decrease this is the water-filling
-solution of the relaxed problem; it stops within one unit ``(d + h)`` of the budget.
+the budget. A layer whose next unit would make its factors cost as much as its dense matrix
+(``k (d + h) >= d*h``: a rank at or above break-even ``d*h / (d + h)``) is kept dense inside the
+stack instead, for at most one more unit and zero error: no layer is ever given a rank that costs
+more than the exact dense layer. An item whose next step would make it cost as much as staying
+dense altogether is switched to dense (zero error, it did not break even). For per-layer spectra
+that decrease this is the water-filling solution of the relaxed problem; it stops within one unit
+``(d + h)`` of the budget.
 
 Sharing: :func:`allocate_with_sharing` also chooses, per stacked parameter, between the LORS
 structure (a shared part plus private ranks, spectra of the residuals) and private-only low rank
 (spectra of the layers themselves). Pretrained layers often share too little for ``W_s`` to pay its
-``d*h`` parameters: on all-MiniLM-L6-v2 (and SmolLM2-135M) the budget drops every shared part. Coordinate descent: start from every parameter shared, flip one choice at a time while
-the greedy allocation of the flipped set has a lower total error.
+``d*h`` parameters: on all-MiniLM-L6-v2 (and SmolLM2-135M) the budget drops every shared part.
+Coordinate descent: from every parameter shared, and again from every parameter private, flip one
+choice at a time while the greedy allocation of the flipped set has a lower total error; the
+better end point wins, so the choice is never worse than either extreme.
 """
 from __future__ import annotations
 
@@ -58,11 +65,20 @@ class BudgetItem:
     def dense_cost(self) -> int:
         return self.n_layers * self.d * self.h
 
-    def lors_cost(self, ranks: Sequence[int]) -> int:
-        return self.base_cost + self.unit_cost * sum(ranks)
+    @property
+    def layer_cost(self) -> int:
+        """One layer kept dense inside the stack."""
+        return self.d * self.h
 
-    def error(self, ranks: Sequence[int]) -> float:
-        return self.weight * sum(float(sum(s[k:])) for s, k in zip(self._lists(), ranks))
+    def lors_cost(self, ranks: Sequence[int], dense_layers: Sequence[bool] | None = None) -> int:
+        dense_layers = dense_layers or [False] * len(ranks)
+        return (self.base_cost + self.unit_cost * sum(k for k, dn in zip(ranks, dense_layers) if not dn)
+                + self.layer_cost * sum(map(bool, dense_layers)))
+
+    def error(self, ranks: Sequence[int], dense_layers: Sequence[bool] | None = None) -> float:
+        dense_layers = dense_layers or [False] * len(ranks)
+        return self.weight * sum(float(sum(s[k:])) for s, k, dn in zip(self._lists(), ranks, dense_layers)
+                                 if not dn)
 
     def _lists(self) -> list[list[float]]:
         return [s.tolist() if isinstance(s, torch.Tensor) else list(s) for s in self.spectra]
@@ -70,32 +86,30 @@ class BudgetItem:
 
 @dataclass
 class Allocation:
-    ranks: list[list[int]]  # per item, per layer (meaningless for dense items)
+    ranks: list[list[int]]  # per item, per layer (meaningless for dense items; 0 for dense layers)
     dense: list[bool]  # per item: stays dense
     params: int  # stacked parameters after conversion
     dense_params: int  # stacked parameters before
     budget: int
     error: float  # total remaining (weighted) error
     per_item_error: list[float] = field(default_factory=list)
+    dense_layers: list[list[bool]] = field(default_factory=list)  # per item, per layer: kept dense in the stack
 
     @property
     def fraction(self) -> float:
         return self.params / self.dense_params if self.dense_params else 0.0
 
 
-def _cost(item: BudgetItem, ranks: list[int], dense: bool) -> int:
-    return item.dense_cost if dense else item.lors_cost(ranks)
-
-
 def evaluate(items: Sequence[BudgetItem], ranks: list[list[int]], dense: list[bool] | None = None,
-             budget: int = 0) -> Allocation:
+             budget: int = 0, dense_layers: list[list[bool]] | None = None) -> Allocation:
     """Cost and error of a given allocation (e.g. uniform rank) in the same terms as the greedy."""
     dense = dense or [False] * len(items)
-    errors = [0.0 if dn else it.error(r) for it, r, dn in zip(items, ranks, dense)]
-    return Allocation(ranks=ranks, dense=list(dense),
-                      params=sum(_cost(it, r, dn) for it, r, dn in zip(items, ranks, dense)),
+    dense_layers = dense_layers or [[False] * it.n_layers for it in items]
+    errors = [0.0 if dn else it.error(r, dl) for it, r, dn, dl in zip(items, ranks, dense, dense_layers)]
+    params = sum(it.dense_cost if dn else it.lors_cost(r, dl) for it, r, dn, dl in zip(items, ranks, dense, dense_layers))
+    return Allocation(ranks=ranks, dense=list(dense), params=params,
                       dense_params=sum(it.dense_cost for it in items), budget=budget,
-                      error=sum(errors), per_item_error=errors)
+                      error=sum(errors), per_item_error=errors, dense_layers=[list(dl) for dl in dense_layers])
 
 
 def minimum_params(items: Sequence[BudgetItem]) -> int:
@@ -126,6 +140,7 @@ def allocate_ranks(items: Sequence[BudgetItem], budget: float | int, fraction: b
     lists = [it._lists() for it in items]
     ranks = [[0] * it.n_layers for it in items]
     dense = [False] * len(items)
+    dense_layers = [[False] * it.n_layers for it in items]
     cost = floor_cost
     heap: list[tuple[float, int, int]] = []
     for a, it in enumerate(items):
@@ -134,24 +149,29 @@ def allocate_ranks(items: Sequence[BudgetItem], budget: float | int, fraction: b
                 heapq.heappush(heap, (-it.weight * s[0] / it.unit_cost, a, i))
     while heap:
         _, a, i = heapq.heappop(heap)
-        if dense[a]:
+        if dense[a] or dense_layers[a][i]:
             continue
         it = items[a]
-        current = it.lors_cost(ranks[a])
-        if current + it.unit_cost >= it.dense_cost:
-            step = it.dense_cost - current  # switching to dense: zero error, it does not break even
+        current = it.lors_cost(ranks[a], dense_layers[a])
+        k = ranks[a][i]
+        layer_goes_dense = (k + 1) * it.unit_cost >= it.layer_cost  # the next unit reaches break-even
+        step = it.layer_cost - k * it.unit_cost if layer_goes_dense else it.unit_cost
+        if current + step >= it.dense_cost:
+            step = it.dense_cost - current  # switching the item to dense: zero error, it does not break even
             if cost + step <= limit:
                 dense[a] = True
                 cost += step
             continue
-        if cost + it.unit_cost > limit:
+        if cost + step > limit:
             continue  # does not fit; cheaper units of other items may
+        cost += step
+        if layer_goes_dense:  # exact for at most one unit more: never a rank above break-even
+            dense_layers[a][i], ranks[a][i] = True, 0
+            continue
         ranks[a][i] += 1
-        cost += it.unit_cost
-        k = ranks[a][i]
-        if k < len(lists[a][i]):
-            heapq.heappush(heap, (-it.weight * lists[a][i][k] / it.unit_cost, a, i))
-    result = evaluate(items, ranks, dense, limit)
+        if k + 1 < len(lists[a][i]):
+            heapq.heappush(heap, (-it.weight * lists[a][i][k + 1] / it.unit_cost, a, i))
+    result = evaluate(items, ranks, dense, limit, dense_layers)
     assert result.params == cost
     return result
 
@@ -162,8 +182,11 @@ def allocate_with_sharing(shared: Sequence[BudgetItem], private: Sequence[Budget
 
     ``shared[j]`` and ``private[j]`` describe the same stacked parameter (``private[j].shared`` is
     False). Returns the choice (True: keep a shared part) and the allocation of the chosen items.
-    Every flip that is kept lowers the error, so the result is never worse than all-shared (when
-    that fits the budget) and stops after ``max_passes`` sweeps over the parameters at most.
+    Coordinate descent from both extremes, all shared (when that fits the budget) and all private,
+    each flip kept only when it lowers the error, at most ``max_passes`` sweeps each; the better of
+    the two wins. So the result is never worse than ``sharing="always"`` or ``"never"`` in this
+    objective (descent from all shared alone was: it stops where no single flip helps, and on
+    random spectra that is often above all private).
     """
     if len(shared) != len(private) or any(p.shared for p in private):
         raise ValueError("allocate_with_sharing needs one shared and one private-only item per parameter")
@@ -174,21 +197,24 @@ def allocate_with_sharing(shared: Sequence[BudgetItem], private: Sequence[Budget
         except LorsUsageError:  # the shared parts alone exceed the budget
             return None
 
-    choice = [True] * len(shared)
-    best = run(choice)
-    if best is None:
-        choice = [False] * len(shared)
-        best = allocate_ranks(private, budget, fraction)  # raises only for a non-positive budget
-    for _ in range(max_passes):
-        improved = False
-        for j in range(len(choice)):
-            trial = choice[:j] + [not choice[j]] + choice[j + 1:]
-            alloc = run(trial)
-            if alloc is not None and alloc.error < best.error:
-                choice, best, improved = trial, alloc, True
-        if not improved:
-            break
-    return choice, best
+    def descend(choice: list[bool], best: Allocation) -> tuple[list[bool], Allocation]:
+        for _ in range(max_passes):
+            improved = False
+            for j in range(len(choice)):
+                trial = choice[:j] + [not choice[j]] + choice[j + 1:]
+                alloc = run(trial)
+                if alloc is not None and alloc.error < best.error:
+                    choice, best, improved = trial, alloc, True
+            if not improved:
+                break
+        return choice, best
+
+    none_shared = [False] * len(shared)
+    results = [descend(none_shared, allocate_ranks(private, budget, fraction))]  # raises only for budget <= 0
+    all_shared = run([True] * len(shared))
+    if all_shared is not None:
+        results.append(descend([True] * len(shared), all_shared))
+    return min(results, key=lambda r: r[1].error)  # a tie keeps the descent from all private
 
 
 def uniform_ranks(items: Sequence[BudgetItem], rank: int) -> Allocation:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -39,6 +39,7 @@ class ParamPlan:
     clamped: bool = False
     extra: dict = field(default_factory=dict)  # layer-specific settings (adaptive layout, ...)
     has_shared: bool = True  # False: a private-only stack, W_i = B_i A_i (a rank budget's choice)
+    dense_members: list[int] = field(default_factory=list)  # members kept dense (exact) inside the stack
 
     @property
     def relname(self) -> str:
@@ -54,9 +55,26 @@ class ParamPlan:
         return self.stack.keys(self.relname)
 
     @property
+    def lors_members(self) -> list[int]:
+        """Indices of the members that become LORS layers (all but ``dense_members``)."""
+        return [i for i in range(len(self.stack.members)) if i not in self.dense_members]
+
+    @property
+    def converted_keys(self) -> list[str]:
+        """The weight keys replaced by LORS tensors (a dense member's stays as it is)."""
+        return [self.keys[i] for i in self.lors_members]
+
+    @property
     def shared_key(self) -> str:
-        """The checkpoint name of the shared tensor: on the first member's LORS layer."""
-        return f"{self.stack.members[0]}.{self.param.owner_relpath}.shared"
+        """The checkpoint name of the shared tensor: on the first LORS member's layer."""
+        return f"{self.stack.members[self.lors_members[0]]}.{self.param.owner_relpath}.shared"
+
+    def lors_view(self) -> "ParamPlan":
+        """This plan restricted to its LORS members (what a fit sees: dense members take no part)."""
+        keep = self.lors_members
+        stack = replace(self.stack, members=[self.stack.members[i] for i in keep])
+        return replace(self, stack=stack, groups=[self.groups[i] for i in keep],
+                       ranks=[self.ranks[i] for i in keep], dense_members=[])
 
     def factor_keys(self, i: int) -> dict[str, str]:
         owner = f"{self.stack.members[i]}.{self.param.owner_relpath}"
@@ -68,7 +86,8 @@ class ParamPlan:
         d, h = self.matrix
         if self.has_shared:
             yield self.shared_key, (d, h)
-        for i, k in enumerate(self.ranks):
+        for i in self.lors_members:
+            k = self.ranks[i]
             keys = self.factor_keys(i)
             yield keys["B"], (d, k)
             yield keys["A"], (k, h)
@@ -81,14 +100,15 @@ class ParamPlan:
     @property
     def lors_params(self) -> int:
         d, h = self.matrix
-        return lors_param_count(d, h, self.ranks, self.has_shared)
+        ranks = [self.ranks[i] for i in self.lors_members]
+        return lors_param_count(d, h, ranks, self.has_shared) + d * h * len(self.dense_members)
 
     def matrix_report(self) -> MatrixReport:
         return MatrixReport(name=self.relname, kind=self.kind, layer=self.layer_kind,
                             shape=list(self.param.shape), matrix=list(self.matrix), rank=self.rank,
                             groups=list(self.groups), ranks=list(self.ranks),
                             dense_params=self.dense_params, lors_params=self.lors_params,
-                            clamped=self.clamped, shared=self.has_shared)
+                            clamped=self.clamped, shared=self.has_shared, dense_members=list(self.dense_members))
 
 
 @dataclass
@@ -152,8 +172,9 @@ def plan_conversion(
 ) -> ConversionPlan:
     """Decide, without touching weights, which stacked parameters become LORS and at what rank.
 
-    ``rank=None`` converts at full rank (exact). With ``require_savings`` a matrix whose
-    factorization would not save parameters stays dense (and the report says so).
+    ``rank=None`` converts every matrix at full rank (exact, whatever ``require_savings``;
+    :func:`full_rank_note` says what it costs). With ``require_savings`` a matrix whose
+    factorization at ``rank`` would not save parameters stays dense (and the report says so).
     ``adaptive(model, stack, param)`` may claim a parameter as a generator: it returns the LORSA
     settings (``rank``, ``groups``, layout) or None.
     """
@@ -185,7 +206,7 @@ def plan_conversion(
                 continue
             d, h = sp.shape[0], math.prod(sp.shape[1:])
             ranks, clamped = resolve_ranks(rank, groups_i, d, h)
-            if require_savings and not saves_parameters(d, h, ranks):
+            if require_savings and rank is not None and not saves_parameters(d, h, ranks):
                 stack.excluded[sp.relname] = (f"rank {rank} x groups saves nothing on a {d}x{h} matrix "
                                               f"({lors_param_count(d, h, ranks)} >= "
                                               f"{dense_param_count(d, h, len(ranks))} parameters)")
@@ -201,6 +222,14 @@ def plan_conversion(
             f"found {len(stacks)} stack(s) but no parameter to convert: " + "; ".join(sorted(reasons)[:3])
         )
     return ConversionPlan(stacks=stacks, params=params, warnings=warnings)
+
+
+def full_rank_note(params: list[ParamPlan]) -> str:
+    """What a full-rank conversion costs: it is exact, and it saves nothing."""
+    static = [pp for pp in params if pp.kind == "static"]
+    lors, dense = sum(pp.lors_params for pp in static), sum(pp.dense_params for pp in static)
+    return (f"rank full is an exact conversion and saves nothing: the converted matrices take {lors} "
+            f"parameters instead of {dense} dense")
 
 
 class AdaptivePlan(ParamPlan):
@@ -269,7 +298,7 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 def param_entry(pp: ParamPlan) -> dict:
     """The JSON record of one converted parameter (``lors_config.json`` -> stacks[].params[])."""
-    return {
+    entry = {
         "name": pp.relname, "owner": pp.param.owner_relpath, "attr": pp.param.attr,
         "layer": pp.layer_kind, "kind": pp.kind, "shape": list(pp.param.shape),
         "dtype": dtype_name(pp.param.dtype), "matrix": list(pp.matrix), "rank": pp.rank,
@@ -277,6 +306,9 @@ def param_entry(pp: ParamPlan) -> dict:
         "shared": list(layer_class(pp.layer_kind).shared_names) if pp.has_shared else [],
         "extra": dict(pp.extra),
     }
+    if pp.dense_members:  # members kept dense: their weight stays under its own key (rank 0 here)
+        entry["dense_members"] = list(pp.dense_members)
+    return entry
 
 
 def plan_from_entry(stack: Stack, entry: dict) -> ParamPlan:
@@ -287,4 +319,5 @@ def plan_from_entry(stack: Stack, entry: dict) -> ParamPlan:
     return cls(stack=stack, param=sp, layer_kind=entry["layer"], kind=entry["kind"],
                rank=entry["rank"], groups=list(entry["groups"]), ranks=list(entry["ranks"]),
                clamped=bool(entry.get("clamped", False)), extra=dict(entry.get("extra", {})),
-               has_shared=entry["kind"] != "static" or bool(entry["shared"]))
+               has_shared=entry["kind"] != "static" or bool(entry["shared"]),
+               dense_members=list(entry.get("dense_members", [])))

@@ -17,15 +17,32 @@ from ..discover.plan import ParamPlan
 from . import calibrated, generator, plain
 from .options import INITS, METHODS, Fit, FitOptions
 
+
+def with_dense_members(fit: Fit, pp: ParamPlan) -> Fit:
+    """A fit of ``pp.lors_view()`` spread over all of ``pp``'s members: None factors, zero error and
+    all energy retained for the members kept dense."""
+    factors, errors, energies = [None] * len(pp.ranks), [0.0] * len(pp.ranks), [1.0] * len(pp.ranks)
+    for j, i in enumerate(pp.lors_members):
+        factors[i] = fit.factors[j]
+        errors[i] = fit.relative_error[j] if fit.relative_error else 0.0
+        energies[i] = fit.retained_energy[j] if fit.retained_energy else 1.0
+    return Fit(shared=fit.shared, factors=factors, relative_error=errors if fit.relative_error else [],
+               retained_energy=energies if fit.retained_energy else [], weighted=fit.weighted)
+
 def fit_param(pp: ParamPlan, weights: Sequence[torch.Tensor], options: FitOptions,
               biases: Sequence[torch.Tensor | None] | None = None, shared: torch.Tensor | None = None) -> Fit:
     """Fit one planned parameter from its layer tensors (``weights[i]`` of ``pp.keys[i]``).
 
     ``biases``: the generators' biases (adaptive plans only). ``shared``: a shared part already
-    solved for (the budget's), used as the calibrated fit's starting point.
+    solved for (the budget's), used as the calibrated fit's starting point. Members a budget keeps
+    dense (``pp.dense_members``) get ``None`` factors.
     """
     if pp.kind == "adaptive":
         return generator.fit_generators(pp, weights, biases, options.init, options.device)
+    if pp.dense_members:  # members kept dense take no part in the fit: exact, no factors
+        view = pp.lors_view()
+        fit = fit_param(view, [weights[i] for i in pp.lors_members], options, shared=shared)
+        return with_dense_members(fit, pp)
     if options.init == "paper":
         return plain.paper_init(pp)
     if options.weighted:

@@ -10,10 +10,11 @@ the default of ``collect_grams``) the error of every matrix is the model output'
 to first order (K-FAC), ``tr(G_i D_i C_i D_i^T)``: one unit for all matrices, so the global budget
 compares a query projection with an FFN matrix directly. Without them (``objective="layer"``, or a
 plain mapping of input Grams) the error is the layer's own output error on the calibration inputs
-per token, ``||(W_i - What_i) X_i||^2 / #tokens``, summed over layers and matrices (shared solve
-and global budget alike). ``NORMALIZE = True`` scales each layer's Gram by
-``1 / tr(W_i C_i W_i^T)`` (relative output error per layer); on MiniLM it kept held-out cosine lower
-(0.38 vs 0.40 at a 0.45 budget), so it is off. ``DAMP`` adds a ridge of ``DAMP * mean eigenvalue``
+relative to its dense output energy, ``||(W_i - What_i) X_i||^2 / ||W_i X_i||^2`` (each layer's
+Gram scaled by ``1 / tr(W_i C_i W_i^T)``), summed over layers and matrices (shared solve and global
+budget alike): absolute output errors are in each matrix's own units, and a budget over them
+starved the matrices with small activations (MiniLM at 0.45, sharing auto: held-out cosine 0.388
+absolute, 0.569 relative; docs/calibration.md). ``DAMP`` adds a ridge of ``DAMP * mean eigenvalue``
 to every Gram (0.1: slightly better on held-out text of another kind than the calibration text).
 Without a Gram (no calibration, or a layer the data never reached) the identity is used, i.e. the
 plain Frobenius error; uncalibrated, unrefined conversions keep the plain mean as shared part.
@@ -33,7 +34,6 @@ from ..errors import LorsError, LorsUsageError
 from ..options import SHARING
 from .options import Fit
 
-NORMALIZE = False  # True: relative output error per layer (measured worse on MiniLM)
 FLOOR = DEFAULT_FLOOR
 DAMP = 0.1  # ridge: generalizes better to held-out text of another kind (MiniLM)
 
@@ -76,13 +76,20 @@ def _checked_gram(C: torch.Tensor, key: str, n: int, what: str) -> torch.Tensor:
     return C
 
 
-def layer_grams(pp, weights: list[torch.Tensor], calibration, normalize: bool | None = None
-                ) -> tuple[list[torch.Tensor], list[str]]:
-    """Per layer Gram in linear orientation (identity where missing), scaled to relative output error.
+def layer_objective(pp, calibration) -> bool:
+    """Whether ``pp``'s error is each layer's own output error (input Grams, no output-gradient Grams
+    for every layer): then it is made relative to the layer's dense output energy."""
+    out = _out_grams_of(calibration)
+    return _grams_of(calibration) is not None and not (out and all(key in out for key in pp.keys))
+
+
+def layer_grams(pp, weights: list[torch.Tensor], calibration) -> tuple[list[torch.Tensor], list[str]]:
+    """Per layer Gram in linear orientation (identity where missing); under the layer objective
+    scaled by ``1 / tr(W_i C_i W_i^T)``, so that every error is relative to its layer's output.
 
     Returns the Grams and the keys that had none.
     """
-    normalize = NORMALIZE if normalize is None else normalize
+    normalize = layer_objective(pp, calibration)
     grams = _grams_of(calibration)
     orient = orientation(pp)
     out, missing = [], []
@@ -111,15 +118,15 @@ def _opts(floor, damp):
 
 
 def fit_calibrated(pp, weights: list[torch.Tensor], calibration=None, refine: int = 0, device=None,
-                   shared: torch.Tensor | None = None, floor: float | None = None, damp: float | None = None,
-                   normalize: bool | None = None) -> Fit:
+                   shared: torch.Tensor | None = None, floor: float | None = None, damp: float | None = None
+                   ) -> Fit:
     """The weighted fit of one planned parameter. Uncalibrated and unrefined: the plain mean + SVD.
 
     ``shared``: the initial shared part already solved for (:func:`apply_budget`'s ``shared_parts``).
     """
     floor, damp = _opts(floor, damp)
     weights = list(weights)
-    grams, _ = layer_grams(pp, weights, calibration, normalize)
+    grams, _ = layer_grams(pp, weights, calibration)
     if shared is None and calibration is None and refine == 0:
         shared = _plain_mean(weights)
     factors = decompose_weighted(weights, pp.ranks, grams, orientation=orientation(pp), refine=refine,
@@ -136,7 +143,7 @@ def _plain_mean(weights: list[torch.Tensor]) -> torch.Tensor:
 
 
 def apply_budget(plan, get: Callable[[str], torch.Tensor], budget: float, calibration=None, device=None, floor: float | None = None,
-                 damp: float | None = None, normalize: bool | None = None,
+                 damp: float | None = None,
                  shared_parts: dict[str, torch.Tensor] | None = None, sharing: str = "auto") -> Allocation:
     """Choose per-layer ranks for the static parameters of ``plan`` under ``budget`` (in place).
 
@@ -163,7 +170,7 @@ def apply_budget(plan, get: Callable[[str], torch.Tensor], budget: float, calibr
         if any(g != 1 for g in pp.groups):
             raise LorsUsageError("--budget chooses one rank per layer; it does not combine with groups")
         weights = [get(k) for k in pp.keys]
-        grams, _ = layer_grams(pp, weights, calibration, normalize)
+        grams, _ = layer_grams(pp, weights, calibration)
         opts = dict(orientation=orientation(pp), floor=floor, damp=damp, device=device,
                     out_grams=output_grams(pp, weights, calibration))
         plain = _plain_mean(weights) if calibration is None else None
@@ -189,17 +196,20 @@ def apply_budget(plan, get: Callable[[str], torch.Tensor], budget: float, calibr
     else:
         choice, alloc = [True] * len(items), allocate_ranks(items, limit, fraction=False)
     kept = []
-    for pp, ranks, dense, has_shared in zip(static, alloc.ranks, alloc.dense, choice):
+    for pp, ranks, dense, has_shared, dense_layers in zip(static, alloc.ranks, alloc.dense, choice,
+                                                           alloc.dense_layers):
         pp.has_shared = has_shared
-        if shared_parts is not None and (dense or not has_shared):
-            shared_parts.pop(pp.shared_key, None)
+        shared = shared_parts.pop(pp.shared_key, None) if shared_parts is not None else None
         if dense:
             pp.stack.excluded[pp.relname] = "the budget keeps it dense (a factorization would not break even)"
             continue
+        pp.dense_members = [i for i, dn in enumerate(dense_layers) if dn]  # a rank would cost more than W_i
         pp.ranks = list(ranks)
-        pp.rank = max(ranks) if ranks else 0
+        pp.rank = max(ranks[i] for i in pp.lors_members)
         pp.groups = [1] * len(ranks)
         pp.clamped = False
+        if shared is not None and has_shared:
+            shared_parts[pp.shared_key] = shared  # keyed by the first LORS member
         kept.append(pp)
     kept_ids = {id(pp) for pp in kept}
     plan.params = [pp for pp in plan.params if pp.kind != "static" or id(pp) in kept_ids]
@@ -208,7 +218,7 @@ def apply_budget(plan, get: Callable[[str], torch.Tensor], budget: float, calibr
     return alloc
 
 
-__all__ = ["orientation", "layer_grams", "fit_calibrated", "apply_budget", "quality_summary", "SHARING"]
+__all__ = ["orientation", "layer_objective", "layer_grams", "fit_calibrated", "apply_budget", "quality_summary", "SHARING"]
 
 
 def quality_summary(weighted: list, calibration, refine: int, budget: float | None,

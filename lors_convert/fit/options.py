@@ -42,7 +42,7 @@ class Fit:
     """The factors of one planned parameter and what they cost in reconstruction error."""
 
     shared: torch.Tensor | None  # static (d, h); adaptive (out, dq+1); None: private-only
-    factors: list  # per layer: (B, A) static; a list of (B, A, C) per layout entry adaptive
+    factors: list  # per layer: (B, A) static (None: a member kept dense); a list of (B, A, C) per layout entry adaptive
     relative_error: list[float] = field(default_factory=list)  # ||W_i - What_i||_F / ||W_i||_F
     retained_energy: list[float] = field(default_factory=list)  # of the residual
     weighted: tuple | None = None  # calibrated: (weighted errors, output energies, refine history)

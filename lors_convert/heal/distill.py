@@ -13,6 +13,9 @@ calibration tokens (:mod:`lors_convert.heal.synthetic`), which generalizes to te
 Resumable: with ``checkpoint_path`` the trainable tensors, the optimizer state, the step and the
 loss history are saved every ``save_every`` steps, at the end, and on interruption (written to a
 temporary file, then atomically renamed), and a later call with the same path continues from there.
+The state records the call's settings (steps, lr, loss, trainable, match, synthetic share, seed,
+warm-up, weight decay, and a digest of the data): a state left by other settings is refused with a
+message saying how to start afresh (or discarded with ``restart=True``), never resumed silently.
 
 The CLI's ``lors heal CKPT --data DATA`` wraps :func:`heal`::
 
@@ -21,9 +24,11 @@ The CLI's ``lors heal CKPT --data DATA`` wraps :func:`heal`::
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import random
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,14 +37,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..calibrate.batches import Batch, batch_mask, mean_pool, primary_output, run_model, to_device
+from ..calibrate.batches import Batch, batch_mask, finite, mean_pool, primary_output, run_model, to_device
 from ..discover.stacks import find_stacks
-from ..errors import LorsError, LorsUsageError
-from ..options import LOSSES, MATCHES
+from ..errors import LorsError, LorsUsageError, about, short
 from ..layers import LorsModule
+from ..options import LOSSES, MATCHES
 from .synthetic import BigramChain, is_token_batch
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: the state records the settings it was made with ("config")
 SYNTHETIC_DEFAULT = 0.75  # share of synthetic steps for token data (docs/calibration.md has the measurements)
 
 
@@ -139,8 +144,61 @@ def _order(n: int, epoch: int, seed: int) -> list[int]:
 
 def _save_state(path: Path, state: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise LorsError(f"{path}: cannot write the heal state ({e.strerror or e})") from None
+
+
+def data_digest(batches: Sequence[Batch]) -> str:
+    """sha256 over every batch's tensors (names, dtypes, shapes, bytes): the data's identity."""
+    digest = hashlib.sha256()
+    for batch in batches:
+        items = sorted(batch.items()) if isinstance(batch, dict) else [("", batch)]
+        for name, t in items:
+            if not isinstance(t, torch.Tensor):
+                digest.update(repr((name, t)).encode())
+                continue
+            flat = t.detach().cpu().contiguous().reshape(-1)
+            digest.update(repr((name, str(t.dtype), tuple(t.shape))).encode())
+            digest.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
+    return digest.hexdigest()
+
+
+AFRESH = "to start afresh, delete it or pass --force (restart=True)"
+
+
+def _read_state(path: Path, where: torch.device, config: dict, names: set[str], restart: bool) -> dict | None:
+    """The state to resume from: None when there is none (or ``restart`` discards one left by other
+    settings); a one-line error for a state that cannot be read or was left by another command."""
+    if path.is_symlink() or (path.exists() and not path.is_file()):
+        raise LorsUsageError(f"{path}: the heal state is not a regular file; remove it")
+    if not path.exists():
+        return None
+    try:
+        with warnings.catch_warnings():  # torch warns about odd pickles: stderr keeps to one line
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location=where, weights_only=True)
+        version, recorded = state.get("version"), state.get("config")
+    except Exception as e:  # noqa: BLE001 - truncated, not a torch file, not a dict
+        if restart:
+            return None
+        why = short(e) or type(e).__name__
+        raise LorsUsageError(f"{path}: cannot read the heal state ({why}); {AFRESH}") from None
+    if version != STATE_VERSION or not isinstance(recorded, dict):
+        why = f"it was written by another version of lors (state version {version!r})"
+    elif recorded != config:
+        changed = [k for k in sorted(set(config) | set(recorded)) if recorded.get(k) != config.get(k)]
+        why = "it was left by a different command (" + ", ".join(
+            "data" if k == "data" else f"{k} {recorded.get(k)!r} -> {config.get(k)!r}" for k in changed) + ")"
+    elif not isinstance(state.get("trainable"), dict) or sorted(state["trainable"]) != sorted(names):
+        why = "it was left for another model (different trainable parameters)"
+    else:
+        return state
+    if restart:
+        return None
+    raise LorsUsageError(f"{path}: not resuming the heal state: {why}; {AFRESH}")
 
 
 def heal(
@@ -163,6 +221,8 @@ def heal(
     synthetic: float | None = None,
     evaluate: Callable[[], float] | None = None,
     eval_every: int = 0,
+    restart: bool = False,
+    data_name: str | None = None,
 ) -> HealResult:
     """Train ``student`` (in place) to match ``teacher`` on ``batches`` for ``steps`` optimizer steps.
 
@@ -177,6 +237,9 @@ def heal(
     the step's calibration batch with its tokens redrawn from a bigram chain over all calibration
     tokens, :mod:`lors_convert.heal.synthetic`); a few hundred sentences are otherwise learnt by heart.
     ``None``: :data:`SYNTHETIC_DEFAULT` when every batch is a token batch, else 0.
+    ``restart``: a state at ``checkpoint_path`` left by other settings (or unreadable) is discarded
+    instead of refused; a state of the same settings is always resumed. ``data_name`` (the data's
+    file) prefixes errors about inputs the models cannot run on.
     ``evaluate()``: a held-out score of the student (higher is better), taken before the first step,
     every ``eval_every`` steps and after the last; the student ends in its best-scoring state (which
     may be the one it started in), recorded in ``HealResult.evaluations`` and ``best_step``.
@@ -216,16 +279,20 @@ def heal(
     result = HealResult(synthetic=synthetic)
     start = 0
     path = Path(checkpoint_path) if checkpoint_path is not None else None
-    if path is not None and path.exists():
-        state = torch.load(path, map_location=where, weights_only=True)
-        if state.get("version") != STATE_VERSION or sorted(state["trainable"]) != sorted(names):
-            raise LorsUsageError(f"{path}: heal state does not match this model (different parameters)")
-        with torch.no_grad():
-            for n, t in state["trainable"].items():
-                params[n].copy_(t)
-        optimizer.load_state_dict(state["optimizer"])
-        start = int(state["step"])
-        result.history = list(state["history"])
+    config = {"steps": steps, "lr": lr, "loss": loss, "trainable": trainable, "match": match, "seed": seed,
+              "synthetic": synthetic, "warmup": warmup, "weight_decay": weight_decay,
+              "data": data_digest(batches) if path is not None else None}
+    state = _read_state(path, where, config, names, restart) if path is not None else None
+    if state is not None:
+        try:
+            with torch.no_grad():
+                for n, t in state["trainable"].items():
+                    params[n].copy_(t)
+            optimizer.load_state_dict(state["optimizer"])
+            start = int(state["step"])
+            result.history = list(state["history"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise LorsUsageError(f"{path}: cannot resume the heal state ({short(e)}); {AFRESH}") from None
         result.resumed_from = start
 
     def snapshot(step: int) -> None:
@@ -233,9 +300,7 @@ def heal(
             return
         _save_state(path, {"version": STATE_VERSION, "step": step,
                            "trainable": {n: params[n].detach().cpu().clone() for n in sorted(names)},
-                           "optimizer": optimizer.state_dict(), "history": result.history,
-                           "config": {"steps": steps, "lr": lr, "loss": loss, "trainable": trainable,
-                                      "seed": seed, "synthetic": synthetic}})
+                           "optimizer": optimizer.state_dict(), "history": result.history, "config": config})
 
     was_training = (student.training, teacher.training)
     student.eval()
@@ -243,6 +308,12 @@ def heal(
     cache: dict[int, list[torch.Tensor]] = {}
     members = stack_members(teacher) if match == "layers" else []
     student_taps, teacher_taps = BlockTaps(student, members), BlockTaps(teacher, members)
+
+    @torch.no_grad()
+    def teacher_targets(batch: Batch) -> list[torch.Tensor]:
+        final = finite(primary_output(run_model(teacher, batch)).detach())
+        return teacher_taps.take() + [final]
+
     done = start
     best: dict = {}
 
@@ -256,20 +327,16 @@ def heal(
             best.update(score=score, step=step, state={n: params[n].detach().clone() for n in names})
 
     try:
+        if cache_teacher:  # every batch once, before the first step: inputs the models cannot take fail here
+            with about(data_name):
+                cache = {i: teacher_targets(to_device(b, where)) for i, b in enumerate(batches)}
         check(start)
         for step in range(start, steps):
             epoch, pos = divmod(step, len(batches))
             idx = _order(len(batches), epoch, seed)[pos]
             fake = chain is not None and random.Random(seed * 7_919 + step).random() < synthetic
             batch = to_device(chain.batch(batches[idx], seed, step) if fake else batches[idx], where)
-            if idx in cache and not fake:
-                targets = cache[idx]
-            else:
-                with torch.no_grad():
-                    final = primary_output(run_model(teacher, batch)).detach()
-                targets = teacher_taps.take() + [final]
-                if cache_teacher and not fake:
-                    cache[idx] = targets
+            targets = cache[idx] if idx in cache and not fake else teacher_targets(batch)
             for group in optimizer.param_groups:
                 group["lr"] = _lr_at(step, steps, lr, warmup)
             final = primary_output(run_model(student, batch))
@@ -278,6 +345,8 @@ def heal(
                 raise LorsError(f"heal: the student ran {len(outs) - 1} stacked blocks, the teacher {len(targets) - 1}")
             mask = batch_mask(batch)
             value = sum(distill_loss(o, t, mask, loss) for o, t in zip(outs, targets)) / len(targets)
+            if not torch.isfinite(value):  # diverged: every later step and the output would be NaN
+                raise LorsError(f"heal: the loss became {float(value.detach())} at step {step + 1} (try a lower --lr)")
             optimizer.zero_grad(set_to_none=True)
             value.backward()
             optimizer.step()
@@ -298,7 +367,8 @@ def heal(
                     params[n].copy_(t)
             result.best_step = best["step"]
     except BaseException:
-        snapshot(done)  # interrupted: keep every finished step (one in flight is redone on resume)
+        if done > start:
+            snapshot(done)  # interrupted: keep every finished step (one in flight is redone on resume)
         raise
     finally:
         student_taps.remove()

@@ -2,7 +2,7 @@
 
 Knows nothing of LORS. :class:`SafetensorsReader` opens every file once to learn names, shapes,
 dtypes and metadata, then maps a file per read (see :meth:`SafetensorsReader.get`); an index's
-shard names must stay inside its directory. :class:`ShardedWriter` takes the output layout from
+shard names must stay inside its directory (:mod:`.confine`). :class:`ShardedWriter` takes the output layout from
 shapes alone (``huggingface_hub.split_torch_state_dict_into_shards`` over meta tensors) and writes
 each tensor into its place in its shard as soon as it exists (headers first, nothing buffered).
 """
@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from ..errors import LorsError, short
+from .confine import confined
 from .dist import Dist
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -42,23 +43,16 @@ def index_shards(index: Path) -> list[Path]:
     except (KeyError, TypeError, AttributeError):
         raise LorsError(f"{index}: malformed index (weight_map must map tensor names to "
                         "shard file names)") from None
-    directory = index.parent
-    for n in names:
-        if not isinstance(n, str) or not n or Path(n).name != n or n in (".", ".."):
-            raise LorsError(f"{index}: shard {n!r} names a file outside the model directory")
-        path = directory / n
-        if path.is_symlink() and directory.resolve() not in path.resolve().parents:
-            raise LorsError(f"{index}: shard {n!r} links to a file outside the model directory")
-    return [directory / n for n in names]
+    return [confined(index.parent, n, "shard", context=index) for n in names]
 
 
 def directory_weight_files(directory: Path) -> list[Path] | None:
     """The safetensors files of a model directory: the index's shards, or ``model.safetensors``;
-    None when it has neither."""
-    index = directory / INDEX_NAME
+    None when it has neither. Every one is confined to the directory (:mod:`.confine`)."""
+    index = confined(directory, INDEX_NAME, "index")
     if index.is_file():
         return index_shards(index)
-    single = directory / WEIGHTS_NAME
+    single = confined(directory, WEIGHTS_NAME, "weight file")
     return [single] if single.is_file() else None
 
 

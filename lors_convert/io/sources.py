@@ -23,6 +23,8 @@ import torch
 from torch import nn
 
 from ..errors import LorsError, LorsUsageError, short
+from .atomic import recover_output
+from .confine import confined
 from .gguf import GGUFFile, is_gguf
 from .gguf_model import GGUFTensors, export_side_files, load_config
 from .safetensors import SafetensorsReader, directory_weight_files
@@ -56,8 +58,8 @@ class SourceInfo:
             self.files, warnings = self.export(directory)
             return warnings
         origin = files_dir or (Path(self.path) if self.kind == "hf" and self.path else None)
-        for name in self.files if origin is not None else []:
-            shutil.copy2(Path(origin) / name, Path(directory) / name)
+        for name in self.files if origin is not None else []:  # checked again: the directory may have changed
+            shutil.copy2(confined(Path(origin), name, "side file"), Path(directory) / name)
         return []
 
 
@@ -140,8 +142,8 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _check_file(path: Path) -> None:
-    if not path.exists():
-        raise LorsError(f"{path}: no such file or directory")
+    if not path.exists():  # a wrong path is a usage error (exit 2), like a wrong flag
+        raise LorsUsageError(f"{path}: no such file or directory")
     if path.is_dir():
         raise LorsError(f"{path}: is a directory without config.json (not a Hugging Face model directory)")
     if path.stat().st_size == 0:
@@ -173,6 +175,12 @@ def _is_torchscript(path: Path) -> bool:
     except (zipfile.BadZipFile, OSError):
         return False
     return any(n.endswith("/constants.pkl") for n in names) and any("/code/" in n for n in names)
+
+
+def read_torch_file(path: Path):
+    """The object of a ``torch.save`` file, read with ``weights_only=True`` (tensors, containers):
+    one-line errors for pickles that would run code and for unreadable files."""
+    return _torch_load(Path(path), trust_pickle=False)
 
 
 def _torch_load(path: Path, trust_pickle: bool):
@@ -213,6 +221,12 @@ def is_hf_dir(path: Path) -> bool:
     return path.is_dir() and (path / "config.json").is_file()
 
 
+def hf_side_files(path: Path) -> list[str]:
+    """The side files (config, tokenizer) present in an HF directory, each confined to it: a side
+    file that links outside the directory is refused, never read or copied into an output."""
+    return [name for name in HF_SIDE_FILES if confined(path, name, "side file").is_file()]
+
+
 def hf_weight_files(path: Path) -> list[Path]:
     files = directory_weight_files(path)  # an index's shards are confined to the directory
     if files is not None:
@@ -251,6 +265,7 @@ def hf_model_class(config, keys: set[str] | None = None):
 def load_hf_config(path: Path):
     from transformers import AutoConfig
 
+    confined(path, "config.json", "config")
     try:
         return AutoConfig.from_pretrained(str(path), local_files_only=True)
     except Exception as e:
@@ -310,13 +325,13 @@ def load_source(path: str | Path, arch: str | None = None, trust_pickle: bool = 
                 ) -> tuple[nn.Module, SourceInfo]:
     """Load a dense model from any supported input and say where it came from."""
     path = Path(path)
+    recover_output(path)  # an output of lors (merge) whose replacement was killed half-way
     if is_hf_dir(path):
         stored = set(SafetensorsReader(hf_weight_files(path)).keys())
         model = load_hf(path, stored)
         check_finite(model, path)
-        files = [f for f in HF_SIDE_FILES if (path / f).is_file()]
         return model, SourceInfo(kind="hf", path=str(path.resolve()), arch=type(model).__name__,
-                                 sha256=file_sha256(hf_weight_files(path)), files=files, stored=stored)
+                                 sha256=file_sha256(hf_weight_files(path)), files=hf_side_files(path), stored=stored)
     if is_gguf(path):
         return load_gguf(path, arch)
     _check_file(path)
@@ -366,12 +381,14 @@ def open_lazy(path: str | Path, arch: str | None = None) -> tuple[nn.Module, Saf
     it will write.
     """
     src = Path(path)
+    recover_output(src)
     if is_hf_dir(src):
         tensors = SafetensorsReader(hf_weight_files(src))
         model = empty_model(lambda: build_hf(src, device="cpu", keys=set(tensors.keys())))
         return model, tensors, SourceInfo(kind="hf", path=str(src.resolve()), arch=type(model).__name__,
-                                          files=[f for f in HF_SIDE_FILES if (src / f).is_file()])
+                                          files=hf_side_files(src))
     if src.suffix == ".safetensors" and arch is not None and src.is_file():
+        _check_file(src)  # an empty file says so, not "header too small"
         tensors = SafetensorsReader([src])
         model = empty_model(lambda: build_arch(arch))
         return model, tensors, SourceInfo(kind="state_dict", path=str(src.resolve()), arch=arch)

@@ -1,0 +1,15 @@
+"""The ``lors`` command line: a thin typer layer over the library, one module per group of commands
+(:mod:`.convert`; :mod:`.checkpoints`: report, merge, heal) on the shared app and error handling of
+:mod:`.common`."""
+from __future__ import annotations
+
+from . import convert  # noqa: F401,I001  (registers lors convert first: the order of --help)
+from . import checkpoints  # noqa: F401  (registers report, merge, heal)
+from .common import app
+
+
+def main() -> None:
+    app()
+
+
+__all__ = ["app", "main"]
