@@ -7,7 +7,7 @@ For layer weights ``W_1..W_N`` viewed as matrices ``(d, h)``::
 
 By Eckart-Young ``||R_i - B_i A_i||_F^2`` is at least the energy of the discarded singular values,
 equal with the exact top-k subspace (``topk.py`` finds it exactly or randomized, by cost);
-:class:`LayerFactors` reports the error the factors have, measured as ``||R_i - B_i A_i||_F^2``. All arithmetic is float32 (or float64 when given float64),
+:class:`LayerFactors` reports the error the factors have (:func:`_discarded_energy`). All arithmetic is float32 (or float64 when given float64),
 whatever the storage dtype; casting back to the source dtype is the caller's job.
 """
 from __future__ import annotations
@@ -17,9 +17,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .topk import OVERSAMPLE, serial, top_singular
+from .topk import serial, top_singular
 
-CHUNK_FRACTION = 0.5  # layers solved together: their workspace at most this part of the stack's size
+MEASURE_BELOW = 0.01  # below this error energy (of ||R||^2) the error is measured on R - B A
+CHUNK_ELEMENTS = 1 << 23  # residual elements solved together (32 MB of float32), see _chunks
 
 
 def as_matrix(weight: torch.Tensor) -> torch.Tensor:
@@ -136,7 +137,8 @@ def stack_matrices(weights, device=None, names: list[str] | None = None) -> torc
     W = torch.empty(len(weights), d, h, dtype=dtype, device=device)  # (N, d, h)
     for i in range(len(weights)):
         w = first if i == 0 else weights[i]
-        W[i].copy_(as_matrix(w))
+        with serial():  # a memory-bound copy: threads only add a barrier (topk.py)
+            W[i].copy_(as_matrix(w))
         del w
     # a finite sum proves every entry finite (NaN/Inf propagate); only an overflowing or non-finite
     # sum pays for the elementwise check, layer by layer to name the first bad one
@@ -175,9 +177,10 @@ def decompose_stack(
         k = ranks[start]
         chunk = R[start:stop]  # (c, d, h), a view
         residual = row_energy(chunk)
-        B, A = split_balanced(*truncated_svd(chunk, k, method))  # (c, d, k), (c, k, h)
-        chunk.baddbmm_(B, A, alpha=-1)  # R_i - B_i A_i: the error is measured, not inferred
-        discarded = row_energy(chunk)
+        U, S, Vh = truncated_svd(chunk, k, method)  # (c, d, k), (c, k), (c, k, h)
+        B, A = split_balanced(U, S, Vh)  # (c, d, k), (c, k, h)
+        del U, Vh
+        discarded = _discarded_energy(chunk, B, A, S, residual)
         with serial():  # small copies: threads only add a barrier (topk.py)
             own = [(B[j].clone(), A[j].clone()) for j in range(stop - start)]  # not views of the chunk
         for j, i in enumerate(range(start, stop)):
@@ -187,19 +190,37 @@ def decompose_stack(
     return StackFactors(shared=W_s, layers=layers)
 
 
+def _discarded_energy(R: torch.Tensor, B: torch.Tensor, A: torch.Tensor, S: torch.Tensor,
+                      residual: list[float]) -> list[float]:
+    """``||R_i - B_i A_i||_F^2`` per layer of a chunk, the error the factors have (not a spectrum's).
+
+    ``B A`` is the projection of ``R`` onto the basis found (``topk.py``), whose rows' norms are ``S``,
+    so ``<R, B A> = sum S^2`` and ``||R - B A||^2 = ||R||^2 - 2 sum S^2 + <B^T B, A A^T>``: k x k work,
+    no pass over ``R``. Where that difference would cancel (error energy below
+    ``MEASURE_BELOW`` of ``||R||^2``, near full rank) ``R`` is overwritten with ``R - B A`` and measured.
+    """
+    kept = (S.double() ** 2).sum(-1).tolist()  # (c,)
+    fit = ((B.mT @ B).double() * (A @ A.mT).double()).sum((-2, -1)).tolist()  # (c,) ||B A||^2
+    out = [r - 2 * s + f for r, s, f in zip(residual, kept, fit)]
+    for j, (e, r) in enumerate(zip(out, residual)):
+        if e < MEASURE_BELOW * r:
+            out[j] = row_energy(R[j].addmm_(B[j], A[j], alpha=-1))  # (d, h), consumed
+    return [max(e, 0.0) for e in out]
+
+
 def _chunks(ranks: list[int], shape) -> list[tuple[int, int]]:
-    """Runs of consecutive equal ranks, cut so that a run's workspace (Gram ``m^2`` and the
-    ``(k + p) (d + h)`` panels, per layer) stays within ``CHUNK_FRACTION`` of the stack's size."""
+    """Runs of consecutive equal ranks, cut to at most ``CHUNK_ELEMENTS`` of residuals each (at least
+    one layer): batching saves per-call overhead on small layers, while the range finder's passes
+    over a large layer are memory-bound and faster one layer at a time. A run's workspace (Gram,
+    panels) is then at most about three times its residuals."""
     d, h = shape
+    size = max(1, CHUNK_ELEMENTS // (d * h))
     out: list[tuple[int, int]] = []
     start = 0
     for i in range(1, len(ranks) + 1):
-        if i < len(ranks) and ranks[i] == ranks[start]:
-            continue
-        per_layer = min(d, h) ** 2 + 4 * (ranks[start] + OVERSAMPLE) * (d + h)
-        size = max(1, int(CHUNK_FRACTION * len(ranks) * d * h) // per_layer)
-        out.extend((a, min(a + size, i)) for a in range(start, i, size))
-        start = i
+        if i == len(ranks) or ranks[i] != ranks[start]:
+            out.extend((a, min(a + size, i)) for a in range(start, i, size))
+            start = i
     return out
 
 
