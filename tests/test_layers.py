@@ -314,3 +314,52 @@ def test_float64_sources_are_decomposed_in_float64():
     for k, w in source.items():
         assert merged[k].dtype == torch.float64
         assert (merged[k] - w).abs().max() <= 1e-12 * w.abs().max(), k
+
+
+@pytest.mark.parametrize("kind", ["linear", "linear-nobias", "linear-private", "conv1d", "conv2d"])
+def test_forward_and_gradients_equal_the_unfused_expression(kind):
+    """The in-place accumulating forward gives the outputs and gradients (input, W_s, A, B, bias) of
+    ``x W_s^T + (x A^T) B^T + b`` written plainly, before and after an optimizer step (no stale state)."""
+    torch.manual_seed(0)
+    if kind == "conv1d":
+        from transformers.pytorch_utils import Conv1D
+        make, x = (lambda: Conv1D(48, 32)), torch.randn(3, 5, 32)
+    elif kind == "conv2d":
+        make, x = (lambda: nn.Conv2d(8, 12, 3, padding=1, groups=2)), torch.randn(2, 8, 6, 6)
+    else:
+        make, x = (lambda: nn.Linear(32, 48, bias=kind != "linear-nobias")), torch.randn(3, 5, 32)
+    model, _ = convert(Stack(make, n=3), rank=4, require_savings=False)
+    layer = model.layers[1]
+    if kind == "linear-private":
+        layer.shared = None
+    with torch.no_grad():
+        for p in (layer.lors_A, layer.lors_B):
+            p.normal_()  # both factors non-trivial
+
+    def unfused(params: dict, x: torch.Tensor) -> torch.Tensor:
+        W = params["lors_B"] @ params["lors_A"]  # (d, h)
+        if params.get("shared") is not None:
+            W = params["shared"] + W
+        b = params.get("bias")
+        if kind == "conv1d":
+            return x @ W + b
+        if kind == "conv2d":
+            t = layer.template
+            return F.conv2d(x, W.view(layer.weight_shape), b, t.stride, t.padding, t.dilation, t.groups)
+        return F.linear(x, W, b)
+
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    for step in range(2):
+        params = {n: p.detach().clone().requires_grad_() for n, p in layer.named_parameters()}
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        g = torch.randn_like(unfused(params, x))
+        y = layer(xa)
+        y_ref = unfused(params, xb)
+        assert max_rel_diff(y, y_ref) <= 1e-5
+        (y * g).sum().backward()
+        (y_ref * g).sum().backward()
+        assert max_rel_diff(xa.grad, xb.grad) <= 1e-5
+        for n, p in layer.named_parameters():
+            assert max_rel_diff(p.grad, params[n].grad) <= 1e-5, (step, n)
+        opt.step()  # in-place updates of W_s, A, B: the next forward must see them
+        opt.zero_grad()

@@ -9,6 +9,7 @@ import torch
 
 from conftest import distinct_numel, expected_ranks, max_rel_diff, reference_errors, snapshot
 from lors_convert import convert, count_parameters, merge
+from lors_convert.decompose.topk import route
 from lors_convert.layers import LorsModule
 from models import CASES, SMALL
 
@@ -81,7 +82,7 @@ def test_rank8_outputs_error_identity_and_parameter_count(name):
     rel = max_rel_diff(y_lors, y_dense)
     assert rel <= 1e-4, f"LORS vs merged outputs differ by {rel:.3g} (relative)"
 
-    # 2b. Eckart-Young: reported and actual reconstruction errors equal the discarded spectrum
+    # 2b. Eckart-Young: the reported error is the actual one, which is the discarded spectrum's
     merged = snapshot(model)
     _check_same_keys(merged, source)
     worst = 0.0
@@ -90,10 +91,15 @@ def test_rank8_outputs_error_identity_and_parameter_count(name):
         ref = reference_errors([source[k] for k in keys], m.ranks)
         actual = [float(torch.linalg.matrix_norm((merged[k].double() - source[k].double()).reshape(len(merged[k]), -1))
                         / torch.linalg.matrix_norm(source[k].double().reshape(len(source[k]), -1))) for k in keys]
+        d, h = m.matrix
+        # exact routes meet Eckart-Young; randomized ones (large matrices, small ranks) come within
+        # 1% of it, and report the error their factors have
+        exact = route(min(d, h), max(d, h), m.ranks[0]) in ("eigh", "svd")
         for i, (r, rep, act) in enumerate(zip(ref, m.relative_error, actual)):
-            assert abs(rep - r) <= 1e-4, f"{keys[i]}: reported error {rep:.6f} vs discarded spectrum {r:.6f}"
-            assert abs(act - r) <= 1e-4, f"{keys[i]}: actual error {act:.6f} vs discarded spectrum {r:.6f}"
-            worst = max(worst, abs(rep - r), abs(act - r))
+            assert abs(rep - act) <= 1e-5, f"{keys[i]}: reported error {rep:.6f} vs actual {act:.6f}"
+            assert act >= r - 1e-4 and (act <= r + 1e-4 or not exact and act <= 1.01 * r), \
+                f"{keys[i]}: actual error {act:.6f} vs discarded spectrum {r:.6f}"
+            worst = max(worst, abs(act - r))
         assert all(0.0 <= e <= 1.0 for e in m.retained_energy)
     print(f"[{name}] rank 8: outputs rel diff {rel:.3g}; EY identity max deviation {worst:.3g}")
 

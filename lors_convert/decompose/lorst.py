@@ -5,8 +5,9 @@ For layer weights ``W_1..W_N`` viewed as matrices ``(d, h)``::
     W_s = mean_i W_i,   R_i = W_i - W_s = U S V^T
     B_i = U_k S_k^{1/2}  (d, k),   A_i = S_k^{1/2} V_k^T  (k, h),   k = K_i * r
 
-By Eckart-Young ``||R_i - B_i A_i||_F^2`` equals the energy of the discarded singular values, which
-is what :class:`LayerFactors` reports. All arithmetic is float32 (or float64 when given float64),
+By Eckart-Young ``||R_i - B_i A_i||_F^2`` is at least the energy of the discarded singular values,
+equal with the exact top-k subspace (``topk.py`` finds it exactly or randomized, by cost);
+:class:`LayerFactors` reports the error the factors have (:func:`_discarded_energy`). All arithmetic is float32 (or float64 when given float64),
 whatever the storage dtype; casting back to the source dtype is the caller's job.
 """
 from __future__ import annotations
@@ -16,9 +17,10 @@ from dataclasses import dataclass
 
 import torch
 
-RANDOMIZED_MIN_DIM = 1024  # below this min(d, h) the exact SVD is cheap and exactly optimal
-RANDOMIZED_OVERSAMPLE = 16
-RANDOMIZED_NITER = 4
+from .topk import serial, top_singular
+
+MEASURE_BELOW = 0.01  # below this error energy (of ||R||^2) the error is measured on R - B A
+CHUNK_ELEMENTS = 1 << 23  # residual elements solved together (32 MB of float32), see _chunks
 
 
 def as_matrix(weight: torch.Tensor) -> torch.Tensor:
@@ -88,49 +90,25 @@ class StackFactors:
 
 
 def truncated_svd(R: torch.Tensor, k: int, method: str = "auto") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Top-``k`` singular triplets of ``R`` (see :func:`truncated_svd_with_tail`)."""
-    return truncated_svd_with_tail(R, k, method)[:3]
-
-
-def truncated_svd_with_tail(R: torch.Tensor, k: int, method: str = "auto"
-                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float | None]:
-    """Top-``k`` singular triplets ``U (d, k), S (k,), Vh (k, h)`` of ``R``.
-
-    ``method``: "exact" (``torch.linalg.svd``), "randomized" (``torch.svd_lowrank`` with
-    oversampling and power iterations) or "auto": randomized where ``k + oversampling`` is at most a
-    quarter of ``min(d, h)`` (there it is 3-60x faster on CPU and its error within 0.5% of the exact
-    one, see scripts/bench_convert.py), exact elsewhere.
-
-    The fourth value is the discarded energy ``sum_{j>k} sigma_j^2`` where the full spectrum is
-    known (exact path; "total - kept" cancels catastrophically near full rank), else None.
-    """
+    """Top-``k`` singular triplets ``U (d, k), S (k,), Vh (k, h)`` of ``R`` (or of a batch
+    ``(..., d, h)``), by the route :func:`.topk.route` picks for ``method`` ("auto", "exact" or
+    "randomized"); ``U S Vh`` is always the projection of ``R`` onto the subspace found."""
     d, h = R.shape[-2:]
-    full = min(d, h)
     if k == 0:
-        return R.new_zeros(d, 0), R.new_zeros(0), R.new_zeros(0, h), None
-    if method == "auto":
-        method = "randomized" if (full >= RANDOMIZED_MIN_DIM and k + RANDOMIZED_OVERSAMPLE <= full // 4) else "exact"
-    if method == "randomized" and k + RANDOMIZED_OVERSAMPLE < full:
-        q = k + RANDOMIZED_OVERSAMPLE
-        # svd_lowrank draws a random test matrix: a fixed seed makes conversions reproducible
-        with torch.random.fork_rng(devices=[R.device] if R.is_cuda else []):
-            torch.manual_seed(0)
-            U, S, V = torch.svd_lowrank(R, q=q, niter=RANDOMIZED_NITER)
-        return U[:, :k], S[:k], V[:, :k].T, None
-    U, S, Vh = torch.linalg.svd(R, full_matrices=False)
-    return U[:, :k], S[:k], Vh[:k], float(S[k:].double().square().sum())
+        return R.new_zeros(*R.shape[:-2], d, 0), R.new_zeros(*R.shape[:-2], 0), R.new_zeros(*R.shape[:-2], 0, h)
+    return top_singular(R, k, method)
 
 
-def row_energy(M: torch.Tensor) -> float:
+def row_energy(M: torch.Tensor):
     """``||M||_F^2`` summed in float64 over float32 row norms: ~1e-7 relative, 30x cheaper than a
-    float64 copy of the matrix (measured on 4096x1536)."""
-    return float((torch.linalg.vector_norm(M, dim=-1).double() ** 2).sum())
+    float64 copy of the matrix (measured on 4096x1536). A batch ``(..., d, h)`` gives a list."""
+    return (torch.linalg.vector_norm(M, dim=-1).double() ** 2).sum(-1).tolist()
 
 
 def split_balanced(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``B = U S^{1/2}``, ``A = S^{1/2} V^T``: both factors carry half the spectrum."""
-    root = S.clamp_min(0).sqrt()
-    return U * root, root[:, None] * Vh  # (d, k), (k, h)
+    root = S.clamp_min(0).sqrt()  # (..., k)
+    return U * root.unsqueeze(-2), root.unsqueeze(-1) * Vh  # (..., d, k), (..., k, h)
 
 
 def rebalance(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -159,12 +137,15 @@ def stack_matrices(weights, device=None, names: list[str] | None = None) -> torc
     W = torch.empty(len(weights), d, h, dtype=dtype, device=device)  # (N, d, h)
     for i in range(len(weights)):
         w = first if i == 0 else weights[i]
-        W[i].copy_(as_matrix(w))
-        # a finite sum proves every entry finite (NaN/Inf propagate); only an overflowing or
-        # non-finite sum pays for the elementwise check
-        if names is not None and not math.isfinite(float(W[i].sum())) and not torch.isfinite(W[i]).all():
-            raise ValueError(f"tensor {names[i]!r} contains NaN or Inf values; refusing to convert it")
+        with serial():  # a memory-bound copy: threads only add a barrier (topk.py)
+            W[i].copy_(as_matrix(w))
         del w
+    # a finite sum proves every entry finite (NaN/Inf propagate); only an overflowing or non-finite
+    # sum pays for the elementwise check, layer by layer to name the first bad one
+    if names is not None and not math.isfinite(float(W.sum())):
+        for i in range(len(weights)):
+            if not torch.isfinite(W[i]).all():
+                raise ValueError(f"tensor {names[i]!r} contains NaN or Inf values; refusing to convert it")
     return W
 
 
@@ -192,23 +173,55 @@ def decompose_stack(
     W_s = W.mean(dim=0) if shared is None else shared.to(device=W.device, dtype=dtype)  # (d, h)
     R = W.sub_(W_s)  # (N, d, h) residuals, in place
     layers: list[LayerFactors] = []
-    # one call per layer: on CPU a batched torch.linalg.svd measured 2-4x slower than this loop; each
-    # layer's full U/Vh is dropped before the next SVD (the factors are fresh tensors)
-    for i, k in enumerate(ranks):
-        residual_energy = row_energy(R[i])
-        U_k, S_k, Vh_k, tail = truncated_svd_with_tail(R[i], k, method)
-        B, A = split_balanced(U_k, S_k, Vh_k)
-        kept = float((S_k.double() ** 2).sum())
-        layers.append(
-            LayerFactors(
-                B=B, A=A,
-                residual_energy=residual_energy,
-                discarded_energy=tail if tail is not None else max(residual_energy - kept, 0.0),
-                weight_norm=weight_norms[i],
-            )
-        )
-        del U_k, S_k, Vh_k
+    for start, stop in _chunks(ranks, R.shape[-2:]):
+        k = ranks[start]
+        chunk = R[start:stop]  # (c, d, h), a view
+        residual = row_energy(chunk)
+        U, S, Vh = truncated_svd(chunk, k, method)  # (c, d, k), (c, k), (c, k, h)
+        B, A = split_balanced(U, S, Vh)  # (c, d, k), (c, k, h)
+        del U, Vh
+        discarded = _discarded_energy(chunk, B, A, S, residual)
+        with serial():  # small copies: threads only add a barrier (topk.py)
+            own = [(B[j].clone(), A[j].clone()) for j in range(stop - start)]  # not views of the chunk
+        for j, i in enumerate(range(start, stop)):
+            layers.append(LayerFactors(B=own[j][0], A=own[j][1], residual_energy=residual[j],
+                                       discarded_energy=discarded[j], weight_norm=weight_norms[i]))
+        del B, A
     return StackFactors(shared=W_s, layers=layers)
+
+
+def _discarded_energy(R: torch.Tensor, B: torch.Tensor, A: torch.Tensor, S: torch.Tensor,
+                      residual: list[float]) -> list[float]:
+    """``||R_i - B_i A_i||_F^2`` per layer of a chunk, the error the factors have (not a spectrum's).
+
+    ``B A`` is the projection of ``R`` onto the basis found (``topk.py``), whose rows' norms are ``S``,
+    so ``<R, B A> = sum S^2`` and ``||R - B A||^2 = ||R||^2 - 2 sum S^2 + <B^T B, A A^T>``: k x k work,
+    no pass over ``R``. Where that difference would cancel (error energy below
+    ``MEASURE_BELOW`` of ``||R||^2``, near full rank) ``R`` is overwritten with ``R - B A`` and measured.
+    """
+    kept = (S.double() ** 2).sum(-1).tolist()  # (c,)
+    fit = ((B.mT @ B).double() * (A @ A.mT).double()).sum((-2, -1)).tolist()  # (c,) ||B A||^2
+    out = [r - 2 * s + f for r, s, f in zip(residual, kept, fit)]
+    for j, (e, r) in enumerate(zip(out, residual)):
+        if e < MEASURE_BELOW * r:
+            out[j] = row_energy(R[j].addmm_(B[j], A[j], alpha=-1))  # (d, h), consumed
+    return [max(e, 0.0) for e in out]
+
+
+def _chunks(ranks: list[int], shape) -> list[tuple[int, int]]:
+    """Runs of consecutive equal ranks, cut to at most ``CHUNK_ELEMENTS`` of residuals each (at least
+    one layer): batching saves per-call overhead on small layers, while the range finder's passes
+    over a large layer are memory-bound and faster one layer at a time. A run's workspace (Gram,
+    panels) is then at most about three times its residuals."""
+    d, h = shape
+    size = max(1, CHUNK_ELEMENTS // (d * h))
+    out: list[tuple[int, int]] = []
+    start = 0
+    for i in range(1, len(ranks) + 1):
+        if i == len(ranks) or ranks[i] != ranks[start]:
+            out.extend((a, min(a + size, i)) for a in range(start, i, size))
+            start = i
+    return out
 
 
 def merge_weight(shared: torch.Tensor | None, B: torch.Tensor, A: torch.Tensor, shape, dtype) -> torch.Tensor:

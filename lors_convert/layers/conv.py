@@ -32,4 +32,4 @@ class LorsConv2d(LorsLayer):
         if self.shared is None:
             return F.conv2d(z, B, self.bias, groups=t.groups)  # (N, out, H', W')
         y = t._conv_forward(x, self.shared.view(self.weight_shape), self.bias)  # (N, out, H', W')
-        return y + F.conv2d(z, B, groups=t.groups)
+        return y.add_(F.conv2d(z, B, groups=t.groups))  # in place: no backward reads y

@@ -1,7 +1,8 @@
 """LORS for transformers' GPT-2 ``Conv1D``, whose weight is stored ``(in, out)``: ``y = x W + b``.
 
 The factorized matrix is the weight as stored, so ``B`` is ``(in, k)`` and ``A`` is ``(k, out)``:
-``y = x W_s + (x B) A + b`` (``(x B) A + b`` in a private-only stack).
+``y = x W_s + (x B) A + b`` (``(x B) A + b`` in a private-only stack), the dense product
+accumulated into the low-rank one by its GEMM (``addmm_``), as in :mod:`.linear`.
 """
 from __future__ import annotations
 
@@ -24,9 +25,7 @@ class LorsConv1D(LorsLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out)
         rows = x.reshape(-1, x.shape[-1])  # (M, in)
-        if self.shared is None:
-            y = torch.addmm(self.bias, rows @ self.lors_B, self.lors_A)  # (M, k) -> (M, out)
-        else:
-            y = torch.addmm(self.bias, rows, self.shared)  # (M, out)
-            y = y + (rows @ self.lors_B) @ self.lors_A  # (M, k) -> (M, out)
+        y = torch.addmm(self.bias, rows @ self.lors_B, self.lors_A)  # (M, k) -> (M, out)
+        if self.shared is not None:
+            y.addmm_(rows, self.shared)  # (M, out) += (M, in) (in, out)
         return y.reshape(*x.shape[:-1], y.shape[-1])

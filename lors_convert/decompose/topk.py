@@ -1,0 +1,137 @@
+"""Top-``k`` singular triplets of one matrix or a batch ``(..., d, h)``, by the cheapest accurate route.
+
+Every route works on the short side: ``X = R`` if ``d <= h`` else ``X = R^T``, ``X`` is ``(m, n)`` with
+``m = min(d, h)``. It finds an orthonormal basis ``U_k`` (m, k) of (an approximation of) the top-k
+left singular subspace of ``X`` and projects onto it::
+
+    P = U_k^T X = S_k V_k^T  (k, n),   S_k = row norms of P,   U_k P = U_k U_k^T X
+
+so the factors are always an orthogonal projection of ``X`` onto the basis found, whatever its
+accuracy: the error of the factors is at least the Eckart-Young optimum and exactly that when the
+basis is the top-k singular subspace. Routes, with their multiply-add cost for ``q = k + OVERSAMPLE``:
+
+- ``"svd"``: LAPACK's ``torch.linalg.svd``, exact; about ``20 m^2 n`` and slow per flop.
+- ``"eigh"``: eigenvectors of the Gram ``G = X X^T`` (m, m), whose eigenvalues are ``sigma^2``; top k
+  by value. ``m^2 n`` for ``G`` plus ``~10 m^3`` for the eigensolver. Exact up to rounding: the
+  Gram squares the condition number, so directions below ``sqrt(eps) sigma_1`` are resolved
+  poorly, but they are the discarded ones (or, at full rank, all are kept and ``U U^T = I``).
+- ``"gram"``: subspace iteration on ``G`` (``GRAM_ITERS`` products ``G Q``, QR each time) and a
+  Rayleigh-Ritz step, ``Q^T G Q`` (q, q) eigen-decomposed: ``m^2 n + GRAM_ITERS m^2 q``. Randomized
+  (seeded start); each product with ``G`` is one power iteration of the range finder below.
+- ``"range"``: the randomized range finder on ``X`` itself (Halko, Martinsson, Tropp 2011, alg. 4.4):
+  ``Q = orth(X Omega)``, ``RANGE_NITER`` power iterations ``Q = orth(X orth(X^T Q))``, then the
+  Rayleigh-Ritz step on ``P = Q^T X``: ``(2 RANGE_NITER + 2) q m n``; the only route that never
+  forms an ``m x m`` matrix, the cheapest for small ``k``.
+
+``method="auto"`` takes ``"range"`` where its products cost at most half of forming the Gram,
+``"gram"`` where ``q`` is a small part of ``m``, and ``"eigh"`` elsewhere; ``"randomized"`` takes the cheaper randomized
+route; ``"exact"`` is ``"svd"``. Random starts are drawn from a generator seeded with 0, one matrix
+shared by the batch, so results are reproducible and do not depend on how layers are batched.
+
+LAPACK factorizations (QR, eigh, SVD) run on one thread (:func:`serial`): at these sizes a blocked
+factorization is a long series of small parallel regions, each ending in a barrier, and on a machine
+whose cores are shared every barrier waits for a descheduled thread (README, Benchmarks). The large
+matrix products around them keep torch's thread count.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+
+OVERSAMPLE = 16  # extra columns of the random start: q = k + OVERSAMPLE
+RANGE_NITER = 4  # power iterations of the range finder on X
+GRAM_ITERS = 8  # products with the Gram in subspace iteration (= power iterations on X, at m^2 q each)
+GRAM_MAX_FRACTION = 0.25  # subspace iteration only while q <= this fraction of m; eigh beyond
+
+
+def route(m: int, n: int, k: int, method: str = "auto") -> str:
+    """Which route computes the top ``k`` of an ``(m, n)`` short-side matrix (``m <= n``)."""
+    if method == "exact":
+        return "svd"
+    q = k + OVERSAMPLE
+    if q >= m:  # nothing to gain from a random subspace as large as the space
+        return "eigh"
+    # (2 niter + 2) q m n for the range finder's products vs m^2 n for the Gram: below half, the
+    # range finder is faster; above, the Gram route costs about the same and lands 5-10x closer to
+    # the optimum (tests/test_decompose.py prints both)
+    if (2 * RANGE_NITER + 2) * q <= m // 2:
+        return "range"
+    if method == "randomized":
+        return "gram"
+    return "gram" if q <= GRAM_MAX_FRACTION * m else "eigh"
+
+
+@contextmanager
+def serial():
+    """Run torch's CPU kernels on one thread inside the block (restores the count after)."""
+    threads = torch.get_num_threads()
+    if threads > 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if threads > 1:
+            torch.set_num_threads(threads)
+
+
+def _orth(Y: torch.Tensor) -> torch.Tensor:
+    with serial():
+        return torch.linalg.qr(Y).Q  # (..., rows, q)
+
+
+def _eigh(T: torch.Tensor) -> torch.Tensor:
+    """Eigenvectors of the symmetric ``T`` (..., s, s), columns by ascending eigenvalue."""
+    with serial():
+        return torch.linalg.eigh(T)[1]
+
+
+def _start(rows: int, q: int, like: torch.Tensor) -> torch.Tensor:
+    gen = torch.Generator(device=like.device).manual_seed(0)
+    return torch.randn(rows, q, generator=gen, device=like.device, dtype=like.dtype)  # (rows, q)
+
+
+def _ritz(Q: torch.Tensor, T: torch.Tensor, k: int) -> torch.Tensor:
+    """Top-k eigenvectors of the symmetric ``T`` (..., q, q) mapped through ``Q`` (..., m, q)."""
+    return Q @ _eigh(T)[..., -k:].flip(-1)  # (..., m, k)
+
+
+def top_basis(X: torch.Tensor, k: int, how: str) -> torch.Tensor:
+    """Orthonormal ``U_k`` (..., m, k) of the top-k left singular subspace of ``X`` (..., m, n), m <= n."""
+    if how == "svd":
+        with serial():
+            return torch.linalg.svd(X, full_matrices=False)[0][..., :k]  # (..., m, k)
+    m = X.shape[-2]
+    q = k + OVERSAMPLE
+    if how == "range":
+        Q = _orth(X @ _start(X.shape[-1], q, X))  # (..., m, q)
+        for _ in range(RANGE_NITER):
+            Q = _orth(X @ _orth(X.mT @ Q))  # (..., n, q) -> (..., m, q)
+        P = Q.mT @ X  # (..., q, n)
+        return _ritz(Q, P @ P.mT, k)
+    G = X @ X.mT  # (..., m, m)
+    if how == "eigh":
+        return _eigh(G)[..., -k:].flip(-1)  # (..., m, k)
+    if how == "gram":
+        Q = _orth(G @ _start(m, q, X))  # (..., m, q)
+        for _ in range(GRAM_ITERS - 1):
+            Q = _orth(G @ Q)
+        return _ritz(Q, Q.mT @ G @ Q, k)
+    raise ValueError(f"unknown route {how!r}")
+
+
+def top_singular(R: torch.Tensor, k: int, method: str = "auto") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``U (..., d, k), S (..., k), Vh (..., k, h)`` with ``U diag(S) Vh`` the projection of ``R``
+    onto the top-k subspace found (module docstring). ``S`` is descending up to the route's
+    accuracy; a zero singular value gets a zero column/row in place of an arbitrary unit vector."""
+    d, h = R.shape[-2:]
+    transposed = d > h
+    X = R.mT if transposed else R  # (..., m, n), a view
+    m, n = X.shape[-2:]
+    U = top_basis(X, k, route(m, n, k, method))  # (..., m, k)
+    P = U.mT @ X  # (..., k, n) = S V^T
+    S = torch.linalg.vector_norm(P, dim=-1)  # (..., k)
+    V = P / torch.where(S > 0, S, torch.ones_like(S)).unsqueeze(-1)  # (..., k, n)
+    if transposed:  # R = X^T = V^T S U^T
+        return V.mT, S, U.mT
+    return U, S, V
