@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .lorst import LayerFactors, StackFactors, as_matrix, rebalance, split_balanced
+from .topk import serial
 
 DEFAULT_FLOOR = 1e-6  # eigenvalue floor, relative to the largest eigenvalue
 DEFAULT_DAMP = 0.0  # ridge relative to the mean eigenvalue
@@ -111,7 +112,8 @@ def gram_eigh(C: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     diag = torch.diagonal(C)
     if torch.count_nonzero(C - torch.diag(diag)) == 0:
         return diag.clamp_min(0.0), torch.eye(C.shape[0], dtype=torch.float64, device=C.device)
-    lam, Q = torch.linalg.eigh(0.5 * (C + C.T))
+    with serial():  # LAPACK on one thread (see decompose.topk.serial)
+        lam, Q = torch.linalg.eigh(0.5 * (C + C.T))
     return lam.clamp_min(0.0), Q
 
 
@@ -226,7 +228,8 @@ def whitened_truncation(R: torch.Tensor, whiteners: list[Whitener], ranks: list[
     factors, energy, discarded, spectra = [], [], [], []
     for i, k in enumerate(ranks):
         Z = _whiten(R[i], whiteners[i], None if left is None else left[i])  # (out, in)
-        U, S, Vh = torch.linalg.svd(Z, full_matrices=False)
+        with serial():
+            U, S, Vh = torch.linalg.svd(Z, full_matrices=False)
         k = min(k, S.shape[0])
         B, A_white = split_balanced(U[:, :k], S[:k], Vh[:k])
         if left is not None:
@@ -310,7 +313,8 @@ def _layer_spectra(R: torch.Tensor, wh, lw) -> list[torch.Tensor]:
     for i in range(R.shape[0]):
         Z = _whiten(R[i], wh[i], None if lw is None else lw[i])  # (out, in)
         G = Z @ Z.T if Z.shape[0] <= Z.shape[1] else Z.T @ Z  # the smaller Gram: eigenvalues = s^2
-        spectra.append(torch.linalg.eigvalsh(G).clamp_min(0.0).flip(0).cpu())
+        with serial():
+            spectra.append(torch.linalg.eigvalsh(G).clamp_min(0.0).flip(0).cpu())
     return spectra
 
 
