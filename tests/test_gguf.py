@@ -14,23 +14,17 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from typer.testing import CliRunner
 
 import lors_convert
 from lors_convert.checkpoint import Checkpoint
 from lors_convert.cli import app
+from tests.clirun import run_ok, runner
 
 pytest.importorskip("gguf")
 from tests import gguf_models as gm  # noqa: E402  (needs gguf)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-runner = CliRunner()
-
-
-def run(*args):
-    res = runner.invoke(app, [str(a) for a in args])
-    assert res.exit_code == 0, (res.exit_code, res.stderr, repr(res.exception))
-    return res
+run = run_ok
 
 
 @pytest.fixture(scope="module")

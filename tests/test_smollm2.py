@@ -15,10 +15,9 @@ import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
-from typer.testing import CliRunner
 
 import lors_convert
-from lors_convert.cli import app
+from tests.clirun import run_ok
 
 # found, not imported: the package's __init__ needs the `llm` and `llama_cpp` packages, which the
 # tests do not (so pytest.importorskip would always skip); only its data file is used
@@ -35,13 +34,7 @@ SENTENCES = ["The quick brown fox jumps over the lazy dog.",
              "Photosynthesis converts light energy into chemical energy stored in glucose.",
              "She opened the window, and the cold morning air filled the small room."]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-runner = CliRunner()
-
-
-def run(*args):
-    res = runner.invoke(app, [str(a) for a in args])
-    assert res.exit_code == 0, (res.exit_code, res.stderr, repr(res.exception))
-    return res
+run = run_ok
 
 
 def perplexity(model, batches: list[torch.Tensor]) -> float:
