@@ -73,14 +73,13 @@ def run_plan(plan: ConversionPlan, get: Getter, sink, options: FitOptions, matri
 
 
 def make_plan(model: nn.Module, get: Getter, rank, groups, include, exclude, require_savings, adaptive,
-          budget, sharing, options: FitOptions, shared_parts: dict) -> tuple[ConversionPlan, object]:
+          budget, sharing, options: FitOptions, shared_parts: dict) -> ConversionPlan:
     """The plan of a conversion; with ``budget`` its ranks come from the allocator (which solves the
-    shared parts into ``shared_parts``). Returns the plan and the allocation (or None)."""
+    shared parts into ``shared_parts``)."""
     hook = make_adaptive_hook(adaptive, rank, groups) if adaptive is not None else None
-    allocation = None
     if budget is not None:
         plan = plan_conversion(model, None, None, include, exclude, require_savings=False, adaptive=hook)
-        allocation = apply_budget(plan, get, budget, options.calibration, device=options.device,
+        apply_budget(plan, get, budget, options.calibration, device=options.device,
                                   shared_parts=shared_parts, sharing=sharing)
     else:
         plan = plan_conversion(model, rank, groups, include, exclude, require_savings, adaptive=hook)
@@ -88,7 +87,7 @@ def make_plan(model: nn.Module, get: Getter, rank, groups, include, exclude, req
             plan.warnings.append(full_rank_note(plan.params))  # asked for: exact, and it saves nothing
     if hook is not None:
         check_specs_used(hook)
-    return plan, allocation
+    return plan
 
 
 def check_sharing(sharing: str) -> None:
@@ -96,8 +95,7 @@ def check_sharing(sharing: str) -> None:
         raise LorsUsageError(f"sharing must be one of {', '.join(SHARING)}, got {sharing!r}")
 
 
-def finish_report(report: Report, plan: ConversionPlan, options: FitOptions, fits: dict[int, Fit],
-                   allocation) -> None:
+def finish_report(report: Report, plan: ConversionPlan, options: FitOptions, fits: dict[int, Fit]) -> None:
     static = [pp for pp in plan.params if pp.kind == "static"]
     if options.refine > 0 and static and not any(pp.has_shared for pp in static):
         report.warnings.append(f"refine={options.refine} had nothing to refine: every converted matrix is "
@@ -105,7 +103,7 @@ def finish_report(report: Report, plan: ConversionPlan, options: FitOptions, fit
     if options.weighted:
         weighted = [fits[i].weighted for i in sorted(fits) if fits[i].weighted is not None]
         report.quality.update(quality_summary(weighted, options.calibration, options.refine, options.budget,
-                                              allocation, report))
+                                              report))
 
 
 def convert(
@@ -156,12 +154,12 @@ def convert(
         return model.get_parameter(key).detach()
 
     shared_parts: dict[str, torch.Tensor] = {}  # solved once for the budget, reused by the fits
-    plan, allocation = make_plan(model, get, rank, groups, include, exclude, require_savings, adaptive, budget,
+    plan = make_plan(model, get, rank, groups, include, exclude, require_savings, adaptive, budget,
                              sharing, options, shared_parts)
     report, matrices = plan.report_with_matrices(params_before)
     fits = run_plan(plan, get, ModuleSink(model), options, matrices, progress, shared_parts)
     report.params_after = count_parameters(model)
-    finish_report(report, plan, options, fits, allocation)
+    finish_report(report, plan, options, fits)
     return model, report
 
 

@@ -210,7 +210,7 @@ def _dry_run(src: Path, model: nn.Module, data: CalibrationData | None, objectiv
                                     objective=objective, probes=probes)
     options = FitOptions(calibration=calibration, refine=kw.get("refine", 0), budget=budget)
     with about(src):
-        plan, _ = make_plan(model, lambda key: model.get_parameter(key).detach(), kw.get("rank", 8), kw.get("groups"),
+        plan = make_plan(model, lambda key: model.get_parameter(key).detach(), kw.get("rank", 8), kw.get("groups"),
                             kw.get("include"), kw.get("exclude"), kw.get("require_savings", True), kw.get("adaptive"),
                             budget, kw.get("sharing", "auto"), options, {})
     report = plan.report(count_parameters(model))
@@ -278,7 +278,7 @@ def _convert_weights(src: Path, out: Path | None, model: nn.Module, get: Getter,
     check_sharing(sharing)
     shared_parts: dict[str, torch.Tensor] = {}
     with about(src):
-        plan, allocation = make_plan(model, get, rank, groups, include, exclude, require_savings, None, budget,
+        plan = make_plan(model, get, rank, groups, include, exclude, require_savings, None, budget,
                                      sharing, options, shared_parts)
     for pp in plan.params:  # the stored dtype, not a meta model's default
         pp.param = replace(pp.param, dtype=getattr(torch, manifest["keys"][pp.keys[0]]["dtype"]))
@@ -320,7 +320,7 @@ def _convert_weights(src: Path, out: Path | None, model: nn.Module, get: Getter,
         for part in dist.gather(measured):
             for i, (errors, energies) in part.items():
                 matrices[i].relative_error, matrices[i].retained_energy = errors, energies
-        finish_report(report, plan, options, fits, allocation)
+        finish_report(report, plan, options, fits)
         writer.close(report)
         if measure is not None:  # on the finished checkpoint, before it is renamed into place
             measure(tmp, report)

@@ -221,8 +221,7 @@ def apply_budget(plan, get: Callable[[str], torch.Tensor], budget: float, calibr
 __all__ = ["orientation", "layer_objective", "layer_grams", "fit_calibrated", "apply_budget", "quality_summary", "SHARING"]
 
 
-def quality_summary(weighted: list, calibration, refine: int, budget: float | None,
-                    allocation: Allocation | None, report) -> dict:
+def quality_summary(weighted: list, calibration, refine: int, budget: float | None, report) -> dict:
     """The calibration figures for ``report.quality`` (flat, JSON-friendly)."""
     rel = [math.sqrt(max(e, 0.0) / o) for errs, outs, _ in weighted for e, o in zip(errs, outs) if o > 0]
     out: dict = {"calibrated": calibration is not None}
