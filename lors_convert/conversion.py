@@ -28,6 +28,8 @@ from .discover.plan import ConversionPlan, Groups, ParamPlan, full_rank_note, pl
 from .errors import LorsUsageError, about
 from .fit import Fit, FitOptions, fit_param
 from .fit.calibrated import SHARING, apply_budget, quality_summary
+from .io.memory import trim
+from .io.spill import Spill
 from .report import MatrixReport, Report
 from .swap import ModuleSink
 
@@ -69,6 +71,7 @@ def run_plan(plan: ConversionPlan, get: Getter, sink, options: FitOptions, matri
         row.relative_error, row.retained_energy = fit.relative_error, fit.retained_energy
         sink.put(pp, fit)
         done[index] = replace(fit, shared=None, factors=None)
+        trim()  # this parameter's work is freed: the next one starts from the same RSS
     return done
 
 
@@ -166,22 +169,23 @@ def convert(
 def calibrated_convert(model: nn.Module, data: CalibrationData, *, refine: int = 0,
                        budget: float | None = None, rank: int | None = 8, progress=None,
                        objective: str = "output", probes: int | None = None, reference: Reference | None = None,
-                       **convert_kwargs):
+                       spill: Spill | None = None, **convert_kwargs):
     """The whole ``lors convert --calibrate DATA`` path in one call.
 
     Collects the Grams on ``data.calibration`` (``objective``, ``probes``: see
     :func:`lors_convert.calibrate.grams.collect_grams`), converts ``model`` in place (:func:`convert`
     with ``calibration=``, ``refine=``, ``budget=``; other keyword arguments go to it) and adds the
     fidelity on ``reference`` (default: ``data.heldout`` against a copy of the source) to
-    ``report.quality``. Returns ``(lors_model, report)``.
+    ``report.quality``. ``spill``: keep the Grams (and the default reference's outputs) on disk there,
+    not in memory. Returns ``(lors_model, report)``.
     """
     include, exclude = convert_kwargs.get("include"), convert_kwargs.get("exclude")
     with about(data.source or None):  # inputs the model cannot run on name their file
         calibration = collect_grams(model, data.calibration, include=include, exclude=exclude,
-                                    objective=objective, probes=probes)
+                                    objective=objective, probes=probes, spill=spill)
     if reference is None and data.heldout:
         with about(data.heldout_origin or None):
-            reference = reference_outputs(model, data.heldout)
+            reference = reference_outputs(model, data.heldout, spill=spill)
     model, report = convert(model, rank=rank, calibration=calibration, refine=refine, budget=budget,
                             progress=progress, **convert_kwargs)
     note_calibration(report, data, calibration)

@@ -16,7 +16,6 @@ text model asked for a budget or a target without calibration data is calibrated
 """
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -25,12 +24,13 @@ import torch
 from torch import nn
 
 from .calibrate.data import CalibrationData, check_data_file, has_tokenizer, load_calibration, load_tokenizer
-from .calibrate.fidelity import Reference, check_inputs, fidelity, fidelity_problems
+from .calibrate.fidelity import Reference, check_inputs, fidelity, fidelity_problems, reference_outputs
 from .calibrate.grams import collect_grams
 from .calibrate.probes import CALIBRATION_TEXT, PROBE_TEXT, Probes, default_probes, read_probes
+from .calibrate.streamed import streamed
 from .checkpoint.format import (BUFFER_PREFIX, DEFAULT_SHARD_SIZE, REPORT_NAME, nonpersistent_buffers, plan_stacks,
                                 source_manifest, stored_manifest)
-from .checkpoint.merge import merged_tensors
+from .checkpoint.merge import merged_getter, merged_tensors
 from .checkpoint.reader import Checkpoint
 from .checkpoint.writer import CheckpointWriter, save
 from .conversion import Getter, calibrated_convert, check_sharing, convert, finish_report, make_plan, note_calibration, \
@@ -40,8 +40,9 @@ from .errors import LorsUsageError, about
 from .fit import FitOptions
 from .io.atomic import atomic_output, check_output
 from .io.dist import Dist
-from .io.memory import available_bytes
+from .io.memory import own_memory
 from .io.safetensors import dump_json
+from .io.spill import Spill
 from .io.sources import SourceInfo, file_sha256, is_hf_dir, load_source, open_lazy, refuse_non_finite
 from .report import Report
 from .target import Target, search_budget
@@ -76,7 +77,9 @@ def convert_file(src: str | Path, out: str | Path | None, *, arch: str | None = 
         with about(src):
             manifest = stored_manifest(source_manifest(model), reader)
         if manifest is not None:
-            measurer = _measurer(src, arch, trust_pickle, None, heldout, text_model, model) if measure else None
+            aliases = manifest["aliases"]
+            measurer = (_measurer(src, arch, trust_pickle, None, heldout, text_model, model,
+                                  lambda key: reader.get(aliases.get(key, key))) if measure else None)
             return _convert_weights(src, out, model, reader.get, manifest, source, dist, dry_run, force,
                                     max_shard_size, measurer, hash_files=reader.files, **convert_kwargs)
     if dist.world > 1:
@@ -85,6 +88,8 @@ def convert_file(src: str | Path, out: str | Path | None, *, arch: str | None = 
     manifest = source_manifest(model, source.stored)
     if source.kind == "torchscript" and in_memory:
         raise LorsUsageError("--adaptive, --calibrate and --target need a rebuildable model, not a TorchScript archive")
+    if in_memory:
+        own_memory(model)  # the weights conversion replaces are then freed
     if not in_memory:
         measurer = _measurer(src, arch, trust_pickle, model, heldout, text_model, model) if measure else None
         state = model.state_dict()
@@ -96,24 +101,33 @@ def convert_file(src: str | Path, out: str | Path | None, *, arch: str | None = 
         probe = _probes(src, heldout, text_model, model)
     elif not (measure or target is not None):
         probe = None
-    if probe is not None and probe.batches:
+    if probe is not None and probe.batches and (dry_run or target is not None):
         with about(probe.origin):
             check_inputs(model, probe.batches)
     if dry_run:
         return _dry_run(src, model, data, objective, probes, target, convert_kwargs)
-    if target is not None:
-        lors_model, report = _search(src, model, data, probe, target, objective, probes, log, convert_kwargs)
-    else:
-        reference = _reference(model, probe, copy_source=True)
-        if data is not None:  # its own held-out batches are measured only through ``reference``
-            lors_model, report = calibrated_convert(model, replace(data, heldout=[]), objective=objective,
-                                                    probes=probes, reference=reference, **convert_kwargs)
+    if out is not None:
+        check_output(out, force)  # before the work, not after it
+    spill = Spill(near=out.parent if out is not None else None)  # Grams and reference outputs
+    try:
+        if target is not None:
+            lors_model, report = _search(src, model, data, probe, target, objective, probes, log, convert_kwargs,
+                                         spill)
         else:
-            with about(src):
-                lors_model, report = convert(model, **convert_kwargs)
-            if reference is not None:
-                with about(probe.origin):
-                    report.quality.update(fidelity(lors_model, reference))
+            with about(probe.origin if probe is not None else None):  # also checks the probes run
+                reference = _reference(model, probe, spill)
+            if data is not None:  # its own held-out batches are measured only through ``reference``
+                lors_model, report = calibrated_convert(model, replace(data, heldout=[]), objective=objective,
+                                                        probes=probes, reference=reference, spill=spill,
+                                                        **convert_kwargs)
+            else:
+                with about(src):
+                    lors_model, report = convert(model, **convert_kwargs)
+                if reference is not None:
+                    with about(probe.origin):
+                        report.quality.update(fidelity(lors_model, reference))
+    finally:
+        spill.close()
     _judge(report, probe)
     save(lors_model, out, report=report, source=source, manifest=manifest, force=force,
          max_shard_size=max_shard_size)
@@ -153,11 +167,11 @@ def _probes(src: Path, heldout: Path | None, text_model: bool, model) -> Probes:
     return default_probes(src if text_model else None, getattr(model, "config", None))
 
 
-def _reference(model: nn.Module, probe: Probes | None, copy_source: bool) -> Reference | None:
+def _reference(model: nn.Module, probe: Probes | None, spill: Spill) -> Reference | None:
+    """The source's outputs on the probes, recorded on ``spill`` (not a second model in memory)."""
     if probe is None or not probe.batches:
         return None
-    source = copy.deepcopy(model).eval().requires_grad_(False) if copy_source else model
-    return Reference(source, probe.batches, probe.label, probe.synthetic)
+    return reference_outputs(model, probe.batches, probe.label, probe.synthetic, spill=spill)
 
 
 def _judge(report: Report, probe: Probes | None, why_not: str | None = None) -> None:
@@ -180,14 +194,14 @@ def _judge(report: Report, probe: Probes | None, why_not: str | None = None) -> 
 # in memory
 
 
-def _search(src, model, data, probe, target, objective, probes, log, kw):
+def _search(src, model, data, probe, target, objective, probes, log, kw, spill: Spill):
     if probe is None or not probe.batches:
         raise LorsUsageError(f"--target needs held-out inputs to measure: {probe.why_none if probe else ''}")
     calibration = None
     if data is not None:
         with about(data.source or None):
             calibration = collect_grams(model, data.calibration, include=kw.get("include"),
-                                        exclude=kw.get("exclude"), objective=objective, probes=probes)
+                                        exclude=kw.get("exclude"), objective=objective, probes=probes, spill=spill)
     reference = Reference(model, probe.batches, probe.label, probe.synthetic)  # the search converts copies
     with about(src):
         options = {k: v for k, v in kw.items() if k != "budget"}
@@ -228,41 +242,48 @@ def _dry_run(src: Path, model: nn.Module, data: CalibrationData | None, objectiv
 # weights only
 
 
-def _measurer(src, arch, trust_pickle, loaded: nn.Module | None, heldout, text_model, structure: nn.Module):
+def _measurer(src, arch, trust_pickle, loaded: nn.Module | None, heldout, text_model, structure: nn.Module,
+              get: Getter | None = None):
     """A function measuring a written checkpoint against its source, or None when the probes say
-    there is nothing to measure on (the reason goes in the report)."""
+    there is nothing to measure on (the reason goes in the report). ``loaded``: the source model in
+    memory; else the skeleton ``structure`` runs block by block, its weights read through ``get``
+    (the source) and from the checkpoint (the conversion): one block in memory at a time."""
 
     def measure(checkpoint_dir: Path, report: Report) -> None:
         probe = _probes(src, heldout, text_model, structure)
         if not probe.batches:
             _judge(report, probe)
             return
-        need = 2 * sum(t.numel() * t.element_size() for t in structure.state_dict().values())
-        free = available_bytes()
-        if loaded is None and free is not None and need > 0.6 * free:
-            _judge(report, probe, f"the source and its merged copy need about {need / 1e9:.1f} GB and "
-                                  f"{free / 1e9:.1f} GB are available; measure a smaller model or on a larger machine")
-            return
-        source = loaded if loaded is not None else load_source(src, arch=arch, trust_pickle=trust_pickle)[0]
-        converted = _merged_copy(source, Checkpoint(checkpoint_dir))
-        with about(probe.origin):
-            report.quality.update(fidelity(converted, Reference(source, probe.batches, probe.label, probe.synthetic)))
+        ckpt = Checkpoint(checkpoint_dir)
+        spill = Spill(near=checkpoint_dir.parent)  # the source's outputs
+        try:
+            with about(probe.origin):
+                if loaded is not None:
+                    reference = reference_outputs(loaded, probe.batches, probe.label, probe.synthetic, spill=spill)
+                    report.quality.update(fidelity(_merge_into(loaded, ckpt), reference))
+                else:
+                    with streamed(structure, get) as source:
+                        reference = reference_outputs(source, probe.batches, probe.label, probe.synthetic,
+                                                      spill=spill)
+                    with streamed(structure, merged_getter(ckpt)) as converted:
+                        report.quality.update(fidelity(converted, reference))
+        finally:
+            spill.close()
         _judge(report, probe)
 
     return measure
 
 
 @torch.no_grad()
-def _merged_copy(source: nn.Module, ckpt: Checkpoint) -> nn.Module:
-    """``source`` with its converted weights replaced by the checkpoint's merged ones."""
-    converted = copy.deepcopy(source)
+def _merge_into(source: nn.Module, ckpt: Checkpoint) -> nn.Module:
+    """``source`` with its converted weights replaced, in place, by the checkpoint's merged ones."""
     owners = tuple(ckpt.owner_prefixes())
-    params = dict(converted.state_dict(keep_vars=True))
+    params = dict(source.state_dict(keep_vars=True))
     for key, t in merged_tensors(ckpt):
         if not key.startswith(owners):
             break  # the converted groups come first; the rest is the source's own
         params[key].copy_(t)
-    return converted
+    return source
 
 
 def _convert_weights(src: Path, out: Path | None, model: nn.Module, get: Getter, manifest: dict,

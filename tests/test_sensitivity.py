@@ -15,7 +15,8 @@ from lors_convert.decompose.lorst import rebalance
 from lors_convert.errors import LorsUsageError
 from lors_convert.calibrate.fidelity import fidelity, reference_outputs
 from lors_convert.calibrate.sensitivity import collect_output_grams
-from lors_convert.decompose.whiten import decompose_weighted, weighted_shared, whitened_spectra, whitener
+from lors_convert.decompose.whiten import decompose_weighted, weighted_shared, whitened_spectra
+from lors_convert.decompose.whitener import whitener
 
 from models import ConvStack, bert
 

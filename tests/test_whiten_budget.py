@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 
 from lors_convert.decompose.budget import BudgetItem, allocate_ranks, evaluate, uniform_ranks
 from lors_convert.errors import LorsUsageError
-from lors_convert.decompose.whiten import ScaledGram, _whiteners, cached_eigh, decompose_weighted, identity_whitener, weighted_shared, whitener
+from lors_convert.decompose.whiten import decompose_weighted, weighted_shared
+from lors_convert.decompose.whitener import ScaledGram, cached_eigh, identity_whitener, stack_whiteners, whitener
 
 
 def _gram(n: int, gen: torch.Generator, rank: int | None = None) -> torch.Tensor:
@@ -115,14 +116,14 @@ def test_whiteners_hold_the_cached_basis_not_copies():
     """Memory: one eigenbasis per distinct Gram, however many matrices (q/k/v) read it."""
     gen = torch.Generator().manual_seed(5)
     C = _gram(6, gen)
-    wh = _whiteners([ScaledGram(C), ScaledGram(C, 2.0)], 2, 6, 1e-6, 0.1, "cpu")
+    wh = stack_whiteners([ScaledGram(C), ScaledGram(C, 2.0)], 2, 6, 1e-6, 0.1, "cpu")
     Q = cached_eigh(C)[1]
     assert wh[0].Q is Q and wh[1].Q is Q
     assert torch.allclose(wh[1].gram(), 2.0 * wh[0].gram(), rtol=1e-12)
 
 
 def test_eigen_cache_entry_dies_with_its_gram():
-    from lors_convert.decompose.whiten import _EIG_CACHE
+    from lors_convert.decompose.whitener import _EIG_CACHE
     C = _gram(5, torch.Generator().manual_seed(6))
     key = id(C)
     lam, Q = cached_eigh(C)

@@ -50,6 +50,34 @@ def batch_mask(batch: Batch) -> torch.Tensor | None:
     return None
 
 
+def positions(batch: Batch) -> int:
+    """Output positions per sample, roughly: tokens of a ``(B, T)`` id batch, pixels of a
+    ``(B, C, H, W)`` image batch, else 1."""
+    x = batch.get("input_ids") if isinstance(batch, Mapping) else batch
+    if not isinstance(x, torch.Tensor):
+        return 1
+    if x.dim() == 2 and not x.is_floating_point():
+        return int(x.shape[1])
+    if x.dim() == 4:
+        return int(x.shape[2] * x.shape[3])
+    return 1
+
+
+def split_batch(batch: Batch, rows: int) -> list[Batch]:
+    """``batch`` as consecutive chunks of at most ``rows`` samples (every tensor with the batch's
+    leading size is split; others are passed to every chunk)."""
+    n = batch_size(batch)
+    if rows >= n:
+        return [batch]
+    if isinstance(batch, torch.Tensor):
+        return list(batch.split(rows))
+    chunks = []
+    for start in range(0, n, rows):
+        chunks.append({k: (v[start:start + rows] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == n
+                           else v) for k, v in batch.items()})
+    return chunks
+
+
 def batch_size(batch: Batch) -> int:
     if isinstance(batch, torch.Tensor):
         return int(batch.shape[0]) if batch.dim() else 1

@@ -12,7 +12,8 @@ model, read off its output (:func:`output_kind`), in the metric its users judge 
 - ``classifier`` (``(B, C)`` logits): top-1 agreement;
 - every model: relative output error ``||y - y_src|| / ||y_src||`` per sample (real tokens only).
 
-Use (conversion is in place, so the reference keeps a copy of the source)::
+Use (conversion is in place, so the reference keeps a copy of the source, or, given a
+:class:`~lors_convert.io.spill.Spill`, the source's outputs on disk)::
 
     ref = reference_outputs(model, heldout_batches)
     lors_model, report = convert(model, ...)
@@ -29,27 +30,70 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .batches import Batch, batch_mask, finite, mean_pool, model_device, primary_output, run_model, to_device
+from ..io.spill import Spill
+from .batches import (Batch, batch_mask, finite, mean_pool, model_device, positions, primary_output, run_model,
+                      split_batch, to_device)
 
 POOR_SIMILARITY = 0.9  # cosine or top-1 agreement below this: warn
 POOR_PPL_RATIO = 1.25  # converted perplexity above this multiple of the source's: warn
+PIECE_POSITIONS = 512  # tokens compared at once: a causal LM's logits over them (SmolLM2: 100 MB a copy)
 
 
 @dataclass
 class Reference:
-    """The source model and the held-out batches to compare a converted model with."""
+    """The source model (or its recorded outputs) and the held-out batches to compare a converted
+    model with."""
 
-    source: nn.Module
+    source: nn.Module | None
     batches: list[Batch]
     label: str = "held-out inputs"  # where the batches came from, for the report
     synthetic: bool = False  # the batches are made up (no real data was given)
+    recorded: Spill | None = None  # without a source: its outputs, one entry per piece (:func:`pieces`)
+    kinds: list[str] = field(default_factory=list)  # the recorded outputs' kinds
+
+    def output(self, i: int, batch: Batch) -> tuple[str, torch.Tensor]:
+        """The kind and the compared output (float32, CPU) of the source on piece ``i``."""
+        if self.source is None:
+            return self.kinds[i], self.recorded.get(str(i))["y"]
+        return compared_output(self.source, run_model(self.source, to_device(batch, model_device(self.source))),
+                               batch)
 
 
+def pieces(batches: Iterable[Batch]) -> Iterable[Batch]:
+    """The batches cut to at most ``PIECE_POSITIONS`` tokens (pixels) each; every metric is a sum or
+    a list over samples, so the pieces give the batches' figures."""
+    for batch in batches:
+        yield from split_batch(batch, max(1, PIECE_POSITIONS // positions(batch)))
+
+
+def compared_output(model: nn.Module, out, batch: Batch) -> tuple[str, torch.Tensor]:
+    """The kind of a model output and the tensor fidelity compares (float32, CPU): a causal LM's logits,
+    else :func:`primary_output`."""
+    kind = output_kind(model, out, batch)
+    y = out.logits if kind == "causal_lm" else primary_output(out)
+    return kind, y.detach().float().cpu()
+
+
+@torch.no_grad()
 def reference_outputs(model: nn.Module, batches: Iterable[Batch], label: str = "held-out inputs",
-                      synthetic: bool = False) -> Reference:
-    """A reference for ``model`` as it is now: a frozen copy, since conversion changes it in place."""
-    source = copy.deepcopy(model).eval().requires_grad_(False)
-    return Reference(source, list(batches), label, synthetic)
+                      synthetic: bool = False, spill: Spill | None = None) -> Reference:
+    """A reference for ``model`` as it is now, since conversion changes it in place: a frozen copy,
+    or with ``spill`` its outputs on ``batches`` written there (the source need not stay in memory;
+    inputs it cannot run on, or that overflow it, fail here)."""
+    batches = list(batches)
+    if spill is None:
+        return Reference(copy.deepcopy(model).eval().requires_grad_(False), batches, label, synthetic)
+    was_training = model.training
+    model.eval()
+    kinds = []
+    try:
+        for i, batch in enumerate(pieces(batches)):
+            kind, y = compared_output(model, run_model(model, to_device(batch, model_device(model))), batch)
+            spill.put(str(i), {"y": finite(y)})
+            kinds.append(kind)
+    finally:
+        model.train(was_training)
+    return Reference(None, batches, label, synthetic, recorded=spill, kinds=kinds)
 
 
 @torch.no_grad()
@@ -142,18 +186,17 @@ def fidelity(model: nn.Module, reference: Reference, prefix: str = "heldout") ->
     """
     if not reference.batches:
         return {}
-    modes = [(m, m.training) for m in (model, reference.source)]
+    modes = [(m, m.training) for m in (model, reference.source) if m is not None]
     for m, _ in modes:
         m.eval()
-    where, ref_where = model_device(model), model_device(reference.source)
+    where = model_device(model)
     sums, kind = _Sums(), "other"
     try:
-        for batch in reference.batches:
+        for i, batch in enumerate(pieces(reference.batches)):
             out = run_model(model, to_device(batch, where))
-            ref_out = run_model(reference.source, to_device(batch, ref_where))
-            kind = output_kind(reference.source, ref_out, batch)
+            kind, y_ref = reference.output(i, batch)
+            y_ref = finite(y_ref)
             y = (out.logits if kind == "causal_lm" else primary_output(out)).detach().float().cpu()
-            y_ref = finite(ref_out.logits if kind == "causal_lm" else primary_output(ref_out)).detach().float().cpu()
             mask = batch_mask(batch)
             mask = mask.cpu() if mask is not None else None
             sums.rel.append(_rel_error(y, y_ref, mask))
@@ -215,5 +258,5 @@ def fidelity_problems(quality: dict, prefix: str = "heldout") -> list[str]:
     return problems
 
 
-__all__ = ["Reference", "reference_outputs", "check_inputs", "fidelity", "fidelity_problems", "fidelity_score", "output_kind", "is_causal_lm",
+__all__ = ["Reference", "reference_outputs", "compared_output", "check_inputs", "fidelity", "fidelity_problems", "fidelity_score", "output_kind", "is_causal_lm",
            "POOR_SIMILARITY", "POOR_PPL_RATIO"]

@@ -1,18 +1,22 @@
 """Calibration: run the source model on sample inputs and collect per-layer input Gram matrices.
 
 For every dense owner of a stacked parameter (``nn.Linear``, HF ``Conv1D``, ``nn.Conv2d``) a
-forward pre-hook adds ``X^T X`` of the inputs it sees to a float64 accumulator (each batch's product
-in float32 for float32/16 models, ~3e-7 relative): streaming, no activation is stored. For ``nn.Conv2d`` the inputs are the unfolded patches ``(in*kh*kw)`` that the
+forward pre-hook adds ``X^T X`` of the inputs it sees to an accumulator (float32 for float32/16
+models, float64 for float64 ones; the fits floor and damp eigenvalues far above float32's rounding):
+streaming, no activation is stored. For ``nn.Conv2d`` the inputs are the unfolded patches ``(in*kh*kw)`` that the
 kernel matrix ``(out, in*kh*kw)`` multiplies (grouped convolutions are skipped: they fall back to
 the unweighted decomposition). Padding tokens are left out when the batch has an
 ``attention_mask`` of the same leading shape as the activations.
 
 The inputs come from :mod:`.data`; with ``objective="output"`` a second pass collects the
 output-gradient Grams (:mod:`.sensitivity`). The Grams are keyed by the full state-dict key of the weight (``encoder.layer.0.attention.self.query.weight``),
-which is what :func:`lors_convert.convert` takes as ``calibration=``.
+which is what :func:`lors_convert.convert` takes as ``calibration=``. Given a
+:class:`~lors_convert.io.spill.Spill`, finished Grams go to disk in their eigenbasis
+(:mod:`.spilled`) instead of staying in memory.
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -22,22 +26,25 @@ from torch import nn
 
 from ..discover.stacks import find_stacks
 from ..errors import LorsError, LorsUsageError
+from ..io.spill import Spill
 from ..options import OBJECTIVES
 from .batches import Batch, batch_mask, batch_size, model_device, run_model, to_device, token_rows
 from .sensitivity import DEFAULT_PROBES, collect_output_grams
+from .spilled import SpilledGrams, spill_grams
 
 
 
 @dataclass
 class Calibration:
     """Per-weight input Gram matrices (float64, averaged over the tokens/positions seen) and, for the
-    ``"output"`` objective, output-side Grams (:mod:`sensitivity`)."""
+    ``"output"`` objective, output-side Grams (:mod:`sensitivity`); in memory, or on disk
+    (:class:`~.spilled.SpilledGrams`, whose :meth:`eig` the fits read)."""
 
-    grams: dict[str, torch.Tensor] = field(default_factory=dict)  # weight key -> (n, n)
+    grams: Mapping[str, torch.Tensor] = field(default_factory=dict)  # weight key -> (n, n)
     counts: dict[str, int] = field(default_factory=dict)  # weight key -> rows accumulated
     skipped: dict[str, str] = field(default_factory=dict)  # weight key -> why no Gram
     samples: int = 0
-    out_grams: dict[str, torch.Tensor] = field(default_factory=dict)  # weight key -> (out, out)
+    out_grams: Mapping[str, torch.Tensor] = field(default_factory=dict)  # weight key -> (out, out)
 
     @property
     def objective(self) -> str:
@@ -51,6 +58,14 @@ class Calibration:
 
     def __contains__(self, key: str) -> bool:
         return key in self.grams
+
+    def stored(self, key: str, output: bool = False) -> tuple[int, Callable] | None:
+        """For a spilled Gram, its side ``n`` and a function reading its eigendecomposition
+        ``(lam, Q)`` from disk; None when the Grams are in memory."""
+        grams = self.out_grams if output else self.grams
+        if not (isinstance(grams, SpilledGrams) and key in grams):
+            return None
+        return grams.size(key), functools.partial(grams.eig, key)
 
     def summary(self) -> dict:
         return {"samples": self.samples, "grams": len(self.grams), "objective": self.objective,
@@ -141,11 +156,11 @@ class GramCollector:
             else:
                 rows = self._rows(module, x.detach())
                 dev = self.device or rows.device
-                # the batch product in float32 (2x faster than float64 on CPU, ~3e-7 relative: below
-                # the whitening floor of 1e-6), accumulated over batches in float64
+                # float32 for float32/16 models (2x faster than float64 on CPU, ~3e-7 relative: below
+                # the whitening floor of 1e-6)
                 work = torch.float64 if rows.dtype == torch.float64 else torch.float32
                 rows = rows.to(device=dev, dtype=work)
-                gram, nrows = (rows.T @ rows).to(torch.float64), rows.shape[0]  # (n, n)
+                gram, nrows = rows.T @ rows, rows.shape[0]  # (n, n)
                 self._memo = None if isinstance(module, nn.Conv2d) else (x, x._version, self.mask, gram, nrows)
             if key in self.sums:
                 self.sums[key] += gram
@@ -167,12 +182,14 @@ class GramCollector:
     def __exit__(self, *exc) -> None:
         self.remove()
 
-    def result(self, samples: int = 0) -> Calibration:
-        """The mean Grams; consumes the sums (each is divided in place: no second copy at the peak)."""
+    def result(self, samples: int = 0, spill: Spill | None = None) -> Calibration:
+        """The mean Grams (float64 in memory, or on ``spill``); consumes the sums."""
         grams: dict[str, torch.Tensor] = {}
         distinct: dict[tuple, list[torch.Tensor]] = {}  # cheap fingerprint -> Grams with it
         for k in list(self.sums):
             g = self.sums.pop(k).div_(max(self.counts[k], 1)).cpu()
+            if spill is None:
+                g = g.to(torch.float64)
             # q/k/v projections see the same input: one tensor object, so one eigendecomposition later
             fingerprint = (tuple(g.shape), float(g.sum()), float(g.diagonal().sum()))
             bucket = distinct.setdefault(fingerprint, [])
@@ -184,7 +201,8 @@ class GramCollector:
         for key in self.owners:
             if key not in grams and key not in skipped:
                 skipped[key] = "never reached by the calibration inputs"
-        return Calibration(grams=grams, counts=dict(self.counts), skipped=skipped, samples=samples)
+        stored = spill_grams(grams, spill, "input") if spill is not None else grams
+        return Calibration(grams=stored, counts=dict(self.counts), skipped=skipped, samples=samples)
 
 
 def collect_grams(
@@ -197,14 +215,18 @@ def collect_grams(
     objective: str = "output",
     probes: int | None = None,
     seed: int = 0,
+    spill: Spill | None = None,
 ) -> Calibration:
     """Run ``model`` (eval mode) on ``batches`` and return the stacked weights' Grams.
 
     ``objective="output"`` (default) also collects the output-side Grams (a second pass with
     ``probes`` backward passes per batch, :func:`lors_convert.sensitivity.collect_output_grams`), so the
     conversion minimizes the model output's error; ``"layer"``: input Grams only, each layer's own
-    output error. ``device``: where the float64 accumulators live (default: the activations'
-    device). ``progress(n)`` is called after each batch with the number of samples seen so far.
+    output error. ``device``: where the accumulators live (default: the activations' device).
+    ``progress(n)`` is called after each batch with the number of samples seen so far.
+    ``spill``: keep the finished Grams on disk there (:mod:`.spilled`), not in memory; the
+    output-gradient pass then holds at most the model's size of accumulators (more passes when the
+    model's output Grams are larger, see :func:`~.sensitivity.collect_output_grams`).
     """
     if objective not in OBJECTIVES:
         raise LorsUsageError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
@@ -212,21 +234,39 @@ def collect_grams(
     if not owners:
         raise LorsError("no stacked weights to calibrate")
     batches = list(batches)
-    calibration = _input_grams(model, owners, batches, device, progress)
+    calibration = _input_grams(model, owners, batches, device, progress, spill)
     if objective == "output":
-        calibration.out_grams = collect_output_grams(
-            model, owners, batches, probes=DEFAULT_PROBES if probes is None else probes, seed=seed,
-            device=device)
-    for kind, grams in (("input", calibration.grams), ("output-gradient", calibration.out_grams or {})):
-        bad = next((key for key, g in grams.items() if not torch.isfinite(g).all()), None)
-        if bad is not None:  # the activations overflowed: a fit would write NaN factors
-            raise LorsError(f"the {kind} Gram of {bad!r} is not finite: the model overflows on the "
-                            "calibration inputs")
+        probes = DEFAULT_PROBES if probes is None else probes
+        if spill is None:
+            out_grams = collect_output_grams(model, owners, batches, probes=probes, seed=seed, device=device)
+            _check_finite(out_grams, "output-gradient")
+            calibration.out_grams = out_grams
+        else:  # at most a model's size of accumulators at once, each group spilled when its pass ends
+            stored = SpilledGrams(spill, "output")
+
+            def finished(grams: dict[str, torch.Tensor]) -> None:
+                _check_finite(grams, "output-gradient")
+                spill_grams(grams, spill, "output", into=stored)
+
+            collect_output_grams(model, owners, batches, probes=probes, seed=seed, device=device, float64=False,
+                                 max_bytes=max(_parameter_bytes(model), 1), finished=finished)
+            calibration.out_grams = stored
     return calibration
 
 
+def _parameter_bytes(model: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def _check_finite(grams: Mapping[str, torch.Tensor], kind: str) -> None:
+    bad = next((key for key, g in grams.items() if not torch.isfinite(g).all()), None)
+    if bad is not None:  # the activations overflowed: a fit would write NaN factors
+        raise LorsError(f"the {kind} Gram of {bad!r} is not finite: the model overflows on the "
+                        "calibration inputs")
+
+
 @torch.no_grad()
-def _input_grams(model, owners, batches, device, progress) -> Calibration:
+def _input_grams(model, owners, batches, device, progress, spill) -> Calibration:
     was_training = model.training
     model.eval()
     where = model_device(model)
@@ -243,7 +283,8 @@ def _input_grams(model, owners, batches, device, progress) -> Calibration:
             collector.mask = None
             if samples == 0:
                 raise LorsUsageError("the calibration data has no samples")
-            return collector.result(samples)
+            _check_finite(collector.sums, "input")
+            return collector.result(samples, spill)
     finally:
         model.train(was_training)
 

@@ -11,9 +11,12 @@ E[J^T J] E[x x^T]``, it is
     tr(G D C D^T),   D = W - What,   G = E[J^T J] (out, out),   C = E[x x^T] (in, in).
 
 ``G`` is estimated with random probes: for ``u ~ N(0, I)`` over the model output ``y``,
-``g = d<y, u>/d(layer output) = J^T u`` has ``E[g g^T] = J^T J``. One forward pass per batch,
-``probes`` backward passes through it (``torch.autograd.grad`` with respect to the hooked layer
-outputs only: no parameter gradient is computed). Rows are the positions of the layer output (tokens,
+``g = d<y, u>/d(layer output) = J^T u`` has ``E[g g^T] = J^T J``. One forward pass per chunk of
+a batch (at most ``CHUNK_POSITIONS`` tokens or pixels: the autograd graph of a whole batch through a
+whole model is several times the model), ``probes`` backward passes through it
+(``torch.autograd.grad`` with respect to the hooked layer outputs only; no parameter takes part in
+the graph, which starts at the stacked layers' inputs, so it holds only what activation gradients
+need). Rows are the positions of the layer output (tokens,
 or pixels of a conv feature map); padding tokens are left out like for the input Grams.
 
 Units. The input Grams are means per row; ``G`` is summed over a sample's rows and averaged over
@@ -23,14 +26,18 @@ different resolutions, so a global rank budget compares all weights directly.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Mapping
 
 import torch
 from torch import nn
 
-from .batches import Batch, batch_mask, batch_size, model_device, primary_output, run_model, to_device, token_rows
+from .accumulate import add_gram, symmetrize_
+from .batches import (Batch, batch_mask, batch_size, model_device, positions, primary_output, run_model,
+                      split_batch, to_device, token_rows)
 
 DEFAULT_PROBES = 4
+CHUNK_POSITIONS = 128  # output positions per backward graph (SmolLM2-135M: about 0.3 GB with its gradients)
 
 
 def _output_rows(module: nn.Module, y: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -45,7 +52,7 @@ def _output_rows(module: nn.Module, y: torch.Tensor, mask: torch.Tensor | None) 
 def _probe(y: torch.Tensor, mask: torch.Tensor | None, generator: torch.Generator) -> torch.Tensor:
     u = torch.randn(y.shape, generator=generator, dtype=torch.float32).to(device=y.device, dtype=y.dtype)
     if mask is not None and y.dim() >= 2 and tuple(y.shape[:2]) == tuple(mask.shape):
-        u = u * mask.to(device=y.device, dtype=y.dtype).view(*mask.shape, *([1] * (y.dim() - 2)))
+        u.mul_(mask.to(device=y.device, dtype=y.dtype).view(*mask.shape, *([1] * (y.dim() - 2))))
     return u
 
 
@@ -57,15 +64,70 @@ def collect_output_grams(
     seed: int = 0,
     device: torch.device | str | None = None,
     progress: Callable[[int], None] | None = None,
+    float64: bool = True,
+    max_bytes: int | None = None,
+    finished: Callable[[dict[str, torch.Tensor]], None] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Weight key -> output-gradient Gram ``(out, out)`` (float64, CPU), for the given owners.
+    """Weight key -> output-gradient Gram ``(out, out)`` (float64, CPU; ``float64=False``: the
+    accumulators' dtype), for the given owners.
 
     ``owners``: weight key -> the module that applies it (``calibration.gram_owners``). Modules
-    called more than once per forward pass add up all their calls. ``device``: where the float64
-    accumulators live (default: the model's). Deterministic for a given ``seed``.
+    called more than once per forward pass add up all their calls. ``device``: where the
+    accumulators (float32 for float32/16 models) live (default: the model's). Deterministic for a
+    given ``seed``.
+
+    ``max_bytes``: hold at most this much of accumulators at once: the modules are split into
+    consecutive groups, one pass over ``batches`` each (every pass draws the same probes, so the
+    Grams are those of a single pass), and each group's Grams go to ``finished`` as soon as its pass
+    ends (then the returned dict is empty). A group pass runs the whole forward but differentiates
+    only from the model output down to its own modules.
     """
     if probes < 1:
         raise ValueError(f"probes must be >= 1, got {probes}")
+    groups = _module_groups(model, owners, max_bytes)
+    if len(groups) > 1 and finished is None:
+        raise ValueError("max_bytes splits the modules into groups: pass finished= to take each group's Grams")
+    result: dict[str, torch.Tensor] = {}
+    batches = list(batches)
+    for group in groups:
+        grams = _group_pass(model, {k: m for k, m in owners.items() if id(m) in group}, batches, probes, seed,
+                            device, progress if group is groups[-1] else None, float64)
+        if finished is not None:
+            finished(grams)
+        else:
+            result = grams
+    return result
+
+
+def _out_width(module: nn.Module) -> int:
+    for attr in ("out_features", "out_channels", "nf"):  # Linear, Conv2d, HF Conv1D
+        if isinstance(getattr(module, attr, None), int):
+            return getattr(module, attr)
+    return 0
+
+
+def _module_groups(model: nn.Module, owners: Mapping[str, nn.Module], max_bytes: int | None) -> list[set[int]]:
+    """The owners' modules (ids) in model order, cut into as few groups of about equal accumulator
+    size as keep each within ``max_bytes``."""
+    keys_per_module: dict[int, int] = {}
+    for module in owners.values():
+        keys_per_module[id(module)] = keys_per_module.get(id(module), 0) + 1
+    ordered = [m for m in model.modules() if id(m) in keys_per_module]
+    sizes = [keys_per_module[id(m)] * _out_width(m) ** 2 * 4 for m in ordered]  # float32 accumulators
+    total = sum(sizes)
+    count = 1 if max_bytes is None else max(1, math.ceil(total / max_bytes))
+    groups: list[set[int]] = [set()]
+    used = 0
+    for m, size in zip(ordered, sizes):
+        if groups[-1] and len(groups) < count and used + size / 2 > total * len(groups) / count:
+            groups.append(set())  # past this group's share of the total (a module goes where most of it fits)
+        groups[-1].add(id(m))
+        used += size
+    return groups
+
+
+def _group_pass(model, owners, batches, probes, seed, device, progress, float64) -> dict[str, torch.Tensor]:
+    """One pass over ``batches`` collecting the output Grams of ``owners``."""
     by_module: dict[int, list[str]] = {}
     for key, module in owners.items():
         by_module.setdefault(id(module), []).append(key)
@@ -76,10 +138,19 @@ def collect_output_grams(
         if isinstance(out, torch.Tensor) and out.requires_grad:
             captured.append((id(mod), out))
 
+    def track(mod, args):
+        x = args[0] if args else None
+        if isinstance(x, torch.Tensor) and x.is_floating_point() and not x.requires_grad:
+            return (x.detach().requires_grad_(),) + tuple(args[1:])  # the graph starts at these modules
+        return None
+
     handles = [m.register_forward_hook(hook) for m in modules.values()]
-    frozen = [p for p in model.parameters() if not p.requires_grad]
-    for p in frozen:
-        p.requires_grad_(True)  # a graph to differentiate through; only layer outputs get gradients
+    handles += [m.register_forward_pre_hook(track) for m in modules.values()]
+    # no parameter takes part in the graph: autograd then keeps only what the gradients with respect
+    # to activations need, not every matmul's input (weight gradients are never asked for)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for p in trainable:
+        p.requires_grad_(False)
     was_training = model.training
     model.eval()
     where = model_device(model)
@@ -88,43 +159,48 @@ def collect_output_grams(
     samples = 0
     try:
         with torch.enable_grad():
-            for batch in batches:
-                batch = to_device(batch, where)
-                mask = batch_mask(batch)
-                captured.clear()
-                y = primary_output(run_model(model, batch))
-                if not captured or not y.requires_grad:
-                    continue  # no stacked layer ran, or the output does not depend on any
-                outs = [o for _, o in captured]
-                for p in range(probes):
-                    u = _probe(y, mask, generator)
-                    grads = torch.autograd.grad(y, outs, grad_outputs=u, retain_graph=p < probes - 1,
-                                                allow_unused=True)
-                    for (mid, _), g in zip(captured, grads):
-                        if g is None:
-                            continue
-                        r = _output_rows(modules[mid], g, mask)
-                        work = torch.float64 if r.dtype == torch.float64 else torch.float32
-                        r = r.to(device=device or r.device, dtype=work)
-                        G = (r.T @ r).to(torch.float64)  # (out, out)
-                        for key in by_module[mid]:
-                            if key in sums:
-                                sums[key] += G
-                            else:
-                                sums[key] = G.clone()
-                samples += batch_size(batch)
-                captured.clear()
+            for whole in batches:
+                for batch in split_batch(whole, max(1, CHUNK_POSITIONS // positions(whole))):
+                    _backward_grams(model, to_device(batch, where), probes, generator, captured, modules,
+                                    by_module, sums, device)
+                samples += batch_size(whole)
                 if progress is not None:
                     progress(samples)
     finally:
         captured.clear()
         for h in handles:
             h.remove()
-        for p in frozen:
-            p.requires_grad_(False)
+        for p in trainable:
+            p.requires_grad_(True)
         model.train(was_training)
     scale = 1.0 / max(samples * probes, 1)
-    return {key: sums.pop(key).mul_(scale).cpu() for key in list(sums)}  # in place: no second copy
+    out = {}
+    for key in list(sums):  # one at a time: no second copy of them all
+        g = symmetrize_(sums.pop(key)).mul_(scale).cpu()
+        out[key] = g.to(torch.float64) if float64 else g
+    return out
+
+
+def _backward_grams(model, batch, probes, generator, captured, modules, by_module, sums, device) -> None:
+    """One forward pass of ``batch`` and ``probes`` backward passes, added into ``sums``."""
+    mask = batch_mask(batch)
+    captured.clear()
+    y = primary_output(run_model(model, batch))
+    if not captured or not y.requires_grad:
+        return  # no stacked layer ran, or the output does not depend on any
+    outs = [o for _, o in captured]
+    for p in range(probes):
+        u = _probe(y, mask, generator)
+        grads = torch.autograd.grad(y, outs, grad_outputs=u, retain_graph=p < probes - 1, allow_unused=True)
+        for (mid, _), g in zip(captured, grads):
+            if g is None:
+                continue
+            r = _output_rows(modules[mid], g, mask)  # (positions, out)
+            work = torch.float64 if r.dtype == torch.float64 else torch.float32
+            r = r.to(device=device or r.device, dtype=work)
+            for key in by_module[mid]:
+                sums[key] = add_gram(sums.get(key), r)  # (out, out), upper blocks
+    captured.clear()
 
 
 __all__ = ["collect_output_grams", "DEFAULT_PROBES"]

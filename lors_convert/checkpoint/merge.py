@@ -8,7 +8,7 @@ GGUF source also merges into a GGUF file (F32 or F16) with the source's metadata
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -60,6 +60,22 @@ def merged_tensors(ckpt: Checkpoint, progress=None) -> Iterator[tuple[str, torch
         if source != key:  # an alias: safe_open may hand out the same memory twice, safetensors stores no aliases
             tensor = tensor.clone()
         yield key, _checked(ckpt, key, tensor)
+
+
+def merged_getter(ckpt: Checkpoint) -> Callable[[str], torch.Tensor]:
+    """``get(key)``: one dense tensor of the merged model, merged from its layer's factors alone
+    (for running the conversion block by block, :mod:`lors_convert.calibrate.streamed`)."""
+    owners = ckpt.owner_prefixes()
+    aliases = ckpt.manifest["aliases"]
+
+    def get(key: str) -> torch.Tensor:
+        for prefix, (stack, entry, i) in owners.items():
+            if key.startswith(prefix):
+                dense = layer_class(entry["layer"]).merge_state(ckpt.owner_state(stack, entry, i), entry)
+                return _checked(ckpt, key, dense[key[len(prefix):]])
+        return ckpt.get(aliases.get(key, key))
+
+    return get
 
 
 def _checked(ckpt: Checkpoint, key: str, t: torch.Tensor) -> torch.Tensor:

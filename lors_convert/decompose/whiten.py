@@ -36,131 +36,64 @@ is transposed on the way in and out (``orientation="in_out"``).
 from __future__ import annotations
 
 import math
-import weakref
 from dataclasses import dataclass, field
 
 import torch
 
 from .lorst import LayerFactors, StackFactors, as_matrix, rebalance, split_balanced
 from .topk import serial
+from .whitener import DEFAULT_DAMP, DEFAULT_FLOOR, Whitener, stack_whiteners
 
-DEFAULT_FLOOR = 1e-6  # eigenvalue floor, relative to the largest eigenvalue
-DEFAULT_DAMP = 0.0  # ridge relative to the mean eigenvalue
 CG_MAX_ITER = 10  # shared-part solve with output Grams: every iterate lowers the error (10: within 0.2% of converged on MiniLM)
 CG_TOL = 1e-8  # relative residual
 
 
-@dataclass
-class Whitener:
-    """One effective Gram ``C' = Q diag(lam) Q^T`` (floored, damped) kept in its eigenbasis, and the
-    square root it defines: ``L = Q diag(lam)^{1/2}`` (``L L^T = C'``), ``L^-1 = diag(lam)^{-1/2} Q^T``.
-
-    Only ``Q`` and the eigenvalues are held, never an ``n x n`` product: ``Q`` is the cached
-    eigendecomposition's own tensor (read, never written), ``None`` the identity basis. The methods
-    apply ``L``, ``L^-1`` from either side; ``gram()``, ``L`` and ``L_inv`` form dense matrices
-    (``gram()`` for the shared-part solves, the other two for tests).
-    """
-
-    Q: torch.Tensor | None  # (n, n) orthogonal, or None: the identity
-    lam: torch.Tensor  # (n,) effective eigenvalues, all > 0
-
-    @property
-    def root(self) -> torch.Tensor:
-        return self.lam.sqrt()  # (n,)
-
-    def right_L(self, R: torch.Tensor) -> torch.Tensor:
-        """``R L`` for ``R`` (m, n)."""
-        return (R if self.Q is None else R @ self.Q) * self.root
-
-    def left_LT(self, Z: torch.Tensor) -> torch.Tensor:
-        """``L^T Z`` for ``Z`` (n, m)."""
-        return self.root[:, None] * (Z if self.Q is None else self.Q.T @ Z)
-
-    def right_L_inv(self, A: torch.Tensor) -> torch.Tensor:
-        """``A L^-1`` for ``A`` (k, n)."""
-        A = A / self.root
-        return A if self.Q is None else A @ self.Q.T
-
-    def left_L_inv_T(self, B: torch.Tensor) -> torch.Tensor:
-        """``L^-T B`` for ``B`` (n, k)."""
-        B = B / self.root[:, None]
-        return B if self.Q is None else self.Q @ B
-
-    def gram(self) -> torch.Tensor:
-        """``C'`` as a dense (n, n) matrix."""
-        if self.Q is None:
-            return torch.diag(self.lam)
-        return (self.Q * self.lam) @ self.Q.T
-
-    @property
-    def L(self) -> torch.Tensor:
-        return self.right_L(torch.eye(self.lam.shape[0], dtype=self.lam.dtype, device=self.lam.device))
-
-    @property
-    def L_inv(self) -> torch.Tensor:
-        return self.right_L_inv(torch.eye(self.lam.shape[0], dtype=self.lam.dtype, device=self.lam.device))
+Gram = torch.Tensor | Whitener  # a dense SPD matrix, or a Whitener's effective Gram (applied, never formed)
 
 
-def identity_whitener(n: int, device=None) -> Whitener:
-    """The plain Frobenius error: ``L = C' = I``."""
-    return Whitener(Q=None, lam=torch.ones(n, dtype=torch.float64, device=device))
+def _left(G: Gram, X: torch.Tensor) -> torch.Tensor:
+    return G.times(X) if isinstance(G, Whitener) else G @ X
 
 
-def gram_eigh(C: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``C = Q diag(lam) Q^T`` in float64 with ``lam >= 0``; diagonal Grams skip the eigensolver."""
-    C = C.to(torch.float64)
-    diag = torch.diagonal(C)
-    if torch.count_nonzero(C - torch.diag(diag)) == 0:
-        return diag.clamp_min(0.0), torch.eye(C.shape[0], dtype=torch.float64, device=C.device)
-    with serial():  # LAPACK on one thread (see decompose.topk.serial)
-        lam, Q = torch.linalg.eigh(0.5 * (C + C.T))
-    return lam.clamp_min(0.0), Q
+def _right(X: torch.Tensor, C: Gram) -> torch.Tensor:
+    return C.times_right(X) if isinstance(C, Whitener) else X @ C
 
 
-def whitener(C: torch.Tensor | None = None, floor: float = DEFAULT_FLOOR, damp: float = DEFAULT_DAMP,
-             eig: tuple[torch.Tensor, torch.Tensor] | None = None, scale: float = 1.0) -> Whitener:
-    """Eigendecomposition square root of a symmetric PSD Gram matrix with an eigenvalue floor.
-
-    ``floor`` is relative to the largest eigenvalue, ``damp`` adds ``damp * mean eigenvalue`` to all
-    (both scale-free). ``eig``: a precomputed :func:`gram_eigh` of ``C`` (then ``C`` may be None),
-    ``scale``: multiplies the Gram. An all-zero Gram (a layer never reached) falls back to the
-    identity (plain Frobenius error).
-    """
-    lam, Q = eig if eig is not None else gram_eigh(C)
-    lam = lam * scale
-    n = lam.shape[0]
-    top = float(lam.max()) if n else 0.0
-    if top <= 0.0 or not math.isfinite(top):
-        return identity_whitener(n, lam.device)
-    lam = lam + damp * float(lam.mean())
-    lam = lam.clamp_min(floor * float(lam.max()))
-    return Whitener(Q=Q, lam=lam)
+def _dense_sum(grams: list[Gram]) -> torch.Tensor:
+    """``sum_i C_i`` as one dense matrix (each Whitener's Gram formed in turn, not all at once)."""
+    total = None
+    for C in grams:
+        D = C.gram() if isinstance(C, Whitener) else C
+        total = D.clone() if total is None else total.add_(D)
+    return total
 
 
-def weighted_shared(W: torch.Tensor, grams: list[torch.Tensor], private: torch.Tensor | None = None,
-                    left: list[torch.Tensor] | None = None, start: torch.Tensor | None = None,
+def weighted_shared(W: torch.Tensor, grams: list[Gram], private: torch.Tensor | None = None,
+                    left: list[Gram] | None = None, start: torch.Tensor | None = None,
                     max_iter: int = CG_MAX_ITER, tol: float = CG_TOL) -> torch.Tensor:
     """``argmin_S sum_i ||M_i^T (W_i - P_i - S) L_i||^2``.
 
-    ``W``: (N, out, in); ``grams``: N effective input Grams ``C_i`` (in, in); ``private``: (N, out, in)
-    or None; ``left``: N effective output Grams ``G_i`` (out, out) or None (identity: closed form
-    ``(sum_i (W_i - P_i) C_i)(sum_i C_i)^-1``). With ``left``, preconditioned conjugate gradients on
-    ``sum_i G_i S C_i = sum_i G_i (W_i - P_i) C_i`` from ``start`` (default: the closed form without
-    ``left``); every iterate lowers the error, so stopping at ``max_iter`` keeps any sweep monotone.
+    ``W``: (N, out, in); ``grams``: N effective input Grams ``C_i`` (in, in), dense or as
+    :class:`Whitener` (applied through their eigenbasis: a stack's Grams are never all formed);
+    ``private``: (N, out, in) or None; ``left``: N effective output Grams ``G_i`` (out, out) or None
+    (identity: closed form ``(sum_i (W_i - P_i) C_i)(sum_i C_i)^-1``). With ``left``, preconditioned
+    conjugate gradients on ``sum_i G_i S C_i = sum_i G_i (W_i - P_i) C_i`` from ``start`` (default: the
+    closed form without ``left``); every iterate lowers the error, so stopping at ``max_iter`` keeps
+    any sweep monotone.
     """
     T = W if private is None else W - private
     if left is None or start is None:
-        num = sum(T[i] @ grams[i] for i in range(len(grams)))  # (out, in)
-        den = sum(grams)  # (in, in), symmetric positive definite (floored)
+        num = sum(_right(T[i], grams[i]) for i in range(len(grams)))  # (out, in)
+        den = _dense_sum(grams)  # (in, in), symmetric positive definite (floored)
         closed = torch.linalg.solve(den, num.T).T  # S den = num  <=>  den S^T = num^T
         if left is None:
             return closed
         start = closed
-    b = sum(left[i] @ T[i] @ grams[i] for i in range(len(grams)))  # (out, in)
+    b = sum(_left(left[i], _right(T[i], grams[i])) for i in range(len(grams)))  # (out, in)
     return _kron_sum_cg(left, grams, b, start, max_iter, tol)
 
 
-def _kron_sum_cg(left: list[torch.Tensor], right: list[torch.Tensor], b: torch.Tensor, x: torch.Tensor,
+def _kron_sum_cg(left: list[Gram], right: list[Gram], b: torch.Tensor, x: torch.Tensor,
                  max_iter: int, tol: float) -> torch.Tensor:
     """Solve ``sum_i G_i X C_i = b`` (all ``G_i``, ``C_i`` SPD) by PCG from ``x``.
 
@@ -168,11 +101,11 @@ def _kron_sum_cg(left: list[torch.Tensor], right: list[torch.Tensor], b: torch.T
     proportional to each other.
     """
     def apply(X):
-        return sum(G @ X @ C for G, C in zip(left, right))
+        return sum(_left(G, _right(X, C)) for G, C in zip(left, right))
 
     n = len(left)
-    G_inv = torch.linalg.inv(sum(left) / n)  # (out, out)
-    C_inv = torch.linalg.inv(sum(right) / n)  # (in, in)
+    G_inv = torch.linalg.inv(_dense_sum(left) / n)  # (out, out)
+    C_inv = torch.linalg.inv(_dense_sum(right) / n)  # (in, in)
     x = x.clone()
     r = b - apply(x)
     b_norm = float(torch.linalg.matrix_norm(b)) or 1.0
@@ -295,16 +228,9 @@ def _budget_shared(W, wh, lw, orientation, shared, shared_matrix):
     """The given shared part (linear orientation), the weighted least-squares one, or None."""
     if shared_matrix is not None:
         return _orient(as_matrix(shared_matrix).to(W), orientation)
-    if shared:  # the dense Grams live only for the solve
-        Cs, Gs = _dense_grams(wh, lw)
-        return weighted_shared(W, Cs, left=Gs)
+    if shared:
+        return weighted_shared(W, wh, left=lw)
     return None
-
-
-def _dense_grams(wh: list[Whitener], lw: list[Whitener] | None
-                 ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
-    """The effective input and output Grams as dense matrices, for :func:`weighted_shared`."""
-    return [w.gram() for w in wh], None if lw is None else [w.gram() for w in lw]
 
 
 def _layer_spectra(R: torch.Tensor, wh, lw) -> list[torch.Tensor]:
@@ -322,61 +248,11 @@ def _prepare(weights, grams, orientation, floor, damp, device, out_grams=None):
     """Stacked float64 matrices in linear orientation, input whiteners, output whiteners (or None)."""
     device = torch.device(device) if device is not None else weights[0].device
     W = torch.stack([_orient(as_matrix(w).to(device=device, dtype=torch.float64), orientation) for w in weights])
-    wh = _whiteners(grams, len(weights), W.shape[2], floor, damp, device)
+    wh = stack_whiteners(grams, len(weights), W.shape[2], floor, damp, device)
     lw = None
     if out_grams is not None and any(g is not None for g in out_grams):
-        lw = _whiteners(out_grams, len(weights), W.shape[1], floor, damp, device)
+        lw = stack_whiteners(out_grams, len(weights), W.shape[1], floor, damp, device)
     return W, wh, lw
-
-
-def _whiteners(grams, count: int, n: int, floor, damp, device) -> list[Whitener]:
-    if grams is None:
-        grams = [None] * count
-    wh = []
-    for C in grams:
-        if C is None:
-            wh.append(identity_whitener(n, device))
-        elif isinstance(C, ScaledGram):
-            lam, Q = cached_eigh(C.gram)
-            if lam.shape[0] != n:
-                raise ValueError(f"Gram of size {lam.shape[0]} does not match the matrix side {n}")
-            wh.append(whitener(eig=(lam.to(device), Q.to(device)), scale=C.scale, floor=floor, damp=damp))
-        else:
-            if tuple(C.shape) != (n, n):
-                raise ValueError(f"Gram of shape {tuple(C.shape)} does not match the matrix side {n}")
-            wh.append(whitener(C.to(device), floor=floor, damp=damp))
-    return wh
-
-
-@dataclass
-class ScaledGram:
-    """``scale * gram`` without copying: the eigendecomposition of ``gram`` is computed once and cached."""
-
-    gram: torch.Tensor
-    scale: float = 1.0
-
-
-_EIG_CACHE: dict[int, tuple[weakref.ref, tuple[torch.Tensor, torch.Tensor]]] = {}
-
-
-def cached_eigh(C: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`gram_eigh` cached per Gram tensor object (q/k/v share one; budget and decomposition reuse it).
-
-    An entry lives as long as its Gram: it is dropped when the Gram is freed (a calibration let go
-    of does not keep its eigenbases, as large as its Grams, alive).
-    """
-    key = id(C)
-    entry = _EIG_CACHE.get(key)
-    if entry is not None and entry[0]() is C:
-        return entry[1]
-    eig = gram_eigh(C)
-
-    def forget(ref, key=key):
-        if _EIG_CACHE.get(key, (None,))[0] is ref:  # not a newer Gram that reuses the id
-            del _EIG_CACHE[key]
-
-    _EIG_CACHE[key] = (weakref.ref(C, forget), eig)
-    return eig
 
 
 def decompose_weighted(
@@ -410,7 +286,6 @@ def decompose_weighted(
     the weighted ones are in ``weighted_*``. Float64 math, float32 results on ``device``.
     """
     W, wh, lw = _prepare(weights, grams, orientation, floor, damp, device, out_grams)
-    Cs, Gs = _dense_grams(wh, lw) if shared_part else (None, None)  # only the shared solves need them
     sweeps = refine
     if not shared_part:
         W_s = torch.zeros_like(W[0])
@@ -418,12 +293,12 @@ def decompose_weighted(
     elif shared is not None:
         W_s = _orient(as_matrix(shared).to(W), orientation)
     else:
-        W_s = weighted_shared(W, Cs, left=Gs)
+        W_s = weighted_shared(W, wh, left=lw)
     factors, energy, discarded, _ = whitened_truncation(W - W_s, wh, ranks, lw)
     history = [sum(discarded)]
     for _ in range(sweeps):
         P = torch.stack([B @ A for B, A in factors])
-        W_s = weighted_shared(W, Cs, P, left=Gs, start=W_s)
+        W_s = weighted_shared(W, wh, P, left=lw, start=W_s)
         factors, energy, discarded, _ = whitened_truncation(W - W_s, wh, ranks, lw)
         history.append(sum(discarded))
     history += history[-1:] * (refine - sweeps)
@@ -444,7 +319,5 @@ def decompose_weighted(
                            history=history)
 
 
-__all__ = ["Whitener", "whitener", "identity_whitener", "ScaledGram", "gram_eigh", "cached_eigh", "weighted_shared", "shared_and_spectra",
-           "sharing_spectra",
-           "whitened_truncation", "whitened_spectra",
-           "decompose_weighted", "WeightedFactors", "DEFAULT_FLOOR", "DEFAULT_DAMP"]
+__all__ = ["WeightedFactors", "decompose_weighted", "shared_and_spectra", "sharing_spectra", "weighted_shared",
+           "whitened_spectra", "whitened_truncation"]

@@ -28,9 +28,10 @@ import torch
 
 from ..decompose.budget import Allocation, BudgetItem, allocate_ranks, allocate_with_sharing
 from ..decompose.lorst import as_matrix
-from ..decompose.whiten import (DEFAULT_FLOOR, ScaledGram, decompose_weighted,
-                                shared_and_spectra, sharing_spectra)
+from ..decompose.whiten import decompose_weighted, shared_and_spectra, sharing_spectra
+from ..decompose.whitener import DEFAULT_FLOOR, ScaledGram
 from ..errors import LorsError, LorsUsageError
+from ..io.memory import trim
 from ..options import SHARING
 from .options import Fit
 
@@ -64,7 +65,24 @@ def output_grams(pp, weights: list[torch.Tensor], calibration) -> list[ScaledGra
         return None
     d, h = as_matrix(weights[0]).shape
     m = h if orientation(pp) == "in_out" else d  # the output width in linear orientation
-    return [ScaledGram(_checked_gram(grams[key], key, m, "output Gram")) for key in pp.keys]
+    out = []
+    for key in pp.keys:
+        loader = _stored(calibration, key, m, "output Gram", output=True)
+        out.append(ScaledGram(None, eig=loader, size=m) if loader is not None
+                   else ScaledGram(_checked_gram(grams[key], key, m, "output Gram")))
+    return out
+
+
+def _stored(calibration, key: str, n: int, what: str, output: bool = False):
+    """The reader of the eigendecomposition a spilled calibration keeps on disk for ``key`` (None
+    when it keeps Grams in memory)."""
+    stored = calibration.stored(key, output=output) if hasattr(calibration, "stored") else None
+    if stored is None:
+        return None
+    size, loader = stored
+    if size != n:
+        raise LorsError(f"{what} for {key!r} is ({size}, {size}), expected ({n}, {n})")
+    return loader
 
 
 def _checked_gram(C: torch.Tensor, key: str, n: int, what: str) -> torch.Tensor:
@@ -96,20 +114,27 @@ def layer_grams(pp, weights: list[torch.Tensor], calibration) -> tuple[list[torc
     for key, w in zip(pp.keys, weights):
         d, h = as_matrix(w).shape  # a view: no copy
         n = d if orient == "in_out" else h  # the input width in linear orientation
-        C = grams.get(key) if grams is not None else None
-        if C is None:
-            missing.append(key)
-            C = torch.eye(n, dtype=torch.float64)
-        else:
-            C = _checked_gram(C, key, n, "calibration Gram")
+        loader = _stored(calibration, key, n, "calibration Gram") if grams is not None and key in grams else None
+        C = None
+        if loader is None:
+            C = grams.get(key) if grams is not None else None
+            if C is None:
+                missing.append(key)
+                C = torch.eye(n, dtype=torch.float64)
+            else:
+                C = _checked_gram(C, key, n, "calibration Gram")
         scale = 1.0
         if normalize:
             M = as_matrix(w).to(torch.float64)
-            M = M.T if orient == "in_out" else M
-            energy = float(((M @ C) * M).sum())  # tr(W C W^T)
+            M = M.T if orient == "in_out" else M  # (out, in)
+            if loader is None:
+                energy = float(((M @ C) * M).sum())  # tr(W C W^T)
+            else:
+                lam, Q = loader()
+                energy = float(((M @ Q.to(M.dtype)) ** 2 @ lam).sum())  # the same, in the eigenbasis
             if energy > 0 and math.isfinite(energy):
                 scale = 1.0 / energy
-        out.append(ScaledGram(C, scale))
+        out.append(ScaledGram(C, scale, eig=loader, size=n if loader is not None else None))
     return out, missing
 
 
@@ -188,6 +213,8 @@ def apply_budget(plan, get: Callable[[str], torch.Tensor], budget: float, calibr
         if sharing != "always":
             private.append(BudgetItem(d=d, h=h, spectra=[s.tolist() for s in alone], shared=False,
                                       name=pp.relname))
+        weights = grams = opts = spectra = alone = None  # this stack's work, freed before the trim
+        trim()
     limit = int(round(budget * total)) - fixed
     if sharing == "auto":
         choice, alloc = allocate_with_sharing(items, private, limit, fraction=False)

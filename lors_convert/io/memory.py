@@ -1,7 +1,14 @@
-"""How much memory this machine has free, to decide whether a second copy of a model fits."""
+"""Process memory: how much this machine has free, giving freed memory back to it, and weights that
+own their memory."""
 from __future__ import annotations
 
+import ctypes
+import functools
+import itertools
 from pathlib import Path
+
+import torch
+from torch import nn
 
 
 def available_bytes() -> int | None:
@@ -13,3 +20,39 @@ def available_bytes() -> int | None:
     except (OSError, ValueError, IndexError):
         return None
     return None
+
+
+def trim() -> None:
+    """Give the heap's free pages back to the system (glibc ``malloc_trim``; nothing elsewhere).
+
+    glibc serves a block from the heap once a block of its size was freed (its mmap threshold
+    follows the largest freed block, up to 32 MiB), and keeps freed heap pages: without a trim
+    between phases, a phase's freed tensors (a model's Grams, a stack's work) stay in the RSS
+    under the next phase's (measured on SmolLM2: 1.6 GB kept after the Gram collection)."""
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+@torch.no_grad()
+def own_memory(model: nn.Module) -> None:
+    """Copy every parameter and buffer of ``model`` out of the file it was mapped from.
+
+    transformers maps safetensors files: a loaded model's tensors are views of the mapping, whose
+    pages stay in the RSS while any tensor of the file lives, so the dense weights a conversion
+    replaces would never be freed (SmolLM2: 0.5 GB held through its calibrated conversion). One
+    tensor at a time; tied parameters stay tied (the same Parameter gets new data once)."""
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        t.data = t.data.clone()
+
+
+@functools.cache
+def _libc():
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+__all__ = ["available_bytes", "own_memory", "trim"]

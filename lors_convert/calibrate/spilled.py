@@ -1,0 +1,94 @@
+"""Calibration Grams kept on disk in their eigenbasis, read back one stacked parameter at a time.
+
+A model's Grams are several times its size (SmolLM2-135M: 0.5 GB of weights, 2.2 GB of float64 input
+and output-gradient Grams), and every fit needs the eigendecomposition ``C = Q diag(lam) Q^T`` of
+its Grams (:func:`lors_convert.decompose.whiten.gram_eigh`), not ``C`` itself. So when collection
+ends each distinct Gram is decomposed once, in float32 (the whitening floors eigenvalues at 1e-6
+of the largest and damps them by 0.1 of their mean, far above float32's 6e-8 rounding), written
+as ``lam`` and ``Q``, and dropped from memory. Keys that saw the same inputs (q/k/v projections)
+share one stored Gram.
+
+:class:`SpilledGrams` is a read-only mapping of weight key -> Gram (rebuilt from the eigenbasis,
+for callers that want the matrix) with :meth:`SpilledGrams.eig` for the fits.
+"""
+from __future__ import annotations
+
+import weakref
+from collections.abc import Iterator, Mapping
+
+import torch
+
+from ..decompose.whitener import gram_eigh
+from ..io.memory import trim
+from ..io.spill import Spill
+
+
+class SpilledGrams(Mapping):
+    """Weight key -> Gram, stored on ``spill`` as its eigendecomposition."""
+
+    def __init__(self, spill: Spill, kind: str):
+        self.spill, self.kind = spill, kind
+        self._names: dict[str, str] = {}  # weight key -> stored name
+        self._live: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # name -> Q while in use
+        self._lam: dict[str, torch.Tensor] = {}  # name -> lam of the live Q
+        self._sizes: dict[str, int] = {}  # weight key -> n
+
+    def put(self, keys: list[str], gram: torch.Tensor) -> None:
+        """Decompose ``gram`` (the Gram of every key in ``keys``) and write it out."""
+        lam, Q = gram_eigh(gram, torch.float32)  # (n,), (n, n): 3x faster than float64, same floor
+        name = f"{self.kind}:{keys[0]}"
+        self.spill.put(name, {"lam": lam.to(torch.float64), "Q": Q})
+        for key in keys:
+            self._names[key] = name
+            self._sizes[key] = int(lam.shape[0])
+
+    def size(self, key: str) -> int:
+        """The side ``n`` of the Gram of ``key``, without reading it."""
+        return self._sizes[key]
+
+    def eig(self, key: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(lam, Q)``, ``lam`` float64, ``Q`` float32 as stored; the same tensors while a caller
+        still holds them (q/k/v share one)."""
+        name = self._names[key]
+        Q = self._live.get(name)
+        if Q is None:
+            stored = self.spill.get(name)
+            Q = stored["Q"]
+            self._live[name] = Q
+            self._lam[name] = stored["lam"]
+            weakref.finalize(Q, self._lam.pop, name, None)
+        return self._lam[name], Q
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        lam, Q = self.eig(key)
+        Q = Q.to(torch.float64)
+        return (Q * lam) @ Q.T  # (n, n)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def __contains__(self, key) -> bool:
+        return key in self._names
+
+
+def spill_grams(grams: dict[str, torch.Tensor], spill: Spill, kind: str, into: SpilledGrams | None = None
+                ) -> SpilledGrams:
+    """Move ``grams`` (consumed: each entry is dropped once written) onto ``spill`` (adding to
+    ``into`` when given); keys whose Grams are the same tensor object are stored once."""
+    out = into if into is not None else SpilledGrams(spill, kind)
+    by_tensor: dict[int, list[str]] = {}
+    tensors: dict[int, torch.Tensor] = {}
+    for key, g in grams.items():
+        by_tensor.setdefault(id(g), []).append(key)
+        tensors[id(g)] = g
+    grams.clear()
+    for ident, keys in by_tensor.items():
+        out.put(keys, tensors.pop(ident))
+    trim()  # the sums are gone: give their pages back before the next phase
+    return out
+
+
+__all__ = ["SpilledGrams", "spill_grams"]

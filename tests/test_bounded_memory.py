@@ -1,0 +1,209 @@
+"""Bounded-memory calibration: Grams spilled to disk in their eigenbasis, the output-gradient pass in
+chunks, and fidelity against the source's recorded outputs instead of a second model."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from lors_convert import convert
+from lors_convert.calibrate import sensitivity
+from lors_convert.calibrate.fidelity import Reference, fidelity, reference_outputs
+from lors_convert.calibrate.grams import collect_grams, gram_owners
+from lors_convert.calibrate.spilled import SpilledGrams
+from lors_convert.io.spill import Spill
+from tests.test_fidelity import tiny_bert, tiny_llama, token_batches
+
+
+def test_spilled_grams_equal_the_in_memory_ones_and_share_one_file(tmp_path):
+    model = tiny_llama()
+    batches = token_batches(61)
+    memory = collect_grams(model, batches, probes=2)
+    spill = Spill(near=tmp_path)
+    disk = collect_grams(model, batches, probes=2, spill=spill)
+    assert isinstance(disk.grams, SpilledGrams) and isinstance(disk.out_grams, SpilledGrams)
+    assert set(disk.grams) == set(memory.grams) and set(disk.out_grams) == set(memory.out_grams)
+    for mine, theirs in ((disk.grams, memory.grams), (disk.out_grams, memory.out_grams)):
+        for key, C in theirs.items():
+            rel = float(torch.linalg.matrix_norm(mine[key] - C) / torch.linalg.matrix_norm(C))
+            assert rel < 1e-5, (key, rel)  # float32 accumulation and a float32 eigenbasis
+    # q/k/v see one input, gate/up another: 3 input layers x 4 distinct Grams (q, o, gate, down)
+    q, k = "model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.k_proj.weight"
+    assert disk.grams.eig(q)[1] is disk.grams.eig(k)[1]  # one stored Gram, read once while in use
+    inputs = sum(1 for p in spill.path.iterdir() if "-input_" in p.name)
+    assert inputs == 3 * 4
+    assert spill.path.parent == tmp_path
+    spill.close()
+    assert not spill.path.exists()
+
+
+@pytest.mark.parametrize("objective", ["output", "layer"])
+def test_conversion_with_spilled_grams_matches_the_in_memory_one(tmp_path, objective):
+    source = tiny_llama()
+    batches = token_batches(61)
+    results = []
+    for spill in (None, Spill(near=tmp_path)):
+        model = copy.deepcopy(source)
+        calibration = collect_grams(model, batches, probes=2, spill=spill, objective=objective)
+        _, report = convert(model, calibration=calibration, budget=0.6)
+        results.append((report.to_dict()["stacks"], fidelity(model, Reference(source, batches))))
+    (stacks_mem, q_mem), (stacks_disk, q_disk) = results
+    ranks = [[m.get("ranks") for m in s["matrices"]] for s in stacks_mem]
+    assert ranks == [[m.get("ranks") for m in s["matrices"]] for s in stacks_disk]
+    assert q_disk["heldout_kl"] == pytest.approx(q_mem["heldout_kl"], rel=1e-3)
+    assert q_disk["heldout_rel_error"] == pytest.approx(q_mem["heldout_rel_error"], rel=1e-3)
+
+
+def test_output_grams_do_not_depend_on_the_chunk_size(monkeypatch):
+    model = tiny_llama()
+    batches = token_batches(61)
+    owners = gram_owners(model)
+    # a probe that does not depend on how the batch was cut: all ones on real tokens
+    monkeypatch.setattr(sensitivity, "_probe", lambda y, mask, g: torch.ones_like(y) * (
+        1.0 if mask is None else mask.to(y.dtype).unsqueeze(-1)))
+    whole = {}
+    for chunk in (10_000, 12, 1):  # whole batches, one sample of 12 tokens, one sample each
+        monkeypatch.setattr(sensitivity, "CHUNK_POSITIONS", chunk)
+        grams = sensitivity.collect_output_grams(model, owners, batches, probes=1)
+        if not whole:
+            whole = grams
+            continue
+        for key, G in whole.items():
+            assert torch.allclose(grams[key], G, rtol=1e-4, atol=1e-6 * float(G.abs().max())), key
+
+
+@pytest.mark.parametrize("make, vocab", [(tiny_llama, 61), (tiny_bert, 50)])
+def test_recorded_reference_gives_the_same_fidelity_as_a_source_copy(tmp_path, make, vocab):
+    source = make()
+    batches = token_batches(vocab)
+    spill = Spill(near=tmp_path)
+    recorded = reference_outputs(source, batches, spill=spill)
+    assert recorded.source is None and len(spill) == len(batches)
+    copied = reference_outputs(source, batches)
+    with torch.no_grad():  # a perturbed model stands in for a converted one
+        for p in source.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    q_rec, q_copy = fidelity(source, recorded), fidelity(source, copied)
+    assert q_rec.keys() == q_copy.keys()
+    for key, value in q_copy.items():
+        assert q_rec[key] == (pytest.approx(value, rel=1e-9) if isinstance(value, float) else value), key
+    spill.close()
+
+
+def test_output_grams_in_groups_equal_one_pass():
+    model = tiny_llama()
+    batches = token_batches(61)
+    owners = gram_owners(model)
+    whole = sensitivity.collect_output_grams(model, owners, batches, probes=2, seed=3)
+    parts: list[dict] = []
+    per_layer = 4 * sum(m.out_features ** 2 for m in model.model.layers[0].modules()
+                        if isinstance(m, torch.nn.Linear))
+    left = sensitivity.collect_output_grams(model, owners, batches, probes=2, seed=3, max_bytes=per_layer,
+                                            finished=parts.append)
+    assert left == {} and len(parts) == 3  # one group per layer
+    grouped = {k: g for part in parts for k, g in part.items()}
+    assert grouped.keys() == whole.keys()
+    for key, G in whole.items():
+        assert torch.allclose(grouped[key], G, rtol=1e-5, atol=1e-7 * float(G.abs().max())), key
+    with pytest.raises(ValueError, match="finished"):
+        sensitivity.collect_output_grams(model, owners, batches, probes=2, max_bytes=per_layer)
+
+
+def test_fidelity_in_pieces_equals_whole_batches(monkeypatch, tmp_path):
+    from lors_convert.calibrate import fidelity as fidelity_module
+
+    source = tiny_llama()
+    batches = token_batches(61)
+    converted = copy.deepcopy(source)
+    with torch.no_grad():
+        for p in converted.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    whole = fidelity(converted, Reference(source, batches))
+    monkeypatch.setattr(fidelity_module, "PIECE_POSITIONS", 12)  # one sample of 12 tokens per piece
+    spill = Spill(near=tmp_path)
+    recorded = reference_outputs(source, batches, spill=spill)
+    assert len(spill) == 4 * len(batches)
+    for q in (fidelity(converted, Reference(source, batches)), fidelity(converted, recorded)):
+        for key, value in whole.items():
+            assert q[key] == (pytest.approx(value, rel=1e-9) if isinstance(value, float) else value), key
+    spill.close()
+
+
+def test_own_memory_keeps_values_and_ties():
+    from lors_convert.io.memory import own_memory
+
+    model = tiny_llama()
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    storages = {k: v.untyped_storage().data_ptr() for k, v in model.state_dict().items()}
+    own_memory(model)
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    assert all(after[k].untyped_storage().data_ptr() != p for k, p in storages.items())  # copies
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+@pytest.mark.parametrize("n", [5, 511, 512, 700, 1536])
+def test_blocked_gram_equals_the_full_product(n):
+    from lors_convert.calibrate.accumulate import add_gram, symmetrize_
+
+    g = torch.Generator().manual_seed(n)
+    rows = [torch.randn(37, n, generator=g, dtype=torch.float64) for _ in range(3)]
+    acc = None
+    for r in rows:
+        acc = add_gram(acc, r)
+    expected = sum(r.T @ r for r in rows)
+    assert torch.allclose(symmetrize_(acc), expected, rtol=1e-12, atol=1e-10)
+
+
+def test_streamed_skeleton_runs_like_the_loaded_model():
+    from lors_convert.calibrate.streamed import blocks_of, streamed
+    from lors_convert.io.sources import empty_model
+
+    model = tiny_llama()
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    state = model.state_dict()
+    skeleton = empty_model(lambda: type(model)(model.config))
+    assert blocks_of(skeleton) == [f"model.layers.{i}" for i in range(3)]
+    reads: list[str] = []
+
+    def get(key):
+        reads.append(key)
+        return state[key]
+
+    batch = token_batches(61)[0]
+    with torch.no_grad(), streamed(skeleton, get) as run:
+        assert run.lm_head.weight is run.model.embed_tokens.weight  # read once, still tied
+        assert all(p.is_meta for p in run.model.layers.parameters())  # blocks read only while they run
+        out = run(**batch).logits
+        assert all(p.is_meta for p in run.model.layers.parameters())
+    assert torch.equal(out, model(**batch).logits)
+    assert all(p.is_meta for p in skeleton.parameters())  # a skeleton again
+    assert reads.count("model.embed_tokens.weight") == 1 and "lm_head.weight" not in reads
+
+
+def test_streamed_fidelity_of_a_checkpoint_equals_the_in_memory_one(tmp_path):
+    from lors_convert.calibrate.streamed import streamed
+    from lors_convert.checkpoint.merge import merged_getter
+    from lors_convert.checkpoint.reader import Checkpoint
+    from lors_convert.checkpoint.writer import save
+    from lors_convert.io.sources import empty_model
+
+    source = tiny_llama()
+    batches = token_batches(61)
+    converted, report = convert(copy.deepcopy(source), rank=4)
+    save(converted, tmp_path / "ck.lors", report=report)
+    expected = fidelity(converted, Reference(source, batches))
+    skeleton = empty_model(lambda: type(source)(source.config))
+    state = source.state_dict()
+    spill = Spill(near=tmp_path)
+    with streamed(skeleton, state.__getitem__) as run:
+        reference = reference_outputs(run, batches, spill=spill)
+    with streamed(skeleton, merged_getter(Checkpoint(tmp_path / "ck.lors"))) as run:
+        q = fidelity(run, reference)
+    spill.close()
+    for key, value in expected.items():
+        assert q[key] == (pytest.approx(value, rel=1e-5, abs=1e-7) if isinstance(value, float) else value), key
