@@ -28,6 +28,7 @@ from ..discover.stacks import find_stacks
 from ..errors import LorsError, LorsUsageError
 from ..io.spill import Spill
 from ..options import OBJECTIVES
+from .accumulate import add_gram, symmetrize_
 from .batches import Batch, batch_mask, batch_size, model_device, run_model, to_device, token_rows
 from .sensitivity import DEFAULT_PROBES, collect_output_grams
 from .spilled import SpilledGrams, spill_grams
@@ -160,7 +161,7 @@ class GramCollector:
                 # the whitening floor of 1e-6)
                 work = torch.float64 if rows.dtype == torch.float64 else torch.float32
                 rows = rows.to(device=dev, dtype=work)
-                gram, nrows = rows.T @ rows, rows.shape[0]  # (n, n)
+                gram, nrows = add_gram(None, rows), rows.shape[0]  # (n, n), upper blocks: see result()
                 self._memo = None if isinstance(module, nn.Conv2d) else (x, x._version, self.mask, gram, nrows)
             if key in self.sums:
                 self.sums[key] += gram
@@ -187,7 +188,7 @@ class GramCollector:
         grams: dict[str, torch.Tensor] = {}
         distinct: dict[tuple, list[torch.Tensor]] = {}  # cheap fingerprint -> Grams with it
         for k in list(self.sums):
-            g = self.sums.pop(k).div_(max(self.counts[k], 1)).cpu()
+            g = symmetrize_(self.sums.pop(k)).div_(max(self.counts[k], 1)).cpu()
             if spill is None:
                 g = g.to(torch.float64)
             # q/k/v projections see the same input: one tensor object, so one eigendecomposition later

@@ -162,7 +162,11 @@ def whitened_truncation(R: torch.Tensor, whiteners: list[Whitener], ranks: list[
     for i, k in enumerate(ranks):
         Z = _whiten(R[i], whiteners[i], None if left is None else left[i])  # (out, in)
         with serial():
-            U, S, Vh = torch.linalg.svd(Z, full_matrices=False)
+            if Z.shape[0] < Z.shape[1]:  # LAPACK's SVD of a wide matrix: 2x its transpose's time
+                V, S, Uh = torch.linalg.svd(Z.T, full_matrices=False)
+                U, Vh = Uh.T, V.T
+            else:
+                U, S, Vh = torch.linalg.svd(Z, full_matrices=False)
         k = min(k, S.shape[0])
         B, A_white = split_balanced(U[:, :k], S[:k], Vh[:k])
         if left is not None:
