@@ -104,12 +104,12 @@ def convert_file(src: str | Path, out: str | Path | None, *, arch: str | None = 
     if probe is not None and probe.batches and (dry_run or target is not None):
         with about(probe.origin):
             check_inputs(model, probe.batches)
-    if dry_run:
-        return _dry_run(src, model, data, objective, probes, target, convert_kwargs)
-    if out is not None:
+    if out is not None and not dry_run:
         check_output(out, force)  # before the work, not after it
     spill = Spill(near=out.parent if out is not None else None)  # Grams and reference outputs
     try:
+        if dry_run:
+            return _dry_run(src, model, data, objective, probes, target, convert_kwargs, spill)
         if target is not None:
             lors_model, report = _search(src, model, data, probe, target, objective, probes, log, convert_kwargs,
                                          spill)
@@ -214,14 +214,14 @@ def _search(src, model, data, probe, target, objective, probes, log, kw, spill: 
 
 
 def _dry_run(src: Path, model: nn.Module, data: CalibrationData | None, objective: str, probes: int | None,
-             target: Target | None, kw: dict) -> Report:
+             target: Target | None, kw: dict, spill: Spill) -> Report:
     """The plan a real in-memory run would make, without fitting: ranks under a budget need the
     Grams, so those are collected (the one expensive step of a dry run)."""
     budget = kw.get("budget") if target is None else 0.5
     calibration = None
     if data is not None and budget is not None:
         calibration = collect_grams(model, data.calibration, include=kw.get("include"), exclude=kw.get("exclude"),
-                                    objective=objective, probes=probes)
+                                    objective=objective, probes=probes, spill=spill)
     options = FitOptions(calibration=calibration, refine=kw.get("refine", 0), budget=budget)
     with about(src):
         plan = make_plan(model, lambda key: model.get_parameter(key).detach(), kw.get("rank", 8), kw.get("groups"),

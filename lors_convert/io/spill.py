@@ -24,7 +24,10 @@ class Spill:
         parent = Path(near) if near is not None else None
         if parent is not None and not parent.is_dir():
             parent = None  # an output directory not made yet: its parent is checked by the caller
-        self._dir = tempfile.TemporaryDirectory(prefix=prefix, dir=parent)
+        try:
+            self._dir = tempfile.TemporaryDirectory(prefix=prefix, dir=parent)
+        except OSError:  # not writable there (a dry run's output directory): the system's temp
+            self._dir = tempfile.TemporaryDirectory(prefix=prefix)
         self.path = Path(self._dir.name)
         self._files: dict[str, Path] = {}
         self.bytes = 0  # written so far
