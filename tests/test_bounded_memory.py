@@ -207,3 +207,23 @@ def test_streamed_fidelity_of_a_checkpoint_equals_the_in_memory_one(tmp_path):
     spill.close()
     for key, value in expected.items():
         assert q[key] == (pytest.approx(value, rel=1e-5, abs=1e-7) if isinstance(value, float) else value), key
+
+
+def test_a_spill_removes_the_one_a_killed_process_left(tmp_path):
+    import subprocess
+    import sys
+
+    from lors_convert.io.spill import PREFIX
+
+    child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = int(child.stdout)  # a pid whose process has exited
+    orphan = tmp_path / f"{PREFIX}{dead}-abc"
+    (orphan / "sub").mkdir(parents=True)
+    (orphan / "0-input.safetensors").write_bytes(b"x" * 100)
+    alive = tmp_path / f"{PREFIX}1-def"  # pid 1 always exists
+    alive.mkdir()
+    other = tmp_path / "keep.lors"
+    other.mkdir()
+    spill = Spill(near=tmp_path)
+    assert not orphan.exists() and alive.exists() and other.exists() and spill.path.exists()
+    spill.close()

@@ -7,7 +7,9 @@ Grams, a reference model's outputs) would otherwise sit in memory at once.
 """
 from __future__ import annotations
 
+import os
 import re
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -17,17 +19,25 @@ from safetensors.torch import load_file, save_file
 _SAFE = re.compile(r"[^A-Za-z0-9_.-]")
 
 
-class Spill:
-    """A temporary directory of named tensor groups (``{tensor name: tensor}`` per name)."""
+PREFIX = ".lors-spill-"
 
-    def __init__(self, near: str | Path | None = None, prefix: str = ".lors-spill-"):
+
+class Spill:
+    """A temporary directory of named tensor groups (``{tensor name: tensor}`` per name).
+
+    Its name carries the process id, so that one left behind by a killed process (gigabytes of Grams
+    for a large model, in a hidden directory) is removed by the next spill made next to it."""
+
+    def __init__(self, near: str | Path | None = None):
         parent = Path(near) if near is not None else None
         if parent is not None and not parent.is_dir():
             parent = None  # an output directory not made yet: its parent is checked by the caller
+        prefix = f"{PREFIX}{os.getpid()}-"
         try:
             self._dir = tempfile.TemporaryDirectory(prefix=prefix, dir=parent)
         except OSError:  # not writable there (a dry run's output directory): the system's temp
             self._dir = tempfile.TemporaryDirectory(prefix=prefix)
+        remove_orphans(Path(self._dir.name).parent)
         self.path = Path(self._dir.name)
         self._files: dict[str, Path] = {}
         self.bytes = 0  # written so far
@@ -51,4 +61,26 @@ class Spill:
         self._dir.cleanup()
 
 
-__all__ = ["Spill"]
+def remove_orphans(directory: Path) -> list[Path]:
+    """Remove the spills in ``directory`` whose process is gone; returns what was removed."""
+    removed = []
+    for entry in directory.glob(PREFIX + "*"):
+        pid = entry.name[len(PREFIX):].split("-", 1)[0]
+        if not pid.isdigit() or _alive(int(pid)) or not entry.is_dir() or entry.is_symlink():
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
+        removed.append(entry)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+__all__ = ["Spill", "remove_orphans"]
