@@ -210,6 +210,7 @@ def test_streamed_fidelity_of_a_checkpoint_equals_the_in_memory_one(tmp_path):
 
 
 def test_a_spill_removes_the_one_a_killed_process_left(tmp_path):
+    import socket
     import subprocess
     import sys
 
@@ -217,13 +218,17 @@ def test_a_spill_removes_the_one_a_killed_process_left(tmp_path):
 
     child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead = int(child.stdout)  # a pid whose process has exited
-    orphan = tmp_path / f"{PREFIX}{dead}-abc"
+    host = socket.gethostname()
+    orphan = tmp_path / f"{PREFIX}{dead}@{host}.abc"
     (orphan / "sub").mkdir(parents=True)
     (orphan / "0-input.safetensors").write_bytes(b"x" * 100)
-    alive = tmp_path / f"{PREFIX}1-def"  # pid 1 always exists
+    alive = tmp_path / f"{PREFIX}1@{host}.def"  # pid 1 always exists
     alive.mkdir()
+    elsewhere = tmp_path / f"{PREFIX}{dead}@not-{host}.ghi"  # another machine's, on a shared filesystem
+    elsewhere.mkdir()
     other = tmp_path / "keep.lors"
     other.mkdir()
     spill = Spill(near=tmp_path)
     assert not orphan.exists() and alive.exists() and other.exists() and spill.path.exists()
+    assert elsewhere.exists()
     spill.close()

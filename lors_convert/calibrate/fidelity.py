@@ -70,8 +70,12 @@ def compared_output(model: nn.Module, out, batch: Batch) -> tuple[str, torch.Ten
     """The kind of a model output and the tensor fidelity compares (float32, CPU): a causal LM's logits,
     else :func:`primary_output`."""
     kind = output_kind(model, out, batch)
+    return kind, _compared(out, kind)
+
+
+def _compared(out, kind: str) -> torch.Tensor:
     y = out.logits if kind == "causal_lm" else primary_output(out)
-    return kind, y.detach().float().cpu()
+    return y.detach().float().cpu()
 
 
 @torch.no_grad()
@@ -196,7 +200,7 @@ def fidelity(model: nn.Module, reference: Reference, prefix: str = "heldout") ->
             out = run_model(model, to_device(batch, where))
             kind, y_ref = reference.output(i, batch)
             y_ref = finite(y_ref)
-            y = (out.logits if kind == "causal_lm" else primary_output(out)).detach().float().cpu()
+            y = _compared(out, kind)  # judged as the source's output is
             mask = batch_mask(batch)
             mask = mask.cpu() if mask is not None else None
             sums.rel.append(_rel_error(y, y_ref, mask))

@@ -64,7 +64,7 @@ def atomic_output(out: Path, force: bool = False, directory: bool = True) -> Ite
     out = Path(out)
     check_output(out, force)
     parent = out.parent if str(out.parent) else Path(".")
-    prefix = _temp_prefix(out.name) + _owner_tag()
+    prefix = _temp_prefix(out.name) + owner_tag()
     try:
         parent.mkdir(parents=True, exist_ok=True)
         sweep_stale_temps(parent, out.name)
@@ -101,7 +101,9 @@ def _old_prefix(name: str) -> str:
     return f".{name}.old-"
 
 
-def _owner_tag() -> str:
+def owner_tag() -> str:
+    """``<pid>@<host>.``: what a temporary entry's name carries after its prefix, so that a later run
+    can tell whether its owner is gone (:func:`sweep_dead_owners`)."""
     return f"{os.getpid()}@{socket.gethostname()}."
 
 
@@ -146,7 +148,7 @@ def exchange(a: Path, b: Path) -> bool:
 def _replace_in_two_steps(tmp: Path, out: Path, parent: Path) -> None:
     """OUT into a hidden ``.old-<pid>@<host>`` directory, then the new output onto OUT: a kill in
     between leaves OUT absent until :func:`recover_output` restores it."""
-    old = Path(tempfile.mkdtemp(prefix=_old_prefix(out.name) + _owner_tag(), dir=parent))
+    old = Path(tempfile.mkdtemp(prefix=_old_prefix(out.name) + owner_tag(), dir=parent))
     _rename(out, old / out.name)
     try:
         _rename(tmp, out)
@@ -199,21 +201,22 @@ def recover_output(out: Path) -> Path | None:
 
 def sweep_stale_temps(parent: Path, name: str) -> list[Path]:
     """Remove ``.<name>.tmp-<pid>@<host>.*`` entries left in ``parent`` by killed runs; return them.
+    ``.old-*`` entries (the previous output during the two-rename swap) are :func:`recover_output`'s."""
+    return sweep_dead_owners(parent, _temp_prefix(name))
+
+
+def sweep_dead_owners(parent: Path, prefix: str) -> list[Path]:
+    """Remove the ``<prefix><pid>@<host>.*`` entries of ``parent`` (names made with
+    :func:`owner_tag`) whose process is gone; return them.
 
     Only entries of this host whose process no longer exists: a live run's, another machine's (a
-    shared filesystem) or an unparsable name is left alone. ``.old-*`` entries (the previous output
-    during the two-rename swap) are :func:`recover_output`'s.
+    shared filesystem) or an unparsable name is left alone.
     """
-    host = socket.gethostname()
     removed = []
-    for entry in parent.glob(f"{glob.escape(_temp_prefix(name))}*"):
-        owner = entry.name[len(_temp_prefix(name)):]
-        pid, at, rest = owner.partition("@")
-        entry_host, dot, _ = rest.rpartition(".")
-        if not (at and dot and pid.isdigit() and entry_host == host) or _process_alive(int(pid)):
-            continue
-        _remove(entry)
-        removed.append(entry)
+    for entry in parent.glob(f"{glob.escape(prefix)}*"):
+        if _dead_owner(entry.name, prefix):
+            _remove(entry)
+            removed.append(entry)
     return removed
 
 
