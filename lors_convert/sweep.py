@@ -14,6 +14,7 @@ from .counting import count_parameters
 from .decompose.lorst import as_matrix, compute_dtype, dense_param_count, lors_param_count
 from .discover.plan import plan_conversion
 from .errors import LorsError
+from .finite import first_non_finite
 from .io.atomic import atomic_output
 
 
@@ -31,9 +32,9 @@ def rank_sweep(model: nn.Module, ranks: list[int], include=None, exclude=None) -
     spectra = []
     for pp in plan.params:
         weights = [model.get_parameter(k).detach() for k in pp.keys]
-        for key, w in zip(pp.keys, weights):
-            if not torch.isfinite(w).all():
-                raise LorsError(f"tensor {key!r} contains NaN or Inf values")
+        bad = first_non_finite(weights, pp.keys)
+        if bad is not None:
+            raise LorsError(f"tensor {bad!r} contains NaN or Inf values")
         S, norms = residual_spectra(weights)
         spectra.append((pp, S, norms))
     rows = []

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ..errors import LorsError, short
+from ..finite import all_finite
 
 Batch = torch.Tensor | dict[str, torch.Tensor]
 
@@ -116,7 +117,7 @@ def primary_output(out) -> torch.Tensor:
 
 def finite(y: torch.Tensor) -> torch.Tensor:
     """``y``, refused when a model output is NaN or Inf (inputs that overflow the model)."""
-    if y.is_floating_point() and not torch.isfinite(y).all():
+    if not all_finite(y):
         raise LorsError("the model's output on these inputs is not finite (NaN or Inf): they overflow it")
     return y
 

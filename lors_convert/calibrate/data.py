@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from ..errors import LorsError, LorsUsageError, about, short
+from ..finite import all_finite
 from ..io.gguf import is_gguf
 from ..io.sources import hf_side_files, read_torch_file
 from .batches import Batch
@@ -105,7 +106,7 @@ def read_tensors(path: str | Path) -> torch.Tensor | dict[str, torch.Tensor]:
     for name, t in (data.items() if isinstance(data, dict) else [("input", data)]):
         if t.dim() == 0:
             raise LorsError(f"{path}: tensor {name!r} is a scalar: inputs need samples along dim 0")
-        if (t.is_floating_point() or t.is_complex()) and not torch.isfinite(t).all():
+        if not all_finite(t):
             raise LorsError(f"{path}: tensor {name!r} contains NaN or Inf values")
     with about(path):
         n_samples(data)

@@ -14,6 +14,7 @@ import torch
 from ..decompose.tucker import decompose_generators
 from ..discover.plan import AdaptivePlan
 from ..errors import LorsError
+from ..finite import all_finite
 from ..layers.adaptive import Layout, group_ranks
 from .options import Fit
 
@@ -34,7 +35,7 @@ def fit_generators(pp: AdaptivePlan, weights: Sequence[torch.Tensor], biases: Se
     N = len(pp.keys)
     biases = list(biases) if biases is not None else [None] * N
     for key, w, b in zip(pp.keys, weights, biases):
-        if not torch.isfinite(w).all() or (b is not None and not torch.isfinite(b).all()):
+        if not all_finite(w) or (b is not None and not all_finite(b)):
             raise LorsError(f"tensor {key!r} contains NaN or Inf values; refusing to convert it")
     if init == "paper":
         return Fit(shared=None, factors=None)

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ..errors import LorsError, LorsUsageError, short
+from ..finite import all_finite
 from .atomic import recover_output
 from .confine import confined
 from .gguf import GGUFFile, is_gguf
@@ -313,7 +314,7 @@ def check_finite(model: nn.Module, path: str | Path) -> None:
 
 
 def refuse_non_finite(t: torch.Tensor, name: str, path: str | Path) -> None:
-    if t.is_floating_point() and t.device.type != "meta" and not torch.isfinite(t).all():
+    if not all_finite(t):
         raise LorsError(f"{path}: tensor {name!r} contains NaN or Inf values; refusing to convert it")
 
 
