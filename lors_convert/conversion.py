@@ -68,8 +68,9 @@ def run_plan(plan: ConversionPlan, get: Getter, sink, options: FitOptions, matri
         biases = LazyWeights(get, pp.bias_keys) if pp.kind == "adaptive" and pp.bias_keys else None
         shared = shared_parts.pop(pp.shared_key, None) if shared_parts is not None else None
         fit = fit_param(pp, LazyWeights(get, pp.keys), options, biases=biases, shared=shared)
-        row.relative_error, row.retained_energy = fit.relative_error, fit.retained_energy
         sink.put(pp, fit)
+        fit.settle()  # an iterated fit's errors are complete once its factors are consumed
+        row.relative_error, row.retained_energy = fit.relative_error, fit.retained_energy
         done[index] = replace(fit, shared=None, factors=None)
         trim()  # this parameter's work is freed: the next one starts from the same RSS
     return done

@@ -190,3 +190,55 @@ def test_row_energy_matches_float64():
     M = torch.randn(512, 300) * torch.logspace(0, -4, 300)
     exact = float(M.double().square().sum())
     assert abs(row_energy(M) - exact) <= 1e-6 * exact
+
+
+def test_plain_fits_come_layer_by_layer_with_the_errors_of_the_whole_stack():
+    from lors_convert.conversion import run_plan
+    from lors_convert.discover.plan import plan_conversion
+    from lors_convert.fit import FitOptions
+    from lors_convert.fit.plain import fit_plain
+
+    g = torch.Generator().manual_seed(3)
+    weights = [torch.randn(24, 40, generator=g) for _ in range(5)]
+    ranks = [3, 3, 5, 5, 2]
+    whole = decompose_stack([w.clone() for w in weights], ranks)
+
+    class Plan:  # the fields fit_plain reads
+        keys = [f"l{i}.weight" for i in range(5)]
+        has_shared = True
+
+    Plan.ranks = ranks
+    fit = fit_plain(Plan, weights)
+    assert fit.relative_error == []  # nothing solved yet
+    for i, (B, A) in enumerate(fit.factors):
+        assert len(fit.relative_error) == i + 1  # each layer's error arrives with its factors
+        assert torch.allclose(B @ A, whole.layers[i].B @ whole.layers[i].A, atol=1e-5)
+    assert fit.relative_error == pytest.approx([f.relative_error for f in whole.layers], rel=1e-6)
+
+    class Ignoring:  # a sink that reads nothing: the loop still completes the fit's figures
+        def put(self, pp, fit):
+            pass
+
+    model = torch.nn.Sequential(*[torch.nn.Linear(16, 16) for _ in range(4)])
+    plan = plan_conversion(model, 4, None, None, None, require_savings=False)
+    report, rows = plan.report_with_matrices(0)
+    run_plan(plan, lambda k: model.get_parameter(k).detach(), Ignoring(), FitOptions(), rows)
+    assert all(len(row.relative_error) == 4 and all(e > 0 for e in row.relative_error) for row in rows)
+
+
+@pytest.mark.parametrize("values, finite", [
+    ([1.0, 2.0], True), ([1.0, float("nan")], False), ([float("inf"), 1.0], False), ([-float("inf")], False),
+    ([3e38, 3e38], True),  # the sum overflows: the slow path decides
+    ([], True),
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64, torch.bfloat16])
+def test_all_finite_agrees_with_isfinite(values, finite, dtype):
+    from lors_convert.finite import all_finite
+
+    t = torch.tensor(values, dtype=torch.float32).to(dtype)
+    expected = bool(torch.isfinite(t).all())  # 3e38 is inf in float16/bfloat16 too
+    assert all_finite(t) is expected
+    assert all_finite(t.reshape(-1, 1).expand(-1, 3)) is expected
+    if dtype == torch.float32:
+        assert expected is finite
+    assert all_finite(torch.full((70_000,), 60_000.0, dtype=torch.float16))  # float16 sums overflow; values do not

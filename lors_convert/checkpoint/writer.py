@@ -73,11 +73,21 @@ class CheckpointWriter:
         """A fitted static parameter: its shared part (if any), then each member's ``B`` and ``A``."""
         if pp.kind != "static":
             raise LorsError(f"{pp.relname}: adaptive layers need the in-memory path")
-        tensors = [fit.shared] if pp.has_shared else []
-        for factors in fit.factors:
-            tensors += [] if factors is None else list(factors)  # None: a member kept dense
-        for (key, _), t in zip(pp.tensor_specs(), tensors, strict=True):
+        specs = pp.tensor_specs()
+
+        def write(t: torch.Tensor) -> None:
+            key, _ = next(specs, (None, None))
+            if key is None:
+                raise LorsError(f"internal: {pp.relname}: the fit has more tensors than the plan")
             self.put_tensor(key, t.to(device="cpu", dtype=pp.param.dtype))
+
+        if pp.has_shared:
+            write(fit.shared)
+        for factors in fit.factors:  # written as they come: an iterated fit holds one layer's
+            for t in factors or ():  # None: a member kept dense
+                write(t)
+        if next(specs, None) is not None:
+            raise LorsError(f"internal: {pp.relname}: the fit has fewer tensors than the plan")
 
     def put_tensor(self, key: str, tensor: torch.Tensor) -> None:
         self.shards.add(key, tensor)

@@ -13,14 +13,16 @@ whatever the storage dtype; casting back to the source dtype is the caller's job
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
+from ..finite import first_non_finite
 from .topk import serial, top_singular
 
 MEASURE_BELOW = 0.01  # below this error energy (of ||R||^2) the error is measured on R - B A
-CHUNK_ELEMENTS = 1 << 23  # residual elements solved together (32 MB of float32), see _chunks
+CHUNK_ELEMENTS = 1 << 21  # residual elements solved together (8 MB of float32), see _chunks
 
 
 def as_matrix(weight: torch.Tensor) -> torch.Tensor:
@@ -140,12 +142,9 @@ def stack_matrices(weights, device=None, names: list[str] | None = None) -> torc
         with serial():  # a memory-bound copy: threads only add a barrier (topk.py)
             W[i].copy_(as_matrix(w))
         del w
-    # a finite sum proves every entry finite (NaN/Inf propagate); only an overflowing or non-finite
-    # sum pays for the elementwise check, layer by layer to name the first bad one
-    if names is not None and not math.isfinite(float(W.sum())):
-        for i in range(len(weights)):
-            if not torch.isfinite(W[i]).all():
-                raise ValueError(f"tensor {names[i]!r} contains NaN or Inf values; refusing to convert it")
+    bad = first_non_finite(W, names) if names is not None else None
+    if bad is not None:
+        raise ValueError(f"tensor {bad!r} contains NaN or Inf values; refusing to convert it")
     return W
 
 
@@ -164,15 +163,29 @@ def decompose_stack(
     ``shared`` overrides the mean (calibrated or refined shared parts). Returns float32 (float64
     for float64 input) factors on ``device`` (default: the weights' device).
     """
+    W_s, layers = decompose_lazily(weights, ranks, method, device, shared)
+    return StackFactors(shared=W_s, layers=list(layers))
+
+
+def decompose_lazily(weights, ranks: list[int], method: str = "auto", device: torch.device | str | None = None,
+                     shared: torch.Tensor | None = None) -> tuple[torch.Tensor, Iterator[LayerFactors]]:
+    """:func:`decompose_stack` as ``(W_s, layers)``: the shared part now, each layer's factors as the
+    iterator reaches it, one chunk (:func:`_chunks`) solved at a time. A consumer that stores each
+    layer's factors as they come (a checkpoint writer) holds the residuals and one chunk's work, not
+    every layer's factors; the residuals are released when the iterator ends."""
     if isinstance(weights, torch.Tensor) and weights.dim() == 3 and weights.dtype in (torch.float32, torch.float64):
         W = weights if device is None else weights.to(device)  # (N, d, h), consumed
     else:
         W = stack_matrices(weights, device)  # (N, d, h)
-    dtype = W.dtype
     weight_norms = torch.linalg.matrix_norm(W).tolist()
-    W_s = W.mean(dim=0) if shared is None else shared.to(device=W.device, dtype=dtype)  # (d, h)
+    W_s = W.mean(dim=0) if shared is None else shared.to(device=W.device, dtype=W.dtype)  # (d, h)
     R = W.sub_(W_s)  # (N, d, h) residuals, in place
-    layers: list[LayerFactors] = []
+    del W
+    return W_s, _layer_factors(R, ranks, method, weight_norms)
+
+
+def _layer_factors(R: torch.Tensor, ranks: list[int], method: str, weight_norms: list[float]) -> Iterator[LayerFactors]:
+    """The factors of each residual ``R[i]`` (N, d, h), chunk by chunk; ``R`` is overwritten."""
     for start, stop in _chunks(ranks, R.shape[-2:]):
         k = ranks[start]
         chunk = R[start:stop]  # (c, d, h), a view
@@ -181,13 +194,14 @@ def decompose_stack(
         B, A = split_balanced(U, S, Vh)  # (c, d, k), (c, k, h)
         del U, Vh
         discarded = _discarded_energy(chunk, B, A, S, residual)
-        with serial():  # small copies: threads only add a barrier (topk.py)
-            own = [(B[j].clone(), A[j].clone()) for j in range(stop - start)]  # not views of the chunk
+        del chunk
         for j, i in enumerate(range(start, stop)):
-            layers.append(LayerFactors(B=own[j][0], A=own[j][1], residual_energy=residual[j],
-                                       discarded_energy=discarded[j], weight_norm=weight_norms[i]))
+            with serial():  # small copies: threads only add a barrier (topk.py)
+                own = B[j].clone(), A[j].clone()  # not views of the chunk
+            yield LayerFactors(B=own[0], A=own[1], residual_energy=residual[j], discarded_energy=discarded[j],
+                               weight_norm=weight_norms[i])
+            del own
         del B, A
-    return StackFactors(shared=W_s, layers=layers)
 
 
 def _discarded_energy(R: torch.Tensor, B: torch.Tensor, A: torch.Tensor, S: torch.Tensor,

@@ -21,6 +21,7 @@ from .options import INITS, METHODS, Fit, FitOptions
 def with_dense_members(fit: Fit, pp: ParamPlan) -> Fit:
     """A fit of ``pp.lors_view()`` spread over all of ``pp``'s members: None factors, zero error and
     all energy retained for the members kept dense."""
+    fit = fit.materialized()
     factors, errors, energies = [None] * len(pp.ranks), [0.0] * len(pp.ranks), [1.0] * len(pp.ranks)
     for j, i in enumerate(pp.lors_members):
         factors[i] = fit.factors[j]

@@ -2,26 +2,37 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 
-from ..decompose.lorst import decompose_stack, stack_matrices
+from ..decompose.lorst import decompose_lazily, stack_matrices
 from ..discover.plan import ParamPlan
 from ..errors import LorsError
 from .options import Fit
 
 
 def fit_plain(pp: ParamPlan, weights: Sequence[torch.Tensor], method: str = "auto", device=None) -> Fit:
-    """``W_s = mean_i W_i`` and the top ``pp.ranks[i]`` SVD components of each residual."""
+    """``W_s = mean_i W_i`` and the top ``pp.ranks[i]`` SVD components of each residual.
+
+    The factors come as an iterator, solved chunk by chunk as the sink stores them (see
+    :class:`Fit`), so a streamed conversion holds the stacked group and one chunk's work."""
     try:
         W = stack_matrices(weights, device, names=pp.keys)  # (N, d, h), checked finite
     except ValueError as e:
         raise LorsError(str(e)) from None
-    factors = decompose_stack(W, pp.ranks, method=method)
-    return Fit(shared=factors.shared if pp.has_shared else None, factors=[(f.B, f.A) for f in factors.layers],
-               relative_error=[f.relative_error for f in factors.layers],
-               retained_energy=[f.retained_energy for f in factors.layers])
+    shared, layers = decompose_lazily(W, pp.ranks, method=method)
+    del W  # the residuals live in the iterator now
+    fit = Fit(shared=shared if pp.has_shared else None, factors=[])
+
+    def factors() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for layer in layers:
+            fit.relative_error.append(layer.relative_error)
+            fit.retained_energy.append(layer.retained_energy)
+            yield layer.B, layer.A
+
+    fit.factors = factors()
+    return fit
 
 
 def paper_init(pp: ParamPlan, generator: torch.Generator | None = None) -> Fit:

@@ -158,7 +158,7 @@ class SafetensorsFile:
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()  # (nbytes,)
         with open(self.path, "r+b") as f:
             f.seek(self.start + self.offsets[key])
-            f.write(data.tobytes() if data.size else b"")
+            f.write(data)  # the array's own buffer: no copy of the tensor
         self.pending.discard(key)
         return not self.pending
 
