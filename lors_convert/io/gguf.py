@@ -47,6 +47,9 @@ def is_gguf(path: Path) -> bool:
         return False
 
 
+DEQUANTIZE_ELEMENTS = 1 << 20  # values dequantized together (4 MB of float32)
+
+
 @dataclass(frozen=True)
 class Field:
     """One metadata key/value as the file stores it (``sub_type`` for arrays)."""
@@ -125,10 +128,15 @@ class GGUFFile:
         t = self.tensors[name]
         data = self.raw(name)
         qtype = gguf.GGMLQuantizationType(t.qtype)
-        if qtype not in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
-            data = data.reshape(gguf.quant_shape_to_byte_shape(t.shape, qtype))  # (rows, ..., bytes per row)
-        values = gguf.dequantize(data, qtype)
-        return np.asarray(values, dtype=np.float32).reshape(t.shape)
+        if qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+            return np.asarray(gguf.dequantize(data, qtype), dtype=np.float32).reshape(t.shape)
+        data = data.reshape(-1, gguf.quant_shape_to_byte_shape(t.shape, qtype)[-1])  # (rows, bytes per row)
+        out = np.empty((data.shape[0], t.shape[-1] if t.shape else 1), dtype=np.float32)  # (rows, row)
+        # the dequantizer's float temporaries are several times its input: a slice of rows at a time
+        step = max(1, DEQUANTIZE_ELEMENTS // max(1, out.shape[1]))
+        for start in range(0, out.shape[0], step):
+            out[start:start + step] = gguf.dequantize(data[start:start + step], qtype)
+        return out.reshape(t.shape)
 
 
 def _check_file(path: Path) -> None:
