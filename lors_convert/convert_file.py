@@ -16,6 +16,7 @@ text model asked for a budget or a target without calibration data is calibrated
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -27,7 +28,7 @@ from .calibrate.data import CalibrationData, check_data_file, has_tokenizer, loa
 from .calibrate.fidelity import Reference, check_inputs, fidelity, fidelity_problems, reference_outputs
 from .calibrate.grams import collect_grams
 from .calibrate.probes import CALIBRATION_TEXT, PROBE_TEXT, Probes, default_probes, read_probes
-from .calibrate.streamed import streamed
+from .calibrate.streamed import lockstep
 from .checkpoint.format import (BUFFER_PREFIX, DEFAULT_SHARD_SIZE, REPORT_NAME, nonpersistent_buffers, plan_stacks,
                                 source_manifest, stored_manifest)
 from .checkpoint.merge import merged_getter, merged_tensors
@@ -262,11 +263,10 @@ def _measurer(src, arch, trust_pickle, loaded: nn.Module | None, heldout, text_m
                     reference = reference_outputs(loaded, probe.batches, probe.label, probe.synthetic, spill=spill)
                     report.quality.update(fidelity(_merge_into(loaded, ckpt), reference))
                 else:
-                    with streamed(structure, get) as source:
-                        reference = reference_outputs(source, probe.batches, probe.label, probe.synthetic,
-                                                      spill=spill)
-                    with streamed(structure, merged_getter(ckpt)) as converted:
-                        report.quality.update(fidelity(converted, reference))
+                    reference = reference_outputs(structure, probe.batches, probe.label, probe.synthetic, spill=spill,
+                                                  run=functools.partial(lockstep, structure, get))
+                    report.quality.update(fidelity(structure, reference,
+                                                   run=functools.partial(lockstep, structure, merged_getter(ckpt))))
         finally:
             spill.close()
         _judge(report, probe)

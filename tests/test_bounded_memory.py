@@ -3,6 +3,7 @@ chunks, and fidelity against the source's recorded outputs instead of a second m
 from __future__ import annotations
 
 import copy
+import functools
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from lors_convert.calibrate import sensitivity
 from lors_convert.calibrate.fidelity import Reference, fidelity, reference_outputs
 from lors_convert.calibrate.grams import collect_grams, gram_owners
 from lors_convert.calibrate.spilled import SpilledGrams
+from lors_convert.calibrate.streamed import lockstep
 from lors_convert.io.spill import Spill
 from tests.test_fidelity import tiny_bert, tiny_llama, token_batches
 
@@ -204,9 +206,63 @@ def test_streamed_fidelity_of_a_checkpoint_equals_the_in_memory_one(tmp_path):
         reference = reference_outputs(run, batches, spill=spill)
     with streamed(skeleton, merged_getter(Checkpoint(tmp_path / "ck.lors"))) as run:
         q = fidelity(run, reference)
+    # the CLI's way: every block read once for all pieces
+    reference = reference_outputs(skeleton, batches, spill=spill, run=functools.partial(lockstep, skeleton,
+                                                                                         state.__getitem__))
+    q_lockstep = fidelity(skeleton, reference, run=functools.partial(
+        lockstep, skeleton, merged_getter(Checkpoint(tmp_path / "ck.lors"))))
     spill.close()
     for key, value in expected.items():
         assert q[key] == (pytest.approx(value, rel=1e-5, abs=1e-7) if isinstance(value, float) else value), key
+        assert q_lockstep[key] == (pytest.approx(value, rel=1e-5, abs=1e-7) if isinstance(value, float) else value), key
+
+
+def _skeleton_and_reads(model):
+    from lors_convert.io.sources import empty_model
+
+    skeleton = empty_model(lambda: type(model)(model.config))
+    state = model.state_dict()
+    reads: list[str] = []
+
+    def get(key):
+        reads.append(key)
+        return state[key]
+
+    return skeleton, get, reads
+
+
+def test_lockstep_reads_every_block_once_and_gives_each_batch_its_own_output():
+    model = tiny_llama().eval()
+    skeleton, get, reads = _skeleton_and_reads(model)
+    batches = token_batches(61, n=4)
+    assert len(batches) > 2
+    outputs = dict(lockstep(skeleton, get, batches))
+    assert sorted(outputs) == list(range(len(batches)))
+    with torch.no_grad():
+        for i, batch in enumerate(batches):
+            assert torch.equal(outputs[i].logits, model(**batch).logits), i
+    block_keys = [k for k in model.state_dict() if k.startswith("model.layers.")]
+    assert sorted(k for k in reads if k.startswith("model.layers.")) == sorted(block_keys)  # once each
+    assert all(p.is_meta for p in skeleton.parameters())  # a skeleton again
+    assert skeleton.config.use_cache == model.config.use_cache
+    assert not any(m._forward_pre_hooks for m in skeleton.modules())
+
+
+def test_lockstep_stopped_early_or_failing_leaves_a_skeleton():
+    from lors_convert.errors import LorsError
+
+    model = tiny_llama().eval()
+    skeleton, get, _ = _skeleton_and_reads(model)
+    batches = token_batches(61, n=4)
+    run = lockstep(skeleton, get, batches)
+    next(run)
+    run.close()  # the consumer stopped: the waiting batches are unwound
+    assert all(p.is_meta for p in skeleton.parameters())
+    bad = dict(batches[1], input_ids=batches[1]["input_ids"] + 10_000)  # beyond the vocabulary
+    with pytest.raises(LorsError, match="cannot run on these inputs"):
+        list(lockstep(skeleton, get, [batches[0], bad, batches[2]]))
+    assert all(p.is_meta for p in skeleton.parameters())
+    assert not any(m._forward_pre_hooks for m in skeleton.modules())
 
 
 def test_a_spill_removes_the_one_a_killed_process_left(tmp_path):

@@ -23,20 +23,25 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..io.memory import trim
 from ..io.spill import Spill
 from .batches import (Batch, batch_mask, finite, mean_pool, model_device, positions, primary_output, run_model,
                       split_batch, to_device)
 
 POOR_SIMILARITY = 0.9  # cosine or top-1 agreement below this: warn
 POOR_PPL_RATIO = 1.25  # converted perplexity above this multiple of the source's: warn
-PIECE_POSITIONS = 512  # tokens compared at once: a causal LM's logits over them (SmolLM2: 100 MB a copy)
+# how a model's outputs on a list of pieces are made: ``(i, output on pieces[i])`` in any order (one
+# call per piece, or :func:`lors_convert.calibrate.streamed.lockstep` for a model streamed from disk)
+Runner = Callable[[list[Batch]], Iterable[tuple[int, object]]]
+LOGPROB_ELEMENTS = 1 << 20  # log-probabilities computed together (8 MB of float64)
+PIECE_POSITIONS = 256  # tokens compared at once: a causal LM's logits over them (SmolLM2: 50 MB a copy)
 
 
 @dataclass
@@ -49,7 +54,7 @@ class Reference:
     label: str = "held-out inputs"  # where the batches came from, for the report
     synthetic: bool = False  # the batches are made up (no real data was given)
     recorded: Spill | None = None  # without a source: its outputs, one entry per piece (:func:`pieces`)
-    kinds: list[str] = field(default_factory=list)  # the recorded outputs' kinds
+    kinds: dict[int, str] = field(default_factory=dict)  # the recorded outputs' kinds, by piece
 
     def output(self, i: int, batch: Batch) -> tuple[str, torch.Tensor]:
         """The kind and the compared output (float32, CPU) of the source on piece ``i``."""
@@ -80,24 +85,33 @@ def _compared(out, kind: str) -> torch.Tensor:
 
 @torch.no_grad()
 def reference_outputs(model: nn.Module, batches: Iterable[Batch], label: str = "held-out inputs",
-                      synthetic: bool = False, spill: Spill | None = None) -> Reference:
+                      synthetic: bool = False, spill: Spill | None = None, run: Runner | None = None) -> Reference:
     """A reference for ``model`` as it is now, since conversion changes it in place: a frozen copy,
     or with ``spill`` its outputs on ``batches`` written there (the source need not stay in memory;
-    inputs it cannot run on, or that overflow it, fail here)."""
+    inputs it cannot run on, or that overflow it, fail here). ``run``: how the model's outputs on
+    the pieces are made (default: one call per piece; see :data:`Runner`)."""
     batches = list(batches)
     if spill is None:
         return Reference(copy.deepcopy(model).eval().requires_grad_(False), batches, label, synthetic)
     was_training = model.training
     model.eval()
-    kinds = []
+    kinds = {}
     try:
-        for i, batch in enumerate(pieces(batches)):
-            kind, y = compared_output(model, run_model(model, to_device(batch, model_device(model))), batch)
+        parts = list(pieces(batches))
+        for i, out in (run or _one_by_one(model))(parts):
+            kind, y = compared_output(model, out, parts[i])
             spill.put(str(i), {"y": finite(y)})
-            kinds.append(kind)
+            kinds[i] = kind
+            del out, y
+            trim()
     finally:
         model.train(was_training)
     return Reference(None, batches, label, synthetic, recorded=spill, kinds=kinds)
+
+
+def _one_by_one(model: nn.Module) -> Runner:
+    where = model_device(model)
+    return lambda parts: ((i, run_model(model, to_device(batch, where))) for i, batch in enumerate(parts))
 
 
 @torch.no_grad()
@@ -152,52 +166,58 @@ class _Sums:
 
 
 def _rel_error(y: torch.Tensor, y_ref: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Per sample ``||y - y_ref|| / ||y_ref||``, over real tokens when a mask fits."""
-    if mask is not None and y.dim() >= 3 and tuple(y.shape[:2]) == tuple(mask.shape):
-        m = mask.reshape(*mask.shape, *([1] * (y.dim() - 2))).to(y.dtype)  # (B, T, 1...)
-        num, den = (((y - y_ref) * m) ** 2).flatten(1).sum(1), ((y_ref * m) ** 2).flatten(1).sum(1)
-    else:
-        yf, rf = y.reshape(y.shape[0], -1), y_ref.reshape(y_ref.shape[0], -1)
-        num, den = ((yf - rf) ** 2).sum(1), (rf ** 2).sum(1)
-    return (num / den.clamp_min(1e-30)).sqrt()
+    """Per sample ``||y - y_ref|| / ||y_ref||`` (B,), over real tokens when a mask fits; one sample's
+    difference at a time (a batch's is as large as its logits)."""
+    masked = mask is not None and y.dim() >= 3 and tuple(y.shape[:2]) == tuple(mask.shape)
+    out = []
+    for b in range(y.shape[0]):
+        yb, rb = (y[b][mask[b].bool()], y_ref[b][mask[b].bool()]) if masked else (y[b], y_ref[b])  # (T, ...)
+        num, den = torch.linalg.vector_norm(yb - rb), torch.linalg.vector_norm(rb)
+        out.append(num / den.clamp_min(1e-15))
+    return torch.stack(out) if out else y.new_zeros(0)
 
 
 def _next_token(sums: _Sums, logits: torch.Tensor, ref: torch.Tensor, ids: torch.Tensor,
                 mask: torch.Tensor | None) -> None:
-    """Causal-LM sums, one sample at a time (a sample's ``(T, V)`` log-probabilities, not the batch's)."""
+    """Causal-LM sums, a few positions at a time: float64 log-probabilities ``(n, V)`` of
+    ``LOGPROB_ELEMENTS`` at most, not a sample's or a batch's."""
+    rows = max(1, LOGPROB_ELEMENTS // logits.shape[-1])
     for b in range(ids.shape[0]):
         keep = torch.ones(ids.shape[1] - 1, dtype=torch.bool) if mask is None else mask[b, 1:] & mask[b, :-1]
         if not keep.any():
             continue
-        target = ids[b, 1:][keep]  # (n,)
-        lp_c = F.log_softmax(logits[b, :-1][keep].double(), dim=-1)  # (n, V)
-        lp_s = F.log_softmax(ref[b, :-1][keep].double(), dim=-1)
-        sums.nll_converted -= float(lp_c.gather(1, target[:, None]).sum())
-        sums.nll_source -= float(lp_s.gather(1, target[:, None]).sum())
-        sums.kl += float((lp_s.exp() * (lp_s - lp_c)).sum())
-        sums.agree += float((lp_c.argmax(-1) == lp_s.argmax(-1)).sum())
-        sums.compared += int(target.numel())
-        sums.tokens += int(target.numel())
+        targets, converted, source = ids[b, 1:][keep], logits[b, :-1][keep], ref[b, :-1][keep]  # (n,), (n, V)
+        for start in range(0, targets.numel(), rows):
+            target = targets[start:start + rows, None]  # (c, 1)
+            lp_c = F.log_softmax(converted[start:start + rows].double(), dim=-1)  # (c, V)
+            lp_s = F.log_softmax(source[start:start + rows].double(), dim=-1)
+            sums.nll_converted -= float(lp_c.gather(1, target).sum())
+            sums.nll_source -= float(lp_s.gather(1, target).sum())
+            sums.kl += float((lp_s.exp() * (lp_s - lp_c)).sum())
+            sums.agree += float((lp_c.argmax(-1) == lp_s.argmax(-1)).sum())
+        sums.compared += int(targets.numel())
+        sums.tokens += int(targets.numel())
 
 
 @torch.no_grad()
-def fidelity(model: nn.Module, reference: Reference, prefix: str = "heldout") -> dict:
+def fidelity(model: nn.Module, reference: Reference, prefix: str = "heldout", run: Runner | None = None) -> dict:
     """Compare ``model`` with the reference's source on its batches; a flat dict for ``report.quality``.
 
     Keys (``{prefix}_...``): ``kind``, ``probe``, ``synthetic``, ``samples``, ``rel_error`` (mean over
     samples); encoders ``cosine`` (mean), ``cosine_p05``, ``cosine_min``; classifiers and causal LMs
-    ``top1``; causal LMs ``ppl_source``, ``ppl``, ``ppl_ratio``, ``kl``, ``tokens``.
+    ``top1``; causal LMs ``ppl_source``, ``ppl``, ``ppl_ratio``, ``kl``, ``tokens``. ``run``: how
+    ``model``'s outputs on the pieces are made (:data:`Runner`; default one call per piece).
     """
     if not reference.batches:
         return {}
     modes = [(m, m.training) for m in (model, reference.source) if m is not None]
     for m, _ in modes:
         m.eval()
-    where = model_device(model)
     sums, kind = _Sums(), "other"
     try:
-        for i, batch in enumerate(pieces(reference.batches)):
-            out = run_model(model, to_device(batch, where))
+        parts = list(pieces(reference.batches))
+        for i, out in (run or _one_by_one(model))(parts):
+            batch = parts[i]
             kind, y_ref = reference.output(i, batch)
             y_ref = finite(y_ref)
             y = _compared(out, kind)  # judged as the source's output is
@@ -211,6 +231,8 @@ def fidelity(model: nn.Module, reference: Reference, prefix: str = "heldout") ->
             elif kind == "classifier":
                 sums.agree += float((y.argmax(-1) == y_ref.argmax(-1)).sum())
                 sums.compared += int(y.shape[0])
+            del out, y, y_ref
+            trim()  # a piece's logits and work are freed: the next piece starts from the same RSS
     finally:
         for m, training in modes:
             m.train(training)
