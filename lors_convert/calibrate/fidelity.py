@@ -41,7 +41,7 @@ POOR_PPL_RATIO = 1.25  # converted perplexity above this multiple of the source'
 # call per piece, or :func:`lors_convert.calibrate.streamed.lockstep` for a model streamed from disk)
 Runner = Callable[[list[Batch]], Iterable[tuple[int, object]]]
 LOGPROB_ELEMENTS = 1 << 20  # log-probabilities computed together (8 MB of float64)
-PIECE_POSITIONS = 256  # tokens compared at once: a causal LM's logits over them (SmolLM2: 50 MB a copy)
+PIECE_POSITIONS = 128  # tokens compared at once: a causal LM's logits over them (SmolLM2: 25 MB a copy)
 
 
 @dataclass
