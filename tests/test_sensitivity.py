@@ -66,6 +66,40 @@ def test_output_grams_estimate_jacobian_gram():
     assert all(p.grad is None for p in model.parameters())
 
 
+class LinStackHead(LinStack):
+    """A linear stack and a wider linear head outside it (a causal LM's logits, in miniature)."""
+
+    def __init__(self, n=3, d=6, vocab=40):
+        super().__init__(n, d)
+        self.head = nn.Linear(d, vocab)
+
+    def forward(self, x):
+        return self.head(super().forward(x))
+
+
+def test_output_grams_probed_at_the_head_input_estimate_the_same_jacobian_gram(monkeypatch):
+    from lors_convert.calibrate import sensitivity
+
+    torch.manual_seed(0)
+    model = LinStackHead()
+    batches = list(torch.randn(64, 8, 6).split(16))
+    owners = gram_owners(model)
+    assert "head.weight" not in owners
+    drawn = []
+    probe = sensitivity._probe
+    monkeypatch.setattr(sensitivity, "_probe", lambda y, mask, g: drawn.append(y.shape[-1]) or probe(y, mask, g))
+    G = collect_output_grams(model, owners, batches, probes=64, seed=0)
+    assert set(drawn) == {6}  # every probe drawn over the head's 6 inputs, none over its 40 outputs
+    H = model.head.weight.detach().double()
+    W = [model.blocks[i].lin.weight.detach().double() for i in range(3)]
+    expected = {"blocks.2.lin.weight": H.T @ H, "blocks.1.lin.weight": (H @ W[2]).T @ (H @ W[2]),
+                "blocks.0.lin.weight": (H @ W[2] @ W[1]).T @ (H @ W[2] @ W[1])}
+    for key, P in expected.items():
+        exact = 8 * P
+        rel = float(torch.linalg.matrix_norm(G[key] - exact) / torch.linalg.matrix_norm(exact))
+        assert rel < 0.05, (key, rel)
+
+
 def test_output_grams_leave_frozen_model_frozen_and_mode_restored():
     torch.manual_seed(0)
     model = LinStack().train()

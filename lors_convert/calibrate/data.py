@@ -68,7 +68,13 @@ def read_texts(path: str | Path) -> list[str]:
 
 
 def text_batches(tokenizer, texts: Sequence[str], batch_size: int = 16, max_length: int = 128) -> list[dict]:
-    """Tokenize ``texts`` into padded keyword batches (``input_ids``, ``attention_mask``, ...)."""
+    """Tokenize ``texts`` into padded keyword batches (``input_ids``, ``attention_mask``, ...).
+
+    A tokenizer without a padding token (GPT-2's) pads with its end-of-text token, or with token 0:
+    padded positions are masked out, so any id the model can embed will do."""
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None \
+            else tokenizer.convert_ids_to_tokens(0)
     batches = []
     for start in range(0, len(texts), batch_size):
         enc = tokenizer(list(texts[start:start + batch_size]), padding=True, truncation=True,
