@@ -14,13 +14,18 @@ for callers that want the matrix) with :meth:`SpilledGrams.eig` for the fits.
 from __future__ import annotations
 
 import weakref
+from collections import deque
 from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from ..decompose.topk import serial
 from ..decompose.whitener import gram_eigh
 from ..io.memory import trim
 from ..io.spill import Spill
+
+MAX_EIGH_WORKERS = 4  # eigendecompositions run side by side when Grams are spilled
 
 
 class SpilledGrams(Mapping):
@@ -33,9 +38,10 @@ class SpilledGrams(Mapping):
         self._lam: dict[str, torch.Tensor] = {}  # name -> lam of the live Q
         self._sizes: dict[str, int] = {}  # weight key -> n
 
-    def put(self, keys: list[str], gram: torch.Tensor) -> None:
-        """Decompose ``gram`` (the Gram of every key in ``keys``) and write it out."""
-        lam, Q = gram_eigh(gram, torch.float32)  # (n,), (n, n): 3x faster than float64, same floor
+    def put(self, keys: list[str], gram: torch.Tensor, eig: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """Decompose ``gram`` (the Gram of every key in ``keys``; ``eig``: its decomposition, already
+        computed) and write it out."""
+        lam, Q = eig if eig is not None else _eigh(gram)  # (n,), (n, n)
         name = f"{self.kind}:{keys[0]}"
         self.spill.put(name, {"lam": lam.to(torch.float64), "Q": Q})
         for key in keys:
@@ -74,6 +80,10 @@ class SpilledGrams(Mapping):
         return key in self._names
 
 
+def _eigh(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return gram_eigh(gram, torch.float32)  # 3x faster than float64, the same eigenvalue floor
+
+
 def spill_grams(grams: dict[str, torch.Tensor], spill: Spill, kind: str, into: SpilledGrams | None = None
                 ) -> SpilledGrams:
     """Move ``grams`` (consumed: each entry is dropped once written) onto ``spill`` (adding to
@@ -85,8 +95,18 @@ def spill_grams(grams: dict[str, torch.Tensor], spill: Spill, kind: str, into: S
         by_tensor.setdefault(id(g), []).append(key)
         tensors[id(g)] = g
     grams.clear()
-    for ident, keys in by_tensor.items():
-        out.put(keys, tensors.pop(ident))
+    # each eigensolver on one BLAS thread, as many side by side as torch has threads (2 cores: 2x
+    # the serial rate), a few decompositions ahead of the writes at most
+    workers = max(1, min(MAX_EIGH_WORKERS, torch.get_num_threads()))
+    with serial(), ThreadPoolExecutor(workers) as pool:
+        pending: deque = deque()
+        for ident, keys in by_tensor.items():
+            pending.append((keys, pool.submit(_eigh, tensors.pop(ident))))
+            if len(pending) > workers:
+                keys, eig = pending.popleft()
+                out.put(keys, None, eig.result())
+        for keys, eig in pending:
+            out.put(keys, None, eig.result())
     trim()  # the sums are gone: give their pages back before the next phase
     return out
 
