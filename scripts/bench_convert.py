@@ -208,7 +208,7 @@ def main() -> None:
     if args.json:
         print(json.dumps(result, indent=1))
         return
-    print(f"| measure | value |\n|---|---|")
+    print("| measure | value |\n|---|---|")
     what = f"{source}" if source is not None else f"{args.layers} layers, hidden {args.hidden}"
     print(f"| source checkpoint | {result['source_gb']:.2f} GB ({what}) |")
     print(f"| LORS output (rank {args.rank}) | {result['output_gb']:.2f} GB |")

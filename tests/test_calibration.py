@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from lors_convert import convert, merge
-from lors_convert.calibrate.grams import GramCollector, collect_grams, gram_owners
+from lors_convert.calibrate.grams import collect_grams
 from lors_convert.calibrate.data import load_calibration, split_heldout, tensor_batches
 from lors_convert.errors import LorsError, LorsUsageError
 from lors_convert.heal import distill_loss, heal, stack_members
@@ -93,7 +93,7 @@ def test_conv2d_grams_are_unfolded_patches():
 
 
 def test_hf_conv1d_grams():
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     from transformers.pytorch_utils import Conv1D
 
     class C1(nn.Module):
