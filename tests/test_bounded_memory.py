@@ -148,16 +148,24 @@ def test_own_memory_keeps_values_and_ties():
 
 
 @pytest.mark.parametrize("n", [5, 511, 512, 700, 1536])
-def test_blocked_gram_equals_the_full_product(n):
-    from lors_convert.calibrate.accumulate import add_gram, symmetrize_
+def test_blocked_gram_equals_the_full_product_and_stores_what_it_says(n):
+    from lors_convert.calibrate.accumulate import UpperBlocks, add_gram, completed, stored_bytes
 
     g = torch.Generator().manual_seed(n)
     rows = [torch.randn(37, n, generator=g, dtype=torch.float64) for _ in range(3)]
     acc = None
     for r in rows:
         acc = add_gram(acc, r)
+    held = sum(t.numel() for t in acc.rows) if isinstance(acc, UpperBlocks) else acc.numel()
+    assert held * 8 == stored_bytes(n, 8)
+    assert (held < n * n) == (n >= 512)  # the upper block triangle only, from 2 blocks on (1536: 58%)
+    other = add_gram(None, rows[0])
+    summed = other.clone()
+    summed += add_gram(None, rows[1])  # how the input Grams add a batch's Gram to a key's sum
     expected = sum(r.T @ r for r in rows)
-    assert torch.allclose(symmetrize_(acc), expected, rtol=1e-12, atol=1e-10)
+    assert torch.allclose(completed(acc), expected, rtol=1e-12, atol=1e-10)
+    assert torch.allclose(completed(summed), rows[0].T @ rows[0] + rows[1].T @ rows[1], rtol=1e-12, atol=1e-10)
+    assert torch.allclose(completed(other), rows[0].T @ rows[0], rtol=1e-12, atol=1e-10)  # clone left it alone
 
 
 def test_streamed_skeleton_runs_like_the_loaded_model():

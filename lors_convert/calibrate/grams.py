@@ -28,7 +28,7 @@ from ..discover.stacks import find_stacks
 from ..errors import LorsError, LorsUsageError
 from ..io.spill import Spill
 from ..options import OBJECTIVES
-from .accumulate import add_gram, symmetrize_
+from .accumulate import add_gram, completed
 from .batches import Batch, batch_mask, batch_size, model_device, run_model, to_device, token_rows
 from .sensitivity import DEFAULT_PROBES, collect_output_grams
 from .spilled import SpilledGrams, spill_grams
@@ -188,7 +188,7 @@ class GramCollector:
         grams: dict[str, torch.Tensor] = {}
         distinct: dict[tuple, list[torch.Tensor]] = {}  # cheap fingerprint -> Grams with it
         for k in list(self.sums):
-            g = symmetrize_(self.sums.pop(k)).div_(max(self.counts[k], 1)).cpu()
+            g = completed(self.sums.pop(k)).div_(max(self.counts[k], 1)).cpu()
             if spill is None:
                 g = g.to(torch.float64)
             # q/k/v projections see the same input: one tensor object, so one eigendecomposition later

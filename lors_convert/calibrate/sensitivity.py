@@ -36,7 +36,7 @@ from collections.abc import Callable, Iterable, Mapping
 import torch
 from torch import nn
 
-from .accumulate import add_gram, symmetrize_
+from .accumulate import add_gram, completed, stored_bytes
 from .batches import (Batch, batch_mask, batch_size, model_device, positions, primary_output, run_model,
                       split_batch, to_device, token_rows)
 
@@ -117,7 +117,7 @@ def _module_groups(model: nn.Module, owners: Mapping[str, nn.Module], max_bytes:
     for module in owners.values():
         keys_per_module[id(module)] = keys_per_module.get(id(module), 0) + 1
     ordered = [m for m in model.modules() if id(m) in keys_per_module]
-    sizes = [keys_per_module[id(m)] * _out_width(m) ** 2 * 4 for m in ordered]  # float32 accumulators
+    sizes = [keys_per_module[id(m)] * stored_bytes(_out_width(m)) for m in ordered]  # float32 accumulators
     total = sum(sizes)
     count = 1 if max_bytes is None else max(1, math.ceil(total / max_bytes))
     groups: list[set[int]] = [set()]
@@ -182,7 +182,7 @@ def _group_pass(model, owners, batches, probes, seed, device, progress, float64)
     scale = 1.0 / max(samples * probes, 1)
     out = {}
     for key in list(sums):  # one at a time: no second copy of them all
-        g = symmetrize_(sums.pop(key)).mul_(scale).cpu()
+        g = completed(sums.pop(key)).mul_(scale).cpu()
         out[key] = g.to(torch.float64) if float64 else g
     return out
 
