@@ -296,3 +296,26 @@ def test_a_spill_removes_the_one_a_killed_process_left(tmp_path):
     assert not orphan.exists() and alive.exists() and other.exists() and spill.path.exists()
     assert elsewhere.exists()
     spill.close()
+
+
+@pytest.mark.parametrize("spilled", [False, True])
+def test_wide_layers_collect_exact_grams_through_upper_blocks(tmp_path, spilled):
+    """Layers 520 wide (two blocks and more): input and output Grams through the blocked accumulators,
+    in memory and spilled; an overflowing input is a one-line error."""
+    from lors_convert.errors import LorsError
+    from tests.test_sensitivity import LinStack
+
+    torch.manual_seed(0)
+    model = LinStack(n=3, d=520)
+    x = torch.randn(8, 4, 520)
+    spill = Spill(near=tmp_path) if spilled else None
+    cal = collect_grams(model, list(x.split(4)), objective="output", probes=2, spill=spill)
+    X = x.reshape(-1, 520).double()
+    C = cal["blocks.0.lin.weight"]
+    assert torch.allclose(C.double(), X.T @ X / 32, rtol=1e-4, atol=1e-4)
+    G = cal.out_grams["blocks.2.lin.weight"]  # the output itself: E[u u^T] summed over 4 rows
+    assert torch.allclose(G.double(), G.double().T) and float(G.diagonal().mean()) == pytest.approx(4.0, rel=0.1)
+    with pytest.raises(LorsError, match="not finite"):
+        collect_grams(model, [torch.full((2, 4, 520), 3e30)], objective="layer", spill=spill)
+    if spill is not None:
+        spill.close()

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from ..finite import all_finite
+
 BLOCK = 256
 
 
@@ -66,6 +68,11 @@ def completed(acc: torch.Tensor | UpperBlocks) -> torch.Tensor:
     return acc.full() if isinstance(acc, UpperBlocks) else acc
 
 
+def all_finite_sum(acc: torch.Tensor | UpperBlocks) -> bool:
+    """Whether every stored entry of a sum is finite."""
+    return all(all_finite(t) for t in (acc.rows if isinstance(acc, UpperBlocks) else [acc]))
+
+
 def stored_bytes(n: int, element_size: int = 4) -> int:
     """Bytes an accumulator of width ``n`` holds."""
     if n < 2 * BLOCK:
@@ -73,4 +80,4 @@ def stored_bytes(n: int, element_size: int = 4) -> int:
     return sum(min(BLOCK, n - i) * (n - i) for i in range(0, n, BLOCK)) * element_size
 
 
-__all__ = ["BLOCK", "UpperBlocks", "add_gram", "completed", "stored_bytes"]
+__all__ = ["BLOCK", "UpperBlocks", "add_gram", "all_finite_sum", "completed", "stored_bytes"]

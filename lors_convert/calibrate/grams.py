@@ -28,7 +28,7 @@ from ..discover.stacks import find_stacks
 from ..errors import LorsError, LorsUsageError
 from ..io.spill import Spill
 from ..options import OBJECTIVES
-from .accumulate import add_gram, completed
+from .accumulate import UpperBlocks, add_gram, all_finite_sum, completed
 from .batches import Batch, batch_mask, batch_size, model_device, run_model, to_device, token_rows
 from .sensitivity import DEFAULT_PROBES, collect_output_grams
 from .spilled import SpilledGrams, spill_grams
@@ -259,8 +259,8 @@ def _parameter_bytes(model: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-def _check_finite(grams: Mapping[str, torch.Tensor], kind: str) -> None:
-    bad = next((key for key, g in grams.items() if not torch.isfinite(g).all()), None)
+def _check_finite(grams: Mapping[str, torch.Tensor | UpperBlocks], kind: str) -> None:
+    bad = next((key for key, g in grams.items() if not all_finite_sum(g)), None)
     if bad is not None:  # the activations overflowed: a fit would write NaN factors
         raise LorsError(f"the {kind} Gram of {bad!r} is not finite: the model overflows on the "
                         "calibration inputs")
