@@ -17,7 +17,7 @@ which is what :func:`lors_convert.convert` takes as ``calibration=``. Given a
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -245,9 +245,13 @@ def collect_grams(
         else:  # at most a model's size of accumulators at once, each group spilled when its pass ends
             stored = SpilledGrams(spill, "output")
 
-            def finished(grams: dict[str, torch.Tensor]) -> None:
-                _check_finite(grams, "output-gradient")
-                spill_grams(grams, spill, "output", into=stored)
+            def finished(grams: Iterator[tuple[str, torch.Tensor]]) -> None:
+                def checked():
+                    for key, g in grams:
+                        _check_finite({key: g}, "output-gradient")
+                        yield key, g
+
+                spill_grams(checked(), spill, "output", into=stored)
 
             collect_output_grams(model, owners, batches, probes=probes, seed=seed, device=device, float64=False,
                                  max_bytes=max(_parameter_bytes(model), 1), finished=finished)

@@ -31,7 +31,7 @@ different resolutions, so a global rank budget compares all weights directly.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -70,7 +70,7 @@ def collect_output_grams(
     progress: Callable[[int], None] | None = None,
     float64: bool = True,
     max_bytes: int | None = None,
-    finished: Callable[[dict[str, torch.Tensor]], None] | None = None,
+    finished: Callable[[Iterator[tuple[str, torch.Tensor]]], None] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Weight key -> output-gradient Gram ``(out, out)`` (float64, CPU; ``float64=False``: the
     accumulators' dtype), for the given owners.
@@ -83,7 +83,8 @@ def collect_output_grams(
     ``max_bytes``: hold at most this much of accumulators at once: the modules are split into
     consecutive groups, one pass over ``batches`` each (every pass draws the same probes, so the
     Grams are those of a single pass), and each group's Grams go to ``finished`` as soon as its pass
-    ends (then the returned dict is empty). A group pass runs the whole forward but differentiates
+    ends, as an iterator of ``(key, Gram)`` that makes each matrix when it is reached (then the
+    returned dict is empty). A group pass runs the whole forward but differentiates
     only from the model output down to its own modules.
     """
     if probes < 1:
@@ -94,13 +95,22 @@ def collect_output_grams(
     result: dict[str, torch.Tensor] = {}
     batches = list(batches)
     for group in groups:
-        grams = _group_pass(model, {k: m for k, m in owners.items() if id(m) in group}, batches, probes, seed,
-                            device, progress if group is groups[-1] else None, float64)
+        sums, scale = _group_pass(model, {k: m for k, m in owners.items() if id(m) in group}, batches, probes,
+                                  seed, device, progress if group is groups[-1] else None)
+        grams = _completed(sums, scale, float64)
         if finished is not None:
             finished(grams)
         else:
-            result = grams
+            result = dict(grams)
     return result
+
+
+def _completed(sums: dict, scale: float, float64: bool) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(key, Gram)`` one at a time, each accumulator consumed as its matrix is made (a group's full
+    matrices are about twice its accumulators)."""
+    for key in list(sums):
+        g = completed(sums.pop(key)).mul_(scale).cpu()
+        yield key, (g.to(torch.float64) if float64 else g)
 
 
 def _out_width(module: nn.Module) -> int:
@@ -130,8 +140,9 @@ def _module_groups(model: nn.Module, owners: Mapping[str, nn.Module], max_bytes:
     return groups
 
 
-def _group_pass(model, owners, batches, probes, seed, device, progress, float64) -> dict[str, torch.Tensor]:
-    """One pass over ``batches`` collecting the output Grams of ``owners``."""
+def _group_pass(model, owners, batches, probes, seed, device, progress) -> tuple[dict, float]:
+    """One pass over ``batches`` accumulating the output Grams of ``owners``: the sums (upper blocks,
+    :mod:`.accumulate`) and the scale that makes them means."""
     by_module: dict[int, list[str]] = {}
     for key, module in owners.items():
         by_module.setdefault(id(module), []).append(key)
@@ -179,12 +190,7 @@ def _group_pass(model, owners, batches, probes, seed, device, progress, float64)
         for p in trainable:
             p.requires_grad_(True)
         model.train(was_training)
-    scale = 1.0 / max(samples * probes, 1)
-    out = {}
-    for key in list(sums):  # one at a time: no second copy of them all
-        g = completed(sums.pop(key)).mul_(scale).cpu()
-        out[key] = g.to(torch.float64) if float64 else g
-    return out
+    return sums, 1.0 / max(samples * probes, 1)
 
 
 class _Head:

@@ -84,24 +84,20 @@ def _eigh(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return gram_eigh(gram, torch.float32)  # 3x faster than float64, the same eigenvalue floor
 
 
-def spill_grams(grams: dict[str, torch.Tensor], spill: Spill, kind: str, into: SpilledGrams | None = None
-                ) -> SpilledGrams:
-    """Move ``grams`` (consumed: each entry is dropped once written) onto ``spill`` (adding to
-    ``into`` when given); keys whose Grams are the same tensor object are stored once."""
+def spill_grams(grams: dict[str, torch.Tensor] | Iterator[tuple[str, torch.Tensor]], spill: Spill, kind: str,
+                into: SpilledGrams | None = None) -> SpilledGrams:
+    """Move ``grams`` onto ``spill`` (adding to ``into`` when given). A dict is consumed (each entry
+    dropped once written; keys whose Grams are the same tensor object are stored once); an iterator
+    of ``(key, Gram)`` is read as the decompositions need its Grams, a few ahead at most."""
     out = into if into is not None else SpilledGrams(spill, kind)
-    by_tensor: dict[int, list[str]] = {}
-    tensors: dict[int, torch.Tensor] = {}
-    for key, g in grams.items():
-        by_tensor.setdefault(id(g), []).append(key)
-        tensors[id(g)] = g
-    grams.clear()
     # each eigensolver on one BLAS thread, as many side by side as torch has threads (2 cores: 2x
     # the serial rate), a few decompositions ahead of the writes at most
     workers = max(1, min(MAX_EIGH_WORKERS, torch.get_num_threads()))
     with serial(), ThreadPoolExecutor(workers) as pool:
         pending: deque = deque()
-        for ident, keys in by_tensor.items():
-            pending.append((keys, pool.submit(_eigh, tensors.pop(ident))))
+        for keys, gram in _distinct(grams):
+            pending.append((keys, pool.submit(_eigh, gram)))
+            del gram
             if len(pending) > workers:
                 keys, eig = pending.popleft()
                 out.put(keys, None, eig.result())
@@ -109,6 +105,21 @@ def spill_grams(grams: dict[str, torch.Tensor], spill: Spill, kind: str, into: S
             out.put(keys, None, eig.result())
     trim()  # the sums are gone: give their pages back before the next phase
     return out
+
+
+def _distinct(grams) -> Iterator[tuple[list[str], torch.Tensor]]:
+    """``(keys, Gram)``: a dict's keys grouped by tensor object (popped as they go), an iterator's one by one."""
+    if not isinstance(grams, dict):
+        yield from (([key], g) for key, g in grams)
+        return
+    by_tensor: dict[int, list[str]] = {}
+    tensors: dict[int, torch.Tensor] = {}
+    for key, g in grams.items():
+        by_tensor.setdefault(id(g), []).append(key)
+        tensors[id(g)] = g
+    grams.clear()
+    for ident, keys in by_tensor.items():
+        yield keys, tensors.pop(ident)
 
 
 __all__ = ["SpilledGrams", "spill_grams"]
