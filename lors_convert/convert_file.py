@@ -44,7 +44,7 @@ from .io.dist import Dist
 from .io.memory import own_memory
 from .io.safetensors import dump_json
 from .io.spill import Spill
-from .io.sources import SourceInfo, file_sha256, is_hf_dir, load_source, open_lazy, refuse_non_finite
+from .io.sources import SourceInfo, is_hf_dir, load_source, open_lazy, refuse_non_finite
 from .report import Report
 from .target import Target, search_budget
 
@@ -82,7 +82,8 @@ def convert_file(src: str | Path, out: str | Path | None, *, arch: str | None = 
             measurer = (_measurer(src, arch, trust_pickle, None, heldout, text_model, model,
                                   lambda key: reader.get(aliases.get(key, key))) if measure else None)
             return _convert_weights(src, out, model, reader.get, manifest, source, dist, dry_run, force,
-                                    max_shard_size, measurer, hash_files=reader.files, **convert_kwargs)
+                                    max_shard_size, measurer, **convert_kwargs)
+        source.cancel_hash()  # loaded whole below, which hashes it again
     if dist.world > 1:
         raise LorsUsageError("distributed conversion needs a Hugging Face directory or .safetensors + --arch")
     model, source = load_source(src, arch=arch, trust_pickle=trust_pickle)
@@ -288,7 +289,7 @@ def _merge_into(source: nn.Module, ckpt: Checkpoint) -> nn.Module:
 
 def _convert_weights(src: Path, out: Path | None, model: nn.Module, get: Getter, manifest: dict,
                      source: SourceInfo, dist: Dist, dry_run: bool, force: bool, max_shard_size, measure,
-                     hash_files: list[Path] | None = None, rank=8, groups=None, include=None, exclude=None,
+                     rank=8, groups=None, include=None, exclude=None,
                      init="svd", method="auto", device=None, require_savings=True, progress=None,
                      adaptive=None, calibration=None, refine=0, budget=None, sharing="auto") -> Report | None:
     """Convert from weights alone into a checkpoint: ``model`` gives the structure (meta tensors or
@@ -305,11 +306,11 @@ def _convert_weights(src: Path, out: Path | None, model: nn.Module, get: Getter,
         pp.param = replace(pp.param, dtype=getattr(torch, manifest["keys"][pp.keys[0]]["dtype"]))
     report, matrices = plan.report_with_matrices(count_parameters(model))
     if dry_run:
+        source.cancel_hash()
         return report
     if dist.is_main:
         check_output(out, force)
-    if hash_files is not None:
-        source.sha256 = file_sha256(hash_files)
+    source.finish_hash()  # started when the source was opened (io/digest.py)
     converted = {key for pp in plan.params for key in pp.converted_keys}  # a member kept dense is untouched
     untouched = [k for k in manifest["keys"] if k not in converted and k not in manifest["aliases"]]
     buffers = nonpersistent_buffers(model)

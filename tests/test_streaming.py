@@ -60,6 +60,25 @@ def test_streaming_equals_in_memory(gpt2_dir, tmp_path):
     assert a.manifest == b.manifest
     assert a.manifest["aliases"] == {"lm_head.weight": "transformer.wte.weight"}  # the tie is recorded
     assert a.report().to_dict()["total"] == b.report().to_dict()["total"]
+    # the streamed hash runs on a thread beside the skeleton build; both paths record the file's sha256
+    expected = hashlib.sha256((gpt2_dir / "model.safetensors").read_bytes()).hexdigest()
+    assert a.config["source"]["sha256"] == b.config["source"]["sha256"] == expected
+
+
+def test_digest_waits_cancels_and_reports_errors(tmp_path):
+    from lors_convert.io.digest import CHUNK_BYTES, Digest
+
+    parts = [tmp_path / "b.bin", tmp_path / "a.bin"]
+    for i, p in enumerate(parts):
+        p.write_bytes(bytes([i]) * (CHUNK_BYTES + 7))
+    whole = hashlib.sha256(parts[1].read_bytes() + parts[0].read_bytes()).hexdigest()  # sorted by path
+    assert Digest(parts).result() == whole
+    cancelled = Digest(parts)
+    cancelled.cancel()
+    with pytest.raises(RuntimeError, match="cancelled"):
+        cancelled.result()
+    with pytest.raises(FileNotFoundError):  # raised in the caller's thread, not lost on the worker
+        Digest([tmp_path / "missing.bin"]).result()
 
 
 def test_sharded_output_round_trip(gpt2_dir, tmp_path):

@@ -9,7 +9,6 @@ failure is a :class:`LorsError` naming the file.
 """
 from __future__ import annotations
 
-import hashlib
 import importlib
 import pickle
 import shutil
@@ -26,6 +25,7 @@ from ..errors import LorsError, LorsUsageError, short
 from ..finite import all_finite
 from .atomic import recover_output
 from .confine import confined
+from .digest import Digest, file_sha256
 from .gguf import GGUFFile, is_gguf
 from .gguf_model import GGUFTensors, export_side_files, load_config
 from .safetensors import SafetensorsReader, directory_weight_files
@@ -48,6 +48,18 @@ class SourceInfo:
     stored: set[str] | None = field(default=None, repr=False)
     # produces the side files (a GGUF source: config, tokenizer, metadata) -> (files, warnings)
     export: Callable[[Path], tuple[list[str], list[str]]] | None = field(default=None, repr=False)
+    # the content hash being computed beside the work (open_lazy); finish_hash() fills sha256 from it
+    digest: Digest | None = field(default=None, repr=False, compare=False)
+
+    def finish_hash(self) -> None:
+        """Fill ``sha256`` from the background :class:`Digest` (waits for what is left of it)."""
+        if self.sha256 is None and self.digest is not None:
+            self.sha256 = self.digest.result()
+
+    def cancel_hash(self) -> None:
+        """Stop the background hash (a dry run; a source loaded another way)."""
+        if self.digest is not None:
+            self.digest.cancel()
 
     def to_dict(self) -> dict:
         return {"kind": self.kind, "path": self.path, "arch": self.arch, "sha256": self.sha256}
@@ -62,15 +74,6 @@ class SourceInfo:
         for name in self.files if origin is not None else []:  # checked again: the directory may have changed
             shutil.copy2(confined(Path(origin), name, "side file"), Path(directory) / name)
         return []
-
-
-def file_sha256(paths: list[Path]) -> str:
-    digest = hashlib.sha256()
-    for path in sorted(paths):
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 22), b""):
-                digest.update(chunk)
-    return digest.hexdigest()
 
 
 def import_arch(ref: str):
@@ -328,11 +331,13 @@ def load_source(path: str | Path, arch: str | None = None, trust_pickle: bool = 
     path = Path(path)
     recover_output(path)  # an output of lors (merge) whose replacement was killed half-way
     if is_hf_dir(path):
-        stored = set(SafetensorsReader(hf_weight_files(path)).keys())
+        files = hf_weight_files(path)
+        digest = Digest(files)  # beside the load
+        stored = set(SafetensorsReader(files).keys())
         model = load_hf(path, stored)
         check_finite(model, path)
         return model, SourceInfo(kind="hf", path=str(path.resolve()), arch=type(model).__name__,
-                                 sha256=file_sha256(hf_weight_files(path)), files=hf_side_files(path), stored=stored)
+                                 sha256=digest.result(), files=hf_side_files(path), stored=stored)
     if is_gguf(path):
         return load_gguf(path, arch)
     _check_file(path)
@@ -378,21 +383,23 @@ def open_lazy(path: str | Path, arch: str | None = None) -> tuple[nn.Module, Saf
     """(meta-device model, lazy tensors, source info) for an HF directory, ``.safetensors`` +
     ``arch`` or a GGUF file; None for any other input (it must be loaded whole).
 
-    The info's ``sha256`` is left None: hashing reads every byte, so the caller does it only once
-    it will write.
+    The info's ``sha256`` is being computed on a thread of its own (``info.digest``) while the
+    skeleton is built: :meth:`SourceInfo.finish_hash` waits for it, :meth:`SourceInfo.cancel_hash` stops it.
     """
     src = Path(path)
     recover_output(src)
     if is_hf_dir(src):
         tensors = SafetensorsReader(hf_weight_files(src))
+        digest = Digest(tensors.files)
         model = empty_model(lambda: build_hf(src, device="cpu", keys=set(tensors.keys())))
         return model, tensors, SourceInfo(kind="hf", path=str(src.resolve()), arch=type(model).__name__,
-                                          files=hf_side_files(src))
+                                          files=hf_side_files(src), digest=digest)
     if src.suffix == ".safetensors" and arch is not None and src.is_file():
         _check_file(src)  # an empty file says so, not "header too small"
         tensors = SafetensorsReader([src])
+        digest = Digest([src])
         model = empty_model(lambda: build_arch(arch))
-        return model, tensors, SourceInfo(kind="state_dict", path=str(src.resolve()), arch=arch)
+        return model, tensors, SourceInfo(kind="state_dict", path=str(src.resolve()), arch=arch, digest=digest)
     if is_gguf(src):
         return open_gguf(src, arch)
     return None
@@ -408,6 +415,7 @@ def open_gguf(path: Path, arch: str | None = None):
     if arch is not None:
         raise LorsUsageError(f"{path}: --arch does not apply to a GGUF file (its metadata names the architecture)")
     gguf = GGUFFile(path)
+    digest = Digest([path])
     config = load_config(gguf)
     from transformers import AutoModelForCausalLM
 
@@ -421,7 +429,7 @@ def open_gguf(path: Path, arch: str | None = None):
     tied = [k for k, t in state.items() if first.setdefault(id(t), k) != k]
     tensors = GGUFTensors(gguf, {k: tuple(t.shape) for k, t in state.items()}, tied, type(model).__name__)
     info = SourceInfo(kind="gguf", path=str(path.resolve()), arch=type(model).__name__, stored=set(tensors.keys()),
-                      export=lambda directory: export_side_files(gguf, config, tensors.extras, directory))
+                      digest=digest, export=lambda directory: export_side_files(gguf, config, tensors.extras, directory))
     return model, tensors, info
 
 
@@ -434,5 +442,5 @@ def load_gguf(path: Path, arch: str | None = None) -> tuple[nn.Module, SourceInf
     if left:
         raise LorsError(f"{path}: no tensor for {left[0]!r}")
     check_finite(model, path)
-    info.sha256 = file_sha256([path])
+    info.finish_hash()
     return model.eval(), info
