@@ -36,3 +36,14 @@ def test_usage_errors_do_not_wait_for_torch():
     res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert res.stdout.split() == ["2", "False", "False"], res.stdout + res.stderr
     assert "--rank must be a positive integer or 'full', got 0" in res.stderr
+
+
+def test_the_library_imports_transformers_only_for_hugging_face_models():
+    """Importing the conversion (and converting a model that is not a Hugging Face one) leaves
+    transformers unimported: its import costs seconds, and a Conv1D is recognised without it."""
+    code = ("import sys, torch\nimport lors_convert, lors_convert.convert_file, lors_convert.checkpoint.merge\n"
+            "from tests.archs import StackedMLP\n"
+            "lors_convert.convert(StackedMLP(depth=3), rank=2)\n"
+            "print('transformers' in sys.modules)")
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.stdout.split() == ["False"], res.stdout + res.stderr

@@ -27,6 +27,7 @@ from torch import nn
 from ..discover.stacks import find_stacks
 from ..errors import LorsError, LorsUsageError
 from ..io.spill import Spill
+from ..layers import hf_conv1d_types
 from ..options import OBJECTIVES
 from .accumulate import UpperBlocks, add_gram, all_finite_sum, completed
 from .batches import Batch, batch_mask, batch_size, model_device, run_model, to_device, token_rows
@@ -87,14 +88,6 @@ def gram_owners(model: nn.Module, include: list[str] | None = None, exclude: lis
     return owners
 
 
-def _conv1d_types() -> tuple[type, ...]:
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:
-        return ()
-    return (Conv1D,)
-
-
 class GramCollector:
     """Forward pre-hooks that accumulate ``X^T X`` per owner; use as a context manager."""
 
@@ -107,7 +100,7 @@ class GramCollector:
         self.mask: torch.Tensor | None = None  # (B, T) bool of real tokens for the current batch
         self._handles = []
         self._memo: tuple | None = None  # (input, its version, mask, Gram, rows) of the last Linear input
-        conv1d = _conv1d_types()
+        conv1d = hf_conv1d_types()
         for key, module in self.owners.items():
             if isinstance(module, nn.Conv2d):
                 if module.groups != 1:

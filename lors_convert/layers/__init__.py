@@ -6,7 +6,7 @@ from torch import nn
 
 from .base import LorsLayer, LorsModule, meta_clone
 from .conv import LorsConv2d
-from .conv1d import LorsConv1D
+from .conv1d import LorsConv1D, hf_conv1d_types
 from .adaptive import LorsaLinear
 from .linear import LorsLinear
 
@@ -31,9 +31,9 @@ def static_layer_for(module: nn.Module) -> type[LorsLayer] | None:
     if isinstance(module, torch.jit.ScriptModule):  # weights only: no forward to replace
         name = getattr(module, "original_name", "")
         return next((layer for layer in STATIC_LAYERS
-                     if any(d.__name__ == name for d in layer.dense_types)), None)
+                     if any(d.__name__ == name for d in layer.replaces())), None)
     for layer in STATIC_LAYERS:
-        for dense in layer.dense_types:
+        for dense in layer.replaces():
             if isinstance(module, dense) and type(module).forward is dense.forward:
                 if isinstance(module, nn.Conv2d) and type(module)._conv_forward is not nn.Conv2d._conv_forward:
                     return None
@@ -41,4 +41,5 @@ def static_layer_for(module: nn.Module) -> type[LorsLayer] | None:
     return None
 
 
-__all__ = ["LorsModule", "LorsLayer", "meta_clone", "LorsLinear", "LorsConv2d", "LorsConv1D", "STATIC_LAYERS", "ADAPTIVE_LAYERS", "LorsaLinear", "layer_class", "static_layer_for"]
+__all__ = ["LorsModule", "LorsLayer", "meta_clone", "LorsLinear", "LorsConv2d", "LorsConv1D", "STATIC_LAYERS", "ADAPTIVE_LAYERS", "LorsaLinear", "layer_class", "static_layer_for",
+           "hf_conv1d_types"]

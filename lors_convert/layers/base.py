@@ -56,6 +56,11 @@ class LorsLayer(LorsModule):
 
     dense_types: tuple[type, ...] = ()
 
+    @classmethod
+    def replaces(cls) -> tuple[type, ...]:
+        """The dense module classes this layer stands in for."""
+        return cls.dense_types
+
     def __init__(self, dense: nn.Module, shared: nn.Parameter | None, total_rank: int, rank: int | None,
                  groups: int, weight_name: str = "weight") -> None:
         super().__init__()

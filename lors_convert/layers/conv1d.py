@@ -6,22 +6,28 @@ accumulated into the low-rank one by its GEMM (``addmm_``), as in :mod:`.linear`
 """
 from __future__ import annotations
 
+import sys
+
 import torch
 
 from .base import LorsLayer
 
 
-def _conv1d_type():
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:  # transformers is optional for the core
-        return ()
-    return (Conv1D,)
+def hf_conv1d_types() -> tuple[type, ...]:
+    """transformers' ``Conv1D`` if its module is loaded, else ``()``. A model holding a ``Conv1D``
+    has loaded it, so recognising one needs no import of transformers (0.5 s here, paid by every
+    model that is not a Hugging Face one)."""
+    module = sys.modules.get("transformers.pytorch_utils")
+    conv1d = getattr(module, "Conv1D", None)
+    return (conv1d,) if isinstance(conv1d, type) else ()
 
 
 class LorsConv1D(LorsLayer):
     layer_kind = "conv1d"
-    dense_types = _conv1d_type()
+
+    @classmethod
+    def replaces(cls) -> tuple[type, ...]:
+        return hf_conv1d_types()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out)
         rows = x.reshape(-1, x.shape[-1])  # (M, in)
