@@ -3,14 +3,13 @@
 A skeleton (parameters on the meta device, real non-persistent buffers, as
 :func:`lors_convert.io.sources.open_lazy` builds it) runs with its weights read through a getter:
 everything outside the stacked blocks (embeddings, final norm, head) is read once and stays; each
-block (the outermost stack members, :mod:`lors_convert.discover.stacks`) reads its weights in a
-forward pre-hook and drops them in a forward hook. Peak memory is then the resident part, one
-block and the activations, whatever the model's size, so fidelity is measured on streamed models
-too (the source, then its merged conversion, :mod:`lors_convert.convert_file`).
+block (the outermost stack members, :mod:`lors_convert.discover.stacks`) is read when the batches
+reach it and dropped when they have all gone through. Peak memory is then the resident part, one
+block and the batches' activations, whatever the model's size, so fidelity is measured on streamed
+models too (the source, then its merged conversion, :mod:`lors_convert.convert_file`). Parameters
+shared between modules (tied embeddings) are read once and stay shared.
 
-Parameters shared between modules (tied embeddings) are read once and stay shared.
-
-:func:`lockstep` runs many batches with each block read once, not once per batch: every batch runs
+:func:`lockstep` reads each block once for all the batches, not once per batch: every batch runs
 in a greenlet of its own (a call stack that can be suspended, in the caller's thread: an OS thread
 per batch would cost each its own allocator arena and BLAS buffers, ~19 MB measured) that waits at
 each block's entry; the caller reads the block the waiting batches want first, lets each of them
@@ -20,7 +19,6 @@ activations at a block boundary (one hidden state each); the outputs come back o
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
 
 import greenlet
 import torch
@@ -73,37 +71,6 @@ def _fill(slots, get: Getter) -> list[tuple[nn.Module, str, torch.Tensor, bool]]
 def _restore(undo) -> None:
     for owner, attr, meta, is_param in undo:
         (owner._parameters if is_param else owner._buffers)[attr] = meta
-
-
-@contextmanager
-def streamed(model: nn.Module, get: Getter, blocks: list[str] | None = None) -> Iterator[nn.Module]:
-    """``model`` (a meta skeleton) made runnable with its weights from ``get(full name)``, block by
-    block; on exit it is a skeleton again."""
-    blocks = blocks_of(model) if blocks is None else blocks
-    resident = _fill(_meta_slots(model, "", skip=tuple(blocks)), get)
-    handles, loaded = [], []
-    for path in blocks:
-        module = model.get_submodule(path)
-        slots = _meta_slots(module, path)
-        undo: list = []
-        loaded.append(undo)
-
-        def load(mod, args, slots=slots, undo=undo):
-            undo[:] = _fill(slots, get)
-
-        def drop(mod, args, out, undo=undo):
-            _restore(undo)
-            undo.clear()
-
-        handles += [module.register_forward_pre_hook(load), module.register_forward_hook(drop)]
-    try:
-        yield model
-    finally:
-        for h in handles:
-            h.remove()
-        for undo in loaded:  # a block whose forward raised
-            _restore(undo)
-        _restore(resident)
 
 
 class _Batch:
@@ -188,4 +155,4 @@ def _finished(runs: list[_Batch], i: int) -> Iterator[tuple[int, object]]:
         yield i, out
 
 
-__all__ = ["blocks_of", "streamed", "lockstep"]
+__all__ = ["blocks_of", "lockstep"]
