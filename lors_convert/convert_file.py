@@ -44,7 +44,8 @@ from .io.dist import Dist
 from .io.memory import own_memory
 from .io.safetensors import dump_json
 from .io.spill import Spill
-from .io.sources import SourceInfo, is_hf_dir, load_source, open_lazy, refuse_non_finite
+from .io.hf import is_hf_dir
+from .io.sources import SourceInfo, load_source, open_lazy, refuse_non_finite
 from .report import Report
 from .target import Target, search_budget
 

@@ -54,7 +54,7 @@ def make_llama_1b(directory: Path, samples: int, seq: int) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from lors_convert.io.safetensors import ShardedWriter, meta_like
-    from lors_convert.io.sources import empty_model
+    from lors_convert.io.skeleton import empty_model
 
     config = LlamaConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
                          num_key_value_heads=4, vocab_size=32000, tie_word_embeddings=False)

@@ -38,7 +38,7 @@ FLOOR = r"""
 import sys, torch
 from pathlib import Path
 from lors_convert.io.safetensors import SafetensorsReader, ShardedWriter, meta_like
-from lors_convert.io.sources import hf_weight_files
+from lors_convert.io.hf import hf_weight_files
 src, out, shard = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
 tensors = SafetensorsReader(hf_weight_files(src))
 out.mkdir()
@@ -73,7 +73,7 @@ def make_checkpoint(directory: Path, args) -> tuple[int, int]:
 
     from lors_convert.discover.plan import plan_conversion
     from lors_convert.io.safetensors import ShardedWriter, meta_like
-    from lors_convert.io.sources import empty_model
+    from lors_convert.io.skeleton import empty_model
 
     config = LlamaConfig(hidden_size=args.hidden, intermediate_size=args.intermediate,
                          num_hidden_layers=args.layers, num_attention_heads=args.heads,

@@ -23,7 +23,8 @@ import torch
 from ..errors import LorsError, LorsUsageError, about, short
 from ..finite import all_finite
 from ..io.gguf import is_gguf
-from ..io.sources import hf_side_files, read_torch_file
+from ..io.hf import hf_side_files
+from ..io.sources import read_torch_file
 from .batches import Batch
 
 TENSOR_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")

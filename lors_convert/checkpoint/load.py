@@ -10,7 +10,8 @@ from torch import nn
 from ..discover.plan import plan_from_entry
 from ..discover.stacks import Stack
 from ..errors import LorsError, short
-from ..io.sources import build_arch, build_hf, load_source
+from ..io.hf import build_hf
+from ..io.sources import build_arch, load_source
 from ..layers import meta_clone
 from ..swap import install_layers
 from .format import BUFFER_PREFIX, lors_members
