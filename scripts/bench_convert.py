@@ -5,6 +5,9 @@ tensor at a time), or takes a real one (``--source DIR``, ``--smollm2``), then m
 subprocesses, ``--repeat`` rounds interleaved (medians reported, the machine is shared):
 
 - the I/O floor: read every tensor with safe_open and write it back out as shards;
+- for reference, a plain load+save of the model with transformers (``from_pretrained`` +
+  ``save_pretrained``), what a user would otherwise run: it imports transformers and builds the
+  model, as ``lors convert`` does and the floor does not;
 - ``lors convert --no-fidelity`` (streaming; the decomposition ``--svd auto`` picks), and with
   ``--baseline ROOT`` the same command run from another checkout of lors (a before/after pair);
 - with ``--fidelity``, plain ``lors convert`` too (it also measures held-out fidelity);
@@ -13,7 +16,7 @@ and prints their wall times and the ratio, peak RSS of each against the largest 
 and exact vs randomized SVD time and error on one stacked matrix of the model.
 
     python scripts/bench_convert.py                       # ~3.5 GB float32 source (default sizes)
-    python scripts/bench_convert.py --layers 4 --hidden 256 --intermediate 512   # a quick smoke run
+    python scripts/bench_convert.py --layers 4 --hidden 256 --intermediate 512 --heads 4  # a smoke run
     python scripts/bench_convert.py --smollm2 --rank 64 --repeat 3 --baseline /tmp/lors-base
 """
 from __future__ import annotations
@@ -49,8 +52,16 @@ for k in spec:
 writer.close()
 """
 
+HF_LOAD_SAVE = r"""
+import sys, transformers
+from transformers import AutoConfig
+src, out, shard = sys.argv[1], sys.argv[2], sys.argv[3]
+cls = getattr(transformers, AutoConfig.from_pretrained(src).architectures[0])
+cls.from_pretrained(src, dtype="auto").save_pretrained(out, max_shard_size=shard)
+"""
 
-OUTPUTS = {"floor": "floor", "convert": "out.lors", "baseline": "base.lors", "convert_fidelity": "fid.lors",
+
+OUTPUTS = {"floor": "floor", "hf_load_save": "hf", "convert": "out.lors", "baseline": "base.lors", "convert_fidelity": "fid.lors",
            "merge": "merged"}
 
 
@@ -80,6 +91,7 @@ def make_checkpoint(directory: Path, args) -> tuple[int, int]:
                          num_key_value_heads=args.heads, vocab_size=args.vocab, tie_word_embeddings=False)
     model = empty_model(lambda: LlamaForCausalLM(config))
     directory.mkdir(parents=True)
+    config.architectures = ["LlamaForCausalLM"]
     config.save_pretrained(directory)
     state = model.state_dict()
     spec = {k: meta_like(v.shape, torch.float32) for k, v in state.items()}
@@ -165,6 +177,7 @@ def main() -> None:
         convert = [sys.executable, "-m", "lors_convert", "convert", str(src), "--rank", str(args.rank),
                    "--max-shard-size", args.shard, "--device", args.device, "-q"]
         runs = {"floor": ([sys.executable, "-c", FLOOR, str(src), str(work / "floor"), args.shard], env),
+                "hf_load_save": ([sys.executable, "-c", HF_LOAD_SAVE, str(src), str(work / "hf"), args.shard], env),
                 "convert": (convert + ["--no-fidelity", "-o", str(work / "out.lors")], env)}
         if args.baseline is not None:
             runs["baseline"] = (convert + ["--no-fidelity", "-o", str(work / "base.lors")],
@@ -197,6 +210,7 @@ def main() -> None:
             "svd_shape": svd["shape"], "svd_exact_s": svd["exact"][0], "svd_randomized_s": svd["randomized"][0],
             "svd_speedup": svd["exact"][0] / svd["randomized"][0],
             "svd_error_ratio": svd["randomized"][1] / svd["exact"][1],
+            "hf_load_save_s": med["hf_load_save"], "convert_over_hf_load_save": conv_s / med["hf_load_save"],
         }
         for name in ("baseline", "convert_fidelity"):
             if name in med:
@@ -213,7 +227,10 @@ def main() -> None:
     print(f"| source checkpoint | {result['source_gb']:.2f} GB ({what}) |")
     print(f"| LORS output (rank {args.rank}) | {result['output_gb']:.2f} GB |")
     print(f"| load+save floor (median of {args.repeat}) | {floor_s:.1f} s |")
-    print(f"| lors convert --no-fidelity | {conv_s:.1f} s = {result['convert_over_floor']:.2f}x the floor |")
+    print(f"| transformers load+save (reference) | {result['hf_load_save_s']:.1f} s = "
+          f"{result['hf_load_save_s'] / floor_s:.2f}x the floor |")
+    print(f"| lors convert --no-fidelity | {conv_s:.1f} s = {result['convert_over_floor']:.2f}x the floor, "
+          f"{result['convert_over_hf_load_save']:.2f}x transformers load+save |")
     if "baseline_s" in result:
         print(f"| same, from {args.baseline} | {result['baseline_s']:.1f} s = {result['baseline_over_floor']:.2f}x "
               f"the floor |")
