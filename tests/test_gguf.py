@@ -6,6 +6,7 @@ the GGUF output by reading it back with the gguf package and with transformers.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -71,7 +72,8 @@ def test_reads_every_tensor_as_transformers_does(files, qtype):
         if qtype == "F32":
             assert torch.equal(t, source[key]), key  # llama.cpp's q/k permutation undone exactly
     model, info = load_source(path)
-    assert model.lm_head.weight is model.model.embed_tokens.weight and info.sha256
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert info.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
     assert torch.equal(logits(model, IDS), logits(transformers_model(path), IDS))
 
 
@@ -82,6 +84,7 @@ def test_convert_then_merge_to_a_transformers_directory(files, tmp_path):
     ckpt = tmp_path / "q8.lors"
     run("convert", src, "--rank", "full", "--keep-unsaving", "-o", ckpt, "-q")
     config = Checkpoint(ckpt).config
+    assert config["source"]["sha256"] == hashlib.sha256(src.read_bytes()).hexdigest()  # hashed beside the build
     assert config["source"]["kind"] == "gguf" and config["manifest"]["aliases"] == {
         "lm_head.weight": "model.embed_tokens.weight"} and config["manifest"]["stored_aliases"] == []
     source = transformers_model(src)
