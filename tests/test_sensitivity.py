@@ -15,7 +15,7 @@ from lors_convert.decompose.lorst import rebalance
 from lors_convert.errors import LorsUsageError
 from lors_convert.calibrate.fidelity import fidelity, reference_outputs
 from lors_convert.calibrate.sensitivity import collect_output_grams
-from lors_convert.decompose.whiten import decompose_weighted, weighted_shared, whitened_spectra
+from lors_convert.decompose.whiten import decompose_weighted, shared_and_spectra, weighted_shared, whitened_spectra
 from lors_convert.decompose.whitener import whitener
 
 from models import ConvStack, bert
@@ -205,10 +205,19 @@ def test_two_sided_truncation_is_optimal_for_the_two_sided_error():
     P1s = [(f.B @ f.A).double() for f in one_same.layers]
     assert err2 < _two_sided_error(W, S2, P1s, C, G)
     assert err2 < _two_sided_error(W, one.shared.double(), P1, C, G)
-    # spectra for the budget: what each rank unit removes, summing to the residual energy
-    spectra = whitened_spectra(W, C, out_grams=G)
-    for s, e, k in zip(spectra, two.weighted_error, ranks):
+    # spectra for the budget: what each rank unit removes against the budget's screening solve of
+    # the shared part, summing to the residual energy
+    screen, spectra = shared_and_spectra(W, C, out_grams=G)
+    assert all(torch.equal(a, b) for a, b in zip(spectra, whitened_spectra(W, C, out_grams=G)))
+    on_screen = decompose_weighted(W, ranks, C, out_grams=G, shared=screen)
+    for s, e, k in zip(spectra, on_screen.weighted_error, ranks):
         assert float(s[k:].sum()) == pytest.approx(e, rel=1e-4)
+    # a fit handed the screening solve solves on from it (3 + 10 iterations): its residual, the
+    # solve's objective, is below the screening one's and here below a fresh 10-iteration solve's
+    polished = decompose_weighted(W, ranks, C, out_grams=G, shared=screen, screened=True)
+    assert sum(polished.weighted_residual) < 0.8 * sum(on_screen.weighted_residual)
+    assert sum(polished.weighted_residual) <= sum(two.weighted_residual)
+    assert polished.total_weighted_error == pytest.approx(two.total_weighted_error, rel=0.03)
 
 
 def test_two_sided_refinement_never_increases_the_error():

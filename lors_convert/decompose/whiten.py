@@ -45,6 +45,7 @@ from .topk import serial
 from .whitener import DEFAULT_DAMP, DEFAULT_FLOOR, Whitener, stack_whiteners
 
 CG_MAX_ITER = 10  # shared-part solve with output Grams: every iterate lowers the error (10: within 0.2% of converged on MiniLM)
+CG_SCREEN_ITER = 3  # the budget's solve, which only ranks sharing against none (docs/calibration.md); a kept part solves on
 CG_TOL = 1e-8  # relative residual
 
 
@@ -208,8 +209,9 @@ def shared_and_spectra(weights: list[torch.Tensor], grams: list[torch.Tensor], o
                        device: torch.device | str | None = None, shared_matrix: torch.Tensor | None = None,
                        out_grams: list | None = None) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
     """:func:`whitened_spectra` and the shared part they were taken against (stored orientation,
-    float64; None with ``shared=False``): the initial shared part :func:`decompose_weighted` would
-    solve for, so that it can be passed on instead of solved again."""
+    float64; None with ``shared=False``). With output Grams that part is a screening solve
+    (:data:`CG_SCREEN_ITER` iterations, enough to rank sharing against none), passed on to
+    :func:`decompose_weighted` (``screened=True``), which solves on from it."""
     W, wh, lw = _prepare(weights, grams, orientation, floor, damp, device, out_grams)
     S = _budget_shared(W, wh, lw, orientation, shared, shared_matrix)
     spectra = _layer_spectra(W if S is None else W - S, wh, lw)
@@ -233,7 +235,7 @@ def _budget_shared(W, wh, lw, orientation, shared, shared_matrix):
     if shared_matrix is not None:
         return _orient(as_matrix(shared_matrix).to(W), orientation)
     if shared:
-        return weighted_shared(W, wh, left=lw)
+        return weighted_shared(W, wh, left=lw, max_iter=CG_SCREEN_ITER)
     return None
 
 
@@ -271,6 +273,7 @@ def decompose_weighted(
     device: torch.device | str | None = None,
     shared_part: bool = True,
     out_grams: list | None = None,
+    screened: bool = False,
 ) -> WeightedFactors:
     """Calibrated LORST factors of one stacked parameter.
 
@@ -283,6 +286,9 @@ def decompose_weighted(
     ``refine``: alternating sweeps (shared <- weighted least squares given the private parts, then
     re-truncate), ``history`` holds the total weighted error after the initial fit and after each
     sweep (non-increasing); ``shared``: a given starting shared part (stored orientation);
+    ``screened``: ``shared`` is a budget's screening solve (:data:`CG_SCREEN_ITER` iterations), which
+    with output Grams is solved on from there (:data:`CG_MAX_ITER` more: a kept shared part costs
+    what it did, a dropped one 3 iterations instead of 10);
     ``shared_part=False``: no shared part at all (per-layer low rank: a private-only stack; ``shared``
     in the result is zero and ``history`` constant).
 
@@ -296,6 +302,8 @@ def decompose_weighted(
         sweeps = 0  # nothing to refine: the history stays flat
     elif shared is not None:
         W_s = _orient(as_matrix(shared).to(W), orientation)
+        if screened and lw is not None:
+            W_s = weighted_shared(W, wh, left=lw, start=W_s)
     else:
         W_s = weighted_shared(W, wh, left=lw)
     factors, energy, discarded, _ = whitened_truncation(W - W_s, wh, ranks, lw)

@@ -147,16 +147,19 @@ def fit_calibrated(pp, weights: list[torch.Tensor], calibration=None, refine: in
                    ) -> Fit:
     """The weighted fit of one planned parameter. Uncalibrated and unrefined: the plain mean + SVD.
 
-    ``shared``: the initial shared part already solved for (:func:`apply_budget`'s ``shared_parts``).
+    ``shared``: the initial shared part already solved for (:func:`apply_budget`'s ``shared_parts``, a
+    screening solve that the fit finishes).
     """
     floor, damp = _opts(floor, damp)
     weights = list(weights)
     grams, _ = layer_grams(pp, weights, calibration)
+    screened = shared is not None  # the budget's solve: finished in the fit
     if shared is None and calibration is None and refine == 0:
         shared = _plain_mean(weights)
     factors = decompose_weighted(weights, pp.ranks, grams, orientation=orientation(pp), refine=refine,
                                  floor=floor, damp=damp, device=device, shared=shared,
-                                 shared_part=pp.has_shared, out_grams=output_grams(pp, weights, calibration))
+                                 shared_part=pp.has_shared, out_grams=output_grams(pp, weights, calibration),
+                                 screened=screened)
     return Fit(shared=factors.shared if pp.has_shared else None, factors=[(f.B, f.A) for f in factors.layers],
                relative_error=[f.relative_error for f in factors.layers],
                retained_energy=[f.retained_energy for f in factors.layers],
@@ -179,8 +182,9 @@ def apply_budget(plan, get: Callable[[str], torch.Tensor], budget: float, calibr
     :func:`lors_convert.budget.allocate_with_sharing`); ``"always"`` keeps the LORS structure,
     ``"never"`` makes every parameter private-only (per-layer low rank).
     ``get(key)`` reads a layer weight. ``shared_parts``: a dict that receives each kept shared part
-    (``pp.shared_key`` -> tensor), solved for the spectra, so that :func:`fit_calibrated` need not
-    solve again.
+    (``pp.shared_key`` -> tensor), solved for the spectra (a screening solve,
+    :data:`~lors_convert.decompose.whiten.CG_SCREEN_ITER` iterations), so that :func:`fit_calibrated`
+    continues from it instead of solving again.
     """
     if not (isinstance(budget, (int, float)) and 0 < budget):
         raise LorsUsageError(f"budget must be a positive fraction of the stacked parameters, got {budget!r}")
