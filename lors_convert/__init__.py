@@ -12,6 +12,7 @@ The names are imported on first use (PEP 562), so ``import lors_convert`` and th
 errors do not wait for torch. The package is layered (``docs/architecture.md``); a lower layer never
 imports a higher one.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -20,9 +21,16 @@ from .errors import LorsError, LorsUsageError
 from .version import __version__
 
 _API = {  # public name -> the module that defines it
-    "convert": ".conversion", "merge": ".swap", "plan_conversion": ".discover.plan",
-    "find_stacks": ".discover.stacks", "Stack": ".discover.stacks", "save": ".checkpoint", "load": ".checkpoint",
-    "merge_checkpoint": ".checkpoint", "Checkpoint": ".checkpoint", "count_parameters": ".counting",
+    "convert": ".conversion",
+    "merge": ".swap",
+    "plan_conversion": ".discover.plan",
+    "find_stacks": ".discover.stacks",
+    "Stack": ".discover.stacks",
+    "save": ".checkpoint",
+    "load": ".checkpoint",
+    "merge_checkpoint": ".checkpoint",
+    "Checkpoint": ".checkpoint",
+    "count_parameters": ".counting",
     "Report": ".report",
 }
 

@@ -11,6 +11,7 @@ getter, fits them (:func:`lors_convert.fit.fit_param`), fills the report row and
   streamed one stacked group at a time, TorchScript archives and other whole-loaded models from
   their state dict, ``torchrun`` ranks each writing their shards).
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
@@ -52,9 +53,16 @@ class LazyWeights(Sequence):
         return self.get(self.keys[i])
 
 
-def run_plan(plan: ConversionPlan, get: Getter, sink, options: FitOptions, matrices: list[MatrixReport],
-             progress: Progress | None = None, shared_parts: dict[str, torch.Tensor] | None = None,
-             only: Callable[[ParamPlan], bool] | None = None) -> dict[int, Fit]:
+def run_plan(
+    plan: ConversionPlan,
+    get: Getter,
+    sink,
+    options: FitOptions,
+    matrices: list[MatrixReport],
+    progress: Progress | None = None,
+    shared_parts: dict[str, torch.Tensor] | None = None,
+    only: Callable[[ParamPlan], bool] | None = None,
+) -> dict[int, Fit]:
     """THE conversion loop: fit every planned parameter (``only`` those it accepts) and hand it to
     ``sink.put(pp, fit)``; fills each ``matrices`` row's error columns. Returns the fits by plan index
     with their factors dropped (the report figures and the calibrated errors stay)."""
@@ -76,15 +84,34 @@ def run_plan(plan: ConversionPlan, get: Getter, sink, options: FitOptions, matri
     return done
 
 
-def make_plan(model: nn.Module, get: Getter, rank, groups, include, exclude, require_savings, adaptive,
-          budget, sharing, options: FitOptions, shared_parts: dict) -> ConversionPlan:
+def make_plan(
+    model: nn.Module,
+    get: Getter,
+    rank,
+    groups,
+    include,
+    exclude,
+    require_savings,
+    adaptive,
+    budget,
+    sharing,
+    options: FitOptions,
+    shared_parts: dict,
+) -> ConversionPlan:
     """The plan of a conversion; with ``budget`` its ranks come from the allocator (which solves the
     shared parts into ``shared_parts``)."""
     hook = make_adaptive_hook(adaptive, rank, groups) if adaptive is not None else None
     if budget is not None:
         plan = plan_conversion(model, None, None, include, exclude, require_savings=False, adaptive=hook)
-        apply_budget(plan, get, budget, options.calibration, device=options.device,
-                                  shared_parts=shared_parts, sharing=sharing)
+        apply_budget(
+            plan,
+            get,
+            budget,
+            options.calibration,
+            device=options.device,
+            shared_parts=shared_parts,
+            sharing=sharing,
+        )
     else:
         plan = plan_conversion(model, rank, groups, include, exclude, require_savings, adaptive=hook)
         if rank is None and any(pp.kind == "static" for pp in plan.params):
@@ -102,12 +129,15 @@ def check_sharing(sharing: str) -> None:
 def finish_report(report: Report, plan: ConversionPlan, options: FitOptions, fits: dict[int, Fit]) -> None:
     static = [pp for pp in plan.params if pp.kind == "static"]
     if options.refine > 0 and static and not any(pp.has_shared for pp in static):
-        report.warnings.append(f"refine={options.refine} had nothing to refine: every converted matrix is "
-                               "private-only (no shared part)")
+        report.warnings.append(
+            f"refine={options.refine} had nothing to refine: every converted matrix is "
+            "private-only (no shared part)"
+        )
     if options.weighted:
         weighted = [fits[i].weighted for i in sorted(fits) if fits[i].weighted is not None]
-        report.quality.update(quality_summary(weighted, options.calibration, options.refine, options.budget,
-                                              report))
+        report.quality.update(
+            quality_summary(weighted, options.calibration, options.refine, options.budget, report)
+        )
 
 
 def convert(
@@ -149,8 +179,9 @@ def convert(
     becomes private-only (``W_i = B_i A_i``); ``sharing="always"`` keeps a shared part everywhere,
     ``"never"`` none (per-layer low rank).
     """
-    options = FitOptions(init=init, method=method, device=device, calibration=calibration, refine=refine,
-                         budget=budget)
+    options = FitOptions(
+        init=init, method=method, device=device, calibration=calibration, refine=refine, budget=budget
+    )
     check_sharing(sharing)
     params_before = count_parameters(model)
 
@@ -158,8 +189,20 @@ def convert(
         return model.get_parameter(key).detach()
 
     shared_parts: dict[str, torch.Tensor] = {}  # solved once for the budget, reused by the fits
-    plan = make_plan(model, get, rank, groups, include, exclude, require_savings, adaptive, budget,
-                             sharing, options, shared_parts)
+    plan = make_plan(
+        model,
+        get,
+        rank,
+        groups,
+        include,
+        exclude,
+        require_savings,
+        adaptive,
+        budget,
+        sharing,
+        options,
+        shared_parts,
+    )
     report, matrices = plan.report_with_matrices(params_before)
     fits = run_plan(plan, get, ModuleSink(model), options, matrices, progress, shared_parts)
     report.params_after = count_parameters(model)
@@ -167,10 +210,20 @@ def convert(
     return model, report
 
 
-def calibrated_convert(model: nn.Module, data: CalibrationData, *, refine: int = 0,
-                       budget: float | None = None, rank: int | None = 8, progress=None,
-                       objective: str = "output", probes: int | None = None, reference: Reference | None = None,
-                       spill: Spill | None = None, **convert_kwargs):
+def calibrated_convert(
+    model: nn.Module,
+    data: CalibrationData,
+    *,
+    refine: int = 0,
+    budget: float | None = None,
+    rank: int | None = 8,
+    progress=None,
+    objective: str = "output",
+    probes: int | None = None,
+    reference: Reference | None = None,
+    spill: Spill | None = None,
+    **convert_kwargs,
+):
     """The whole ``lors convert --calibrate DATA`` path in one call.
 
     Collects the Grams on ``data.calibration`` (``objective``, ``probes``: see
@@ -182,13 +235,27 @@ def calibrated_convert(model: nn.Module, data: CalibrationData, *, refine: int =
     """
     include, exclude = convert_kwargs.get("include"), convert_kwargs.get("exclude")
     with about(data.source or None):  # inputs the model cannot run on name their file
-        calibration = collect_grams(model, data.calibration, include=include, exclude=exclude,
-                                    objective=objective, probes=probes, spill=spill)
+        calibration = collect_grams(
+            model,
+            data.calibration,
+            include=include,
+            exclude=exclude,
+            objective=objective,
+            probes=probes,
+            spill=spill,
+        )
     if reference is None and data.heldout:
         with about(data.heldout_origin or None):
             reference = reference_outputs(model, data.heldout, spill=spill)
-    model, report = convert(model, rank=rank, calibration=calibration, refine=refine, budget=budget,
-                            progress=progress, **convert_kwargs)
+    model, report = convert(
+        model,
+        rank=rank,
+        calibration=calibration,
+        refine=refine,
+        budget=budget,
+        progress=progress,
+        **convert_kwargs,
+    )
     note_calibration(report, data, calibration)
     if reference is not None:
         report.quality.update(fidelity(model, reference))

@@ -14,6 +14,7 @@ held-out part of the calibration data, else the probes that fit the model
 (:mod:`lors_convert.calibrate.probes`); when it cannot be, the report says why. A Hugging Face
 text model asked for a budget or a target without calibration data is calibrated on the shipped text.
 """
+
 from __future__ import annotations
 
 import functools
@@ -29,13 +30,28 @@ from .calibrate.fidelity import Reference, check_inputs, fidelity, fidelity_prob
 from .calibrate.grams import collect_grams
 from .calibrate.probes import CALIBRATION_TEXT, PROBE_TEXT, Probes, default_probes, read_probes
 from .calibrate.streamed import lockstep
-from .checkpoint.format import (BUFFER_PREFIX, DEFAULT_SHARD_SIZE, REPORT_NAME, nonpersistent_buffers, plan_stacks,
-                                source_manifest, stored_manifest)
+from .checkpoint.format import (
+    BUFFER_PREFIX,
+    DEFAULT_SHARD_SIZE,
+    REPORT_NAME,
+    nonpersistent_buffers,
+    plan_stacks,
+    source_manifest,
+    stored_manifest,
+)
 from .checkpoint.merge import merged_getter, merged_tensors
 from .checkpoint.reader import Checkpoint
 from .checkpoint.writer import CheckpointWriter, save
-from .conversion import Getter, calibrated_convert, check_sharing, convert, finish_report, make_plan, note_calibration, \
-    run_plan
+from .conversion import (
+    Getter,
+    calibrated_convert,
+    check_sharing,
+    convert,
+    finish_report,
+    make_plan,
+    note_calibration,
+    run_plan,
+)
 from .counting import count_parameters
 from .errors import LorsUsageError, about
 from .fit import FitOptions
@@ -52,12 +68,26 @@ from .target import Target, search_budget
 NEXT_STEPS = "try --calibrate DATA, a larger --budget or --target, or lors heal"
 
 
-def convert_file(src: str | Path, out: str | Path | None, *, arch: str | None = None, trust_pickle: bool = False,
-                 calibrate: Path | None = None, heldout: Path | None = None, heldout_fraction: float | None = None,
-                 target: Target | None = None,
-                 objective: str = "output", probes: int | None = None, measure: bool = True,
-                 max_shard_size: int | str = DEFAULT_SHARD_SIZE, force: bool = False, dist: Dist | None = None,
-                 dry_run: bool = False, log: Callable[[str], None] | None = None, **convert_kwargs) -> Report | None:
+def convert_file(
+    src: str | Path,
+    out: str | Path | None,
+    *,
+    arch: str | None = None,
+    trust_pickle: bool = False,
+    calibrate: Path | None = None,
+    heldout: Path | None = None,
+    heldout_fraction: float | None = None,
+    target: Target | None = None,
+    objective: str = "output",
+    probes: int | None = None,
+    measure: bool = True,
+    max_shard_size: int | str = DEFAULT_SHARD_SIZE,
+    force: bool = False,
+    dist: Dist | None = None,
+    dry_run: bool = False,
+    log: Callable[[str], None] | None = None,
+    **convert_kwargs,
+) -> Report | None:
     """Convert the model at ``src`` into the checkpoint directory ``out`` (atomically) and return the
     report; ``dry_run`` returns the report of the plan and writes nothing.
 
@@ -80,26 +110,67 @@ def convert_file(src: str | Path, out: str | Path | None, *, arch: str | None = 
             manifest = stored_manifest(source_manifest(model), reader)
         if manifest is not None:
             aliases = manifest["aliases"]
-            measurer = (_measurer(src, arch, trust_pickle, None, heldout, text_model, model,
-                                  lambda key: reader.get(aliases.get(key, key))) if measure else None)
-            return _convert_weights(src, out, model, reader.get, manifest, source, dist, dry_run, force,
-                                    max_shard_size, measurer, **convert_kwargs)
+            measurer = (
+                _measurer(
+                    src,
+                    arch,
+                    trust_pickle,
+                    None,
+                    heldout,
+                    text_model,
+                    model,
+                    lambda key: reader.get(aliases.get(key, key)),
+                )
+                if measure
+                else None
+            )
+            return _convert_weights(
+                src,
+                out,
+                model,
+                reader.get,
+                manifest,
+                source,
+                dist,
+                dry_run,
+                force,
+                max_shard_size,
+                measurer,
+                **convert_kwargs,
+            )
         source.cancel_hash()  # loaded whole below, which hashes it again
     if dist.world > 1:
         raise LorsUsageError("distributed conversion needs a Hugging Face directory or .safetensors + --arch")
     model, source = load_source(src, arch=arch, trust_pickle=trust_pickle)
     manifest = source_manifest(model, source.stored)
     if source.kind == "torchscript" and in_memory:
-        raise LorsUsageError("--adaptive, --calibrate and --target need a rebuildable model, not a TorchScript archive")
+        raise LorsUsageError(
+            "--adaptive, --calibrate and --target need a rebuildable model, not a TorchScript archive"
+        )
     if in_memory:
         own_memory(model)  # the weights conversion replaces are then freed
     if not in_memory:
         measurer = _measurer(src, arch, trust_pickle, model, heldout, text_model, model) if measure else None
         state = model.state_dict()
-        return _convert_weights(src, out, model, state.__getitem__, manifest, source, dist, dry_run, force,
-                                max_shard_size, measurer, **convert_kwargs)
-    data, probe = (_calibration_data(calibrate, heldout, src, text_model, heldout_fraction) if calibrated
-                   else (None, None))
+        return _convert_weights(
+            src,
+            out,
+            model,
+            state.__getitem__,
+            manifest,
+            source,
+            dist,
+            dry_run,
+            force,
+            max_shard_size,
+            measurer,
+            **convert_kwargs,
+        )
+    data, probe = (
+        _calibration_data(calibrate, heldout, src, text_model, heldout_fraction)
+        if calibrated
+        else (None, None)
+    )
     if (measure or target is not None) and (probe is None or not probe.batches):
         probe = _probes(src, heldout, text_model, model)
     elif not (measure or target is not None):
@@ -114,15 +185,22 @@ def convert_file(src: str | Path, out: str | Path | None, *, arch: str | None = 
         if dry_run:
             return _dry_run(src, model, data, objective, probes, target, convert_kwargs, spill)
         if target is not None:
-            lors_model, report = _search(src, model, data, probe, target, objective, probes, log, convert_kwargs,
-                                         spill)
+            lors_model, report = _search(
+                src, model, data, probe, target, objective, probes, log, convert_kwargs, spill
+            )
         else:
             with about(probe.origin if probe is not None else None):  # also checks the probes run
                 reference = _reference(model, probe, spill)
             if data is not None:  # its own held-out batches are measured only through ``reference``
-                lors_model, report = calibrated_convert(model, replace(data, heldout=[]), objective=objective,
-                                                        probes=probes, reference=reference, spill=spill,
-                                                        **convert_kwargs)
+                lors_model, report = calibrated_convert(
+                    model,
+                    replace(data, heldout=[]),
+                    objective=objective,
+                    probes=probes,
+                    reference=reference,
+                    spill=spill,
+                    **convert_kwargs,
+                )
             else:
                 with about(src):
                     lors_model, report = convert(model, **convert_kwargs)
@@ -132,8 +210,15 @@ def convert_file(src: str | Path, out: str | Path | None, *, arch: str | None = 
     finally:
         spill.close()
     _judge(report, probe)
-    save(lors_model, out, report=report, source=source, manifest=manifest, force=force,
-         max_shard_size=max_shard_size)
+    save(
+        lors_model,
+        out,
+        report=report,
+        source=source,
+        manifest=manifest,
+        force=force,
+        max_shard_size=max_shard_size,
+    )
     return report
 
 
@@ -141,16 +226,23 @@ def convert_file(src: str | Path, out: str | Path | None, *, arch: str | None = 
 # inputs
 
 
-def _calibration_data(calibrate: Path | None, heldout: Path | None, src: Path, text_model: bool,
-                      heldout_fraction: float | None = None) -> tuple[CalibrationData, Probes]:
+def _calibration_data(
+    calibrate: Path | None,
+    heldout: Path | None,
+    src: Path,
+    text_model: bool,
+    heldout_fraction: float | None = None,
+) -> tuple[CalibrationData, Probes]:
     """The calibration data asked for, or the shipped text (held out: the shipped probe text), and
     its held-out part as probes."""
     path = calibrate if calibrate is not None else CALIBRATION_TEXT
     is_text = path.suffix not in (".safetensors", ".pt", ".pth", ".bin")
     check_data_file(path)
     if is_text and not text_model:
-        raise LorsUsageError(f"{path}: text calibration needs a Hugging Face text model (its tokenizer); "
-                             "give a .safetensors/.pt file of model inputs instead")
+        raise LorsUsageError(
+            f"{path}: text calibration needs a Hugging Face text model (its tokenizer); "
+            "give a .safetensors/.pt file of model inputs instead"
+        )
     tokenizer = load_tokenizer(src) if is_text else None
     if calibrate is None and heldout is None:
         heldout = PROBE_TEXT
@@ -189,8 +281,10 @@ def _judge(report: Report, probe: Probes | None, why_not: str | None = None) -> 
     report.quality["heldout_measured"] = True
     problems = fidelity_problems(report.quality)
     if problems:
-        report.warnings.append(f"poor fidelity on {probe.label}: {'; '.join(problems)}: the converted model may "
-                               f"not work; {NEXT_STEPS}")
+        report.warnings.append(
+            f"poor fidelity on {probe.label}: {'; '.join(problems)}: the converted model may "
+            f"not work; {NEXT_STEPS}"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,12 +297,21 @@ def _search(src, model, data, probe, target, objective, probes, log, kw, spill: 
     calibration = None
     if data is not None:
         with about(data.source or None):
-            calibration = collect_grams(model, data.calibration, include=kw.get("include"),
-                                        exclude=kw.get("exclude"), objective=objective, probes=probes, spill=spill)
+            calibration = collect_grams(
+                model,
+                data.calibration,
+                include=kw.get("include"),
+                exclude=kw.get("exclude"),
+                objective=objective,
+                probes=probes,
+                spill=spill,
+            )
     reference = Reference(model, probe.batches, probe.label, probe.synthetic)  # the search converts copies
     with about(src):
         options = {k: v for k, v in kw.items() if k != "budget"}
-        best, report, points = search_budget(model, reference, target, dict(options, calibration=calibration), log)
+        best, report, points = search_budget(
+            model, reference, target, dict(options, calibration=calibration), log
+        )
     if data is not None:
         note_calibration(report, data, calibration)
     report.quality.update(fidelity(best, reference))
@@ -216,28 +319,57 @@ def _search(src, model, data, probe, target, objective, probes, log, kw, spill: 
     return best, report
 
 
-def _dry_run(src: Path, model: nn.Module, data: CalibrationData | None, objective: str, probes: int | None,
-             target: Target | None, kw: dict, spill: Spill) -> Report:
+def _dry_run(
+    src: Path,
+    model: nn.Module,
+    data: CalibrationData | None,
+    objective: str,
+    probes: int | None,
+    target: Target | None,
+    kw: dict,
+    spill: Spill,
+) -> Report:
     """The plan a real in-memory run would make, without fitting: ranks under a budget need the
     Grams, so those are collected (the one expensive step of a dry run)."""
     budget = kw.get("budget") if target is None else 0.5
     calibration = None
     if data is not None and budget is not None:
-        calibration = collect_grams(model, data.calibration, include=kw.get("include"), exclude=kw.get("exclude"),
-                                    objective=objective, probes=probes, spill=spill)
+        calibration = collect_grams(
+            model,
+            data.calibration,
+            include=kw.get("include"),
+            exclude=kw.get("exclude"),
+            objective=objective,
+            probes=probes,
+            spill=spill,
+        )
     options = FitOptions(calibration=calibration, refine=kw.get("refine", 0), budget=budget)
     with about(src):
-        plan = make_plan(model, lambda key: model.get_parameter(key).detach(), kw.get("rank", 8), kw.get("groups"),
-                            kw.get("include"), kw.get("exclude"), kw.get("require_savings", True), kw.get("adaptive"),
-                            budget, kw.get("sharing", "auto"), options, {})
+        plan = make_plan(
+            model,
+            lambda key: model.get_parameter(key).detach(),
+            kw.get("rank", 8),
+            kw.get("groups"),
+            kw.get("include"),
+            kw.get("exclude"),
+            kw.get("require_savings", True),
+            kw.get("adaptive"),
+            budget,
+            kw.get("sharing", "auto"),
+            options,
+            {},
+        )
     report = plan.report(count_parameters(model))
     if target is not None:
-        report.warnings.append(f"dry run: --target {target} searches budgets by converting and measuring; this is "
-                               "the plan of its first candidate, budget 0.5")
+        report.warnings.append(
+            f"dry run: --target {target} searches budgets by converting and measuring; this is "
+            "the plan of its first candidate, budget 0.5"
+        )
     elif data is not None:
-        report.warnings.append("dry run: factors not fitted, so no error or fidelity was measured"
-                               + (" (the budget's ranks come from the calibration Grams)" if budget is not None
-                                  else ""))
+        report.warnings.append(
+            "dry run: factors not fitted, so no error or fidelity was measured"
+            + (" (the budget's ranks come from the calibration Grams)" if budget is not None else "")
+        )
     return report
 
 
@@ -245,8 +377,16 @@ def _dry_run(src: Path, model: nn.Module, data: CalibrationData | None, objectiv
 # weights only
 
 
-def _measurer(src, arch, trust_pickle, loaded: nn.Module | None, heldout, text_model, structure: nn.Module,
-              get: Getter | None = None):
+def _measurer(
+    src,
+    arch,
+    trust_pickle,
+    loaded: nn.Module | None,
+    heldout,
+    text_model,
+    structure: nn.Module,
+    get: Getter | None = None,
+):
     """A function measuring a written checkpoint against its source, or None when the probes say
     there is nothing to measure on (the reason goes in the report). ``loaded``: the source model in
     memory; else the skeleton ``structure`` runs block by block, its weights read through ``get``
@@ -262,13 +402,26 @@ def _measurer(src, arch, trust_pickle, loaded: nn.Module | None, heldout, text_m
         try:
             with about(probe.origin):
                 if loaded is not None:
-                    reference = reference_outputs(loaded, probe.batches, probe.label, probe.synthetic, spill=spill)
+                    reference = reference_outputs(
+                        loaded, probe.batches, probe.label, probe.synthetic, spill=spill
+                    )
                     report.quality.update(fidelity(_merge_into(loaded, ckpt), reference))
                 else:
-                    reference = reference_outputs(structure, probe.batches, probe.label, probe.synthetic, spill=spill,
-                                                  run=functools.partial(lockstep, structure, get))
-                    report.quality.update(fidelity(structure, reference,
-                                                   run=functools.partial(lockstep, structure, merged_getter(ckpt))))
+                    reference = reference_outputs(
+                        structure,
+                        probe.batches,
+                        probe.label,
+                        probe.synthetic,
+                        spill=spill,
+                        run=functools.partial(lockstep, structure, get),
+                    )
+                    report.quality.update(
+                        fidelity(
+                            structure,
+                            reference,
+                            run=functools.partial(lockstep, structure, merged_getter(ckpt)),
+                        )
+                    )
         finally:
             spill.close()
         _judge(report, probe)
@@ -288,11 +441,33 @@ def _merge_into(source: nn.Module, ckpt: Checkpoint) -> nn.Module:
     return source
 
 
-def _convert_weights(src: Path, out: Path | None, model: nn.Module, get: Getter, manifest: dict,
-                     source: SourceInfo, dist: Dist, dry_run: bool, force: bool, max_shard_size, measure,
-                     rank=8, groups=None, include=None, exclude=None,
-                     init="svd", method="auto", device=None, require_savings=True, progress=None,
-                     adaptive=None, calibration=None, refine=0, budget=None, sharing="auto") -> Report | None:
+def _convert_weights(
+    src: Path,
+    out: Path | None,
+    model: nn.Module,
+    get: Getter,
+    manifest: dict,
+    source: SourceInfo,
+    dist: Dist,
+    dry_run: bool,
+    force: bool,
+    max_shard_size,
+    measure,
+    rank=8,
+    groups=None,
+    include=None,
+    exclude=None,
+    init="svd",
+    method="auto",
+    device=None,
+    require_savings=True,
+    progress=None,
+    adaptive=None,
+    calibration=None,
+    refine=0,
+    budget=None,
+    sharing="auto",
+) -> Report | None:
     """Convert from weights alone into a checkpoint: ``model`` gives the structure (meta tensors or
     real ones), ``get`` the stored tensors; ``measure(dir, report)`` adds fidelity before the rename."""
     if adaptive is not None or calibration is not None:
@@ -301,8 +476,20 @@ def _convert_weights(src: Path, out: Path | None, model: nn.Module, get: Getter,
     check_sharing(sharing)
     shared_parts: dict[str, torch.Tensor] = {}
     with about(src):
-        plan = make_plan(model, get, rank, groups, include, exclude, require_savings, None, budget,
-                                     sharing, options, shared_parts)
+        plan = make_plan(
+            model,
+            get,
+            rank,
+            groups,
+            include,
+            exclude,
+            require_savings,
+            None,
+            budget,
+            sharing,
+            options,
+            shared_parts,
+        )
     for pp in plan.params:  # the stored dtype, not a meta model's default
         pp.param = replace(pp.param, dtype=getattr(torch, manifest["keys"][pp.keys[0]]["dtype"]))
     report, matrices = plan.report_with_matrices(count_parameters(model))
@@ -316,8 +503,12 @@ def _convert_weights(src: Path, out: Path | None, model: nn.Module, get: Getter,
     untouched = [k for k in manifest["keys"] if k not in converted and k not in manifest["aliases"]]
     buffers = nonpersistent_buffers(model)
     specs = {key: (tuple(shape), pp.param.dtype) for pp in plan.params for key, shape in pp.tensor_specs()}
-    specs.update({k: (tuple(manifest["keys"][k]["shape"]), getattr(torch, manifest["keys"][k]["dtype"]))
-                  for k in untouched})
+    specs.update(
+        {
+            k: (tuple(manifest["keys"][k]["shape"]), getattr(torch, manifest["keys"][k]["dtype"]))
+            for k in untouched
+        }
+    )
     specs.update({BUFFER_PREFIX + name: (tuple(b.shape), b.dtype) for name, b in buffers.items()})
     stacks = plan_stacks(plan)
 

@@ -4,6 +4,7 @@ The CLI turns them into a one-line message and an exit code (1 runtime, 2 usage)
 escaping is a bug. :func:`about` names the input an error concerns where the raising code cannot
 know it (the model analysis does not know which file the model came from).
 """
+
 from __future__ import annotations
 
 import contextlib

@@ -5,6 +5,7 @@ peak RSS by 0.5 GB. A sum is finite exactly when every summand is, unless the su
 sum is the check, and only an overflowing or non-finite sum pays for an elementwise pass, a slice of
 rows at a time.
 """
+
 from __future__ import annotations
 
 import math
@@ -24,7 +25,7 @@ def all_finite(t: torch.Tensor) -> bool:
             return True
     rows = t.reshape(t.shape[0], -1) if t.dim() > 1 else t.reshape(-1, 1)  # (rows, cols), a view
     step = max(1, SLICE_ELEMENTS // max(1, rows.shape[1]))
-    return all(bool(torch.isfinite(rows[i:i + step]).all()) for i in range(0, rows.shape[0], step))
+    return all(bool(torch.isfinite(rows[i : i + step]).all()) for i in range(0, rows.shape[0], step))
 
 
 def first_non_finite(tensors, names: list[str]) -> str | None:

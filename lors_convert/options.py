@@ -3,6 +3,7 @@
 Every module that accepts one of these checks against the tuple here, and the CLI checks flags with
 them before it imports torch (a usage error answers at once).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -18,8 +19,12 @@ MATCHES = ("output", "layers")  # heal: the model's output, or every stacked blo
 
 
 # --target name -> (fidelity key, True when higher is better)
-METRICS = {"top1": ("top1", True), "cosine": ("cosine", True), "ppl-ratio": ("ppl_ratio", False),
-           "rel-error": ("rel_error", False)}
+METRICS = {
+    "top1": ("top1", True),
+    "cosine": ("cosine", True),
+    "ppl-ratio": ("ppl_ratio", False),
+    "rel-error": ("rel_error", False),
+}
 
 
 @dataclass(frozen=True)
@@ -36,8 +41,10 @@ class Target:
         except ValueError:
             number = None
         if not sep or name not in METRICS or number is None:
-            raise LorsUsageError(f"--target must look like METRIC=VALUE with METRIC one of {', '.join(METRICS)} "
-                                 f"(e.g. top1=0.95), got {text!r}")
+            raise LorsUsageError(
+                f"--target must look like METRIC=VALUE with METRIC one of {', '.join(METRICS)} "
+                f"(e.g. top1=0.95), got {text!r}"
+            )
         return cls(name, number)
 
     @property
@@ -48,8 +55,10 @@ class Target:
         value = quality.get(f"{prefix}_{self.key}")
         if value is None:
             kind = quality.get(f"{prefix}_kind", "this model")
-            raise LorsUsageError(f"--target {self.metric}: fidelity of a {kind} has no {self.key} "
-                                 f"(it reports {_measured(quality, prefix)}); choose one of those")
+            raise LorsUsageError(
+                f"--target {self.metric}: fidelity of a {kind} has no {self.key} "
+                f"(it reports {_measured(quality, prefix)}); choose one of those"
+            )
         return value >= self.value if METRICS[self.metric][1] else value <= self.value
 
     def __str__(self) -> str:

@@ -3,6 +3,7 @@
 Plain dataclasses with ``to_dict``/``from_dict`` (the ``report.json`` of a checkpoint) and a rich
 rendering for people. Counting lives in :mod:`lors_convert.decompose`; this module only sums.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
@@ -88,14 +89,24 @@ class Report:
             for m in s.matrices:
                 row = {k: v for k, v in asdict(m).items() if k != "dense_members" or v}  # absent when none
                 matrices.append({**row, "savings": m.savings})
-            stacks.append({"path": s.path, "members": s.members, "layers": len(s.members),
-                           "dense_params": s.dense_params, "lors_params": s.lors_params,
-                           "savings": s.savings, "matrices": matrices, "kept_dense": s.kept_dense,
-                           "kept_dense_params": s.kept_dense_params})
+            stacks.append(
+                {
+                    "path": s.path,
+                    "members": s.members,
+                    "layers": len(s.members),
+                    "dense_params": s.dense_params,
+                    "lors_params": s.lors_params,
+                    "savings": s.savings,
+                    "matrices": matrices,
+                    "kept_dense": s.kept_dense,
+                    "kept_dense_params": s.kept_dense_params,
+                }
+            )
         return {
             "stacks": stacks,
             "total": {
-                "params_before": self.params_before, "params_after": self.params_after,
+                "params_before": self.params_before,
+                "params_after": self.params_after,
                 "savings": self.savings,
                 "stacked_dense_params": self.stacked_dense_params,
                 "stacked_lors_params": self.stacked_lors_params,
@@ -113,12 +124,23 @@ class Report:
             for m in s["matrices"]:
                 m = {k: v for k, v in m.items() if k != "savings"}
                 matrices.append(MatrixReport(**m))
-            stacks.append(StackReport(path=s["path"], members=list(s["members"]), matrices=matrices,
-                                      kept_dense=dict(s.get("kept_dense", {})),
-                                      kept_dense_params=dict(s.get("kept_dense_params", {}))))
+            stacks.append(
+                StackReport(
+                    path=s["path"],
+                    members=list(s["members"]),
+                    matrices=matrices,
+                    kept_dense=dict(s.get("kept_dense", {})),
+                    kept_dense_params=dict(s.get("kept_dense_params", {})),
+                )
+            )
         total = data["total"]
-        return cls(stacks=stacks, params_before=total["params_before"], params_after=total["params_after"],
-                   warnings=list(data.get("warnings", [])), quality=dict(data.get("quality", {})))
+        return cls(
+            stacks=stacks,
+            params_before=total["params_before"],
+            params_after=total["params_after"],
+            warnings=list(data.get("warnings", [])),
+            quality=dict(data.get("quality", {})),
+        )
 
 
 def _fmt_params(n: int) -> str:
@@ -174,7 +196,10 @@ def fidelity_line(quality: dict, prefix: str = "heldout") -> str | None:
     if q.get("rel_error") is not None:
         parts.append(f"rel. output error {q['rel_error']:.4f}")
     synthetic = " (synthetic inputs)" if q.get("synthetic") else ""
-    return f"fidelity on {q.get('probe', 'held-out inputs')}{synthetic}, {q.get('samples')} samples: " + ", ".join(parts)
+    return (
+        f"fidelity on {q.get('probe', 'held-out inputs')}{synthetic}, {q.get('samples')} samples: "
+        + ", ".join(parts)
+    )
 
 
 def render(report: Report, console=None, title: str = "LORS savings") -> None:
@@ -190,35 +215,73 @@ def render(report: Report, console=None, title: str = "LORS savings") -> None:
 
     console = console or Console()
     table = Table(title=title, show_lines=False)
-    for col in ("stack / matrix", "layers", "rank x groups", "dense", "LORS", "savings",
-                "rel. error (max)", "retained energy (min)"):
+    for col in (
+        "stack / matrix",
+        "layers",
+        "rank x groups",
+        "dense",
+        "LORS",
+        "savings",
+        "rel. error (max)",
+        "retained energy (min)",
+    ):
         if col == "stack / matrix":
             table.add_column(col, justify="left", overflow="fold", min_width=24, ratio=3)
         else:
             table.add_column(col, justify="right", overflow="fold")
     for s in report.stacks:
-        table.add_row(f"[bold]{s.path or '<root>'}[/] ({s.members[0].rsplit('.', 1)[-1]}..)",
-                      str(len(s.members)), "", _fmt_params(s.dense_params), _fmt_params(s.lors_params),
-                      f"{100 * s.savings:.1f}%", "", "")
+        table.add_row(
+            f"[bold]{s.path or '<root>'}[/] ({s.members[0].rsplit('.', 1)[-1]}..)",
+            str(len(s.members)),
+            "",
+            _fmt_params(s.dense_params),
+            _fmt_params(s.lors_params),
+            f"{100 * s.savings:.1f}%",
+            "",
+            "",
+        )
         for m in s.matrices:
             err = f"{max(m.relative_error):.4f}" if m.relative_error else "-"
             ret = f"{min(m.retained_energy):.3f}" if m.retained_energy else "-"
-            table.add_row(f"  {m.name}" + (" [yellow](clamped)[/]" if m.clamped else "")
-                          + ("" if m.shared else " [dim](no shared part)[/]")
-                          + (f" [dim]({len(m.dense_members)} dense)[/]" if m.dense_members else ""), "",
-                          _ranks(m), _fmt_params(m.dense_params), _fmt_params(m.lors_params),
-                          f"{100 * m.savings:.1f}%", err, ret)
+            table.add_row(
+                f"  {m.name}"
+                + (" [yellow](clamped)[/]" if m.clamped else "")
+                + ("" if m.shared else " [dim](no shared part)[/]")
+                + (f" [dim]({len(m.dense_members)} dense)[/]" if m.dense_members else ""),
+                "",
+                _ranks(m),
+                _fmt_params(m.dense_params),
+                _fmt_params(m.lors_params),
+                f"{100 * m.savings:.1f}%",
+                err,
+                ret,
+            )
         for name in s.kept_dense:
             n = s.kept_dense_params.get(name)
             size = _fmt_params(n) if n is not None else ""
             table.add_row(f"  [dim]{name} (kept dense)[/]", "", "dense", size, size, "0.0%", "0", "")
     fraction = report.stacked_fraction
     kept = sum(sum(s.kept_dense_params.values()) for s in report.stacks)
-    table.add_row("[bold]stacked total[/]", "", "", _fmt_params(report.stacked_dense_params + kept),
-                  _fmt_params(report.stacked_lors_params + kept),
-                  f"{100 * (1 - fraction):.1f}%" if fraction is not None else "", "", "")
-    table.add_row("[bold]whole model[/]", "", "", _fmt_params(report.params_before),
-                  _fmt_params(report.params_after), f"{100 * report.savings:.1f}%", "", "")
+    table.add_row(
+        "[bold]stacked total[/]",
+        "",
+        "",
+        _fmt_params(report.stacked_dense_params + kept),
+        _fmt_params(report.stacked_lors_params + kept),
+        f"{100 * (1 - fraction):.1f}%" if fraction is not None else "",
+        "",
+        "",
+    )
+    table.add_row(
+        "[bold]whole model[/]",
+        "",
+        "",
+        _fmt_params(report.params_before),
+        _fmt_params(report.params_after),
+        f"{100 * report.savings:.1f}%",
+        "",
+        "",
+    )
     console.print(table)
     reasons: dict[str, list[str]] = {}
     for s in report.stacks:
@@ -229,14 +292,24 @@ def render(report: Report, console=None, title: str = "LORS savings") -> None:
     if line is not None:
         console.print(escape(line))
     if isinstance(frontier, dict):
-        console.print(f"target {escape(str(frontier.get('target')))}: the budgets tried (fraction of the stacked "
-                      "parameters kept -> fidelity)")
+        console.print(
+            f"target {escape(str(frontier.get('target')))}: the budgets tried (fraction of the stacked "
+            "parameters kept -> fidelity)"
+        )
         for p in frontier.get("frontier", []):
             kept = "-" if p.get("stacked_fraction") is None else f"{p['stacked_fraction']:.3f}"
-            console.print(escape(f"  budget {p['budget']:.3f}: kept {kept}, " + ", ".join(
-                f"{k} {v:.4f}" for k, v in p.items() if k in ("cosine", "top1", "ppl_ratio", "kl", "rel_error")
-                and v is not None) + (" (meets)" if p.get("meets") else "") + (f" {p['note']}" if p.get("note")
-                                                                                 else "")))
+            console.print(
+                escape(
+                    f"  budget {p['budget']:.3f}: kept {kept}, "
+                    + ", ".join(
+                        f"{k} {v:.4f}"
+                        for k, v in p.items()
+                        if k in ("cosine", "top1", "ppl_ratio", "kl", "rel_error") and v is not None
+                    )
+                    + (" (meets)" if p.get("meets") else "")
+                    + (f" {p['note']}" if p.get("note") else "")
+                )
+            )
     for key, value in report.quality.items():
         if not key.startswith(("heldout_", "target")):
             console.print(f"quality: {key} = {value}")

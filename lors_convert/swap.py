@@ -5,6 +5,7 @@ layers that share one ``shared`` Parameter; :class:`ModuleSink` is the conversio
 in-memory conversion (it installs each :class:`~lors_convert.fit.Fit` as it comes);
 :func:`merge` turns every LORS layer back into a dense module of its original class.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -18,8 +19,12 @@ from .fit import Fit
 from .layers import LorsModule, layer_class
 
 
-def install_layers(model: nn.Module, pp: ParamPlan, shared: torch.Tensor | None,
-                   factors: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> None:
+def install_layers(
+    model: nn.Module,
+    pp: ParamPlan,
+    shared: torch.Tensor | None,
+    factors: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+) -> None:
     """Replace the owners of ``pp`` in every member with LORS layers sharing one ``shared`` Parameter.
 
     ``shared`` and ``factors`` are given in the storage dtype and device (``shared`` is ignored for a
@@ -30,15 +35,18 @@ def install_layers(model: nn.Module, pp: ParamPlan, shared: torch.Tensor | None,
     layer_cls = layer_class(pp.layer_kind)
     paths = owner_paths(pp)
     trains = [model.get_submodule(p).get_parameter(pp.param.attr).requires_grad for p in paths]
-    shared_param = nn.Parameter(shared, requires_grad=any(trains)) if pp.has_shared else None  # frozen stays frozen
+    shared_param = (
+        nn.Parameter(shared, requires_grad=any(trains)) if pp.has_shared else None
+    )  # frozen stays frozen
     entry = param_entry(pp)
     stack = {"path": pp.stack.path, "members": list(pp.stack.members)}
     for i, path in enumerate(paths):
         if i in pp.dense_members:
             continue
         dense = model.get_submodule(path)
-        layer = layer_cls(dense, shared_param, total_rank=pp.ranks[i], rank=pp.rank, groups=pp.groups[i],
-                          **pp.extra)
+        layer = layer_cls(
+            dense, shared_param, total_rank=pp.ranks[i], rank=pp.rank, groups=pp.groups[i], **pp.extra
+        )
         layer.lors_A.requires_grad_(trains[i])
         layer.lors_B.requires_grad_(trains[i])
         layer.lors_entry, layer.lors_stack = entry, stack  # what save() records
@@ -75,14 +83,21 @@ class ModuleSink:
         if pp.kind == "adaptive":
             self._put_generators(pp, fit, cast)
             return
-        install_layers(self.model, pp, cast(fit.shared) if pp.has_shared else None,
-                       [None if f is None else (cast(f[0]), cast(f[1])) for f in fit.factors])
+        install_layers(
+            self.model,
+            pp,
+            cast(fit.shared) if pp.has_shared else None,
+            [None if f is None else (cast(f[0]), cast(f[1])) for f in fit.factors],
+        )
 
     def _put_generators(self, pp: ParamPlan, fit: Fit, cast) -> None:
         paper = fit.factors is None  # the layers keep their own from-scratch init
         weight = self.model.get_parameter(pp.keys[0])
-        install_layers(self.model, pp, torch.empty(pp.matrix, dtype=weight.dtype, device=weight.device)
-                       if paper else cast(fit.shared))
+        install_layers(
+            self.model,
+            pp,
+            torch.empty(pp.matrix, dtype=weight.dtype, device=weight.device) if paper else cast(fit.shared),
+        )
         for i, path in enumerate(owner_paths(pp)):
             layer = self.model.get_submodule(path)
             if paper:
@@ -102,8 +117,11 @@ def build_skeleton(model: nn.Module, plan: ConversionPlan) -> nn.Module:
         if pp.kind != "static":
             raise LorsError(f"build_skeleton handles static LORS only, not {pp.kind} ({pp.relname})")
         weight = model.get_parameter(pp.keys[0])
-        install_layers(model, pp, torch.empty(pp.matrix, dtype=weight.dtype, device=weight.device)
-                       if pp.has_shared else None)
+        install_layers(
+            model,
+            pp,
+            torch.empty(pp.matrix, dtype=weight.dtype, device=weight.device) if pp.has_shared else None,
+        )
     return model
 
 

@@ -3,6 +3,7 @@
 One singular-value computation per stacked parameter serves every rank: by Eckart-Young the error
 at total rank ``k`` is the energy of the singular values past ``k``.
 """
+
 from __future__ import annotations
 
 import math
@@ -56,15 +57,22 @@ def rank_sweep(model: nn.Module, ranks: list[int], include=None, exclude=None) -
             else:
                 lors_total += lors
             discarded += float(energy.sum())
-            weight_energy += float((norms ** 2).sum())
+            weight_energy += float((norms**2).sum())
             worst = max(worst, float((energy.sqrt() / norms.clamp_min(1e-30)).max()))
         saved = dense_total - lors_total
-        rows.append({"rank": r, "stacked_dense_params": dense_total, "stacked_lors_params": lors_total,
-                     "params_before": params_before, "params_after": params_before - saved,
-                     "savings": saved / params_before if params_before else 0.0,
-                     "stacked_savings": saved / dense_total if dense_total else 0.0,
-                     "relative_error": math.sqrt(discarded / weight_energy) if weight_energy else 0.0,
-                     "max_relative_error": worst})
+        rows.append(
+            {
+                "rank": r,
+                "stacked_dense_params": dense_total,
+                "stacked_lors_params": lors_total,
+                "params_before": params_before,
+                "params_after": params_before - saved,
+                "savings": saved / params_before if params_before else 0.0,
+                "stacked_savings": saved / dense_total if dense_total else 0.0,
+                "relative_error": math.sqrt(discarded / weight_energy) if weight_energy else 0.0,
+                "max_relative_error": worst,
+            }
+        )
     return {"ranks": rows, "stacks": [{"path": s.path, "members": s.members} for s in plan.stacks]}
 
 
@@ -72,12 +80,26 @@ def render_sweep(sweep: dict, console, title: str) -> None:
     from rich.table import Table
 
     table = Table(title=title)
-    for col in ("rank", "stacked dense", "stacked LORS", "model params", "savings", "rel. error", "max rel. error"):
+    for col in (
+        "rank",
+        "stacked dense",
+        "stacked LORS",
+        "model params",
+        "savings",
+        "rel. error",
+        "max rel. error",
+    ):
         table.add_column(col, justify="right")
     for row in sweep["ranks"]:
-        table.add_row(str(row["rank"]), f"{row['stacked_dense_params']:,}", f"{row['stacked_lors_params']:,}",
-                      f"{row['params_after']:,}", f"{100 * row['savings']:.1f}%",
-                      f"{row['relative_error']:.4f}", f"{row['max_relative_error']:.4f}")
+        table.add_row(
+            str(row["rank"]),
+            f"{row['stacked_dense_params']:,}",
+            f"{row['stacked_lors_params']:,}",
+            f"{row['params_after']:,}",
+            f"{100 * row['savings']:.1f}%",
+            f"{row['relative_error']:.4f}",
+            f"{row['max_relative_error']:.4f}",
+        )
     console.print(table)
 
 
@@ -94,8 +116,13 @@ def write_plot(sweep: dict, path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot([r["params_after"] for r in rows], [r["relative_error"] for r in rows], marker="o")
     for r in rows:
-        ax.annotate(f"r={r['rank']}", (r["params_after"], r["relative_error"]), textcoords="offset points",
-                    xytext=(4, 4), fontsize=8)
+        ax.annotate(
+            f"r={r['rank']}",
+            (r["params_after"], r["relative_error"]),
+            textcoords="offset points",
+            xytext=(4, 4),
+            fontsize=8,
+        )
     ax.set_xlabel("model parameters after LORS")
     ax.set_ylabel("relative reconstruction error (stacked weights)")
     ax.grid(alpha=0.3)

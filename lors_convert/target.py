@@ -5,6 +5,7 @@ eigendecompositions), then a bisection over the fraction of stacked parameters: 
 converts a copy of the source and is measured against it. Fidelity is assumed to grow with the
 budget; every point tried is kept as the explored frontier (fraction -> fidelity).
 """
+
 from __future__ import annotations
 
 import copy
@@ -34,14 +35,28 @@ class Point:
     note: str = ""
 
     def to_dict(self, target: Target, prefix: str = "heldout") -> dict:
-        return {"budget": self.budget, "stacked_fraction": self.stacked_fraction, "params_after": self.params_after,
-                target.key: self.quality.get(f"{prefix}_{target.key}"), "meets": self.meets, "note": self.note,
-                **{k.removeprefix(prefix + "_"): v for k, v in self.quality.items()
-                   if k.removeprefix(prefix + "_") in ("cosine", "top1", "ppl_ratio", "kl", "rel_error")}}
+        return {
+            "budget": self.budget,
+            "stacked_fraction": self.stacked_fraction,
+            "params_after": self.params_after,
+            target.key: self.quality.get(f"{prefix}_{target.key}"),
+            "meets": self.meets,
+            "note": self.note,
+            **{
+                k.removeprefix(prefix + "_"): v
+                for k, v in self.quality.items()
+                if k.removeprefix(prefix + "_") in ("cosine", "top1", "ppl_ratio", "kl", "rel_error")
+            },
+        }
 
 
-def search_budget(model: nn.Module, reference: Reference, target: Target, convert_kwargs: dict,
-                  log: Callable[[str], None] | None = None) -> tuple[nn.Module, Report, list[Point]]:
+def search_budget(
+    model: nn.Module,
+    reference: Reference,
+    target: Target,
+    convert_kwargs: dict,
+    log: Callable[[str], None] | None = None,
+) -> tuple[nn.Module, Report, list[Point]]:
     """Bisect the budget for ``target``; returns the smallest passing converted model, its report and
     every point tried (sorted by budget). ``model`` is not changed. Raises :class:`LorsError` when no
     budget up to ``HIGHEST`` meets the target (only the dense model does)."""
@@ -56,8 +71,13 @@ def search_budget(model: nn.Module, reference: Reference, target: Target, conver
             point = Point(budget, None, None, note=str(e))
         else:
             quality = fidelity(candidate, reference)
-            point = Point(budget, report.quality.get("stacked_fraction"), report.params_after, quality,
-                          target.met(quality))
+            point = Point(
+                budget,
+                report.quality.get("stacked_fraction"),
+                report.params_after,
+                quality,
+                target.met(quality),
+            )
             if point.meets and (best is None or budget < best[0]):
                 best = (budget, candidate, report)
         points.append(point)
@@ -76,16 +96,19 @@ def search_budget(model: nn.Module, reference: Reference, target: Target, conver
     points.sort(key=lambda p: p.budget)
     if best is None:
         tried = ", ".join(f"{p.budget:.3f}" for p in points)
-        raise LorsError(f"no budget meets --target {target} (tried {tried}): only the dense model does; "
-                        "nothing written")
+        raise LorsError(
+            f"no budget meets --target {target} (tried {tried}): only the dense model does; nothing written"
+        )
     return best[1], best[2], points
 
 
 def _describe(point: Point, target: Target) -> str:
     value = point.quality.get(f"heldout_{target.key}")
     shown = "n/a" if value is None else f"{value:.4f}"
-    return (f"budget {point.budget:.3f}: {target.key} {shown} "
-            f"({'meets' if point.meets else 'misses'} {target}){' ' + point.note if point.note else ''}")
+    return (
+        f"budget {point.budget:.3f}: {target.key} {shown} "
+        f"({'meets' if point.meets else 'misses'} {target}){' ' + point.note if point.note else ''}"
+    )
 
 
 __all__ = ["Point", "search_budget"]

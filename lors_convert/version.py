@@ -1,2 +1,3 @@
 """The version of lors, recorded in every checkpoint it writes."""
+
 __version__ = "0.1.0"

@@ -13,6 +13,7 @@ lors, interleaved over ``--repeat`` rounds (medians), and prints the ratios.
     HF_HUB_OFFLINE=1 python scripts/bench_calibrate.py --baseline /tmp/lors-head
     HF_HUB_OFFLINE=1 python scripts/bench_calibrate.py --llama-1b --samples 32 --seq 64
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,8 +57,15 @@ def make_llama_1b(directory: Path, samples: int, seq: int) -> Path:
     from lors_convert.io.safetensors import ShardedWriter, meta_like
     from lors_convert.io.skeleton import empty_model
 
-    config = LlamaConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-                         num_key_value_heads=4, vocab_size=32000, tie_word_embeddings=False)
+    config = LlamaConfig(
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=22,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        vocab_size=32000,
+        tie_word_embeddings=False,
+    )
     model = empty_model(lambda: LlamaForCausalLM(config))
     directory.mkdir(parents=True)
     config.save_pretrained(directory)
@@ -107,8 +115,20 @@ def main() -> None:
             for name, root in checkouts.items():
                 out = work / "out.lors"
                 shutil.rmtree(out, ignore_errors=True)
-                cmd = [sys.executable, "-m", "lors_convert", "convert", str(src), "--budget", str(args.budget),
-                       *extra, "--json", "-q", "-o", str(out)]
+                cmd = [
+                    sys.executable,
+                    "-m",
+                    "lors_convert",
+                    "convert",
+                    str(src),
+                    "--budget",
+                    str(args.budget),
+                    *extra,
+                    "--json",
+                    "-q",
+                    "-o",
+                    str(out),
+                ]
                 rows[name].append(run_measured(cmd, root))
                 seconds, peak, _ = rows[name][-1]
                 print(f"round {round_ + 1} {name}: {seconds:.0f} s, {peak / 1e9:.2f} GB", file=sys.stderr)
@@ -117,10 +137,12 @@ def main() -> None:
     result = {"model": label, "budget": args.budget, "rounds": args.repeat, "runs": {}}
     for name, runs in rows.items():
         quality = runs[-1][2]["quality"]
-        result["runs"][name] = {"wall_s": statistics.median(r[0] for r in runs),
-                                "peak_rss_gb": max(r[1] for r in runs) / 1e9,
-                                "stacked_fraction": quality.get("stacked_fraction"),
-                                **{m: quality.get(m) for m in METRICS if quality.get(m) is not None}}
+        result["runs"][name] = {
+            "wall_s": statistics.median(r[0] for r in runs),
+            "peak_rss_gb": max(r[1] for r in runs) / 1e9,
+            "stacked_fraction": quality.get("stacked_fraction"),
+            **{m: quality.get(m) for m in METRICS if quality.get(m) is not None},
+        }
     if args.json:
         print(json.dumps(result, indent=1))
         return
@@ -128,11 +150,16 @@ def main() -> None:
     print(f"{label}, budget {args.budget} ({args.repeat} round(s), medians)\n")
     print("| measure | " + " | ".join(names) + (" | ratio |" if len(names) == 2 else " |"))
     print("|---" * (len(names) + 1 + (len(names) == 2)) + "|")
-    keys = ["wall_s", "peak_rss_gb", "stacked_fraction", *[m for m in METRICS if m in result["runs"][names[0]]]]
+    keys = [
+        "wall_s",
+        "peak_rss_gb",
+        "stacked_fraction",
+        *[m for m in METRICS if m in result["runs"][names[0]]],
+    ]
     for key in keys:
         values = [result["runs"][n].get(key) for n in names]
         cells = [f"{v:.4g}" if isinstance(v, float) else str(v) for v in values]
-        ratio = (f" | {values[0] / values[1]:.3f}" if len(names) == 2 and values[1] else "")
+        ratio = f" | {values[0] / values[1]:.3f}" if len(names) == 2 and values[1] else ""
         print(f"| {key} | " + " | ".join(cells) + ratio + " |")
 
 

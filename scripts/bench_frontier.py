@@ -12,6 +12,7 @@ conversion kept, its wall time and the process's peak RSS.
     HF_HUB_OFFLINE=1 python scripts/bench_frontier.py                       # both, the README table
     HF_HUB_OFFLINE=1 python scripts/bench_frontier.py --models minilm --budgets 0.5,0.8
 """
+
 from __future__ import annotations
 
 import argparse
@@ -65,8 +66,20 @@ MODELS = {"minilm": minilm_dir, "smollm2": smollm2_dir}
 
 
 def run(src: Path, budget: float, out: Path, threads: int) -> dict:
-    cmd = [sys.executable, "-m", "lors_convert", "convert", str(src), "--budget", str(budget), "--json", "-q",
-           "-o", str(out), "--force"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "lors_convert",
+        "convert",
+        str(src),
+        "--budget",
+        str(budget),
+        "--json",
+        "-q",
+        "-o",
+        str(out),
+        "--force",
+    ]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(threads)}
     with tempfile.TemporaryFile("w+") as stdout, tempfile.TemporaryFile("w+") as stderr:
         start = time.perf_counter()
@@ -81,12 +94,27 @@ def run(src: Path, budget: float, out: Path, threads: int) -> dict:
         return {"budget": budget, "error": err_text.strip().splitlines()[-1:], "wall_s": wall}
     report = json.loads(out_text)
     q = report["quality"]
-    return {"budget": budget, "stacked_fraction": q.get("stacked_fraction"), "wall_s": wall,
-            "peak_rss_gb": peak / 2**20,
-            "params_after": report["total"]["params_after"], "params_before": report["total"]["params_before"],
-            **{k.removeprefix("heldout_"): q.get(k) for k in ("heldout_cosine", "heldout_cosine_p05", "heldout_ppl_ratio",
-                                                              "heldout_top1", "heldout_kl", "heldout_rel_error",
-                                                              "heldout_ppl_source", "heldout_ppl")}}
+    return {
+        "budget": budget,
+        "stacked_fraction": q.get("stacked_fraction"),
+        "wall_s": wall,
+        "peak_rss_gb": peak / 2**20,
+        "params_after": report["total"]["params_after"],
+        "params_before": report["total"]["params_before"],
+        **{
+            k.removeprefix("heldout_"): q.get(k)
+            for k in (
+                "heldout_cosine",
+                "heldout_cosine_p05",
+                "heldout_ppl_ratio",
+                "heldout_top1",
+                "heldout_kl",
+                "heldout_rel_error",
+                "heldout_ppl_source",
+                "heldout_ppl",
+            )
+        },
+    }
 
 
 def fmt(v, digits=4) -> str:
@@ -108,7 +136,9 @@ def main(argv=None) -> int:
     work = Path(args.work or tempfile.mkdtemp(prefix="lors-frontier-"))
     work.mkdir(parents=True, exist_ok=True)
     results = {}
-    print("| model | budget | stacked kept | cosine (p05) | ppl ratio | top-1 | KL | rel. error | wall | peak RSS |")
+    print(
+        "| model | budget | stacked kept | cosine (p05) | ppl ratio | top-1 | KL | rel. error | wall | peak RSS |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for name in args.models.split(","):
         src = MODELS[name](work)
@@ -120,9 +150,12 @@ def main(argv=None) -> int:
                 print(f"| {name} | {b} | error: {r['error']} | | | | | | {r['wall_s']:.0f} s | |")
                 continue
             cos = "-" if r["cosine"] is None else f"{r['cosine']:.4f} ({r['cosine_p05']:.3f})"
-            print(f"| {name} | {b} | {fmt(r['stacked_fraction'], 3)} | {cos} | {fmt(r['ppl_ratio'], 3)} | "
-                  f"{fmt(r['top1'])} | {fmt(r['kl'])} | {fmt(r['rel_error'])} | {r['wall_s']:.0f} s | "
-                  f"{fmt(r['peak_rss_gb'], 2)} GB |", flush=True)
+            print(
+                f"| {name} | {b} | {fmt(r['stacked_fraction'], 3)} | {cos} | {fmt(r['ppl_ratio'], 3)} | "
+                f"{fmt(r['top1'])} | {fmt(r['kl'])} | {fmt(r['rel_error'])} | {r['wall_s']:.0f} s | "
+                f"{fmt(r['peak_rss_gb'], 2)} GB |",
+                flush=True,
+            )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1, sort_keys=True))
     return 0

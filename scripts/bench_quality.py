@@ -31,6 +31,7 @@ matrix):
 
 Prints a markdown table (and ``--json PATH`` writes the numbers).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -69,13 +70,19 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", default="mean,layer,whitened,refine,auto,heal,never,oracle")
     ap.add_argument("--probes", type=int, default=4, help="probes per batch for the output-gradient Grams")
     ap.add_argument("--json", default=None)
-    ap.add_argument("--extra-calib", default=None,
-                    help="more calibration text appended to the prose (e.g. from scripts/make_docstring_corpus.py)")
+    ap.add_argument(
+        "--extra-calib",
+        default=None,
+        help="more calibration text appended to the prose (e.g. from scripts/make_docstring_corpus.py)",
+    )
     ap.add_argument("--extra-n", type=int, default=3000, help="sentences drawn (seeded) from --extra-calib")
     ap.add_argument("--heal-match", default="output", help="output or layers (see lors_convert.heal)")
-    ap.add_argument("--heal-synthetic", default="0",
-                    help="comma list of shares of heal steps on synthetic token inputs (lors_convert.synthetic): "
-                         "one heal column each")
+    ap.add_argument(
+        "--heal-synthetic",
+        default="0",
+        help="comma list of shares of heal steps on synthetic token inputs (lors_convert.synthetic): "
+        "one heal column each",
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -89,7 +96,7 @@ def main(argv=None) -> int:
     if args.extra_calib:
         extra = read_texts(Path(args.extra_calib))
         random.Random(0).shuffle(extra)
-        calib_texts += extra[:args.extra_n]
+        calib_texts += extra[: args.extra_n]
     held_texts = read_texts(DATA / "heldout_dialogue.txt")
     assert not set(calib_texts) & set(held_texts), "held-out text overlaps calibration text"
     calib = text_batches(tok, calib_texts, args.batch_size, 128)
@@ -101,12 +108,17 @@ def main(argv=None) -> int:
     cal = collect_grams(source, calib, probes=args.probes)
     t_out = time.time() - t0
     ref = reference_outputs(source, held)
-    cal_oracle = collect_grams(source, held, probes=args.probes) if "oracle" in args.methods.split(",") else None
+    cal_oracle = (
+        collect_grams(source, held, probes=args.probes) if "oracle" in args.methods.split(",") else None
+    )
     stacked = sum(pp.dense_params for pp in plan_conversion(source, None, None, require_savings=False).params)
-    print(f"MiniLM: {stacked / 1e6:.2f}M stacked parameters in 6 BertLayers; calibration {len(calib_texts)} "
-          f"sentences ({cal.summary()['rows']} tokens, input Grams in {t_grams:.1f}s, input + output Grams "
-          f"({args.probes} probes) in {t_out:.1f}s); held-out "
-          f"{len(held_texts)} questions/chat lines", file=sys.stderr)
+    print(
+        f"MiniLM: {stacked / 1e6:.2f}M stacked parameters in 6 BertLayers; calibration {len(calib_texts)} "
+        f"sentences ({cal.summary()['rows']} tokens, input Grams in {t_grams:.1f}s, input + output Grams "
+        f"({args.probes} probes) in {t_out:.1f}s); held-out "
+        f"{len(held_texts)} questions/chat lines",
+        file=sys.stderr,
+    )
 
     methods = args.methods.split(",")
     rows = []
@@ -115,11 +127,20 @@ def main(argv=None) -> int:
 
         def record(name, model, params, seconds):
             q = fidelity(model, ref)
-            row[name] = {"cosine": q["heldout_cosine"], "cosine_min": q["heldout_cosine_min"],
-                         "rel_error": q["heldout_rel_error"], "params": params, "fraction": params / stacked,
-                         "seconds": seconds}
-            print(f"  budget {budget}: {name:22s} cos {q['heldout_cosine']:.4f} (min {q['heldout_cosine_min']:.3f}) "
-                  f"params {params / stacked:.3f} in {seconds:.1f}s", file=sys.stderr, flush=True)
+            row[name] = {
+                "cosine": q["heldout_cosine"],
+                "cosine_min": q["heldout_cosine_min"],
+                "rel_error": q["heldout_rel_error"],
+                "params": params,
+                "fraction": params / stacked,
+                "seconds": seconds,
+            }
+            print(
+                f"  budget {budget}: {name:22s} cos {q['heldout_cosine']:.4f} (min {q['heldout_cosine_min']:.3f}) "
+                f"params {params / stacked:.3f} in {seconds:.1f}s",
+                file=sys.stderr,
+                flush=True,
+            )
 
         def stacked_after(report):  # converted matrices + those the budget kept dense
             return round(report.quality["stacked_fraction"] * stacked)
@@ -138,8 +159,9 @@ def main(argv=None) -> int:
             record("output-aware", m, stacked_after(rep), time.time() - t)
         if "refine" in methods:
             t = time.time()
-            m, rep = convert(copy.deepcopy(source), budget=budget, calibration=cal, refine=args.refine,
-                             sharing="always")
+            m, rep = convert(
+                copy.deepcopy(source), budget=budget, calibration=cal, refine=args.refine, sharing="always"
+            )
             record(f"+refine{args.refine}", m, stacked_after(rep), time.time() - t)
         if "auto" in methods or "heal" in methods:
             t = time.time()
@@ -147,14 +169,28 @@ def main(argv=None) -> int:
             params = stacked_after(rep)
             shared = [mr.name.rsplit(".", 1)[0] for s in rep.stacks for mr in s.matrices if mr.shared]
             record(f"sharing auto +refine{args.refine}", m, params, time.time() - t)
-            print(f"    shared parts kept: {shared or 'none'}; dense: {sorted(k for s in rep.stacks for k in s.kept_dense)}",
-                  file=sys.stderr)
-            shares = [float(x) for x in args.heal_synthetic.split(",")] if "heal" in methods and args.heal_steps else []
+            print(
+                f"    shared parts kept: {shared or 'none'}; dense: {sorted(k for s in rep.stacks for k in s.kept_dense)}",
+                file=sys.stderr,
+            )
+            shares = (
+                [float(x) for x in args.heal_synthetic.split(",")]
+                if "heal" in methods and args.heal_steps
+                else []
+            )
             for share in shares:
                 student = copy.deepcopy(m)
                 t = time.time()
-                heal(student, source, calib, steps=args.heal_steps, lr=args.heal_lr, loss=args.heal_loss,
-                     match=args.heal_match, synthetic=share)
+                heal(
+                    student,
+                    source,
+                    calib,
+                    steps=args.heal_steps,
+                    lr=args.heal_lr,
+                    loss=args.heal_loss,
+                    match=args.heal_match,
+                    synthetic=share,
+                )
                 name = f"+heal{args.heal_steps}" + (f" synthetic {share:g}" if share else "")
                 record(name, student, params, time.time() - t)
         if "never" in methods:
@@ -167,7 +203,9 @@ def main(argv=None) -> int:
             record("oracle (Grams of the held-out text)", m, stacked_after(rep), time.time() - t)
         rows.append(row)
         if args.json:  # after every budget: a long run interrupted still leaves numbers
-            Path(args.json).write_text(json.dumps({"stacked": stacked, "rows": rows, "args": vars(args)}, indent=2))
+            Path(args.json).write_text(
+                json.dumps({"stacked": stacked, "rows": rows, "args": vars(args)}, indent=2)
+            )
 
     rows.sort(key=lambda r: r["budget"])
     names = [k for k in rows[0] if k != "budget"]
@@ -176,9 +214,13 @@ def main(argv=None) -> int:
     for row in rows:
         cells = [f"{row[n]['cosine']:.3f} ({100 * row[n]['fraction']:.1f}%)" for n in names]
         print(f"| {row['budget']:.2f} | " + " | ".join(cells) + " |")
-    print("\ncell: held-out cosine of mean-pooled embeddings to the original (stacked parameters kept). "
-          "Seconds: " + "; ".join(f"{n} {rows[-1][n]['seconds']:.0f}s" for n in names) + f" (budget {rows[-1]['budget']}, "
-          f"{args.threads} CPU threads)")
+    print(
+        "\ncell: held-out cosine of mean-pooled embeddings to the original (stacked parameters kept). "
+        "Seconds: "
+        + "; ".join(f"{n} {rows[-1][n]['seconds']:.0f}s" for n in names)
+        + f" (budget {rows[-1]['budget']}, "
+        f"{args.threads} CPU threads)"
+    )
     return 0
 
 

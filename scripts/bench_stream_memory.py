@@ -9,6 +9,7 @@ command imports), as a multiple of the largest stacked group (N layers x one mat
 
     python scripts/bench_stream_memory.py [--baseline /path/to/older/checkout] [--layers 24 --embd 1024]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,9 +20,11 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-IMPORTS = ("import torch, transformers, safetensors, huggingface_hub, accelerate\n"
-           "from transformers import GPT2LMHeadModel\n"
-           "import lors_convert, lors_convert.cli\n")
+IMPORTS = (
+    "import torch, transformers, safetensors, huggingface_hub, accelerate\n"
+    "from transformers import GPT2LMHeadModel\n"
+    "import lors_convert, lors_convert.cli\n"
+)
 
 
 def peak(cmd: list[str], tree: Path) -> int:
@@ -43,9 +46,11 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="lors-mem-"))
     src = work / "gpt2"
     # in a child: this process must stay small, a fork's peak RSS counts the parent's pages
-    make = (f"from transformers import GPT2Config, GPT2LMHeadModel\n"
-            f"config = GPT2Config(n_layer={args.layers}, n_embd={args.embd}, n_head=16, vocab_size=50257, "
-            f"n_positions=1024)\nGPT2LMHeadModel(config).save_pretrained({str(src)!r})\n")
+    make = (
+        f"from transformers import GPT2Config, GPT2LMHeadModel\n"
+        f"config = GPT2Config(n_layer={args.layers}, n_embd={args.embd}, n_head=16, vocab_size=50257, "
+        f"n_positions=1024)\nGPT2LMHeadModel(config).save_pretrained({str(src)!r})\n"
+    )
     subprocess.run([sys.executable, "-c", make], check=True, capture_output=True)
     group = args.layers * args.embd * 4 * args.embd * 4  # the MLP matrices: (d, 4d) float32 per layer
     size = sum(f.stat().st_size for f in src.glob("*.safetensors"))
@@ -56,12 +61,40 @@ def main() -> None:
     for name, tree in trees:
         base = peak([sys.executable, "-c", IMPORTS], tree)
         out = work / f"{name}.lors"
-        conv = peak([sys.executable, "-m", "lors_convert", "convert", str(src), "--rank", "32", "-o", str(out), "-q",
-                     "--no-fidelity"], tree)
-        merged = peak([sys.executable, "-m", "lors_convert", "merge", str(out), "-o", str(work / f"{name}.dense"),
-                       "-q"], tree)
-        print(f"| {name} | {base / 1e6:.0f} MB | {(conv - base) / 1e6:.0f} MB = {(conv - base) / group:.2f}x group "
-              f"| {(merged - base) / 1e6:.0f} MB = {(merged - base) / group:.2f}x group |", flush=True)
+        conv = peak(
+            [
+                sys.executable,
+                "-m",
+                "lors_convert",
+                "convert",
+                str(src),
+                "--rank",
+                "32",
+                "-o",
+                str(out),
+                "-q",
+                "--no-fidelity",
+            ],
+            tree,
+        )
+        merged = peak(
+            [
+                sys.executable,
+                "-m",
+                "lors_convert",
+                "merge",
+                str(out),
+                "-o",
+                str(work / f"{name}.dense"),
+                "-q",
+            ],
+            tree,
+        )
+        print(
+            f"| {name} | {base / 1e6:.0f} MB | {(conv - base) / 1e6:.0f} MB = {(conv - base) / group:.2f}x group "
+            f"| {(merged - base) / 1e6:.0f} MB = {(merged - base) / group:.2f}x group |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

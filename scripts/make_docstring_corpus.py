@@ -7,6 +7,7 @@ thousands of sentences without a download. The result depends on the Python vers
     python scripts/make_docstring_corpus.py /tmp/stdlib_doc.txt
     HF_HUB_OFFLINE=1 python scripts/bench_quality.py --budgets 0.45 --extra-calib /tmp/stdlib_doc.txt --extra-n 3000
 """
+
 from __future__ import annotations
 
 import ast
@@ -36,8 +37,13 @@ def sentences(root: Path) -> list[str]:
                 for s in SENTENCE_END.split(" ".join(para.split())):
                     words = s.split()
                     letters = sum(c.isalpha() or c == " " for c in s)
-                    if (8 <= len(words) <= 40 and s[0].isupper() and s.endswith(".")
-                            and letters / len(s) > 0.9 and s not in seen):
+                    if (
+                        8 <= len(words) <= 40
+                        and s[0].isupper()
+                        and s.endswith(".")
+                        and letters / len(s) > 0.9
+                        and s not in seen
+                    ):
                         seen.add(s)
                         out.append(s)
     return out

@@ -1,4 +1,5 @@
 """Small importable architectures for ``--arch tests.archs:NAME`` in CLI tests."""
+
 from __future__ import annotations
 
 import torch

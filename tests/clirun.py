@@ -1,4 +1,5 @@
 """Running the ``lors`` CLI in-process from tests (typer's CliRunner, stdout and stderr apart)."""
+
 from __future__ import annotations
 
 from typer.testing import CliRunner

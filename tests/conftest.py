@@ -1,4 +1,5 @@
 """Shared helpers of the core suite: independent reference math (float64, no lors code) and snapshots."""
+
 from __future__ import annotations
 
 import math

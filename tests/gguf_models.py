@@ -4,6 +4,7 @@ The tensor names and the q/k row permutation are spelled out here (not taken fro
 ``gguf`` name map lors uses), so reading them back through lors checks its mapping independently.
 ``gguf`` must be importable (callers skip otherwise).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -18,7 +19,11 @@ SPECIAL = "<|endoftext|>"
 
 def byte_tokens() -> list[str]:
     """GPT-2's byte-to-unicode alphabet: the 256 base tokens of a byte-level BPE vocabulary."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -44,16 +49,28 @@ def qwen(version: int, seed: int = 0):
     GGUF config gives Qwen3, since it does not read llama.cpp's key_length)."""
     if version == 2:
         from transformers import Qwen2Config as Config, Qwen2ForCausalLM as Model
+
         return _init(Model(Config(**_config(True, LAYERS, FFN))), seed)
     from transformers import Qwen3Config as Config, Qwen3ForCausalLM as Model
+
     return _init(Model(Config(**_config(True, LAYERS, FFN), head_dim=128)), seed)
 
 
 def _config(tied: bool, layers: int, ffn: int) -> dict:
-    return dict(hidden_size=HIDDEN, intermediate_size=ffn, num_hidden_layers=layers, num_attention_heads=HEADS,
-                num_key_value_heads=KV_HEADS, vocab_size=len(vocab()), max_position_embeddings=64, rms_norm_eps=1e-5,
-                rope_theta=10000.0, tie_word_embeddings=tied, bos_token_id=len(vocab()) - 1,
-                eos_token_id=len(vocab()) - 1)
+    return dict(
+        hidden_size=HIDDEN,
+        intermediate_size=ffn,
+        num_hidden_layers=layers,
+        num_attention_heads=HEADS,
+        num_key_value_heads=KV_HEADS,
+        vocab_size=len(vocab()),
+        max_position_embeddings=64,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        tie_word_embeddings=tied,
+        bos_token_id=len(vocab()) - 1,
+        eos_token_id=len(vocab()) - 1,
+    )
 
 
 def _init(model, seed: int):
@@ -73,16 +90,28 @@ def permute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 # llama.cpp's names of a decoder layer's tensors (gguf's docs/gguf.md, "Standardized tensor names")
-LAYER_NAMES = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
-               "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm",
-               "self_attn.k_norm": "attn_k_norm", "post_attention_layernorm": "ffn_norm",
-               "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+LAYER_NAMES = {
+    "input_layernorm": "attn_norm",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "self_attn.q_norm": "attn_q_norm",
+    "self_attn.k_norm": "attn_k_norm",
+    "post_attention_layernorm": "ffn_norm",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
 
 
 def gguf_tensors(model, arch: str = "llama") -> dict[str, np.ndarray]:
     """The model's tensors under llama.cpp's names (q/k permuted for a Llama), float32, numpy order."""
     sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
-    out = {"token_embd.weight": sd.pop("model.embed_tokens.weight"), "output_norm.weight": sd.pop("model.norm.weight")}
+    out = {
+        "token_embd.weight": sd.pop("model.embed_tokens.weight"),
+        "output_norm.weight": sd.pop("model.norm.weight"),
+    }
     lm_head = sd.pop("lm_head.weight")
     if not model.config.tie_word_embeddings:
         out["output.weight"] = lm_head
@@ -97,9 +126,16 @@ def gguf_tensors(model, arch: str = "llama") -> dict[str, np.ndarray]:
     return out
 
 
-def write(path: Path, model, qtype: str = "F32", arch: str = "llama", block_count: int | None = None,
-          ffn_length: int | None = None, drop: tuple[str, ...] = (), extra: dict[str, tuple[np.ndarray, str]] | None = None
-          ) -> Path:
+def write(
+    path: Path,
+    model,
+    qtype: str = "F32",
+    arch: str = "llama",
+    block_count: int | None = None,
+    ffn_length: int | None = None,
+    drop: tuple[str, ...] = (),
+    extra: dict[str, tuple[np.ndarray, str]] | None = None,
+) -> Path:
     """Write ``model`` as a GGUF file: 2-D weights as ``qtype`` (F32, F16, Q8_0, Q4_1...), 1-D as F32.
 
     ``arch``, ``block_count`` and ``ffn_length`` override the metadata (bad inputs); ``drop`` leaves
@@ -161,6 +197,10 @@ def contents(path: Path) -> tuple[dict[str, np.ndarray], dict]:
     import gguf
 
     reader = gguf.GGUFReader(str(path))
-    tensors = {t.name: np.array(gguf.dequantize(t.data, t.tensor_type), dtype=np.float32)
-               .reshape(tuple(reversed(t.shape.tolist()))) for t in reader.tensors}
+    tensors = {
+        t.name: np.array(gguf.dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(
+            tuple(reversed(t.shape.tolist()))
+        )
+        for t in reader.tensors
+    }
     return tensors, {name: f.contents() for name, f in reader.fields.items()}

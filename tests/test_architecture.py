@@ -1,5 +1,6 @@
 """The package's shape: layered imports with no cycles (import-linter, contracts in pyproject.toml),
 and modules small enough to read."""
+
 from __future__ import annotations
 
 import shutil
@@ -22,7 +23,9 @@ def test_import_contracts_hold():
     assert "2 kept, 0 broken" in res.stdout
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "lors_convert").rglob("*.py")), ids=lambda p: str(p.relative_to(ROOT)))
+@pytest.mark.parametrize(
+    "path", sorted((ROOT / "lors_convert").rglob("*.py")), ids=lambda p: str(p.relative_to(ROOT))
+)
 def test_module_is_small(path):
     lines = len(path.read_text().splitlines())
     assert lines <= MAX_LINES, f"{path.relative_to(ROOT)} has {lines} lines (at most {MAX_LINES}): split it"
@@ -30,9 +33,11 @@ def test_module_is_small(path):
 
 def test_usage_errors_do_not_wait_for_torch():
     """A bad flag is answered before torch or transformers are imported (they take seconds)."""
-    code = ("import sys\nfrom lors_convert.cli import main\nsys.argv = ['lors', 'convert', 'missing', '--rank', '0']\n"
-            "try:\n    main()\nexcept SystemExit as e:\n    code = e.code\n"
-            "print(code, 'torch' in sys.modules, 'transformers' in sys.modules)")
+    code = (
+        "import sys\nfrom lors_convert.cli import main\nsys.argv = ['lors', 'convert', 'missing', '--rank', '0']\n"
+        "try:\n    main()\nexcept SystemExit as e:\n    code = e.code\n"
+        "print(code, 'torch' in sys.modules, 'transformers' in sys.modules)"
+    )
     res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert res.stdout.split() == ["2", "False", "False"], res.stdout + res.stderr
     assert "--rank must be a positive integer or 'full', got 0" in res.stderr
@@ -41,9 +46,11 @@ def test_usage_errors_do_not_wait_for_torch():
 def test_the_library_imports_transformers_only_for_hugging_face_models():
     """Importing the conversion (and converting a model that is not a Hugging Face one) leaves
     transformers unimported: its import costs seconds, and a Conv1D is recognised without it."""
-    code = ("import sys, torch\nimport lors_convert, lors_convert.convert_file, lors_convert.checkpoint.merge\n"
-            "from tests.archs import StackedMLP\n"
-            "lors_convert.convert(StackedMLP(depth=3), rank=2)\n"
-            "print('transformers' in sys.modules)")
+    code = (
+        "import sys, torch\nimport lors_convert, lors_convert.convert_file, lors_convert.checkpoint.merge\n"
+        "from tests.archs import StackedMLP\n"
+        "lors_convert.convert(StackedMLP(depth=3), rank=2)\n"
+        "print('transformers' in sys.modules)"
+    )
     res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert res.stdout.split() == ["False"], res.stdout + res.stderr

@@ -8,6 +8,7 @@ After the kill, OUT is the complete previous or new checkpoint (the fallback kil
 renames leaves it absent: the next lors command reading OUT restores it), and the next write of
 OUT leaves no hidden entry behind.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -90,8 +91,10 @@ STEPS = {
 
 
 def tree(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
-            for p in sorted(root.rglob("*"))}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+        for p in sorted(root.rglob("*"))
+    }
 
 
 def hidden(directory: Path) -> list[str]:
@@ -107,7 +110,9 @@ def checkpoints(tmp_path_factory):
     save_file(StackedMLP().state_dict(), str(src))
     trees = {}
     for name, rank in (("old", "4"), ("new", "2")):
-        res = runner.invoke(app, ["convert", str(src), "--arch", ARCH, "--rank", rank, "-o", str(d / name), "-q"])
+        res = runner.invoke(
+            app, ["convert", str(src), "--arch", ARCH, "--rank", rank, "-o", str(d / name), "-q"]
+        )
         assert res.exit_code == 0, res.output
         trees[name] = tree(d / name)
     assert trees["old"] != trees["new"]
@@ -123,11 +128,34 @@ def test_sigkill_while_replacing_an_output(swap, step, checkpoints, tmp_path):
     out = work / "out.lors"
     res = runner.invoke(app, ["convert", str(src), "--arch", ARCH, "--rank", "4", "-o", str(out), "-q"])
     assert res.exit_code == 0 and tree(out) == trees["old"]
-    env = {**os.environ, "KILL_AT": f"{swap}/{step}", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    child = subprocess.run([sys.executable, "-c", CHILD, "convert", str(src), "--arch", ARCH, "--rank", "2",
-                            "-o", str(out), "--force", "-q"], cwd=work, env=env, capture_output=True, text=True,
-                           timeout=300)
+    env = {
+        **os.environ,
+        "KILL_AT": f"{swap}/{step}",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+    }
+    child = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            CHILD,
+            "convert",
+            str(src),
+            "--arch",
+            ARCH,
+            "--rank",
+            "2",
+            "-o",
+            str(out),
+            "--force",
+            "-q",
+        ],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert child.returncode == -signal.SIGKILL, (child.returncode, child.stderr[-2000:])
     assert hidden(work), "the kill left no trace: it did not happen where the test says"
     expected = STEPS[(swap, step)]
@@ -141,7 +169,9 @@ def test_sigkill_while_replacing_an_output(swap, step, checkpoints, tmp_path):
     assert res.exit_code == 0, res.output
     assert tree(out) == trees[expected]
     assert not any(".old-" in name for name in hidden(work))  # the dead run's old copy is gone
-    res = runner.invoke(app, ["convert", str(src), "--arch", ARCH, "--rank", "2", "-o", str(out), "--force", "-q"])
+    res = runner.invoke(
+        app, ["convert", str(src), "--arch", ARCH, "--rank", "2", "-o", str(out), "--force", "-q"]
+    )
     assert res.exit_code == 0, res.output
     assert tree(out) == trees["new"] and hidden(work) == []
 
@@ -159,7 +189,9 @@ def test_exchange_swaps_a_file_and_a_directory(tmp_path):
 def test_recover_leaves_live_and_foreign_entries_alone(tmp_path):
     import socket
 
-    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
     dead, host = int(done.stdout), socket.gethostname()
     out = tmp_path / "x.lors"
     live = tmp_path / f".x.lors.old-{os.getpid()}@{host}.aaa"

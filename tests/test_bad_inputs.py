@@ -9,6 +9,7 @@ heal_state (a state that must not be resumed) and outputs (an output onto an inp
 Then: the pickle payload proof, rank clamping, fp16/bf16, tied weights, SIGKILL mid-write, tampered
 checkpoints against report/merge/load, a mismatching architecture, and a bounded fuzz of the reader.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -138,7 +139,7 @@ def _bad_header(kind: str) -> bytes:
         return struct.pack("<Q", 2**62) + data[8:]
     if kind == "beyond_eof":
         return struct.pack("<Q", len(data)) + data[8:]
-    return data[:8] + b"{" + b"\x00" * (n - 1) + data[8 + n:]  # not JSON
+    return data[:8] + b"{" + b"\x00" * (n - 1) + data[8 + n :]  # not JSON
 
 
 def _torch_bytes(obj) -> bytes:
@@ -170,92 +171,258 @@ def _w(tmp: Path) -> Path:
 CASES = [
     Case("missing_file", _convert(lambda t: _input(t, "missing.pt")), 2, ("no such file",)),
     Case("missing_file_report", lambda t: ["report", _input(t, "missing.lors")], 2, ("no such file",)),
-    Case("missing_file_merge", lambda t: ["merge", _input(t, "missing.lors")], 2, ("no such file",),
-         out="merged"),
+    Case(
+        "missing_file_merge",
+        lambda t: ["merge", _input(t, "missing.lors")],
+        2,
+        ("no such file",),
+        out="merged",
+    ),
     Case("empty_pt", _convert(lambda t: _mk(t, "empty.pt", b"")), 1, ("empty",)),
-    Case("empty_safetensors_arch", _convert(lambda t: _mk(t, "e.safetensors", b""), "--arch", ARCH), 1,
-         ("empty",)),
-    Case("truncated_safetensors", _convert(lambda t: _mk(t, "t.safetensors", _weights_bytes()[:3000]),
-                                           "--arch", ARCH), 1, ("not a readable safetensors",)),
-    Case("truncated_safetensors_no_arch", _convert(lambda t: _mk(t, "t.safetensors", _weights_bytes()[:3000])),
-         1, ("not a readable safetensors",)),
-    Case("header_oversized", _convert(lambda t: _mk(t, "h.safetensors", _bad_header("oversized")),
-                                      "--arch", ARCH), 1, ("not a readable safetensors", "header")),
-    Case("header_beyond_eof", _convert(lambda t: _mk(t, "h.safetensors", _bad_header("beyond_eof")),
-                                       "--arch", ARCH), 1, ("not a readable safetensors",)),
-    Case("header_corrupted", _convert(lambda t: _mk(t, "h.safetensors", _bad_header("json")),
-                                      "--arch", ARCH), 1, ("not a readable safetensors",)),
-    Case("random_bytes_pt", _convert(lambda t: _mk(t, "r.pt", os.urandom(4096))), 1,
-         ("not a readable PyTorch file",)),
-    Case("random_bytes_pt_arch", _convert(lambda t: _mk(t, "r.pt", os.urandom(4096)), "--arch", ARCH), 1,
-         ("not a readable PyTorch file",)),
-    Case("malicious_pickle", _convert(_evil), 1, ("refused to unpickle", "runs code", "--trust-pickle"),
-         marker=True),
-    Case("malicious_raw_pickle", _convert(lambda t: _evil(t, "raw.pkl", raw=True)), 1,
-         ("refused to unpickle", "runs code", "--trust-pickle"), marker=True),
-    Case("malicious_pickle_arch", _convert(_evil, "--arch", ARCH), 1, ("refused to unpickle", "runs code"),
-         marker=True),
-    Case("malicious_pickle_report", lambda t: ["report", _evil(t)], 1,
-         ("refused to unpickle", "--trust-pickle"), marker=True),
-    Case("pickle_dict_of_strings", _convert(lambda t: _mk(t, "d.pt", _torch_bytes({"a": "b", "c": "d"}))), 1,
-         ("expected a model or a state dict", "dict of str")),
-    Case("pickle_dict_of_strings_arch", _convert(lambda t: _mk(t, "d.pt", _torch_bytes({"a": "b"})),
-                                                 "--arch", ARCH), 1, ("expected a state dict",)),
-    Case("pickle_list", _convert(lambda t: _mk(t, "l.pt", _torch_bytes([1, "two", 3.0]))), 1,
-         ("expected a model or a state dict", "list")),
-    Case("no_stacks", _convert(lambda t: write_weights(_input(t, "n.safetensors"), no_stacks().state_dict()),
-                               "--arch", "tests.archs:no_stacks"), 1, ("no stacks found", "searched 4 modules")),
-    Case("include_matches_nothing", _convert(_w, "--arch", ARCH, "--include", "*nothing*"), 2,
-         ("*nothing*", "matches no")),
+    Case(
+        "empty_safetensors_arch",
+        _convert(lambda t: _mk(t, "e.safetensors", b""), "--arch", ARCH),
+        1,
+        ("empty",),
+    ),
+    Case(
+        "truncated_safetensors",
+        _convert(lambda t: _mk(t, "t.safetensors", _weights_bytes()[:3000]), "--arch", ARCH),
+        1,
+        ("not a readable safetensors",),
+    ),
+    Case(
+        "truncated_safetensors_no_arch",
+        _convert(lambda t: _mk(t, "t.safetensors", _weights_bytes()[:3000])),
+        1,
+        ("not a readable safetensors",),
+    ),
+    Case(
+        "header_oversized",
+        _convert(lambda t: _mk(t, "h.safetensors", _bad_header("oversized")), "--arch", ARCH),
+        1,
+        ("not a readable safetensors", "header"),
+    ),
+    Case(
+        "header_beyond_eof",
+        _convert(lambda t: _mk(t, "h.safetensors", _bad_header("beyond_eof")), "--arch", ARCH),
+        1,
+        ("not a readable safetensors",),
+    ),
+    Case(
+        "header_corrupted",
+        _convert(lambda t: _mk(t, "h.safetensors", _bad_header("json")), "--arch", ARCH),
+        1,
+        ("not a readable safetensors",),
+    ),
+    Case(
+        "random_bytes_pt",
+        _convert(lambda t: _mk(t, "r.pt", os.urandom(4096))),
+        1,
+        ("not a readable PyTorch file",),
+    ),
+    Case(
+        "random_bytes_pt_arch",
+        _convert(lambda t: _mk(t, "r.pt", os.urandom(4096)), "--arch", ARCH),
+        1,
+        ("not a readable PyTorch file",),
+    ),
+    Case(
+        "malicious_pickle",
+        _convert(_evil),
+        1,
+        ("refused to unpickle", "runs code", "--trust-pickle"),
+        marker=True,
+    ),
+    Case(
+        "malicious_raw_pickle",
+        _convert(lambda t: _evil(t, "raw.pkl", raw=True)),
+        1,
+        ("refused to unpickle", "runs code", "--trust-pickle"),
+        marker=True,
+    ),
+    Case(
+        "malicious_pickle_arch",
+        _convert(_evil, "--arch", ARCH),
+        1,
+        ("refused to unpickle", "runs code"),
+        marker=True,
+    ),
+    Case(
+        "malicious_pickle_report",
+        lambda t: ["report", _evil(t)],
+        1,
+        ("refused to unpickle", "--trust-pickle"),
+        marker=True,
+    ),
+    Case(
+        "pickle_dict_of_strings",
+        _convert(lambda t: _mk(t, "d.pt", _torch_bytes({"a": "b", "c": "d"}))),
+        1,
+        ("expected a model or a state dict", "dict of str"),
+    ),
+    Case(
+        "pickle_dict_of_strings_arch",
+        _convert(lambda t: _mk(t, "d.pt", _torch_bytes({"a": "b"})), "--arch", ARCH),
+        1,
+        ("expected a state dict",),
+    ),
+    Case(
+        "pickle_list",
+        _convert(lambda t: _mk(t, "l.pt", _torch_bytes([1, "two", 3.0]))),
+        1,
+        ("expected a model or a state dict", "list"),
+    ),
+    Case(
+        "no_stacks",
+        _convert(
+            lambda t: write_weights(_input(t, "n.safetensors"), no_stacks().state_dict()),
+            "--arch",
+            "tests.archs:no_stacks",
+        ),
+        1,
+        ("no stacks found", "searched 4 modules"),
+    ),
+    Case(
+        "include_matches_nothing",
+        _convert(_w, "--arch", ARCH, "--include", "*nothing*"),
+        2,
+        ("*nothing*", "matches no"),
+    ),
     Case("exclude_everything", _convert(_w, "--arch", ARCH, "--exclude", "*"), 2, ("no stacked parameter",)),
     Case("rank_zero", _convert(_w, "--arch", ARCH, "--rank", "0"), 2, ("--rank", "positive"), names=None),
     Case("rank_negative", _convert(_w, "--arch", ARCH, "--rank", "-3"), 2, ("--rank", "-3"), names=None),
-    Case("rank_not_a_number", _convert(_w, "--arch", ARCH, "--rank", "eight"), 2, ("--rank", "eight"), names=None),
-    Case("groups_wrong_length", _convert(_w, "--arch", ARCH, "--groups", "1,2"), 2,
-         ("groups has 2 entries", "4 layers")),
+    Case(
+        "rank_not_a_number",
+        _convert(_w, "--arch", ARCH, "--rank", "eight"),
+        2,
+        ("--rank", "eight"),
+        names=None,
+    ),
+    Case(
+        "groups_wrong_length",
+        _convert(_w, "--arch", ARCH, "--groups", "1,2"),
+        2,
+        ("groups has 2 entries", "4 layers"),
+    ),
     Case("groups_zero", _convert(_w, "--arch", ARCH, "--groups", "1,0,1,1"), 2, ("--groups",), names=None),
-    Case("nan_in_stacked_weight", _convert(lambda t: write_weights(
-        _input(t, "nan.safetensors"), _nonfinite("blocks.2.up.weight", float("nan"))), "--arch", ARCH), 1,
-         ("blocks.2.up.weight", "NaN")),
-    Case("inf_in_stacked_weight", _convert(lambda t: write_weights(
-        _input(t, "inf.safetensors"), _nonfinite("blocks.0.down.weight", float("-inf"))), "--arch", ARCH), 1,
-         ("blocks.0.down.weight", "Inf")),
-    Case("inf_in_untouched_weight", _convert(lambda t: write_weights(
-        _input(t, "inf.safetensors"), _nonfinite("head.weight", float("inf"))), "--arch", ARCH), 1,
-         ("head.weight", "Inf")),
-    Case("state_dict_wrong_keys_for_arch", _convert(_w, "--arch", "tests.archs:no_stacks"), 1,
-         ("does not match --arch",)),
-    Case("state_dict_wrong_shapes_for_arch", _convert(lambda t: write_weights(
-        _input(t, "h48.safetensors"), mlp_state(hidden=48)), "--arch", ARCH), 1,
-         ("blocks.0.up.weight", "shape [48, 32]")),
-    Case("hf_dir_missing_weight", _convert(lambda t: _hf_missing_weight(t)), 1,
-         ("transformer.h.0.attn.c_attn.weight", "missing", "randomly")),
-    Case("arch_not_a_module", _convert(_w, "--arch", "builtins:dict"), 1, ("not a torch nn.Module",),
-         names="builtins:dict"),
+    Case(
+        "nan_in_stacked_weight",
+        _convert(
+            lambda t: write_weights(
+                _input(t, "nan.safetensors"), _nonfinite("blocks.2.up.weight", float("nan"))
+            ),
+            "--arch",
+            ARCH,
+        ),
+        1,
+        ("blocks.2.up.weight", "NaN"),
+    ),
+    Case(
+        "inf_in_stacked_weight",
+        _convert(
+            lambda t: write_weights(
+                _input(t, "inf.safetensors"), _nonfinite("blocks.0.down.weight", float("-inf"))
+            ),
+            "--arch",
+            ARCH,
+        ),
+        1,
+        ("blocks.0.down.weight", "Inf"),
+    ),
+    Case(
+        "inf_in_untouched_weight",
+        _convert(
+            lambda t: write_weights(_input(t, "inf.safetensors"), _nonfinite("head.weight", float("inf"))),
+            "--arch",
+            ARCH,
+        ),
+        1,
+        ("head.weight", "Inf"),
+    ),
+    Case(
+        "state_dict_wrong_keys_for_arch",
+        _convert(_w, "--arch", "tests.archs:no_stacks"),
+        1,
+        ("does not match --arch",),
+    ),
+    Case(
+        "state_dict_wrong_shapes_for_arch",
+        _convert(lambda t: write_weights(_input(t, "h48.safetensors"), mlp_state(hidden=48)), "--arch", ARCH),
+        1,
+        ("blocks.0.up.weight", "shape [48, 32]"),
+    ),
+    Case(
+        "hf_dir_missing_weight",
+        _convert(lambda t: _hf_missing_weight(t)),
+        1,
+        ("transformer.h.0.attn.c_attn.weight", "missing", "randomly"),
+    ),
+    Case(
+        "arch_not_a_module",
+        _convert(_w, "--arch", "builtins:dict"),
+        1,
+        ("not a torch nn.Module",),
+        names="builtins:dict",
+    ),
     Case("hf_dir_without_safetensors", _convert(lambda t: _hf_bin_only(t)), 1, ("model.safetensors",)),
     # GGUF (issue 18): the header, the tensor table and the metadata must agree with each other and the file
     Case("gguf_truncated", _convert(lambda t: _gguf_cut(t, 0.6)), 1, ("truncated",)),
     Case("gguf_truncated_header", _convert(lambda t: _gguf_cut(t, 0.01)), 1, ("truncated or corrupt",)),
     Case("gguf_empty", _convert(lambda t: _mk(t, "e.gguf", b"")), 1, ("not a GGUF file", "empty")),
-    Case("gguf_wrong_magic", _convert(lambda t: _mk(t, "m.gguf", b"GGUX" + _gguf_bytes(t)[4:])), 1,
-         ("not a GGUF file", "b'GGUX'")),
-    Case("gguf_wrong_magic_report", lambda t: ["report", _mk(t, "m.gguf", b"GGML" + _gguf_bytes(t)[4:])], 1,
-         ("not a GGUF file",)),
-    Case("gguf_unsupported_architecture", _convert(lambda t: _gguf(t, arch="gpt2")), 1,
-         ("GGUF architecture 'gpt2' is not supported", "llama")),
-    Case("gguf_tensor_count_beyond_table", _convert(lambda t: _gguf_tensor_count(t, +1)), 1,
-         ("corrupt GGUF",)),  # the reader parses tensor data as a table entry: where it fails depends on the bytes
-    Case("gguf_tensor_count_short_of_table", _convert(lambda t: _gguf_tensor_count(t, -1)), 1,
-         ("corrupt GGUF", "tensor count")),
-    Case("gguf_block_missing", _convert(lambda t: _gguf(t, drop=_block_names(2))), 1,
-         ("'model.layers.2.", "no tensor 'blk.2.")),
-    Case("gguf_block_count_too_small", _convert(lambda t: _gguf(t, block_count=2)), 1,
-         ("no place for tensor 'blk.2.", "block_count is 2")),
-    Case("gguf_metadata_shape_mismatch", _convert(lambda t: _gguf(t, ffn_length=96)), 1,
-         ("model.layers.0.mlp.gate_proj.weight", "shape [96, 64]", "[128, 64]")),
-    Case("gguf_type_not_dequantizable", _convert(lambda t: _gguf(
-        t, extra={"rope_freqs.weight": (np.zeros((1, 40), dtype=np.uint8), "Q8_1")})), 1,
-         ("'rope_freqs.weight'", "Q8_1", "cannot dequantize")),
+    Case(
+        "gguf_wrong_magic",
+        _convert(lambda t: _mk(t, "m.gguf", b"GGUX" + _gguf_bytes(t)[4:])),
+        1,
+        ("not a GGUF file", "b'GGUX'"),
+    ),
+    Case(
+        "gguf_wrong_magic_report",
+        lambda t: ["report", _mk(t, "m.gguf", b"GGML" + _gguf_bytes(t)[4:])],
+        1,
+        ("not a GGUF file",),
+    ),
+    Case(
+        "gguf_unsupported_architecture",
+        _convert(lambda t: _gguf(t, arch="gpt2")),
+        1,
+        ("GGUF architecture 'gpt2' is not supported", "llama"),
+    ),
+    Case(
+        "gguf_tensor_count_beyond_table", _convert(lambda t: _gguf_tensor_count(t, +1)), 1, ("corrupt GGUF",)
+    ),  # the reader parses tensor data as a table entry: where it fails depends on the bytes
+    Case(
+        "gguf_tensor_count_short_of_table",
+        _convert(lambda t: _gguf_tensor_count(t, -1)),
+        1,
+        ("corrupt GGUF", "tensor count"),
+    ),
+    Case(
+        "gguf_block_missing",
+        _convert(lambda t: _gguf(t, drop=_block_names(2))),
+        1,
+        ("'model.layers.2.", "no tensor 'blk.2."),
+    ),
+    Case(
+        "gguf_block_count_too_small",
+        _convert(lambda t: _gguf(t, block_count=2)),
+        1,
+        ("no place for tensor 'blk.2.", "block_count is 2"),
+    ),
+    Case(
+        "gguf_metadata_shape_mismatch",
+        _convert(lambda t: _gguf(t, ffn_length=96)),
+        1,
+        ("model.layers.0.mlp.gate_proj.weight", "shape [96, 64]", "[128, 64]"),
+    ),
+    Case(
+        "gguf_type_not_dequantizable",
+        _convert(
+            lambda t: _gguf(t, extra={"rope_freqs.weight": (np.zeros((1, 40), dtype=np.uint8), "Q8_1")})
+        ),
+        1,
+        ("'rope_freqs.weight'", "Q8_1", "cannot dequantize"),
+    ),
     Case("gguf_with_arch", _convert(lambda t: _gguf(t), "--arch", ARCH), 2, ("--arch does not apply",)),
 ]
 
@@ -275,7 +442,7 @@ def _gguf_bytes(tmp: Path) -> bytes:
 
 def _gguf_cut(tmp: Path, keep: float) -> Path:
     data = _gguf_bytes(tmp)
-    return _mk(tmp, "cut.gguf", data[:int(len(data) * keep)])
+    return _mk(tmp, "cut.gguf", data[: int(len(data) * keep)])
 
 
 def _gguf_tensor_count(tmp: Path, delta: int) -> Path:
@@ -286,15 +453,29 @@ def _gguf_tensor_count(tmp: Path, delta: int) -> Path:
 
 
 def _block_names(i: int) -> tuple[str, ...]:
-    return tuple(f"blk.{i}.{n}.weight" for n in ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output",
-                                                  "ffn_norm", "ffn_gate", "ffn_up", "ffn_down"))
+    return tuple(
+        f"blk.{i}.{n}.weight"
+        for n in (
+            "attn_norm",
+            "attn_q",
+            "attn_k",
+            "attn_v",
+            "attn_output",
+            "ffn_norm",
+            "ffn_gate",
+            "ffn_up",
+            "ffn_down",
+        )
+    )
 
 
 def _hf_missing_weight(tmp: Path) -> Path:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     d = _input(tmp, "gpt2")
-    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=32, n_positions=8)).save_pretrained(d)
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=32, n_positions=8)).save_pretrained(
+        d
+    )
     tensors = load_file(str(d / "model.safetensors"))
     del tensors["transformer.h.0.attn.c_attn.weight"]
     save_file(tensors, str(d / "model.safetensors"), metadata={"format": "pt"})
@@ -304,8 +485,18 @@ def _hf_missing_weight(tmp: Path) -> Path:
 def _hf_bin_only(tmp: Path) -> Path:
     d = _input(tmp, "hfdir")
     d.mkdir()
-    (d / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 2, "n_embd": 16,
-                                                "n_head": 2, "vocab_size": 32, "n_positions": 8}))
+    (d / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "gpt2",
+                "n_layer": 2,
+                "n_embd": 16,
+                "n_head": 2,
+                "vocab_size": 32,
+                "n_positions": 8,
+            }
+        )
+    )
     (d / "pytorch_model.bin").write_bytes(_torch_bytes({"x": torch.zeros(2)}))
     return d
 
@@ -315,8 +506,11 @@ def _hf_bin_only(tmp: Path) -> Path:
 # tokenizer, converted checkpoints) are built once into a template directory outside the case's
 # tree and copied in; a case's tree (inputs, outputs, hidden entries) must not change.
 
-BERT_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(40)] + \
-    "the a river stone is was where what how why you i".split()
+BERT_VOCAB = (
+    ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    + [f"w{i}" for i in range(40)]
+    + "the a river stone is was where what how why you i".split()
+)
 TEXT = "\n".join(f"the river w{i} is a stone w{i + 1}" for i in range(30)) + "\n"
 
 
@@ -338,8 +532,16 @@ def _template(name: str) -> Path:
         (root / "vocab.txt").write_text("\n".join(BERT_VOCAB) + "\n")
         BertTokenizerFast(vocab_file=str(root / "vocab.txt")).save_pretrained(str(target))
         torch.manual_seed(0)
-        BertModel(BertConfig(vocab_size=len(BERT_VOCAB), hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                             intermediate_size=32, max_position_embeddings=64)).save_pretrained(str(target))
+        BertModel(
+            BertConfig(
+                vocab_size=len(BERT_VOCAB),
+                hidden_size=16,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                intermediate_size=32,
+                max_position_embeddings=64,
+            )
+        ).save_pretrained(str(target))
     elif name in ("bert.lors", "bert_sharded.lors"):
         extra = ["--max-shard-size", "20KB"] if "sharded" in name else []
         res = run("convert", _template("bert"), "--rank", "2", "-o", target, "-q", *extra)
@@ -372,6 +574,7 @@ def _st_bytes(tensors: dict) -> bytes:
 
 # ---- group "usage": flags and paths that are wrong (exit 2, nothing read that need not be)
 
+
 def _conv(*flags):
     return lambda t: ["convert", _w(t), "--arch", ARCH, *flags]
 
@@ -384,6 +587,7 @@ def _heal(*flags, data=True):
     def build(t):
         ckpt = _copy_in(t, "mlp.lors")
         return ["heal", ckpt, "--arch", ARCH, *(["--data", _good_tensors(t)] if data else []), *flags]
+
     return build
 
 
@@ -413,78 +617,183 @@ USAGE = [
     Case("budget_negative", _conv("--budget", "-0.5"), 2, ("budget",), names=None),
     Case("budget_not_a_number", _conv("--budget", "half"), 2, ("--budget",), names=None),
     Case("budget_with_groups", _conv("--budget", "0.5", "--groups", "2"), 2, ("groups",), names=None),
-    Case("sharing_unknown", _conv("--budget", "0.5", "--sharing", "sometimes"), 2, ("--sharing",), names=None),
+    Case(
+        "sharing_unknown", _conv("--budget", "0.5", "--sharing", "sometimes"), 2, ("--sharing",), names=None
+    ),
     Case("sharing_without_budget", _conv("--sharing", "never"), 2, ("--sharing", "--budget"), names=None),
-    Case("objective_without_calibrate", _conv("--objective", "layer"), 2, ("--objective", "--calibrate"),
-         names=None),
+    Case(
+        "objective_without_calibrate",
+        _conv("--objective", "layer"),
+        2,
+        ("--objective", "--calibrate"),
+        names=None,
+    ),
     Case("objective_unknown", _calib_conv("--objective", "sideways"), 2, ("--objective",), names=None),
     Case("probes_zero", _calib_conv("--probes", "0"), 2, ("--probes",), names=None),
     Case("probes_without_calibrate", _conv("--probes", "2"), 2, ("--probes", "--calibrate"), names=None),
-    Case("probes_with_layer_objective", _calib_conv("--objective", "layer", "--probes", "2"), 2, ("--probes",),
-         names=None),
-    Case("heldout_text_without_a_tokenizer", lambda t: [*_conv()(t), "--heldout", _mk(t, "held.txt", TEXT.encode())],
-         2, ("text held-out inputs need a Hugging Face text model",), names=None),
-    Case("heldout_fraction_without_calibrate", _conv("--heldout-fraction", "0.2"), 2, ("--heldout-fraction",),
-         names=None),
+    Case(
+        "probes_with_layer_objective",
+        _calib_conv("--objective", "layer", "--probes", "2"),
+        2,
+        ("--probes",),
+        names=None,
+    ),
+    Case(
+        "heldout_text_without_a_tokenizer",
+        lambda t: [*_conv()(t), "--heldout", _mk(t, "held.txt", TEXT.encode())],
+        2,
+        ("text held-out inputs need a Hugging Face text model",),
+        names=None,
+    ),
+    Case(
+        "heldout_fraction_without_calibrate",
+        _conv("--heldout-fraction", "0.2"),
+        2,
+        ("--heldout-fraction",),
+        names=None,
+    ),
     Case("heldout_fraction_one", _calib_conv("--heldout-fraction", "1"), 2, ("[0, 1)",), names=None),
     Case("heldout_fraction_negative", _calib_conv("--heldout-fraction", "-0.2"), 2, ("[0, 1)",), names=None),
-    Case("heldout_fraction_zero_alone", _calib_conv("--heldout-fraction", "0"), 2, ("holds nothing back",),
-         names=None),
-    Case("heldout_fraction_with_heldout", lambda t: [*_calib_conv("--heldout-fraction", "0.3")(t), "--heldout",
-                                                     _good_tensors(t, "held.safetensors")], 2,
-         ("replaces the split",), names=None),
-    Case("adaptive_bad_spec", _conv("--adaptive", "blocks.*.up: 2 x [3y4]"), 2, ("generator layout", "3y4"),
-         names=None),
+    Case(
+        "heldout_fraction_zero_alone",
+        _calib_conv("--heldout-fraction", "0"),
+        2,
+        ("holds nothing back",),
+        names=None,
+    ),
+    Case(
+        "heldout_fraction_with_heldout",
+        lambda t: [
+            *_calib_conv("--heldout-fraction", "0.3")(t),
+            "--heldout",
+            _good_tensors(t, "held.safetensors"),
+        ],
+        2,
+        ("replaces the split",),
+        names=None,
+    ),
+    Case(
+        "adaptive_bad_spec",
+        _conv("--adaptive", "blocks.*.up: 2 x [3y4]"),
+        2,
+        ("generator layout", "3y4"),
+        names=None,
+    ),
     Case("arch_without_colon", _conv("--arch", "tests.archs.stacked_mlp"), 2, ("--arch",), names=None),
     Case("arch_missing_attribute", _conv("--arch", "tests.archs:no_such_fn"), 2, ("no_such_fn",), names=None),
     Case("unknown_option", _conv("--bogus"), 2, ("--bogus",), names=None),
     Case("extra_argument", lambda t: [*_conv()(t), "extra"], 2, ("extra",), names=None),
     Case("convert_without_source", lambda t: ["convert"], 2, ("Missing argument",), names=None),
-    Case("report_ranks_letters", lambda t: ["report", _w(t), "--arch", ARCH, "--ranks", "4,x"], 2, ("--ranks",),
-         names=None),
-    Case("report_ranks_zero", lambda t: ["report", _w(t), "--arch", ARCH, "--ranks", "0"], 2, ("--ranks",),
-         names=None),
-    Case("report_plot_of_a_checkpoint", lambda t: ["report", _copy_in(t, "mlp.lors"), "--plot", t / "p.png"], 2,
-         ("--plot",), names=None),
+    Case(
+        "report_ranks_letters",
+        lambda t: ["report", _w(t), "--arch", ARCH, "--ranks", "4,x"],
+        2,
+        ("--ranks",),
+        names=None,
+    ),
+    Case(
+        "report_ranks_zero",
+        lambda t: ["report", _w(t), "--arch", ARCH, "--ranks", "0"],
+        2,
+        ("--ranks",),
+        names=None,
+    ),
+    Case(
+        "report_plot_of_a_checkpoint",
+        lambda t: ["report", _copy_in(t, "mlp.lors"), "--plot", t / "p.png"],
+        2,
+        ("--plot",),
+        names=None,
+    ),
     Case("merge_without_path", lambda t: ["merge"], 2, ("Missing argument",), names=None, out="merged"),
     Case("heal_steps_zero", _heal("--steps", "0"), 2, ("--steps",), names=None),
     Case("heal_lr_zero", _heal("--lr", "0"), 2, ("--lr",), names=None),
     Case("heal_lr_negative", _heal("--lr", "-1e-3"), 2, ("--lr",), names=None),
     Case("heal_match_unknown", _heal("--match", "blocks"), 2, ("--match", "blocks"), names=None),
     Case("heal_loss_unknown", _heal("--loss", "l1", "--steps", "2"), 2, ("loss", "l1"), names=None),
-    Case("heal_train_unknown", _heal("--train", "some", "--steps", "2"), 2, ("trainable", "some"), names=None),
+    Case(
+        "heal_train_unknown", _heal("--train", "some", "--steps", "2"), 2, ("trainable", "some"), names=None
+    ),
     Case("heal_synthetic_above_one", _heal("--synthetic", "2"), 2, ("--synthetic",), names=None),
     Case("heal_synthetic_negative", _heal("--synthetic", "-0.5"), 2, ("--synthetic",), names=None),
     Case("heal_without_data", _heal(data=False), 2, ("--data",), names=None),
-    Case("heal_without_arch", lambda t: ["heal", _copy_in(t, "mlp.lors"), "--data", _good_tensors(t)], 2,
-         ("--arch",)),
-    Case("heal_heldout_fraction_zero_alone", _heal("--heldout-fraction", "0"), 2, ("holds nothing back",),
-         names=None),
+    Case(
+        "heal_without_arch",
+        lambda t: ["heal", _copy_in(t, "mlp.lors"), "--data", _good_tensors(t)],
+        2,
+        ("--arch",),
+    ),
+    Case(
+        "heal_heldout_fraction_zero_alone",
+        _heal("--heldout-fraction", "0"),
+        2,
+        ("holds nothing back",),
+        names=None,
+    ),
 ]
 
 # ---- group "paths": a path that is not there, or not a file, is a usage error (exit 2)
 
 PATHS = [
-    Case("convert_missing_safetensors", lambda t: ["convert", _input(t, "nope.safetensors"), "--arch", ARCH], 2,
-         ("no such file",)),
+    Case(
+        "convert_missing_safetensors",
+        lambda t: ["convert", _input(t, "nope.safetensors"), "--arch", ARCH],
+        2,
+        ("no such file",),
+    ),
     Case("convert_missing_directory", lambda t: ["convert", _input(t, "nope_dir")], 2, ("no such file",)),
-    Case("report_missing_source", lambda t: ["report", _input(t, "nope.pt"), "--arch", ARCH], 2, ("no such file",)),
-    Case("heal_missing_checkpoint", lambda t: ["heal", _input(t, "nope.lors"), "--data", _good_tensors(t)], 2,
-         ("no such file",)),
-    Case("heal_missing_data", lambda t: ["heal", _copy_in(t, "mlp.lors"), "--arch", ARCH, "--data",
-                                         _input(t, "nope.txt")], 2, ("does not exist",), names="{tmp}/in/nope.txt"),
-    Case("heal_missing_heldout", lambda t: [*_heal()(t), "--heldout", _input(t, "nope.pt")], 2,
-         ("does not exist",), names="{tmp}/in/nope.pt"),
-    Case("convert_missing_calibrate", _conv("--calibrate", "/nonexistent/calib.txt"), 2, ("does not exist",),
-         names="/nonexistent/calib.txt"),
-    Case("convert_missing_heldout", lambda t: [*_calib_conv()(t), "--heldout", _input(t, "nope.safetensors")], 2,
-         ("does not exist",), names="{tmp}/in/nope.safetensors"),
-    Case("arch_package_missing", _conv("--arch", "no_such_package_xyz:build"), 2, ("no_such_package_xyz",),
-         names=None),
+    Case(
+        "report_missing_source",
+        lambda t: ["report", _input(t, "nope.pt"), "--arch", ARCH],
+        2,
+        ("no such file",),
+    ),
+    Case(
+        "heal_missing_checkpoint",
+        lambda t: ["heal", _input(t, "nope.lors"), "--data", _good_tensors(t)],
+        2,
+        ("no such file",),
+    ),
+    Case(
+        "heal_missing_data",
+        lambda t: ["heal", _copy_in(t, "mlp.lors"), "--arch", ARCH, "--data", _input(t, "nope.txt")],
+        2,
+        ("does not exist",),
+        names="{tmp}/in/nope.txt",
+    ),
+    Case(
+        "heal_missing_heldout",
+        lambda t: [*_heal()(t), "--heldout", _input(t, "nope.pt")],
+        2,
+        ("does not exist",),
+        names="{tmp}/in/nope.pt",
+    ),
+    Case(
+        "convert_missing_calibrate",
+        _conv("--calibrate", "/nonexistent/calib.txt"),
+        2,
+        ("does not exist",),
+        names="/nonexistent/calib.txt",
+    ),
+    Case(
+        "convert_missing_heldout",
+        lambda t: [*_calib_conv()(t), "--heldout", _input(t, "nope.safetensors")],
+        2,
+        ("does not exist",),
+        names="{tmp}/in/nope.safetensors",
+    ),
+    Case(
+        "arch_package_missing",
+        _conv("--arch", "no_such_package_xyz:build"),
+        2,
+        ("no_such_package_xyz",),
+        names=None,
+    ),
 ]
 
 
 # ---- group "calibration": files given to --calibrate, --heldout (convert) and --data, --heldout (heal)
+
 
 def _text(data: bytes):
     return lambda t, name: _mk(t, name + ".txt", data)
@@ -493,6 +802,7 @@ def _text(data: bytes):
 def _tensor_file(tensors: dict | None = None, raw: bytes | None = None, suffix: str = ".safetensors"):
     def build(t, name):
         return _mk(t, name + suffix, raw if raw is not None else _st_bytes(tensors))
+
     return build
 
 
@@ -536,32 +846,78 @@ CALIBRATION_KINDS = {
     "text_directory": ("bert", _directory, 2, ("regular file", "directory"), True),
     "text_fifo": ("bert", _fifo, 2, ("regular file", "special file"), True),
     "tensor_empty_file": ("mlp", _tensor_file(raw=b""), 1, ("empty",), True),
-    "tensor_truncated": ("mlp", _tensor_file(raw=_st_bytes({"input": _T})[:60]), 1, ("not a readable safetensors",),
-                         True),
-    "tensor_random_pt": ("mlp", _tensor_file(raw=os.urandom(512), suffix=".pt"), 1,
-                         ("not a readable PyTorch file",), True),
+    "tensor_truncated": (
+        "mlp",
+        _tensor_file(raw=_st_bytes({"input": _T})[:60]),
+        1,
+        ("not a readable safetensors",),
+        True,
+    ),
+    "tensor_random_pt": (
+        "mlp",
+        _tensor_file(raw=os.urandom(512), suffix=".pt"),
+        1,
+        ("not a readable PyTorch file",),
+        True,
+    ),
     "tensor_pickle_payload": ("mlp", _evil_data, 1, ("refused to unpickle", "runs code"), True),
     "tensor_string_pt": ("mlp", _pt("not tensors"), 1, ("expected a tensor",), True),
     "tensor_empty_dict_pt": ("mlp", _pt({}), 1, ("expected a tensor",), True),
     "tensor_nan": ("mlp", _tensor_file({"input": torch.full((20, 8), float("nan"))}), 1, ("NaN",), True),
     "tensor_inf": ("mlp", _tensor_file({"input": torch.full((20, 8), float("inf"))}), 1, ("Inf",), True),
-    "tensor_overflowing_values": ("mlp", _tensor_file({"input": torch.full((20, 8), 3e38)}), 1, ("not finite",),
-                                  True),
+    "tensor_overflowing_values": (
+        "mlp",
+        _tensor_file({"input": torch.full((20, 8), 3e38)}),
+        1,
+        ("not finite",),
+        True,
+    ),
     "tensor_scalar": ("mlp", _tensor_file({"input": torch.tensor(1.0)}), 1, ("scalar",), True),
-    "tensor_wrong_width": ("mlp", _tensor_file({"input": torch.randn(20, 5)}), 1, ("cannot run", "shapes"), True),
-    "tensor_integer_inputs": ("mlp", _tensor_file({"input": torch.ones(20, 8, dtype=torch.int64)}), 1,
-                              ("cannot run",), True),
-    "tensor_counts_disagree": ("mlp", _tensor_file({"a": torch.randn(10, 8), "b": torch.randn(12, 8)}), 1,
-                               ("disagree",), True),
-    "tensor_unknown_keywords": ("mlp", _tensor_file({"a": torch.randn(10, 8), "b": torch.randn(10, 8)}), 1,
-                                ("cannot run", "argument"), True),
+    "tensor_wrong_width": (
+        "mlp",
+        _tensor_file({"input": torch.randn(20, 5)}),
+        1,
+        ("cannot run", "shapes"),
+        True,
+    ),
+    "tensor_integer_inputs": (
+        "mlp",
+        _tensor_file({"input": torch.ones(20, 8, dtype=torch.int64)}),
+        1,
+        ("cannot run",),
+        True,
+    ),
+    "tensor_counts_disagree": (
+        "mlp",
+        _tensor_file({"a": torch.randn(10, 8), "b": torch.randn(12, 8)}),
+        1,
+        ("disagree",),
+        True,
+    ),
+    "tensor_unknown_keywords": (
+        "mlp",
+        _tensor_file({"a": torch.randn(10, 8), "b": torch.randn(10, 8)}),
+        1,
+        ("cannot run", "argument"),
+        True,
+    ),
     "tensor_no_samples": ("mlp", _tensor_file({"input": torch.randn(0, 8)}), 1, ("too few",), False),
     "tensor_one_sample": ("mlp", _tensor_file({"input": torch.randn(1, 8)}), 1, ("too few",), False),
-    "token_ids_beyond_vocabulary": ("bert", _tensor_file(_tokens(torch.full((8, 6), VOCAB + 3))), 1,
-                                    ("cannot run", "index"), True),
+    "token_ids_beyond_vocabulary": (
+        "bert",
+        _tensor_file(_tokens(torch.full((8, 6), VOCAB + 3))),
+        1,
+        ("cannot run", "index"),
+        True,
+    ),
     "token_ids_negative": ("bert", _tensor_file(_tokens(torch.full((8, 6), -1))), 1, ("cannot run",), True),
-    "token_ids_int64_overflow": ("bert", _tensor_file(_tokens(torch.full((8, 6), 2 ** 62))), 1, ("cannot run",),
-                                 True),
+    "token_ids_int64_overflow": (
+        "bert",
+        _tensor_file(_tokens(torch.full((8, 6), 2**62))),
+        1,
+        ("cannot run",),
+        True,
+    ),
     "token_ids_float": ("bert", _tensor_file(_tokens(torch.full((8, 6), 3.0))), 1, ("cannot run",), True),
 }
 
@@ -584,26 +940,46 @@ def _calibration_case(slot: str, kind: str) -> Case:
         bad = builder(t, "bad")
         if slot.startswith("convert"):
             src = _w(t) if model == "mlp" else _copy_in(t, "bert")
-            data = ["--calibrate", bad] if slot == "convert_calibrate" else \
-                ["--calibrate", _good(t, model, kind), "--heldout", bad]
+            data = (
+                ["--calibrate", bad]
+                if slot == "convert_calibrate"
+                else ["--calibrate", _good(t, model, kind), "--heldout", bad]
+            )
             return ["convert", src, *arch, *data, "--rank", "2"]
         ckpt = _copy_in(t, "mlp.lors" if model == "mlp" else "bert.lors")
         data = ["--data", bad] if slot == "heal_data" else ["--data", _good(t, model, kind), "--heldout", bad]
         return ["heal", ckpt, *arch, *data, "--steps", "2"]
 
-    suffix = ".txt" if kind.startswith("text") or builder in (_directory, _fifo) else \
-        (".pt" if kind in ("tensor_random_pt", "tensor_pickle_payload", "tensor_string_pt",
-                           "tensor_empty_dict_pt") else ".safetensors")
-    return Case(f"{slot}-{kind}", build, code, words, names="{tmp}/in/bad" + suffix,
-                marker=kind == "tensor_pickle_payload")
+    suffix = (
+        ".txt"
+        if kind.startswith("text") or builder in (_directory, _fifo)
+        else (
+            ".pt"
+            if kind
+            in ("tensor_random_pt", "tensor_pickle_payload", "tensor_string_pt", "tensor_empty_dict_pt")
+            else ".safetensors"
+        )
+    )
+    return Case(
+        f"{slot}-{kind}",
+        build,
+        code,
+        words,
+        names="{tmp}/in/bad" + suffix,
+        marker=kind == "tensor_pickle_payload",
+    )
 
 
-CALIBRATION = [_calibration_case(slot, kind) for kind, spec in CALIBRATION_KINDS.items()
-               for slot in ("convert_calibrate", "convert_heldout", "heal_data", "heal_heldout")
-               if spec[4] or slot in ("convert_calibrate", "heal_data")]
+CALIBRATION = [
+    _calibration_case(slot, kind)
+    for kind, spec in CALIBRATION_KINDS.items()
+    for slot in ("convert_calibrate", "convert_heldout", "heal_data", "heal_heldout")
+    if spec[4] or slot in ("convert_calibrate", "heal_data")
+]
 
 
 # ---- group "confined": names and links that lead out of a model directory or a checkpoint
+
 
 def _outside(t: Path, name: str, data: bytes = b"{}") -> Path:
     p = t / "outside" / name
@@ -614,10 +990,12 @@ def _outside(t: Path, name: str, data: bytes = b"{}") -> Path:
 
 def _link_out(entry: str):
     """The entry becomes a symlink to a copy of itself outside the directory (the content is valid)."""
+
     def tamper(t: Path, d: Path):
         target = _outside(t, entry, (d / entry).read_bytes())
         (d / entry).unlink()
         (d / entry).symlink_to(target)
+
     return tamper
 
 
@@ -630,6 +1008,7 @@ def _shard_index(names: list[str]):
         mapping = {k: names[i % len(names)] for i, k in enumerate(keys)}
         (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": mapping}))
         _outside(t, "secret.safetensors", shard.read_bytes())
+
     return tamper
 
 
@@ -646,12 +1025,17 @@ def _index_link_out(t: Path, d: Path):
 SOURCE_TAMPERS = {
     "config_links_out": (_link_out("config.json"), ("config 'config.json' links to a file outside",)),
     "tokenizer_links_out": (_link_out("tokenizer.json"), ("side file 'tokenizer.json' links",)),
-    "tokenizer_config_links_out": (_link_out("tokenizer_config.json"), ("side file 'tokenizer_config.json' links",)),
+    "tokenizer_config_links_out": (
+        _link_out("tokenizer_config.json"),
+        ("side file 'tokenizer_config.json' links",),
+    ),
     "weights_link_out": (_link_out("model.safetensors"), ("'model.safetensors' links to a file outside",)),
     "index_links_out": (_index_link_out, ("index", "links to a file outside")),
     "index_shard_dotdot": (_shard_index(["../outside/secret.safetensors"]), ("names a file outside",)),
-    "index_shard_absolute": (lambda t, d: _shard_index([str(t / "outside" / "secret.safetensors")])(t, d),
-                             ("names a file outside",)),
+    "index_shard_absolute": (
+        lambda t, d: _shard_index([str(t / "outside" / "secret.safetensors")])(t, d),
+        ("names a file outside",),
+    ),
     "index_shard_subdirectory": (_shard_index(["sub/model.safetensors"]), ("names a file outside",)),
     "index_shard_links_out": (_shard_link_out, ("shard", "links to a file outside")),
 }
@@ -664,14 +1048,26 @@ def _source_case(command: str, kind: str) -> Case:
         d = _copy_in(t, "bert")
         tamper(t, d)
         return ["convert", d, "--rank", "2"] if command == "convert" else ["report", d, "--ranks", "2"]
+
     return Case(f"{command}_source-{kind}", build, 1, words)
 
 
 CKPT_TAMPERS = {  # kind -> (tamper, words, commands it must stop)
-    "config_links_out": (_link_out("lors_config.json"), ("config 'lors_config.json' links",),
-                         ("report", "merge", "heal")),
-    "weights_link_out": (_link_out("model.safetensors"), ("'model.safetensors' links",), ("report", "merge", "heal")),
-    "side_file_links_out": (_link_out("tokenizer.json"), ("side file 'tokenizer.json' links",), ("merge", "heal")),
+    "config_links_out": (
+        _link_out("lors_config.json"),
+        ("config 'lors_config.json' links",),
+        ("report", "merge", "heal"),
+    ),
+    "weights_link_out": (
+        _link_out("model.safetensors"),
+        ("'model.safetensors' links",),
+        ("report", "merge", "heal"),
+    ),
+    "side_file_links_out": (
+        _link_out("tokenizer.json"),
+        ("side file 'tokenizer.json' links",),
+        ("merge", "heal"),
+    ),
     "report_links_out": (_link_out("report.json"), ("report 'report.json' links",), ("report", "heal")),
 }
 
@@ -688,7 +1084,10 @@ def _ckpt_case(command: str, kind: str, sharded: bool = False) -> Case:
         if command == "heal":
             return ["heal", d, "--data", _good(t, "bert"), "--steps", "2"]
         return [command, d]
-    return Case(f"{command}_checkpoint-{kind}", build, 1, words, out="merged" if command == "merge" else "out.lors")
+
+    return Case(
+        f"{command}_checkpoint-{kind}", build, 1, words, out="merged" if command == "merge" else "out.lors"
+    )
 
 
 def _rename_shard(d: Path) -> None:
@@ -698,15 +1097,19 @@ def _rename_shard(d: Path) -> None:
     (d / "model.safetensors.index.json").write_text(json.dumps(index))
 
 
-CONFINED = [_source_case(c, k) for k in SOURCE_TAMPERS for c in ("convert", "report")] + \
-    [_ckpt_case(c, k) for k, (_, _, commands) in CKPT_TAMPERS.items() for c in commands] + \
-    [_ckpt_case(c, "index_shard_dotdot", sharded=True) for c in ("report", "merge", "heal")]
+CONFINED = (
+    [_source_case(c, k) for k in SOURCE_TAMPERS for c in ("convert", "report")]
+    + [_ckpt_case(c, k) for k, (_, _, commands) in CKPT_TAMPERS.items() for c in commands]
+    + [_ckpt_case(c, "index_shard_dotdot", sharded=True) for c in ("report", "merge", "heal")]
+)
 
 
 # ---- group "heal_state": a state beside the output that this command must not resume
 
+
 def _heal_state(**given):
     """A state left by ``heal`` with other settings (interrupted after 2 steps) at the CLI's path."""
+
     def build(t):
         settings = dict(given)
         import lors_convert
@@ -727,11 +1130,19 @@ def _heal_state(**given):
                 raise KeyboardInterrupt
 
         try:
-            heal(student, teacher, batches, checkpoint_path=t / ".out.lors.heal-state.pt", progress=stop, **kwargs)
+            heal(
+                student,
+                teacher,
+                batches,
+                checkpoint_path=t / ".out.lors.heal-state.pt",
+                progress=stop,
+                **kwargs,
+            )
         except KeyboardInterrupt:
             pass
         assert (t / ".out.lors.heal-state.pt").is_file()
         return ["heal", _copy_in(t, "mlp.lors", "c.lors"), "--arch", ARCH, "--data", data, "--steps", "4"]
+
     return build
 
 
@@ -739,6 +1150,7 @@ def _state_file(make):
     def build(t):
         make(t / ".out.lors.heal-state.pt")
         return ["heal", _copy_in(t, "mlp.lors"), "--arch", ARCH, "--data", _good_tensors(t), "--steps", "4"]
+
     return build
 
 
@@ -757,6 +1169,7 @@ def _state_without(key: str):
         state = torch.load(path, weights_only=True)
         del state[key]
         torch.save(state, path)
+
     return make
 
 
@@ -770,16 +1183,31 @@ HEAL_STATE = [
     Case("other_lr", _heal_state(lr=3e-3), 2, ("different command", "lr", "--force")),
     Case("other_loss", _heal_state(loss="cosine"), 2, ("different command", "loss 'cosine' -> 'mse'")),
     Case("other_match", _heal_state(match="layers"), 2, ("different command", "match 'layers' -> 'output'")),
-    Case("other_trainable", _heal_state(trainable="all"), 2, ("different command", "trainable 'all' -> 'lors'")),
+    Case(
+        "other_trainable", _heal_state(trainable="all"), 2, ("different command", "trainable 'all' -> 'lors'")
+    ),
     Case("other_data", _heal_state(other_data=True), 2, ("different command", "(data)")),
     Case("other_model_shapes", _heal_state(ckpt="mlp2.lors"), 2, ("cannot resume",)),
-    Case("corrupt_bytes", _state_file(lambda p: p.write_bytes(b"\x80\x04garbage")), 2, ("cannot read the heal state",)),
+    Case(
+        "corrupt_bytes",
+        _state_file(lambda p: p.write_bytes(b"\x80\x04garbage")),
+        2,
+        ("cannot read the heal state",),
+    ),
     Case("empty_file", _state_file(lambda p: p.write_bytes(b"")), 2, ("cannot read the heal state",)),
     Case("truncated", _state_file(_truncated_state), 2, ("cannot read the heal state",)),
-    Case("old_version", _state_file(lambda p: p.write_bytes(_torch_bytes({"version": 1, "step": 2}))), 2,
-         ("another version of lors",)),
-    Case("not_a_dict", _state_file(lambda p: p.write_bytes(_torch_bytes([1, 2, 3]))), 2,
-         ("cannot read the heal state",)),
+    Case(
+        "old_version",
+        _state_file(lambda p: p.write_bytes(_torch_bytes({"version": 1, "step": 2}))),
+        2,
+        ("another version of lors",),
+    ),
+    Case(
+        "not_a_dict",
+        _state_file(lambda p: p.write_bytes(_torch_bytes([1, 2, 3]))),
+        2,
+        ("cannot read the heal state",),
+    ),
     Case("without_optimizer", _state_file(_state_without("optimizer")), 2, ("cannot resume",)),
     Case("directory", _state_file(lambda p: p.mkdir()), 2, ("not a regular file",)),
     Case("symlink", _state_file(_state_link), 2, ("not a regular file",)),
@@ -791,23 +1219,64 @@ for case in HEAL_STATE:
 # ---- group "outputs": an output that would replace one of the inputs, or exists
 
 OUTPUTS = [
-    Case("convert_onto_calibration_file", lambda t: [*_calib_conv()(t), "--force"], 2, ("would replace the input",),
-         names="{tmp}/in/calib.safetensors", out="in/calib.safetensors"),
-    Case("convert_onto_heldout_file", lambda t: [*_calib_conv()(t), "--heldout", _good_tensors(t, "held.safetensors"),
-                                                 "--force"], 2, ("would replace the input",),
-         names="{tmp}/in/held.safetensors", out="in/held.safetensors"),
-    Case("heal_onto_its_checkpoint", lambda t: [*_heal()(t), "--force"], 2, ("would replace the input",),
-         names="{tmp}/in/mlp.lors", out="in/mlp.lors"),
-    Case("heal_onto_its_data", lambda t: [*_heal()(t), "--force"], 2, ("would replace the input",),
-         names="{tmp}/in/calib.safetensors", out="in/calib.safetensors"),
-    Case("heal_onto_the_input_directory", lambda t: [*_heal()(t), "--force"], 2, ("would replace the input",),
-         names="{tmp}/in/mlp.lors", out="in"),
-    Case("heal_output_exists", lambda t: [_old_output(t / "out.lors"), *_heal()(t)][1:], 2,
-         ("already exists", "--force"), names="{tmp}/out.lors"),
+    Case(
+        "convert_onto_calibration_file",
+        lambda t: [*_calib_conv()(t), "--force"],
+        2,
+        ("would replace the input",),
+        names="{tmp}/in/calib.safetensors",
+        out="in/calib.safetensors",
+    ),
+    Case(
+        "convert_onto_heldout_file",
+        lambda t: [*_calib_conv()(t), "--heldout", _good_tensors(t, "held.safetensors"), "--force"],
+        2,
+        ("would replace the input",),
+        names="{tmp}/in/held.safetensors",
+        out="in/held.safetensors",
+    ),
+    Case(
+        "heal_onto_its_checkpoint",
+        lambda t: [*_heal()(t), "--force"],
+        2,
+        ("would replace the input",),
+        names="{tmp}/in/mlp.lors",
+        out="in/mlp.lors",
+    ),
+    Case(
+        "heal_onto_its_data",
+        lambda t: [*_heal()(t), "--force"],
+        2,
+        ("would replace the input",),
+        names="{tmp}/in/calib.safetensors",
+        out="in/calib.safetensors",
+    ),
+    Case(
+        "heal_onto_the_input_directory",
+        lambda t: [*_heal()(t), "--force"],
+        2,
+        ("would replace the input",),
+        names="{tmp}/in/mlp.lors",
+        out="in",
+    ),
+    Case(
+        "heal_output_exists",
+        lambda t: [_old_output(t / "out.lors"), *_heal()(t)][1:],
+        2,
+        ("already exists", "--force"),
+        names="{tmp}/out.lors",
+    ),
 ]
 
-for group, cases in (("source", CASES), ("usage", USAGE), ("paths", PATHS), ("calibration", CALIBRATION),
-                     ("confined", CONFINED), ("heal_state", HEAL_STATE), ("outputs", OUTPUTS)):
+for group, cases in (
+    ("source", CASES),
+    ("usage", USAGE),
+    ("paths", PATHS),
+    ("calibration", CALIBRATION),
+    ("confined", CONFINED),
+    ("heal_state", HEAL_STATE),
+    ("outputs", OUTPUTS),
+):
     for case in cases:
         case.group = group
 CASES = CASES + USAGE + PATHS + CALIBRATION + CONFINED + HEAL_STATE + OUTPUTS
@@ -825,8 +1294,11 @@ def test_bad_input(case: Case, tmp_path):
     with warnings.catch_warnings(record=True) as caught:  # a warning is a second line on a user's stderr
         warnings.simplefilter("always")
         res = run(*args)
-    shown = [f"{w.category.__name__}: {w.message}" for w in caught
-             if not issubclass(w.category, (DeprecationWarning, PendingDeprecationWarning))]
+    shown = [
+        f"{w.category.__name__}: {w.message}"
+        for w in caught
+        if not issubclass(w.category, (DeprecationWarning, PendingDeprecationWarning))
+    ]
     assert not shown, shown
     names = case.names.format(input=args[1] if len(args) > 1 else "", tmp=tmp_path) if case.names else None
     line = assert_clean_failure(res, case.code, (), names)
@@ -883,18 +1355,22 @@ def test_existing_output_is_refused_without_force(command, tmp_path, small_ckpt)
     assert tree_state(tmp_path) == before
 
 
-@pytest.mark.parametrize("where", ["same_file", "parent_dir", "merge_onto_checkpoint", "merge_onto_parent",
-                                   "merge_into_checkpoint_file"])
+@pytest.mark.parametrize(
+    "where",
+    ["same_file", "parent_dir", "merge_onto_checkpoint", "merge_onto_parent", "merge_into_checkpoint_file"],
+)
 def test_output_that_would_replace_the_input_is_refused_even_with_force(where, tmp_path, small_ckpt):
     """'-o' naming the input (or a directory holding it) would delete the user's only copy."""
     (tmp_path / "work").mkdir()
     src = write_weights(tmp_path / "work" / "w.safetensors")
     ckpt = shutil.copytree(small_ckpt, tmp_path / "work" / "c.lors")
-    args = {"same_file": ["convert", src, "--arch", ARCH, "-o", src],
-            "parent_dir": ["convert", src, "--arch", ARCH, "-o", tmp_path / "work"],
-            "merge_onto_checkpoint": ["merge", ckpt, "-o", ckpt],
-            "merge_onto_parent": ["merge", ckpt, "-o", tmp_path / "work"],
-            "merge_into_checkpoint_file": ["merge", ckpt, "-o", ckpt / "model.safetensors"]}[where]
+    args = {
+        "same_file": ["convert", src, "--arch", ARCH, "-o", src],
+        "parent_dir": ["convert", src, "--arch", ARCH, "-o", tmp_path / "work"],
+        "merge_onto_checkpoint": ["merge", ckpt, "-o", ckpt],
+        "merge_onto_parent": ["merge", ckpt, "-o", tmp_path / "work"],
+        "merge_into_checkpoint_file": ["merge", ckpt, "-o", ckpt / "model.safetensors"],
+    }[where]
     before = tree_state(tmp_path)
     res = run(*args, "--force")
     assert_clean_failure(res, 2, ("would replace the input",), str(args[1]))
@@ -917,9 +1393,11 @@ def test_output_under_a_regular_file(command, tmp_path, small_ckpt):
     assert tree_state(tmp_path) == before
 
 
-@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0,
-                    reason="running as root: chmod 0o555 does not stop root from writing "
-                           "(test_output_under_a_regular_file covers unwritable outputs)")
+@pytest.mark.skipif(
+    hasattr(os, "geteuid") and os.geteuid() == 0,
+    reason="running as root: chmod 0o555 does not stop root from writing "
+    "(test_output_under_a_regular_file covers unwritable outputs)",
+)
 def test_output_in_read_only_directory(tmp_path):
     ro = tmp_path / "ro"
     ro.mkdir()
@@ -943,14 +1421,41 @@ def test_kill_mid_write_keeps_previous_output(tmp_path):
     torch.nn.init.normal_(big.table.weight)
     save_file(big.state_dict(), str(src))
     out = tmp_path / "out.lors"
-    res = run("convert", write_weights(tmp_path / "small.safetensors"), "--arch", ARCH, "--rank", "4",
-              "-o", out, "-q")
+    res = run(
+        "convert",
+        write_weights(tmp_path / "small.safetensors"),
+        "--arch",
+        ARCH,
+        "--rank",
+        "4",
+        "-o",
+        out,
+        "-q",
+    )
     assert res.exit_code == 0, res.output
     old = tree_state(out)
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    proc = subprocess.Popen([sys.executable, "-m", "lors_convert", "convert", str(src), "--arch",
-                             "tests.archs_big:big_embed_mlp", "--rank", "4", "-o", str(out), "--force", "-q"],
-                            cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "lors_convert",
+            "convert",
+            str(src),
+            "--arch",
+            "tests.archs_big:big_embed_mlp",
+            "--rank",
+            "4",
+            "-o",
+            str(out),
+            "--force",
+            "-q",
+        ],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     killed_while_writing = False
     deadline = time.monotonic() + 120
     try:
@@ -968,8 +1473,10 @@ def test_kill_mid_write_keeps_previous_output(tmp_path):
         if proc.poll() is None and not killed_while_writing:
             proc.kill()
         proc.wait()
-    assert killed_while_writing, f"the conversion ended before it could be killed mid-write: " \
-                                 f"rc={proc.returncode} {proc.stderr.read().decode()[-500:]}"
+    assert killed_while_writing, (
+        f"the conversion ended before it could be killed mid-write: "
+        f"rc={proc.returncode} {proc.stderr.read().decode()[-500:]}"
+    )
     assert proc.returncode == -signal.SIGKILL
     assert tree_state(out) == old, "the previous output changed"
     visible = sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("."))
@@ -979,7 +1486,9 @@ def test_kill_mid_write_keeps_previous_output(tmp_path):
     assert leftovers and all(p.name.startswith(".out.lors.tmp-") for p in leftovers)
     assert Checkpoint(out).report() is not None
     # the next write of out.lors sweeps the dead run's temp dir
-    res = run("convert", tmp_path / "small.safetensors", "--arch", ARCH, "--rank", "4", "-o", out, "--force", "-q")
+    res = run(
+        "convert", tmp_path / "small.safetensors", "--arch", ARCH, "--rank", "4", "-o", out, "--force", "-q"
+    )
     assert res.exit_code == 0, res.output
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
@@ -989,7 +1498,9 @@ def test_sweep_removes_only_dead_local_temps(tmp_path):
 
     from lors_convert.io.atomic import sweep_stale_temps
 
-    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
     dead = int(done.stdout)  # exited: its pid is free (reuse within the test would only keep the entry)
     host = socket.gethostname()
     entries = {
@@ -1005,7 +1516,9 @@ def test_sweep_removes_only_dead_local_temps(tmp_path):
         (p / "model.safetensors").write_bytes(b"partial")
     (tmp_path / f".x.lors.tmp-{dead}@{host}.file").write_bytes(b"partial")  # a single-file output's temp
     removed = sweep_stale_temps(tmp_path, "x.lors")
-    assert sorted(p.name for p in removed) == sorted([entries["dead"].name, f".x.lors.tmp-{dead}@{host}.file"])
+    assert sorted(p.name for p in removed) == sorted(
+        [entries["dead"].name, f".x.lors.tmp-{dead}@{host}.file"]
+    )
     assert not entries["dead"].exists()
     assert all(p.exists() for k, p in entries.items() if k != "dead")
 
@@ -1098,8 +1611,15 @@ def test_tied_keys_merge_once_for_every_source_kind(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=50, tie_word_embeddings=True)
+    config = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=50,
+        tie_word_embeddings=True,
+    )
     model = LlamaForCausalLM(config).eval()
     model.save_pretrained(tmp_path / "hf")
     file_keys = sorted(load_file(str(tmp_path / "hf" / "model.safetensors")))
@@ -1108,8 +1628,9 @@ def test_tied_keys_merge_once_for_every_source_kind(tmp_path):
     ok("merge", tmp_path / "hf.lors", "-o", tmp_path / "hf.safetensors", "-q")
     assert sorted(load_file(str(tmp_path / "hf.safetensors"))) == file_keys
 
-    lors_model, report = lors_convert.convert(LlamaForCausalLM.from_pretrained(str(tmp_path / "hf")), rank=None,
-                                              require_savings=False)
+    lors_model, report = lors_convert.convert(
+        LlamaForCausalLM.from_pretrained(str(tmp_path / "hf")), rank=None, require_savings=False
+    )
     lors_convert.save(lors_model, tmp_path / "api.lors", report)
     ok("merge", tmp_path / "api.lors", "-o", tmp_path / "api.safetensors", "-q")
     assert sorted(load_file(str(tmp_path / "api.safetensors"))) == sorted(model.state_dict())
@@ -1118,12 +1639,24 @@ def test_tied_keys_merge_once_for_every_source_kind(tmp_path):
     del config["manifest"]["stored_aliases"]
     _set_config(tmp_path / "hf.lors", config, metadata_too=True)
     ok("merge", tmp_path / "hf.lors", "-o", tmp_path / "old.safetensors", "-q")
-    assert sorted(load_file(str(tmp_path / "old.safetensors"))) == sorted(model.state_dict())  # as it did then
+    assert sorted(load_file(str(tmp_path / "old.safetensors"))) == sorted(
+        model.state_dict()
+    )  # as it did then
 
     torch.save(model.state_dict(), tmp_path / "both.pt")  # a state dict with both names of the tie
     ckpt = tmp_path / "pt.lors"
-    ok("convert", tmp_path / "both.pt", "--arch", "tests.test_bad_inputs:tiny_tied_llama", "--rank", "full",
-       "--keep-unsaving", "-o", ckpt, "-q")
+    ok(
+        "convert",
+        tmp_path / "both.pt",
+        "--arch",
+        "tests.test_bad_inputs:tiny_tied_llama",
+        "--rank",
+        "full",
+        "--keep-unsaving",
+        "-o",
+        ckpt,
+        "-q",
+    )
     assert Checkpoint(ckpt).manifest["stored_aliases"] == ["lm_head.weight"]
     ok("merge", ckpt, "-o", tmp_path / "pt.safetensors", "-q")
     both = load_file(str(tmp_path / "pt.safetensors"))
@@ -1134,9 +1667,17 @@ def test_tied_keys_merge_once_for_every_source_kind(tmp_path):
 def tiny_tied_llama():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    return LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                                        num_attention_heads=4, num_key_value_heads=2, vocab_size=50,
-                                        tie_word_embeddings=True))
+    return LlamaForCausalLM(
+        LlamaConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=50,
+            tie_word_embeddings=True,
+        )
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1176,6 +1717,7 @@ def _edit(fn, metadata_too=True):
         config = _config(ckpt)
         fn(config)
         _set_config(ckpt, config, metadata_too)
+
     return tamper
 
 
@@ -1184,6 +1726,7 @@ def _drop_tensor(key):
         tensors = load_file(str(ckpt / "model.safetensors"))
         del tensors[key]
         _rewrite_weights(ckpt, tensors)
+
     return tamper
 
 
@@ -1192,6 +1735,7 @@ def _reshape_tensor(key):
         tensors = load_file(str(ckpt / "model.safetensors"))
         tensors[key] = torch.zeros(tensors[key].shape[0] + 1, *tensors[key].shape[1:])
         _rewrite_weights(ckpt, tensors)
+
     return tamper
 
 
@@ -1200,6 +1744,7 @@ def _retype_tensor(key):
         tensors = load_file(str(ckpt / "model.safetensors"))
         tensors[key] = tensors[key].half()
         _rewrite_weights(ckpt, tensors)
+
     return tamper
 
 
@@ -1224,24 +1769,39 @@ TAMPERS = {
     "config_not_lors": (_edit(lambda c: c.update(format="other")), ("not a LORS config",)),
     "config_differs_from_metadata": (_edit(_ranks, metadata_too=False), ("differs from the config",)),
     "config_ranks_wrong_shape": (_edit(_ranks), ("blocks.0.up.lors_B", "shape")),
-    "config_matrix_not_pair": (_edit(lambda c: c["stacks"][0]["params"][0].update(matrix=[64])),
-                               ("matrix",)),
-    "config_members_not_strings": (_edit(lambda c: c["stacks"][0].update(members=[1, 2, 3, 4])),
-                                   ("members",)),
-    "config_unknown_layer": (_edit(lambda c: c["stacks"][0]["params"][0].update(layer="rnn")),
-                             ("unknown layer kind 'rnn'",)),
-    "config_unknown_dtype": (_edit(lambda c: c["stacks"][0]["params"][0].update(dtype="float99")),
-                             ("unknown dtype",)),
-    "config_shared_unknown_name": (_edit(lambda c: c["stacks"][0]["params"][0].update(shared=["mean"])),
-                                   ("shared must be ['shared'] or [] (private-only)",)),
-    "config_shared_dropped": (_edit(lambda c: c["stacks"][0]["params"][0].update(shared=[])),
-                              ("blocks.0.up.shared",)),
-    "manifest_dtype_differs": (_edit(lambda c: c["manifest"]["keys"]["head.weight"].update(dtype="float16")),
-                               ("head.weight", "float16")),
-    "manifest_unknown_key": (_edit(lambda c: c["manifest"]["keys"].update({"ghost.weight": {
-        "shape": [2], "dtype": "float32"}})), ("ghost.weight",)),
-    "metadata_invalid_json": (lambda ckpt: _rewrite_weights(ckpt, metadata={"lors_config": "{nope"}),
-                              ("differs from the config",)),
+    "config_matrix_not_pair": (_edit(lambda c: c["stacks"][0]["params"][0].update(matrix=[64])), ("matrix",)),
+    "config_members_not_strings": (
+        _edit(lambda c: c["stacks"][0].update(members=[1, 2, 3, 4])),
+        ("members",),
+    ),
+    "config_unknown_layer": (
+        _edit(lambda c: c["stacks"][0]["params"][0].update(layer="rnn")),
+        ("unknown layer kind 'rnn'",),
+    ),
+    "config_unknown_dtype": (
+        _edit(lambda c: c["stacks"][0]["params"][0].update(dtype="float99")),
+        ("unknown dtype",),
+    ),
+    "config_shared_unknown_name": (
+        _edit(lambda c: c["stacks"][0]["params"][0].update(shared=["mean"])),
+        ("shared must be ['shared'] or [] (private-only)",),
+    ),
+    "config_shared_dropped": (
+        _edit(lambda c: c["stacks"][0]["params"][0].update(shared=[])),
+        ("blocks.0.up.shared",),
+    ),
+    "manifest_dtype_differs": (
+        _edit(lambda c: c["manifest"]["keys"]["head.weight"].update(dtype="float16")),
+        ("head.weight", "float16"),
+    ),
+    "manifest_unknown_key": (
+        _edit(lambda c: c["manifest"]["keys"].update({"ghost.weight": {"shape": [2], "dtype": "float32"}})),
+        ("ghost.weight",),
+    ),
+    "metadata_invalid_json": (
+        lambda ckpt: _rewrite_weights(ckpt, metadata={"lors_config": "{nope"}),
+        ("differs from the config",),
+    ),
     "missing_factor": (_drop_tensor("blocks.2.down.lors_B"), ("blocks.2.down.lors_B", "missing")),
     "missing_shared": (_drop_tensor("blocks.0.up.shared"), ("blocks.0.up.shared", "missing")),
     "missing_untouched": (_drop_tensor("head.weight"), ("head.weight", "missing")),
@@ -1250,8 +1810,12 @@ TAMPERS = {
     "untouched_wrong_dtype": (_retype_tensor("head.bias"), ("head.bias", "float16")),
     "weights_missing": (lambda ckpt: (ckpt / "model.safetensors").unlink(), ("missing weight file",)),
     "weights_truncated": (_truncate("model.safetensors", 500), ("not a readable safetensors",)),
-    "weights_header_oversized": (lambda ckpt: _write("model.safetensors", struct.pack("<Q", 2**62) + (
-        ckpt / "model.safetensors").read_bytes()[8:])(ckpt), ("not a readable safetensors",)),
+    "weights_header_oversized": (
+        lambda ckpt: _write(
+            "model.safetensors", struct.pack("<Q", 2**62) + (ckpt / "model.safetensors").read_bytes()[8:]
+        )(ckpt),
+        ("not a readable safetensors",),
+    ),
 }
 
 
@@ -1268,8 +1832,19 @@ def _load_error(ckpt: Path):
 def sharded_ckpt(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("sharded")
     out = d / "mlp.lors"
-    res = run("convert", write_weights(d / "w.safetensors"), "--arch", ARCH, "--rank", "4", "-o", out, "-q",
-              "--max-shard-size", "20KB")
+    res = run(
+        "convert",
+        write_weights(d / "w.safetensors"),
+        "--arch",
+        ARCH,
+        "--rank",
+        "4",
+        "-o",
+        out,
+        "-q",
+        "--max-shard-size",
+        "20KB",
+    )
     assert res.exit_code == 0, res.output
     assert len(list(out.glob("model-*.safetensors"))) > 1
     return out
@@ -1280,6 +1855,7 @@ def _index(fn):
         index = json.loads((ckpt / "model.safetensors.index.json").read_text())
         fn(index["weight_map"])
         (ckpt / "model.safetensors.index.json").write_text(json.dumps(index))
+
     return tamper
 
 
@@ -1291,13 +1867,19 @@ SHARDED_TAMPERS = {
     "index_invalid_json": (_truncate("model.safetensors.index.json", 50), ("not valid JSON",)),
     "index_no_weight_map": (_write("model.safetensors.index.json", b'{"metadata": {}}'), ("weight_map",)),
     "index_file_not_a_string": (_index(lambda m: m.update({"head.weight": 7})), ("index",)),
-    "index_points_outside": (_index(lambda m: m.update({"head.weight": "../../../etc/hostname"})),
-                             ("outside",)),
-    "index_names_missing_shard": (_index(lambda m: m.update({"head.weight": "model-00009-of-00009.safetensors"})),
-                                  ("missing weight file",)),
+    "index_points_outside": (
+        _index(lambda m: m.update({"head.weight": "../../../etc/hostname"})),
+        ("outside",),
+    ),
+    "index_names_missing_shard": (
+        _index(lambda m: m.update({"head.weight": "model-00009-of-00009.safetensors"})),
+        ("missing weight file",),
+    ),
     "shard_deleted": (lambda ckpt: _first_shard(ckpt).unlink(), ("missing weight file",)),
-    "shard_truncated": (lambda ckpt: _first_shard(ckpt).write_bytes(_first_shard(ckpt).read_bytes()[:100]),
-                        ("not a readable safetensors",)),
+    "shard_truncated": (
+        lambda ckpt: _first_shard(ckpt).write_bytes(_first_shard(ckpt).read_bytes()[:100]),
+        ("not a readable safetensors",),
+    ),
 }
 
 
@@ -1336,7 +1918,7 @@ def _check_tamper(source: Path, tamper, words, consumer: str, tmp_path: Path) ->
 def test_tampered_report_json(small_ckpt, tmp_path):
     """report.json is only the numbers: report refuses a broken or inconsistent one, merge does not need it."""
     ckpt = shutil.copytree(small_ckpt, tmp_path / "c.lors")
-    (ckpt / "report.json").write_text("{\"stacks\": [")
+    (ckpt / "report.json").write_text('{"stacks": [')
     assert_clean_failure(run("report", ckpt), 1, ("report.json",), str(ckpt))
     report = json.loads((small_ckpt / "report.json").read_text())
     report["stacks"][0]["matrices"][0]["ranks"] = [1, 1, 1, 1]
@@ -1363,12 +1945,15 @@ def test_report_text_is_not_rich_markup(small_ckpt, tmp_path):
     assert "odd [/] text [bold]" in res.stderr
 
 
-@pytest.mark.parametrize("model_fn, words", [
-    (no_stacks, "does not match"),
-    (lambda: StackedMLP(hidden=48), "does not match"),
-    (lambda: StackedMLP(depth=3), "does not match"),
-    (lambda: StackedMLP(depth=5), "do not match"),
-])
+@pytest.mark.parametrize(
+    "model_fn, words",
+    [
+        (no_stacks, "does not match"),
+        (lambda: StackedMLP(hidden=48), "does not match"),
+        (lambda: StackedMLP(depth=3), "does not match"),
+        (lambda: StackedMLP(depth=5), "do not match"),
+    ],
+)
 def test_load_against_a_mismatching_architecture(model_fn, words, small_ckpt):
     with pytest.raises(LorsError) as info:
         lors_convert.load(small_ckpt, model=model_fn())
@@ -1382,12 +1967,16 @@ def test_load_against_a_mismatching_architecture(model_fn, words, small_ckpt):
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
+
 def _containers(inner):
     return st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4)
 
 
-JSON = st.recursive(st.none() | st.booleans() | st.integers(-3, 200) | st.floats(allow_nan=False)
-                    | st.text(max_size=8), _containers, max_leaves=8)
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-3, 200) | st.floats(allow_nan=False) | st.text(max_size=8),
+    _containers,
+    max_leaves=8,
+)
 
 
 def _paths(node, prefix=()):
@@ -1415,8 +2004,10 @@ def _replace(node, path, value, delete=False):
 
 MUTATIONS = st.one_of(
     st.tuples(st.just("config"), st.integers(0, 10**6), JSON, st.booleans(), st.booleans()),
-    st.tuples(st.just("header_bytes"), st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)),
-                                                min_size=1, max_size=4)),
+    st.tuples(
+        st.just("header_bytes"),
+        st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), min_size=1, max_size=4),
+    ),
     st.tuples(st.just("header_length"), st.integers(0, 2**64 - 1)),
     st.tuples(st.just("config_bytes"), st.integers(0, 10**6), st.binary(max_size=4)),
     st.tuples(st.just("report"), st.integers(0, 10**6), JSON, st.booleans()),
@@ -1456,19 +2047,25 @@ def _mutate(ckpt: Path, mutation) -> None:
     else:
         data = (ckpt / "lors_config.json").read_bytes()
         pos = mutation[1] % (len(data) + 1)
-        (ckpt / "lors_config.json").write_bytes(data[:pos] + mutation[2] + data[pos + len(mutation[2]):])
+        (ckpt / "lors_config.json").write_bytes(data[:pos] + mutation[2] + data[pos + len(mutation[2]) :])
 
 
-@settings(max_examples=80, deadline=None, derandomize=True,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(
+    max_examples=80,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 @given(mutation=MUTATIONS)
 def test_fuzz_checkpoint_reader(mutation, small_ckpt, sharded_ckpt):
     with tempfile.TemporaryDirectory() as d:
         ckpt = shutil.copytree(sharded_ckpt if mutation[0] == "index" else small_ckpt, Path(d) / "c.lors")
         _mutate(ckpt, mutation)
-        for fn in (lambda: Checkpoint(ckpt).report(),
-                   lambda: merge_checkpoint(ckpt, Path(d) / "m.safetensors", force=True),
-                   lambda: lors_convert.load(ckpt)):
+        for fn in (
+            lambda: Checkpoint(ckpt).report(),
+            lambda: merge_checkpoint(ckpt, Path(d) / "m.safetensors", force=True),
+            lambda: lors_convert.load(ckpt),
+        ):
             try:
                 fn()
             except LorsError as e:

@@ -1,5 +1,6 @@
 """Bounded-memory calibration: Grams spilled to disk in their eigenbasis, the output-gradient pass in
 chunks, and fidelity against the source's recorded outputs instead of a second model."""
+
 from __future__ import annotations
 
 import copy
@@ -62,8 +63,11 @@ def test_output_grams_do_not_depend_on_the_chunk_size(monkeypatch):
     batches = token_batches(61)
     owners = gram_owners(model)
     # a probe that does not depend on how the batch was cut: all ones on real tokens
-    monkeypatch.setattr(sensitivity, "_probe", lambda y, mask, g: torch.ones_like(y) * (
-        1.0 if mask is None else mask.to(y.dtype).unsqueeze(-1)))
+    monkeypatch.setattr(
+        sensitivity,
+        "_probe",
+        lambda y, mask, g: torch.ones_like(y) * (1.0 if mask is None else mask.to(y.dtype).unsqueeze(-1)),
+    )
     whole = {}
     for chunk in (10_000, 12, 1):  # whole batches, one sample of 12 tokens, one sample each
         monkeypatch.setattr(sensitivity, "CHUNK_POSITIONS", chunk)
@@ -99,10 +103,18 @@ def test_output_grams_in_groups_equal_one_pass():
     owners = gram_owners(model)
     whole = sensitivity.collect_output_grams(model, owners, batches, probes=2, seed=3)
     parts: list[dict] = []
-    per_layer = 4 * sum(m.out_features ** 2 for m in model.model.layers[0].modules()
-                        if isinstance(m, torch.nn.Linear))
-    left = sensitivity.collect_output_grams(model, owners, batches, probes=2, seed=3, max_bytes=per_layer,
-                                            finished=lambda grams: parts.append(dict(grams)))
+    per_layer = 4 * sum(
+        m.out_features**2 for m in model.model.layers[0].modules() if isinstance(m, torch.nn.Linear)
+    )
+    left = sensitivity.collect_output_grams(
+        model,
+        owners,
+        batches,
+        probes=2,
+        seed=3,
+        max_bytes=per_layer,
+        finished=lambda grams: parts.append(dict(grams)),
+    )
     assert left == {} and len(parts) == 3  # one group per layer
     grouped = {k: g for part in parts for k, g in part.items()}
     assert grouped.keys() == whole.keys()
@@ -164,8 +176,12 @@ def test_blocked_gram_equals_the_full_product_and_stores_what_it_says(n):
     summed += add_gram(None, rows[1])  # how the input Grams add a batch's Gram to a key's sum
     expected = sum(r.T @ r for r in rows)
     assert torch.allclose(completed(acc), expected, rtol=1e-12, atol=1e-10)
-    assert torch.allclose(completed(summed), rows[0].T @ rows[0] + rows[1].T @ rows[1], rtol=1e-12, atol=1e-10)
-    assert torch.allclose(completed(other), rows[0].T @ rows[0], rtol=1e-12, atol=1e-10)  # clone left it alone
+    assert torch.allclose(
+        completed(summed), rows[0].T @ rows[0] + rows[1].T @ rows[1], rtol=1e-12, atol=1e-10
+    )
+    assert torch.allclose(
+        completed(other), rows[0].T @ rows[0], rtol=1e-12, atol=1e-10
+    )  # clone left it alone
 
 
 def test_streamed_skeleton_runs_like_the_loaded_model():
@@ -188,9 +204,13 @@ def test_streamed_skeleton_runs_like_the_loaded_model():
 
     def look(mod, args, out):
         layers = skeleton.model.layers
-        seen.append((skeleton.lm_head.weight is skeleton.model.embed_tokens.weight,  # read once, still tied
-                     not skeleton.lm_head.weight.is_meta,
-                     [not any(p.is_meta for p in layer.parameters()) for layer in layers]))
+        seen.append(
+            (
+                skeleton.lm_head.weight is skeleton.model.embed_tokens.weight,  # read once, still tied
+                not skeleton.lm_head.weight.is_meta,
+                [not any(p.is_meta for p in layer.parameters()) for layer in layers],
+            )
+        )
 
     hooks = [skeleton.get_submodule(b).register_forward_hook(look) for b in blocks]
     batch = token_batches(61)[0]
@@ -220,13 +240,19 @@ def test_streamed_fidelity_of_a_checkpoint_equals_the_in_memory_one(tmp_path):
     state = source.state_dict()
     spill = Spill(near=tmp_path)
     # the CLI's way: every block read once for all pieces, the source's outputs recorded on disk
-    reference = reference_outputs(skeleton, batches, spill=spill, run=functools.partial(lockstep, skeleton,
-                                                                                         state.__getitem__))
-    q = fidelity(skeleton, reference, run=functools.partial(
-        lockstep, skeleton, merged_getter(Checkpoint(tmp_path / "ck.lors"))))
+    reference = reference_outputs(
+        skeleton, batches, spill=spill, run=functools.partial(lockstep, skeleton, state.__getitem__)
+    )
+    q = fidelity(
+        skeleton,
+        reference,
+        run=functools.partial(lockstep, skeleton, merged_getter(Checkpoint(tmp_path / "ck.lors"))),
+    )
     spill.close()
     for key, value in expected.items():
-        assert q[key] == (pytest.approx(value, rel=1e-5, abs=1e-7) if isinstance(value, float) else value), key
+        assert q[key] == (pytest.approx(value, rel=1e-5, abs=1e-7) if isinstance(value, float) else value), (
+            key
+        )
 
 
 def _skeleton_and_reads(model):
@@ -284,7 +310,9 @@ def test_a_spill_removes_the_one_a_killed_process_left(tmp_path):
 
     from lors_convert.io.spill import PREFIX
 
-    child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    child = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
     dead = int(child.stdout)  # a pid whose process has exited
     host = socket.gethostname()
     orphan = tmp_path / f"{PREFIX}{dead}@{host}.abc"
@@ -318,7 +346,9 @@ def test_wide_layers_collect_exact_grams_through_upper_blocks(tmp_path, spilled)
     C = cal["blocks.0.lin.weight"]
     assert torch.allclose(C.double(), X.T @ X / 32, rtol=1e-4, atol=1e-4)
     G = cal.out_grams["blocks.2.lin.weight"]  # the output itself: E[u u^T] summed over 4 rows
-    assert torch.allclose(G.double(), G.double().T) and float(G.diagonal().mean()) == pytest.approx(4.0, rel=0.1)
+    assert torch.allclose(G.double(), G.double().T) and float(G.diagonal().mean()) == pytest.approx(
+        4.0, rel=0.1
+    )
     with pytest.raises(LorsError, match="not finite"):
         collect_grams(model, [torch.full((2, 4, 520), 3e30)], objective="layer", spill=spill)
     if spill is not None:

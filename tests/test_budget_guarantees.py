@@ -4,6 +4,7 @@
   inside its stack, exactly, under its own weight key; the stack's other layers stay LORS.
 - ``sharing="auto"`` is never worse, in the allocator's own objective, than ``always`` or ``never``.
 """
+
 from __future__ import annotations
 
 import json
@@ -61,8 +62,10 @@ def test_no_rank_at_or_above_break_even_on_random_spectra(seed, shared):
     items = []
     for _ in range(4):
         d, h = rng.choice([(16, 16), (48, 16), (8, 40)])
-        spectra = [sorted((rng.random() ** rng.choice([0.2, 1, 4]) for _ in range(min(d, h))), reverse=True)
-                   for _ in range(5)]
+        spectra = [
+            sorted((rng.random() ** rng.choice([0.2, 1, 4]) for _ in range(min(d, h))), reverse=True)
+            for _ in range(5)
+        ]
         items.append(BudgetItem(d=d, h=h, spectra=spectra, shared=shared))
     for budget in (0.3, 0.6, 0.9):
         try:
@@ -121,8 +124,22 @@ def test_streamed_budget_conversion_with_a_dense_member_merges_back(tmp_path):
     src = tmp_path / "w.safetensors"
     save_file(model.state_dict(), str(src))
     out = tmp_path / "o.lors"
-    res = runner.invoke(app, ["convert", str(src), "--arch", ARCH, "--budget", "0.6", "--sharing", "never",
-                              "-o", str(out), "--json"])
+    res = runner.invoke(
+        app,
+        [
+            "convert",
+            str(src),
+            "--arch",
+            ARCH,
+            "--budget",
+            "0.6",
+            "--sharing",
+            "never",
+            "-o",
+            str(out),
+            "--json",
+        ],
+    )
     assert res.exit_code == 0, res.output
     matrices = json.loads(res.stdout)["stacks"][0]["matrices"]
     assert all(m["dense_members"] == [3] for m in matrices)
@@ -157,7 +174,9 @@ def _round_trip(lors, report, model, x, tmp_path, tol):
         assert max_rel_diff(reloaded(x), lors(x)) <= 1e-6
         assert max_rel_diff(lors(x), model(x)) <= tol
     merge_checkpoint(path, tmp_path / "m.safetensors")
-    assert torch.equal(load_file(str(tmp_path / "m.safetensors"))["blocks.0.up.weight"], model.blocks[0].up.weight)
+    assert torch.equal(
+        load_file(str(tmp_path / "m.safetensors"))["blocks.0.up.weight"], model.blocks[0].up.weight
+    )
 
 
 def test_first_member_dense_in_a_shared_stack(tmp_path):
@@ -166,7 +185,9 @@ def test_first_member_dense_in_a_shared_stack(tmp_path):
     x = torch.randn(64, 8)
     lors, report = convert(_copy(model), budget=0.7, sharing="always", refine=1)
     rows = [m for s in report.stacks for m in s.matrices]
-    assert rows and all(m.shared and m.dense_members == [0] for m in rows), [(m.shared, m.dense_members) for m in rows]
+    assert rows and all(m.shared and m.dense_members == [0] for m in rows), [
+        (m.shared, m.dense_members) for m in rows
+    ]
     assert lors.blocks[1].up.shared is lors.blocks[3].up.shared
     _round_trip(lors, report, model, x, tmp_path, 0.05)
 
@@ -187,14 +208,21 @@ def test_calibrated_fit_leaves_dense_members_out(tmp_path):
     for pp in plan.params:
         pp.dense_members, pp.ranks = [0], [0, 4, 4, 4]
     report, rows = plan.report_with_matrices(0)
-    fits = run_plan(plan, lambda k: lors.get_parameter(k).detach(), ModuleSink(lors),
-                    FitOptions(calibration=cal, refine=2), rows)
+    fits = run_plan(
+        plan,
+        lambda k: lors.get_parameter(k).detach(),
+        ModuleSink(lors),
+        FitOptions(calibration=cal, refine=2),
+        rows,
+    )
     for fit in fits.values():
         history = fit.weighted[2]
         assert all(b <= a * (1 + 1e-9) for a, b in zip(history, history[1:]))  # refinement stays monotone
     for row in rows:
         assert row.relative_error[0] == 0.0 and 0.0 < max(row.relative_error[1:]) < 0.5
-    assert not isinstance(lors.blocks[0].up, LorsLinear) and lors.blocks[1].up.shared is lors.blocks[2].up.shared
+    assert (
+        not isinstance(lors.blocks[0].up, LorsLinear) and lors.blocks[1].up.shared is lors.blocks[2].up.shared
+    )
     _round_trip(lors, report, model, x, tmp_path, 0.5)
 
 
@@ -204,8 +232,10 @@ def _sharing_instance(seed: int):
     shared, private = [], []
     for _ in range(rng.choice([2, 3, 4])):
         d, h = rng.choice([(8, 8), (8, 16), (16, 4)])
-        layers = [sorted((rng.random() ** rng.choice([1, 3]) for _ in range(min(d, h))), reverse=True)
-                  for _ in range(3)]
+        layers = [
+            sorted((rng.random() ** rng.choice([1, 3]) for _ in range(min(d, h))), reverse=True)
+            for _ in range(3)
+        ]
         residuals = [sorted((v * rng.uniform(0.3, 1.0) for v in sp), reverse=True) for sp in layers]
         shared.append(BudgetItem(d=d, h=h, spectra=residuals, shared=True))
         private.append(BudgetItem(d=d, h=h, spectra=layers, shared=False))

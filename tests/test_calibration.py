@@ -1,4 +1,5 @@
 """Calibration end to end on tiny models: Gram collection, calibrated convert, quality, heal/resume."""
+
 from __future__ import annotations
 
 import copy
@@ -152,6 +153,7 @@ def test_split_is_disjoint_and_deterministic(tmp_path):
     assert not set(calib) & set(held) and len(held) == 10 and sorted(calib + held) == list(range(50))
     assert split_heldout(50, 0.2, seed=1) == (calib, held)
     from safetensors.torch import save_file
+
     save_file({"input": torch.randn(20, 16)}, tmp_path / "x.safetensors")
     data = load_calibration(tmp_path / "x.safetensors", batch_size=4, heldout=0.25)
     assert data.kind == "tensor" and data.n_calibration == 15 and data.n_heldout == 5
@@ -167,15 +169,24 @@ def test_text_calibration_with_a_tokenizer(tmp_path):
     from transformers import AutoTokenizer, BertConfig, BertModel
 
     tok = AutoTokenizer.from_pretrained(str(minilm.MODEL_DIR))
-    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=64)
+    cfg = BertConfig(
+        vocab_size=tok.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
     torch.manual_seed(0)
     model = BertModel(cfg).eval()
     (tmp_path / "t.txt").write_text("\n".join(f"sentence number {i} about rivers" for i in range(20)))
     data = load_calibration(tmp_path / "t.txt", tokenizer=tok, batch_size=8, heldout=0.25, max_length=16)
     assert data.kind == "text" and data.n_heldout == 5
     cal = collect_grams(model, data.calibration)
-    assert cal.grams["encoder.layer.0.attention.self.query.weight"] is cal.grams["encoder.layer.0.attention.self.key.weight"]
+    assert (
+        cal.grams["encoder.layer.0.attention.self.query.weight"]
+        is cal.grams["encoder.layer.0.attention.self.key.weight"]
+    )
     ref = reference_outputs(model, data.heldout)
     lors, report = convert(model, budget=0.7, calibration=cal)
     q = fidelity(lors, ref)
@@ -210,8 +221,10 @@ def test_heal_matching_every_block():
     out = {}
 
     def block_errors(model):
-        taps = [model.get_submodule(n).register_forward_hook(lambda m, a, o, n=n: out.__setitem__(n, o))
-                for n in members]
+        taps = [
+            model.get_submodule(n).register_forward_hook(lambda m, a, o, n=n: out.__setitem__(n, o))
+            for n in members
+        ]
         with torch.no_grad():
             model(batches[0])
         for h in taps:
@@ -276,8 +289,16 @@ def test_heal_refuses_a_state_left_by_other_settings(change, tmp_path):
     with pytest.raises(Stop):
         heal(copy.deepcopy(student), teacher, batches, checkpoint_path=state, progress=interrupt, **base)
     saved = state.read_bytes()
-    other = {"steps": 5, "lr": 2e-3, "loss": "cosine", "trainable": "all", "match": "layers", "warmup": 3,
-             "seed": 1, "data": None}[change]
+    other = {
+        "steps": 5,
+        "lr": 2e-3,
+        "loss": "cosine",
+        "trainable": "all",
+        "match": "layers",
+        "warmup": 3,
+        "seed": 1,
+        "data": None,
+    }[change]
     data = [b + 1.0 for b in batches] if change == "data" else batches
     kwargs = {**base, **({} if change == "data" else {change: other})}
     with pytest.raises(LorsUsageError) as info:
@@ -288,7 +309,9 @@ def test_heal_refuses_a_state_left_by_other_settings(change, tmp_path):
     assert state.read_bytes() == saved  # the refused state is left as it was
     result = heal(copy.deepcopy(student), teacher, data, checkpoint_path=state, restart=True, **kwargs)
     assert result.resumed_from == 0 and result.steps == kwargs["steps"]
-    again = heal(copy.deepcopy(student), teacher, data, checkpoint_path=state, **kwargs)  # same settings: resumes
+    again = heal(
+        copy.deepcopy(student), teacher, data, checkpoint_path=state, **kwargs
+    )  # same settings: resumes
     assert again.resumed_from == kwargs["steps"]
 
 
@@ -299,7 +322,10 @@ def test_heal_state_that_cannot_be_read_is_refused(tmp_path):
     with pytest.raises(LorsUsageError, match="cannot read the heal state.*--force"):
         heal(copy.deepcopy(student), teacher, batches, steps=2, checkpoint_path=state)
     assert state.read_bytes() == b"not a torch file"
-    assert heal(copy.deepcopy(student), teacher, batches, steps=2, checkpoint_path=state, restart=True).steps == 2
+    assert (
+        heal(copy.deepcopy(student), teacher, batches, steps=2, checkpoint_path=state, restart=True).steps
+        == 2
+    )
 
 
 def test_heal_stops_when_the_loss_diverges():

@@ -1,4 +1,5 @@
 """The ``lors`` CLI end to end: convert, report, merge on real and small models, exit codes, --force."""
+
 from __future__ import annotations
 
 import json
@@ -43,8 +44,12 @@ def _state(model) -> dict[str, torch.Tensor]:
 def test_convert_report_merge_minilm_rank32(minilm_dir, minilm_rank32, tmp_path):
     from transformers import AutoModel
 
-    assert sorted(p.name for p in minilm_rank32.iterdir()) >= ["config.json", "lors_config.json",
-                                                               "model.safetensors", "report.json"]
+    assert sorted(p.name for p in minilm_rank32.iterdir()) >= [
+        "config.json",
+        "lors_config.json",
+        "model.safetensors",
+        "report.json",
+    ]
     res = run("report", minilm_rank32, "--json")
     assert res.exit_code == 0, res.output
     report = json.loads(res.stdout)
@@ -162,8 +167,18 @@ def test_state_dict_with_arch_round_trip(tmp_path):
     src = tmp_path / "mlp.pt"
     torch.save(model.state_dict(), src)
     out = tmp_path / "mlp.lors"
-    res = run("convert", src, "--arch", "tests.archs:stacked_mlp", "--rank", "full", "--keep-unsaving",
-              "-o", out, "-q")
+    res = run(
+        "convert",
+        src,
+        "--arch",
+        "tests.archs:stacked_mlp",
+        "--rank",
+        "full",
+        "--keep-unsaving",
+        "-o",
+        out,
+        "-q",
+    )
     assert res.exit_code == 0, res.output
     assert_merges_back(out, model, tmp_path / "m.safetensors")
 
@@ -240,24 +255,29 @@ def test_report_rank_sweep_on_dense_source(tmp_path):
     assert rows[0]["stacked_lors_params"] == 2 * lors_param_count(64, 32, [2] * 4)
 
 
-@pytest.mark.parametrize("args, code, words", [
-    (["convert", "{src}", "--arch", "tests.archs:stacked_mlp", "--rank", "0"], 2, "--rank"),
-    (["convert", "{src}", "--arch", "tests.archs:stacked_mlp", "--rank", "-3"], 2, "--rank"),
-    (["convert", "{src}", "--arch", "tests.archs:stacked_mlp", "--groups", "1,2"], 2, "groups"),
-    (["convert", "{src}", "--arch", "tests.archs:stacked_mlp", "--include", "*nothing*"], 2, "*nothing*"),
-    (["convert", "{src}", "--arch", "nonexistent_pkg:fn"], 2, "nonexistent_pkg"),
-    (["convert", "{missing}"], 2, "no such file"),
-    (["report", "{missing}"], 2, "no such file"),
-    (["merge", "{missing}"], 2, "no such file"),
-    (["heal", "{missing}", "--data", "{src}"], 2, "no such file"),
-    (["convert"], 2, "Missing argument"),
-    (["convert", "{src}", "--bogus"], 2, "--bogus"),
-])
+@pytest.mark.parametrize(
+    "args, code, words",
+    [
+        (["convert", "{src}", "--arch", "tests.archs:stacked_mlp", "--rank", "0"], 2, "--rank"),
+        (["convert", "{src}", "--arch", "tests.archs:stacked_mlp", "--rank", "-3"], 2, "--rank"),
+        (["convert", "{src}", "--arch", "tests.archs:stacked_mlp", "--groups", "1,2"], 2, "groups"),
+        (["convert", "{src}", "--arch", "tests.archs:stacked_mlp", "--include", "*nothing*"], 2, "*nothing*"),
+        (["convert", "{src}", "--arch", "nonexistent_pkg:fn"], 2, "nonexistent_pkg"),
+        (["convert", "{missing}"], 2, "no such file"),
+        (["report", "{missing}"], 2, "no such file"),
+        (["merge", "{missing}"], 2, "no such file"),
+        (["heal", "{missing}", "--data", "{src}"], 2, "no such file"),
+        (["convert"], 2, "Missing argument"),
+        (["convert", "{src}", "--bogus"], 2, "--bogus"),
+    ],
+)
 def test_exit_codes(tmp_path, args, code, words):
     src = tmp_path / "w.safetensors"
     save_file(StackedMLP().state_dict(), str(src))
     args = [a.format(src=src, missing=tmp_path / "missing.pt") for a in args]
-    res = runner.invoke(app, args + (["-o", str(tmp_path / "out")] if args[0] == "convert" and len(args) > 1 else []))
+    res = runner.invoke(
+        app, args + (["-o", str(tmp_path / "out")] if args[0] == "convert" and len(args) > 1 else [])
+    )
     assert res.exit_code == code, res.output
     assert words in res.output
     assert "Traceback" not in res.output
@@ -283,7 +303,10 @@ def test_load_does_not_call_a_recorded_arch_unasked(tmp_path):
     src = tmp_path / "w.safetensors"
     save_file(StackedMLP().state_dict(), str(src))
     out = tmp_path / "w.lors"
-    assert run("convert", src, "--arch", "tests.archs:stacked_mlp", "--rank", "4", "-o", out, "-q").exit_code == 0
+    assert (
+        run("convert", src, "--arch", "tests.archs:stacked_mlp", "--rank", "4", "-o", out, "-q").exit_code
+        == 0
+    )
     with pytest.raises(LorsError, match="arch='tests.archs:stacked_mlp'"):
         lors_convert.load(out)
     model = lors_convert.load(out, arch="tests.archs:stacked_mlp")
@@ -302,8 +325,19 @@ def test_calibrate_budget_then_heal(minilm_dir, tmp_path):
     """--calibrate/--budget write a checkpoint that reads back (rank-0 layers included); heal resumes-safe."""
     data = Path(__file__).resolve().parents[1] / "scripts" / "data"
     out = tmp_path / "cal.lors"
-    res = run("convert", minilm_dir, "--calibrate", data / "calib_prose.txt", "--heldout",
-              data / "heldout_dialogue.txt", "--budget", "0.3", "-o", out, "--json")
+    res = run(
+        "convert",
+        minilm_dir,
+        "--calibrate",
+        data / "calib_prose.txt",
+        "--heldout",
+        data / "heldout_dialogue.txt",
+        "--budget",
+        "0.3",
+        "-o",
+        out,
+        "--json",
+    )
     assert res.exit_code == 0, res.output
     quality = json.loads(res.stdout)["quality"]
     assert abs(quality["stacked_fraction"] - 0.3) <= 0.01 * 0.3
@@ -311,18 +345,35 @@ def test_calibrate_budget_then_heal(minilm_dir, tmp_path):
     assert quality["objective"] == "output"  # the default: output-gradient Grams were collected
     assert run("merge", out, "-o", tmp_path / "dense", "-q").exit_code == 0
     healed = tmp_path / "healed.lors"
-    res = run("heal", out, "--data", data / "calib_prose.txt", "--heldout", data / "heldout_dialogue.txt",
-              "--steps", "2", "--match", "layers", "-o", healed, "--json")
+    res = run(
+        "heal",
+        out,
+        "--data",
+        data / "calib_prose.txt",
+        "--heldout",
+        data / "heldout_dialogue.txt",
+        "--steps",
+        "2",
+        "--match",
+        "layers",
+        "-o",
+        healed,
+        "--json",
+    )
     assert res.exit_code == 0, res.output
     quality = json.loads(res.stdout)["quality"]
     assert quality["heal_steps"] == 2 and "before_heal_heldout_cosine" in quality
     assert quality["heal_synthetic"] == 0.75  # the default for token data
     assert not list(tmp_path.glob(".healed.lors*"))  # the resume state is gone after success
     assert run("report", healed, "--json").exit_code == 0
-    res = run("heal", out, "--data", data / "calib_prose.txt", "--match", "blocks", "-o", tmp_path / "h2.lors")
+    res = run(
+        "heal", out, "--data", data / "calib_prose.txt", "--match", "blocks", "-o", tmp_path / "h2.lors"
+    )
     assert res.exit_code == 2 and "--match must be output or layers" in res.output
     assert not (tmp_path / "h2.lors").exists()
-    res = run("heal", out, "--data", data / "calib_prose.txt", "--synthetic", "1.5", "-o", tmp_path / "h2.lors")
+    res = run(
+        "heal", out, "--data", data / "calib_prose.txt", "--synthetic", "1.5", "-o", tmp_path / "h2.lors"
+    )
     assert res.exit_code == 2 and "--synthetic must be a share of the steps in [0, 1], got 1.5" in res.output
     assert not (tmp_path / "h2.lors").exists()
 
@@ -336,15 +387,31 @@ def test_convert_objective_option(tmp_path):
     save_file({"x": torch.randn(40, 8)}, str(data))
     common = ("--arch", "tests.archs:stacked_mlp", "--rank", "2", "--json")
     for objective, probes in (("layer", ()), ("output", ("--probes", "2"))):
-        res = run("convert", src, *common, "--calibrate", data, "--objective", objective, *probes,
-                  "-o", tmp_path / f"{objective}.lors")
+        res = run(
+            "convert",
+            src,
+            *common,
+            "--calibrate",
+            data,
+            "--objective",
+            objective,
+            *probes,
+            "-o",
+            tmp_path / f"{objective}.lors",
+        )
         assert res.exit_code == 0, res.output
         assert json.loads(res.stdout)["quality"]["objective"] == objective
     bad = [
-        (("--calibrate", data, "--objective", "model"), "--objective must be one of output, layer, got 'model'"),
+        (
+            ("--calibrate", data, "--objective", "model"),
+            "--objective must be one of output, layer, got 'model'",
+        ),
         (("--objective", "layer"), "--objective goes with --calibrate"),
         (("--calibrate", data, "--probes", "0"), "--probes must be >= 1, got 0"),
-        (("--calibrate", data, "--objective", "layer", "--probes", "2"), "--probes goes with --objective output"),
+        (
+            ("--calibrate", data, "--objective", "layer", "--probes", "2"),
+            "--probes goes with --objective output",
+        ),
     ]
     for args, message in bad:
         out = tmp_path / "bad.lors"
@@ -359,15 +426,39 @@ def test_heal_on_tensor_inputs_uses_no_synthetic_steps(tmp_path):
     src = tmp_path / "mlp.safetensors"
     save_file(StackedMLP().state_dict(), str(src))
     out = tmp_path / "out.lors"
-    assert run("convert", src, "--arch", "tests.archs:stacked_mlp", "--rank", "2", "-o", out, "-q").exit_code == 0
+    assert (
+        run("convert", src, "--arch", "tests.archs:stacked_mlp", "--rank", "2", "-o", out, "-q").exit_code
+        == 0
+    )
     data = tmp_path / "inputs.safetensors"
     save_file({"x": torch.randn(40, 8)}, str(data))
-    res = run("heal", out, "--data", data, "--arch", "tests.archs:stacked_mlp", "--steps", "3", "--json",
-              "-o", tmp_path / "healed.lors")
+    res = run(
+        "heal",
+        out,
+        "--data",
+        data,
+        "--arch",
+        "tests.archs:stacked_mlp",
+        "--steps",
+        "3",
+        "--json",
+        "-o",
+        tmp_path / "healed.lors",
+    )
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout)["quality"]["heal_synthetic"] == 0.0
-    res = run("heal", out, "--data", data, "--arch", "tests.archs:stacked_mlp", "--synthetic", "0.5",
-              "-o", tmp_path / "h2.lors")
+    res = run(
+        "heal",
+        out,
+        "--data",
+        data,
+        "--arch",
+        "tests.archs:stacked_mlp",
+        "--synthetic",
+        "0.5",
+        "-o",
+        tmp_path / "h2.lors",
+    )
     assert res.exit_code == 2 and "synthetic inputs need token batches" in res.stderr
     assert not (tmp_path / "h2.lors").exists()
 
@@ -380,8 +471,19 @@ def test_convert_sharing_option(tmp_path):
     src = tmp_path / "mlp.safetensors"
     save_file(model.state_dict(), str(src))
     out = tmp_path / "never.lors"
-    res = run("convert", src, "--arch", "tests.archs:stacked_mlp", "--budget", "0.5", "--sharing", "never",
-              "-o", out, "--json")
+    res = run(
+        "convert",
+        src,
+        "--arch",
+        "tests.archs:stacked_mlp",
+        "--budget",
+        "0.5",
+        "--sharing",
+        "never",
+        "-o",
+        out,
+        "--json",
+    )
     assert res.exit_code == 0, res.output
     config = json.loads((out / "lors_config.json").read_text())
     entries = [e for s in config["stacks"] for e in s["params"]]
@@ -398,16 +500,20 @@ def test_convert_sharing_option(tmp_path):
     lors = lors_convert.load(out, model=StackedMLP())
     assert all(m.shared is None for m in lors.modules() if isinstance(m, lors_convert.layers.LorsModule))
     for args, message in (
-            (("--rank", "2", "--sharing", "never"), "--sharing goes with --budget"),
-            (("--budget", "0.5", "--sharing", "sometimes"), "--sharing must be one of auto, always, never")):
+        (("--rank", "2", "--sharing", "never"), "--sharing goes with --budget"),
+        (("--budget", "0.5", "--sharing", "sometimes"), "--sharing must be one of auto, always, never"),
+    ):
         bad = tmp_path / "bad.lors"
         res = run("convert", src, "--arch", "tests.archs:stacked_mlp", *args, "-o", bad)
         assert res.exit_code == 2 and message in res.stderr, (args, res.output)
         assert "Traceback" not in res.output and not bad.exists()
 
 
-@pytest.mark.parametrize("flags", [["--budget", "0.5"], ["--budget", "0.4", "--sharing", "never"], ["--rank", "4"]],
-                         ids=["budget", "budget-never", "rank"])
+@pytest.mark.parametrize(
+    "flags",
+    [["--budget", "0.5"], ["--budget", "0.4", "--sharing", "never"], ["--rank", "4"]],
+    ids=["budget", "budget-never", "rank"],
+)
 def test_calibrated_dry_run_plans_what_the_run_does(tmp_path, flags):
     """--dry-run with --calibrate projects the ranks and parameter counts the real run gives."""
     torch.manual_seed(0)
@@ -424,51 +530,91 @@ def test_calibrated_dry_run_plans_what_the_run_does(tmp_path, flags):
     planned, done = json.loads(dry.stdout), json.loads(real.stdout)
 
     def plan_of(report):
-        return [(s["path"], m["name"], m["ranks"], m["lors_params"], m["shared"], sorted(s["kept_dense"]))
-                for s in report["stacks"] for m in s["matrices"]]
+        return [
+            (s["path"], m["name"], m["ranks"], m["lors_params"], m["shared"], sorted(s["kept_dense"]))
+            for s in report["stacks"]
+            for m in s["matrices"]
+        ]
 
     assert plan_of(planned) == plan_of(done)
     assert planned["total"]["params_after"] == done["total"]["params_after"]
     assert any("dry run" in w for w in planned["warnings"])
 
 
-@pytest.mark.parametrize("fraction, heldout_file, fitted, held", [
-    (None, False, 32, 8), ("0.25", False, 30, 10), ("0.5", False, 20, 20), (None, True, 40, 12), ("0", True, 40, 12),
-])
-def test_heldout_fraction_controls_the_split_and_the_report_says_it(fraction, heldout_file, fitted, held, tmp_path):
+@pytest.mark.parametrize(
+    "fraction, heldout_file, fitted, held",
+    [
+        (None, False, 32, 8),
+        ("0.25", False, 30, 10),
+        ("0.5", False, 20, 20),
+        (None, True, 40, 12),
+        ("0", True, 40, 12),
+    ],
+)
+def test_heldout_fraction_controls_the_split_and_the_report_says_it(
+    fraction, heldout_file, fitted, held, tmp_path
+):
     torch.manual_seed(0)
     src = tmp_path / "w.safetensors"
     save_file(StackedMLP().state_dict(), str(src))
     save_file({"input": torch.randn(40, 8)}, str(tmp_path / "calib.safetensors"))
     save_file({"input": torch.randn(12, 8)}, str(tmp_path / "held.safetensors"))
-    args = ["convert", src, "--arch", "tests.archs:stacked_mlp", "--calibrate", tmp_path / "calib.safetensors",
-            "--rank", "4", "-o", tmp_path / "o.lors", "--json"]
+    args = [
+        "convert",
+        src,
+        "--arch",
+        "tests.archs:stacked_mlp",
+        "--calibrate",
+        tmp_path / "calib.safetensors",
+        "--rank",
+        "4",
+        "-o",
+        tmp_path / "o.lors",
+        "--json",
+    ]
     args += ["--heldout-fraction", fraction] if fraction is not None else []
     args += ["--heldout", tmp_path / "held.safetensors"] if heldout_file else []
     res = run(*args)
     assert res.exit_code == 0, res.output
     quality = json.loads(res.stdout)["quality"]
     assert (quality["calibration_samples"], quality["heldout_samples"]) == (fitted, held)
-    expected = str(tmp_path / "held.safetensors") if heldout_file else \
-        f"{float(fraction or 0.2):.0%} of {tmp_path / 'calib.safetensors'}"
+    expected = (
+        str(tmp_path / "held.safetensors")
+        if heldout_file
+        else f"{float(fraction or 0.2):.0%} of {tmp_path / 'calib.safetensors'}"
+    )
     assert quality["heldout_data"] == expected
     human = run("report", tmp_path / "o.lors")
-    assert f"calibration_samples = {fitted}" in human.stdout and f", {held} samples:" in human.stdout  # fidelity line
+    assert (
+        f"calibration_samples = {fitted}" in human.stdout and f", {held} samples:" in human.stdout
+    )  # fidelity line
 
 
-@pytest.mark.parametrize("extra, words", [
-    (["--heldout-fraction", "0"], "holds nothing back"),
-    (["--heldout-fraction", "1"], "[0, 1)"),
-    (["--heldout-fraction", "-0.1"], "[0, 1)"),
-    (["--heldout-fraction", "0.3", "--heldout", "{held}"], "replaces the split"),
-])
+@pytest.mark.parametrize(
+    "extra, words",
+    [
+        (["--heldout-fraction", "0"], "holds nothing back"),
+        (["--heldout-fraction", "1"], "[0, 1)"),
+        (["--heldout-fraction", "-0.1"], "[0, 1)"),
+        (["--heldout-fraction", "0.3", "--heldout", "{held}"], "replaces the split"),
+    ],
+)
 def test_heldout_fraction_usage_errors(extra, words, tmp_path):
     src = tmp_path / "w.safetensors"
     save_file(StackedMLP().state_dict(), str(src))
     save_file({"input": torch.randn(40, 8)}, str(tmp_path / "calib.safetensors"))
     save_file({"input": torch.randn(12, 8)}, str(tmp_path / "held.safetensors"))
     extra = [a.format(held=tmp_path / "held.safetensors") for a in extra]
-    res = run("convert", src, "--arch", "tests.archs:stacked_mlp", "--calibrate", tmp_path / "calib.safetensors",
-              "-o", tmp_path / "o.lors", *extra)
+    res = run(
+        "convert",
+        src,
+        "--arch",
+        "tests.archs:stacked_mlp",
+        "--calibrate",
+        tmp_path / "calib.safetensors",
+        "-o",
+        tmp_path / "o.lors",
+        *extra,
+    )
     assert res.exit_code == 2 and words in res.stderr, res.stderr
     assert len(res.stderr.strip().splitlines()) == 1 and not (tmp_path / "o.lors").exists()

@@ -5,6 +5,7 @@ from files (the safetensors index, the checkpoint config): whatever the names, s
 they either return paths inside the directory or fail with one clean line. The command-level
 cases (symlinked side files, shards, configs; every command) are rows of tests/test_bad_inputs.py.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,11 +22,26 @@ from lors_convert.io.confine import confined, inside, is_plain_name
 from lors_convert.io.safetensors import INDEX_NAME, directory_weight_files, index_shards
 
 
-@pytest.mark.parametrize("name, ok", [
-    ("model.safetensors", True), ("a b.json", True), ("..x", True), (".hidden", True),
-    ("..", False), (".", False), ("", False), ("../x", False), ("a/b", False), ("/etc/passwd", False),
-    ("a\\b", False), ("x\x00y", False), (7, False), (None, False), (["a"], False),
-])
+@pytest.mark.parametrize(
+    "name, ok",
+    [
+        ("model.safetensors", True),
+        ("a b.json", True),
+        ("..x", True),
+        (".hidden", True),
+        ("..", False),
+        (".", False),
+        ("", False),
+        ("../x", False),
+        ("a/b", False),
+        ("/etc/passwd", False),
+        ("a\\b", False),
+        ("x\x00y", False),
+        (7, False),
+        (None, False),
+        (["a"], False),
+    ],
+)
 def test_plain_names(name, ok):
     assert is_plain_name(name) is ok
 
@@ -77,16 +93,37 @@ def test_index_names_a_single_weight_file_that_links_out(tmp_path):
 
 NAMES = st.one_of(
     st.text(max_size=12),
-    st.sampled_from(["..", ".", "/", "../secret", "/etc/hostname", "a/../../secret", "sub/x.safetensors",
-                     "x\x00.safetensors", "model-00001-of-00002.safetensors", "link_out", "link_in", "C:\\x",
-                     "~/secret", "\u202e.safetensors", "a" * 300]),
+    st.sampled_from(
+        [
+            "..",
+            ".",
+            "/",
+            "../secret",
+            "/etc/hostname",
+            "a/../../secret",
+            "sub/x.safetensors",
+            "x\x00.safetensors",
+            "model-00001-of-00002.safetensors",
+            "link_out",
+            "link_in",
+            "C:\\x",
+            "~/secret",
+            "\u202e.safetensors",
+            "a" * 300,
+        ]
+    ),
 )
-LEAF = st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=True) | NAMES
-NESTED = st.recursive(LEAF, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner,
-                                                                                           max_size=3), max_leaves=10)
+LEAF = st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=True) | NAMES
+NESTED = st.recursive(
+    LEAF,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
+    max_leaves=10,
+)
 INDEXES = st.one_of(
-    st.fixed_dictionaries({"weight_map": st.dictionaries(st.text(max_size=6), NAMES, max_size=6)},
-                          optional={"metadata": st.fixed_dictionaries({}, optional={"total_size": LEAF})}),
+    st.fixed_dictionaries(
+        {"weight_map": st.dictionaries(st.text(max_size=6), NAMES, max_size=6)},
+        optional={"metadata": st.fixed_dictionaries({}, optional={"total_size": LEAF})},
+    ),
     st.fixed_dictionaries({"weight_map": NESTED}),
     NESTED,
 )
@@ -137,8 +174,12 @@ def small_ckpt(tmp_path_factory) -> Path:
 FIELDS = st.sampled_from(["members", "owner", "name", "attr", "shared", "path", "alias", "manifest_key"])
 
 
-@settings(max_examples=80, deadline=None, derandomize=True,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=80,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
 @given(field=FIELDS, names=st.lists(NAMES, min_size=1, max_size=4), nested=NESTED)
 def test_fuzz_config_names_read_cleanly(field, names, nested, small_ckpt):
     """Names in the config (members, owners, tensor and manifest keys) at will: read, merged and loaded
@@ -155,7 +196,7 @@ def test_fuzz_config_names_read_cleanly(field, names, nested, small_ckpt):
         config = json.loads((ckpt / "lors_config.json").read_text())
         stack, entry = config["stacks"][0], config["stacks"][0]["params"][0]
         if field == "members":
-            stack["members"] = (names * 4)[:len(stack["members"])]
+            stack["members"] = (names * 4)[: len(stack["members"])]
         elif field == "shared":
             entry["shared"] = names
         elif field == "path":
@@ -170,8 +211,11 @@ def test_fuzz_config_names_read_cleanly(field, names, nested, small_ckpt):
         (ckpt / "lors_config.json").write_text(text)
         tensors = load_file(str(ckpt / "model.safetensors"))
         save_file(tensors, str(ckpt / "model.safetensors"), metadata={"lors_config": text})
-        for fn in (lambda: Checkpoint(ckpt).report(), lambda: lors_convert.load(ckpt, arch="tests.archs:stacked_mlp"),
-                   lambda: merge_checkpoint(ckpt, Path(root) / "m.safetensors", force=True)):
+        for fn in (
+            lambda: Checkpoint(ckpt).report(),
+            lambda: lors_convert.load(ckpt, arch="tests.archs:stacked_mlp"),
+            lambda: merge_checkpoint(ckpt, Path(root) / "m.safetensors", force=True),
+        ):
             try:
                 fn()
             except LorsError as e:

@@ -1,5 +1,6 @@
 """The LORST math on its own: the top-k routes (exact, Gram, randomized) against LAPACK's SVD on real
 spectra, per-layer group lists K_i, clamping."""
+
 from __future__ import annotations
 
 import time
@@ -54,8 +55,12 @@ def _minilm_residuals() -> dict[str, torch.Tensor]:
     stacks = {}
     with safe_open(f"{gt.MODEL_DIR}/model.safetensors", "pt") as f:
         for name in ("attention.self.query", "attention.output.dense", "intermediate.dense", "output.dense"):
-            prefix = "encoder.layer" if "encoder.layer.0.output.dense.weight" in f.keys() else "bert.encoder.layer"
-            W = torch.stack([as_matrix(f.get_tensor(f"{prefix}.{i}.{name}.weight").float()) for i in range(6)])
+            prefix = (
+                "encoder.layer" if "encoder.layer.0.output.dense.weight" in f.keys() else "bert.encoder.layer"
+            )
+            W = torch.stack(
+                [as_matrix(f.get_tensor(f"{prefix}.{i}.{name}.weight").float()) for i in range(6)]
+            )
             stacks[name] = W - W.mean(dim=0)
     return stacks
 
@@ -109,7 +114,9 @@ def test_randomized_stack_reports_its_true_error():
     ref = reference_errors(weights, ranks)
     for w, layer, k, r in zip(weights, fac.layers, ranks, ref):
         assert layer.B.shape == (600, k) and layer.A.shape == (k, 1040)
-        actual = float(torch.linalg.matrix_norm(w - fac.shared - layer.B @ layer.A) / torch.linalg.matrix_norm(w))
+        actual = float(
+            torch.linalg.matrix_norm(w - fac.shared - layer.B @ layer.A) / torch.linalg.matrix_norm(w)
+        )
         assert abs(layer.relative_error - actual) <= 1e-4 * max(actual, 1.0)
         assert actual <= 1.01 * r  # within 1% of the Eckart-Young optimum
 
@@ -159,10 +166,15 @@ def test_rank_times_groups_beyond_full_is_clamped_and_exact():
 def test_require_savings_keeps_unprofitable_matrices_dense():
     """Conv stack at r = 8 over 4 layers: a matrix stays dense iff d*h + 4*8*(d+h) >= 4*d*h."""
     from torch import nn
+
     model, report = convert(CASES["conv"].build(), rank=8)
     blk = model.body[0]
-    expect = {"conv3.weight": (16, 144), "conv1.weight": (16, 16), "grouped.weight": (16, 36),
-              "depthwise.weight": (16, 18)}
+    expect = {
+        "conv3.weight": (16, 144),
+        "conv1.weight": (16, 16),
+        "grouped.weight": (16, 36),
+        "depthwise.weight": (16, 18),
+    }
     converted = {m.name for m in report.stacks[0].matrices}
     for name, (d, h) in expect.items():
         saves = d * h + 4 * 8 * (d + h) < 4 * d * h
@@ -226,11 +238,17 @@ def test_plain_fits_come_layer_by_layer_with_the_errors_of_the_whole_stack():
     assert all(len(row.relative_error) == 4 and all(e > 0 for e in row.relative_error) for row in rows)
 
 
-@pytest.mark.parametrize("values, finite", [
-    ([1.0, 2.0], True), ([1.0, float("nan")], False), ([float("inf"), 1.0], False), ([-float("inf")], False),
-    ([3e38, 3e38], True),  # the sum overflows: the slow path decides
-    ([], True),
-])
+@pytest.mark.parametrize(
+    "values, finite",
+    [
+        ([1.0, 2.0], True),
+        ([1.0, float("nan")], False),
+        ([float("inf"), 1.0], False),
+        ([-float("inf")], False),
+        ([3e38, 3e38], True),  # the sum overflows: the slow path decides
+        ([], True),
+    ],
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64, torch.bfloat16])
 def test_all_finite_agrees_with_isfinite(values, finite, dtype):
     from lors_convert.finite import all_finite
@@ -241,4 +259,6 @@ def test_all_finite_agrees_with_isfinite(values, finite, dtype):
     assert all_finite(t.reshape(-1, 1).expand(-1, 3)) is expected
     if dtype == torch.float32:
         assert expected is finite
-    assert all_finite(torch.full((70_000,), 60_000.0, dtype=torch.float16))  # float16 sums overflow; values do not
+    assert all_finite(
+        torch.full((70_000,), 60_000.0, dtype=torch.float16)
+    )  # float16 sums overflow; values do not

@@ -1,4 +1,5 @@
 """Stack discovery and the selection options: meta device, ResNet stages, include/exclude, usage errors."""
+
 from __future__ import annotations
 
 import pytest
@@ -12,8 +13,16 @@ from models import CASES, SMALL
 
 
 def _summary(stacks):
-    return [(s.path, s.members, s.member_class, [(p.relname, p.shape, p.dtype) for p in s.params],
-             dict(s.excluded)) for s in stacks]
+    return [
+        (
+            s.path,
+            s.members,
+            s.member_class,
+            [(p.relname, p.shape, p.dtype) for p in s.params],
+            dict(s.excluded),
+        )
+        for s in stacks
+    ]
 
 
 @pytest.mark.parametrize("name", SMALL + ["minilm"])
@@ -28,8 +37,9 @@ def test_meta_device_discovery_matches_real_and_expected(name):
     assert _summary(meta_stacks) == _summary(real_stacks)
     assert {s.path: s.members for s in real_stacks} == case.stacks
     real_plan, meta_plan = plan_conversion(real, rank=8), plan_conversion(meta, rank=8)
-    assert [(p.keys, p.ranks, p.layer_kind) for p in meta_plan.params] == \
-           [(p.keys, p.ranks, p.layer_kind) for p in real_plan.params]
+    assert [(p.keys, p.ranks, p.layer_kind) for p in meta_plan.params] == [
+        (p.keys, p.ranks, p.layer_kind) for p in real_plan.params
+    ]
 
 
 def test_resnet50_stages_stack_blocks_1_to_n_minus_1():
@@ -76,19 +86,22 @@ def test_include_and_exclude_patterns_narrow_the_selection():
     assert _converted(report) == {"attn.c_proj.weight"}
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(include=["*nonexistent*"]), "matches no stacked parameter"),
-    (dict(exclude=["*nope*"]), "matches no stacked parameter"),
-    (dict(include=["*.mlp.*", "*typo*"]), "'\\*typo\\*'"),
-    (dict(include=["*wte*"]), "matches no stacked parameter"),  # the tied embedding is not in a stack
-    (dict(exclude=["*"]), "leave no stacked parameter"),
-    (dict(groups=[1, 2, 3]), "groups has 3 entries"),
-    (dict(groups=0), "groups must be >= 1"),
-    (dict(rank=0), "rank must be a positive integer"),
-    (dict(rank=2.5), "rank must be a positive integer"),
-    (dict(init="xavier"), "init must be one of"),
-    (dict(method="lanczos"), "method must be"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(include=["*nonexistent*"]), "matches no stacked parameter"),
+        (dict(exclude=["*nope*"]), "matches no stacked parameter"),
+        (dict(include=["*.mlp.*", "*typo*"]), "'\\*typo\\*'"),
+        (dict(include=["*wte*"]), "matches no stacked parameter"),  # the tied embedding is not in a stack
+        (dict(exclude=["*"]), "leave no stacked parameter"),
+        (dict(groups=[1, 2, 3]), "groups has 3 entries"),
+        (dict(groups=0), "groups must be >= 1"),
+        (dict(rank=0), "rank must be a positive integer"),
+        (dict(rank=2.5), "rank must be a positive integer"),
+        (dict(init="xavier"), "init must be one of"),
+        (dict(method="lanczos"), "method must be"),
+    ],
+)
 def test_bad_selections_are_usage_errors_and_leave_the_model_untouched(kwargs, message):
     case = CASES["gpt2"]
     model = case.build()
@@ -102,6 +115,7 @@ def test_bad_selections_are_usage_errors_and_leave_the_model_untouched(kwargs, m
 
 def test_leaf_siblings_of_a_plain_module_are_not_a_stack():
     """q/k/v projections of one attention block have equal shapes but are not layers of a stack."""
+
     class Attn(nn.Module):
         def __init__(self):
             super().__init__()
@@ -133,6 +147,6 @@ def test_disjoint_slices_of_one_flat_buffer_are_not_ties():
     flat = torch.randn(3 * 256)
     model = nn.ModuleList(nn.Linear(16, 16) for _ in range(3))
     for layer, start in zip(model, (0, 256, 384)):  # layer 2 overlaps layer 1 by half
-        layer.weight = nn.Parameter(flat[start:start + 256].view(16, 16))
+        layer.weight = nn.Parameter(flat[start : start + 256].view(16, 16))
     [stack] = find_stacks(model)
     assert stack.params == [] and "tied" in stack.excluded["weight"]

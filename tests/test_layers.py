@@ -1,4 +1,5 @@
 """The LORS layers one by one: grouped/strided Conv2d, HF Conv1D, ties, paper init, half precision."""
+
 from __future__ import annotations
 
 import pytest
@@ -27,12 +28,26 @@ def _layers(model, cls=LorsLayer):
     return [m for m in model.modules() if isinstance(m, cls)]
 
 
-@pytest.mark.parametrize("kwargs", [
-    dict(in_channels=16, out_channels=32, kernel_size=3, padding=1, groups=4),
-    dict(in_channels=16, out_channels=16, kernel_size=(3, 5), stride=2, padding=(2, 1), dilation=2, groups=8),
-    dict(in_channels=16, out_channels=24, kernel_size=1, groups=2, bias=False),
-    dict(in_channels=12, out_channels=12, kernel_size=3, padding=1, groups=12),  # depthwise: matrix (12, 9)
-], ids=["g4", "g8-strided-dilated", "1x1-g2-nobias", "depthwise"])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(in_channels=16, out_channels=32, kernel_size=3, padding=1, groups=4),
+        dict(
+            in_channels=16,
+            out_channels=16,
+            kernel_size=(3, 5),
+            stride=2,
+            padding=(2, 1),
+            dilation=2,
+            groups=8,
+        ),
+        dict(in_channels=16, out_channels=24, kernel_size=1, groups=2, bias=False),
+        dict(
+            in_channels=12, out_channels=12, kernel_size=3, padding=1, groups=12
+        ),  # depthwise: matrix (12, 9)
+    ],
+    ids=["g4", "g8-strided-dilated", "1x1-g2-nobias", "depthwise"],
+)
 def test_grouped_conv2d_matches_dense_grouped_conv(kwargs):
     """LorsConv2d (tiled A + grouped 1x1 B) == F.conv2d with the merged grouped kernel, to 1e-5."""
     torch.manual_seed(0)
@@ -49,12 +64,21 @@ def test_grouped_conv2d_matches_dense_grouped_conv(kwargs):
     ys = model(x)
     for i, (layer, y) in enumerate(zip(layers, ys)):
         w = layer.shared + layer.lors_B @ layer.lors_A  # (out, in/g*kh*kw)
-        ref = F.conv2d(x, w.reshape(out, in_g, kh, kw), source.get(f"layers.{i}.bias"), stride=layer.template.stride,
-                       padding=layer.template.padding, dilation=layer.template.dilation, groups=g)
+        ref = F.conv2d(
+            x,
+            w.reshape(out, in_g, kh, kw),
+            source.get(f"layers.{i}.bias"),
+            stride=layer.template.stride,
+            padding=layer.template.padding,
+            dilation=layer.template.dilation,
+            groups=g,
+        )
         assert y.shape == ref.shape
         assert max_rel_diff(y, ref) <= 1e-5
     merge(model)
-    ref_err = reference_errors([source[f"layers.{i}.weight"] for i in range(4)], report.stacks[0].matrices[0].ranks)
+    ref_err = reference_errors(
+        [source[f"layers.{i}.weight"] for i in range(4)], report.stacks[0].matrices[0].ranks
+    )
     for i in range(4):
         W, Wm = source[f"layers.{i}.weight"], model.layers[i].weight.detach()
         err = float(torch.linalg.norm((Wm - W).double()) / torch.linalg.norm(W.double()))
@@ -66,6 +90,7 @@ def test_grouped_conv2d_matches_dense_grouped_conv(kwargs):
 
 def test_hf_conv1d_is_factorized_as_stored_in_by_out():
     from transformers.pytorch_utils import Conv1D
+
     torch.manual_seed(0)
     model = Stack(lambda: Conv1D(48, 32))  # nf=48 outputs, nx=32 inputs: weight (32, 48)
     for layer in model.layers:
@@ -74,7 +99,11 @@ def test_hf_conv1d_is_factorized_as_stored_in_by_out():
     model, report = convert(model, rank=4)
     layers = _layers(model, LorsConv1D)
     assert len(layers) == 4 and report.stacks[0].matrices[0].matrix == [32, 48]
-    assert layers[0].shared.shape == (32, 48) and layers[0].lors_B.shape == (32, 4) and layers[0].lors_A.shape == (4, 48)
+    assert (
+        layers[0].shared.shape == (32, 48)
+        and layers[0].lors_B.shape == (32, 4)
+        and layers[0].lors_A.shape == (4, 48)
+    )
     x = torch.randn(3, 5, 32)
     ys = model(x)
     for i, (layer, y) in enumerate(zip(layers, ys)):
@@ -125,8 +154,9 @@ class TiedModel(nn.Module):
         self.blocks = nn.ModuleList(TiedBlock() for _ in range(3))
         self.blocks[1].fc.weight = self.extra.weight  # same Parameter as a non-member
         self.blocks[2].proj.weight = self.blocks[0].proj.weight  # same Parameter across members
-        self.blocks[1].out.weight = nn.Parameter(self.extra.bias.new_empty(0).set_(
-            self.extra.weight.untyped_storage(), 0, (16, 16)))  # another Parameter, same storage
+        self.blocks[1].out.weight = nn.Parameter(
+            self.extra.bias.new_empty(0).set_(self.extra.weight.untyped_storage(), 0, (16, 16))
+        )  # another Parameter, same storage
 
     def forward(self, x):
         for b in self.blocks:
@@ -198,7 +228,9 @@ def test_half_precision_round_trip_within_dtype_precision(name, dtype):
     for k, w in source.items():
         assert merged[k].dtype == w.dtype and merged[k].shape == w.shape, k
         if w.is_floating_point():
-            rel = float((merged[k].double() - w.double()).abs().max() / w.double().abs().max().clamp_min(1e-30))
+            rel = float(
+                (merged[k].double() - w.double()).abs().max() / w.double().abs().max().clamp_min(1e-30)
+            )
             assert rel <= 4 * eps, f"{k}: {rel:.3g} > 4 * eps({dtype})"
             worst = max(worst, rel / eps)
     print(f"[{name} {dtype}] half round trip: max diff = {worst:.2f} eps * max|W|")
@@ -250,15 +282,20 @@ def _forward_allocations(module: nn.Module, x: torch.Tensor) -> list[tuple[str, 
     return records
 
 
-@pytest.mark.parametrize("make, x_shape", [
-    (lambda: nn.Linear(32, 48), (7, 32)),
-    (lambda: nn.Conv2d(16, 24, 3, padding=1, groups=2), (1, 16, 5, 5)),
-    ("conv1d", (7, 32)),
-], ids=["linear", "conv2d-grouped", "conv1d"])
+@pytest.mark.parametrize(
+    "make, x_shape",
+    [
+        (lambda: nn.Linear(32, 48), (7, 32)),
+        (lambda: nn.Conv2d(16, 24, 3, padding=1, groups=2), (1, 16, 5, 5)),
+        ("conv1d", (7, 32)),
+    ],
+    ids=["linear", "conv2d-grouped", "conv1d"],
+)
 def test_forward_never_materializes_the_dense_weight(make, x_shape):
     """No op of a LORS forward allocates a d*h tensor (views of the shared Parameter are fine)."""
     if make == "conv1d":
         from transformers.pytorch_utils import Conv1D
+
         make = lambda: Conv1D(48, 32)  # noqa: E731
     torch.manual_seed(0)
     model, _ = convert(Stack(make, n=3), rank=4)
@@ -271,8 +308,10 @@ def test_forward_never_materializes_the_dense_weight(make, x_shape):
     fresh = [(op, n) for op, n, ptr in records if n == d * h and ptr not in param_storages]
     assert not fresh, f"forward materialized a {d}x{h} weight: {fresh}"
     # and the recorder would have caught it: reading .weight does allocate one
-    assert any(n == d * h and ptr not in param_storages for _, n, ptr in _forward_allocations(
-        lambda _: layer.weight, torch.zeros(1)))
+    assert any(
+        n == d * h and ptr not in param_storages
+        for _, n, ptr in _forward_allocations(lambda _: layer.weight, torch.zeros(1))
+    )
 
 
 @pytest.mark.parametrize("name", ["conv", "gpt2"])
@@ -323,6 +362,7 @@ def test_forward_and_gradients_equal_the_unfused_expression(kind):
     torch.manual_seed(0)
     if kind == "conv1d":
         from transformers.pytorch_utils import Conv1D
+
         make, x = (lambda: Conv1D(48, 32)), torch.randn(3, 5, 32)
     elif kind == "conv2d":
         make, x = (lambda: nn.Conv2d(8, 12, 3, padding=1, groups=2)), torch.randn(2, 8, 6, 6)

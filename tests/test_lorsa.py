@@ -1,4 +1,5 @@
 """LORSA: HOSVD math, generator conversion round trips, recovery of structured generators, training."""
+
 from __future__ import annotations
 
 import copy
@@ -14,7 +15,14 @@ from lors_convert.layers import layer_class
 from lors_convert.layers.adaptive import Layout, LorsaLinear
 from lors_convert.discover.generators import GeneratorSpec, make_adaptive_hook
 from lors_convert.fit.generator import generator_tensors
-from lors_convert.decompose.tucker import groups_to_tensor, hooi_sweep, hosvd, project_core, tucker_to_tensor, unfold
+from lors_convert.decompose.tucker import (
+    groups_to_tensor,
+    hooi_sweep,
+    hosvd,
+    project_core,
+    tucker_to_tensor,
+    unfold,
+)
 from lors_convert.zoo.adamixer import AdaMixerConfig, AdaMixerDecoder, random_inputs
 
 GEN = "*adaptive_mixing.parameter_generator.0.weight"
@@ -42,6 +50,7 @@ def rel(a, b):
 
 # --- tucker math ------------------------------------------------------------------------------
 
+
 def test_full_rank_hosvd_is_exact_and_factors_are_orthonormal():
     torch.manual_seed(0)
     D = torch.randn(6, 5, 7)
@@ -65,8 +74,14 @@ def test_hosvd_factors_are_the_leading_singular_subspaces():
 def test_block_hooi_never_increases_the_error_and_recovers_block_terms():
     torch.manual_seed(1)
     d, h, m, r, K = 10, 9, 6, 2, 2
-    D = sum(tucker_to_tensor(torch.linalg.qr(torch.randn(d, r))[0], torch.linalg.qr(torch.randn(h, r))[0].T,
-                             torch.randn(r, r, m)) for _ in range(K))
+    D = sum(
+        tucker_to_tensor(
+            torch.linalg.qr(torch.randn(d, r))[0],
+            torch.linalg.qr(torch.randn(h, r))[0].T,
+            torch.randn(r, r, m),
+        )
+        for _ in range(K)
+    )
     f = hosvd(D, r, r, K, sweeps=0, init="blocks")
     errors = [float(((D - groups_to_tensor(f)) ** 2).sum())]
     for _ in range(40):
@@ -78,6 +93,7 @@ def test_block_hooi_never_increases_the_error_and_recovers_block_terms():
 
 
 # --- conversion round trips -----------------------------------------------------------------
+
 
 def test_full_rank_lorsa_conversion_reproduces_every_generator():
     cfg = AdaMixerConfig.tiny()
@@ -106,8 +122,9 @@ def test_low_rank_converted_outputs_equal_merged_dense_outputs(spec):
     model = trained_like(cfg, seed=1)
     params_before = count_parameters(model)
     hook = make_adaptive_hook(spec, 2, [1, 1, 2, 2, 3, 3])
-    projected = plan_conversion(copy.deepcopy(model), 2, [1, 1, 2, 2, 3, 3], [GEN, OUT], None, True,
-                                adaptive=hook).report(params_before)
+    projected = plan_conversion(
+        copy.deepcopy(model), 2, [1, 1, 2, 2, 3, 3], [GEN, OUT], None, True, adaptive=hook
+    ).report(params_before)
     lors, report = convert(model, rank=2, groups=[1, 1, 2, 2, 3, 3], include=[GEN, OUT], adaptive=spec)
     assert {m.kind for m in report.stacks[0].matrices} == {"adaptive", "static"}
     assert projected.params_after == report.params_after == count_parameters(lors) < params_before
@@ -137,8 +154,14 @@ def test_merge_state_is_the_pure_form_of_to_dense():
                 p.add_(0.01 * torch.randn_like(p))
         state = {k: v.detach().clone() for k, v in gen.state_dict().items()}
         assert set(state) >= {"shared", "lors_B.0", "lors_A.1", "lors_E.0.weight", "lors_E.1.bias"}
-        meta = {"shape": [gen.out_features, gen.in_features], "dtype": "float32", "kind": "adaptive",
-                "layer_kind": "generator", "rank": 3, "extra": {"layout": str(gen.layout), "has_bias": True}}
+        meta = {
+            "shape": [gen.out_features, gen.in_features],
+            "dtype": "float32",
+            "kind": "adaptive",
+            "layer_kind": "generator",
+            "rank": 3,
+            "extra": {"layout": str(gen.layout), "has_bias": True},
+        }
         merged = layer_class("generator").merge_state(state, meta)
         dense = gen.to_dense()
         assert set(merged) == {"weight", "bias"}
@@ -153,13 +176,15 @@ def test_merge_state_is_the_pure_form_of_to_dense():
 
 def test_merge_state_writes_the_source_dtype():
     lin = nn.Linear(4, 2 * 3 * 3).to(torch.bfloat16)
-    gen = LorsaLinear(lin, nn.Parameter(torch.randn(18, 5, dtype=torch.bfloat16)), rank=2, groups=1,
-                      layout="2 x [3x3]")
+    gen = LorsaLinear(
+        lin, nn.Parameter(torch.randn(18, 5, dtype=torch.bfloat16)), rank=2, groups=1, layout="2 x [3x3]"
+    )
     out = LorsaLinear.merge_state(dict(gen.state_dict()), {"dtype": "bfloat16", "layout": "2 x [3x3]"})
     assert out["weight"].dtype == torch.bfloat16 and out["weight"].shape == (18, 4)
 
 
 # --- structured generators ------------------------------------------------------------------
+
 
 def structured_decoder(cfg, r, groups, noise, seed=0):
     """Generators = common + per-stage block-term deltas (K_i groups of rank (r, r)) + noise.
@@ -244,9 +269,14 @@ def test_hosvd_init_beats_random_init_of_the_same_shape():
             for _ in range(3):
                 B = torch.linalg.qr(torch.randn(R, K * r, generator=gen))[0]
                 A = torch.linalg.qr(torch.randn(C, K * r, generator=gen))[0].T
-                approx = sum(tucker_to_tensor(B[:, k * r:(k + 1) * r], A[k * r:(k + 1) * r],
-                                              project_core(D, B[:, k * r:(k + 1) * r], A[k * r:(k + 1) * r]))
-                             for k in range(K))
+                approx = sum(
+                    tucker_to_tensor(
+                        B[:, k * r : (k + 1) * r],
+                        A[k * r : (k + 1) * r],
+                        project_core(D, B[:, k * r : (k + 1) * r], A[k * r : (k + 1) * r]),
+                    )
+                    for k in range(K)
+                )
                 rnd.append(rel(approx, D))
             assert min(rnd) > 0.85
             if K == 1:
@@ -258,6 +288,7 @@ def test_hosvd_init_beats_random_init_of_the_same_shape():
 
 
 # --- training from the paper's init ---------------------------------------------------------
+
 
 def test_paper_init_lorsa_model_trains_a_step():
     cfg = AdaMixerConfig.tiny()
@@ -284,7 +315,9 @@ def test_paper_init_lorsa_model_trains_a_step():
     loss0 = loss_fn()
     opt.zero_grad()
     loss0.backward()
-    assert all(E.weight.grad is not None and float(E.weight.grad.abs().sum()) > 0 for g in gens for E in g.lors_E)
+    assert all(
+        E.weight.grad is not None and float(E.weight.grad.abs().sum()) > 0 for g in gens for E in g.lors_E
+    )
     assert gens[0].shared.grad is not None and torch.isfinite(gens[0].shared.grad).all()
     opt.step()
     with torch.no_grad():
@@ -293,6 +326,7 @@ def test_paper_init_lorsa_model_trains_a_step():
 
 
 # --- specs ------------------------------------------------------------------------------------
+
 
 def test_spec_that_matches_nothing_is_an_error():
     model = trained_like(AdaMixerConfig.tiny())
@@ -340,8 +374,13 @@ def test_untraceable_generator_is_converted_with_an_explicit_spec():
         ref = model(q)
     with pytest.raises(LorsUsageError, match="give the layout"):
         convert(copy.deepcopy(model), rank=1, include=["*.gen.weight"], adaptive=["*.gen.weight: auto"])
-    lors, report = convert(model, rank=None, include=["*.gen.weight"], adaptive=["*.gen.weight: 2 x [3x3]"],
-                           require_savings=False)
+    lors, report = convert(
+        model,
+        rank=None,
+        include=["*.gen.weight"],
+        adaptive=["*.gen.weight: 2 x [3x3]"],
+        require_savings=False,
+    )
     assert all(isinstance(b.gen, LorsaLinear) for b in lors)
     with torch.no_grad():
         assert (lors(q) - ref).abs().max() < 1e-5
@@ -354,10 +393,15 @@ from hypothesis import strategies as st  # noqa: E402
 
 
 @settings(max_examples=25, deadline=None)
-@given(groups=st.integers(1, 3), entries=st.lists(st.tuples(st.integers(1, 5), st.integers(1, 5)), min_size=1,
-                                                  max_size=3),
-       dq=st.integers(1, 6), rank=st.one_of(st.none(), st.integers(1, 4)), K=st.integers(1, 3),
-       bias=st.booleans(), seed=st.integers(0, 2 ** 16))
+@given(
+    groups=st.integers(1, 3),
+    entries=st.lists(st.tuples(st.integers(1, 5), st.integers(1, 5)), min_size=1, max_size=3),
+    dq=st.integers(1, 6),
+    rank=st.one_of(st.none(), st.integers(1, 4)),
+    K=st.integers(1, 3),
+    bias=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
 def test_lorsa_linear_forward_merge_state_and_to_dense_agree(groups, entries, dq, rank, K, bias, seed):
     torch.manual_seed(seed)
     layout = Layout(groups=groups, entries=tuple(entries))
@@ -368,8 +412,10 @@ def test_lorsa_linear_forward_merge_state_and_to_dense_agree(groups, entries, dq
         for p in layer.parameters():
             p.copy_(torch.randn_like(p))
     q = torch.randn(2, 3, dq)
-    merged = LorsaLinear.merge_state({k: v.detach() for k, v in layer.state_dict().items()},
-                                     {"dtype": "float32", "extra": {"layout": str(layout), "has_bias": bias}})
+    merged = LorsaLinear.merge_state(
+        {k: v.detach() for k, v in layer.state_dict().items()},
+        {"dtype": "float32", "extra": {"layout": str(layout), "has_bias": bias}},
+    )
     back = layer.to_dense()
     assert type(back) is nn.Linear and (back.bias is None) == (not bias)
     assert torch.allclose(merged["weight"], back.weight, atol=1e-5)
@@ -377,6 +423,7 @@ def test_lorsa_linear_forward_merge_state_and_to_dense_agree(groups, entries, dq
         assert torch.allclose(layer(q), back(q), atol=1e-4, rtol=1e-4)
     n_private = sum(p.numel() for n, p in layer.named_parameters() if n != "shared")
     from lors_convert.layers.adaptive import private_param_count
+
     assert n_private == private_param_count(layout, dq, rank, K, bias)
 
 
@@ -388,8 +435,8 @@ class BiasFreeBlock(nn.Module):
 
     def forward(self, q):  # (B, dq)
         M = self.gen(q).unflatten(-1, (3, self.e, self.e))  # (B, 3, e, e)
-        x = q[:, None, None, :self.e].expand(-1, 3, 1, -1)  # (B, 3, 1, e)
-        return q + (x @ M).sum((1, 2)).repeat(1, 2)[:, :q.shape[1]]
+        x = q[:, None, None, : self.e].expand(-1, 3, 1, -1)  # (B, 3, 1, e)
+        return q + (x @ M).sum((1, 2)).repeat(1, 2)[:, : q.shape[1]]
 
 
 def test_bias_free_generators_convert_and_merge():

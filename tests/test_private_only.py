@@ -5,6 +5,7 @@ Across the model table: parameter count, per-layer Eckart-Young error, LORS = me
 checkpoint round trip and the weights-only merge. Then the choice itself: shared where the layers
 are near copies, private where they are independent, never worse than either extreme.
 """
+
 from __future__ import annotations
 
 import math
@@ -76,8 +77,9 @@ class Pair(nn.Module):
     def __init__(self, n: int = 6, d: int = 48) -> None:
         super().__init__()
         base = torch.randn(d, d)
-        self.blocks = nn.ModuleList(nn.ModuleDict({"near": nn.Linear(d, d), "apart": nn.Linear(d, d)})
-                                    for _ in range(n))
+        self.blocks = nn.ModuleList(
+            nn.ModuleDict({"near": nn.Linear(d, d), "apart": nn.Linear(d, d)}) for _ in range(n)
+        )
         with torch.no_grad():
             for b in self.blocks:
                 b["near"].weight.copy_(base + 0.01 * torch.randn(d, d))
@@ -116,11 +118,15 @@ def _random_items(rng: random.Random, shared: bool, n_items: int = 5):
 def test_sharing_choice_is_no_worse_than_either_extreme(seed, budget):
     rng = random.Random(seed)
     shared = _random_items(rng, True)
-    private = [BudgetItem(d=s.d, h=s.h, spectra=[[0.5 * v for v in sp] for sp in s.spectra], shared=False,
-                          name=s.name) for s in _random_items(rng, False)]
+    private = [
+        BudgetItem(
+            d=s.d, h=s.h, spectra=[[0.5 * v for v in sp] for sp in s.spectra], shared=False, name=s.name
+        )
+        for s in _random_items(rng, False)
+    ]
     for s, p in zip(shared, private):  # same matrix shapes: the same parameter, two structures
         p.d, p.h = s.d, s.h
-        p.spectra = [sp[:min(s.d, s.h)] for sp in p.spectra]
+        p.spectra = [sp[: min(s.d, s.h)] for sp in p.spectra]
     choice, alloc = allocate_with_sharing(shared, private, budget)
     chosen = [s if c else p for s, p, c in zip(shared, private, choice)]
     again = allocate_ranks(chosen, budget)

@@ -1,4 +1,5 @@
 """The savings report: its sums, its JSON round trip and its rich rendering."""
+
 from __future__ import annotations
 
 import io
@@ -28,6 +29,7 @@ def test_report_numbers_json_round_trip_and_rendering():
     assert data["total"]["params_after"] == report.params_after
 
     from rich.console import Console
+
     buf = io.StringIO()
     render(report, console=Console(file=buf, width=200))
     text = buf.getvalue()

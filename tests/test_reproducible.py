@@ -7,6 +7,7 @@ under a budget (output-gradient probes), ``merge`` to a directory and to one fil
 ``heal``. Nothing in an output may name the output itself or a temporary entry, and the heal
 state never lands in an output. (Two-process ``torchrun``: tests/test_streaming.py.)
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -27,11 +28,23 @@ ARCH = "tests.archs:stacked_mlp"
 
 def lors_twice(cwd: Path, *args, outputs: tuple[str, str] = ("one", "two")) -> tuple[Path, Path]:
     """Run ``lors ARGS -o OUTPUT`` in two processes at once; return the two outputs."""
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-           "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    procs = [subprocess.Popen([sys.executable, "-m", "lors_convert", *map(str, args), "-o", str(cwd / out), "-q"],
-                              cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for out in outputs]
+    env = {
+        **os.environ,
+        "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+    }
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "lors_convert", *map(str, args), "-o", str(cwd / out), "-q"],
+            cwd=cwd,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for out in outputs
+    ]
     for p in procs:
         _, err = p.communicate(timeout=300)
         assert p.returncode == 0, err[-2000:]
@@ -40,8 +53,10 @@ def lors_twice(cwd: Path, *args, outputs: tuple[str, str] = ("one", "two")) -> t
 
 def digests(path: Path) -> dict[str, str]:
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    return {str(p.relative_to(path)) if path.is_dir() else p.name: hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in files}
+    return {
+        str(p.relative_to(path)) if path.is_dir() else p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in files
+    }
 
 
 def assert_same_bytes(a: Path, b: Path) -> None:
@@ -51,7 +66,7 @@ def assert_same_bytes(a: Path, b: Path) -> None:
     else:
         assert da == db and da, (da, db)
     for path, out in ((a, a), (b, b)):
-        for f in ([p for p in path.rglob("*") if p.is_file()] if path.is_dir() else [path]):
+        for f in [p for p in path.rglob("*") if p.is_file()] if path.is_dir() else [path]:
             data = f.read_bytes()
             assert str(out).encode() not in data, f"{f} names its own output {out}"
             assert b".tmp-" not in data and b".old-" not in data and b"heal-state" not in data, f
@@ -65,22 +80,43 @@ def work(tmp_path_factory) -> Path:
     save_file({"input": torch.randn(48, 8)}, str(d / "calib.safetensors"))
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    GPT2LMHeadModel(GPT2Config(n_layer=3, n_embd=32, n_head=2, vocab_size=64, n_positions=16)).save_pretrained(
-        d / "gpt2")
+    GPT2LMHeadModel(
+        GPT2Config(n_layer=3, n_embd=32, n_head=2, vocab_size=64, n_positions=16)
+    ).save_pretrained(d / "gpt2")
     (d / "gpt2" / "vocab.json").write_text('{"a": 0}')  # a side file the conversion copies along
     return d
 
 
 @pytest.fixture(scope="module")
 def streamed(work) -> tuple[Path, Path]:
-    return lors_twice(work, "convert", work / "gpt2", "--rank", "4", "--max-shard-size", "40KB",
-                      outputs=("g1.lors", "g2.lors"))
+    return lors_twice(
+        work,
+        "convert",
+        work / "gpt2",
+        "--rank",
+        "4",
+        "--max-shard-size",
+        "40KB",
+        outputs=("g1.lors", "g2.lors"),
+    )
 
 
 @pytest.fixture(scope="module")
 def calibrated(work) -> tuple[Path, Path]:
-    return lors_twice(work, "convert", work / "w.safetensors", "--arch", ARCH, "--calibrate",
-                      work / "calib.safetensors", "--budget", "0.5", "--refine", "1", outputs=("c1.lors", "c2.lors"))
+    return lors_twice(
+        work,
+        "convert",
+        work / "w.safetensors",
+        "--arch",
+        ARCH,
+        "--calibrate",
+        work / "calib.safetensors",
+        "--budget",
+        "0.5",
+        "--refine",
+        "1",
+        outputs=("c1.lors", "c2.lors"),
+    )
 
 
 def test_streamed_conversion_is_byte_identical_across_processes(streamed):
@@ -104,7 +140,19 @@ def test_merge_is_byte_identical_across_processes(kind, work, streamed):
 
 
 def test_heal_is_byte_identical_across_processes(work, calibrated):
-    a, b = lors_twice(work, "heal", calibrated[0], "--arch", ARCH, "--data", work / "calib.safetensors",
-                      "--steps", "6", outputs=("h1.lors", "h2.lors"))
+    a, b = lors_twice(
+        work,
+        "heal",
+        calibrated[0],
+        "--arch",
+        ARCH,
+        "--data",
+        work / "calib.safetensors",
+        "--steps",
+        "6",
+        outputs=("h1.lors", "h2.lors"),
+    )
     assert_same_bytes(a, b)
-    assert not [p.name for p in work.iterdir() if "heal-state" in p.name]  # removed once the output is written
+    assert not [
+        p.name for p in work.iterdir() if "heal-state" in p.name
+    ]  # removed once the output is written

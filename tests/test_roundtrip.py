@@ -1,5 +1,6 @@
 """Issue 2, "what it must show" 1-3 across the model table: exact full-rank round trip, rank-8
 function equality with the merged model, the Eckart-Young identity and the parameter formula."""
+
 from __future__ import annotations
 
 import math
@@ -89,16 +90,24 @@ def test_rank8_outputs_error_identity_and_parameter_count(name):
     for s, m in converted:
         keys = [f"{member}.{m.name}" for member in s.members]
         ref = reference_errors([source[k] for k in keys], m.ranks)
-        actual = [float(torch.linalg.matrix_norm((merged[k].double() - source[k].double()).reshape(len(merged[k]), -1))
-                        / torch.linalg.matrix_norm(source[k].double().reshape(len(source[k]), -1))) for k in keys]
+        actual = [
+            float(
+                torch.linalg.matrix_norm(
+                    (merged[k].double() - source[k].double()).reshape(len(merged[k]), -1)
+                )
+                / torch.linalg.matrix_norm(source[k].double().reshape(len(source[k]), -1))
+            )
+            for k in keys
+        ]
         d, h = m.matrix
         # exact routes meet Eckart-Young; randomized ones (large matrices, small ranks) come within
         # 1% of it, and report the error their factors have
         exact = route(min(d, h), max(d, h), m.ranks[0]) in ("eigh", "svd")
         for i, (r, rep, act) in enumerate(zip(ref, m.relative_error, actual)):
             assert abs(rep - act) <= 1e-5, f"{keys[i]}: reported error {rep:.6f} vs actual {act:.6f}"
-            assert act >= r - 1e-4 and (act <= r + 1e-4 or not exact and act <= 1.01 * r), \
+            assert act >= r - 1e-4 and (act <= r + 1e-4 or not exact and act <= 1.01 * r), (
                 f"{keys[i]}: actual error {act:.6f} vs discarded spectrum {r:.6f}"
+            )
             worst = max(worst, abs(act - r))
         assert all(0.0 <= e <= 1.0 for e in m.retained_energy)
     print(f"[{name}] rank 8: outputs rel diff {rel:.3g}; EY identity max deviation {worst:.3g}")

@@ -1,5 +1,6 @@
 """Output-aware calibration: output-gradient Grams (K-FAC left factor), two-sided whitened math,
 the shared-part solve, the budget in one unit, and the ``--objective`` option end to end."""
+
 from __future__ import annotations
 
 import copy
@@ -15,7 +16,12 @@ from lors_convert.decompose.lorst import rebalance
 from lors_convert.errors import LorsUsageError
 from lors_convert.calibrate.fidelity import fidelity, reference_outputs
 from lors_convert.calibrate.sensitivity import collect_output_grams
-from lors_convert.decompose.whiten import decompose_weighted, shared_and_spectra, weighted_shared, whitened_spectra
+from lors_convert.decompose.whiten import (
+    decompose_weighted,
+    shared_and_spectra,
+    weighted_shared,
+    whitened_spectra,
+)
 from lors_convert.decompose.whitener import whitener
 
 from models import ConvStack, bert
@@ -87,13 +93,18 @@ def test_output_grams_probed_at_the_head_input_estimate_the_same_jacobian_gram(m
     assert "head.weight" not in owners
     drawn = []
     probe = sensitivity._probe
-    monkeypatch.setattr(sensitivity, "_probe", lambda y, mask, g: drawn.append(y.shape[-1]) or probe(y, mask, g))
+    monkeypatch.setattr(
+        sensitivity, "_probe", lambda y, mask, g: drawn.append(y.shape[-1]) or probe(y, mask, g)
+    )
     G = collect_output_grams(model, owners, batches, probes=64, seed=0)
     assert set(drawn) == {6}  # every probe drawn over the head's 6 inputs, none over its 40 outputs
     H = model.head.weight.detach().double()
     W = [model.blocks[i].lin.weight.detach().double() for i in range(3)]
-    expected = {"blocks.2.lin.weight": H.T @ H, "blocks.1.lin.weight": (H @ W[2]).T @ (H @ W[2]),
-                "blocks.0.lin.weight": (H @ W[2] @ W[1]).T @ (H @ W[2] @ W[1])}
+    expected = {
+        "blocks.2.lin.weight": H.T @ H,
+        "blocks.1.lin.weight": (H @ W[2]).T @ (H @ W[2]),
+        "blocks.0.lin.weight": (H @ W[2] @ W[1]).T @ (H @ W[2] @ W[1]),
+    }
     for key, P in expected.items():
         exact = 8 * P
         rel = float(torch.linalg.matrix_norm(G[key] - exact) / torch.linalg.matrix_norm(exact))
@@ -119,7 +130,9 @@ def test_output_grams_skip_padding_tokens():
     mask = torch.cat([torch.ones(2, 6, dtype=torch.long), torch.zeros(2, 3, dtype=torch.long)], 1)
     owners = gram_owners(model)
     key = next(k for k in owners if k.endswith("query.weight"))
-    G = collect_output_grams(model, {key: owners[key]}, [{"input_ids": ids, "attention_mask": mask}], probes=1)
+    G = collect_output_grams(
+        model, {key: owners[key]}, [{"input_ids": ids, "attention_mask": mask}], probes=1
+    )
     assert G[key].shape == (32, 32)
     assert int(torch.linalg.matrix_rank(G[key], rtol=1e-4)) == 12  # float32 products: noise below 1e-6
 
@@ -154,7 +167,9 @@ def _stack(N=4, d=8, h=10, seed=0):
 
 
 def _two_sided_error(W, S, P, C, G):
-    return sum(float(torch.trace(Gi @ (Wi - S - Pi) @ Ci @ (Wi - S - Pi).T)) for Wi, Pi, Ci, Gi in zip(W, P, C, G))
+    return sum(
+        float(torch.trace(Gi @ (Wi - S - Pi) @ Ci @ (Wi - S - Pi).T)) for Wi, Pi, Ci, Gi in zip(W, P, C, G)
+    )
 
 
 def test_two_sided_shared_solves_the_normal_equations():
@@ -162,13 +177,16 @@ def test_two_sided_shared_solves_the_normal_equations():
     Wt = torch.stack(W)
     S = weighted_shared(Wt, C, left=G, max_iter=500, tol=1e-12)
     residual = sum(Gi @ (S - Wi) @ Ci for Wi, Ci, Gi in zip(W, C, G))
-    assert float(torch.linalg.matrix_norm(residual)) < 1e-8 * float(torch.linalg.matrix_norm(sum(
-        Gi @ Wi @ Ci for Wi, Ci, Gi in zip(W, C, G))))
+    assert float(torch.linalg.matrix_norm(residual)) < 1e-8 * float(
+        torch.linalg.matrix_norm(sum(Gi @ Wi @ Ci for Wi, Ci, Gi in zip(W, C, G)))
+    )
     zero = [torch.zeros_like(w) for w in W]
     # every CG iterate lowers the error from the start: a capped solve is never worse than its start
     start = Wt.mean(0)
-    errs = [_two_sided_error(W, weighted_shared(Wt, C, left=G, start=start, max_iter=k), zero, C, G)
-            for k in (0, 1, 2, 5, 20)]
+    errs = [
+        _two_sided_error(W, weighted_shared(Wt, C, left=G, start=start, max_iter=k), zero, C, G)
+        for k in (0, 1, 2, 5, 20)
+    ]
     assert errs[0] == pytest.approx(_two_sided_error(W, start, zero, C, G))
     assert all(b <= a * (1 + 1e-12) for a, b in zip(errs, errs[1:]))
     assert errs[-1] < 0.9 * errs[0]
@@ -179,8 +197,9 @@ def test_identity_output_grams_reduce_to_the_closed_form():
     Wt = torch.stack(W)
     eye = [torch.eye(8, dtype=torch.float64)] * 4
     closed = weighted_shared(Wt, C)
-    assert torch.allclose(weighted_shared(Wt, C, left=eye, start=Wt.mean(0), max_iter=100, tol=1e-14),
-                          closed, atol=1e-9)
+    assert torch.allclose(
+        weighted_shared(Wt, C, left=eye, start=Wt.mean(0), max_iter=100, tol=1e-14), closed, atol=1e-9
+    )
     one = decompose_weighted(W, [3] * 4, C)
     two = decompose_weighted(W, [3] * 4, C, out_grams=eye)
     assert two.weighted_error == pytest.approx(one.weighted_error, rel=1e-8)
@@ -246,8 +265,10 @@ def test_budget_follows_output_sensitivity():
     W, C, G = _stack(seed=3)
     s_low = whitened_spectra(W, C, out_grams=G)
     s_high = whitened_spectra(W, C, out_grams=[100 * g for g in G])
-    items = [BudgetItem(d=8, h=10, spectra=[s.tolist() for s in s_low], name="low"),
-             BudgetItem(d=8, h=10, spectra=[s.tolist() for s in s_high], name="high")]
+    items = [
+        BudgetItem(d=8, h=10, spectra=[s.tolist() for s in s_low], name="low"),
+        BudgetItem(d=8, h=10, spectra=[s.tolist() for s in s_high], name="high"),
+    ]
     alloc = allocate_ranks(items, 0.5)
     assert sum(alloc.ranks[1]) > sum(alloc.ranks[0])
 
@@ -257,8 +278,13 @@ def test_budget_follows_output_sensitivity():
 
 def _bert_batches(seed=0, n=4):
     g = torch.Generator().manual_seed(seed)
-    return [{"input_ids": torch.randint(5, 90, (4, 10), generator=g),
-             "attention_mask": torch.ones(4, 10, dtype=torch.long)} for _ in range(n)]
+    return [
+        {
+            "input_ids": torch.randint(5, 90, (4, 10), generator=g),
+            "attention_mask": torch.ones(4, 10, dtype=torch.long),
+        }
+        for _ in range(n)
+    ]
 
 
 def test_collect_grams_objectives():

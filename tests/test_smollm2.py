@@ -5,6 +5,7 @@ sentences within 1e-3 relative), and both merges must give back the dequantized 
 Hugging Face directory under the source's keys (the tied head once), the GGUF file with the
 source's tensor names and metadata keys.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -28,11 +29,13 @@ pytest.importorskip("gguf")
 from tests import gguf_models as gm  # noqa: E402  (needs gguf)
 
 GGUF = Path(list(SPEC.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-SENTENCES = ["The quick brown fox jumps over the lazy dog.",
-             "Paris is the capital and most populous city of France.",
-             "To make a cup of tea, boil the water first and let the leaves steep for three minutes.",
-             "Photosynthesis converts light energy into chemical energy stored in glucose.",
-             "She opened the window, and the cold morning air filled the small room."]
+SENTENCES = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Paris is the capital and most populous city of France.",
+    "To make a cup of tea, boil the water first and let the leaves steep for three minutes.",
+    "Photosynthesis converts light energy into chemical energy stored in glucose.",
+    "She opened the window, and the cold morning air filled the small room.",
+]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 run = run_ok
 
@@ -57,7 +60,9 @@ def test_smollm2_gguf_full_rank_keeps_perplexity_and_merges_back(tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(str(ckpt))  # written from the GGUF's metadata
     batches = [tokenizer(s, return_tensors="pt")["input_ids"] for s in SENTENCES]
     # the reference: transformers' own reading of the GGUF (dequantized to float32)
-    source = AutoModelForCausalLM.from_pretrained(str(GGUF.parent), gguf_file=GGUF.name, dtype=torch.float32).eval()
+    source = AutoModelForCausalLM.from_pretrained(
+        str(GGUF.parent), gguf_file=GGUF.name, dtype=torch.float32
+    ).eval()
     before = perplexity(source, batches)
     lors_model = lors_convert.load(ckpt)
     after = perplexity(lors_model, batches)

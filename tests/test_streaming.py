@@ -1,4 +1,5 @@
 """Streaming conversion: equal to the in-memory path, sharded output, torchrun ranks, AdaMixer via CLI."""
+
 from __future__ import annotations
 
 import hashlib
@@ -33,8 +34,11 @@ def gpt2_dir(tmp_path) -> Path:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(n_layer=3, n_embd=64, n_head=4, vocab_size=128, n_positions=32,
-                                       bos_token_id=0, eos_token_id=0))
+    model = GPT2LMHeadModel(
+        GPT2Config(
+            n_layer=3, n_embd=64, n_head=4, vocab_size=128, n_positions=32, bos_token_id=0, eos_token_id=0
+        )
+    )
     model.save_pretrained(tmp_path / "gpt2")
     return tmp_path / "gpt2"
 
@@ -85,14 +89,29 @@ def test_sharded_output_round_trip(gpt2_dir, tmp_path):
     from transformers import GPT2LMHeadModel
 
     out = tmp_path / "sharded.lors"
-    res = runner.invoke(app, ["convert", str(gpt2_dir), "--rank", "full", "--keep-unsaving",
-                              "--max-shard-size", "60KB", "-o", str(out), "-q"])
+    res = runner.invoke(
+        app,
+        [
+            "convert",
+            str(gpt2_dir),
+            "--rank",
+            "full",
+            "--keep-unsaving",
+            "--max-shard-size",
+            "60KB",
+            "-o",
+            str(out),
+            "-q",
+        ],
+    )
     assert res.exit_code == 0, res.output
     index = json.loads((out / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
     assert len(shards) > 3 and all((out / s).is_file() for s in shards)
     assert not (out / "model.safetensors").exists()
-    res = runner.invoke(app, ["merge", str(out), "-o", str(tmp_path / "dense"), "--max-shard-size", "60KB", "-q"])
+    res = runner.invoke(
+        app, ["merge", str(out), "-o", str(tmp_path / "dense"), "--max-shard-size", "60KB", "-q"]
+    )
     assert res.exit_code == 0, res.output
     src = GPT2LMHeadModel.from_pretrained(str(gpt2_dir)).state_dict()
     merged = GPT2LMHeadModel.from_pretrained(str(tmp_path / "dense"))
@@ -110,8 +129,15 @@ def test_config_without_architectures_keeps_the_head(tmp_path):
     from safetensors.torch import save_file as save_st
 
     torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                         num_key_value_heads=4, vocab_size=50, tie_word_embeddings=False)
+    config = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        vocab_size=50,
+        tie_word_embeddings=False,
+    )
     src = tmp_path / "bare"
     src.mkdir()
     config.save_pretrained(src)
@@ -135,15 +161,47 @@ def test_torchrun_two_processes_identical(tmp_path):
     torch.manual_seed(0)
     src = tmp_path / "mlp.safetensors"
     save_file(StackedMLP(dim=48, hidden=96, depth=6).state_dict(), str(src))
-    args = [str(src), "--arch", "tests.archs:stacked_mlp_wide", "--rank", "4", "--max-shard-size", "20KB", "-q"]
+    args = [
+        str(src),
+        "--arch",
+        "tests.archs:stacked_mlp_wide",
+        "--rank",
+        "4",
+        "--max-shard-size",
+        "20KB",
+        "-q",
+    ]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    single = subprocess.run([sys.executable, "-m", "lors_convert", "convert", *args, "-o", str(tmp_path / "one")],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    single = subprocess.run(
+        [sys.executable, "-m", "lors_convert", "convert", *args, "-o", str(tmp_path / "one")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert single.returncode == 0, single.stderr
-    dist = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           "-m", "lors_convert", "convert", *args,
-                           "-o", str(tmp_path / "two")],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    dist = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "lors_convert",
+            "convert",
+            *args,
+            "-o",
+            str(tmp_path / "two"),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert dist.returncode == 0, dist.stderr[-2000:]
     one, two = tmp_path / "one", tmp_path / "two"
     files = sorted(p.name for p in one.iterdir())
@@ -164,8 +222,21 @@ def test_every_conversion_path_writes_the_same_checkpoint(tmp_path):
     src = tmp_path / "mlp.safetensors"
     save_file(model.state_dict(), str(src))
     arch = "tests.archs:stacked_mlp"
-    res = runner.invoke(app, ["convert", str(src), "--arch", arch, "--rank", "4", "-o", str(tmp_path / "s.lors"), "-q",
-                              "--no-fidelity"])  # the Python API measures nothing either
+    res = runner.invoke(
+        app,
+        [
+            "convert",
+            str(src),
+            "--arch",
+            arch,
+            "--rank",
+            "4",
+            "-o",
+            str(tmp_path / "s.lors"),
+            "-q",
+            "--no-fidelity",
+        ],
+    )  # the Python API measures nothing either
     assert res.exit_code == 0, res.output
     dense, source = load_source(src, arch=arch)
     manifest = source_manifest(dense)
@@ -181,16 +252,29 @@ def test_every_conversion_path_writes_the_same_checkpoint(tmp_path):
     outputs = {}
     for name, extra in (("pickle", ["--trust-pickle"]), ("torchscript", [])):
         source_file = tmp_path / ("whole.pt" if name == "pickle" else "scripted.pt")
-        res = runner.invoke(app, ["convert", str(source_file), "--rank", "4", "-o", str(tmp_path / f"{name}.lors"),
-                                  "-q", "--no-fidelity", *extra])
+        res = runner.invoke(
+            app,
+            [
+                "convert",
+                str(source_file),
+                "--rank",
+                "4",
+                "-o",
+                str(tmp_path / f"{name}.lors"),
+                "-q",
+                "--no-fidelity",
+                *extra,
+            ],
+        )
         assert res.exit_code == 0, res.output
         outputs[name] = tmp_path / f"{name}.lors"
     reference = Checkpoint(tmp_path / "s.lors")
     for name, path in outputs.items():
         ckpt = Checkpoint(path)
         assert ckpt.source["kind"] == name
-        assert {k: v for k, v in ckpt.config.items() if k != "source"} == \
-            {k: v for k, v in reference.config.items() if k != "source"}, name
+        assert {k: v for k, v in ckpt.config.items() if k != "source"} == {
+            k: v for k, v in reference.config.items() if k != "source"
+        }, name
         assert sorted(ckpt.keys()) == sorted(reference.keys()), name
         for key in reference.keys():
             assert torch.equal(ckpt.get(key), reference.get(key)), (name, key)
@@ -206,8 +290,23 @@ def test_adamixer_via_cli(tmp_path):
     save_file(dense.state_dict(), str(src))
     arch = "lors_convert.zoo.adamixer:build_tiny"
     full = tmp_path / "full.lors"
-    res = runner.invoke(app, ["convert", str(src), "--arch", arch, "--adaptive", "auto", "--rank", "full",
-                              "--keep-unsaving", "-o", str(full), "--json"])
+    res = runner.invoke(
+        app,
+        [
+            "convert",
+            str(src),
+            "--arch",
+            arch,
+            "--adaptive",
+            "auto",
+            "--rank",
+            "full",
+            "--keep-unsaving",
+            "-o",
+            str(full),
+            "--json",
+        ],
+    )
     assert res.exit_code == 0, res.output
     kinds = {m["kind"] for s in json.loads(res.stdout)["stacks"] for m in s["matrices"]}
     assert kinds == {"static", "adaptive"}
@@ -219,7 +318,9 @@ def test_adamixer_via_cli(tmp_path):
         assert (merged[k] - v).abs().max() <= 1e-5 * v.abs().max().clamp_min(1e-12), k
 
     paper = tmp_path / "paper.lors"
-    res = runner.invoke(app, ["convert", str(src), "--arch", arch, "--preset", "adamixer-paper", "-o", str(paper), "-q"])
+    res = runner.invoke(
+        app, ["convert", str(src), "--arch", arch, "--preset", "adamixer-paper", "-o", str(paper), "-q"]
+    )
     assert res.exit_code == 0, res.output
     model = lors_convert.load(paper)
     kinds = {type(m).__name__ for m in model.modules() if isinstance(m, lors_convert.layers.LorsModule)}

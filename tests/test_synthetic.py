@@ -1,4 +1,5 @@
 """Synthetic token inputs for healing (lors_convert.synthetic) and heal(synthetic=...)."""
+
 from __future__ import annotations
 
 import copy
@@ -25,15 +26,17 @@ def token_batch(rows: list[list[int]], pad: int = 0) -> dict:
     mask = torch.zeros_like(ids)
     for i, r in enumerate(rows):
         framed = [CLS, *r, SEP]
-        ids[i, :len(framed)] = torch.tensor(framed)
-        mask[i, :len(framed)] = 1
+        ids[i, : len(framed)] = torch.tensor(framed)
+        mask[i, : len(framed)] = 1
     return {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
 
 
 def random_rows(n: int, seed: int, low: int = 10, high: int = 40) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
-    return [torch.randint(low, high, (int(torch.randint(3, 9, (1,), generator=g)),), generator=g).tolist()
-            for _ in range(n)]
+    return [
+        torch.randint(low, high, (int(torch.randint(3, 9, (1,), generator=g)),), generator=g).tolist()
+        for _ in range(n)
+    ]
 
 
 def test_framing_tokens_mask_and_other_keys_stay():
@@ -84,13 +87,19 @@ def test_rows_without_common_framing_are_redrawn_whole():
     assert sorted(chain.tokens) == sorted(t for r in rows for t in r)
 
 
-@pytest.mark.parametrize("batches, why", [
-    ([], "token batches"),
-    ([torch.randn(4, 8)], "token batches"),
-    ([{"input_ids": torch.randn(2, 3), "attention_mask": torch.ones(2, 3)}], "token batches"),
-    ([{"input_ids": torch.ones(2, 3, dtype=torch.long), "attention_mask": torch.zeros(2, 3)}], "at least one real"),
-    ([token_batch([[], []])], "besides the framing"),
-])
+@pytest.mark.parametrize(
+    "batches, why",
+    [
+        ([], "token batches"),
+        ([torch.randn(4, 8)], "token batches"),
+        ([{"input_ids": torch.randn(2, 3), "attention_mask": torch.ones(2, 3)}], "token batches"),
+        (
+            [{"input_ids": torch.ones(2, 3, dtype=torch.long), "attention_mask": torch.zeros(2, 3)}],
+            "at least one real",
+        ),
+        ([token_batch([[], []])], "besides the framing"),
+    ],
+)
 def test_unusable_inputs_are_refused(batches, why):
     with pytest.raises(LorsUsageError, match=why):
         BigramChain.fit(batches)
@@ -131,8 +140,16 @@ def test_synthetic_heal_resumes_to_the_uninterrupted_result(tmp_path):
 
     state = tmp_path / "heal.pt"
     with pytest.raises(Stop):
-        heal(copy.deepcopy(original), teacher, calib, steps=8, lr=1e-3, synthetic=0.5, checkpoint_path=state,
-             progress=interrupt)
+        heal(
+            copy.deepcopy(original),
+            teacher,
+            calib,
+            steps=8,
+            lr=1e-3,
+            synthetic=0.5,
+            checkpoint_path=state,
+            progress=interrupt,
+        )
     resumed = copy.deepcopy(original)
     with pytest.raises(LorsUsageError, match=r"different command \(synthetic 0.5 -> 0.75\).*--force"):
         heal(copy.deepcopy(original), teacher, calib, steps=8, lr=1e-3, synthetic=0.75, checkpoint_path=state)
@@ -148,7 +165,8 @@ def test_share_of_steps_on_synthetic_inputs(share):
     teacher, student, calib, _ = _bert_pair()
     seen = []
     hook = teacher.embeddings.register_forward_pre_hook(
-        lambda m, args, kwargs: seen.append(kwargs["input_ids"].clone()), with_kwargs=True)
+        lambda m, args, kwargs: seen.append(kwargs["input_ids"].clone()), with_kwargs=True
+    )
     try:
         heal(student, teacher, calib, steps=40, lr=1e-4, synthetic=share, cache_teacher=False)
     finally:

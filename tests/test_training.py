@@ -1,4 +1,5 @@
 """Issue 2, "what it must show" 4: a LORS model trains, and its state dict loads into a fresh skeleton."""
+
 from __future__ import annotations
 
 import pytest
@@ -63,8 +64,11 @@ def test_state_dict_round_trip_through_fresh_skeleton(name):
 
     # the skeleton shares exactly like the converted model: one Parameter per stacked matrix
     def sharing(m):
-        return sorted(sorted(n for n, l in _lors_layers(m) if l.shared is s)
-                      for s in {id(l.shared): l.shared for _, l in _lors_layers(m)}.values())
+        return sorted(
+            sorted(n for n, l in _lors_layers(m) if l.shared is s)
+            for s in {id(l.shared): l.shared for _, l in _lors_layers(m)}.values()
+        )
+
     assert sharing(fresh) == sharing(model)
 
 

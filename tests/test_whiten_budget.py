@@ -1,4 +1,5 @@
 """Calibrated LORS math: whitened SVD identity, weighted shared part, refinement, rank budget."""
+
 from __future__ import annotations
 
 import math
@@ -11,7 +12,13 @@ from hypothesis import strategies as st
 from lors_convert.decompose.budget import BudgetItem, allocate_ranks, evaluate, uniform_ranks
 from lors_convert.errors import LorsUsageError
 from lors_convert.decompose.whiten import decompose_weighted, weighted_shared
-from lors_convert.decompose.whitener import ScaledGram, cached_eigh, identity_whitener, stack_whiteners, whitener
+from lors_convert.decompose.whitener import (
+    ScaledGram,
+    cached_eigh,
+    identity_whitener,
+    stack_whiteners,
+    whitener,
+)
 
 
 def _gram(n: int, gen: torch.Generator, rank: int | None = None) -> torch.Tensor:
@@ -50,7 +57,7 @@ def test_whitened_svd_error_equals_discarded_energy(orientation):
         L = whitener(grams[i], floor=0.0).L
         shared = f.shared.double() if orientation == "out_in" else f.shared.double().T
         s = torch.linalg.svdvals((Ws[i] - shared) @ L)
-        assert float((s[ranks[i]:] ** 2).sum()) == pytest.approx(direct, rel=1e-4)
+        assert float((s[ranks[i] :] ** 2).sum()) == pytest.approx(direct, rel=1e-4)
 
 
 def test_whitened_truncation_beats_plain_svd_on_weighted_error():
@@ -60,8 +67,14 @@ def test_whitened_truncation_beats_plain_svd_on_weighted_error():
     weighted = decompose_weighted(Ws, [2, 2, 2], grams, floor=0.0)
     plain = decompose_weighted(Ws, [2, 2, 2], None, shared=weighted.shared)
     for i in range(3):
-        e_w = _weighted_error(Ws[i], weighted.shared.double() + weighted.layers[i].B.double() @ weighted.layers[i].A.double(), grams[i])
-        e_p = _weighted_error(Ws[i], plain.shared.double() + plain.layers[i].B.double() @ plain.layers[i].A.double(), grams[i])
+        e_w = _weighted_error(
+            Ws[i],
+            weighted.shared.double() + weighted.layers[i].B.double() @ weighted.layers[i].A.double(),
+            grams[i],
+        )
+        e_p = _weighted_error(
+            Ws[i], plain.shared.double() + plain.layers[i].B.double() @ plain.layers[i].A.double(), grams[i]
+        )
         assert e_w <= e_p * (1 + 1e-6)
 
 
@@ -109,7 +122,11 @@ def test_whitener_operators_equal_the_dense_square_root(rank):
     assert torch.allclose(w.right_L_inv(A), A @ L_inv, **tol)
     assert torch.allclose(w.left_L_inv_T(A.T), L_inv.T @ A.T, **tol)
     eye = identity_whitener(8)
-    assert eye.Q is None and torch.equal(eye.right_L(R), R) and torch.equal(eye.gram(), torch.eye(8, dtype=torch.float64))
+    assert (
+        eye.Q is None
+        and torch.equal(eye.right_L(R), R)
+        and torch.equal(eye.gram(), torch.eye(8, dtype=torch.float64))
+    )
 
 
 def test_whiteners_hold_the_cached_basis_not_copies():
@@ -124,6 +141,7 @@ def test_whiteners_hold_the_cached_basis_not_copies():
 
 def test_eigen_cache_entry_dies_with_its_gram():
     from lors_convert.decompose.whitener import _EIG_CACHE
+
     C = _gram(5, torch.Generator().manual_seed(6))
     key = id(C)
     lam, Q = cached_eigh(C)
@@ -134,7 +152,12 @@ def test_eigen_cache_entry_dies_with_its_gram():
 
 
 @settings(max_examples=15, deadline=None)
-@given(seed=st.integers(0, 10_000), N=st.integers(2, 4), k=st.integers(0, 4), orientation=st.sampled_from(["out_in", "in_out"]))
+@given(
+    seed=st.integers(0, 10_000),
+    N=st.integers(2, 4),
+    k=st.integers(0, 4),
+    orientation=st.sampled_from(["out_in", "in_out"]),
+)
 def test_refinement_never_increases_weighted_error(seed, N, k, orientation):
     gen = torch.Generator().manual_seed(seed)
     Ws = _stack(N, 7, 6, gen)  # (out, in) = (7, 6)
@@ -149,6 +172,7 @@ def test_refinement_never_increases_weighted_error(seed, N, k, orientation):
 
 # ---------------------------------------------------------------- budget
 
+
 def _decaying_items(gen: torch.Generator) -> list[BudgetItem]:
     items = []
     for d, h, decay in [(64, 64, 0.95), (64, 256, 0.99), (256, 64, 0.9), (64, 64, 0.999)]:
@@ -156,7 +180,7 @@ def _decaying_items(gen: torch.Generator) -> list[BudgetItem]:
         spectra = []
         for _ in range(6):
             scale = float(torch.rand(1, generator=gen)) * 4 + 0.1
-            spectra.append([scale * decay ** j for j in range(m)])
+            spectra.append([scale * decay**j for j in range(m)])
         items.append(BudgetItem(d=d, h=h, spectra=spectra))
     return items
 
@@ -183,7 +207,7 @@ def test_budget_beats_uniform_rank_at_equal_params():
 
 def test_budget_keeps_non_breaking_matrices_dense():
     flat = BudgetItem(d=8, h=8, spectra=[[1.0] * 8, [1.0] * 8])  # flat spectra: low rank never pays
-    steep = BudgetItem(d=64, h=64, spectra=[[0.5 ** j for j in range(64)]] * 2)
+    steep = BudgetItem(d=64, h=64, spectra=[[0.5**j for j in range(64)]] * 2)
     alloc = allocate_ranks([flat, steep], 0.9)
     assert alloc.dense[0] and not alloc.dense[1]
     assert evaluate([flat, steep], alloc.ranks, alloc.dense).params == alloc.params

@@ -7,6 +7,7 @@ the one before: the only entries added, changed or removed are OUT and what lies
 hidden temporary, heal state, cache or lock file is left anywhere, inputs are unchanged, and a dry
 run, a report and a failing command change nothing at all.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -52,34 +53,57 @@ def tree(tmp_path_factory) -> Path:
     save_file({"input": torch.randn(40, 8)}, str(root / "inputs" / "calib.safetensors"))
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=16)).save_pretrained(
-        root / "inputs" / "gpt2")
+    GPT2LMHeadModel(
+        GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=16)
+    ).save_pretrained(root / "inputs" / "gpt2")
     return root
 
 
 def lors(tree: Path, *args) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-           "HOME": str(tree / "home"), "TMPDIR": str(tree / "tmp"), "XDG_CACHE_HOME": str(tree / "cache"),
-           "HF_HOME": str(tree / "cache" / "hf"), "MPLCONFIGDIR": str(tree / "cache" / "mpl"),
-           "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "lors_convert", *map(str, args)], cwd=tree / "work", env=env,
-                          capture_output=True, text=True, timeout=300)
+    env = {
+        **os.environ,
+        "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+        "HOME": str(tree / "home"),
+        "TMPDIR": str(tree / "tmp"),
+        "XDG_CACHE_HOME": str(tree / "cache"),
+        "HF_HOME": str(tree / "cache" / "hf"),
+        "MPLCONFIGDIR": str(tree / "cache" / "mpl"),
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "lors_convert", *map(str, args)],
+        cwd=tree / "work",
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 # (command line with {in} = inputs, {out} = the output relative to work/; the output path or None)
 COMMANDS = [
     ("convert {in}/gpt2 --rank 4 -o g.lors -q", "work/g.lors"),
     ("convert {in}/gpt2 --rank 2 -o g.lors --force -q", "work/g.lors"),  # replaces it
-    ("convert {in}/w.safetensors --arch " + ARCH + " --calibrate {in}/calib.safetensors --budget 0.5 -o c.lors -q",
-     "work/c.lors"),
+    (
+        "convert {in}/w.safetensors --arch "
+        + ARCH
+        + " --calibrate {in}/calib.safetensors --budget 0.5 -o c.lors -q",
+        "work/c.lors",
+    ),
     ("convert {in}/gpt2 --rank 4 --dry-run -q", None),
     ("report g.lors --json", None),
     ("report {in}/gpt2 --ranks 2,4 --json", None),
     ("merge g.lors -o dense -q", "work/dense"),
     ("merge g.lors -o dense.safetensors -q", "work/dense.safetensors"),
-    ("heal c.lors --arch " + ARCH + " --data {in}/calib.safetensors --steps 3 -o healed.lors -q",
-     "work/healed.lors"),
-    ("heal c.lors --arch " + ARCH + " --data {in}/calib.safetensors --steps 3 -o healed.lors -q", None),  # exists
+    (
+        "heal c.lors --arch " + ARCH + " --data {in}/calib.safetensors --steps 3 -o healed.lors -q",
+        "work/healed.lors",
+    ),
+    (
+        "heal c.lors --arch " + ARCH + " --data {in}/calib.safetensors --steps 3 -o healed.lors -q",
+        None,
+    ),  # exists
 ]
 
 
@@ -96,4 +120,6 @@ def test_no_command_writes_outside_its_output(tree):
         outside = {k for k in changed(before, after) if k != out and not k.startswith(out + os.sep)}
         assert not outside, (line, sorted(outside))
         assert out in after, line
-    assert res.returncode == 2 and "already exists" in res.stderr  # the last command: refused, nothing written
+    assert (
+        res.returncode == 2 and "already exists" in res.stderr
+    )  # the last command: refused, nothing written

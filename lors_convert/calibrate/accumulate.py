@@ -7,6 +7,7 @@ more than it computes (1536 wide: 58% of the square); :func:`completed` mirrors 
 ``(n, n)`` matrix once, when the sum is complete. Widths below ``2 * BLOCK`` are accumulated whole
 as a plain tensor (the saving would not pay for the extra calls).
 """
+
 from __future__ import annotations
 
 import torch
@@ -24,12 +25,14 @@ class UpperBlocks:
 
     @classmethod
     def zeros(cls, n: int, dtype: torch.dtype, device) -> UpperBlocks:
-        return cls([torch.zeros(min(BLOCK, n - i), n - i, dtype=dtype, device=device) for i in range(0, n, BLOCK)], n)
+        return cls(
+            [torch.zeros(min(BLOCK, n - i), n - i, dtype=dtype, device=device) for i in range(0, n, BLOCK)], n
+        )
 
     def add_rows_(self, r: torch.Tensor) -> UpperBlocks:
         """``+= r^T r`` (``r``: (rows, n))."""
         for row, i in zip(self.rows, range(0, self.n, BLOCK)):
-            row.addmm_(r[:, i:i + BLOCK].T, r[:, i:])  # (b, n - i): one block row, from the diagonal on
+            row.addmm_(r[:, i : i + BLOCK].T, r[:, i:])  # (b, n - i): one block row, from the diagonal on
         return self
 
     def __iadd__(self, other: UpperBlocks) -> UpperBlocks:
@@ -47,8 +50,8 @@ class UpperBlocks:
         for i in range(0, self.n, BLOCK):
             row = self.rows.pop(0)  # (b, n - i)
             b = row.shape[0]
-            out[i:i + b, i:] = row
-            out[i + b:, i:i + b] = row[:, b:].T
+            out[i : i + b, i:] = row
+            out[i + b :, i : i + b] = row[:, b:].T
         return out
 
 

@@ -4,6 +4,7 @@ A batch is a tensor (passed positionally) or a dict of tensors (keyword argument
 ``input_ids`` and ``attention_mask``); padding is the ``attention_mask``'s zeros. A model that
 cannot run on a batch raises a one-line :class:`~lors_convert.errors.LorsError`.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -74,8 +75,16 @@ def split_batch(batch: Batch, rows: int) -> list[Batch]:
         return list(batch.split(rows))
     chunks = []
     for start in range(0, n, rows):
-        chunks.append({k: (v[start:start + rows] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == n
-                           else v) for k, v in batch.items()})
+        chunks.append(
+            {
+                k: (
+                    v[start : start + rows]
+                    if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == n
+                    else v
+                )
+                for k, v in batch.items()
+            }
+        )
     return chunks
 
 

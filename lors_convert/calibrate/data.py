@@ -11,6 +11,7 @@ Every file is refused with one :class:`LorsError` line before any model runs whe
 what it claims: not a regular file, binary or non-UTF-8 text, a line too long to be one sample,
 unreadable tensors, NaN or Inf inputs, samples that disagree in number.
 """
+
 from __future__ import annotations
 
 import random
@@ -38,8 +39,10 @@ def check_data_file(path: Path, what: str = "calibration data") -> Path:
     if not path.exists():
         raise LorsUsageError(f"{what} {str(path)!r} does not exist")
     if not path.is_file():
-        raise LorsUsageError(f"{path}: {what} must be a regular file (a text or tensor file), not "
-                             f"{'a directory' if path.is_dir() else 'a special file'}")
+        raise LorsUsageError(
+            f"{path}: {what} must be a regular file (a text or tensor file), not "
+            f"{'a directory' if path.is_dir() else 'a special file'}"
+        )
     return path
 
 
@@ -49,18 +52,24 @@ def read_texts(path: str | Path) -> list[str]:
     data = path.read_bytes()
     nul = data.find(b"\x00")
     if nul >= 0:
-        raise LorsError(f"{path}: binary data (a NUL byte at offset {nul}), not text: give UTF-8 text, one "
-                        "sample per line, or a .safetensors/.pt file of model inputs")
+        raise LorsError(
+            f"{path}: binary data (a NUL byte at offset {nul}), not text: give UTF-8 text, one "
+            "sample per line, or a .safetensors/.pt file of model inputs"
+        )
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        raise LorsError(f"{path}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}): convert it "
-                        "to UTF-8 (e.g. iconv -t utf-8)") from None
+        raise LorsError(
+            f"{path}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}): convert it "
+            "to UTF-8 (e.g. iconv -t utf-8)"
+        ) from None
     texts = []
     for number, line in enumerate(text.splitlines(), 1):
         if len(line) > MAX_LINE_CHARS:
-            raise LorsError(f"{path}: line {number} has {len(line)} characters (at most {MAX_LINE_CHARS}): "
-                            "calibration text is one sample per line, and only a line's first tokens are used")
+            raise LorsError(
+                f"{path}: line {number} has {len(line)} characters (at most {MAX_LINE_CHARS}): "
+                "calibration text is one sample per line, and only a line's first tokens are used"
+            )
         if line.strip():
             texts.append(line.strip())
     if not texts:
@@ -74,12 +83,18 @@ def text_batches(tokenizer, texts: Sequence[str], batch_size: int = 16, max_leng
     A tokenizer without a padding token (GPT-2's) pads with its end-of-text token, or with token 0:
     padded positions are masked out, so any id the model can embed will do."""
     if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None \
-            else tokenizer.convert_ids_to_tokens(0)
+        tokenizer.pad_token = (
+            tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.convert_ids_to_tokens(0)
+        )
     batches = []
     for start in range(0, len(texts), batch_size):
-        enc = tokenizer(list(texts[start:start + batch_size]), padding=True, truncation=True,
-                        max_length=max_length, return_tensors="pt")
+        enc = tokenizer(
+            list(texts[start : start + batch_size]),
+            padding=True,
+            truncation=True,
+            max_length=max_length,
+            return_tensors="pt",
+        )
         batches.append(dict(enc))
     return batches
 
@@ -100,8 +115,11 @@ def read_tensors(path: str | Path) -> torch.Tensor | dict[str, torch.Tensor]:
     else:  # weights_only: a pickle that would run code is refused, never unpickled
         data = read_torch_file(path)
     if isinstance(data, (list, tuple)) and data and all(isinstance(t, torch.Tensor) for t in data):
-        data = torch.cat([t if t.dim() else t[None] for t in data]) if len({tuple(t.shape[1:]) for t in data}) == 1 \
+        data = (
+            torch.cat([t if t.dim() else t[None] for t in data])
+            if len({tuple(t.shape[1:]) for t in data}) == 1
             else {str(i): t for i, t in enumerate(data)}
+        )
     if isinstance(data, Mapping):
         data = dict(data)
         if len(data) == 1 and next(iter(data)) in ("input", "inputs", "x"):
@@ -110,7 +128,7 @@ def read_tensors(path: str | Path) -> torch.Tensor | dict[str, torch.Tensor]:
             raise LorsError(f"{path}: expected a tensor or a dict of tensors")
     if not isinstance(data, torch.Tensor) and not isinstance(data, dict):
         raise LorsError(f"{path}: expected a tensor or a dict of tensors, got {type(data).__name__}")
-    for name, t in (data.items() if isinstance(data, dict) else [("input", data)]):
+    for name, t in data.items() if isinstance(data, dict) else [("input", data)]:
         if t.dim() == 0:
             raise LorsError(f"{path}: tensor {name!r} is a scalar: inputs need samples along dim 0")
         if not all_finite(t):
@@ -129,14 +147,15 @@ def n_samples(data: torch.Tensor | dict[str, torch.Tensor]) -> int:
     return sizes.pop()
 
 
-def tensor_batches(data: torch.Tensor | dict[str, torch.Tensor], batch_size: int = 16,
-                   index: Sequence[int] | None = None) -> list[Batch]:
+def tensor_batches(
+    data: torch.Tensor | dict[str, torch.Tensor], batch_size: int = 16, index: Sequence[int] | None = None
+) -> list[Batch]:
     """Split samples (dim 0) into batches; ``index`` selects and orders the samples."""
     n = n_samples(data)
     index = list(range(n)) if index is None else list(index)
     out: list[Batch] = []
     for start in range(0, len(index), batch_size):
-        sel = torch.tensor(index[start:start + batch_size], dtype=torch.long)
+        sel = torch.tensor(index[start : start + batch_size], dtype=torch.long)
         if isinstance(data, torch.Tensor):
             out.append(data[sel])
         else:
@@ -179,9 +198,13 @@ class CalibrationData:
     def summary(self) -> dict:
         """What the report says about the data: samples fitted, samples held out and where from."""
         where = self.heldout_file or f"{self.heldout_fraction:.0%} of {self.source}"
-        return {"calibration_data": self.source, "calibration_kind": self.kind,
-                "calibration_samples": self.n_calibration, "heldout_samples": self.n_heldout,
-                "heldout_data": where}
+        return {
+            "calibration_data": self.source,
+            "calibration_kind": self.kind,
+            "calibration_samples": self.n_calibration,
+            "heldout_samples": self.n_heldout,
+            "heldout_data": where,
+        }
 
 
 def resolve_heldout(heldout: float | None, heldout_path) -> float:
@@ -192,11 +215,15 @@ def resolve_heldout(heldout: float | None, heldout_path) -> float:
     if not 0.0 <= heldout < 1.0:
         raise LorsUsageError(f"--heldout-fraction must be in [0, 1), got {heldout}")
     if heldout_path is not None and heldout > 0:
-        raise LorsUsageError(f"--heldout-fraction {heldout:g} with --heldout: the held-out file replaces the "
-                             "split (leave the fraction at 0)")
+        raise LorsUsageError(
+            f"--heldout-fraction {heldout:g} with --heldout: the held-out file replaces the "
+            "split (leave the fraction at 0)"
+        )
     if heldout_path is None and heldout == 0:
-        raise LorsUsageError("--heldout-fraction 0 holds nothing back: give --heldout FILE to measure on, "
-                             "or a fraction above 0")
+        raise LorsUsageError(
+            "--heldout-fraction 0 holds nothing back: give --heldout FILE to measure on, "
+            "or a fraction above 0"
+        )
     return heldout
 
 
@@ -229,17 +256,31 @@ def load_calibration(
         if heldout_path is not None:
             held_data = read_tensors(heldout_path)
             calib_idx = list(range(n))[:limit]
-            return CalibrationData(tensor_batches(data, batch_size, calib_idx),
-                                   tensor_batches(held_data, batch_size), "tensor", str(path),
-                                   len(calib_idx), n_samples(held_data), *held_from)
+            return CalibrationData(
+                tensor_batches(data, batch_size, calib_idx),
+                tensor_batches(held_data, batch_size),
+                "tensor",
+                str(path),
+                len(calib_idx),
+                n_samples(held_data),
+                *held_from,
+            )
         calib_idx, held_idx = _split(path, n, fraction, seed)
         calib_idx = calib_idx[:limit]
-        return CalibrationData(tensor_batches(data, batch_size, calib_idx),
-                               tensor_batches(data, batch_size, held_idx), "tensor", str(path),
-                               len(calib_idx), len(held_idx), *held_from)
+        return CalibrationData(
+            tensor_batches(data, batch_size, calib_idx),
+            tensor_batches(data, batch_size, held_idx),
+            "tensor",
+            str(path),
+            len(calib_idx),
+            len(held_idx),
+            *held_from,
+        )
     if tokenizer is None:
-        raise LorsUsageError(f"{path}: text calibration data needs a tokenizer (a Hugging Face text model); "
-                             "for other models give a tensor file (.safetensors or .pt) of inputs")
+        raise LorsUsageError(
+            f"{path}: text calibration data needs a tokenizer (a Hugging Face text model); "
+            "for other models give a tensor file (.safetensors or .pt) of inputs"
+        )
     texts = read_texts(path)
     if heldout_path is not None:
         held_texts = read_texts(heldout_path)
@@ -251,20 +292,38 @@ def load_calibration(
     overlap = set(calib_texts) & set(held_texts)
     if overlap:
         held_texts = [t for t in held_texts if t not in overlap]
-    return CalibrationData(text_batches(tokenizer, calib_texts, batch_size, max_length),
-                           text_batches(tokenizer, held_texts, batch_size, max_length) if held_texts else [],
-                           "text", str(path), len(calib_texts), len(held_texts), *held_from)
+    return CalibrationData(
+        text_batches(tokenizer, calib_texts, batch_size, max_length),
+        text_batches(tokenizer, held_texts, batch_size, max_length) if held_texts else [],
+        "text",
+        str(path),
+        len(calib_texts),
+        len(held_texts),
+        *held_from,
+    )
 
 
 def _split(path: Path, n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
     if fraction > 0 and n < 2:
-        raise LorsError(f"{path}: {n} sample(s), too few to hold some out for measuring: give more samples, "
-                        "or a held-out file (--heldout)")
+        raise LorsError(
+            f"{path}: {n} sample(s), too few to hold some out for measuring: give more samples, "
+            "or a held-out file (--heldout)"
+        )
     return split_heldout(n, fraction, seed)
 
 
-__all__ = ["CalibrationData", "read_texts", "text_batches", "read_tensors", "tensor_batches", "split_heldout",
-           "load_calibration", "TENSOR_SUFFIXES", "check_data_file", "HELDOUT_DEFAULT"]
+__all__ = [
+    "CalibrationData",
+    "read_texts",
+    "text_batches",
+    "read_tensors",
+    "tensor_batches",
+    "split_heldout",
+    "load_calibration",
+    "TENSOR_SUFFIXES",
+    "check_data_file",
+    "HELDOUT_DEFAULT",
+]
 
 
 def has_tokenizer(directory: Path) -> bool:
@@ -283,7 +342,9 @@ def load_tokenizer(directory: Path):
     directory = Path(directory)
     try:
         if directory.is_file() and is_gguf(directory):
-            return AutoTokenizer.from_pretrained(str(directory.parent), gguf_file=directory.name, local_files_only=True)
+            return AutoTokenizer.from_pretrained(
+                str(directory.parent), gguf_file=directory.name, local_files_only=True
+            )
         hf_side_files(directory)  # no tokenizer file may link outside its directory
         return AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
     except LorsError:
@@ -292,8 +353,13 @@ def load_tokenizer(directory: Path):
         raise LorsError(f"{directory}: no usable tokenizer for text inputs ({short(e)})") from None
 
 
-def read_calibration(data: Path, tokenizer_dir: Path, text_model: bool, heldout: Path | None = None,
-                     heldout_fraction: float | None = None) -> CalibrationData:
+def read_calibration(
+    data: Path,
+    tokenizer_dir: Path,
+    text_model: bool,
+    heldout: Path | None = None,
+    heldout_fraction: float | None = None,
+) -> CalibrationData:
     """Calibration inputs from a file; text files are tokenized with the tokenizer in ``tokenizer_dir``
     (or in a GGUF file's metadata; ``text_model``: the model is a Hugging Face model, whose directory
     should hold one). ``heldout_fraction``: see :func:`load_calibration`."""
@@ -301,7 +367,9 @@ def read_calibration(data: Path, tokenizer_dir: Path, text_model: bool, heldout:
     check_data_file(Path(data))
     if Path(data).suffix not in TENSOR_SUFFIXES:
         if not text_model and not (tokenizer_dir / "tokenizer.json").is_file():
-            raise LorsUsageError(f"{data}: text calibration needs a Hugging Face text model (its tokenizer); "
-                                 "give a .safetensors/.pt file of model inputs instead")
+            raise LorsUsageError(
+                f"{data}: text calibration needs a Hugging Face text model (its tokenizer); "
+                "give a .safetensors/.pt file of model inputs instead"
+            )
         tokenizer = load_tokenizer(tokenizer_dir)
     return load_calibration(data, tokenizer=tokenizer, heldout_path=heldout, heldout=heldout_fraction)

@@ -19,6 +19,7 @@ Use (conversion is in place, so the reference keeps a copy of the source, or, gi
     lors_model, report = convert(model, ...)
     report.quality.update(fidelity(lors_model, ref))
 """
+
 from __future__ import annotations
 
 import copy
@@ -32,8 +33,18 @@ from torch import nn
 
 from ..io.memory import trim
 from ..io.spill import Spill
-from .batches import (Batch, batch_mask, finite, mean_pool, model_device, positions, primary_output, run_model,
-                      split_batch, to_device)
+from .batches import (
+    Batch,
+    batch_mask,
+    finite,
+    mean_pool,
+    model_device,
+    positions,
+    primary_output,
+    run_model,
+    split_batch,
+    to_device,
+)
 
 POOR_SIMILARITY = 0.9  # cosine or top-1 agreement below this: warn
 POOR_PPL_RATIO = 1.25  # converted perplexity above this multiple of the source's: warn
@@ -60,8 +71,9 @@ class Reference:
         """The kind and the compared output (float32, CPU) of the source on piece ``i``."""
         if self.source is None:
             return self.kinds[i], self.recorded.get(str(i))["y"]
-        return compared_output(self.source, run_model(self.source, to_device(batch, model_device(self.source))),
-                               batch)
+        return compared_output(
+            self.source, run_model(self.source, to_device(batch, model_device(self.source))), batch
+        )
 
 
 def pieces(batches: Iterable[Batch]) -> Iterable[Batch]:
@@ -84,8 +96,14 @@ def _compared(out, kind: str) -> torch.Tensor:
 
 
 @torch.no_grad()
-def reference_outputs(model: nn.Module, batches: Iterable[Batch], label: str = "held-out inputs",
-                      synthetic: bool = False, spill: Spill | None = None, run: Runner | None = None) -> Reference:
+def reference_outputs(
+    model: nn.Module,
+    batches: Iterable[Batch],
+    label: str = "held-out inputs",
+    synthetic: bool = False,
+    spill: Spill | None = None,
+    run: Runner | None = None,
+) -> Reference:
     """A reference for ``model`` as it is now, since conversion changes it in place: a frozen copy,
     or with ``spill`` its outputs on ``batches`` written there (the source need not stay in memory;
     inputs it cannot run on, or that overflow it, fail here). ``run``: how the model's outputs on
@@ -124,8 +142,11 @@ def check_inputs(model: nn.Module, batches: Iterable[Batch]) -> None:
     try:
         for batch in batches:
             out = run_model(model, to_device(batch, where))
-            finite(getattr(out, "logits", None) if isinstance(getattr(out, "logits", None), torch.Tensor)
-                   else primary_output(out))
+            finite(
+                getattr(out, "logits", None)
+                if isinstance(getattr(out, "logits", None), torch.Tensor)
+                else primary_output(out)
+            )
     finally:
         model.train(was_training)
 
@@ -133,14 +154,21 @@ def check_inputs(model: nn.Module, batches: Iterable[Batch]) -> None:
 def is_causal_lm(model: nn.Module) -> bool:
     can_generate = getattr(model, "can_generate", None)
     config = getattr(model, "config", None)
-    return bool(callable(can_generate) and can_generate() and not getattr(config, "is_encoder_decoder", False))
+    return bool(
+        callable(can_generate) and can_generate() and not getattr(config, "is_encoder_decoder", False)
+    )
 
 
 def output_kind(model: nn.Module, out, batch: Batch) -> str:
     """``causal_lm``, ``encoder``, ``classifier`` or ``other`` (see the module docstring)."""
     logits = getattr(out, "logits", None)
-    if isinstance(logits, torch.Tensor) and logits.dim() == 3 and isinstance(batch, Mapping) \
-            and "input_ids" in batch and is_causal_lm(model):
+    if (
+        isinstance(logits, torch.Tensor)
+        and logits.dim() == 3
+        and isinstance(batch, Mapping)
+        and "input_ids" in batch
+        and is_causal_lm(model)
+    ):
         return "causal_lm"
     y = primary_output(out)
     mask = batch_mask(batch)
@@ -177,8 +205,9 @@ def _rel_error(y: torch.Tensor, y_ref: torch.Tensor, mask: torch.Tensor | None) 
     return torch.stack(out) if out else y.new_zeros(0)
 
 
-def _next_token(sums: _Sums, logits: torch.Tensor, ref: torch.Tensor, ids: torch.Tensor,
-                mask: torch.Tensor | None) -> None:
+def _next_token(
+    sums: _Sums, logits: torch.Tensor, ref: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor | None
+) -> None:
     """Causal-LM sums, a few positions at a time: float64 log-probabilities ``(n, V)`` of
     ``LOGPROB_ELEMENTS`` at most, not a sample's or a batch's."""
     rows = max(1, LOGPROB_ELEMENTS // logits.shape[-1])
@@ -188,9 +217,9 @@ def _next_token(sums: _Sums, logits: torch.Tensor, ref: torch.Tensor, ids: torch
             continue
         targets, converted, source = ids[b, 1:][keep], logits[b, :-1][keep], ref[b, :-1][keep]  # (n,), (n, V)
         for start in range(0, targets.numel(), rows):
-            target = targets[start:start + rows, None]  # (c, 1)
-            lp_c = F.log_softmax(converted[start:start + rows].double(), dim=-1)  # (c, V)
-            lp_s = F.log_softmax(source[start:start + rows].double(), dim=-1)
+            target = targets[start : start + rows, None]  # (c, 1)
+            lp_c = F.log_softmax(converted[start : start + rows].double(), dim=-1)  # (c, V)
+            lp_s = F.log_softmax(source[start : start + rows].double(), dim=-1)
             sums.nll_converted -= float(lp_c.gather(1, target).sum())
             sums.nll_source -= float(lp_s.gather(1, target).sum())
             sums.kl += float((lp_s.exp() * (lp_s - lp_c)).sum())
@@ -200,7 +229,9 @@ def _next_token(sums: _Sums, logits: torch.Tensor, ref: torch.Tensor, ids: torch
 
 
 @torch.no_grad()
-def fidelity(model: nn.Module, reference: Reference, prefix: str = "heldout", run: Runner | None = None) -> dict:
+def fidelity(
+    model: nn.Module, reference: Reference, prefix: str = "heldout", run: Runner | None = None
+) -> dict:
     """Compare ``model`` with the reference's source on its batches; a flat dict for ``report.quality``.
 
     Keys (``{prefix}_...``): ``kind``, ``probe``, ``synthetic``, ``samples``, ``rel_error`` (mean over
@@ -241,18 +272,29 @@ def fidelity(model: nn.Module, reference: Reference, prefix: str = "heldout", ru
 
 def _summary(sums: _Sums, kind: str, reference: Reference, prefix: str) -> dict:
     rel = torch.cat(sums.rel)
-    result: dict = {"kind": kind, "probe": reference.label, "synthetic": reference.synthetic,
-                    "samples": int(rel.numel()), "rel_error": float(rel.mean())}
+    result: dict = {
+        "kind": kind,
+        "probe": reference.label,
+        "synthetic": reference.synthetic,
+        "samples": int(rel.numel()),
+        "rel_error": float(rel.mean()),
+    }
     if sums.cosine:
         cos = torch.cat(sums.cosine).double()
-        result.update(cosine=float(cos.mean()), cosine_p05=float(torch.quantile(cos, 0.05)),
-                      cosine_min=float(cos.min()))
+        result.update(
+            cosine=float(cos.mean()), cosine_p05=float(torch.quantile(cos, 0.05)), cosine_min=float(cos.min())
+        )
     if sums.compared:
         result["top1"] = sums.agree / sums.compared
     if sums.tokens:
         ppl_source, ppl = math.exp(sums.nll_source / sums.tokens), math.exp(sums.nll_converted / sums.tokens)
-        result.update(ppl_source=ppl_source, ppl=ppl, ppl_ratio=ppl / ppl_source, kl=sums.kl / sums.tokens,
-                      tokens=sums.tokens)
+        result.update(
+            ppl_source=ppl_source,
+            ppl=ppl,
+            ppl_ratio=ppl / ppl_source,
+            kl=sums.kl / sums.tokens,
+            tokens=sums.tokens,
+        )
     for k, v in result.items():
         if isinstance(v, float) and not math.isfinite(v):
             result[k] = None
@@ -278,11 +320,21 @@ def fidelity_problems(quality: dict, prefix: str = "heldout") -> list[str]:
     ratio = quality.get(f"{prefix}_ppl_ratio")
     if ratio is not None and ratio > POOR_PPL_RATIO:
         problems.append(f"perplexity {ratio:.3g}x the source's (> {POOR_PPL_RATIO}x)")
-    if quality.get(f"{prefix}_samples") and any(quality.get(f"{prefix}_{k}") is None
-                                                for k in ("rel_error",)):
+    if quality.get(f"{prefix}_samples") and any(quality.get(f"{prefix}_{k}") is None for k in ("rel_error",)):
         problems.append("outputs are not finite")
     return problems
 
 
-__all__ = ["Reference", "reference_outputs", "compared_output", "check_inputs", "fidelity", "fidelity_problems", "fidelity_score", "output_kind", "is_causal_lm",
-           "POOR_SIMILARITY", "POOR_PPL_RATIO"]
+__all__ = [
+    "Reference",
+    "reference_outputs",
+    "compared_output",
+    "check_inputs",
+    "fidelity",
+    "fidelity_problems",
+    "fidelity_score",
+    "output_kind",
+    "is_causal_lm",
+    "POOR_SIMILARITY",
+    "POOR_PPL_RATIO",
+]

@@ -14,6 +14,7 @@ which is what :func:`lors_convert.convert` takes as ``calibration=``. Given a
 :class:`~lors_convert.io.spill.Spill`, finished Grams go to disk in their eigenbasis
 (:mod:`.spilled`) instead of staying in memory.
 """
+
 from __future__ import annotations
 
 import functools
@@ -33,7 +34,6 @@ from .accumulate import UpperBlocks, add_gram, all_finite_sum, completed
 from .batches import Batch, batch_mask, batch_size, model_device, run_model, to_device, token_rows
 from .sensitivity import DEFAULT_PROBES, collect_output_grams
 from .spilled import SpilledGrams, spill_grams
-
 
 
 @dataclass
@@ -70,12 +70,18 @@ class Calibration:
         return grams.size(key), functools.partial(grams.eig, key)
 
     def summary(self) -> dict:
-        return {"samples": self.samples, "grams": len(self.grams), "objective": self.objective,
-                "rows": max(self.counts.values(), default=0), "skipped": dict(self.skipped)}
+        return {
+            "samples": self.samples,
+            "grams": len(self.grams),
+            "objective": self.objective,
+            "rows": max(self.counts.values(), default=0),
+            "skipped": dict(self.skipped),
+        }
 
 
-def gram_owners(model: nn.Module, include: list[str] | None = None, exclude: list[str] | None = None
-                ) -> dict[str, nn.Module]:
+def gram_owners(
+    model: nn.Module, include: list[str] | None = None, exclude: list[str] | None = None
+) -> dict[str, nn.Module]:
     """Weight key -> owning module, for every >= 2-D stacked weight whose owner we can hook."""
     owners: dict[str, nn.Module] = {}
     for stack in find_stacks(model, include, exclude):
@@ -130,8 +136,9 @@ class GramCollector:
                 mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
                 x = F.pad(x, pads, mode=mode)
                 padding = 0
-            cols = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=padding,
-                            stride=module.stride)  # (B, in*kh*kw, L)
+            cols = F.unfold(
+                x, module.kernel_size, dilation=module.dilation, padding=padding, stride=module.stride
+            )  # (B, in*kh*kw, L)
             return cols.transpose(1, 2).reshape(-1, cols.shape[1])
         return token_rows(x, self.mask)
 
@@ -144,8 +151,13 @@ class GramCollector:
                 return None
             # q/k/v projections are called on the same tensor: its Gram is computed once per batch
             memo = self._memo
-            if (memo is not None and not isinstance(module, nn.Conv2d) and memo[0] is x
-                    and memo[1] == x._version and memo[2] is self.mask):
+            if (
+                memo is not None
+                and not isinstance(module, nn.Conv2d)
+                and memo[0] is x
+                and memo[1] == x._version
+                and memo[2] is self.mask
+            ):
                 gram, nrows = memo[3], memo[4]
             else:
                 rows = self._rows(module, x.detach())
@@ -155,13 +167,16 @@ class GramCollector:
                 work = torch.float64 if rows.dtype == torch.float64 else torch.float32
                 rows = rows.to(device=dev, dtype=work)
                 gram, nrows = add_gram(None, rows), rows.shape[0]  # (n, n), upper blocks: see result()
-                self._memo = None if isinstance(module, nn.Conv2d) else (x, x._version, self.mask, gram, nrows)
+                self._memo = (
+                    None if isinstance(module, nn.Conv2d) else (x, x._version, self.mask, gram, nrows)
+                )
             if key in self.sums:
                 self.sums[key] += gram
             else:
                 self.sums[key] = gram.clone()  # the memo's gram may be added to another key's sum
             self.counts[key] = self.counts.get(key, 0) + nrows
             return None
+
         return hook
 
     def remove(self) -> None:
@@ -246,8 +261,17 @@ def collect_grams(
 
                 spill_grams(checked(), spill, "output", into=stored)
 
-            collect_output_grams(model, owners, batches, probes=probes, seed=seed, device=device, float64=False,
-                                 max_bytes=max(_parameter_bytes(model), 1), finished=finished)
+            collect_output_grams(
+                model,
+                owners,
+                batches,
+                probes=probes,
+                seed=seed,
+                device=device,
+                float64=False,
+                max_bytes=max(_parameter_bytes(model), 1),
+                finished=finished,
+            )
             calibration.out_grams = stored
     return calibration
 
@@ -259,8 +283,9 @@ def _parameter_bytes(model: nn.Module) -> int:
 def _check_finite(grams: Mapping[str, torch.Tensor | UpperBlocks], kind: str) -> None:
     bad = next((key for key, g in grams.items() if not all_finite_sum(g)), None)
     if bad is not None:  # the activations overflowed: a fit would write NaN factors
-        raise LorsError(f"the {kind} Gram of {bad!r} is not finite: the model overflows on the "
-                        "calibration inputs")
+        raise LorsError(
+            f"the {kind} Gram of {bad!r} is not finite: the model overflows on the calibration inputs"
+        )
 
 
 @torch.no_grad()

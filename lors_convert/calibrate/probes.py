@@ -4,6 +4,7 @@
 questions) and ``calibrate.txt`` (default calibration text: encyclopedic prose, news, instructions,
 narrative) were written for lors, of deliberately different kinds; see ``lors_convert/data/README.md``.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -13,7 +14,15 @@ import torch
 
 from ..errors import LorsUsageError
 from .batches import Batch
-from .data import TENSOR_SUFFIXES, has_tokenizer, load_tokenizer, read_tensors, read_texts, tensor_batches, text_batches
+from .data import (
+    TENSOR_SUFFIXES,
+    has_tokenizer,
+    load_tokenizer,
+    read_tensors,
+    read_texts,
+    tensor_batches,
+    text_batches,
+)
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 PROBE_TEXT = DATA_DIR / "probe.txt"
@@ -37,10 +46,15 @@ def read_probes(path: Path, tokenizer_dir: Path | None) -> Probes:
     if path.suffix in TENSOR_SUFFIXES:
         return Probes(tensor_batches(read_tensors(path)), f"{path.name} (--heldout)", origin=str(path))
     if tokenizer_dir is None:
-        raise LorsUsageError(f"{path}: text held-out inputs need a Hugging Face text model (its tokenizer); "
-                             "give a .safetensors/.pt file of model inputs instead")
-    return Probes(text_batches(load_tokenizer(tokenizer_dir), read_texts(path)), f"{path.name} (--heldout)",
-                  origin=str(path))
+        raise LorsUsageError(
+            f"{path}: text held-out inputs need a Hugging Face text model (its tokenizer); "
+            "give a .safetensors/.pt file of model inputs instead"
+        )
+    return Probes(
+        text_batches(load_tokenizer(tokenizer_dir), read_texts(path)),
+        f"{path.name} (--heldout)",
+        origin=str(path),
+    )
 
 
 def default_probes(model_dir: Path | None, config=None) -> Probes:
@@ -49,16 +63,24 @@ def default_probes(model_dir: Path | None, config=None) -> Probes:
     ``num_channels``), else none, with the reason."""
     if model_dir is not None and has_tokenizer(model_dir):
         texts = read_texts(PROBE_TEXT)
-        return Probes(text_batches(load_tokenizer(model_dir), texts), f"lors probe text ({len(texts)} lines, shipped)",
-                      origin=str(PROBE_TEXT))
+        return Probes(
+            text_batches(load_tokenizer(model_dir), texts),
+            f"lors probe text ({len(texts)} lines, shipped)",
+            origin=str(PROBE_TEXT),
+        )
     size, channels = getattr(config, "image_size", None), getattr(config, "num_channels", None)
     if isinstance(size, (int, tuple, list)) and isinstance(channels, int):
         h, w = (size, size) if isinstance(size, int) else tuple(size)[:2]
         images = torch.randn(SYNTHETIC_IMAGES, channels, h, w, generator=torch.Generator().manual_seed(0))
-        return Probes(tensor_batches({"pixel_values": images}, batch_size=8),
-                      f"{SYNTHETIC_IMAGES} synthetic {h}x{w} images (random normal)", synthetic=True)
-    return Probes(why_none="no held-out inputs for this kind of model: give --heldout FILE (model inputs as "
-                           ".safetensors/.pt) or --calibrate DATA")
+        return Probes(
+            tensor_batches({"pixel_values": images}, batch_size=8),
+            f"{SYNTHETIC_IMAGES} synthetic {h}x{w} images (random normal)",
+            synthetic=True,
+        )
+    return Probes(
+        why_none="no held-out inputs for this kind of model: give --heldout FILE (model inputs as "
+        ".safetensors/.pt) or --calibrate DATA"
+    )
 
 
 __all__ = ["Probes", "read_probes", "default_probes", "PROBE_TEXT", "CALIBRATION_TEXT"]

@@ -28,6 +28,7 @@ samples x probes. ``tr(G D C D^T)`` is then the model output's squared error per
 order, cross terms between positions dropped) for every weight alike, also for conv layers at
 different resolutions, so a global rank budget compares all weights directly.
 """
+
 from __future__ import annotations
 
 import math
@@ -37,8 +38,18 @@ import torch
 from torch import nn
 
 from .accumulate import add_gram, completed, stored_bytes
-from .batches import (Batch, batch_mask, batch_size, model_device, positions, primary_output, run_model,
-                      split_batch, to_device, token_rows)
+from .batches import (
+    Batch,
+    batch_mask,
+    batch_size,
+    model_device,
+    positions,
+    primary_output,
+    run_model,
+    split_batch,
+    to_device,
+    token_rows,
+)
 
 DEFAULT_PROBES = 4
 CHUNK_POSITIONS = 128  # output positions per backward graph (SmolLM2-135M: about 0.3 GB with its gradients)
@@ -91,12 +102,21 @@ def collect_output_grams(
         raise ValueError(f"probes must be >= 1, got {probes}")
     groups = _module_groups(model, owners, max_bytes)
     if len(groups) > 1 and finished is None:
-        raise ValueError("max_bytes splits the modules into groups: pass finished= to take each group's Grams")
+        raise ValueError(
+            "max_bytes splits the modules into groups: pass finished= to take each group's Grams"
+        )
     result: dict[str, torch.Tensor] = {}
     batches = list(batches)
     for group in groups:
-        sums, scale = _group_pass(model, {k: m for k, m in owners.items() if id(m) in group}, batches, probes,
-                                  seed, device, progress if group is groups[-1] else None)
+        sums, scale = _group_pass(
+            model,
+            {k: m for k, m in owners.items() if id(m) in group},
+            batches,
+            probes,
+            seed,
+            device,
+            progress if group is groups[-1] else None,
+        )
         grams = _completed(sums, scale, float64)
         if finished is not None:
             finished(grams)
@@ -120,7 +140,9 @@ def _out_width(module: nn.Module) -> int:
     return 0
 
 
-def _module_groups(model: nn.Module, owners: Mapping[str, nn.Module], max_bytes: int | None) -> list[set[int]]:
+def _module_groups(
+    model: nn.Module, owners: Mapping[str, nn.Module], max_bytes: int | None
+) -> list[set[int]]:
     """The owners' modules (ids) in model order, cut into as few groups of about equal accumulator
     size as keep each within ``max_bytes``."""
     keys_per_module: dict[int, int] = {}
@@ -178,8 +200,18 @@ def _group_pass(model, owners, batches, probes, seed, device, progress) -> tuple
         with torch.enable_grad():
             for whole in batches:
                 for batch in split_batch(whole, max(1, CHUNK_POSITIONS // positions(whole))):
-                    _backward_grams(model, to_device(batch, where), probes, generator, captured, modules,
-                                    by_module, sums, device, head)
+                    _backward_grams(
+                        model,
+                        to_device(batch, where),
+                        probes,
+                        generator,
+                        captured,
+                        modules,
+                        by_module,
+                        sums,
+                        device,
+                        head,
+                    )
                 samples += batch_size(whole)
                 if progress is not None:
                     progress(samples)
@@ -201,8 +233,11 @@ class _Head:
         inside = {id(m) for o in owners.values() for m in o.modules()}
         self.calls: dict[int, tuple[nn.Linear, torch.Tensor]] = {}  # id(output) -> (module, input)
         self.roots: dict[int, torch.Tensor] = {}  # id(module) -> R with R R^T = H^T H
-        self.handles = [m.register_forward_hook(self._hook) for m in model.modules()
-                        if isinstance(m, nn.Linear) and id(m) not in inside]
+        self.handles = [
+            m.register_forward_hook(self._hook)
+            for m in model.modules()
+            if isinstance(m, nn.Linear) and id(m) not in inside
+        ]
 
     def _hook(self, mod, args, out):
         if args and isinstance(out, torch.Tensor) and isinstance(args[0], torch.Tensor):
@@ -223,7 +258,9 @@ class _Head:
         return x, self.roots[id(mod)]
 
 
-def _backward_grams(model, batch, probes, generator, captured, modules, by_module, sums, device, head) -> None:
+def _backward_grams(
+    model, batch, probes, generator, captured, modules, by_module, sums, device, head
+) -> None:
     """One forward pass of ``batch`` and ``probes`` backward passes, added into ``sums``."""
     mask = batch_mask(batch)
     captured.clear()

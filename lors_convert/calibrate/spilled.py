@@ -11,6 +11,7 @@ share one stored Gram.
 :class:`SpilledGrams` is a read-only mapping of weight key -> Gram (rebuilt from the eigenbasis,
 for callers that want the matrix) with :meth:`SpilledGrams.eig` for the fits.
 """
+
 from __future__ import annotations
 
 import weakref
@@ -38,7 +39,9 @@ class SpilledGrams(Mapping):
         self._lam: dict[str, torch.Tensor] = {}  # name -> lam of the live Q
         self._sizes: dict[str, int] = {}  # weight key -> n
 
-    def put(self, keys: list[str], gram: torch.Tensor, eig: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+    def put(
+        self, keys: list[str], gram: torch.Tensor, eig: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> None:
         """Decompose ``gram`` (the Gram of every key in ``keys``; ``eig``: its decomposition, already
         computed) and write it out."""
         lam, Q = eig if eig is not None else _eigh(gram)  # (n,), (n, n)
@@ -84,8 +87,12 @@ def _eigh(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return gram_eigh(gram, torch.float32)  # 3x faster than float64, the same eigenvalue floor
 
 
-def spill_grams(grams: dict[str, torch.Tensor] | Iterator[tuple[str, torch.Tensor]], spill: Spill, kind: str,
-                into: SpilledGrams | None = None) -> SpilledGrams:
+def spill_grams(
+    grams: dict[str, torch.Tensor] | Iterator[tuple[str, torch.Tensor]],
+    spill: Spill,
+    kind: str,
+    into: SpilledGrams | None = None,
+) -> SpilledGrams:
     """Move ``grams`` onto ``spill`` (adding to ``into`` when given). A dict is consumed (each entry
     dropped once written; keys whose Grams are the same tensor object are stored once); an iterator
     of ``(key, Gram)`` is read as the decompositions need its Grams, a few ahead at most."""

@@ -16,6 +16,7 @@ each block's entry; the caller reads the block the waiting batches want first, l
 through it in turn, and drops it. Memory holds the resident part, one block and every batch's
 activations at a block boundary (one hidden state each); the outputs come back one at a time.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
@@ -39,7 +40,9 @@ def blocks_of(model: nn.Module) -> list[str]:
     return sorted(outer, key=order.__getitem__)
 
 
-def _meta_slots(module: nn.Module, prefix: str, skip: tuple[str, ...] = ()) -> list[tuple[nn.Module, str, str, bool]]:
+def _meta_slots(
+    module: nn.Module, prefix: str, skip: tuple[str, ...] = ()
+) -> list[tuple[nn.Module, str, str, bool]]:
     """(owner, attribute, full name, is parameter) of every meta tensor under ``module``, first name of each."""
     slots = []
     for path, owner in module.named_modules(prefix=prefix, remove_duplicate=False):
@@ -96,8 +99,9 @@ class _Batch:
             self._greenlet.throw(greenlet.GreenletExit)  # unwinds its frames
 
 
-def lockstep(model: nn.Module, get: Getter, batches: Iterable[Batch], blocks: list[str] | None = None
-             ) -> Iterator[tuple[int, object]]:
+def lockstep(
+    model: nn.Module, get: Getter, batches: Iterable[Batch], blocks: list[str] | None = None
+) -> Iterator[tuple[int, object]]:
     """``(i, model output on batches[i])`` for every batch, with ``model`` (a meta skeleton) reading
     each block's weights once for all batches (see the module docstring). Inference only (no
     gradients); a model's key/value cache is turned off for the run (every batch would keep one).
@@ -111,6 +115,7 @@ def lockstep(model: nn.Module, get: Getter, batches: Iterable[Batch], blocks: li
         def hook(mod, args):
             if greenlet.getcurrent() is not main:  # a batch: wait here until the block is read
                 main.switch(path)
+
         return hook
 
     handles = [model.get_submodule(path).register_forward_pre_hook(entry(path)) for path in blocks]

@@ -18,6 +18,7 @@ and each member's factors as ``<member>.<owner>.lors_A`` / ``lors_B`` (other ten
 such as ``bias``, keep their names). Non-persistent buffers needed to run the model are stored as
 ``__buffers__.<name>``.
 """
+
 from __future__ import annotations
 
 from .format import CONFIG_NAME, REPORT_NAME, source_manifest
@@ -26,5 +27,13 @@ from .merge import merge_checkpoint
 from .reader import Checkpoint
 from .writer import CheckpointWriter, save
 
-__all__ = ["Checkpoint", "CheckpointWriter", "save", "load", "merge_checkpoint", "source_manifest", "CONFIG_NAME",
-           "REPORT_NAME"]
+__all__ = [
+    "Checkpoint",
+    "CheckpointWriter",
+    "save",
+    "load",
+    "merge_checkpoint",
+    "source_manifest",
+    "CONFIG_NAME",
+    "REPORT_NAME",
+]

@@ -2,6 +2,7 @@
 
 The directory layout and tensor names are described in :mod:`lors_convert.checkpoint`.
 """
+
 from __future__ import annotations
 
 import json
@@ -61,8 +62,10 @@ def stored_manifest(manifest: dict, stored) -> dict | None:
         if key not in stored:
             return None
         if list(stored.shapes[key]) != spec["shape"]:
-            raise LorsError(f"source tensor {key!r} has shape {list(stored.shapes[key])}, "
-                            f"the architecture expects {spec['shape']}")
+            raise LorsError(
+                f"source tensor {key!r} has shape {list(stored.shapes[key])}, "
+                f"the architecture expects {spec['shape']}"
+            )
         spec["dtype"] = dtype_name(stored.dtype(key))
     for key, target in aliases.items():
         keys[key]["dtype"] = keys[target]["dtype"]
@@ -101,8 +104,14 @@ def nonpersistent_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def build_config(stacks: list[dict], source: SourceInfo, manifest: dict) -> dict:
-    return {"format": FORMAT, "format_version": FORMAT_VERSION, "lors_version": __version__,
-            "source": source.to_dict(), "manifest": manifest, "stacks": stacks}
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "lors_version": __version__,
+        "source": source.to_dict(),
+        "manifest": manifest,
+        "stacks": stacks,
+    }
 
 
 def stacks_section(pairs: Iterable[tuple[dict, dict]]) -> list[dict]:
@@ -112,7 +121,9 @@ def stacks_section(pairs: Iterable[tuple[dict, dict]]) -> list[dict]:
     seen: set[int] = set()
     for stack, entry in pairs:
         key = (stack["path"], tuple(stack["members"]))
-        record = stacks.setdefault(key, {"path": stack["path"], "members": list(stack["members"]), "params": []})
+        record = stacks.setdefault(
+            key, {"path": stack["path"], "members": list(stack["members"]), "params": []}
+        )
         if id(entry) not in seen:
             seen.add(id(entry))
             record["params"].append(entry)
@@ -121,14 +132,18 @@ def stacks_section(pairs: Iterable[tuple[dict, dict]]) -> list[dict]:
 
 def plan_stacks(plan: ConversionPlan) -> list[dict]:
     """The ``stacks`` section of a conversion plan."""
-    return stacks_section(({"path": pp.stack.path, "members": pp.stack.members}, param_entry(pp))
-                          for pp in plan.params)
+    return stacks_section(
+        ({"path": pp.stack.path, "members": pp.stack.members}, param_entry(pp)) for pp in plan.params
+    )
 
 
 def model_stacks(model: nn.Module) -> list[dict]:
     """The ``stacks`` section read off the LORS layers of a converted model."""
-    return stacks_section((layer.lors_stack, layer.lors_entry) for layer in model.modules()
-                          if isinstance(layer, LorsModule) and hasattr(layer, "lors_entry"))
+    return stacks_section(
+        (layer.lors_stack, layer.lors_entry)
+        for layer in model.modules()
+        if isinstance(layer, LorsModule) and hasattr(layer, "lors_entry")
+    )
 
 
 def dedup_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -161,18 +176,36 @@ def validate_config(config, path: Path) -> None:
         if field not in config:
             fail(f"missing field {field!r}")
     manifest = config["manifest"]
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("keys"), dict) \
-            or not isinstance(manifest.get("aliases"), dict):
+    if (
+        not isinstance(manifest, dict)
+        or not isinstance(manifest.get("keys"), dict)
+        or not isinstance(manifest.get("aliases"), dict)
+    ):
         fail("malformed manifest")
     if not isinstance(config["stacks"], list):
         fail("stacks must be a list")
     for s in config["stacks"]:
-        if not isinstance(s, dict) or not isinstance(s.get("members"), list) or len(s["members"]) < 2 \
-                or not isinstance(s.get("params"), list):
+        if (
+            not isinstance(s, dict)
+            or not isinstance(s.get("members"), list)
+            or len(s["members"]) < 2
+            or not isinstance(s.get("params"), list)
+        ):
             fail("malformed stack entry")
         for e in s["params"]:
-            needed = ("name", "owner", "attr", "layer", "kind", "shape", "dtype", "matrix", "groups", "ranks",
-                      "shared")
+            needed = (
+                "name",
+                "owner",
+                "attr",
+                "layer",
+                "kind",
+                "shape",
+                "dtype",
+                "matrix",
+                "groups",
+                "ranks",
+                "shared",
+            )
             if not isinstance(e, dict) or any(k not in e for k in needed):
                 fail(f"malformed parameter entry in stack {s.get('path')!r}")
             try:
@@ -181,7 +214,9 @@ def validate_config(config, path: Path) -> None:
                 fail(f"unknown layer kind {e['layer']!r}")
             if not isinstance(e["ranks"], list) or len(e["ranks"]) != len(s["members"]):
                 fail(f"{e['name']}: ranks must have one entry per member")
-            if not hasattr(torch, str(e["dtype"])) or not isinstance(getattr(torch, str(e["dtype"])), torch.dtype):
+            if not hasattr(torch, str(e["dtype"])) or not isinstance(
+                getattr(torch, str(e["dtype"])), torch.dtype
+            ):
                 fail(f"{e['name']}: unknown dtype {e['dtype']!r}")
             _validate_entry(e, s["members"], fail)
     _validate_structure(config, fail)
@@ -189,19 +224,37 @@ def validate_config(config, path: Path) -> None:
 
 def check_report_types(report: Report, path: Path) -> None:
     """The fields rendering and ``--json`` compute with have the types they need."""
+
     def num_list(x) -> bool:
         return isinstance(x, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in x)
 
     ok = _is_int(report.params_before) and _is_int(report.params_after) and _is_strs(report.warnings)
     for s in report.stacks:
-        ok = ok and isinstance(s.path, str) and _is_strs(s.members) and len(s.members) > 0 \
-            and isinstance(s.kept_dense, dict) and _is_strs(list(s.kept_dense.values()))
+        ok = (
+            ok
+            and isinstance(s.path, str)
+            and _is_strs(s.members)
+            and len(s.members) > 0
+            and isinstance(s.kept_dense, dict)
+            and _is_strs(list(s.kept_dense.values()))
+        )
         for m in s.matrices:
-            ok = ok and all(isinstance(v, str) for v in (m.name, m.kind, m.layer)) and _is_dims(m.shape) \
-                and _is_dims(m.matrix) and (m.rank is None or _is_int(m.rank)) and _is_dims(m.groups, low=1) \
-                and len(m.groups) > 0 and _is_dims(m.ranks) and _is_int(m.dense_params) \
-                and _is_int(m.lors_params) and num_list(m.relative_error) and num_list(m.retained_energy) \
-                and isinstance(m.clamped, bool) and _is_dims(m.dense_members)
+            ok = (
+                ok
+                and all(isinstance(v, str) for v in (m.name, m.kind, m.layer))
+                and _is_dims(m.shape)
+                and _is_dims(m.matrix)
+                and (m.rank is None or _is_int(m.rank))
+                and _is_dims(m.groups, low=1)
+                and len(m.groups) > 0
+                and _is_dims(m.ranks)
+                and _is_int(m.dense_params)
+                and _is_int(m.lors_params)
+                and num_list(m.relative_error)
+                and num_list(m.retained_energy)
+                and isinstance(m.clamped, bool)
+                and _is_dims(m.dense_members)
+            )
     if not ok:
         raise LorsError(f"{path}: malformed report (a field has the wrong type)")
 
@@ -247,22 +300,34 @@ def _validate_entry(e: dict, members: list, fail) -> None:
     if not _is_strs(e["shared"]):
         fail(f"{name}: shared must be a list of tensor names")
     if e["kind"] == "static" and e["shared"] not in (["shared"], []):
-        fail(f"{name}: a static parameter's shared must be ['shared'] or [] (private-only), got {e['shared']!r}")
+        fail(
+            f"{name}: a static parameter's shared must be ['shared'] or [] (private-only), got {e['shared']!r}"
+        )
     if not isinstance(e.get("extra", {}), dict):
         fail(f"{name}: extra must be an object")
     dense = e.get("dense_members", [])
-    if not _is_dims(dense) or len(set(dense)) != len(dense) or any(i >= len(members) for i in dense) \
-            or len(dense) >= len(members) or (dense and e["kind"] != "static") \
-            or any(e["ranks"][i] != 0 for i in dense):
-        fail(f"{name}: dense_members must be distinct member indices (not all of them) of rank 0, "
-             f"got {dense!r}")
+    if (
+        not _is_dims(dense)
+        or len(set(dense)) != len(dense)
+        or any(i >= len(members) for i in dense)
+        or len(dense) >= len(members)
+        or (dense and e["kind"] != "static")
+        or any(e["ranks"][i] != 0 for i in dense)
+    ):
+        fail(
+            f"{name}: dense_members must be distinct member indices (not all of them) of rank 0, "
+            f"got {dense!r}"
+        )
 
 
 def _validate_structure(config: dict, fail) -> None:
     """Source, manifest and members: the types every reader relies on."""
     source = config["source"]
-    if not isinstance(source, dict) or not isinstance(source.get("kind"), str) \
-            or any(not isinstance(source.get(k), (str, type(None))) for k in ("path", "arch", "sha256")):
+    if (
+        not isinstance(source, dict)
+        or not isinstance(source.get("kind"), str)
+        or any(not isinstance(source.get(k), (str, type(None))) for k in ("path", "arch", "sha256"))
+    ):
         fail("malformed source (kind, path, arch must be strings)")
     if source["kind"] == "state_dict" and not isinstance(source.get("arch"), str):
         fail("a state_dict source must record its arch")

@@ -1,5 +1,6 @@
 """Loading a runnable, trainable LORS model: the recorded architecture on the meta device, LORS
 layers installed from the config, then filled from the checkpoint."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -18,12 +19,12 @@ from .format import BUFFER_PREFIX, lors_members
 from .reader import Checkpoint
 
 
-
 TRUSTED_ARCH_PREFIX = "lors_convert.zoo."  # our own reference models: safe to build from a recorded name
 
 
-def build_architecture(ckpt: Checkpoint, trust_pickle: bool = False, arch: str | None = None,
-                       trust_arch: bool = False) -> nn.Module:
+def build_architecture(
+    ckpt: Checkpoint, trust_pickle: bool = False, arch: str | None = None, trust_arch: bool = False
+) -> nn.Module:
     """The dense architecture the checkpoint came from, on the meta device.
 
     A state-dict source records its ``--arch`` reference; importing and calling it runs code named in
@@ -34,32 +35,48 @@ def build_architecture(ckpt: Checkpoint, trust_pickle: bool = False, arch: str |
     kind = source.get("kind")
     if kind in ("hf", "gguf"):  # a GGUF source's config.json was written from its metadata at conversion
         if not (ckpt.path / "config.json").is_file():
-            raise LorsError(f"{ckpt.path}: the checkpoint of a {kind} source has no config.json to rebuild it from")
+            raise LorsError(
+                f"{ckpt.path}: the checkpoint of a {kind} source has no config.json to rebuild it from"
+            )
         return build_hf(ckpt.path, device="meta", keys=set(ckpt.config["manifest"]["keys"]))
     if kind == "state_dict":
         recorded = source["arch"]
         if arch is None:
             if not (trust_arch or str(recorded).startswith(TRUSTED_ARCH_PREFIX)):
-                raise LorsError(f"{ckpt.path}: the checkpoint names the architecture {recorded!r}; calling it "
-                                f"runs code named in the file: pass arch={recorded!r} (or trust_arch=True) "
-                                "if you trust it, or the dense model as model=")
+                raise LorsError(
+                    f"{ckpt.path}: the checkpoint names the architecture {recorded!r}; calling it "
+                    f"runs code named in the file: pass arch={recorded!r} (or trust_arch=True) "
+                    "if you trust it, or the dense model as model="
+                )
             arch = recorded
         return build_arch(arch, device="meta")
     if kind == "pickle":
         if not source.get("path") or not Path(source["path"]).is_file():
-            raise LorsError(f"{ckpt.path}: converted from a pickled module ({source.get('path')}), which is "
-                            "needed to rebuild the architecture and is not there")
+            raise LorsError(
+                f"{ckpt.path}: converted from a pickled module ({source.get('path')}), which is "
+                "needed to rebuild the architecture and is not there"
+            )
         model, _ = load_source(source["path"], trust_pickle=trust_pickle)
         return model
     if kind == "torchscript":
-        raise LorsError(f"{ckpt.path}: a TorchScript source cannot be rebuilt as a runnable LORS model; "
-                        "use `lors merge` to get dense weights")
-    raise LorsError(f"{ckpt.path}: source kind {kind!r} records no architecture; "
-                    "pass the dense model: load(path, model=...)")
+        raise LorsError(
+            f"{ckpt.path}: a TorchScript source cannot be rebuilt as a runnable LORS model; "
+            "use `lors merge` to get dense weights"
+        )
+    raise LorsError(
+        f"{ckpt.path}: source kind {kind!r} records no architecture; "
+        "pass the dense model: load(path, model=...)"
+    )
 
 
-def load(path: str | Path, model: nn.Module | None = None, arch: str | None = None, trust_arch: bool = False,
-         trust_pickle: bool = False, device: str | torch.device = "cpu") -> nn.Module:
+def load(
+    path: str | Path,
+    model: nn.Module | None = None,
+    arch: str | None = None,
+    trust_arch: bool = False,
+    trust_pickle: bool = False,
+    device: str | torch.device = "cpu",
+) -> nn.Module:
     """A runnable, trainable LORS model from a checkpoint.
 
     The architecture comes from the recorded source (see :func:`build_architecture` for when a
@@ -74,12 +91,18 @@ def load(path: str | Path, model: nn.Module | None = None, arch: str | None = No
         for entry in stack["params"]:
             pp = plan_from_entry(st, entry)
             try:
-                install_layers(skeleton, pp, torch.empty(*entry["matrix"], device="meta",
-                                                         dtype=getattr(torch, entry["dtype"]))
-                               if pp.has_shared else None)
+                install_layers(
+                    skeleton,
+                    pp,
+                    torch.empty(*entry["matrix"], device="meta", dtype=getattr(torch, entry["dtype"]))
+                    if pp.has_shared
+                    else None,
+                )
             except (AttributeError, KeyError, TypeError, ValueError, RuntimeError) as e:
-                raise LorsError(f"{ckpt.path}: the architecture does not match the checkpoint at "
-                                f"{stack['members'][0]}.{entry['owner']} ({short(e)})") from None
+                raise LorsError(
+                    f"{ckpt.path}: the architecture does not match the checkpoint at "
+                    f"{stack['members'][0]}.{entry['owner']} ({short(e)})"
+                ) from None
     ties = _tied_groups(skeleton)
     state = {}
     owners = ckpt.owner_prefixes()
@@ -91,15 +114,17 @@ def load(path: str | Path, model: nn.Module | None = None, arch: str | None = No
         prefix = next((p for p in owners if key.startswith(p)), None)
         if prefix is not None:
             stack, entry, _ = owners[prefix]
-            rel = key[len(prefix):]
+            rel = key[len(prefix) :]
             if rel in entry["shared"]:
                 state[key] = ckpt.get(f"{lors_members(stack, entry)[0]}.{entry['owner']}.{rel}")
                 continue
         if key in manifest_aliases:
             state[key] = ckpt.get(manifest_aliases[key])
             continue
-        raise LorsError(f"{ckpt.path}: the architecture expects {key!r}, which the checkpoint lacks "
-                        "(architecture and checkpoint do not match)")
+        raise LorsError(
+            f"{ckpt.path}: the architecture expects {key!r}, which the checkpoint lacks "
+            "(architecture and checkpoint do not match)"
+        )
     try:
         skeleton.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as e:
@@ -107,13 +132,18 @@ def load(path: str | Path, model: nn.Module | None = None, arch: str | None = No
     _retie(skeleton, ties)
     for key in ckpt.keys():
         if key.startswith(BUFFER_PREFIX):
-            name = key[len(BUFFER_PREFIX):]
+            name = key[len(BUFFER_PREFIX) :]
             owner, _, attr = name.rpartition(".")
             skeleton.get_submodule(owner).register_buffer(attr, ckpt.get(key), persistent=False)
-    leftover = [n for n, t in list(skeleton.named_parameters()) + list(skeleton.named_buffers())
-                if t.device.type == "meta"]
+    leftover = [
+        n
+        for n, t in list(skeleton.named_parameters()) + list(skeleton.named_buffers())
+        if t.device.type == "meta"
+    ]
     if leftover:
-        raise LorsError(f"{ckpt.path}: no value for {leftover[0]!r} (architecture and checkpoint do not match)")
+        raise LorsError(
+            f"{ckpt.path}: no value for {leftover[0]!r} (architecture and checkpoint do not match)"
+        )
     return skeleton.to(device).eval()
 
 

@@ -5,6 +5,7 @@ converted group at a time into shards planned up front; no architecture is built
 written under the names the source stored it under (:func:`~.format.merged_keys`). A checkpoint of a
 GGUF source also merges into a GGUF file (F32 or F16) with the source's metadata.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -57,7 +58,9 @@ def merged_tensors(ckpt: Checkpoint, progress=None) -> Iterator[tuple[str, torch
         if any(source.startswith(p) for p in owners):
             continue
         tensor = ckpt.get(source)
-        if source != key:  # an alias: safe_open may hand out the same memory twice, safetensors stores no aliases
+        if (
+            source != key
+        ):  # an alias: safe_open may hand out the same memory twice, safetensors stores no aliases
             tensor = tensor.clone()
         yield key, _checked(ckpt, key, tensor)
 
@@ -72,7 +75,7 @@ def merged_getter(ckpt: Checkpoint) -> Callable[[str], torch.Tensor]:
         for prefix, (stack, entry, i) in owners.items():
             if key.startswith(prefix):
                 dense = layer_class(entry["layer"]).merge_state(ckpt.owner_state(stack, entry, i), entry)
-                return _checked(ckpt, key, dense[key[len(prefix):]])
+                return _checked(ckpt, key, dense[key[len(prefix) :]])
         return ckpt.get(aliases.get(key, key))
 
     return get
@@ -83,14 +86,22 @@ def _checked(ckpt: Checkpoint, key: str, t: torch.Tensor) -> torch.Tensor:
     if spec is None:
         raise LorsError(f"{ckpt.path}: merge produced {key!r}, which the source did not have")
     if list(t.shape) != list(spec["shape"]) or dtype_name(t.dtype) != spec["dtype"]:
-        raise LorsError(f"{ckpt.path}: {key!r} merges to {list(t.shape)} {dtype_name(t.dtype)}, "
-                        f"the source had {spec['shape']} {spec['dtype']}")
+        raise LorsError(
+            f"{ckpt.path}: {key!r} merges to {list(t.shape)} {dtype_name(t.dtype)}, "
+            f"the source had {spec['shape']} {spec['dtype']}"
+        )
     return t
 
 
-def merge_checkpoint(path: str | Path, out: str | Path, force: bool = False, progress=None,
-                     max_shard_size: int | str = DEFAULT_SHARD_SIZE, format: str | None = None,
-                     gguf_type: str = "f32") -> Path:
+def merge_checkpoint(
+    path: str | Path,
+    out: str | Path,
+    force: bool = False,
+    progress=None,
+    max_shard_size: int | str = DEFAULT_SHARD_SIZE,
+    format: str | None = None,
+    gguf_type: str = "f32",
+) -> Path:
     """``lors merge``: dense weights under the source's keys; for an HF or GGUF source a directory
     transformers loads. ``format="gguf"`` (the default for an ``out`` ending in ``.gguf``) writes a
     GGUF file of ``gguf_type`` ("f32" or "f16") instead: a GGUF source only."""
@@ -130,8 +141,10 @@ def _merge_gguf(ckpt: Checkpoint, out: Path, gguf_type: str, force: bool, progre
     """A GGUF file: the source's metadata (file type set to F32/F16) and tensors, merged ones in
     ``gguf_type`` (1-D ones always F32, as llama.cpp writes them), streamed as merged."""
     if ckpt.source.get("kind") != "gguf" or not (ckpt.path / METADATA_NAME).is_file():
-        raise LorsUsageError(f"{ckpt.path}: --format gguf needs a checkpoint converted from a GGUF file "
-                             f"(its metadata and tokenizer come from the source); merge to a directory instead")
+        raise LorsUsageError(
+            f"{ckpt.path}: --format gguf needs a checkpoint converted from a GGUF file "
+            f"(its metadata and tokenizer come from the source); merge to a directory instead"
+        )
     gguf = gguf_package()
     source = GGUFFile(ckpt.path / METADATA_NAME)
     spec = merge_spec(ckpt)
@@ -148,7 +161,9 @@ def _merge_gguf(ckpt: Checkpoint, out: Path, gguf_type: str, force: bool, progre
     fields = [Field(f.key, int(file_type), f.vtype) if f.key == FILE_TYPE_KEY else f for f in source.fields]
 
     def data():
-        for key, t in merged_tensors(ckpt, progress):  # (rows, ...) as the model holds it -> as llama.cpp stores it
+        for key, t in merged_tensors(
+            ckpt, progress
+        ):  # (rows, ...) as the model holds it -> as llama.cpp stores it
             yield names[key], layout.to_file(names[key], t.float()).numpy()
         for name in source.tensors:
             yield name, source.raw(name)

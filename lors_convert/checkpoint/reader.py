@@ -1,4 +1,5 @@
 """Reading a LORS checkpoint directory: the config validated, every promised tensor checked, lazy access."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -35,8 +36,10 @@ class Checkpoint:
         for f, meta in self.tensors.metadata.items():
             stored = meta.get("lors_config")
             if stored is not None and json_or_none(stored) != self.config:
-                raise LorsError(f"{self.path / CONFIG_NAME} differs from the config in {f.name}'s metadata: "
-                                "the checkpoint was edited or mixed with another")
+                raise LorsError(
+                    f"{self.path / CONFIG_NAME} differs from the config in {f.name}'s metadata: "
+                    "the checkpoint was edited or mixed with another"
+                )
         self._check_tensors()
 
     # -- structure
@@ -58,8 +61,11 @@ class Checkpoint:
     def side_files(self) -> list[str]:
         """The files next to the weights that came from the source (config, tokenizer, GGUF metadata)."""
         own = {CONFIG_NAME, REPORT_NAME, WEIGHTS_NAME, INDEX_NAME}
-        return sorted(f.name for f in self.path.iterdir()
-                      if f.is_file() and f.name not in own and not f.name.endswith(".safetensors"))
+        return sorted(
+            f.name
+            for f in self.path.iterdir()
+            if f.is_file() and f.name not in own and not f.name.endswith(".safetensors")
+        )
 
     def __contains__(self, key: str) -> bool:
         return key in self.tensors
@@ -78,8 +84,10 @@ class Checkpoint:
             for entry in stack["params"]:
                 ranks = recorded.get((tuple(stack["members"]), entry["name"]))
                 if ranks != list(entry["ranks"]):
-                    raise LorsError(f"{path} does not match {CONFIG_NAME}: {stack['members'][0]}.. {entry['name']} "
-                                    f"has ranks {ranks} in the report, {entry['ranks']} in the config")
+                    raise LorsError(
+                        f"{path} does not match {CONFIG_NAME}: {stack['members'][0]}.. {entry['name']} "
+                        f"has ranks {ranks} in the report, {entry['ranks']} in the config"
+                    )
         return report
 
     def get(self, key: str) -> torch.Tensor:
@@ -104,7 +112,9 @@ class Checkpoint:
                     if entry["shared"]:  # [] for a private-only stack
                         self._expect(f"{owner0}.shared", (d, h), entry["dtype"])
                     dense = set(entry.get("dense_members", []))
-                    for member, k in zip(members, [k for i, k in enumerate(entry["ranks"]) if i not in dense]):
+                    for member, k in zip(
+                        members, [k for i, k in enumerate(entry["ranks"]) if i not in dense]
+                    ):
                         owner = f"{member}.{entry['owner']}"
                         self._expect(f"{owner}.lors_B", (d, k), entry["dtype"])
                         self._expect(f"{owner}.lors_A", (k, h), entry["dtype"])
@@ -131,7 +141,9 @@ class Checkpoint:
     def _expect(self, key: str, shape: tuple, dtype: str | None = None) -> None:
         got = self._shape(key)
         if tuple(got) != tuple(shape):
-            raise LorsError(f"{self.path}: tensor {key!r} has shape {list(got)}, {CONFIG_NAME} says {list(shape)}")
+            raise LorsError(
+                f"{self.path}: tensor {key!r} has shape {list(got)}, {CONFIG_NAME} says {list(shape)}"
+            )
         stored = self.tensors.dtype_names.get(key)
         if dtype is not None and stored is not None and stored != dtype:
             raise LorsError(f"{self.path}: tensor {key!r} is stored as {stored}, {CONFIG_NAME} says {dtype}")
@@ -155,5 +167,5 @@ class Checkpoint:
         state = {name: self.get(first + name) for name in entry["shared"]}
         for key in self.tensors.keys():
             if key.startswith(prefix):
-                state.setdefault(key[len(prefix):], self.get(key))
+                state.setdefault(key[len(prefix) :], self.get(key))
         return state

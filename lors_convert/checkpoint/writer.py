@@ -5,6 +5,7 @@ tensor is computed; the conversion loop hands it each fitted parameter (:meth:`p
 untouched tensors (:meth:`put_tensor`), and it writes shards as they complete. :func:`save` writes a
 converted in-memory model through the same writer, so both paths give the same files.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -21,8 +22,18 @@ from ..io.dist import Dist
 from ..io.safetensors import ShardedWriter, dump_json, meta_like
 from ..io.sources import SourceInfo
 from ..report import Report
-from .format import (BUFFER_PREFIX, CONFIG_NAME, DEFAULT_SHARD_SIZE, REPORT_NAME, alias_map, build_config,
-                     dedup_state, lors_members, model_stacks, nonpersistent_buffers)
+from .format import (
+    BUFFER_PREFIX,
+    CONFIG_NAME,
+    DEFAULT_SHARD_SIZE,
+    REPORT_NAME,
+    alias_map,
+    build_config,
+    dedup_state,
+    lors_members,
+    model_stacks,
+    nonpersistent_buffers,
+)
 
 TensorSpec = tuple[tuple[int, ...], torch.dtype]
 
@@ -53,17 +64,29 @@ class CheckpointWriter:
     main process writes the rest.
     """
 
-    def __init__(self, directory: Path, stacks: list[dict], source: SourceInfo, manifest: dict,
-                 tensors: dict[str, TensorSpec], max_shard_size: int | str = DEFAULT_SHARD_SIZE,
-                 dist: Dist | None = None):
+    def __init__(
+        self,
+        directory: Path,
+        stacks: list[dict],
+        source: SourceInfo,
+        manifest: dict,
+        tensors: dict[str, TensorSpec],
+        max_shard_size: int | str = DEFAULT_SHARD_SIZE,
+        dist: Dist | None = None,
+    ):
         self.directory = Path(directory)
         self.source = source
         self.config = build_config(stacks, source, manifest)
         self.dist = dist or Dist()
         spec = {key: meta_like(*tensors[key]) for key in checkpoint_order(stacks, tensors)}
         # one metadata key: safetensors writes several in a different order in every process
-        self.shards = ShardedWriter(self.directory, spec, max_shard_size,
-                                    {"lors_config": dump_json(self.config, indent=None)}, self.dist)
+        self.shards = ShardedWriter(
+            self.directory,
+            spec,
+            max_shard_size,
+            {"lors_config": dump_json(self.config, indent=None)},
+            self.dist,
+        )
 
     def wants(self, pp: ParamPlan) -> bool:
         """Whether this process writes any tensor of ``pp`` (always, outside torchrun)."""
@@ -103,9 +126,16 @@ class CheckpointWriter:
         (self.directory / REPORT_NAME).write_text(dump_json(report.to_dict()))
 
 
-def save(model: nn.Module, out: str | Path, report: Report | None = None, source: SourceInfo | None = None,
-         manifest: dict | None = None, force: bool = False, max_shard_size: int | str = DEFAULT_SHARD_SIZE,
-         files_dir: Path | None = None) -> Path:
+def save(
+    model: nn.Module,
+    out: str | Path,
+    report: Report | None = None,
+    source: SourceInfo | None = None,
+    manifest: dict | None = None,
+    force: bool = False,
+    max_shard_size: int | str = DEFAULT_SHARD_SIZE,
+    files_dir: Path | None = None,
+) -> Path:
     """Write a converted model as a LORS checkpoint directory (atomically).
 
     ``manifest`` is the source's state-dict manifest (``source_manifest`` of the dense model,
@@ -121,8 +151,14 @@ def save(model: nn.Module, out: str | Path, report: Report | None = None, source
     state.update({BUFFER_PREFIX + k: v for k, v in nonpersistent_buffers(model).items()})
     out = Path(out)
     with atomic_output(out, force) as tmp:
-        writer = CheckpointWriter(tmp, stacks, source, manifest, {k: (tuple(t.shape), t.dtype) for k, t in state.items()},
-                                  max_shard_size)
+        writer = CheckpointWriter(
+            tmp,
+            stacks,
+            source,
+            manifest,
+            {k: (tuple(t.shape), t.dtype) for k, t in state.items()},
+            max_shard_size,
+        )
         for key, t in state.items():
             writer.put_tensor(key, t)
         writer.close(report or Report(), files_dir)
@@ -146,7 +182,7 @@ def _manifest_from_lors(model: nn.Module, stacks: list[dict]) -> dict:
         entry = owners[prefix]
         weight_key = prefix + entry["attr"]
         dense_model_keys.setdefault(weight_key, {"shape": entry["shape"], "dtype": entry["dtype"]})
-        rel = name[len(prefix):]
+        rel = name[len(prefix) :]
         if not rel.startswith("lors_") and rel not in entry["shared"]:  # factors are not dense keys
             dense_model_keys[name] = {"shape": list(t.shape), "dtype": dtype_name(t.dtype)}
     aliases = alias_map({name: t for name, t in lors_state.items() if name in dense_model_keys})

@@ -1,6 +1,7 @@
 """The ``lors`` command line: a thin typer layer over the library, one module per group of commands
 (:mod:`.convert`; :mod:`.checkpoints`: report, merge, heal) on the shared app and error handling of
 :mod:`.common`."""
+
 from __future__ import annotations
 
 from . import convert  # noqa: F401,I001  (registers lors convert first: the order of --help)

@@ -5,6 +5,7 @@ Human output goes to stdout (tables, ``--json``), progress and warnings to stder
 1 runtime failure, 2 usage error. Errors are one line; ``LORS_DEBUG=1`` shows the traceback of
 unexpected ones.
 """
+
 from __future__ import annotations
 
 import functools
@@ -47,8 +48,14 @@ class _OneLineUsage(TyperGroup):
         sys.exit(rv if isinstance(rv, int) else 0)  # typer.Exit(code) returns its code here
 
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, cls=_OneLineUsage,
-                  rich_markup_mode=None, help="LORS (Low-Rank Residual Structure) surgery for stacked networks.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    cls=_OneLineUsage,
+    rich_markup_mode=None,
+    help="LORS (Low-Rank Residual Structure) surgery for stacked networks.",
+)
 
 
 def console(stderr: bool = False):
@@ -109,8 +116,14 @@ def make_progress(enabled: bool):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     def progress(items, total: int, label: str):
-        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                      TimeElapsedColumn(), console=console(stderr=True), transient=True) as bar:
+        with Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console(stderr=True),
+            transient=True,
+        ) as bar:
             task = bar.add_task(label, total=total)
             for item in items:
                 yield item
@@ -161,7 +174,6 @@ def default_output(src: Path, suffix: str) -> Path:
 
 def emit_json(data) -> None:
     typer.echo(json.dumps(data, indent=1))
-
 
 
 def show(report, json_out: bool, quiet: bool, title: str) -> None:

@@ -27,6 +27,7 @@ Coordinate descent: from every parameter shared, and again from every parameter 
 choice at a time while the greedy allocation of the flipped set has a lower total error; the
 better end point wins, so the choice is never worse than either extreme.
 """
+
 from __future__ import annotations
 
 import heapq
@@ -72,13 +73,17 @@ class BudgetItem:
 
     def lors_cost(self, ranks: Sequence[int], dense_layers: Sequence[bool] | None = None) -> int:
         dense_layers = dense_layers or [False] * len(ranks)
-        return (self.base_cost + self.unit_cost * sum(k for k, dn in zip(ranks, dense_layers) if not dn)
-                + self.layer_cost * sum(map(bool, dense_layers)))
+        return (
+            self.base_cost
+            + self.unit_cost * sum(k for k, dn in zip(ranks, dense_layers) if not dn)
+            + self.layer_cost * sum(map(bool, dense_layers))
+        )
 
     def error(self, ranks: Sequence[int], dense_layers: Sequence[bool] | None = None) -> float:
         dense_layers = dense_layers or [False] * len(ranks)
-        return self.weight * sum(float(sum(s[k:])) for s, k, dn in zip(self._lists(), ranks, dense_layers)
-                                 if not dn)
+        return self.weight * sum(
+            float(sum(s[k:])) for s, k, dn in zip(self._lists(), ranks, dense_layers) if not dn
+        )
 
     def _lists(self) -> list[list[float]]:
         return [s.tolist() if isinstance(s, torch.Tensor) else list(s) for s in self.spectra]
@@ -93,23 +98,40 @@ class Allocation:
     budget: int
     error: float  # total remaining (weighted) error
     per_item_error: list[float] = field(default_factory=list)
-    dense_layers: list[list[bool]] = field(default_factory=list)  # per item, per layer: kept dense in the stack
+    dense_layers: list[list[bool]] = field(
+        default_factory=list
+    )  # per item, per layer: kept dense in the stack
 
     @property
     def fraction(self) -> float:
         return self.params / self.dense_params if self.dense_params else 0.0
 
 
-def evaluate(items: Sequence[BudgetItem], ranks: list[list[int]], dense: list[bool] | None = None,
-             budget: int = 0, dense_layers: list[list[bool]] | None = None) -> Allocation:
+def evaluate(
+    items: Sequence[BudgetItem],
+    ranks: list[list[int]],
+    dense: list[bool] | None = None,
+    budget: int = 0,
+    dense_layers: list[list[bool]] | None = None,
+) -> Allocation:
     """Cost and error of a given allocation (e.g. uniform rank) in the same terms as the greedy."""
     dense = dense or [False] * len(items)
     dense_layers = dense_layers or [[False] * it.n_layers for it in items]
     errors = [0.0 if dn else it.error(r, dl) for it, r, dn, dl in zip(items, ranks, dense, dense_layers)]
-    params = sum(it.dense_cost if dn else it.lors_cost(r, dl) for it, r, dn, dl in zip(items, ranks, dense, dense_layers))
-    return Allocation(ranks=ranks, dense=list(dense), params=params,
-                      dense_params=sum(it.dense_cost for it in items), budget=budget,
-                      error=sum(errors), per_item_error=errors, dense_layers=[list(dl) for dl in dense_layers])
+    params = sum(
+        it.dense_cost if dn else it.lors_cost(r, dl)
+        for it, r, dn, dl in zip(items, ranks, dense, dense_layers)
+    )
+    return Allocation(
+        ranks=ranks,
+        dense=list(dense),
+        params=params,
+        dense_params=sum(it.dense_cost for it in items),
+        budget=budget,
+        error=sum(errors),
+        per_item_error=errors,
+        dense_layers=[list(dl) for dl in dense_layers],
+    )
 
 
 def minimum_params(items: Sequence[BudgetItem]) -> int:
@@ -128,7 +150,9 @@ def allocate_ranks(items: Sequence[BudgetItem], budget: float | int, fraction: b
     dense_total = sum(it.dense_cost for it in items)
     if fraction:
         if not budget > 0:
-            raise LorsUsageError(f"budget must be a positive fraction of the stacked parameters, got {budget}")
+            raise LorsUsageError(
+                f"budget must be a positive fraction of the stacked parameters, got {budget}"
+            )
         limit = int(round(float(budget) * dense_total))
     else:
         limit = int(budget)
@@ -136,7 +160,8 @@ def allocate_ranks(items: Sequence[BudgetItem], budget: float | int, fraction: b
     if limit < floor_cost:
         raise LorsUsageError(
             f"budget {budget} ({limit} parameters) is below the cost of the shared parts alone "
-            f"({floor_cost} parameters = {floor_cost / max(dense_total, 1):.3f} of the stacked parameters)")
+            f"({floor_cost} parameters = {floor_cost / max(dense_total, 1):.3f} of the stacked parameters)"
+        )
     lists = [it._lists() for it in items]
     ranks = [[0] * it.n_layers for it in items]
     dense = [False] * len(items)
@@ -176,8 +201,13 @@ def allocate_ranks(items: Sequence[BudgetItem], budget: float | int, fraction: b
     return result
 
 
-def allocate_with_sharing(shared: Sequence[BudgetItem], private: Sequence[BudgetItem], budget: float | int,
-                          fraction: bool = True, max_passes: int = 4) -> tuple[list[bool], Allocation]:
+def allocate_with_sharing(
+    shared: Sequence[BudgetItem],
+    private: Sequence[BudgetItem],
+    budget: float | int,
+    fraction: bool = True,
+    max_passes: int = 4,
+) -> tuple[list[bool], Allocation]:
     """Per parameter, shared part or not, and the ranks: the choice with the lowest total error found.
 
     ``shared[j]`` and ``private[j]`` describe the same stacked parameter (``private[j].shared`` is
@@ -193,7 +223,9 @@ def allocate_with_sharing(shared: Sequence[BudgetItem], private: Sequence[Budget
 
     def run(choice: list[bool]) -> Allocation | None:
         try:
-            return allocate_ranks([s if c else p for s, p, c in zip(shared, private, choice)], budget, fraction)
+            return allocate_ranks(
+                [s if c else p for s, p, c in zip(shared, private, choice)], budget, fraction
+            )
         except LorsUsageError:  # the shared parts alone exceed the budget
             return None
 
@@ -201,7 +233,7 @@ def allocate_with_sharing(shared: Sequence[BudgetItem], private: Sequence[Budget
         for _ in range(max_passes):
             improved = False
             for j in range(len(choice)):
-                trial = choice[:j] + [not choice[j]] + choice[j + 1:]
+                trial = choice[:j] + [not choice[j]] + choice[j + 1 :]
                 alloc = run(trial)
                 if alloc is not None and alloc.error < best.error:
                     choice, best, improved = trial, alloc, True
@@ -223,5 +255,12 @@ def uniform_ranks(items: Sequence[BudgetItem], rank: int) -> Allocation:
     return evaluate(items, ranks)
 
 
-__all__ = ["BudgetItem", "Allocation", "allocate_ranks", "allocate_with_sharing", "uniform_ranks", "evaluate",
-           "minimum_params"]
+__all__ = [
+    "BudgetItem",
+    "Allocation",
+    "allocate_ranks",
+    "allocate_with_sharing",
+    "uniform_ranks",
+    "evaluate",
+    "minimum_params",
+]

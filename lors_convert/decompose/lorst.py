@@ -10,6 +10,7 @@ equal with the exact top-k subspace (``topk.py`` finds it exactly or randomized,
 :class:`LayerFactors` reports the error the factors have (:func:`_discarded_energy`). All arithmetic is float32 (or float64 when given float64),
 whatever the storage dtype; casting back to the source dtype is the caller's job.
 """
+
 from __future__ import annotations
 
 import math
@@ -91,13 +92,19 @@ class StackFactors:
     layers: list[LayerFactors]
 
 
-def truncated_svd(R: torch.Tensor, k: int, method: str = "auto") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def truncated_svd(
+    R: torch.Tensor, k: int, method: str = "auto"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-``k`` singular triplets ``U (d, k), S (k,), Vh (k, h)`` of ``R`` (or of a batch
     ``(..., d, h)``), by the route :func:`.topk.route` picks for ``method`` ("auto", "exact" or
     "randomized"); ``U S Vh`` is always the projection of ``R`` onto the subspace found."""
     d, h = R.shape[-2:]
     if k == 0:
-        return R.new_zeros(*R.shape[:-2], d, 0), R.new_zeros(*R.shape[:-2], 0), R.new_zeros(*R.shape[:-2], 0, h)
+        return (
+            R.new_zeros(*R.shape[:-2], d, 0),
+            R.new_zeros(*R.shape[:-2], 0),
+            R.new_zeros(*R.shape[:-2], 0, h),
+        )
     return top_singular(R, k, method)
 
 
@@ -167,13 +174,22 @@ def decompose_stack(
     return StackFactors(shared=W_s, layers=list(layers))
 
 
-def decompose_lazily(weights, ranks: list[int], method: str = "auto", device: torch.device | str | None = None,
-                     shared: torch.Tensor | None = None) -> tuple[torch.Tensor, Iterator[LayerFactors]]:
+def decompose_lazily(
+    weights,
+    ranks: list[int],
+    method: str = "auto",
+    device: torch.device | str | None = None,
+    shared: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, Iterator[LayerFactors]]:
     """:func:`decompose_stack` as ``(W_s, layers)``: the shared part now, each layer's factors as the
     iterator reaches it, one chunk (:func:`_chunks`) solved at a time. A consumer that stores each
     layer's factors as they come (a checkpoint writer) holds the residuals and one chunk's work, not
     every layer's factors; the residuals are released when the iterator ends."""
-    if isinstance(weights, torch.Tensor) and weights.dim() == 3 and weights.dtype in (torch.float32, torch.float64):
+    if (
+        isinstance(weights, torch.Tensor)
+        and weights.dim() == 3
+        and weights.dtype in (torch.float32, torch.float64)
+    ):
         W = weights if device is None else weights.to(device)  # (N, d, h), consumed
     else:
         W = stack_matrices(weights, device)  # (N, d, h)
@@ -184,7 +200,9 @@ def decompose_lazily(weights, ranks: list[int], method: str = "auto", device: to
     return W_s, _layer_factors(R, ranks, method, weight_norms)
 
 
-def _layer_factors(R: torch.Tensor, ranks: list[int], method: str, weight_norms: list[float]) -> Iterator[LayerFactors]:
+def _layer_factors(
+    R: torch.Tensor, ranks: list[int], method: str, weight_norms: list[float]
+) -> Iterator[LayerFactors]:
     """The factors of each residual ``R[i]`` (N, d, h), chunk by chunk; ``R`` is overwritten."""
     for start, stop in _chunks(ranks, R.shape[-2:]):
         k = ranks[start]
@@ -198,14 +216,20 @@ def _layer_factors(R: torch.Tensor, ranks: list[int], method: str, weight_norms:
         for j, i in enumerate(range(start, stop)):
             with serial():  # small copies: threads only add a barrier (topk.py)
                 own = B[j].clone(), A[j].clone()  # not views of the chunk
-            yield LayerFactors(B=own[0], A=own[1], residual_energy=residual[j], discarded_energy=discarded[j],
-                               weight_norm=weight_norms[i])
+            yield LayerFactors(
+                B=own[0],
+                A=own[1],
+                residual_energy=residual[j],
+                discarded_energy=discarded[j],
+                weight_norm=weight_norms[i],
+            )
             del own
         del B, A
 
 
-def _discarded_energy(R: torch.Tensor, B: torch.Tensor, A: torch.Tensor, S: torch.Tensor,
-                      residual: list[float]) -> list[float]:
+def _discarded_energy(
+    R: torch.Tensor, B: torch.Tensor, A: torch.Tensor, S: torch.Tensor, residual: list[float]
+) -> list[float]:
     """``||R_i - B_i A_i||_F^2`` per layer of a chunk, the error the factors have (not a spectrum's).
 
     ``B A`` is the projection of ``R`` onto the basis found (``topk.py``), whose rows' norms are ``S``,

@@ -33,6 +33,7 @@ factorization is a long series of small parallel regions, each ending in a barri
 whose cores are shared every barrier waits for a descheduled thread (README, Benchmarks). The large
 matrix products around them keep torch's thread count.
 """
+
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -120,7 +121,9 @@ def top_basis(X: torch.Tensor, k: int, how: str) -> torch.Tensor:
     raise ValueError(f"unknown route {how!r}")
 
 
-def top_singular(R: torch.Tensor, k: int, method: str = "auto") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def top_singular(
+    R: torch.Tensor, k: int, method: str = "auto"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``U (..., d, k), S (..., k), Vh (..., k, h)`` with ``U diag(S) Vh`` the projection of ``R``
     onto the top-k subspace found (module docstring). ``S`` is descending up to the route's
     accuracy; a zero singular value gets a zero column/row in place of an arbitrary unit vector."""

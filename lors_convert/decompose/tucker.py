@@ -20,6 +20,7 @@ every step is a least-squares update of one factor, so the error never increases
 Merge is exact and linear: ``G_i[a, b, :] = T_s[a, b, :] + sum_k sum_{j,l} B_ik[a, j] A_ik[l, b] C_ik[j, l, :]``.
 All arithmetic is float32 (float64 when given float64).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -41,7 +42,7 @@ class TuckerGroups:
 
     def block(self, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         r1, r2 = self.cores.shape[1:3]
-        return self.B[:, k * r1:(k + 1) * r1], self.A[k * r2:(k + 1) * r2], self.cores[k]
+        return self.B[:, k * r1 : (k + 1) * r1], self.A[k * r2 : (k + 1) * r2], self.cores[k]
 
 
 def unfold(T: torch.Tensor, mode: int) -> torch.Tensor:
@@ -61,7 +62,7 @@ def leading_left_vectors(M: torch.Tensor, k: int) -> torch.Tensor:
         evals, evecs = torch.linalg.eigh(gram)  # ascending
         U = evecs.flip(-1)[:, :k].to(M.dtype)
         rank = int((evals > evals.max().clamp_min(0) * n * torch.finfo(torch.float64).eps).sum())
-        U = U[:, :min(k, rank)] if rank < k else U
+        U = U[:, : min(k, rank)] if rank < k else U
     else:
         U = torch.linalg.svd(M, full_matrices=False)[0][:, :k]  # (n, min(n, p, k))
     if U.shape[1] < k:  # fewer components than asked for: pad with zeros (contributes nothing)
@@ -90,8 +91,15 @@ DEFAULT_BLOCK_SWEEPS = 30  # block-HOOI sweeps used when K > 1 and none are aske
 GREEDY_GROUP_SWEEPS = 3  # HOOI sweeps per group of the greedy init
 
 
-def hosvd(D: torch.Tensor, r1: int, r2: int, groups: int = 1, sweeps: int | None = 0,
-          tol: float = 1e-9, init: str = "auto") -> TuckerGroups:
+def hosvd(
+    D: torch.Tensor,
+    r1: int,
+    r2: int,
+    groups: int = 1,
+    sweeps: int | None = 0,
+    tol: float = 1e-9,
+    init: str = "auto",
+) -> TuckerGroups:
     """Truncated HOSVD of ``D (d, h, m)`` in ``groups`` groups of ranks ``(r1, r2)``, then block-HOOI.
 
     ``r1`` (<= d) and ``r2`` (<= h) are the per-group mode ranks; components beyond the tensor's
@@ -129,8 +137,9 @@ def hosvd(D: torch.Tensor, r1: int, r2: int, groups: int = 1, sweeps: int | None
     elif init in ("blocks", "greedy"):
         B = leading_left_vectors(unfold(D, 0), K * r1)  # (d, K*r1)
         A = leading_left_vectors(unfold(D, 1), K * r2).T  # (K*r2, h)
-        cores = torch.stack([project_core(D, B[:, k * r1:(k + 1) * r1], A[k * r2:(k + 1) * r2])
-                             for k in range(K)])  # (K, r1, r2, m)
+        cores = torch.stack(
+            [project_core(D, B[:, k * r1 : (k + 1) * r1], A[k * r2 : (k + 1) * r2]) for k in range(K)]
+        )  # (K, r1, r2, m)
         f = TuckerGroups(B=B.contiguous(), A=A.contiguous(), cores=cores)
     else:
         raise ValueError(f"init must be auto, blocks or greedy, got {init!r}")
@@ -154,15 +163,17 @@ def hooi_sweep(D: torch.Tensor, f: TuckerGroups) -> tuple[TuckerGroups, float]:
     """
     K, r1, r2, _ = f.cores.shape
     B, A, cores = f.B.clone(), f.A.clone(), f.cores.clone()
-    terms = [tucker_to_tensor(B[:, k * r1:(k + 1) * r1], A[k * r2:(k + 1) * r2], cores[k]) for k in range(K)]
+    terms = [
+        tucker_to_tensor(B[:, k * r1 : (k + 1) * r1], A[k * r2 : (k + 1) * r2], cores[k]) for k in range(K)
+    ]
     total = sum(terms)
     for k in range(K):
         R = D - (total - terms[k])  # (d, h, m): what group k should explain
-        A_k = A[k * r2:(k + 1) * r2]  # (r2, h)
+        A_k = A[k * r2 : (k + 1) * r2]  # (r2, h)
         B_k = leading_left_vectors(unfold(torch.einsum("ahm,lh->alm", R, A_k), 0), r1)  # (d, r1)
         A_k = leading_left_vectors(unfold(torch.einsum("ahm,aj->jhm", R, B_k), 1), r2).T  # (r2, h)
         core = project_core(R, B_k, A_k)  # (r1, r2, m)
-        B[:, k * r1:(k + 1) * r1], A[k * r2:(k + 1) * r2], cores[k] = B_k, A_k, core
+        B[:, k * r1 : (k + 1) * r1], A[k * r2 : (k + 1) * r2], cores[k] = B_k, A_k, core
         new_term = tucker_to_tensor(B_k, A_k, core)
         total = total - terms[k] + new_term
         terms[k] = new_term
@@ -180,8 +191,14 @@ class GeneratorFactors:
     tensor_norm: list[float]  # ||T_i||_F
 
 
-def decompose_generators(tensors: list[torch.Tensor], r1: list[int], r2: list[int], groups: list[int],
-                         sweeps: int | None = None, shared: torch.Tensor | None = None) -> GeneratorFactors:
+def decompose_generators(
+    tensors: list[torch.Tensor],
+    r1: list[int],
+    r2: list[int],
+    groups: list[int],
+    sweeps: int | None = None,
+    shared: torch.Tensor | None = None,
+) -> GeneratorFactors:
     """LORSA factors of N generator tensors ``(d, h, m)``: ``T_s = mean`` then HOSVD of each residual.
 
     ``r1``/``r2``/``groups``: per-layer mode ranks of one group and number of groups ``K_i``;
@@ -199,8 +216,9 @@ def decompose_generators(tensors: list[torch.Tensor], r1: list[int], r2: list[in
         res.append(float((D * D).sum()))
         disc.append(float((err * err).sum()))
         norms.append(float(T[i].norm()))
-    return GeneratorFactors(shared=T_s, layers=layers, residual_energy=res, discarded_energy=disc,
-                            tensor_norm=norms)
+    return GeneratorFactors(
+        shared=T_s, layers=layers, residual_energy=res, discarded_energy=disc, tensor_norm=norms
+    )
 
 
 def merge_generator(shared: torch.Tensor, f: TuckerGroups) -> torch.Tensor:
@@ -208,6 +226,17 @@ def merge_generator(shared: torch.Tensor, f: TuckerGroups) -> torch.Tensor:
     return shared + groups_to_tensor(f)
 
 
-__all__ = ["TuckerGroups", "GeneratorFactors", "unfold", "leading_left_vectors", "project_core",
-           "tucker_to_tensor", "groups_to_tensor", "hosvd", "hooi_sweep", "decompose_generators",
-           "merge_generator", "DEFAULT_BLOCK_SWEEPS"]
+__all__ = [
+    "TuckerGroups",
+    "GeneratorFactors",
+    "unfold",
+    "leading_left_vectors",
+    "project_core",
+    "tucker_to_tensor",
+    "groups_to_tensor",
+    "hosvd",
+    "hooi_sweep",
+    "decompose_generators",
+    "merge_generator",
+    "DEFAULT_BLOCK_SWEEPS",
+]

@@ -33,6 +33,7 @@ Matrix orientation: ``nn.Linear`` stores ``(out, in)`` and conv kernels ``(out, 
 over unfolded patches): linear orientation as stored. HF ``Conv1D`` stores ``(in, out)``: its matrix
 is transposed on the way in and out (``orientation="in_out"``).
 """
+
 from __future__ import annotations
 
 import math
@@ -69,9 +70,15 @@ def _dense_sum(grams: list[Gram]) -> torch.Tensor:
     return total
 
 
-def weighted_shared(W: torch.Tensor, grams: list[Gram], private: torch.Tensor | None = None,
-                    left: list[Gram] | None = None, start: torch.Tensor | None = None,
-                    max_iter: int = CG_MAX_ITER, tol: float = CG_TOL) -> torch.Tensor:
+def weighted_shared(
+    W: torch.Tensor,
+    grams: list[Gram],
+    private: torch.Tensor | None = None,
+    left: list[Gram] | None = None,
+    start: torch.Tensor | None = None,
+    max_iter: int = CG_MAX_ITER,
+    tol: float = CG_TOL,
+) -> torch.Tensor:
     """``argmin_S sum_i ||M_i^T (W_i - P_i - S) L_i||^2``.
 
     ``W``: (N, out, in); ``grams``: N effective input Grams ``C_i`` (in, in), dense or as
@@ -94,13 +101,15 @@ def weighted_shared(W: torch.Tensor, grams: list[Gram], private: torch.Tensor | 
     return _kron_sum_cg(left, grams, b, start, max_iter, tol)
 
 
-def _kron_sum_cg(left: list[Gram], right: list[Gram], b: torch.Tensor, x: torch.Tensor,
-                 max_iter: int, tol: float) -> torch.Tensor:
+def _kron_sum_cg(
+    left: list[Gram], right: list[Gram], b: torch.Tensor, x: torch.Tensor, max_iter: int, tol: float
+) -> torch.Tensor:
     """Solve ``sum_i G_i X C_i = b`` (all ``G_i``, ``C_i`` SPD) by PCG from ``x``.
 
     Preconditioner ``R -> Gbar^-1 R Cbar^-1`` (mean Grams): exact when the Grams of the stack are
     proportional to each other.
     """
+
     def apply(X):
         return sum(_left(G, _right(X, C)) for G, C in zip(left, right))
 
@@ -146,13 +155,15 @@ class WeightedFactors(StackFactors):
     @property
     def relative_output_error(self) -> list[float]:
         """``||(W_i - What_i) X_i|| / ||W_i X_i||`` per layer on the calibration inputs."""
-        return [math.sqrt(max(e, 0.0) / o) if o > 0 else 0.0
-                for e, o in zip(self.weighted_error, self.weighted_output)]
+        return [
+            math.sqrt(max(e, 0.0) / o) if o > 0 else 0.0
+            for e, o in zip(self.weighted_error, self.weighted_output)
+        ]
 
 
-def whitened_truncation(R: torch.Tensor, whiteners: list[Whitener], ranks: list[int],
-                        left: list[Whitener] | None = None
-                        ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[float], list[float], list[torch.Tensor]]:
+def whitened_truncation(
+    R: torch.Tensor, whiteners: list[Whitener], ranks: list[int], left: list[Whitener] | None = None
+) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[float], list[float], list[torch.Tensor]]:
     """Best weighted rank-``k_i`` approximation of each residual ``R_i`` (linear orientation).
 
     ``whiteners``: input side ``L_i``; ``left``: output side ``M_i`` or None (identity).
@@ -190,24 +201,39 @@ def _orient(M: torch.Tensor, orientation: str) -> torch.Tensor:
     return M.transpose(-1, -2) if orientation == "in_out" else M
 
 
-def whitened_spectra(weights: list[torch.Tensor], grams: list[torch.Tensor], orientation: str = "out_in",
-                     floor: float = DEFAULT_FLOOR, damp: float = DEFAULT_DAMP, shared: bool = True,
-                     device: torch.device | str | None = None, shared_matrix: torch.Tensor | None = None,
-                     out_grams: list | None = None) -> list[torch.Tensor]:
+def whitened_spectra(
+    weights: list[torch.Tensor],
+    grams: list[torch.Tensor],
+    orientation: str = "out_in",
+    floor: float = DEFAULT_FLOOR,
+    damp: float = DEFAULT_DAMP,
+    shared: bool = True,
+    device: torch.device | str | None = None,
+    shared_matrix: torch.Tensor | None = None,
+    out_grams: list | None = None,
+) -> list[torch.Tensor]:
     """Whitened residual spectra ``s^2`` per layer (what each rank unit would remove), for budgeting.
 
     ``shared=False`` gives the spectra of the layers themselves (no shared part); ``shared_matrix``
     (stored orientation) replaces the weighted least-squares shared part; ``out_grams``: output-side
     Grams (see :func:`decompose_weighted`).
     """
-    return shared_and_spectra(weights, grams, orientation, floor, damp, shared, device, shared_matrix,
-                              out_grams)[1]
+    return shared_and_spectra(
+        weights, grams, orientation, floor, damp, shared, device, shared_matrix, out_grams
+    )[1]
 
 
-def shared_and_spectra(weights: list[torch.Tensor], grams: list[torch.Tensor], orientation: str = "out_in",
-                       floor: float = DEFAULT_FLOOR, damp: float = DEFAULT_DAMP, shared: bool = True,
-                       device: torch.device | str | None = None, shared_matrix: torch.Tensor | None = None,
-                       out_grams: list | None = None) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+def shared_and_spectra(
+    weights: list[torch.Tensor],
+    grams: list[torch.Tensor],
+    orientation: str = "out_in",
+    floor: float = DEFAULT_FLOOR,
+    damp: float = DEFAULT_DAMP,
+    shared: bool = True,
+    device: torch.device | str | None = None,
+    shared_matrix: torch.Tensor | None = None,
+    out_grams: list | None = None,
+) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
     """:func:`whitened_spectra` and the shared part they were taken against (stored orientation,
     float64; None with ``shared=False``). With output Grams that part is a screening solve
     (:data:`CG_SCREEN_ITER` iterations, enough to rank sharing against none), passed on to
@@ -218,10 +244,16 @@ def shared_and_spectra(weights: list[torch.Tensor], grams: list[torch.Tensor], o
     return (None if S is None else _orient(S, orientation)), spectra
 
 
-def sharing_spectra(weights: list[torch.Tensor], grams: list[torch.Tensor], orientation: str = "out_in",
-                    floor: float = DEFAULT_FLOOR, damp: float = DEFAULT_DAMP,
-                    device: torch.device | str | None = None, shared_matrix: torch.Tensor | None = None,
-                    out_grams: list | None = None) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+def sharing_spectra(
+    weights: list[torch.Tensor],
+    grams: list[torch.Tensor],
+    orientation: str = "out_in",
+    floor: float = DEFAULT_FLOOR,
+    damp: float = DEFAULT_DAMP,
+    device: torch.device | str | None = None,
+    shared_matrix: torch.Tensor | None = None,
+    out_grams: list | None = None,
+) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
     """:func:`shared_and_spectra` plus the spectra of the layers themselves (no shared part), from
     one set of whiteners: the two structures a budget with ``sharing="auto"`` compares.
     Returns ``(shared part, residual spectra, the layers' own spectra)``."""
@@ -253,7 +285,9 @@ def _layer_spectra(R: torch.Tensor, wh, lw) -> list[torch.Tensor]:
 def _prepare(weights, grams, orientation, floor, damp, device, out_grams=None):
     """Stacked float64 matrices in linear orientation, input whiteners, output whiteners (or None)."""
     device = torch.device(device) if device is not None else weights[0].device
-    W = torch.stack([_orient(as_matrix(w).to(device=device, dtype=torch.float64), orientation) for w in weights])
+    W = torch.stack(
+        [_orient(as_matrix(w).to(device=device, dtype=torch.float64), orientation) for w in weights]
+    )
     wh = stack_whiteners(grams, len(weights), W.shape[2], floor, damp, device)
     lw = None
     if out_grams is not None and any(g is not None for g in out_grams):
@@ -324,12 +358,31 @@ def decompose_weighted(
         err = float((D * D).sum())
         if orientation == "in_out":
             B, A = A.T, B.T  # W^T = (B A)^T = A^T B^T: stored B (in, k), A (k, out)
-        layers.append(LayerFactors(B=B.float(), A=A.float(), residual_energy=res, discarded_energy=err,
-                                   weight_norm=float(torch.linalg.matrix_norm(W[i]))))
-    return WeightedFactors(shared=_orient(W_s, orientation).float(), layers=layers,
-                           weighted_residual=energy, weighted_error=discarded, weighted_output=outputs,
-                           history=history)
+        layers.append(
+            LayerFactors(
+                B=B.float(),
+                A=A.float(),
+                residual_energy=res,
+                discarded_energy=err,
+                weight_norm=float(torch.linalg.matrix_norm(W[i])),
+            )
+        )
+    return WeightedFactors(
+        shared=_orient(W_s, orientation).float(),
+        layers=layers,
+        weighted_residual=energy,
+        weighted_error=discarded,
+        weighted_output=outputs,
+        history=history,
+    )
 
 
-__all__ = ["WeightedFactors", "decompose_weighted", "shared_and_spectra", "sharing_spectra", "weighted_shared",
-           "whitened_spectra", "whitened_truncation"]
+__all__ = [
+    "WeightedFactors",
+    "decompose_weighted",
+    "shared_and_spectra",
+    "sharing_spectra",
+    "weighted_shared",
+    "whitened_spectra",
+    "whitened_truncation",
+]

@@ -7,6 +7,7 @@ calibration keeps it there), its eigenvalues floored at ``floor * max(lam)`` and
 ``L = Q diag(lam')^{1/2}`` (:class:`Whitener`). The weighted LORS math (:mod:`.whiten`) applies
 ``L``, ``L^-1`` and ``C'`` through ``Q`` and never forms them. No I/O.
 """
+
 from __future__ import annotations
 
 import math
@@ -109,8 +110,13 @@ def gram_eigh(C: torch.Tensor, dtype: torch.dtype = torch.float64) -> tuple[torc
     return lam.clamp_min(0.0), Q
 
 
-def whitener(C: torch.Tensor | None = None, floor: float = DEFAULT_FLOOR, damp: float = DEFAULT_DAMP,
-             eig: tuple[torch.Tensor, torch.Tensor] | None = None, scale: float = 1.0) -> Whitener:
+def whitener(
+    C: torch.Tensor | None = None,
+    floor: float = DEFAULT_FLOOR,
+    damp: float = DEFAULT_DAMP,
+    eig: tuple[torch.Tensor, torch.Tensor] | None = None,
+    scale: float = 1.0,
+) -> Whitener:
     """Eigendecomposition square root of a symmetric PSD Gram matrix with an eigenvalue floor.
 
     ``floor`` is relative to the largest eigenvalue, ``damp`` adds ``damp * mean eigenvalue`` to all
@@ -144,8 +150,9 @@ class Whiteners(Sequence):
         if isinstance(item, Whitener):
             return item
         lam, Q = item.eig()
-        return whitener(eig=(lam.to(self.device), Q.to(self.device)), scale=item.scale, floor=self.floor,
-                        damp=self.damp)
+        return whitener(
+            eig=(lam.to(self.device), Q.to(self.device)), scale=item.scale, floor=self.floor, damp=self.damp
+        )
 
 
 def stack_whiteners(grams, count: int, n: int, floor, damp, device) -> Whiteners:
@@ -207,5 +214,15 @@ def cached_eigh(C: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return eig
 
 
-__all__ = ["DEFAULT_DAMP", "DEFAULT_FLOOR", "ScaledGram", "Whitener", "Whiteners", "cached_eigh", "gram_eigh",
-           "identity_whitener", "stack_whiteners", "whitener"]
+__all__ = [
+    "DEFAULT_DAMP",
+    "DEFAULT_FLOOR",
+    "ScaledGram",
+    "Whitener",
+    "Whiteners",
+    "cached_eigh",
+    "gram_eigh",
+    "identity_whitener",
+    "stack_whiteners",
+    "whitener",
+]

@@ -28,6 +28,7 @@ How generators are chosen (``convert(model, adaptive=...)``):
 
 ``require_savings`` does not apply to generators: they were asked for explicitly.
 """
+
 from __future__ import annotations
 
 import fnmatch
@@ -66,8 +67,10 @@ class GeneratorSpec:
             return cls()
         pattern, sep, layout = s.partition(":")
         if not sep:
-            raise LorsUsageError(f"bad generator spec {text!r}: expected 'PATTERN: LAYOUT', e.g. "
-                                 "'*.parameter_generator.0.weight: 4 x [64x64, 128x32]' (or 'auto')")
+            raise LorsUsageError(
+                f"bad generator spec {text!r}: expected 'PATTERN: LAYOUT', e.g. "
+                "'*.parameter_generator.0.weight: 4 x [64x64, 128x32]' (or 'auto')"
+            )
         layout = layout.strip()
         if layout and layout != "auto":
             Layout.parse(layout)  # fail early on a bad layout
@@ -95,8 +98,12 @@ def parse_specs(adaptive: AdaptiveArg) -> list[GeneratorSpec]:
 _PASS_METHODS = {"contiguous", "clone", "float", "double", "half", "bfloat16", "to", "type_as"}
 _RESHAPE = {"reshape", "view"}
 _MATMUL_FUNCS = {operator.matmul, torch.matmul, torch.bmm, torch.einsum, torch.mm}
-_MATRIX_ARG = {torch.nn.functional.linear: [(1, "weight")], torch.baddbmm: [(1, "batch1"), (2, "batch2")],
-               torch.addmm: [(1, "mat1"), (2, "mat2")], torch.addbmm: [(1, "batch1"), (2, "batch2")]}
+_MATRIX_ARG = {
+    torch.nn.functional.linear: [(1, "weight")],
+    torch.baddbmm: [(1, "batch1"), (2, "batch2")],
+    torch.addmm: [(1, "mat1"), (2, "mat2")],
+    torch.addbmm: [(1, "batch1"), (2, "batch2")],
+}
 _MATMUL_METHODS = {"matmul", "bmm", "mm", "__matmul__", "__rmatmul__"}
 
 
@@ -132,7 +139,7 @@ def _reshape(v: _Feat, shape: list) -> _Feat | None:
         else:
             break
     suffix.reverse()
-    prefix = shape[:len(shape) - len(suffix)]
+    prefix = shape[: len(shape) - len(suffix)]
     if not prefix and len(suffix) > 1 and suffix[0] == -1:
         prefix, suffix = [-1], suffix[1:]
     if not prefix:
@@ -161,8 +168,11 @@ def _arg(node, i, name, default=None):
 def _multiplies_features(user, src) -> bool:
     """A generated matrix multiplies activations: a product with a parameter (``get_attr``) is a
     per-token feature tensor meeting a weight (multi-head projections), not a generated matrix."""
-    others = [a for a in list(user.args) + list(user.kwargs.values())
-              if isinstance(a, torch.fx.Node) and a is not src]
+    others = [
+        a
+        for a in list(user.args) + list(user.kwargs.values())
+        if isinstance(a, torch.fx.Node) and a is not src
+    ]
     return bool(others) and not any(a.op == "get_attr" for a in others)
 
 
@@ -200,16 +210,25 @@ def _step(user, src, v, found):  # noqa: C901 - one case per supported op
     is_method = op == "call_method"
     is_func = op == "call_function"
     if is_func and target in _MATRIX_ARG:  # only some arguments are matrices (weight of F.linear)
-        if v.idx.dim() >= 2 and any(_arg(user, i, kw) is src for i, kw in _MATRIX_ARG[target]) \
-                and _multiplies_features(user, src):
+        if (
+            v.idx.dim() >= 2
+            and any(_arg(user, i, kw) is src for i, kw in _MATRIX_ARG[target])
+            and _multiplies_features(user, src)
+        ):
             found.append(v.idx)
         return None
     if (is_func and target in _MATMUL_FUNCS) or (is_method and name in _MATMUL_METHODS):
         if v.idx.dim() >= 2 and _multiplies_features(user, src):
             found.append(v.idx)
         return None
-    if not (is_method or (is_func and target in (torch.reshape, torch.split, torch.chunk, torch.flatten,
-                                                  torch.transpose, torch.unflatten))):
+    if not (
+        is_method
+        or (
+            is_func
+            and target
+            in (torch.reshape, torch.split, torch.chunk, torch.flatten, torch.transpose, torch.unflatten)
+        )
+    ):
         return None
     if is_func and self_arg is not src:
         return None
@@ -238,7 +257,7 @@ def _step(user, src, v, found):  # noqa: C901 - one case per supported op
         if fd is None or not all(isinstance(s, int) for s in sizes):
             return None
         shape = list(v.idx.shape)
-        return _Feat(nb=v.nb, idx=v.idx.reshape(*shape[:fd], *sizes, *shape[fd + 1:]))
+        return _Feat(nb=v.nb, idx=v.idx.reshape(*shape[:fd], *sizes, *shape[fd + 1 :]))
     if name == "flatten":
         start, end = _arg(user, 1, "start_dim", 0), _arg(user, 2, "end_dim", -1)
         fs, fe = _feature_dim(v, start), _feature_dim(v, end)
@@ -336,8 +355,10 @@ def make_adaptive_hook(adaptive: AdaptiveArg, rank: int | None, groups) -> Calla
             plain_linear = isinstance(owner, nn.Linear) and type(owner).forward is nn.Linear.forward
             if sp.attr != "weight" or not plain_linear:
                 if named:
-                    raise LorsUsageError(f"generator spec {spec.pattern!r} matches {owner_path}.{sp.attr}, "
-                                         f"which is not the weight of a plain nn.Linear (exclude it or narrow the pattern)")
+                    raise LorsUsageError(
+                        f"generator spec {spec.pattern!r} matches {owner_path}.{sp.attr}, "
+                        f"which is not the weight of a plain nn.Linear (exclude it or narrow the pattern)"
+                    )
                 continue
             if spec.auto_layout:
                 if id(stack) not in traced:
@@ -349,20 +370,28 @@ def make_adaptive_hook(adaptive: AdaptiveArg, rank: int | None, groups) -> Calla
                             f"{owner_path} matches generator spec {spec.pattern!r} but torch.fx could not "
                             f"find how its output is cut into matrices (the stack member does not trace, or the "
                             f"output is not only reshaped into matmul operands); give the layout explicitly, "
-                            f"e.g. '{spec.pattern}: G x [RxC, ...]'")
+                            f"e.g. '{spec.pattern}: G x [RxC, ...]'"
+                        )
                     continue
             else:
                 layout = Layout.parse(spec.layout)
                 if layout.out_features != owner.out_features:
                     if not named:
                         continue
-                    raise LorsUsageError(f"generator layout {layout} of spec {spec.pattern!r} gives "
-                                         f"{layout.out_features} outputs but {owner_path} has {owner.out_features}")
+                    raise LorsUsageError(
+                        f"generator layout {layout} of spec {spec.pattern!r} gives "
+                        f"{layout.out_features} outputs but {owner_path} has {owner.out_features}"
+                    )
             used.add(n)
             r = rank if spec.rank == "default" else spec.rank
             g = groups if (isinstance(spec.groups, str) and spec.groups == "default") else spec.groups
-            return {"layout": layout, "rank": r, "groups": g, "sweeps": spec.sweeps,
-                    "has_bias": owner.bias is not None}
+            return {
+                "layout": layout,
+                "rank": r,
+                "groups": g,
+                "sweeps": spec.sweeps,
+                "has_bias": owner.bias is not None,
+            }
         return None
 
     hook.specs = specs  # type: ignore[attr-defined]
@@ -376,9 +405,11 @@ def check_specs_used(hook) -> None:
         return
     for n, spec in enumerate(hook.specs):
         if n not in hook.used and spec.pattern != "*":
-            raise LorsUsageError(f"generator spec {spec.pattern!r} matches no stacked Linear weight "
-                                 "(patterns match full parameter or module names, e.g. "
-                                 "'*.parameter_generator.0.weight'; the parameter must also pass include/exclude)")
+            raise LorsUsageError(
+                f"generator spec {spec.pattern!r} matches no stacked Linear weight "
+                "(patterns match full parameter or module names, e.g. "
+                "'*.parameter_generator.0.weight'; the parameter must also pass include/exclude)"
+            )
 
 
 # --------------------------------------------------------------------------------------------
@@ -397,10 +428,19 @@ def paper_adamixer_settings(num_stages: int = 6) -> dict:
         "rank": 8,
         "groups": 1,
         "include": ["*adaptive_mixing.out_proj.weight", "*adaptive_mixing.parameter_generator.0.weight"],
-        "adaptive": [GeneratorSpec(pattern="*adaptive_mixing.parameter_generator.0.weight", layout=None,
-                                   rank=16, groups=groups)],
+        "adaptive": [
+            GeneratorSpec(
+                pattern="*adaptive_mixing.parameter_generator.0.weight", layout=None, rank=16, groups=groups
+            )
+        ],
     }
 
 
-__all__ = ["GeneratorSpec", "detect_generators", "make_adaptive_hook", "paper_adamixer_settings", "parse_specs",
-           "check_specs_used"]
+__all__ = [
+    "GeneratorSpec",
+    "detect_generators",
+    "make_adaptive_hook",
+    "paper_adamixer_settings",
+    "parse_specs",
+    "check_specs_used",
+]

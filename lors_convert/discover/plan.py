@@ -6,6 +6,7 @@ stacked parameter (an :class:`AdaptivePlan` for a parameter generator, LORSA). A
 checkpoint tensor names and its parameter counts; :func:`param_entry` is its ``lors_config.json``
 record and :func:`plan_from_entry` reads one back.
 """
+
 from __future__ import annotations
 
 import math
@@ -73,8 +74,13 @@ class ParamPlan:
         """This plan restricted to its LORS members (what a fit sees: dense members take no part)."""
         keep = self.lors_members
         stack = replace(self.stack, members=[self.stack.members[i] for i in keep])
-        return replace(self, stack=stack, groups=[self.groups[i] for i in keep],
-                       ranks=[self.ranks[i] for i in keep], dense_members=[])
+        return replace(
+            self,
+            stack=stack,
+            groups=[self.groups[i] for i in keep],
+            ranks=[self.ranks[i] for i in keep],
+            dense_members=[],
+        )
 
     def factor_keys(self, i: int) -> dict[str, str]:
         owner = f"{self.stack.members[i]}.{self.param.owner_relpath}"
@@ -104,11 +110,21 @@ class ParamPlan:
         return lors_param_count(d, h, ranks, self.has_shared) + d * h * len(self.dense_members)
 
     def matrix_report(self) -> MatrixReport:
-        return MatrixReport(name=self.relname, kind=self.kind, layer=self.layer_kind,
-                            shape=list(self.param.shape), matrix=list(self.matrix), rank=self.rank,
-                            groups=list(self.groups), ranks=list(self.ranks),
-                            dense_params=self.dense_params, lors_params=self.lors_params,
-                            clamped=self.clamped, shared=self.has_shared, dense_members=list(self.dense_members))
+        return MatrixReport(
+            name=self.relname,
+            kind=self.kind,
+            layer=self.layer_kind,
+            shape=list(self.param.shape),
+            matrix=list(self.matrix),
+            rank=self.rank,
+            groups=list(self.groups),
+            ranks=list(self.ranks),
+            dense_params=self.dense_params,
+            lors_params=self.lors_params,
+            clamped=self.clamped,
+            shared=self.has_shared,
+            dense_members=list(self.dense_members),
+        )
 
 
 @dataclass
@@ -125,17 +141,26 @@ class ConversionPlan:
         """The projected report and its matrix entries in the order of ``self.params``."""
         by_stack: dict[int, StackReport] = {}
         for stack in self.stacks:
-            by_stack[id(stack)] = StackReport(path=stack.path, members=list(stack.members),
-                                              kept_dense=dict(stack.excluded),
-                                              kept_dense_params={sp.relname: len(stack) * math.prod(sp.shape)
-                                                                 for sp in stack.params if sp.relname in stack.excluded})
+            by_stack[id(stack)] = StackReport(
+                path=stack.path,
+                members=list(stack.members),
+                kept_dense=dict(stack.excluded),
+                kept_dense_params={
+                    sp.relname: len(stack) * math.prod(sp.shape)
+                    for sp in stack.params
+                    if sp.relname in stack.excluded
+                },
+            )
         matrices = [pp.matrix_report() for pp in self.params]
         for pp, m in zip(self.params, matrices):
             by_stack[id(pp.stack)].matrices.append(m)
         saved = sum(pp.dense_params - pp.lors_params for pp in self.params)
-        report = Report(stacks=[r for r in by_stack.values() if r.matrices or r.kept_dense],
-                        params_before=params_before, params_after=params_before - saved,
-                        warnings=list(self.warnings))
+        report = Report(
+            stacks=[r for r in by_stack.values() if r.matrices or r.kept_dense],
+            params_before=params_before,
+            params_after=params_before - saved,
+            warnings=list(self.warnings),
+        )
         return report, matrices
 
 
@@ -195,7 +220,9 @@ def plan_conversion(
             if not sp.dtype.is_floating_point:
                 stack.excluded[sp.relname] = f"dtype {sp.dtype} is not floating point"
                 continue
-            owner = modules[f"{stack.members[0]}.{sp.owner_relpath}" if sp.owner_relpath else stack.members[0]]
+            owner = modules[
+                f"{stack.members[0]}.{sp.owner_relpath}" if sp.owner_relpath else stack.members[0]
+            ]
             claim = adaptive(model, stack, sp) if adaptive is not None else None
             if claim is not None:
                 params.append(adaptive_plan(stack, sp, claim))
@@ -207,15 +234,29 @@ def plan_conversion(
             d, h = sp.shape[0], math.prod(sp.shape[1:])
             ranks, clamped = resolve_ranks(rank, groups_i, d, h)
             if require_savings and rank is not None and not saves_parameters(d, h, ranks):
-                stack.excluded[sp.relname] = (f"rank {rank} x groups saves nothing on a {d}x{h} matrix "
-                                              f"({lors_param_count(d, h, ranks)} >= "
-                                              f"{dense_param_count(d, h, len(ranks))} parameters)")
+                stack.excluded[sp.relname] = (
+                    f"rank {rank} x groups saves nothing on a {d}x{h} matrix "
+                    f"({lors_param_count(d, h, ranks)} >= "
+                    f"{dense_param_count(d, h, len(ranks))} parameters)"
+                )
                 continue
             if clamped:
-                warnings.append(f"{stack.path}.*.{sp.relname}: rank x groups exceeds min(d, h) = {min(d, h)}; "
-                                "clamped to full rank")
-            params.append(ParamPlan(stack=stack, param=sp, layer_kind=layer.layer_kind, kind="static",
-                                    rank=rank, groups=groups_i, ranks=ranks, clamped=clamped))
+                warnings.append(
+                    f"{stack.path}.*.{sp.relname}: rank x groups exceeds min(d, h) = {min(d, h)}; "
+                    "clamped to full rank"
+                )
+            params.append(
+                ParamPlan(
+                    stack=stack,
+                    param=sp,
+                    layer_kind=layer.layer_kind,
+                    kind="static",
+                    rank=rank,
+                    groups=groups_i,
+                    ranks=ranks,
+                    clamped=clamped,
+                )
+            )
     if not params:
         reasons = {why for s in stacks for why in s.excluded.values()}
         raise LorsError(
@@ -228,8 +269,10 @@ def full_rank_note(params: list[ParamPlan]) -> str:
     """What a full-rank conversion costs: it is exact, and it saves nothing."""
     static = [pp for pp in params if pp.kind == "static"]
     lors, dense = sum(pp.lors_params for pp in static), sum(pp.dense_params for pp in static)
-    return (f"rank full is an exact conversion and saves nothing: the converted matrices take {lors} "
-            f"parameters instead of {dense} dense")
+    return (
+        f"rank full is an exact conversion and saves nothing: the converted matrices take {lors} "
+        f"parameters instead of {dense} dense"
+    )
 
 
 class AdaptivePlan(ParamPlan):
@@ -266,8 +309,10 @@ class AdaptivePlan(ParamPlan):
         """The generators' bias keys (absorbed as the last input column), None without bias."""
         if not self.has_bias:
             return None
-        return [f"{m}.{self.param.owner_relpath}.bias" if self.param.owner_relpath else f"{m}.bias"
-                for m in self.stack.members]
+        return [
+            f"{m}.{self.param.owner_relpath}.bias" if self.param.owner_relpath else f"{m}.bias"
+            for m in self.stack.members
+        ]
 
     @property
     def dense_params(self) -> int:  # weight and bias of every layer: both are absorbed
@@ -278,18 +323,32 @@ class AdaptivePlan(ParamPlan):
     def lors_params(self) -> int:
         d, h = self.matrix
         dq = self.param.shape[1]
-        return d * h + sum(private_param_count(self.layout, dq, self.rank, k, self.has_bias) for k in self.groups)
+        return d * h + sum(
+            private_param_count(self.layout, dq, self.rank, k, self.has_bias) for k in self.groups
+        )
 
 
 def adaptive_plan(stack: Stack, sp: StackedParam, claim: dict) -> AdaptivePlan:
     rank, layout = claim["rank"], claim["layout"]
     groups = [1] * len(stack) if rank is None else resolve_groups(claim["groups"], stack)
     ranks = [sum(K * r1 for K, r1, _ in group_ranks(layout, rank, k)) for k in groups]
-    clamped = rank is not None and any(K * r1 > r or K * r2 > c for k in groups
-                                       for (K, r1, r2), (r, c) in zip(group_ranks(layout, rank, k),
-                                                                      layout.entries))
+    clamped = rank is not None and any(
+        K * r1 > r or K * r2 > c
+        for k in groups
+        for (K, r1, r2), (r, c) in zip(group_ranks(layout, rank, k), layout.entries)
+    )
     extra = {"layout": str(layout), "has_bias": claim["has_bias"], "sweeps": claim["sweeps"]}
-    return AdaptivePlan(stack=stack, param=sp, layer_kind=LorsaLinear.layer_kind, kind="adaptive", rank=rank, groups=groups, ranks=ranks, clamped=clamped, extra=extra)
+    return AdaptivePlan(
+        stack=stack,
+        param=sp,
+        layer_kind=LorsaLinear.layer_kind,
+        kind="adaptive",
+        rank=rank,
+        groups=groups,
+        ranks=ranks,
+        clamped=clamped,
+        extra=extra,
+    )
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -299,10 +358,18 @@ def dtype_name(dtype: torch.dtype) -> str:
 def param_entry(pp: ParamPlan) -> dict:
     """The JSON record of one converted parameter (``lors_config.json`` -> stacks[].params[])."""
     entry = {
-        "name": pp.relname, "owner": pp.param.owner_relpath, "attr": pp.param.attr,
-        "layer": pp.layer_kind, "kind": pp.kind, "shape": list(pp.param.shape),
-        "dtype": dtype_name(pp.param.dtype), "matrix": list(pp.matrix), "rank": pp.rank,
-        "groups": list(pp.groups), "ranks": list(pp.ranks), "clamped": pp.clamped,
+        "name": pp.relname,
+        "owner": pp.param.owner_relpath,
+        "attr": pp.param.attr,
+        "layer": pp.layer_kind,
+        "kind": pp.kind,
+        "shape": list(pp.param.shape),
+        "dtype": dtype_name(pp.param.dtype),
+        "matrix": list(pp.matrix),
+        "rank": pp.rank,
+        "groups": list(pp.groups),
+        "ranks": list(pp.ranks),
+        "clamped": pp.clamped,
         "shared": list(layer_class(pp.layer_kind).shared_names) if pp.has_shared else [],
         "extra": dict(pp.extra),
     }
@@ -313,11 +380,23 @@ def param_entry(pp: ParamPlan) -> dict:
 
 def plan_from_entry(stack: Stack, entry: dict) -> ParamPlan:
     """Rebuild the :class:`ParamPlan` of a recorded parameter (to build a skeleton)."""
-    sp = StackedParam(relname=entry["name"], shape=tuple(entry["shape"]),
-                      dtype=getattr(torch, entry["dtype"]), owner_class=nn.Module)
+    sp = StackedParam(
+        relname=entry["name"],
+        shape=tuple(entry["shape"]),
+        dtype=getattr(torch, entry["dtype"]),
+        owner_class=nn.Module,
+    )
     cls = AdaptivePlan if entry["kind"] == "adaptive" else ParamPlan  # adaptive: (out, dq+1) matrix
-    return cls(stack=stack, param=sp, layer_kind=entry["layer"], kind=entry["kind"],
-               rank=entry["rank"], groups=list(entry["groups"]), ranks=list(entry["ranks"]),
-               clamped=bool(entry.get("clamped", False)), extra=dict(entry.get("extra", {})),
-               has_shared=entry["kind"] != "static" or bool(entry["shared"]),
-               dense_members=list(entry.get("dense_members", [])))
+    return cls(
+        stack=stack,
+        param=sp,
+        layer_kind=entry["layer"],
+        kind=entry["kind"],
+        rank=entry["rank"],
+        groups=list(entry["groups"]),
+        ranks=list(entry["ranks"]),
+        clamped=bool(entry.get("clamped", False)),
+        extra=dict(entry.get("extra", {})),
+        has_shared=entry["kind"] != "static" or bool(entry["shared"]),
+        dense_members=list(entry.get("dense_members", [])),
+    )

@@ -9,6 +9,7 @@ members are, and inside any other module only when the members are composite (ha
 ``q_proj``/``k_proj``/``v_proj`` of one attention block are equal-shaped leaves but not a stack.
 Once a stack is found its members are not searched again; other modules are descended into.
 """
+
 from __future__ import annotations
 
 import fnmatch
@@ -153,8 +154,9 @@ def find_stacks(
             for relname, p in first.named_parameters(remove_duplicate=False):
                 if p.dim() < 2:
                     continue
-                member_params = [dict(child.named_parameters(remove_duplicate=False))[relname]
-                                 for _, child in group]
+                member_params = [
+                    dict(child.named_parameters(remove_duplicate=False))[relname] for _, child in group
+                ]
                 tied = any(len(owners[id(q)]) > 1 for q in member_params)
                 tied = tied or len({id(q) for q in member_params}) < len(member_params)
                 tied = tied or any(id(q) in shares_memory for q in member_params)
@@ -164,8 +166,9 @@ def find_stacks(
                 owner_rel = relname.rpartition(".")[0]
                 owner = submodules[0][owner_rel]
                 stack.params.append(
-                    StackedParam(relname=relname, shape=tuple(p.shape), dtype=p.dtype,
-                                 owner_class=type(owner))
+                    StackedParam(
+                        relname=relname, shape=tuple(p.shape), dtype=p.dtype, owner_class=type(owner)
+                    )
                 )
             stacks.append(stack)
             in_stack.update(name for name, _ in group)

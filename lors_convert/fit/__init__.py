@@ -7,6 +7,7 @@
 A :class:`Fit` holds float tensors in the compute dtype; casting to the storage dtype and placing
 them (in a module, in a checkpoint) is the sink's job.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -27,11 +28,22 @@ def with_dense_members(fit: Fit, pp: ParamPlan) -> Fit:
         factors[i] = fit.factors[j]
         errors[i] = fit.relative_error[j] if fit.relative_error else 0.0
         energies[i] = fit.retained_energy[j] if fit.retained_energy else 1.0
-    return Fit(shared=fit.shared, factors=factors, relative_error=errors if fit.relative_error else [],
-               retained_energy=energies if fit.retained_energy else [], weighted=fit.weighted)
+    return Fit(
+        shared=fit.shared,
+        factors=factors,
+        relative_error=errors if fit.relative_error else [],
+        retained_energy=energies if fit.retained_energy else [],
+        weighted=fit.weighted,
+    )
 
-def fit_param(pp: ParamPlan, weights: Sequence[torch.Tensor], options: FitOptions,
-              biases: Sequence[torch.Tensor | None] | None = None, shared: torch.Tensor | None = None) -> Fit:
+
+def fit_param(
+    pp: ParamPlan,
+    weights: Sequence[torch.Tensor],
+    options: FitOptions,
+    biases: Sequence[torch.Tensor | None] | None = None,
+    shared: torch.Tensor | None = None,
+) -> Fit:
     """Fit one planned parameter from its layer tensors (``weights[i]`` of ``pp.keys[i]``).
 
     ``biases``: the generators' biases (adaptive plans only). ``shared``: a shared part already
@@ -47,7 +59,9 @@ def fit_param(pp: ParamPlan, weights: Sequence[torch.Tensor], options: FitOption
     if options.init == "paper":
         return plain.paper_init(pp)
     if options.weighted:
-        return calibrated.fit_calibrated(pp, weights, options.calibration, options.refine, options.device, shared)
+        return calibrated.fit_calibrated(
+            pp, weights, options.calibration, options.refine, options.device, shared
+        )
     return plain.fit_plain(pp, weights, options.method, options.device)
 
 

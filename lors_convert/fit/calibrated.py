@@ -19,6 +19,7 @@ to every Gram (0.1: slightly better on held-out text of another kind than the ca
 Without a Gram (no calibration, or a layer the data never reached) the identity is used, i.e. the
 plain Frobenius error; uncalibrated, unrefined conversions keep the plain mean as shared part.
 """
+
 from __future__ import annotations
 
 import math
@@ -68,8 +69,11 @@ def output_grams(pp, weights: list[torch.Tensor], calibration) -> list[ScaledGra
     out = []
     for key in pp.keys:
         loader = _stored(calibration, key, m, "output Gram", output=True)
-        out.append(ScaledGram(None, eig=loader, size=m) if loader is not None
-                   else ScaledGram(_checked_gram(grams[key], key, m, "output Gram")))
+        out.append(
+            ScaledGram(None, eig=loader, size=m)
+            if loader is not None
+            else ScaledGram(_checked_gram(grams[key], key, m, "output Gram"))
+        )
     return out
 
 
@@ -114,7 +118,9 @@ def layer_grams(pp, weights: list[torch.Tensor], calibration) -> tuple[list[torc
     for key, w in zip(pp.keys, weights):
         d, h = as_matrix(w).shape  # a view: no copy
         n = d if orient == "in_out" else h  # the input width in linear orientation
-        loader = _stored(calibration, key, n, "calibration Gram") if grams is not None and key in grams else None
+        loader = (
+            _stored(calibration, key, n, "calibration Gram") if grams is not None and key in grams else None
+        )
         C = None
         if loader is None:
             C = grams.get(key) if grams is not None else None
@@ -142,9 +148,16 @@ def _opts(floor, damp):
     return (FLOOR if floor is None else floor), (DAMP if damp is None else damp)
 
 
-def fit_calibrated(pp, weights: list[torch.Tensor], calibration=None, refine: int = 0, device=None,
-                   shared: torch.Tensor | None = None, floor: float | None = None, damp: float | None = None
-                   ) -> Fit:
+def fit_calibrated(
+    pp,
+    weights: list[torch.Tensor],
+    calibration=None,
+    refine: int = 0,
+    device=None,
+    shared: torch.Tensor | None = None,
+    floor: float | None = None,
+    damp: float | None = None,
+) -> Fit:
     """The weighted fit of one planned parameter. Uncalibrated and unrefined: the plain mean + SVD.
 
     ``shared``: the initial shared part already solved for (:func:`apply_budget`'s ``shared_parts``, a
@@ -156,23 +169,44 @@ def fit_calibrated(pp, weights: list[torch.Tensor], calibration=None, refine: in
     screened = shared is not None  # the budget's solve: finished in the fit
     if shared is None and calibration is None and refine == 0:
         shared = _plain_mean(weights)
-    factors = decompose_weighted(weights, pp.ranks, grams, orientation=orientation(pp), refine=refine,
-                                 floor=floor, damp=damp, device=device, shared=shared,
-                                 shared_part=pp.has_shared, out_grams=output_grams(pp, weights, calibration),
-                                 screened=screened)
-    return Fit(shared=factors.shared if pp.has_shared else None, factors=[(f.B, f.A) for f in factors.layers],
-               relative_error=[f.relative_error for f in factors.layers],
-               retained_energy=[f.retained_energy for f in factors.layers],
-               weighted=(factors.weighted_error, factors.weighted_output, factors.history))
+    factors = decompose_weighted(
+        weights,
+        pp.ranks,
+        grams,
+        orientation=orientation(pp),
+        refine=refine,
+        floor=floor,
+        damp=damp,
+        device=device,
+        shared=shared,
+        shared_part=pp.has_shared,
+        out_grams=output_grams(pp, weights, calibration),
+        screened=screened,
+    )
+    return Fit(
+        shared=factors.shared if pp.has_shared else None,
+        factors=[(f.B, f.A) for f in factors.layers],
+        relative_error=[f.relative_error for f in factors.layers],
+        retained_energy=[f.retained_energy for f in factors.layers],
+        weighted=(factors.weighted_error, factors.weighted_output, factors.history),
+    )
 
 
 def _plain_mean(weights: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack([as_matrix(w).to(torch.float64) for w in weights]).mean(0)
 
 
-def apply_budget(plan, get: Callable[[str], torch.Tensor], budget: float, calibration=None, device=None, floor: float | None = None,
-                 damp: float | None = None,
-                 shared_parts: dict[str, torch.Tensor] | None = None, sharing: str = "auto") -> Allocation:
+def apply_budget(
+    plan,
+    get: Callable[[str], torch.Tensor],
+    budget: float,
+    calibration=None,
+    device=None,
+    floor: float | None = None,
+    damp: float | None = None,
+    shared_parts: dict[str, torch.Tensor] | None = None,
+    sharing: str = "auto",
+) -> Allocation:
     """Choose per-layer ranks for the static parameters of ``plan`` under ``budget`` (in place).
 
     ``budget`` is the target fraction of the stacked parameters of the plan (adaptive parameters
@@ -200,8 +234,13 @@ def apply_budget(plan, get: Callable[[str], torch.Tensor], budget: float, calibr
             raise LorsUsageError("--budget chooses one rank per layer; it does not combine with groups")
         weights = [get(k) for k in pp.keys]
         grams, _ = layer_grams(pp, weights, calibration)
-        opts = dict(orientation=orientation(pp), floor=floor, damp=damp, device=device,
-                    out_grams=output_grams(pp, weights, calibration))
+        opts = dict(
+            orientation=orientation(pp),
+            floor=floor,
+            damp=damp,
+            device=device,
+            out_grams=output_grams(pp, weights, calibration),
+        )
         plain = _plain_mean(weights) if calibration is None else None
         if sharing == "auto":  # both structures: residual spectra and the layers' own
             shared, spectra, alone = sharing_spectra(weights, grams, shared_matrix=plain, **opts)
@@ -215,8 +254,9 @@ def apply_budget(plan, get: Callable[[str], torch.Tensor], budget: float, calibr
         if sharing != "never":
             items.append(BudgetItem(d=d, h=h, spectra=[s.tolist() for s in spectra], name=pp.relname))
         if sharing != "always":
-            private.append(BudgetItem(d=d, h=h, spectra=[s.tolist() for s in alone], shared=False,
-                                      name=pp.relname))
+            private.append(
+                BudgetItem(d=d, h=h, spectra=[s.tolist() for s in alone], shared=False, name=pp.relname)
+            )
         weights = grams = opts = spectra = alone = None  # this stack's work, freed before the trim
         trim()
     limit = int(round(budget * total)) - fixed
@@ -227,8 +267,9 @@ def apply_budget(plan, get: Callable[[str], torch.Tensor], budget: float, calibr
     else:
         choice, alloc = [True] * len(items), allocate_ranks(items, limit, fraction=False)
     kept = []
-    for pp, ranks, dense, has_shared, dense_layers in zip(static, alloc.ranks, alloc.dense, choice,
-                                                           alloc.dense_layers):
+    for pp, ranks, dense, has_shared, dense_layers in zip(
+        static, alloc.ranks, alloc.dense, choice, alloc.dense_layers
+    ):
         pp.has_shared = has_shared
         shared = shared_parts.pop(pp.shared_key, None) if shared_parts is not None else None
         if dense:
@@ -249,7 +290,15 @@ def apply_budget(plan, get: Callable[[str], torch.Tensor], budget: float, calibr
     return alloc
 
 
-__all__ = ["orientation", "layer_objective", "layer_grams", "fit_calibrated", "apply_budget", "quality_summary", "SHARING"]
+__all__ = [
+    "orientation",
+    "layer_objective",
+    "layer_grams",
+    "fit_calibrated",
+    "apply_budget",
+    "quality_summary",
+    "SHARING",
+]
 
 
 def quality_summary(weighted: list, calibration, refine: int, budget: float | None, report) -> dict:

@@ -4,6 +4,7 @@ Each layer's generator is the augmented tensor ``T_i = [W_i | b_i]`` cut by the 
 ``(G, R, C, dq+1)`` blocks; every block's stack goes through the truncated HOSVD of
 :func:`lors_convert.decompose.tucker.decompose_generators` (greedy per group, then HOOI sweeps).
 """
+
 from __future__ import annotations
 
 import math
@@ -25,8 +26,13 @@ def generator_tensors(weight: torch.Tensor, bias: torch.Tensor | None, layout: L
     return layout.split(T)
 
 
-def fit_generators(pp: AdaptivePlan, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor | None] | None,
-                   init: str = "svd", device=None) -> Fit:
+def fit_generators(
+    pp: AdaptivePlan,
+    weights: Sequence[torch.Tensor],
+    biases: Sequence[torch.Tensor | None] | None,
+    init: str = "svd",
+    device=None,
+) -> Fit:
     """Shared generator ``(out, dq+1)`` and per layer one ``(B, A, C)`` per layout entry.
 
     ``init="paper"`` gives no factors (``Fit.shared`` and ``factors`` None): the layers keep their
@@ -41,8 +47,10 @@ def fit_generators(pp: AdaptivePlan, weights: Sequence[torch.Tensor], biases: Se
         return Fit(shared=None, factors=None)
     layout = pp.layout
     where = device or weights[0].device
-    per_layer = [generator_tensors(w.detach().to(where), None if b is None else b.detach().to(where), layout)
-                 for w, b in zip(weights, biases)]
+    per_layer = [
+        generator_tensors(w.detach().to(where), None if b is None else b.detach().to(where), layout)
+        for w, b in zip(weights, biases)
+    ]
     m = pp.matrix[1]
     shared_parts = []
     entries_per_layer: list[list] = [[] for _ in range(N)]
@@ -53,8 +61,13 @@ def fit_generators(pp: AdaptivePlan, weights: Sequence[torch.Tensor], biases: Se
         for g in range(layout.groups):
             tensors = [per_layer[i][e][g] for i in range(N)]  # N x (R, C, m)
             ks = [group_ranks(layout, pp.rank, k)[e] for k in pp.groups]  # per layer (K, r1, r2)
-            f = decompose_generators(tensors, [k[1] for k in ks], [k[2] for k in ks], [k[0] for k in ks],
-                                     sweeps=pp.extra.get("sweeps"))
+            f = decompose_generators(
+                tensors,
+                [k[1] for k in ks],
+                [k[2] for k in ks],
+                [k[0] for k in ks],
+                sweeps=pp.extra.get("sweeps"),
+            )
             shared_g.append(f.shared)
             for i, tg in enumerate(f.layers):
                 Bs[i].append(tg.B)
@@ -67,6 +80,9 @@ def fit_generators(pp: AdaptivePlan, weights: Sequence[torch.Tensor], biases: Se
         for i in range(N):
             entries_per_layer[i].append((torch.stack(Bs[i]), torch.stack(As[i]), torch.stack(Cs[i])))
     shared = layout.join(shared_parts).reshape(pp.matrix[0], m)  # (out, m)
-    return Fit(shared=shared, factors=entries_per_layer,
-               relative_error=[math.sqrt(max(disc[i], 0.0) / norms[i]) if norms[i] else 0.0 for i in range(N)],
-               retained_energy=[1.0 - disc[i] / res[i] if res[i] > 0 else 1.0 for i in range(N)])
+    return Fit(
+        shared=shared,
+        factors=entries_per_layer,
+        relative_error=[math.sqrt(max(disc[i], 0.0) / norms[i]) if norms[i] else 0.0 for i in range(N)],
+        retained_energy=[1.0 - disc[i] / res[i] if res[i] > 0 else 1.0 for i in range(N)],
+    )

@@ -1,4 +1,5 @@
 """What a fit is asked for (:class:`FitOptions`) and what it gives back (:class:`Fit`)."""
+
 from __future__ import annotations
 
 from collections import deque
@@ -9,7 +10,6 @@ import torch
 
 from ..errors import LorsUsageError
 from ..options import INITS, METHODS
-
 
 
 @dataclass
@@ -44,7 +44,9 @@ class Fit:
     """The factors of one planned parameter and what they cost in reconstruction error."""
 
     shared: torch.Tensor | None  # static (d, h); adaptive (out, dq+1); None: private-only
-    factors: list | Iterator  # per layer: (B, A) static (None: a member kept dense); a list of (B, A, C) per layout entry adaptive
+    factors: (
+        list | Iterator
+    )  # per layer: (B, A) static (None: a member kept dense); a list of (B, A, C) per layout entry adaptive
     relative_error: list[float] = field(default_factory=list)  # ||W_i - What_i||_F / ||W_i||_F
     retained_energy: list[float] = field(default_factory=list)  # of the residual
     weighted: tuple | None = None  # calibrated: (weighted errors, output energies, refine history)

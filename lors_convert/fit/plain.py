@@ -1,4 +1,5 @@
 """Uncalibrated fits: LORST's mean + truncated SVD, and the paper's from-scratch init."""
+
 from __future__ import annotations
 
 import math
@@ -45,5 +46,7 @@ def paper_init(pp: ParamPlan, generator: torch.Generator | None = None) -> Fit:
         return t.uniform_(-bound, bound, generator=generator)
 
     shared = kaiming(d, h)
-    return Fit(shared=shared if pp.has_shared else None,
-               factors=[(kaiming(d, k), torch.zeros(k, h)) for k in pp.ranks])
+    return Fit(
+        shared=shared if pp.has_shared else None,
+        factors=[(kaiming(d, k), torch.zeros(k, h)) for k in pp.ranks],
+    )

@@ -22,6 +22,7 @@ The CLI's ``lors heal CKPT --data DATA`` wraps :func:`heal`::
     history = heal(lors_model, teacher, batches, steps=300, lr=1e-3,
                    checkpoint_path="heal.state.pt", progress=lambda step, steps, loss: ...)
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -83,6 +84,7 @@ class BlockTaps:
     def _hook(self, name: str):
         def hook(module, args, output):
             self.outputs[name] = primary_output(output)
+
         return hook
 
     def take(self) -> list[torch.Tensor]:
@@ -96,8 +98,9 @@ class BlockTaps:
         self.handles = []
 
 
-def distill_loss(student_out: torch.Tensor, teacher_out: torch.Tensor, mask: torch.Tensor | None,
-                 kind: str = "mse") -> torch.Tensor:
+def distill_loss(
+    student_out: torch.Tensor, teacher_out: torch.Tensor, mask: torch.Tensor | None, kind: str = "mse"
+) -> torch.Tensor:
     """Mean loss of a batch; ``mask`` (B, T) selects real tokens of (B, T, H) outputs. ``kl``: the
     outputs are logits, the loss ``KL(teacher || student)`` of their distributions per token."""
     s, t = student_out.float(), teacher_out.float()
@@ -122,7 +125,7 @@ def distill_loss(student_out: torch.Tensor, teacher_out: torch.Tensor, mask: tor
             return ((1.0 - cos) * m).sum() / m.sum().clamp_min(1.0)
         return (1.0 - cos).mean()
     diff = (s - t) ** 2
-    ref = t ** 2
+    ref = t**2
     if use_mask:
         m = mask.to(diff.dtype).unsqueeze(-1)
         return (diff * m).sum() / (ref * m).sum().clamp_min(1e-12)
@@ -190,8 +193,13 @@ def _read_state(path: Path, where: torch.device, config: dict, names: set[str], 
         why = f"it was written by another version of lors (state version {version!r})"
     elif recorded != config:
         changed = [k for k in sorted(set(config) | set(recorded)) if recorded.get(k) != config.get(k)]
-        why = "it was left by a different command (" + ", ".join(
-            "data" if k == "data" else f"{k} {recorded.get(k)!r} -> {config.get(k)!r}" for k in changed) + ")"
+        why = (
+            "it was left by a different command ("
+            + ", ".join(
+                "data" if k == "data" else f"{k} {recorded.get(k)!r} -> {config.get(k)!r}" for k in changed
+            )
+            + ")"
+        )
     elif not isinstance(state.get("trainable"), dict) or sorted(state["trainable"]) != sorted(names):
         why = "it was left for another model (different trainable parameters)"
     else:
@@ -265,9 +273,13 @@ def heal(
     where = next(student.parameters()).device
     if next(teacher.parameters(), torch.empty(0, device=where)).device != where:
         teacher.to(where)
-    names = lors_parameter_names(student) if trainable == "lors" else {n for n, _ in student.named_parameters()}
+    names = (
+        lors_parameter_names(student) if trainable == "lors" else {n for n, _ in student.named_parameters()}
+    )
     if not names:
-        raise LorsUsageError("the model has no LORS parameters to heal (convert it first, or trainable='all')")
+        raise LorsUsageError(
+            "the model has no LORS parameters to heal (convert it first, or trainable='all')"
+        )
     params = dict(student.named_parameters())
     flags = {n: p.requires_grad for n, p in params.items()}
     for n, p in params.items():
@@ -279,9 +291,18 @@ def heal(
     result = HealResult(synthetic=synthetic)
     start = 0
     path = Path(checkpoint_path) if checkpoint_path is not None else None
-    config = {"steps": steps, "lr": lr, "loss": loss, "trainable": trainable, "match": match, "seed": seed,
-              "synthetic": synthetic, "warmup": warmup, "weight_decay": weight_decay,
-              "data": data_digest(batches) if path is not None else None}
+    config = {
+        "steps": steps,
+        "lr": lr,
+        "loss": loss,
+        "trainable": trainable,
+        "match": match,
+        "seed": seed,
+        "synthetic": synthetic,
+        "warmup": warmup,
+        "weight_decay": weight_decay,
+        "data": data_digest(batches) if path is not None else None,
+    }
     state = _read_state(path, where, config, names, restart) if path is not None else None
     if state is not None:
         try:
@@ -298,9 +319,17 @@ def heal(
     def snapshot(step: int) -> None:
         if path is None:
             return
-        _save_state(path, {"version": STATE_VERSION, "step": step,
-                           "trainable": {n: params[n].detach().cpu().clone() for n in sorted(names)},
-                           "optimizer": optimizer.state_dict(), "history": result.history, "config": config})
+        _save_state(
+            path,
+            {
+                "version": STATE_VERSION,
+                "step": step,
+                "trainable": {n: params[n].detach().cpu().clone() for n in sorted(names)},
+                "optimizer": optimizer.state_dict(),
+                "history": result.history,
+                "config": config,
+            },
+        )
 
     was_training = (student.training, teacher.training)
     student.eval()
@@ -342,11 +371,15 @@ def heal(
             final = primary_output(run_model(student, batch))
             outs = student_taps.take() + [final]
             if len(outs) != len(targets):  # zip would pair the wrong blocks
-                raise LorsError(f"heal: the student ran {len(outs) - 1} stacked blocks, the teacher {len(targets) - 1}")
+                raise LorsError(
+                    f"heal: the student ran {len(outs) - 1} stacked blocks, the teacher {len(targets) - 1}"
+                )
             mask = batch_mask(batch)
             value = sum(distill_loss(o, t, mask, loss) for o, t in zip(outs, targets)) / len(targets)
             if not torch.isfinite(value):  # diverged: every later step and the output would be NaN
-                raise LorsError(f"heal: the loss became {float(value.detach())} at step {step + 1} (try a lower --lr)")
+                raise LorsError(
+                    f"heal: the loss became {float(value.detach())} at step {step + 1} (try a lower --lr)"
+                )
             optimizer.zero_grad(set_to_none=True)
             value.backward()
             optimizer.step()
@@ -381,4 +414,13 @@ def heal(
     return result
 
 
-__all__ = ["heal", "HealResult", "SYNTHETIC_DEFAULT", "distill_loss", "lors_parameter_names", "stack_members", "LOSSES", "MATCHES"]
+__all__ = [
+    "heal",
+    "HealResult",
+    "SYNTHETIC_DEFAULT",
+    "distill_loss",
+    "lors_parameter_names",
+    "stack_members",
+    "LOSSES",
+    "MATCHES",
+]

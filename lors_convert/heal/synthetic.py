@@ -15,6 +15,7 @@ inputs as an uninterrupted one.
     chain = BigramChain.fit(calibration_batches)
     batch = chain.batch(template=calibration_batches[3], seed=0, index=17)
 """
+
 from __future__ import annotations
 
 import random
@@ -34,8 +35,13 @@ def is_token_batch(batch) -> bool:
     if not isinstance(batch, Mapping):
         return False
     ids, mask = batch.get("input_ids"), batch.get("attention_mask")
-    return (isinstance(ids, torch.Tensor) and isinstance(mask, torch.Tensor) and ids.dim() == 2
-            and not ids.is_floating_point() and tuple(ids.shape) == tuple(mask.shape))
+    return (
+        isinstance(ids, torch.Tensor)
+        and isinstance(mask, torch.Tensor)
+        and ids.dim() == 2
+        and not ids.is_floating_point()
+        and tuple(ids.shape) == tuple(mask.shape)
+    )
 
 
 def _rows(batches: Sequence[Mapping]) -> list[list[int]]:
@@ -74,12 +80,14 @@ class BigramChain:
         successors: dict[int, list[int]] = {}
         tokens: list[int] = []
         for r in rows:
-            inner = r[(head is not None):len(r) - (tail is not None)]
+            inner = r[(head is not None) : len(r) - (tail is not None)]
             tokens.extend(inner)
             for a, b in zip(inner, inner[1:]):
                 successors.setdefault(a, []).append(b)
         if not tokens:
-            raise LorsUsageError("synthetic inputs need calibration rows with tokens besides the framing ones")
+            raise LorsUsageError(
+                "synthetic inputs need calibration rows with tokens besides the framing ones"
+            )
         return cls(successors, tokens, head, tail, min(tokens), max(tokens) + 1)
 
     def walk(self, length: int, rng: random.Random) -> list[int]:
@@ -102,7 +110,7 @@ class BigramChain:
         mask = template["attention_mask"].bool()
         for i in range(ids.shape[0]):
             where = mask[i].nonzero().flatten().tolist()
-            inner = where[(self.head is not None):len(where) - (self.tail is not None)]
+            inner = where[(self.head is not None) : len(where) - (self.tail is not None)]
             if inner:
                 ids[i, inner] = torch.tensor(self.walk(len(inner), rng), dtype=ids.dtype)
         out = dict(template)

@@ -12,6 +12,7 @@ plus at most hidden entries beside it, which the next lors command touching OUT 
   absent, and :func:`recover_output` (run by every writer and reader of OUT) puts the previous
   output back once that process is gone.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -49,8 +50,9 @@ def check_not_input(out: Path, src: Path) -> None:
     """Refuse an output that would replace the input (even with --force): it may be the only copy."""
     o, i = Path(os.path.abspath(out)), Path(os.path.abspath(src))
     if o == i or o in i.parents or i in o.parents:  # the input, a directory holding it, or a file in it
-        raise LorsUsageError(f"output {out} would replace the input {src} or a file in it: "
-                             "choose another output path")
+        raise LorsUsageError(
+            f"output {out} would replace the input {src} or a file in it: choose another output path"
+        )
 
 
 @contextlib.contextmanager
@@ -162,7 +164,7 @@ def _replace_in_two_steps(tmp: Path, out: Path, parent: Path) -> None:
 def _dead_owner(entry_name: str, prefix: str) -> bool | None:
     """Whether the process named in ``<prefix><pid>@<host>.<random>`` is gone: True, False (alive,
     or another host's), None (no owner in the name: an entry of an older lors)."""
-    pid, at, rest = entry_name[len(prefix):].partition("@")
+    pid, at, rest = entry_name[len(prefix) :].partition("@")
     entry_host, dot, _ = rest.rpartition(".")
     if not (at and dot and pid.isdigit()):
         return None

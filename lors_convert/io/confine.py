@@ -6,6 +6,7 @@ not absolute, no NUL; an entry that is a symbolic link must resolve inside the d
 directory from elsewhere (an archive, a download) cannot make lors read or copy ``/etc/passwd`` or
 ``~/.ssh/id_rsa`` into an output: such names are refused with a one-line :class:`LorsError`.
 """
+
 from __future__ import annotations
 
 import os
@@ -16,8 +17,15 @@ from ..errors import LorsError
 
 def is_plain_name(name) -> bool:
     """Whether ``name`` is one file name (no directory part, no way out of the directory)."""
-    return (isinstance(name, str) and bool(name) and name not in (".", "..") and "\x00" not in name
-            and "/" not in name and "\\" not in name and not os.path.isabs(name))
+    return (
+        isinstance(name, str)
+        and bool(name)
+        and name not in (".", "..")
+        and "\x00" not in name
+        and "/" not in name
+        and "\\" not in name
+        and not os.path.isabs(name)
+    )
 
 
 def inside(directory: Path, path: Path) -> bool:

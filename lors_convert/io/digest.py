@@ -6,6 +6,7 @@ on the meta device, planning) hold the GIL and read no weights. hashlib releases
 digests a chunk, so :class:`Digest` reads and digests on a thread of its own from the moment the
 files are known, and :meth:`Digest.result` waits for what is left of it.
 """
+
 from __future__ import annotations
 
 import hashlib

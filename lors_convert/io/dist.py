@@ -1,4 +1,5 @@
 """This process's place in a ``torchrun`` job: rank, world size and the few collectives lors uses."""
+
 from __future__ import annotations
 
 import atexit

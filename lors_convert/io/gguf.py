@@ -9,6 +9,7 @@ so nothing of the file stays mapped and streaming holds one tensor's bytes at a 
 Every failure is a one-line :class:`LorsError` naming the file. ``gguf`` is an optional dependency
 (``pip install 'lors-convert[gguf]'``), imported only here and only when a GGUF file is touched.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
@@ -99,8 +100,10 @@ class GGUFFile:
             qtype = next(t.qtype for t in tensors if t.type_name == type_name)
             if not _dequantizable(qtype):
                 example = next(t.name for t in tensors if t.qtype == qtype)
-                raise LorsError(f"{self.path}: tensor {example!r} is stored as {type_name}, which the gguf package "
-                                "cannot dequantize (requantize the model to another type with llama.cpp)")
+                raise LorsError(
+                    f"{self.path}: tensor {example!r} is stored as {type_name}, which the gguf package "
+                    "cannot dequantize (requantize the model to another type with llama.cpp)"
+                )
         if not isinstance(self.values.get(ARCH_KEY), str):
             raise LorsError(f"{self.path}: GGUF metadata has no {ARCH_KEY}")
 
@@ -135,7 +138,7 @@ class GGUFFile:
         # the dequantizer's float temporaries are several times its input: a slice of rows at a time
         step = max(1, DEQUANTIZE_ELEMENTS // max(1, out.shape[1]))
         for start in range(0, out.shape[0], step):
-            out[start:start + step] = gguf.dequantize(data[start:start + step], qtype)
+            out[start : start + step] = gguf.dequantize(data[start : start + step], qtype)
         return out.reshape(t.shape)
 
 
@@ -162,13 +165,19 @@ def _check_table(path: Path, tensors: list[TensorEntry], alignment: int) -> None
         if not t.name:
             raise LorsError(f"{path}: corrupt GGUF tensor table: a tensor without a name ({hint})")
         if t.offset + t.nbytes > size:
-            raise LorsError(f"{path}: truncated GGUF file: tensor {t.name!r} ends at byte "
-                            f"{t.offset + t.nbytes}, the file has {size}")
+            raise LorsError(
+                f"{path}: truncated GGUF file: tensor {t.name!r} ends at byte "
+                f"{t.offset + t.nbytes}, the file has {size}"
+            )
         if end is not None and t.offset < end:
-            raise LorsError(f"{path}: corrupt GGUF tensor table: tensors {previous!r} and {t.name!r} overlap ({hint})")
+            raise LorsError(
+                f"{path}: corrupt GGUF tensor table: tensors {previous!r} and {t.name!r} overlap ({hint})"
+            )
         end, previous = t.offset + t.nbytes, t.name
     if end is not None and size - end >= alignment:
-        raise LorsError(f"{path}: corrupt GGUF file: {size - end} bytes after the last tensor's data ({hint})")
+        raise LorsError(
+            f"{path}: corrupt GGUF file: {size - end} bytes after the last tensor's data ({hint})"
+        )
 
 
 def _field(f) -> Field:
@@ -181,9 +190,14 @@ def _field(f) -> Field:
 
 
 def _entry(t) -> TensorEntry:
-    return TensorEntry(name=t.name, qtype=int(t.tensor_type), type_name=t.tensor_type.name,
-                       shape=tuple(int(d) for d in reversed(t.shape.tolist())), offset=int(t.data_offset),
-                       nbytes=int(t.n_bytes))
+    return TensorEntry(
+        name=t.name,
+        qtype=int(t.tensor_type),
+        type_name=t.tensor_type.name,
+        shape=tuple(int(d) for d in reversed(t.shape.tolist())),
+        offset=int(t.data_offset),
+        nbytes=int(t.n_bytes),
+    )
 
 
 def _dequantizable(qtype: int) -> bool:
@@ -223,8 +237,13 @@ def out_tensor(name: str, shape: tuple[int, ...], type_name: str) -> OutTensor:
     return OutTensor(name, tuple(shape), type_name, n // block * size)
 
 
-def write_gguf(path: Path, architecture: str, fields: Iterable[Field], tensors: list[OutTensor],
-               data: Iterator[tuple[str, np.ndarray]]) -> None:
+def write_gguf(
+    path: Path,
+    architecture: str,
+    fields: Iterable[Field],
+    tensors: list[OutTensor],
+    data: Iterator[tuple[str, np.ndarray]],
+) -> None:
     """Write ``path``: the key/values ``fields`` (but the architecture, which ``architecture`` sets),
     the table of ``tensors``, then their data as ``data`` yields ``(name, array)`` pairs.
 
@@ -249,8 +268,13 @@ def write_gguf(path: Path, architecture: str, fields: Iterable[Field], tensors: 
             writer.add_tensor_info(t.name, t.shape, np.dtype(float_types[t.type_name]), t.nbytes)
         else:
             kind = gguf.GGMLQuantizationType[t.type_name]
-            writer.add_tensor_info(t.name, gguf.quant_shape_to_byte_shape(t.shape, kind), np.dtype(np.uint8),
-                                   t.nbytes, raw_dtype=kind)
+            writer.add_tensor_info(
+                t.name,
+                gguf.quant_shape_to_byte_shape(t.shape, kind),
+                np.dtype(np.uint8),
+                t.nbytes,
+                raw_dtype=kind,
+            )
     try:
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
@@ -265,8 +289,10 @@ def write_gguf(path: Path, architecture: str, fields: Iterable[Field], tensors: 
                 if array.dtype != np.uint8:  # values: stored as the declared float type; bytes: as they are
                     array = np.ascontiguousarray(array, dtype=float_types[expected.type_name])
                 if array.nbytes != expected.nbytes:
-                    raise LorsError(f"internal: GGUF tensor {expected.name} has {array.nbytes} bytes, "
-                                    f"declared {expected.nbytes}")
+                    raise LorsError(
+                        f"internal: GGUF tensor {expected.name} has {array.nbytes} bytes, "
+                        f"declared {expected.nbytes}"
+                    )
                 writer.write_tensor_data(array)
                 expected = next(pending, None)
         if expected is not None or waiting:
@@ -276,5 +302,15 @@ def write_gguf(path: Path, architecture: str, fields: Iterable[Field], tensors: 
         writer.close()
 
 
-__all__ = ["GGUFFile", "Field", "TensorEntry", "OutTensor", "out_tensor", "write_gguf", "gguf_package", "is_gguf",
-           "MAGIC", "FILE_TYPE_KEY"]
+__all__ = [
+    "GGUFFile",
+    "Field",
+    "TensorEntry",
+    "OutTensor",
+    "out_tensor",
+    "write_gguf",
+    "gguf_package",
+    "is_gguf",
+    "MAGIC",
+    "FILE_TYPE_KEY",
+]

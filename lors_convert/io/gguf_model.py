@@ -11,6 +11,7 @@ way in ``modeling_gguf_pytorch_utils.LlamaTensorProcessor``). :class:`GGUFTensor
 tensors under state-dict names with the interface of
 :class:`~lors_convert.io.safetensors.SafetensorsReader`.
 """
+
 from __future__ import annotations
 
 import re
@@ -36,8 +37,10 @@ Q_OR_K = re.compile(r"\.attn_([qk])\.(weight|bias)$")
 def check_supported(gguf: GGUFFile) -> None:
     arch = gguf.architecture
     if arch not in SUPPORTED:
-        raise LorsError(f"{gguf.path}: GGUF architecture {arch!r} is not supported (lors reads "
-                        f"{', '.join(sorted(SUPPORTED))})")
+        raise LorsError(
+            f"{gguf.path}: GGUF architecture {arch!r} is not supported (lors reads "
+            f"{', '.join(sorted(SUPPORTED))})"
+        )
 
 
 def load_config(gguf: GGUFFile):
@@ -51,7 +54,9 @@ def load_config(gguf: GGUFFile):
         config_dict = load_gguf_checkpoint(str(gguf.path), return_tensors=False)["config"]
         return CONFIG_MAPPING[config_dict["model_type"]].from_dict(config_dict)
     except Exception as e:
-        raise LorsError(f"{gguf.path}: transformers cannot read a config from the GGUF metadata ({short(e)})") from None
+        raise LorsError(
+            f"{gguf.path}: transformers cannot read a config from the GGUF metadata ({short(e)})"
+        ) from None
 
 
 def save_tokenizer(gguf: GGUFFile, directory: Path) -> list[str]:
@@ -60,12 +65,16 @@ def save_tokenizer(gguf: GGUFFile, directory: Path) -> list[str]:
     from transformers import AutoTokenizer
 
     before = set(p.name for p in directory.iterdir())
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.path.parent), gguf_file=gguf.path.name, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(
+        str(gguf.path.parent), gguf_file=gguf.path.name, local_files_only=True
+    )
     tokenizer.save_pretrained(str(directory))
     return sorted(p.name for p in directory.iterdir() if p.name not in before)
 
 
-def export_side_files(gguf: GGUFFile, config, extras: list[str], directory: Path) -> tuple[list[str], list[str]]:
+def export_side_files(
+    gguf: GGUFFile, config, extras: list[str], directory: Path
+) -> tuple[list[str], list[str]]:
     """Write into ``directory`` what a Hugging Face directory and a GGUF output need from the source:
     ``config.json``, the tokenizer files and :data:`METADATA_NAME`. Returns (files written, warnings):
     a tokenizer transformers cannot build is a warning, the weights are still usable."""
@@ -74,12 +83,17 @@ def export_side_files(gguf: GGUFFile, config, extras: list[str], directory: Path
     try:
         files += save_tokenizer(gguf, directory)
     except Exception as e:
-        warnings.append(f"no tokenizer files written: transformers cannot build a tokenizer from the GGUF "
-                        f"metadata ({short(e)})")
-    warnings += [f"GGUF tensor {n!r} has no place in the transformers model: kept for GGUF output only"
-                 for n in extras]
+        warnings.append(
+            f"no tokenizer files written: transformers cannot build a tokenizer from the GGUF "
+            f"metadata ({short(e)})"
+        )
+    warnings += [
+        f"GGUF tensor {n!r} has no place in the transformers model: kept for GGUF output only" for n in extras
+    ]
     tensors = [out_tensor(n, gguf.tensors[n].shape, gguf.tensors[n].type_name) for n in extras]
-    write_gguf(directory / METADATA_NAME, gguf.architecture, gguf.fields, tensors, ((n, gguf.raw(n)) for n in extras))
+    write_gguf(
+        directory / METADATA_NAME, gguf.architecture, gguf.fields, tensors, ((n, gguf.raw(n)) for n in extras)
+    )
     return files + [METADATA_NAME], warnings
 
 
@@ -122,7 +136,12 @@ class GGUFLayout:
             return t
         # (heads * 2 * half, ...) rows as (head, half, pair) -> (head, pair, half): llama.cpp's interleave undone
         rows = t.shape[0]
-        return t.reshape(heads, rows // heads // 2, 2, *t.shape[1:]).transpose(1, 2).reshape(t.shape).contiguous()
+        return (
+            t.reshape(heads, rows // heads // 2, 2, *t.shape[1:])
+            .transpose(1, 2)
+            .reshape(t.shape)
+            .contiguous()
+        )
 
     def to_file(self, name: str, t: torch.Tensor) -> torch.Tensor:
         """The inverse of :meth:`to_model`: llama.cpp's ``permute``."""
@@ -130,7 +149,12 @@ class GGUFLayout:
         if heads is None:
             return t
         rows = t.shape[0]
-        return t.reshape(heads, 2, rows // heads // 2, *t.shape[1:]).transpose(1, 2).reshape(t.shape).contiguous()
+        return (
+            t.reshape(heads, 2, rows // heads // 2, *t.shape[1:])
+            .transpose(1, 2)
+            .reshape(t.shape)
+            .contiguous()
+        )
 
 
 class GGUFTensors:
@@ -141,7 +165,9 @@ class GGUFTensors:
     listed in :attr:`extras`). ``aliases`` (tied keys, e.g. ``lm_head.weight``) may be absent.
     """
 
-    def __init__(self, gguf: GGUFFile, keys: dict[str, tuple[int, ...]], aliases: Iterable[str], model_name: str):
+    def __init__(
+        self, gguf: GGUFFile, keys: dict[str, tuple[int, ...]], aliases: Iterable[str], model_name: str
+    ):
         self.gguf = gguf
         self.files = [gguf.path]
         self.layout = GGUFLayout(gguf.architecture, gguf.values, keys)
@@ -154,18 +180,24 @@ class GGUFTensors:
         where = f"{gguf.path}: the {model_name} its metadata describes"
         for name in gguf.tensors:
             if name not in self.layout.to_key and name not in self.extras:
-                raise LorsError(f"{where} has no place for tensor {name!r} "
-                                f"({gguf.architecture}.block_count is {gguf.get(gguf.architecture + '.block_count')})")
+                raise LorsError(
+                    f"{where} has no place for tensor {name!r} "
+                    f"({gguf.architecture}.block_count is {gguf.get(gguf.architecture + '.block_count')})"
+                )
         for key, shape in keys.items():
             if key in aliases:
                 continue
             if key not in self.shapes:
                 name = self.layout.to_gguf_name.get(key, "?")
-                raise LorsError(f"{where} needs {key!r}, and the file has no tensor {name!r} for it "
-                                f"({len(gguf.tensors)} tensors in the file)")
+                raise LorsError(
+                    f"{where} needs {key!r}, and the file has no tensor {name!r} for it "
+                    f"({len(gguf.tensors)} tensors in the file)"
+                )
             if tuple(self.shapes[key]) != tuple(shape):
-                raise LorsError(f"{where} expects {key!r} with shape {list(shape)}, tensor "
-                                f"{self.layout.to_gguf_name[key]!r} has {list(self.shapes[key])}")
+                raise LorsError(
+                    f"{where} expects {key!r} with shape {list(shape)}, tensor "
+                    f"{self.layout.to_gguf_name[key]!r} has {list(self.shapes[key])}"
+                )
 
     def __contains__(self, key: str) -> bool:
         return key in self.shapes
@@ -183,5 +215,13 @@ class GGUFTensors:
         return self.layout.to_model(name, torch.from_numpy(self.gguf.read(name)))
 
 
-__all__ = ["GGUFLayout", "GGUFTensors", "SUPPORTED", "METADATA_NAME", "export_side_files", "load_config", "save_tokenizer",
-           "check_supported"]
+__all__ = [
+    "GGUFLayout",
+    "GGUFTensors",
+    "SUPPORTED",
+    "METADATA_NAME",
+    "export_side_files",
+    "load_config",
+    "save_tokenizer",
+    "check_supported",
+]

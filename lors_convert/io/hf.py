@@ -5,6 +5,7 @@ safetensors are read (``.bin`` pickles would run code). The architecture is the 
 ``config.json`` names, built on any device (the meta device for a skeleton), or loaded whole by
 transformers.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -17,9 +18,20 @@ from .confine import confined
 from .safetensors import SafetensorsReader, directory_weight_files
 from .skeleton import empty_model
 
-HF_SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-                 "special_tokens_map.json", "vocab.txt", "vocab.json", "merges.txt", "tokenizer.model",
-                 "added_tokens.json", "spiece.model", "sentencepiece.bpe.model")
+HF_SIDE_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "added_tokens.json",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+)
 
 
 def is_hf_dir(path: Path) -> bool:
@@ -36,13 +48,20 @@ def hf_weight_files(path: Path) -> list[Path]:
     files = directory_weight_files(path)  # an index's shards are confined to the directory
     if files is not None:
         return files
-    raise LorsError(f"{path}: Hugging Face directory without model.safetensors (only safetensors weights "
-                    "are read: .bin pickles would run code)")
+    raise LorsError(
+        f"{path}: Hugging Face directory without model.safetensors (only safetensors weights "
+        "are read: .bin pickles would run code)"
+    )
 
 
 # tried in order when config.json names no architecture: the first whose keys cover the weights
-AUTO_CLASSES = ("AutoModel", "AutoModelForCausalLM", "AutoModelForMaskedLM", "AutoModelForSeq2SeqLM",
-                "AutoModelForImageClassification")
+AUTO_CLASSES = (
+    "AutoModel",
+    "AutoModelForCausalLM",
+    "AutoModelForMaskedLM",
+    "AutoModelForSeq2SeqLM",
+    "AutoModelForImageClassification",
+)
 
 
 def hf_model_class(config, keys: set[str] | None = None):
@@ -98,18 +117,31 @@ def load_hf(path: Path, stored: set[str] | None = None) -> nn.Module:
         stored = set(SafetensorsReader(hf_weight_files(path)).keys())  # clear error when weights are missing
     cls = hf_model_class(config, stored)
     try:
-        model, info = cls.from_pretrained(str(path), local_files_only=True, dtype="auto",
-                                          output_loading_info=True)
+        model, info = cls.from_pretrained(
+            str(path), local_files_only=True, dtype="auto", output_loading_info=True
+        )
     except Exception as e:
         raise LorsError(f"{path}: transformers could not load the model ({short(e)})") from None
     # transformers fills missing or mismatched weights with a random init: never convert those
-    bad = sorted(info.get("missing_keys") or []) + sorted(str(k[0]) if isinstance(k, tuple) else str(k)
-                                                        for k in info.get("mismatched_keys") or [])
+    bad = sorted(info.get("missing_keys") or []) + sorted(
+        str(k[0]) if isinstance(k, tuple) else str(k) for k in info.get("mismatched_keys") or []
+    )
     if bad:
-        raise LorsError(f"{path}: the weights do not cover the model in config.json: {bad[0]!r} is missing "
-                        f"or has the wrong shape ({len(bad)} in all); transformers would initialize it randomly")
+        raise LorsError(
+            f"{path}: the weights do not cover the model in config.json: {bad[0]!r} is missing "
+            f"or has the wrong shape ({len(bad)} in all); transformers would initialize it randomly"
+        )
     return model.eval()
 
 
-__all__ = ["AUTO_CLASSES", "HF_SIDE_FILES", "build_hf", "hf_model_class", "hf_side_files", "hf_weight_files",
-           "is_hf_dir", "load_hf", "load_hf_config"]
+__all__ = [
+    "AUTO_CLASSES",
+    "HF_SIDE_FILES",
+    "build_hf",
+    "hf_model_class",
+    "hf_side_files",
+    "hf_weight_files",
+    "is_hf_dir",
+    "load_hf",
+    "load_hf_config",
+]

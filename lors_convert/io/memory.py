@@ -1,5 +1,6 @@
 """Process memory: how much this machine has free, giving freed memory back to it, and weights that
 own their memory."""
+
 from __future__ import annotations
 
 import ctypes

@@ -6,6 +6,7 @@ shard names must stay inside its directory (:mod:`.confine`). :class:`ShardedWri
 shapes alone (``huggingface_hub.split_torch_state_dict_into_shards`` over meta tensors) and writes
 each tensor into its place in its shard as soon as it exists (headers first, nothing buffered).
 """
+
 from __future__ import annotations
 
 import json
@@ -21,9 +22,20 @@ INDEX_NAME = "model.safetensors.index.json"
 WEIGHTS_NAME = "model.safetensors"
 
 # safetensors dtype codes -> torch dtype names (the checkpoint reader validates against the same table)
-SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
-                      "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
-                      "BOOL": "bool", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+SAFETENSORS_DTYPES = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "BOOL": "bool",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+}
 
 
 def read_json(path: Path):
@@ -41,8 +53,9 @@ def index_shards(index: Path) -> list[Path]:
     try:
         names = sorted(set(data["weight_map"].values()))
     except (KeyError, TypeError, AttributeError):
-        raise LorsError(f"{index}: malformed index (weight_map must map tensor names to "
-                        "shard file names)") from None
+        raise LorsError(
+            f"{index}: malformed index (weight_map must map tensor names to shard file names)"
+        ) from None
     return [confined(index.parent, n, "shard", context=index) for n in names]
 
 
@@ -92,7 +105,9 @@ class SafetensorsReader:
         tensor, so streaming holds one group's pages, not the whole source.
         """
         if key not in self.where:
-            raise LorsError(f"tensor {key!r} is not in {self.files[0].parent if self.files else 'the source'}")
+            raise LorsError(
+                f"tensor {key!r} is not in {self.files[0].parent if self.files else 'the source'}"
+            )
         with self._open(self.where[key]) as handle:
             try:
                 return handle.get_tensor(key)
@@ -138,7 +153,11 @@ class SafetensorsFile:
             if t.dtype not in _CODES:
                 raise LorsError(f"cannot write {key!r}: safetensors has no code for {t.dtype}")
             nbytes = t.numel() * t.element_size()
-            header[key] = {"dtype": _CODES[t.dtype], "shape": list(t.shape), "data_offsets": [end, end + nbytes]}
+            header[key] = {
+                "dtype": _CODES[t.dtype],
+                "shape": list(t.shape),
+                "data_offsets": [end, end + nbytes],
+            }
             self.offsets[key] = end
             end += nbytes
         text = json.dumps(header, separators=(",", ":")).encode()
@@ -153,8 +172,10 @@ class SafetensorsFile:
         """Write one tensor into its place; True once every tensor is there."""
         expected = self.spec[key]
         if tuple(tensor.shape) != tuple(expected.shape) or tensor.dtype != expected.dtype:
-            raise LorsError(f"internal: {key} is {tuple(tensor.shape)} {tensor.dtype}, planned "
-                            f"{tuple(expected.shape)} {expected.dtype}")
+            raise LorsError(
+                f"internal: {key} is {tuple(tensor.shape)} {tensor.dtype}, planned "
+                f"{tuple(expected.shape)} {expected.dtype}"
+            )
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()  # (nbytes,)
         with open(self.path, "r+b") as f:
             f.seek(self.start + self.offsets[key])
@@ -172,8 +193,14 @@ class ShardedWriter:
     shards whose index ``% dist.world == dist.rank`` are written by this process.
     """
 
-    def __init__(self, directory: Path, spec: dict[str, torch.Tensor], max_shard_size: int | str,
-                 metadata: dict[str, str], dist: Dist | None = None):
+    def __init__(
+        self,
+        directory: Path,
+        spec: dict[str, torch.Tensor],
+        max_shard_size: int | str,
+        metadata: dict[str, str],
+        dist: Dist | None = None,
+    ):
         from huggingface_hub import split_torch_state_dict_into_shards
 
         self.directory = Path(directory)
@@ -182,8 +209,11 @@ class ShardedWriter:
         self.split = split_torch_state_dict_into_shards(spec, max_shard_size=max_shard_size)
         self.files = list(self.split.filename_to_tensors)
         self.mine = {f for j, f in enumerate(self.files) if j % self.dist.world == self.dist.rank}
-        self.shards = {f: SafetensorsFile(self.directory / f, {k: spec[k] for k in keys}, metadata)
-                       for f, keys in self.split.filename_to_tensors.items() if f in self.mine}
+        self.shards = {
+            f: SafetensorsFile(self.directory / f, {k: spec[k] for k in keys}, metadata)
+            for f, keys in self.split.filename_to_tensors.items()
+            if f in self.mine
+        }
 
     def wants(self, key: str) -> bool:
         return self.split.tensor_to_filename[key] in self.mine
@@ -200,13 +230,26 @@ class ShardedWriter:
             missing = sorted(self.shards[unfinished[0]].pending)[:3]
             raise LorsError(f"internal: shard {unfinished[0]} never completed (missing {missing})")
         if self.split.is_sharded and self.dist.is_main:
-            index = {"metadata": {**self.split.metadata, **self.metadata},
-                     "weight_map": self.split.tensor_to_filename}
+            index = {
+                "metadata": {**self.split.metadata, **self.metadata},
+                "weight_map": self.split.tensor_to_filename,
+            }
             (self.directory / INDEX_NAME).write_text(dump_json(index))
 
 
-__all__ = ["SafetensorsReader", "SafetensorsFile", "ShardedWriter", "SAFETENSORS_DTYPES", "INDEX_NAME", "WEIGHTS_NAME", "meta_like",
-           "index_shards", "directory_weight_files", "read_json", "dump_json"]
+__all__ = [
+    "SafetensorsReader",
+    "SafetensorsFile",
+    "ShardedWriter",
+    "SAFETENSORS_DTYPES",
+    "INDEX_NAME",
+    "WEIGHTS_NAME",
+    "meta_like",
+    "index_shards",
+    "directory_weight_files",
+    "read_json",
+    "dump_json",
+]
 
 
 def dump_json(obj, indent: int | None = 1) -> str:

@@ -1,4 +1,5 @@
 """Model skeletons: the architecture with its parameters on the meta device (no weight memory)."""
+
 from __future__ import annotations
 
 from collections.abc import Callable

@@ -7,6 +7,7 @@ meta device and a lazy reader of its tensors (streaming). Unpickling runs code f
 ``torch.load`` here is ``weights_only=True`` unless the caller passes ``trust_pickle=True``. Every
 failure is a :class:`LorsError` naming the file.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -153,8 +154,11 @@ def _describe(obj) -> str:
 def _as_state_dict(obj) -> dict[str, torch.Tensor] | None:
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]  # common training checkpoints
-    if isinstance(obj, dict) and obj and all(isinstance(k, str) and isinstance(v, torch.Tensor)
-                                             for k, v in obj.items()):
+    if (
+        isinstance(obj, dict)
+        and obj
+        and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+    ):
         return dict(obj)
     return None
 
@@ -184,7 +188,9 @@ def _torch_load(path: Path, trust_pickle: bool):
             return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
     except pickle.UnpicklingError as e:
         message = str(e)
-        if not trust_pickle and "GLOBAL" in message:  # "Unsupported global: GLOBAL x" or "GLOBAL x ... is blocked"
+        if (
+            not trust_pickle and "GLOBAL" in message
+        ):  # "Unsupported global: GLOBAL x" or "GLOBAL x ... is blocked"
             culprit = ""
             for line in message.splitlines():
                 if "GLOBAL" in line:
@@ -216,8 +222,9 @@ def refuse_non_finite(t: torch.Tensor, name: str, path: str | Path) -> None:
 # the entry point
 
 
-def load_source(path: str | Path, arch: str | None = None, trust_pickle: bool = False
-                ) -> tuple[nn.Module, SourceInfo]:
+def load_source(
+    path: str | Path, arch: str | None = None, trust_pickle: bool = False
+) -> tuple[nn.Module, SourceInfo]:
     """Load a dense model from any supported input and say where it came from."""
     path = Path(path)
     recover_output(path)  # an output of lors (merge) whose replacement was killed half-way
@@ -228,8 +235,14 @@ def load_source(path: str | Path, arch: str | None = None, trust_pickle: bool = 
         check_finite(model, path)
         # hashed here, not on a thread beside the load: that measured 40-70 MB more peak RSS in a
         # calibrated conversion, for 0.5 s of minutes
-        return model, SourceInfo(kind="hf", path=str(path.resolve()), arch=type(model).__name__,
-                                 sha256=file_sha256(files), files=hf_side_files(path), stored=stored)
+        return model, SourceInfo(
+            kind="hf",
+            path=str(path.resolve()),
+            arch=type(model).__name__,
+            sha256=file_sha256(files),
+            files=hf_side_files(path),
+            stored=stored,
+        )
     if is_gguf(path):
         return load_gguf(path, arch)
     _check_file(path)
@@ -241,20 +254,27 @@ def load_source(path: str | Path, arch: str | None = None, trust_pickle: bool = 
             if name not in state:
                 continue
             if tuple(state[name].shape) != tuple(t.shape):
-                raise LorsError(f"{path} does not match --arch {arch}: {name} has shape {list(state[name].shape)}, "
-                                f"the model expects {list(t.shape)}")
+                raise LorsError(
+                    f"{path} does not match --arch {arch}: {name} has shape {list(state[name].shape)}, "
+                    f"the model expects {list(t.shape)}"
+                )
             if t.is_floating_point() and state[name].is_floating_point() and t.dtype != state[name].dtype:
                 t.data = t.data.to(state[name].dtype)  # keep the source dtype (fp16/bf16 stay so); ties kept
         result = model.load_state_dict(state, strict=False)
         if result.missing_keys or result.unexpected_keys:
-            raise LorsError(f"{path} does not match --arch {arch}: missing {result.missing_keys[:3]}, "
-                            f"unexpected {result.unexpected_keys[:3]}")
+            raise LorsError(
+                f"{path} does not match --arch {arch}: missing {result.missing_keys[:3]}, "
+                f"unexpected {result.unexpected_keys[:3]}"
+            )
         check_finite(model, path)
-        return model.eval(), SourceInfo(kind="state_dict", path=str(path.resolve()), arch=arch, sha256=sha,
-                                        stored=set(state))
+        return model.eval(), SourceInfo(
+            kind="state_dict", path=str(path.resolve()), arch=arch, sha256=sha, stored=set(state)
+        )
     if path.suffix == ".safetensors":
         _read_safetensors(path)  # a clear error for corrupt files before the usage hint
-        raise LorsUsageError(f"{path} holds only tensors: pass --arch package.module:callable to build the model")
+        raise LorsUsageError(
+            f"{path} holds only tensors: pass --arch package.module:callable to build the model"
+        )
     if _is_torchscript(path):
         try:
             model = torch.jit.load(str(path), map_location="cpu")
@@ -267,11 +287,15 @@ def load_source(path: str | Path, arch: str | None = None, trust_pickle: bool = 
         check_finite(obj, path)
         return obj.eval(), SourceInfo(kind="pickle", path=str(path.resolve()), sha256=sha)
     if _as_state_dict(obj) is not None:
-        raise LorsUsageError(f"{path} is a state dict: pass --arch package.module:callable to build the model")
+        raise LorsUsageError(
+            f"{path} is a state dict: pass --arch package.module:callable to build the model"
+        )
     raise LorsError(f"{path}: expected a model or a state dict, found {_describe(obj)}")
 
 
-def open_lazy(path: str | Path, arch: str | None = None) -> tuple[nn.Module, SafetensorsReader, SourceInfo] | None:
+def open_lazy(
+    path: str | Path, arch: str | None = None
+) -> tuple[nn.Module, SafetensorsReader, SourceInfo] | None:
     """(meta-device model, lazy tensors, source info) for an HF directory, ``.safetensors`` +
     ``arch`` or a GGUF file; None for any other input (it must be loaded whole).
 
@@ -284,14 +308,27 @@ def open_lazy(path: str | Path, arch: str | None = None) -> tuple[nn.Module, Saf
         tensors = SafetensorsReader(hf_weight_files(src))
         digest = Digest(tensors.files)
         model = empty_model(lambda: build_hf(src, device="cpu", keys=set(tensors.keys())))
-        return model, tensors, SourceInfo(kind="hf", path=str(src.resolve()), arch=type(model).__name__,
-                                          files=hf_side_files(src), digest=digest)
+        return (
+            model,
+            tensors,
+            SourceInfo(
+                kind="hf",
+                path=str(src.resolve()),
+                arch=type(model).__name__,
+                files=hf_side_files(src),
+                digest=digest,
+            ),
+        )
     if src.suffix == ".safetensors" and arch is not None and src.is_file():
         _check_file(src)  # an empty file says so, not "header too small"
         tensors = SafetensorsReader([src])
         digest = Digest([src])
         model = empty_model(lambda: build_arch(arch))
-        return model, tensors, SourceInfo(kind="state_dict", path=str(src.resolve()), arch=arch, digest=digest)
+        return (
+            model,
+            tensors,
+            SourceInfo(kind="state_dict", path=str(src.resolve()), arch=arch, digest=digest),
+        )
     if is_gguf(src):
         return open_gguf(src, arch)
     return None
@@ -305,7 +342,9 @@ def open_gguf(path: Path, arch: str | None = None):
     """(meta-device model, lazy dequantized tensors, source info) of a GGUF file: the transformers
     causal LM its metadata describes, tied weights tied."""
     if arch is not None:
-        raise LorsUsageError(f"{path}: --arch does not apply to a GGUF file (its metadata names the architecture)")
+        raise LorsUsageError(
+            f"{path}: --arch does not apply to a GGUF file (its metadata names the architecture)"
+        )
     gguf = GGUFFile(path)
     digest = Digest([path])
     config = load_config(gguf)
@@ -314,14 +353,22 @@ def open_gguf(path: Path, arch: str | None = None):
     try:
         model = empty_model(lambda: AutoModelForCausalLM.from_config(config))
     except Exception as e:
-        raise LorsError(f"{path}: transformers cannot build the model its GGUF metadata describes ({short(e)})") from None
+        raise LorsError(
+            f"{path}: transformers cannot build the model its GGUF metadata describes ({short(e)})"
+        ) from None
     config.architectures = [type(model).__name__]  # config.json names the class, as a saved HF model's does
     state = model.state_dict(keep_vars=True)
     first: dict[int, str] = {}
     tied = [k for k, t in state.items() if first.setdefault(id(t), k) != k]
     tensors = GGUFTensors(gguf, {k: tuple(t.shape) for k, t in state.items()}, tied, type(model).__name__)
-    info = SourceInfo(kind="gguf", path=str(path.resolve()), arch=type(model).__name__, stored=set(tensors.keys()),
-                      digest=digest, export=lambda directory: export_side_files(gguf, config, tensors.extras, directory))
+    info = SourceInfo(
+        kind="gguf",
+        path=str(path.resolve()),
+        arch=type(model).__name__,
+        stored=set(tensors.keys()),
+        digest=digest,
+        export=lambda directory: export_side_files(gguf, config, tensors.extras, directory),
+    )
     return model, tensors, info
 
 
@@ -330,7 +377,9 @@ def load_gguf(path: Path, arch: str | None = None) -> tuple[nn.Module, SourceInf
     model, tensors, info = open_gguf(path, arch)
     model.load_state_dict({k: tensors.get(k) for k in tensors.keys()}, strict=False, assign=True)
     model.tie_weights()  # assign replaced the tied parameter's owner only
-    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.device.type == "meta"]
+    left = [
+        n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.device.type == "meta"
+    ]
     if left:
         raise LorsError(f"{path}: no tensor for {left[0]!r}")
     check_finite(model, path)

@@ -5,6 +5,7 @@ the disk the user chose; removed on :meth:`Spill.close` or garbage collection) h
 safetensors file per name. Used where a whole model's worth of intermediate tensors (calibration
 Grams, a reference model's outputs) would otherwise sit in memory at once.
 """
+
 from __future__ import annotations
 
 import re

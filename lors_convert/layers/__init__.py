@@ -1,4 +1,5 @@
 """LORS layer modules, one per kind of dense module they replace."""
+
 from __future__ import annotations
 
 import torch
@@ -30,16 +31,32 @@ def static_layer_for(module: nn.Module) -> type[LorsLayer] | None:
     """
     if isinstance(module, torch.jit.ScriptModule):  # weights only: no forward to replace
         name = getattr(module, "original_name", "")
-        return next((layer for layer in STATIC_LAYERS
-                     if any(d.__name__ == name for d in layer.replaces())), None)
+        return next(
+            (layer for layer in STATIC_LAYERS if any(d.__name__ == name for d in layer.replaces())), None
+        )
     for layer in STATIC_LAYERS:
         for dense in layer.replaces():
             if isinstance(module, dense) and type(module).forward is dense.forward:
-                if isinstance(module, nn.Conv2d) and type(module)._conv_forward is not nn.Conv2d._conv_forward:
+                if (
+                    isinstance(module, nn.Conv2d)
+                    and type(module)._conv_forward is not nn.Conv2d._conv_forward
+                ):
                     return None
                 return layer
     return None
 
 
-__all__ = ["LorsModule", "LorsLayer", "meta_clone", "LorsLinear", "LorsConv2d", "LorsConv1D", "STATIC_LAYERS", "ADAPTIVE_LAYERS", "LorsaLinear", "layer_class", "static_layer_for",
-           "hf_conv1d_types"]
+__all__ = [
+    "LorsModule",
+    "LorsLayer",
+    "meta_clone",
+    "LorsLinear",
+    "LorsConv2d",
+    "LorsConv1D",
+    "STATIC_LAYERS",
+    "ADAPTIVE_LAYERS",
+    "LorsaLinear",
+    "layer_class",
+    "static_layer_for",
+    "hf_conv1d_types",
+]

@@ -27,6 +27,7 @@ Tensors (names are what a checkpoint stores, relative to the module):
 ``r1 = min(r, R_m)``, ``r2 = min(r, C_m)``; ``rank=None`` is the exact full-rank form (K=1,
 ``r1 = R_m``, ``r2 = C_m``).
 """
+
 from __future__ import annotations
 
 import copy
@@ -66,8 +67,10 @@ class Layout:
         for part in body.split(","):
             dm = re.fullmatch(_DIM, part.strip())
             if dm is None:
-                raise LorsUsageError(f"bad generator layout {text!r}: expected e.g. '4 x [64x64, 128x32]' "
-                                     f"(G repetitions of row-major R x C matrices), could not read {part.strip()!r}")
+                raise LorsUsageError(
+                    f"bad generator layout {text!r}: expected e.g. '4 x [64x64, 128x32]' "
+                    f"(G repetitions of row-major R x C matrices), could not read {part.strip()!r}"
+                )
             entries.append((int(dm.group(1)), int(dm.group(2))))
         if groups < 1 or not entries or any(r < 1 or c < 1 for r, c in entries):
             raise LorsUsageError(f"bad generator layout {text!r}: sizes must be positive")
@@ -89,7 +92,7 @@ class Layout:
         blocks = T.reshape(self.groups, self.per_group, *T.shape[1:])  # (G, per_group, m)
         out, start = [], 0
         for r, c in self.entries:
-            out.append(blocks[:, start:start + r * c].reshape(self.groups, r, c, *T.shape[1:]))
+            out.append(blocks[:, start : start + r * c].reshape(self.groups, r, c, *T.shape[1:]))
             start += r * c
         return out
 
@@ -140,17 +143,27 @@ class LorsaLinear(LorsModule):
 
     layer_kind = "generator"
 
-    def __init__(self, dense: nn.Linear, shared: nn.Parameter, total_rank: int | None = None,
-                 rank: int | None = None, groups: int = 1, layout: str | Layout = "",
-                 has_bias: bool | None = None, **_: object) -> None:
+    def __init__(
+        self,
+        dense: nn.Linear,
+        shared: nn.Parameter,
+        total_rank: int | None = None,
+        rank: int | None = None,
+        groups: int = 1,
+        layout: str | Layout = "",
+        has_bias: bool | None = None,
+        **_: object,
+    ) -> None:
         super().__init__()
         self.layout = Layout.parse(layout)
         self.in_features = dense.in_features
         self.out_features = dense.out_features
         self.has_bias = dense.bias is not None if has_bias is None else bool(has_bias)
         if self.layout.out_features != self.out_features:
-            raise LorsUsageError(f"generator layout {self.layout} gives {self.layout.out_features} outputs, "
-                                 f"the Linear has {self.out_features}")
+            raise LorsUsageError(
+                f"generator layout {self.layout} gives {self.layout.out_features} outputs, "
+                f"the Linear has {self.out_features}"
+            )
         self.weight_dtype = dense.weight.dtype
         self.rank = rank
         self.groups = 1 if rank is None else groups
@@ -184,12 +197,13 @@ class LorsaLinear(LorsModule):
                 self.lors_A[i].copy_(A)
                 core = core.reshape(-1, core.shape[-1])  # (G*K*r1*r2, m)
                 E = self.lors_E[i]
-                E.weight.copy_(core[:, :self.in_features])
+                E.weight.copy_(core[:, : self.in_features])
                 if E.bias is not None:
                     E.bias.copy_(core[:, self.in_features])
 
     def reset_paper(self, generator: torch.Generator | None = None) -> None:
         """The LORSA paper's from-scratch init: Kaiming-uniform shared, B and A; zero E."""
+
         def kaiming_(t: torch.Tensor, fan_in: int) -> None:
             bound = 1.0 / math.sqrt(fan_in) if fan_in else 0.0  # kaiming_uniform_(a=sqrt(5)), as nn.Linear
             t.uniform_(-bound, bound, generator=generator)
@@ -208,15 +222,16 @@ class LorsaLinear(LorsModule):
         """Per layout entry the private part ``sum_k B_k E_k(q) A_k``: ``(..., G, R, C)``."""
         G = self.layout.groups
         out = []
-        for (K, r1, r2), (r, c), B, A, E in zip(self.ranks, self.layout.entries, self.lors_B, self.lors_A,
-                                                 self.lors_E):
+        for (K, r1, r2), (r, c), B, A, E in zip(
+            self.ranks, self.layout.entries, self.lors_B, self.lors_A, self.lors_E
+        ):
             e = E(q).unflatten(-1, (G, K, r1, r2))  # (..., G, K, r1, r2)
             t = torch.einsum("...gkjl,gklc->...gkjc", e, A.view(G, K, r2, c))  # (..., G, K, r1, C)
             out.append(torch.einsum("gakj,...gkjc->...gac", B.view(G, r, K, r1), t))  # (..., G, R, C)
         return out
 
     def forward(self, q: torch.Tensor) -> torch.Tensor:  # (..., dq) -> (..., out)
-        weight = self.shared[:, :self.in_features]  # (out, dq)
+        weight = self.shared[:, : self.in_features]  # (out, dq)
         bias = self.shared[:, self.in_features] if self.has_bias else None  # (out,)
         y = F.linear(q, weight, bias)  # (..., out)
         parts = [p.flatten(-2) for p in self.private_matrices(q)]  # (..., G, R*C) each
@@ -226,7 +241,7 @@ class LorsaLinear(LorsModule):
     @property
     def weight(self) -> torch.Tensor:
         """The merged dense weight ``(out, dq)`` for code that reads ``.weight`` (materializes it)."""
-        return self.merged_augmented()[:, :self.in_features].to(self.shared.dtype)
+        return self.merged_augmented()[:, : self.in_features].to(self.shared.dtype)
 
     @property
     def bias(self) -> torch.Tensor | None:
@@ -265,15 +280,16 @@ class LorsaLinear(LorsModule):
         T = self.merged_augmented()
         dense.to_empty(device=self.shared.device, recurse=True)
         rg = self.shared.requires_grad
-        dense.weight = nn.Parameter(T[:, :self.in_features].to(self.weight_dtype).detach(), requires_grad=rg)
+        dense.weight = nn.Parameter(T[:, : self.in_features].to(self.weight_dtype).detach(), requires_grad=rg)
         if self.has_bias:
             dense.bias = nn.Parameter(T[:, self.in_features].to(self.weight_dtype).detach(), requires_grad=rg)
         return dense
 
     def extra_repr(self) -> str:
-        return (f"in={self.in_features}, layout={self.layout}, rank={self.rank}, groups={self.groups}, "
-                f"shared={tuple(self.shared.shape)}")
+        return (
+            f"in={self.in_features}, layout={self.layout}, rank={self.rank}, groups={self.groups}, "
+            f"shared={tuple(self.shared.shape)}"
+        )
 
 
 __all__ = ["Layout", "LorsaLinear", "group_ranks", "private_param_count"]
-

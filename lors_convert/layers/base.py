@@ -12,6 +12,7 @@ A LORS layer replaces one dense module of a stack. It holds
 The dense module it replaced is kept as a meta-device template (no memory), which gives the
 hyper-parameters for the forward pass and the class to merge back into.
 """
+
 from __future__ import annotations
 
 import copy
@@ -27,7 +28,9 @@ def meta_clone(module: nn.Module) -> nn.Module:
     memo = {}
     for t in list(module.parameters()) + list(module.buffers()):
         meta = torch.empty_like(t, device="meta")
-        memo[id(t)] = nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else meta
+        memo[id(t)] = (
+            nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else meta
+        )
     return copy.deepcopy(module, memo)
 
 
@@ -61,8 +64,15 @@ class LorsLayer(LorsModule):
         """The dense module classes this layer stands in for."""
         return cls.dense_types
 
-    def __init__(self, dense: nn.Module, shared: nn.Parameter | None, total_rank: int, rank: int | None,
-                 groups: int, weight_name: str = "weight") -> None:
+    def __init__(
+        self,
+        dense: nn.Module,
+        shared: nn.Parameter | None,
+        total_rank: int,
+        rank: int | None,
+        groups: int,
+        weight_name: str = "weight",
+    ) -> None:
         super().__init__()
         weight = getattr(dense, weight_name)
         d, h = weight.shape[0], weight[0].numel()
@@ -90,8 +100,11 @@ class LorsLayer(LorsModule):
     def merge_state(cls, state: dict[str, torch.Tensor], meta: dict) -> dict[str, torch.Tensor]:
         weight_name = meta.get("weight_name", "weight")
         dtype = getattr(torch, meta["dtype"])
-        dense = {weight_name: merge_weight(state.get("shared"), state["lors_B"], state["lors_A"],
-                                           tuple(meta["shape"]), dtype)}
+        dense = {
+            weight_name: merge_weight(
+                state.get("shared"), state["lors_B"], state["lors_A"], tuple(meta["shape"]), dtype
+            )
+        }
         dense.update({k: v for k, v in state.items() if k not in ("shared", "lors_A", "lors_B")})
         return dense
 
@@ -121,5 +134,7 @@ class LorsLayer(LorsModule):
         return dense
 
     def extra_repr(self) -> str:
-        return (f"shape={self.weight_shape}, rank={self.rank}, groups={self.groups}, "
-                f"shared={None if self.shared is None else tuple(self.shared.shape)}")
+        return (
+            f"shape={self.weight_shape}, rank={self.rank}, groups={self.groups}, "
+            f"shared={None if self.shared is None else tuple(self.shared.shape)}"
+        )

@@ -7,6 +7,7 @@ output channel ``o`` of group ``j`` this computes ``(B A)[o] * x_j``: exactly th
 weight ``B A``, so grouping is respected without materializing ``W_i``. A private-only stack has
 no shared convolution: the bias goes to the 1x1 one.
 """
+
 from __future__ import annotations
 
 import torch
@@ -24,7 +25,11 @@ class LorsConv2d(LorsLayer):
         t = self.template
         out, in_per_group, kh, kw = self.weight_shape
         if self.total_rank == 0:  # a budget's rank 0: torch rejects a zero-size grouped conv
-            W = self.lors_B.new_zeros(self.weight_shape) if self.shared is None else self.shared.view(self.weight_shape)
+            W = (
+                self.lors_B.new_zeros(self.weight_shape)
+                if self.shared is None
+                else self.shared.view(self.weight_shape)
+            )
             return t._conv_forward(x, W, self.bias)  # (N, out, H', W')
         A = self.lors_A.view(-1, in_per_group, kh, kw).repeat(t.groups, 1, 1, 1)  # (g*k, in/g, kh, kw)
         z = t._conv_forward(x, A, None)  # (N, g*k, H', W')

@@ -4,6 +4,7 @@ The factorized matrix is the weight as stored, so ``B`` is ``(in, k)`` and ``A``
 ``y = x W_s + (x B) A + b`` (``(x B) A + b`` in a private-only stack), the dense product
 accumulated into the low-rank one by its GEMM (``addmm_``), as in :mod:`.linear`.
 """
+
 from __future__ import annotations
 
 import sys

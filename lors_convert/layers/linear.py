@@ -9,6 +9,7 @@ unaffected: no backward reads ``Y``, so updating it in place is safe, and the gr
 the unfused expression. Nothing is cached (a fused ``[W_s; A]`` weight per layer would copy ``W_s``
 into every layer), so optimizer steps on ``W_s``, ``A`` and ``B`` apply at once.
 """
+
 from __future__ import annotations
 
 import torch

@@ -27,6 +27,7 @@ find the generator automatically.
 Defaults are the official ones (6 stages, C=256, feat=256, 8 heads, FFN 2048, P_in=32, P_out=128,
 G=4, 80 classes): 18,378,716 parameters per stage, 110,272,296 for the decoder.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
@@ -56,8 +57,19 @@ class AdaMixerConfig:
     @classmethod
     def tiny(cls, **kw) -> AdaMixerConfig:
         """A small decoder for tests (6 stages, C=32, G=2, e=16, P_in=4, P_out=8)."""
-        return replace(cls(content_dim=32, feat_channels=32, num_heads=4, feedforward_channels=64,
-                           in_points=4, out_points=8, n_groups=2, num_classes=5), **kw)
+        return replace(
+            cls(
+                content_dim=32,
+                feat_channels=32,
+                num_heads=4,
+                feedforward_channels=64,
+                in_points=4,
+                out_points=8,
+                n_groups=2,
+                num_classes=5,
+            ),
+            **kw,
+        )
 
     @property
     def eff_dim(self) -> int:  # e
@@ -119,7 +131,9 @@ class FFN(nn.Module):
     def __init__(self, embed_dims: int, feedforward_channels: int, dropout: float = 0.0) -> None:
         super().__init__()
         self.layers = nn.Sequential(
-            nn.Sequential(nn.Linear(embed_dims, feedforward_channels), nn.ReLU(inplace=True), nn.Dropout(dropout)),
+            nn.Sequential(
+                nn.Linear(embed_dims, feedforward_channels), nn.ReLU(inplace=True), nn.Dropout(dropout)
+            ),
             nn.Linear(feedforward_channels, embed_dims),
             nn.Dropout(dropout),
         )
@@ -132,8 +146,15 @@ class FFN(nn.Module):
 class AdaptiveMixing(nn.Module):
     """Adaptive channel mixing (``M``, e x e) then spatial mixing (``S``, P_out x P_in), per group."""
 
-    def __init__(self, in_dim: int, in_points: int, n_groups: int, query_dim: int | None = None,
-                 out_dim: int | None = None, out_points: int | None = None) -> None:
+    def __init__(
+        self,
+        in_dim: int,
+        in_points: int,
+        n_groups: int,
+        query_dim: int | None = None,
+        out_dim: int | None = None,
+        out_points: int | None = None,
+    ) -> None:
         super().__init__()
         out_dim = out_dim if out_dim is not None else in_dim
         out_points = out_points if out_points is not None else in_points
@@ -176,24 +197,35 @@ class AdaptiveMixing(nn.Module):
 
 
 class AdaptiveSamplingMixing(nn.Module):
-    def __init__(self, in_points: int = 32, out_points: int = 128, n_groups: int = 4, content_dim: int = 256,
-                 feat_channels: int | None = None) -> None:
+    def __init__(
+        self,
+        in_points: int = 32,
+        out_points: int = 128,
+        n_groups: int = 4,
+        content_dim: int = 256,
+        feat_channels: int | None = None,
+    ) -> None:
         super().__init__()
         self.in_points, self.out_points, self.n_groups = in_points, out_points, n_groups
         self.content_dim = content_dim
         self.feat_channels = feat_channels if feat_channels is not None else content_dim
         self.sampling_offset_generator = nn.Sequential(nn.Linear(content_dim, in_points * n_groups * 3))
         self.norm = nn.LayerNorm(content_dim)
-        self.adaptive_mixing = AdaptiveMixing(self.feat_channels, query_dim=content_dim, in_points=in_points,
-                                              out_points=out_points, n_groups=n_groups)
+        self.adaptive_mixing = AdaptiveMixing(
+            self.feat_channels,
+            query_dim=content_dim,
+            in_points=in_points,
+            out_points=out_points,
+            n_groups=n_groups,
+        )
         self.init_weights()
 
     @torch.no_grad()
     def init_weights(self) -> None:
         nn.init.zeros_(self.sampling_offset_generator[-1].weight)
         bias = self.sampling_offset_generator[-1].bias.data.view(self.n_groups, self.in_points, 3)
-        if int(self.in_points ** 0.5) ** 2 == self.in_points:  # regular grid for square point counts
-            h = int(self.in_points ** 0.5)
+        if int(self.in_points**0.5) ** 2 == self.in_points:  # regular grid for square point counts
+            h = int(self.in_points**0.5)
             y = torch.linspace(-0.5, 0.5, h + 1) + 0.5 / h
             yp = y[:-1]
             y = yp.view(-1, 1).repeat(1, h).flatten()[None, :, None]
@@ -224,9 +256,13 @@ class AdaMixerDecoderStage(nn.Module):
         self.reg_fcs = nn.ModuleList([nn.Linear(C, C), nn.LayerNorm(C), nn.ReLU(inplace=True)])
         self.fc_reg = nn.Linear(C, 4)
         self.in_points, self.out_points, self.n_heads = cfg.in_points, cfg.out_points, cfg.n_groups
-        self.sampling_n_mixing = AdaptiveSamplingMixing(content_dim=C, feat_channels=cfg.feat_channels,
-                                                        in_points=cfg.in_points, out_points=cfg.out_points,
-                                                        n_groups=cfg.n_groups)
+        self.sampling_n_mixing = AdaptiveSamplingMixing(
+            content_dim=C,
+            feat_channels=cfg.feat_channels,
+            in_points=cfg.in_points,
+            out_points=cfg.out_points,
+            n_groups=cfg.n_groups,
+        )
         self.num_heads = cfg.num_heads
         self.iof_tau = nn.Parameter(torch.ones(cfg.num_heads))
 
@@ -269,7 +305,7 @@ class AdaMixerDecoderStage(nn.Module):
     @staticmethod
     def refine_xyzr(xyzr: torch.Tensor, xyzr_delta: torch.Tensor) -> torch.Tensor:
         z = xyzr[..., 2:3]
-        new_xy = xyzr[..., 0:2] + xyzr_delta[..., 0:2] * (2 ** z)
+        new_xy = xyzr[..., 0:2] + xyzr_delta[..., 0:2] * (2**z)
         new_zr = xyzr[..., 2:4] + xyzr_delta[..., 2:4]
         return torch.cat([new_xy, new_zr], dim=-1)
 
@@ -287,8 +323,9 @@ class AdaMixerDecoder(nn.Module):
         for stage in self.bbox_head:
             stage.init_weights()
 
-    def forward(self, features: torch.Tensor, query_xyzr: torch.Tensor, query_content: torch.Tensor
-                ) -> dict[str, list[torch.Tensor]]:
+    def forward(
+        self, features: torch.Tensor, query_xyzr: torch.Tensor, query_content: torch.Tensor
+    ) -> dict[str, list[torch.Tensor]]:
         out: dict[str, list[torch.Tensor]] = {"cls_score": [], "xyzr": [], "query": []}
         for stage in self.bbox_head:
             cls_score, delta, query_content, _ = stage(features, query_xyzr, query_content)
@@ -300,12 +337,19 @@ class AdaMixerDecoder(nn.Module):
         return out
 
 
-def random_inputs(cfg: AdaMixerConfig, batch: int = 2, queries: int = 5, generator: torch.Generator | None = None):
+def random_inputs(
+    cfg: AdaMixerConfig, batch: int = 2, queries: int = 5, generator: torch.Generator | None = None
+):
     """``features``, ``query_xyzr``, ``query_content`` of the right shapes (boxes of a 800 px image)."""
     feats = torch.randn(batch, queries, cfg.n_groups, cfg.in_points, cfg.eff_dim, generator=generator)
     xy = torch.rand(batch, queries, 2, generator=generator) * 800
-    zr = torch.stack([torch.rand(batch, queries, generator=generator) * 3 + 5,
-                      torch.rand(batch, queries, generator=generator) - 0.5], dim=-1)
+    zr = torch.stack(
+        [
+            torch.rand(batch, queries, generator=generator) * 3 + 5,
+            torch.rand(batch, queries, generator=generator) - 0.5,
+        ],
+        dim=-1,
+    )
     content = torch.randn(batch, queries, cfg.content_dim, generator=generator)
     return feats, torch.cat([xy, zr], dim=-1), content
 
@@ -329,8 +373,21 @@ def build_tiny(**overrides) -> AdaMixerDecoder:
 def decoder_state_dict(state: dict[str, torch.Tensor], prefix: str = "roi_head.") -> dict[str, torch.Tensor]:
     """The decoder's part of an official AdaMixer detector checkpoint (keys ``roi_head.bbox_head.N.*``):
     the keys under ``prefix`` with the prefix removed, ready for ``AdaMixerDecoder.load_state_dict``."""
-    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix + "bbox_head.")}
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix + "bbox_head.")}
 
 
-__all__ = ["AdaMixerConfig", "AdaMixerDecoder", "AdaMixerDecoderStage", "AdaptiveMixing", "build", "build_paper_lors", "build_tiny",
-           "decoder_state_dict", "AdaptiveSamplingMixing", "decode_box", "box_iof", "position_embedding", "random_inputs"]
+__all__ = [
+    "AdaMixerConfig",
+    "AdaMixerDecoder",
+    "AdaMixerDecoderStage",
+    "AdaptiveMixing",
+    "build",
+    "build_paper_lors",
+    "build_tiny",
+    "decoder_state_dict",
+    "AdaptiveSamplingMixing",
+    "decode_box",
+    "box_iof",
+    "position_embedding",
+    "random_inputs",
+]

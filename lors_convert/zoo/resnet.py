@@ -8,6 +8,7 @@ stage carries the ``downsample`` branch, which is why stack discovery finds bloc
 ``width`` scales the stem and every stage (64 in torchvision); ``groups``/``width_per_group`` give
 ResNeXt (grouped 3x3 convs), e.g. ``resnet(groups=32, width_per_group=4)`` is ResNeXt-50 32x4d.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -17,7 +18,9 @@ from torch import nn
 
 
 def conv3x3(in_planes: int, out_planes: int, stride: int = 1, groups: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(in_planes, out_planes, kernel_size=3, stride=stride, padding=1, groups=groups, bias=False)
+    return nn.Conv2d(
+        in_planes, out_planes, kernel_size=3, stride=stride, padding=1, groups=groups, bias=False
+    )
 
 
 def conv1x1(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
@@ -29,8 +32,15 @@ class Bottleneck(nn.Module):
 
     expansion = 4
 
-    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None,
-                 groups: int = 1, base_width: int = 64) -> None:
+    def __init__(
+        self,
+        inplanes: int,
+        planes: int,
+        stride: int = 1,
+        downsample: nn.Module | None = None,
+        groups: int = 1,
+        base_width: int = 64,
+    ) -> None:
         super().__init__()
         width = int(planes * (base_width / 64.0)) * groups
         self.conv1 = conv1x1(inplanes, width)
@@ -52,8 +62,15 @@ class Bottleneck(nn.Module):
 
 
 class ResNet(nn.Module):
-    def __init__(self, layers: Sequence[int] = (3, 4, 6, 3), width: int = 64, num_classes: int = 1000,
-                 groups: int = 1, width_per_group: int = 64, in_channels: int = 3) -> None:
+    def __init__(
+        self,
+        layers: Sequence[int] = (3, 4, 6, 3),
+        width: int = 64,
+        num_classes: int = 1000,
+        groups: int = 1,
+        width_per_group: int = 64,
+        in_channels: int = 3,
+    ) -> None:
         super().__init__()
         self.groups = groups
         self.base_width = width_per_group
@@ -77,12 +94,16 @@ class ResNet(nn.Module):
     def _make_layer(self, planes: int, blocks: int, stride: int) -> nn.Sequential:
         downsample = None
         if stride != 1 or self.inplanes != planes * Bottleneck.expansion:
-            downsample = nn.Sequential(conv1x1(self.inplanes, planes * Bottleneck.expansion, stride),
-                                       nn.BatchNorm2d(planes * Bottleneck.expansion))
+            downsample = nn.Sequential(
+                conv1x1(self.inplanes, planes * Bottleneck.expansion, stride),
+                nn.BatchNorm2d(planes * Bottleneck.expansion),
+            )
         layers = [Bottleneck(self.inplanes, planes, stride, downsample, self.groups, self.base_width)]
         self.inplanes = planes * Bottleneck.expansion
-        layers += [Bottleneck(self.inplanes, planes, groups=self.groups, base_width=self.base_width)
-                   for _ in range(1, blocks)]
+        layers += [
+            Bottleneck(self.inplanes, planes, groups=self.groups, base_width=self.base_width)
+            for _ in range(1, blocks)
+        ]
         return nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, C, H, W) -> (N, num_classes)
@@ -94,8 +115,14 @@ class ResNet(nn.Module):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
-def resnet(layers: Sequence[int] = (2, 3, 4, 2), width: int = 64, num_classes: int = 1000, groups: int = 1,
-           width_per_group: int = 64, in_channels: int = 3) -> ResNet:
+def resnet(
+    layers: Sequence[int] = (2, 3, 4, 2),
+    width: int = 64,
+    num_classes: int = 1000,
+    groups: int = 1,
+    width_per_group: int = 64,
+    in_channels: int = 3,
+) -> ResNet:
     """A Bottleneck ResNet with ``layers[i]`` blocks in stage ``i`` (1 to 4 stages)."""
     if not 1 <= len(layers) <= 4 or any(n < 1 for n in layers):
         raise ValueError(f"layers must be 1 to 4 positive block counts, got {tuple(layers)}")
