@@ -66,7 +66,7 @@ def run_plan(
     """THE conversion loop: fit every planned parameter (``only`` those it accepts) and hand it to
     ``sink.put(pp, fit)``; fills each ``matrices`` row's error columns. Returns the fits by plan index
     with their factors dropped (the report figures and the calibrated errors stay)."""
-    steps: Iterator = iter(list(enumerate(zip(plan.params, matrices))))
+    steps: Iterator = iter(list(enumerate(zip(plan.params, matrices, strict=False))))
     if progress is not None:
         steps = progress(steps, len(plan.params), "decomposing")
     done: dict[int, Fit] = {}

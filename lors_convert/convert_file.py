@@ -57,11 +57,11 @@ from .errors import LorsUsageError, about
 from .fit import FitOptions
 from .io.atomic import atomic_output, check_output
 from .io.dist import Dist
+from .io.hf import is_hf_dir
 from .io.memory import own_memory
 from .io.safetensors import dump_json
-from .io.spill import Spill
-from .io.hf import is_hf_dir
 from .io.sources import SourceInfo, load_source, open_lazy, refuse_non_finite
+from .io.spill import Spill
 from .report import Report
 from .target import Target, search_budget
 

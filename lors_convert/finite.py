@@ -30,4 +30,4 @@ def all_finite(t: torch.Tensor) -> bool:
 
 def first_non_finite(tensors, names: list[str]) -> str | None:
     """The name of the first tensor with a NaN or Inf, or None."""
-    return next((name for t, name in zip(tensors, names) if not all_finite(t)), None)
+    return next((name for t, name in zip(tensors, names, strict=False) if not all_finite(t)), None)

@@ -33,7 +33,7 @@ class Target:
     value: float
 
     @classmethod
-    def parse(cls, text: str) -> "Target":
+    def parse(cls, text: str) -> Target:
         name, sep, value = text.partition("=")
         name = name.strip().lower()
         try:

@@ -117,7 +117,7 @@ class Report:
         }
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Report":
+    def from_dict(cls, data: dict) -> Report:
         stacks = []
         for s in data["stacks"]:
             matrices = []

@@ -49,11 +49,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from lors_convert import convert  # noqa: E402
-from lors_convert.calibrate.grams import collect_grams  # noqa: E402
 from lors_convert.calibrate.data import read_texts, text_batches
+from lors_convert.calibrate.fidelity import fidelity, reference_outputs  # noqa: E402
+from lors_convert.calibrate.grams import collect_grams  # noqa: E402
 from lors_convert.discover.plan import plan_conversion  # noqa: E402
 from lors_convert.heal import heal  # noqa: E402
-from lors_convert.calibrate.fidelity import fidelity, reference_outputs  # noqa: E402
 
 DATA = Path(__file__).resolve().parent / "data"
 
@@ -125,7 +125,7 @@ def main(argv=None) -> int:
     for budget in [float(b) for b in args.budgets.split(",")]:
         row = {"budget": budget}
 
-        def record(name, model, params, seconds):
+        def record(name, model, params, seconds, row=row, budget=budget):
             q = fidelity(model, ref)
             row[name] = {
                 "cosine": q["heldout_cosine"],

@@ -31,7 +31,7 @@ def byte_tokens() -> list[str]:
             bs.append(b)
             cs.append(256 + n)
             n += 1
-    return [chr(c) for _, c in sorted(zip(bs, cs))]
+    return [chr(c) for _, c in sorted(zip(bs, cs, strict=False))]
 
 
 def vocab() -> list[str]:
@@ -48,10 +48,12 @@ def qwen(version: int, seed: int = 0):
     """A tied Qwen2 (q/k/v biases) or Qwen3 (q/k norms; head_dim 128, the one value transformers'
     GGUF config gives Qwen3, since it does not read llama.cpp's key_length)."""
     if version == 2:
-        from transformers import Qwen2Config as Config, Qwen2ForCausalLM as Model
+        from transformers import Qwen2Config as Config
+        from transformers import Qwen2ForCausalLM as Model
 
         return _init(Model(Config(**_config(True, LAYERS, FFN))), seed)
-    from transformers import Qwen3Config as Config, Qwen3ForCausalLM as Model
+    from transformers import Qwen3Config as Config
+    from transformers import Qwen3ForCausalLM as Model
 
     return _init(Model(Config(**_config(True, LAYERS, FFN), head_dim=128)), seed)
 

@@ -8,8 +8,8 @@ promises for that architecture (stack path -> member paths), checked by the test
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from torch import nn
@@ -145,7 +145,7 @@ def torch_encoder() -> nn.Module:
     attention reads ``out_proj.weight`` directly (the LORS layer's materializing ``.weight``)."""
     layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
     model = nn.TransformerEncoder(layer, num_layers=4, enable_nested_tensor=False)
-    for name, p in model.named_parameters():
+    for _name, p in model.named_parameters():
         if p.dim() >= 2:
             nn.init.normal_(p, std=p.shape[1] ** -0.5)
     return model

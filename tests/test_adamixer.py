@@ -7,11 +7,10 @@ import torch
 from torch import nn
 
 from lors_convert import count_parameters, plan_conversion
-from lors_convert.swap import install_layers
-from lors_convert.layers.adaptive import Layout, LorsaLinear
 from lors_convert.discover.generators import detect_generators, make_adaptive_hook, paper_adamixer_settings
+from lors_convert.layers.adaptive import Layout, LorsaLinear
+from lors_convert.swap import install_layers
 from lors_convert.zoo.adamixer import AdaMixerConfig, AdaMixerDecoder, AdaMixerDecoderStage, random_inputs
-
 
 # per-stage breakdown of the official default (C=256, feat=256, G=4, e=64, P_in=32, P_out=128, FFN 2048)
 DEFAULT_STAGE = {

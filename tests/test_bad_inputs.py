@@ -26,9 +26,9 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pytest
@@ -514,7 +514,7 @@ BERT_VOCAB = (
 TEXT = "\n".join(f"the river w{i} is a stone w{i + 1}" for i in range(30)) + "\n"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _template(name: str) -> Path:
     """Built once per session: ``mlp.safetensors``, ``mlp.lors``, ``mlp2.lors`` (rank 2), ``bert`` (an HF
     directory with its tokenizer), ``bert.lors``, ``bert_sharded.lors``."""

@@ -12,10 +12,10 @@ import random
 
 import pytest
 import torch
+from conftest import max_rel_diff
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from conftest import max_rel_diff
 from lors_convert import Checkpoint, convert, load, merge, merge_checkpoint, save
 from lors_convert.cli import app
 from lors_convert.decompose.budget import BudgetItem, allocate_ranks, allocate_with_sharing
@@ -73,10 +73,12 @@ def test_no_rank_at_or_above_break_even_on_random_spectra(seed, shared):
         except LorsUsageError:
             continue
         assert alloc.params <= alloc.budget
-        for it, ranks, dense, layers in zip(items, alloc.ranks, alloc.dense, alloc.dense_layers):
+        for it, ranks, dense, layers in zip(
+            items, alloc.ranks, alloc.dense, alloc.dense_layers, strict=False
+        ):
             if dense:
                 continue
-            for k, kept in zip(ranks, layers):
+            for k, kept in zip(ranks, layers, strict=False):
                 assert k * (it.d + it.h) < it.d * it.h, (k, it.d, it.h)
                 assert not kept or k == 0
             assert it.lors_cost(ranks, layers) < it.dense_cost
@@ -217,7 +219,9 @@ def test_calibrated_fit_leaves_dense_members_out(tmp_path):
     )
     for fit in fits.values():
         history = fit.weighted[2]
-        assert all(b <= a * (1 + 1e-9) for a, b in zip(history, history[1:]))  # refinement stays monotone
+        assert all(
+            b <= a * (1 + 1e-9) for a, b in zip(history, history[1:], strict=False)
+        )  # refinement stays monotone
     for row in rows:
         assert row.relative_error[0] == 0.0 and 0.0 < max(row.relative_error[1:]) < 0.5
     assert (
@@ -248,7 +252,7 @@ def test_sharing_auto_is_never_worse_than_always_or_never(seed):
     shared, private, budget = _sharing_instance(seed)
     choice, alloc = allocate_with_sharing(shared, private, budget)
     assert alloc.params <= alloc.budget
-    chosen = allocate_ranks([s if c else p for s, p, c in zip(shared, private, choice)], budget)
+    chosen = allocate_ranks([s if c else p for s, p, c in zip(shared, private, choice, strict=False)], budget)
     assert chosen.error == pytest.approx(alloc.error)  # the allocation is the one of the returned choice
     assert alloc.error <= allocate_ranks(private, budget).error + 1e-12  # never
     try:
@@ -279,7 +283,9 @@ def test_layer_objective_budget_compares_relative_errors():
     weights = [model.get_parameter(k).detach() for k in plan_pp.keys]
     assert all(g.scale == 1.0 for g in layer_grams(plan_pp, weights, out)[0])
     scaled = layer_grams(plan_pp, weights, cal)[0]
-    for g, w in zip(scaled, weights):  # tr(W C W^T) * scale == 1: the error relative to the dense output
+    for g, w in zip(
+        scaled, weights, strict=False
+    ):  # tr(W C W^T) * scale == 1: the error relative to the dense output
         energy = float(((w.double() @ g.gram) * w.double()).sum())
         assert energy * g.scale == pytest.approx(1.0)
 

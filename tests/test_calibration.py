@@ -9,11 +9,11 @@ import torch
 from torch import nn
 
 from lors_convert import convert, merge
-from lors_convert.calibrate.grams import collect_grams
 from lors_convert.calibrate.data import load_calibration, split_heldout, tensor_batches
+from lors_convert.calibrate.fidelity import fidelity, reference_outputs
+from lors_convert.calibrate.grams import collect_grams
 from lors_convert.errors import LorsError, LorsUsageError
 from lors_convert.heal import distill_loss, heal, stack_members
-from lors_convert.calibrate.fidelity import fidelity, reference_outputs
 
 
 class Block(nn.Module):
@@ -127,7 +127,7 @@ def test_calibrated_convert_beats_plain_on_calibration_outputs_and_merges():
     e_cal = fidelity(calibrated, ref)["heldout_rel_error"]
     assert e_cal < 0.5 * e_plain
     h = report.quality["refine_weighted_error"]
-    assert all(b <= a * (1 + 1e-9) for a, b in zip(h, h[1:]))
+    assert all(b <= a * (1 + 1e-9) for a, b in zip(h, h[1:], strict=False))
     x = data[:3]
     with torch.no_grad():
         y = calibrated(x)
@@ -205,7 +205,7 @@ def test_heal_improves_fidelity():
     ref = reference_outputs(teacher, batches)
     before = fidelity(student, ref)["heldout_rel_error"]
     seen = []
-    result = heal(student, teacher, batches, steps=30, lr=3e-3, progress=lambda s, n, l: seen.append(s))
+    result = heal(student, teacher, batches, steps=30, lr=3e-3, progress=lambda s, n, loss: seen.append(s))
     after = fidelity(student, ref)["heldout_rel_error"]
     assert after < 0.8 * before
     assert seen == list(range(1, 31)) and len(result.history) == 30
@@ -268,7 +268,7 @@ def test_heal_resume_matches_uninterrupted_run(tmp_path):
     fresh = copy.deepcopy(original)  # a new process rebuilds the unhealed model; the state restores it
     result = heal(fresh, teacher, batches, steps=10, lr=1e-3, checkpoint_path=state)
     assert result.resumed_from == 6 and len(result.history) == 10
-    for (n, a), (_, b) in zip(student_a.named_parameters(), fresh.named_parameters()):
+    for (n, a), (_, b) in zip(student_a.named_parameters(), fresh.named_parameters(), strict=False):
         assert torch.allclose(a, b, atol=1e-6), n
 
 

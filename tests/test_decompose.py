@@ -7,13 +7,13 @@ import time
 
 import pytest
 import torch
-
 from conftest import distinct_numel, expected_ranks, reference_errors, snapshot
+from models import CASES
+
 from lors_convert import convert, merge
 from lors_convert.decompose.lorst import as_matrix, decompose_stack, row_energy, stack_matrices, truncated_svd
 from lors_convert.decompose.topk import OVERSAMPLE, route, top_basis, top_singular
 from lors_convert.layers import LorsConv2d, LorsLinear
-from models import CASES
 
 
 def _low_rank_plus_noise(d: int, h: int, rank: int = 24, noise: float = 0.05, seed: int = 0) -> torch.Tensor:
@@ -112,7 +112,7 @@ def test_randomized_stack_reports_its_true_error():
     ranks = [8, 16]
     fac = decompose_stack(weights, ranks, method="randomized")
     ref = reference_errors(weights, ranks)
-    for w, layer, k, r in zip(weights, fac.layers, ranks, ref):
+    for w, layer, k, r in zip(weights, fac.layers, ranks, ref, strict=False):
         assert layer.B.shape == (600, k) and layer.A.shape == (k, 1040)
         actual = float(
             torch.linalg.matrix_norm(w - fac.shared - layer.B @ layer.A) / torch.linalg.matrix_norm(w)
@@ -129,9 +129,14 @@ def test_per_layer_groups_list():
     n_before = distinct_numel(model)
     model, report = convert(model, rank=4, groups=[1, 1, 2, 2])
     layers = [model.blocks[i].fc1 for i in range(4)]
-    assert all(isinstance(l, LorsLinear) for l in layers)
-    assert [l.lors_A.shape[0] for l in layers] == [4, 4, 8, 8] and [l.groups for l in layers] == [1, 1, 2, 2]
-    assert [l.lors_B.shape for l in layers] == [(48, 4), (48, 4), (48, 8), (48, 8)]
+    assert all(isinstance(lay, LorsLinear) for lay in layers)
+    assert [lay.lors_A.shape[0] for lay in layers] == [4, 4, 8, 8] and [lay.groups for lay in layers] == [
+        1,
+        1,
+        2,
+        2,
+    ]
+    assert [lay.lors_B.shape for lay in layers] == [(48, 4), (48, 4), (48, 8), (48, 8)]
     expected = n_before
     for s in report.stacks:
         for m in s.matrices:
@@ -140,7 +145,7 @@ def test_per_layer_groups_list():
             d, h = m.matrix
             expected += d * h + sum(m.ranks) * (d + h) - 4 * d * h
             ref = reference_errors([source[k] for k in keys], m.ranks)
-            assert max(abs(a - b) for a, b in zip(m.relative_error, ref)) <= 1e-4
+            assert max(abs(a - b) for a, b in zip(m.relative_error, ref, strict=False)) <= 1e-4
             assert ref[2] < ref[0] and ref[3] < ref[1]  # more groups, less error (sanity of the ref)
     assert distinct_numel(model) == expected == report.params_after
     y = case.forward(model)

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from models import CASES, SMALL
 from torch import nn
 
 from lors_convert import LorsUsageError, convert, find_stacks, plan_conversion
 from lors_convert.layers import LorsModule
 from lors_convert.zoo.resnet import resnet50, resnext50_32x4d
-from models import CASES, SMALL
 
 
 def _summary(stacks):
@@ -50,7 +50,8 @@ def test_resnet50_stages_stack_blocks_1_to_n_minus_1():
     assert sum(p.numel() for p in model.parameters()) == 25_557_032
     stacks = {s.path: s for s in find_stacks(model)}
     assert {p: s.members for p, s in stacks.items()} == {
-        f"layer{i}": [f"layer{i}.{j}" for j in range(1, n)] for i, n in zip((1, 2, 3, 4), (3, 4, 6, 3))
+        f"layer{i}": [f"layer{i}.{j}" for j in range(1, n)]
+        for i, n in zip((1, 2, 3, 4), (3, 4, 6, 3), strict=False)
     }
     for s in stacks.values():  # convs shared; BatchNorm (1-D) stays per block
         assert [p.relname for p in s.params] == ["conv1.weight", "conv2.weight", "conv3.weight"]
@@ -146,7 +147,7 @@ def test_disjoint_slices_of_one_flat_buffer_are_not_ties():
 
     flat = torch.randn(3 * 256)
     model = nn.ModuleList(nn.Linear(16, 16) for _ in range(3))
-    for layer, start in zip(model, (0, 256, 384)):  # layer 2 overlaps layer 1 by half
+    for layer, start in zip(model, (0, 256, 384), strict=False):  # layer 2 overlaps layer 1 by half
         layer.weight = nn.Parameter(flat[start : start + 256].view(16, 16))
     [stack] = find_stacks(model)
     assert stack.params == [] and "tied" in stack.excluded["weight"]

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import max_rel_diff, reference_errors, snapshot
+from models import CASES, run
 from torch import nn
 
-from conftest import max_rel_diff, reference_errors, snapshot
 from lors_convert import convert, find_stacks, merge
 from lors_convert.layers import LorsConv1D, LorsConv2d, LorsLayer, LorsLinear
-from models import CASES, run
 
 
 class Stack(nn.Module):
@@ -62,7 +62,7 @@ def test_grouped_conv2d_matches_dense_grouped_conv(kwargs):
     assert layers[0].shared.shape == (out, in_g * kh * kw)  # factorized per group structure
     x = torch.randn(2, kwargs["in_channels"], 11, 9)
     ys = model(x)
-    for i, (layer, y) in enumerate(zip(layers, ys)):
+    for i, (layer, y) in enumerate(zip(layers, ys, strict=False)):
         w = layer.shared + layer.lors_B @ layer.lors_A  # (out, in/g*kh*kw)
         ref = F.conv2d(
             x,
@@ -84,7 +84,7 @@ def test_grouped_conv2d_matches_dense_grouped_conv(kwargs):
         err = float(torch.linalg.norm((Wm - W).double()) / torch.linalg.norm(W.double()))
         assert abs(err - ref_err[i]) <= 1e-4 and model.layers[i].groups == g
     ys_dense = model(x)
-    for y, yd in zip(ys, ys_dense):
+    for y, yd in zip(ys, ys_dense, strict=False):
         assert max_rel_diff(y, yd) <= 1e-4
 
 
@@ -106,16 +106,19 @@ def test_hf_conv1d_is_factorized_as_stored_in_by_out():
     )
     x = torch.randn(3, 5, 32)
     ys = model(x)
-    for i, (layer, y) in enumerate(zip(layers, ys)):
+    for i, (layer, y) in enumerate(zip(layers, ys, strict=False)):
         assert y.shape == (3, 5, 48)
         ref = x @ (layer.shared + layer.lors_B @ layer.lors_A) + source[f"layers.{i}.bias"]
         assert max_rel_diff(y, ref) <= 1e-5
     merge(model)
     assert all(type(layer) is Conv1D for layer in model.layers)
-    for y, yd in zip(ys, model(x)):
+    for y, yd in zip(ys, model(x), strict=False):
         assert max_rel_diff(y, yd) <= 1e-4
     ref_err = reference_errors([source[f"layers.{i}.weight"] for i in range(4)], [4] * 4)
-    assert max(abs(a - b) for a, b in zip(report.stacks[0].matrices[0].relative_error, ref_err)) <= 1e-4
+    assert (
+        max(abs(a - b) for a, b in zip(report.stacks[0].matrices[0].relative_error, ref_err, strict=False))
+        <= 1e-4
+    )
 
 
 def test_gpt2_tied_embedding_stays_tied_and_unconverted():
@@ -216,7 +219,7 @@ def test_half_precision_round_trip_within_dtype_precision(name, dtype):
     source = snapshot(model)
     model, report = convert(model, rank=None, require_savings=False)
     layers = _layers(model)
-    assert layers and all(p.dtype == dtype for l in layers for p in (l.shared, l.lors_A, l.lors_B))
+    assert layers and all(p.dtype == dtype for lay in layers for p in (lay.shared, lay.lors_A, lay.lors_B))
     inputs = {k: v.to(dtype) if v.is_floating_point() else v for k, v in case.inputs().items()}
     with torch.no_grad():
         y = case.output(run(model, inputs))
@@ -338,7 +341,7 @@ def test_padding_mode_is_respected_by_both_conv_branches():
     model, _ = convert(model, rank=None, require_savings=False)
     assert all(isinstance(m, LorsConv2d) for m in model.layers)
     with torch.no_grad():
-        for y, y_lors in zip(ys, model(x)):
+        for y, y_lors in zip(ys, model(x), strict=False):
             assert max_rel_diff(y_lors, y) <= 1e-5
 
 
@@ -348,7 +351,7 @@ def test_float64_sources_are_decomposed_in_float64():
     model = case.build().double()
     source = snapshot(model)
     model, _ = convert(model, rank=None, require_savings=False)
-    assert all(l.shared.dtype == torch.float64 for l in _layers(model))
+    assert all(lay.shared.dtype == torch.float64 for lay in _layers(model))
     merged = snapshot(merge(model))
     for k, w in source.items():
         assert merged[k].dtype == torch.float64

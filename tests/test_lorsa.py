@@ -10,11 +10,6 @@ import torch
 from torch import nn
 
 from lors_convert import convert, count_parameters, merge, plan_conversion
-from lors_convert.errors import LorsUsageError
-from lors_convert.layers import layer_class
-from lors_convert.layers.adaptive import Layout, LorsaLinear
-from lors_convert.discover.generators import GeneratorSpec, make_adaptive_hook
-from lors_convert.fit.generator import generator_tensors
 from lors_convert.decompose.tucker import (
     groups_to_tensor,
     hooi_sweep,
@@ -23,6 +18,11 @@ from lors_convert.decompose.tucker import (
     tucker_to_tensor,
     unfold,
 )
+from lors_convert.discover.generators import GeneratorSpec, make_adaptive_hook
+from lors_convert.errors import LorsUsageError
+from lors_convert.fit.generator import generator_tensors
+from lors_convert.layers import layer_class
+from lors_convert.layers.adaptive import Layout, LorsaLinear
 from lors_convert.zoo.adamixer import AdaMixerConfig, AdaMixerDecoder, random_inputs
 
 GEN = "*adaptive_mixing.parameter_generator.0.weight"
@@ -87,7 +87,7 @@ def test_block_hooi_never_increases_the_error_and_recovers_block_terms():
     for _ in range(40):
         f, err = hooi_sweep(D, f)
         errors.append(err)
-    assert all(b <= a * (1 + 1e-5) + 1e-10 for a, b in zip(errors, errors[1:]))
+    assert all(b <= a * (1 + 1e-5) + 1e-10 for a, b in zip(errors, errors[1:], strict=False))
     assert errors[0] > 1e-2 * float((D * D).sum())  # consecutive HOSVD blocks alone are far off
     assert rel(groups_to_tensor(hosvd(D, r, r, K, sweeps=None)), D) < 1e-3  # default sweeps fix it
 
@@ -110,7 +110,7 @@ def test_full_rank_lorsa_conversion_reproduces_every_generator():
     with torch.no_grad():
         assert (lors(*feats)["cls_score"][-1] - ref).abs().max() < 1e-4
     dense = merge(lors)
-    for g, (w, b) in zip(generators(dense), before):
+    for g, (w, b) in zip(generators(dense), before, strict=False):
         assert type(g) is nn.Linear
         assert rel(g.weight, w) < 1e-5 and rel(g.bias, b) < 1e-5
         assert (g.weight - w).abs().max() <= 1e-5 * w.abs().max()
@@ -135,12 +135,12 @@ def test_low_rank_converted_outputs_equal_merged_dense_outputs(spec):
         ref = dense(*feats)
     assert not any(isinstance(m, LorsaLinear) for m in dense.modules())
     for key in ("cls_score", "xyzr", "query"):
-        for a, b in zip(out[key], ref[key]):
+        for a, b in zip(out[key], ref[key], strict=False):
             assert (a - b).abs().max() <= 1e-4 * max(1.0, float(b.abs().max()))
     # the generated matrices themselves, per stage
     q = torch.randn(7, cfg.content_dim)
     with torch.no_grad():
-        for g, d in zip(generators(lors), generators(dense)):
+        for g, d in zip(generators(lors), generators(dense), strict=False):
             assert rel(g(q), d(q)) < 1e-5
 
 
@@ -216,7 +216,7 @@ def structured_decoder(cfg, r, groups, noise, seed=0):
             sign = 1.0
         else:
             sign = -1.0
-        T = lay.join([c + sign * d for c, d in zip(common, delta)])  # (out, dq+1)
+        T = lay.join([c + sign * d for c, d in zip(common, delta, strict=False)])  # (out, dq+1)
         clean.append(T)
         noisy = T + noise * T.std() * torch.randn(T.shape, generator=g)
         with torch.no_grad():
@@ -234,14 +234,16 @@ def test_true_rank_conversion_recovers_generated_matrices_at_noise_level():
     q = torch.randn(64, cfg.content_dim, generator=torch.Generator().manual_seed(9))
     q1 = torch.cat([q, torch.ones(64, 1)], dim=1)
     lay = Layout.parse(cfg.generator_layout)
-    for i, (gen, dense, T) in enumerate(zip(generators(lors), dense_gens, clean)):
+    for i, (gen, dense, T) in enumerate(zip(generators(lors), dense_gens, clean, strict=False)):
         with torch.no_grad():
             truth = q1 @ T.T  # (64, out): every M(q), S(q) of every group, noise-free
             noisy = dense(q)
             got = gen(q)
         noise_level = rel(noisy, truth)
         assert 2e-4 < noise_level < 5e-3
-        for part_got, part_truth in zip(lay.split(got.T), lay.split(truth.T)):  # M and S separately
+        for part_got, part_truth in zip(
+            lay.split(got.T), lay.split(truth.T), strict=False
+        ):  # M and S separately
             assert rel(part_got, part_truth) < 2 * noise_level, i
         assert rel(got, truth) < 1.5 * noise_level, i
     assert max(report.stacks[0].matrices[0].relative_error) < 5e-3

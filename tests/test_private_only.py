@@ -13,14 +13,14 @@ import random
 
 import pytest
 import torch
+from conftest import distinct_numel, max_rel_diff, snapshot
+from models import CASES, SMALL
 from torch import nn
 
-from conftest import distinct_numel, max_rel_diff, snapshot
 from lors_convert import convert, count_parameters, load, merge, merge_checkpoint, save
 from lors_convert.decompose.budget import BudgetItem, allocate_ranks, allocate_with_sharing
 from lors_convert.errors import LorsUsageError
 from lors_convert.layers import LorsModule
-from models import CASES, SMALL
 
 
 def _svd_tail(w: torch.Tensor, k: int) -> float:
@@ -64,7 +64,7 @@ def test_private_only_conversion_across_the_table(name, tmp_path):
     assert max_rel_diff(case.forward(model), y_lors) <= 1e-4
 
     for s, m in converted:  # each layer is its own best rank-k_i approximation (no mean subtracted)
-        for member, k, rep in zip(s.members, m.ranks, m.relative_error):
+        for member, k, rep in zip(s.members, m.ranks, m.relative_error, strict=False):
             key = f"{member}.{m.name}"
             want = _svd_tail(source[key], k)
             got = float((merged[key].double() - source[key].double()).norm() / source[key].double().norm())
@@ -124,11 +124,11 @@ def test_sharing_choice_is_no_worse_than_either_extreme(seed, budget):
         )
         for s in _random_items(rng, False)
     ]
-    for s, p in zip(shared, private):  # same matrix shapes: the same parameter, two structures
+    for s, p in zip(shared, private, strict=False):  # same matrix shapes: the same parameter, two structures
         p.d, p.h = s.d, s.h
         p.spectra = [sp[: min(s.d, s.h)] for sp in p.spectra]
     choice, alloc = allocate_with_sharing(shared, private, budget)
-    chosen = [s if c else p for s, p, c in zip(shared, private, choice)]
+    chosen = [s if c else p for s, p, c in zip(shared, private, choice, strict=False)]
     again = allocate_ranks(chosen, budget)
     assert alloc.error == pytest.approx(again.error) and alloc.params == again.params
     assert alloc.params <= alloc.budget
@@ -172,7 +172,7 @@ def test_sharing_spectra_equal_the_two_separate_computations(orientation):
     S2, residual2 = shared_and_spectra(weights, grams, orientation, out_grams=outs)
     none, alone2 = shared_and_spectra(weights, grams, orientation, shared=False, out_grams=outs)
     assert none is None and torch.allclose(S, S2)
-    for a, b in zip(residual + alone, residual2 + alone2):
+    for a, b in zip(residual + alone, residual2 + alone2, strict=False):
         assert torch.allclose(a, b, rtol=1e-10, atol=1e-10)
     # the layers' own spectra hold all of each layer's whitened energy; the residual ones less in total
     assert sum(float(a.sum()) for a in alone) > sum(float(r.sum()) for r in residual)

@@ -6,9 +6,10 @@ import io
 import json
 import math
 
+from models import CASES
+
 from lors_convert import Report, convert
 from lors_convert.report import render
-from models import CASES
 
 
 def test_report_numbers_json_round_trip_and_rendering():

@@ -7,12 +7,12 @@ import math
 
 import pytest
 import torch
-
 from conftest import distinct_numel, expected_ranks, max_rel_diff, reference_errors, snapshot
+from models import CASES, SMALL
+
 from lors_convert import convert, count_parameters, merge
 from lors_convert.decompose.topk import route
 from lors_convert.layers import LorsModule
-from models import CASES, SMALL
 
 FULL_RANK_CASES = SMALL + ["minilm"]
 RANK8_CASES = SMALL + ["minilm"]
@@ -103,7 +103,7 @@ def test_rank8_outputs_error_identity_and_parameter_count(name):
         # exact routes meet Eckart-Young; randomized ones (large matrices, small ranks) come within
         # 1% of it, and report the error their factors have
         exact = route(min(d, h), max(d, h), m.ranks[0]) in ("eigh", "svd")
-        for i, (r, rep, act) in enumerate(zip(ref, m.relative_error, actual)):
+        for i, (r, rep, act) in enumerate(zip(ref, m.relative_error, actual, strict=False)):
             assert abs(rep - act) <= 1e-5, f"{keys[i]}: reported error {rep:.6f} vs actual {act:.6f}"
             assert act >= r - 1e-4 and (act <= r + 1e-4 or not exact and act <= 1.01 * r), (
                 f"{keys[i]}: actual error {act:.6f} vs discarded spectrum {r:.6f}"

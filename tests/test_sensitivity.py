@@ -7,15 +7,15 @@ import copy
 
 import pytest
 import torch
+from models import ConvStack, bert
 from torch import nn
 
 from lors_convert import convert
-from lors_convert.decompose.budget import BudgetItem, allocate_ranks
-from lors_convert.calibrate.grams import collect_grams, gram_owners
-from lors_convert.decompose.lorst import rebalance
-from lors_convert.errors import LorsUsageError
 from lors_convert.calibrate.fidelity import fidelity, reference_outputs
+from lors_convert.calibrate.grams import collect_grams, gram_owners
 from lors_convert.calibrate.sensitivity import collect_output_grams
+from lors_convert.decompose.budget import BudgetItem, allocate_ranks
+from lors_convert.decompose.lorst import rebalance
 from lors_convert.decompose.whiten import (
     decompose_weighted,
     shared_and_spectra,
@@ -23,8 +23,7 @@ from lors_convert.decompose.whiten import (
     whitened_spectra,
 )
 from lors_convert.decompose.whitener import whitener
-
-from models import ConvStack, bert
+from lors_convert.errors import LorsUsageError
 
 
 class LinBlock(nn.Module):
@@ -168,7 +167,8 @@ def _stack(N=4, d=8, h=10, seed=0):
 
 def _two_sided_error(W, S, P, C, G):
     return sum(
-        float(torch.trace(Gi @ (Wi - S - Pi) @ Ci @ (Wi - S - Pi).T)) for Wi, Pi, Ci, Gi in zip(W, P, C, G)
+        float(torch.trace(Gi @ (Wi - S - Pi) @ Ci @ (Wi - S - Pi).T))
+        for Wi, Pi, Ci, Gi in zip(W, P, C, G, strict=False)
     )
 
 
@@ -176,9 +176,9 @@ def test_two_sided_shared_solves_the_normal_equations():
     W, C, G = _stack()
     Wt = torch.stack(W)
     S = weighted_shared(Wt, C, left=G, max_iter=500, tol=1e-12)
-    residual = sum(Gi @ (S - Wi) @ Ci for Wi, Ci, Gi in zip(W, C, G))
+    residual = sum(Gi @ (S - Wi) @ Ci for Wi, Ci, Gi in zip(W, C, G, strict=False))
     assert float(torch.linalg.matrix_norm(residual)) < 1e-8 * float(
-        torch.linalg.matrix_norm(sum(Gi @ Wi @ Ci for Wi, Ci, Gi in zip(W, C, G)))
+        torch.linalg.matrix_norm(sum(Gi @ Wi @ Ci for Wi, Ci, Gi in zip(W, C, G, strict=False)))
     )
     zero = [torch.zeros_like(w) for w in W]
     # every CG iterate lowers the error from the start: a capped solve is never worse than its start
@@ -188,7 +188,7 @@ def test_two_sided_shared_solves_the_normal_equations():
         for k in (0, 1, 2, 5, 20)
     ]
     assert errs[0] == pytest.approx(_two_sided_error(W, start, zero, C, G))
-    assert all(b <= a * (1 + 1e-12) for a, b in zip(errs, errs[1:]))
+    assert all(b <= a * (1 + 1e-12) for a, b in zip(errs, errs[1:], strict=False))
     assert errs[-1] < 0.9 * errs[0]
 
 
@@ -227,9 +227,9 @@ def test_two_sided_truncation_is_optimal_for_the_two_sided_error():
     # spectra for the budget: what each rank unit removes against the budget's screening solve of
     # the shared part, summing to the residual energy
     screen, spectra = shared_and_spectra(W, C, out_grams=G)
-    assert all(torch.equal(a, b) for a, b in zip(spectra, whitened_spectra(W, C, out_grams=G)))
+    assert all(torch.equal(a, b) for a, b in zip(spectra, whitened_spectra(W, C, out_grams=G), strict=False))
     on_screen = decompose_weighted(W, ranks, C, out_grams=G, shared=screen)
-    for s, e, k in zip(spectra, on_screen.weighted_error, ranks):
+    for s, e, k in zip(spectra, on_screen.weighted_error, ranks, strict=False):
         assert float(s[k:].sum()) == pytest.approx(e, rel=1e-4)
     # a fit handed the screening solve solves on from it (3 + 10 iterations): its residual, the
     # solve's objective, is below the screening one's and here below a fresh 10-iteration solve's
@@ -244,7 +244,7 @@ def test_two_sided_refinement_never_increases_the_error():
     f = decompose_weighted(W, [2] * 4, C, out_grams=G, refine=6)
     h = f.history
     assert len(h) == 7
-    assert all(b <= a * (1 + 1e-9) for a, b in zip(h, h[1:]))
+    assert all(b <= a * (1 + 1e-9) for a, b in zip(h, h[1:], strict=False))
     assert h[-1] < h[0]
 
 

@@ -125,8 +125,8 @@ def test_sharded_output_round_trip(gpt2_dir, tmp_path):
 
 def test_config_without_architectures_keeps_the_head(tmp_path):
     """A checkpoint saved from a bare config has no ``architectures``: AutoModel would drop lm_head."""
-    from transformers import LlamaConfig, LlamaForCausalLM
     from safetensors.torch import save_file as save_st
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     config = LlamaConfig(

@@ -6,15 +6,13 @@ import copy
 
 import pytest
 import torch
+from models import bert
 
 from lors_convert import convert
-from lors_convert.heal import synthetic
-from lors_convert.errors import LorsUsageError
-from lors_convert.heal import heal
 from lors_convert.calibrate.fidelity import fidelity, reference_outputs
+from lors_convert.errors import LorsUsageError
+from lors_convert.heal import heal, synthetic
 from lors_convert.heal.synthetic import BigramChain
-
-from models import bert
 
 CLS, SEP = 1, 2  # inside the tiny BERT's 100-id vocabulary
 
@@ -68,12 +66,12 @@ def test_batches_are_a_pure_function_of_seed_and_index():
 def test_walk_follows_the_calibration_bigrams(monkeypatch):
     rows = random_rows(20, 0)
     chain = BigramChain.fit([token_batch(rows)])
-    seen = {(a, b) for r in rows for a, b in zip(r, r[1:])}
+    seen = {(a, b) for r in rows for a, b in zip(r, r[1:], strict=False)}
     monkeypatch.setattr(synthetic, "JUMP", 0.0)
     import random
 
     walk = chain.walk(200, random.Random(0))
-    for a, b in zip(walk, walk[1:]):
+    for a, b in zip(walk, walk[1:], strict=False):
         assert (a, b) in seen or a not in chain.successors  # a jump only where the chain has no successor
 
 
@@ -155,7 +153,7 @@ def test_synthetic_heal_resumes_to_the_uninterrupted_result(tmp_path):
         heal(copy.deepcopy(original), teacher, calib, steps=8, lr=1e-3, synthetic=0.75, checkpoint_path=state)
     result = heal(resumed, teacher, calib, steps=8, lr=1e-3, synthetic=0.5, checkpoint_path=state)
     assert result.resumed_from == 5
-    for (n, a), (_, b) in zip(student_a.named_parameters(), resumed.named_parameters()):
+    for (n, a), (_, b) in zip(student_a.named_parameters(), resumed.named_parameters(), strict=False):
         assert torch.allclose(a, b, atol=1e-6), n
 
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from models import CASES, SMALL, run
 
 from lors_convert import convert, plan_conversion
-from lors_convert.swap import build_skeleton
 from lors_convert.layers import LorsLayer
-from models import CASES, SMALL, run
+from lors_convert.swap import build_skeleton
 
 
 def _lors_layers(model):
@@ -65,8 +65,8 @@ def test_state_dict_round_trip_through_fresh_skeleton(name):
     # the skeleton shares exactly like the converted model: one Parameter per stacked matrix
     def sharing(m):
         return sorted(
-            sorted(n for n, l in _lors_layers(m) if l.shared is s)
-            for s in {id(l.shared): l.shared for _, l in _lors_layers(m)}.values()
+            sorted(n for n, lay in _lors_layers(m) if lay.shared is s)
+            for s in {id(lay.shared): lay.shared for _, lay in _lors_layers(m)}.values()
         )
 
     assert sharing(fresh) == sharing(model)

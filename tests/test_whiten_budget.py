@@ -10,7 +10,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lors_convert.decompose.budget import BudgetItem, allocate_ranks, evaluate, uniform_ranks
-from lors_convert.errors import LorsUsageError
 from lors_convert.decompose.whiten import decompose_weighted, weighted_shared
 from lors_convert.decompose.whitener import (
     ScaledGram,
@@ -19,6 +18,7 @@ from lors_convert.decompose.whitener import (
     stack_whiteners,
     whitener,
 )
+from lors_convert.errors import LorsUsageError
 
 
 def _gram(n: int, gen: torch.Generator, rank: int | None = None) -> torch.Tensor:
@@ -166,7 +166,7 @@ def test_refinement_never_increases_weighted_error(seed, N, k, orientation):
     f = decompose_weighted(stored, [k] * N, grams, orientation=orientation, refine=4)
     h = f.history
     assert len(h) == 5
-    assert all(b <= a * (1 + 1e-9) + 1e-12 for a, b in zip(h, h[1:])), h
+    assert all(b <= a * (1 + 1e-9) + 1e-12 for a, b in zip(h, h[1:], strict=False)), h
     assert h[-1] == pytest.approx(f.total_weighted_error, rel=1e-9, abs=1e-12)
 
 
@@ -191,7 +191,7 @@ def test_budget_is_met_within_one_percent(fraction):
     alloc = allocate_ranks(items, fraction)
     assert alloc.params <= alloc.budget
     assert abs(alloc.fraction - fraction) <= 0.01 * fraction
-    for item, ranks, dense in zip(items, alloc.ranks, alloc.dense):
+    for item, ranks, dense in zip(items, alloc.ranks, alloc.dense, strict=False):
         if not dense:
             assert item.lors_cost(ranks) < item.dense_cost  # every converted matrix breaks even
 

@@ -31,7 +31,7 @@ class UpperBlocks:
 
     def add_rows_(self, r: torch.Tensor) -> UpperBlocks:
         """``+= r^T r`` (``r``: (rows, n))."""
-        for row, i in zip(self.rows, range(0, self.n, BLOCK)):
+        for row, i in zip(self.rows, range(0, self.n, BLOCK), strict=False):
             row.addmm_(r[:, i : i + BLOCK].T, r[:, i:])  # (b, n - i): one block row, from the diagonal on
         return self
 

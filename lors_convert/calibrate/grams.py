@@ -128,7 +128,9 @@ class GramCollector:
                         pads = [0, 0, 0, 0]
                     else:
                         pads = []
-                        for k, dil in zip(reversed(module.kernel_size), reversed(module.dilation)):
+                        for k, dil in zip(
+                            reversed(module.kernel_size), reversed(module.dilation), strict=False
+                        ):
                             total = dil * (k - 1)
                             pads += [total // 2, total - total // 2]
                 else:
@@ -185,7 +187,7 @@ class GramCollector:
         self._handles = []
         self._memo = None  # drop the last activation
 
-    def __enter__(self) -> "GramCollector":
+    def __enter__(self) -> GramCollector:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -154,7 +154,7 @@ def _module_groups(
     count = 1 if max_bytes is None else max(1, math.ceil(total / max_bytes))
     groups: list[set[int]] = [set()]
     used = 0
-    for m, size in zip(ordered, sizes):
+    for m, size in zip(ordered, sizes, strict=False):
         if groups[-1] and len(groups) < count and used + size / 2 > total * len(groups) / count:
             groups.append(set())  # past this group's share of the total (a module goes where most of it fits)
         groups[-1].add(id(m))
@@ -275,7 +275,7 @@ def _backward_grams(
         if root is not None:
             u = u @ root.mT  # (..., h): the law of (a probe over the head's output) H
         grads = torch.autograd.grad(y, outs, grad_outputs=u, retain_graph=p < probes - 1, allow_unused=True)
-        for (mid, _), g in zip(captured, grads):
+        for (mid, _), g in zip(captured, grads, strict=False):
             if g is None:
                 continue
             r = _output_rows(modules[mid], g, mask)  # (positions, out)

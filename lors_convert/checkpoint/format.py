@@ -13,12 +13,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..version import __version__
 from ..discover.plan import ConversionPlan, dtype_name, param_entry
 from ..errors import LorsError
+from ..io.sources import SourceInfo
 from ..layers import LorsModule, layer_class
 from ..report import Report
-from ..io.sources import SourceInfo
+from ..version import __version__
 
 FORMAT = "lors"
 FORMAT_VERSION = 1

@@ -18,7 +18,6 @@ from ..swap import install_layers
 from .format import BUFFER_PREFIX, lors_members
 from .reader import Checkpoint
 
-
 TRUSTED_ARCH_PREFIX = "lors_convert.zoo."  # our own reference models: safe to build from a recorded name
 
 
@@ -107,7 +106,7 @@ def load(
     state = {}
     owners = ckpt.owner_prefixes()
     manifest_aliases = ckpt.manifest["aliases"]
-    for key, t in skeleton.state_dict(keep_vars=True).items():
+    for key, _t in skeleton.state_dict(keep_vars=True).items():
         if key in ckpt:
             state[key] = ckpt.get(key)
             continue

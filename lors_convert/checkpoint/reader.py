@@ -113,7 +113,7 @@ class Checkpoint:
                         self._expect(f"{owner0}.shared", (d, h), entry["dtype"])
                     dense = set(entry.get("dense_members", []))
                     for member, k in zip(
-                        members, [k for i, k in enumerate(entry["ranks"]) if i not in dense]
+                        members, [k for i, k in enumerate(entry["ranks"]) if i not in dense], strict=False
                     ):
                         owner = f"{member}.{entry['owner']}"
                         self._expect(f"{owner}.lors_B", (d, k), entry["dtype"])

@@ -4,8 +4,10 @@
 
 from __future__ import annotations
 
-from . import convert  # noqa: F401,I001  (registers lors convert first: the order of --help)
-from . import checkpoints  # noqa: F401  (registers report, merge, heal)
+from . import (
+    checkpoints,  # noqa: F401  (registers report, merge, heal)
+    convert,  # noqa: F401,I001  (registers lors convert first: the order of --help)
+)
 from .common import app
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -25,13 +24,11 @@ from .common import (
 def report(
     path: Path = typer.Argument(..., help="A LORS checkpoint directory, or a dense source for a rank sweep."),
     ranks: str = typer.Option("4,8,16,32,64", "--ranks", help="Ranks to project for a dense source."),
-    arch: Optional[str] = typer.Option(
-        None, "--arch", help="package.module:callable for a state dict source."
-    ),
+    arch: str | None = typer.Option(None, "--arch", help="package.module:callable for a state dict source."),
     trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow unpickling a whole module."),
     include: list[str] = typer.Option([], "--include"),
     exclude: list[str] = typer.Option([], "--exclude"),
-    plot: Optional[Path] = typer.Option(
+    plot: Path | None = typer.Option(
         None, "--plot", help="Write error vs parameters over the rank sweep as PNG."
     ),
     json_out: bool = typer.Option(False, "--json", help="JSON on stdout."),
@@ -67,20 +64,20 @@ def report(
 @handle_errors
 def merge(
     path: Path = typer.Argument(..., help="A LORS checkpoint directory."),
-    output: Optional[Path] = typer.Option(
+    output: Path | None = typer.Option(
         None,
         "--output",
         "-o",
         help="Dense output: a directory, a .safetensors file, or a .gguf file [<ckpt>.merged].",
     ),
     shard_size: str = typer.Option("2GB", "--max-shard-size"),
-    out_format: Optional[str] = typer.Option(
+    out_format: str | None = typer.Option(
         None,
         "--format",
         help="hf (a directory, or a .safetensors file) or "
         "gguf (a GGUF source only) [gguf for an output ending in .gguf].",
     ),
-    outtype: Optional[str] = typer.Option(None, "--outtype", help="With --format gguf: f32 or f16 [f32]."),
+    outtype: str | None = typer.Option(None, "--outtype", help="With --format gguf: f32 or f16 [f32]."),
     json_out: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
     force: bool = typer.Option(False, "--force", help="Replace an existing output."),
@@ -114,23 +111,21 @@ def heal(
     data: Path = typer.Option(
         ..., "--data", help="Distillation inputs: text file or .safetensors/.pt tensors."
     ),
-    heldout: Optional[Path] = typer.Option(
-        None, "--heldout", help="Held-out inputs for the fidelity report."
-    ),
-    heldout_fraction: Optional[float] = typer.Option(
+    heldout: Path | None = typer.Option(None, "--heldout", help="Held-out inputs for the fidelity report."),
+    heldout_fraction: float | None = typer.Option(
         None,
         "--heldout-fraction",
         help="Share of --data held out for the fidelity report [0.2; 0 with --heldout].",
     ),
     steps: int = typer.Option(300, "--steps", help="Optimizer steps."),
     lr: float = typer.Option(1e-3, "--lr", help="Learning rate (AdamW, warmup + cosine)."),
-    loss: Optional[str] = typer.Option(
+    loss: str | None = typer.Option(
         None,
         "--loss",
         help="mse, cosine or pooled_cosine (on the last hidden "
         "state), or kl (on next-token logits) [kl for causal LMs, else mse].",
     ),
-    eval_every: Optional[int] = typer.Option(
+    eval_every: int | None = typer.Option(
         None,
         "--eval-every",
         help="Measure held-out fidelity every N steps and keep the best state [steps/10].",
@@ -139,17 +134,17 @@ def heal(
         "output", "--match", help="output (the model's) or layers (also every stacked block's)."
     ),
     trainable: str = typer.Option("lors", "--train", help="lors (shared + factors) or all parameters."),
-    synthetic: Optional[float] = typer.Option(
+    synthetic: float | None = typer.Option(
         None,
         "--synthetic",
         help="Share of steps on synthetic token inputs (a bigram chain over the data's "
         "tokens) [0.75 for token data, else 0].",
     ),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
-    output: Optional[Path] = typer.Option(
+    output: Path | None = typer.Option(
         None, "--output", "-o", help="Healed checkpoint [<ckpt>.healed.lors]."
     ),
-    arch: Optional[str] = typer.Option(
+    arch: str | None = typer.Option(
         None, "--arch", help="Architecture of a state-dict source (as at convert)."
     ),
     trust_arch: bool = typer.Option(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -29,8 +28,8 @@ def convert(
         "TorchScript archive, or pickled module (with --trust-pickle).",
     ),
     rank: str = typer.Option("8", "--rank", "-r", help="Rank r of each private group, or 'full'."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output directory [<src>.lors]."),
-    groups: Optional[str] = typer.Option(
+    output: Path | None = typer.Option(None, "--output", "-o", help="Output directory [<src>.lors]."),
+    groups: str | None = typer.Option(
         None, "--groups", help="Groups K per layer, e.g. 1,1,2,2,3,3 (or one number)."
     ),
     include: list[str] = typer.Option(
@@ -39,7 +38,7 @@ def convert(
     exclude: list[str] = typer.Option(
         [], "--exclude", help="fnmatch pattern over parameter names (repeatable)."
     ),
-    arch: Optional[str] = typer.Option(
+    arch: str | None = typer.Option(
         None, "--arch", help="package.module:callable building the model of a state dict."
     ),
     trust_pickle: bool = typer.Option(
@@ -56,30 +55,30 @@ def convert(
         help="LORSA on parameter generators: 'auto' (torch.fx) "
         "or 'PATTERN: G x [RxC, ...]' (repeatable), see lors_convert.lorsa.",
     ),
-    preset: Optional[str] = typer.Option(
+    preset: str | None = typer.Option(
         None,
         "--preset",
         help="adamixer-paper: LORST r=8 on out_proj, "
         "LORSA r=16 K=1,1,2,2,3,3 on the generators (overrides rank/groups).",
     ),
-    calibrate: Optional[Path] = typer.Option(
+    calibrate: Path | None = typer.Option(
         None,
         "--calibrate",
         help="Calibration inputs: a text file (HF text "
         "models) or a .safetensors/.pt tensor file; whitened, activation-aware fit.",
     ),
-    heldout: Optional[Path] = typer.Option(
+    heldout: Path | None = typer.Option(
         None,
         "--heldout",
         help="Held-out inputs for the fidelity report "
         "[20% of --calibrate, else lors's probe text for HF text models].",
     ),
-    heldout_fraction: Optional[float] = typer.Option(
+    heldout_fraction: float | None = typer.Option(
         None,
         "--heldout-fraction",
         help="Share of --calibrate held out for the fidelity report [0.2; 0 with --heldout].",
     ),
-    target: Optional[str] = typer.Option(
+    target: str | None = typer.Option(
         None,
         "--target",
         help="Smallest budget keeping a held-out fidelity: "
@@ -87,26 +86,26 @@ def convert(
     ),
     fidelity: bool = typer.Option(True, "--fidelity/--no-fidelity", help="Measure held-out fidelity."),
     refine: int = typer.Option(0, "--refine", help="Alternating refinement sweeps of the shared part."),
-    budget: Optional[float] = typer.Option(
+    budget: float | None = typer.Option(
         None,
         "--budget",
         help="Target fraction of the stacked parameters; ranks per layer by water-filling (replaces --rank).",
     ),
-    sharing: Optional[str] = typer.Option(
+    sharing: str | None = typer.Option(
         None,
         "--sharing",
         help="With --budget: auto (drop a stack's shared "
         "part where private rank pays more), always (LORS everywhere) or never "
         "(per-layer low rank) [auto].",
     ),
-    objective: Optional[str] = typer.Option(
+    objective: str | None = typer.Option(
         None,
         "--objective",
         help="With --calibrate: minimize the model "
         "output's error (output: input and output-gradient Grams) or each "
         "layer's own (layer) [output].",
     ),
-    probes: Optional[int] = typer.Option(
+    probes: int | None = typer.Option(
         None,
         "--probes",
         help="Random probes (backward passes) per calibration batch for --objective output [4].",

@@ -75,14 +75,14 @@ class BudgetItem:
         dense_layers = dense_layers or [False] * len(ranks)
         return (
             self.base_cost
-            + self.unit_cost * sum(k for k, dn in zip(ranks, dense_layers) if not dn)
+            + self.unit_cost * sum(k for k, dn in zip(ranks, dense_layers, strict=False) if not dn)
             + self.layer_cost * sum(map(bool, dense_layers))
         )
 
     def error(self, ranks: Sequence[int], dense_layers: Sequence[bool] | None = None) -> float:
         dense_layers = dense_layers or [False] * len(ranks)
         return self.weight * sum(
-            float(sum(s[k:])) for s, k, dn in zip(self._lists(), ranks, dense_layers) if not dn
+            float(sum(s[k:])) for s, k, dn in zip(self._lists(), ranks, dense_layers, strict=False) if not dn
         )
 
     def _lists(self) -> list[list[float]]:
@@ -117,10 +117,13 @@ def evaluate(
     """Cost and error of a given allocation (e.g. uniform rank) in the same terms as the greedy."""
     dense = dense or [False] * len(items)
     dense_layers = dense_layers or [[False] * it.n_layers for it in items]
-    errors = [0.0 if dn else it.error(r, dl) for it, r, dn, dl in zip(items, ranks, dense, dense_layers)]
+    errors = [
+        0.0 if dn else it.error(r, dl)
+        for it, r, dn, dl in zip(items, ranks, dense, dense_layers, strict=False)
+    ]
     params = sum(
         it.dense_cost if dn else it.lors_cost(r, dl)
-        for it, r, dn, dl in zip(items, ranks, dense, dense_layers)
+        for it, r, dn, dl in zip(items, ranks, dense, dense_layers, strict=False)
     )
     return Allocation(
         ranks=ranks,
@@ -224,7 +227,7 @@ def allocate_with_sharing(
     def run(choice: list[bool]) -> Allocation | None:
         try:
             return allocate_ranks(
-                [s if c else p for s, p, c in zip(shared, private, choice)], budget, fraction
+                [s if c else p for s, p, c in zip(shared, private, choice, strict=False)], budget, fraction
             )
         except LorsUsageError:  # the shared parts alone exceed the budget
             return None

@@ -239,8 +239,8 @@ def _discarded_energy(
     """
     kept = (S.double() ** 2).sum(-1).tolist()  # (c,)
     fit = ((B.mT @ B).double() * (A @ A.mT).double()).sum((-2, -1)).tolist()  # (c,) ||B A||^2
-    out = [r - 2 * s + f for r, s, f in zip(residual, kept, fit)]
-    for j, (e, r) in enumerate(zip(out, residual)):
+    out = [r - 2 * s + f for r, s, f in zip(residual, kept, fit, strict=False)]
+    for j, (e, r) in enumerate(zip(out, residual, strict=False)):
         if e < MEASURE_BELOW * r:
             out[j] = row_energy(R[j].addmm_(B[j], A[j], alpha=-1))  # (d, h), consumed
     return [max(e, 0.0) for e in out]

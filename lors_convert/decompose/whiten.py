@@ -111,7 +111,7 @@ def _kron_sum_cg(
     """
 
     def apply(X):
-        return sum(_left(G, _right(X, C)) for G, C in zip(left, right))
+        return sum(_left(G, _right(X, C)) for G, C in zip(left, right, strict=False))
 
     n = len(left)
     G_inv = torch.linalg.inv(_dense_sum(left) / n)  # (out, out)
@@ -157,7 +157,7 @@ class WeightedFactors(StackFactors):
         """``||(W_i - What_i) X_i|| / ||W_i X_i||`` per layer on the calibration inputs."""
         return [
             math.sqrt(max(e, 0.0) / o) if o > 0 else 0.0
-            for e, o in zip(self.weighted_error, self.weighted_output)
+            for e, o in zip(self.weighted_error, self.weighted_output, strict=False)
         ]
 
 

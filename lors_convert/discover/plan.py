@@ -70,7 +70,7 @@ class ParamPlan:
         """The checkpoint name of the shared tensor: on the first LORS member's layer."""
         return f"{self.stack.members[self.lors_members[0]]}.{self.param.owner_relpath}.shared"
 
-    def lors_view(self) -> "ParamPlan":
+    def lors_view(self) -> ParamPlan:
         """This plan restricted to its LORS members (what a fit sees: dense members take no part)."""
         keep = self.lors_members
         stack = replace(self.stack, members=[self.stack.members[i] for i in keep])
@@ -152,7 +152,7 @@ class ConversionPlan:
                 },
             )
         matrices = [pp.matrix_report() for pp in self.params]
-        for pp, m in zip(self.params, matrices):
+        for pp, m in zip(self.params, matrices, strict=False):
             by_stack[id(pp.stack)].matrices.append(m)
         saved = sum(pp.dense_params - pp.lors_params for pp in self.params)
         report = Report(
@@ -335,7 +335,7 @@ def adaptive_plan(stack: Stack, sp: StackedParam, claim: dict) -> AdaptivePlan:
     clamped = rank is not None and any(
         K * r1 > r or K * r2 > c
         for k in groups
-        for (K, r1, r2), (r, c) in zip(group_ranks(layout, rank, k), layout.entries)
+        for (K, r1, r2), (r, c) in zip(group_ranks(layout, rank, k), layout.entries, strict=False)
     )
     extra = {"layout": str(layout), "has_bias": claim["has_bias"], "sweeps": claim["sweeps"]}
     return AdaptivePlan(

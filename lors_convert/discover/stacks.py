@@ -99,7 +99,7 @@ def _memory_span(p: torch.Tensor) -> tuple[int, int, int] | None:
     """(storage, first byte, end byte) of the memory ``p`` can address; None on meta or empty."""
     if p.device.type == "meta" or p.numel() == 0:
         return None
-    extent = 1 + sum((size - 1) * abs(stride) for size, stride in zip(p.shape, p.stride()))
+    extent = 1 + sum((size - 1) * abs(stride) for size, stride in zip(p.shape, p.stride(), strict=False))
     start = p.storage_offset() * p.element_size()
     return p.untyped_storage().data_ptr(), start, start + extent * p.element_size()
 

@@ -115,7 +115,7 @@ def layer_grams(pp, weights: list[torch.Tensor], calibration) -> tuple[list[torc
     grams = _grams_of(calibration)
     orient = orientation(pp)
     out, missing = [], []
-    for key, w in zip(pp.keys, weights):
+    for key, w in zip(pp.keys, weights, strict=False):
         d, h = as_matrix(w).shape  # a view: no copy
         n = d if orient == "in_out" else h  # the input width in linear orientation
         loader = (
@@ -268,7 +268,7 @@ def apply_budget(
         choice, alloc = [True] * len(items), allocate_ranks(items, limit, fraction=False)
     kept = []
     for pp, ranks, dense, has_shared, dense_layers in zip(
-        static, alloc.ranks, alloc.dense, choice, alloc.dense_layers
+        static, alloc.ranks, alloc.dense, choice, alloc.dense_layers, strict=False
     ):
         pp.has_shared = has_shared
         shared = shared_parts.pop(pp.shared_key, None) if shared_parts is not None else None
@@ -303,7 +303,12 @@ __all__ = [
 
 def quality_summary(weighted: list, calibration, refine: int, budget: float | None, report) -> dict:
     """The calibration figures for ``report.quality`` (flat, JSON-friendly)."""
-    rel = [math.sqrt(max(e, 0.0) / o) for errs, outs, _ in weighted for e, o in zip(errs, outs) if o > 0]
+    rel = [
+        math.sqrt(max(e, 0.0) / o)
+        for errs, outs, _ in weighted
+        for e, o in zip(errs, outs, strict=False)
+        if o > 0
+    ]
     out: dict = {"calibrated": calibration is not None}
     summary = getattr(calibration, "summary", None)
     if callable(summary):

@@ -40,7 +40,7 @@ def fit_generators(
     """
     N = len(pp.keys)
     biases = list(biases) if biases is not None else [None] * N
-    for key, w, b in zip(pp.keys, weights, biases):
+    for key, w, b in zip(pp.keys, weights, biases, strict=False):
         if not all_finite(w) or (b is not None and not all_finite(b)):
             raise LorsError(f"tensor {key!r} contains NaN or Inf values; refusing to convert it")
     if init == "paper":
@@ -49,7 +49,7 @@ def fit_generators(
     where = device or weights[0].device
     per_layer = [
         generator_tensors(w.detach().to(where), None if b is None else b.detach().to(where), layout)
-        for w, b in zip(weights, biases)
+        for w, b in zip(weights, biases, strict=False)
     ]
     m = pp.matrix[1]
     shared_parts = []

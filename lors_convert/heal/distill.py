@@ -375,7 +375,9 @@ def heal(
                     f"heal: the student ran {len(outs) - 1} stacked blocks, the teacher {len(targets) - 1}"
                 )
             mask = batch_mask(batch)
-            value = sum(distill_loss(o, t, mask, loss) for o, t in zip(outs, targets)) / len(targets)
+            value = sum(distill_loss(o, t, mask, loss) for o, t in zip(outs, targets, strict=False)) / len(
+                targets
+            )
             if not torch.isfinite(value):  # diverged: every later step and the output would be NaN
                 raise LorsError(
                     f"heal: the loss became {float(value.detach())} at step {step + 1} (try a lower --lr)"

@@ -48,8 +48,8 @@ def _rows(batches: Sequence[Mapping]) -> list[list[int]]:
     """The real (unmasked) token ids of every row."""
     rows = []
     for b in batches:
-        for ids, mask in zip(b["input_ids"].tolist(), b["attention_mask"].tolist()):
-            row = [t for t, m in zip(ids, mask) if m]
+        for ids, mask in zip(b["input_ids"].tolist(), b["attention_mask"].tolist(), strict=False):
+            row = [t for t, m in zip(ids, mask, strict=False) if m]
             if row:
                 rows.append(row)
     return rows
@@ -67,7 +67,7 @@ class BigramChain:
     high: int
 
     @classmethod
-    def fit(cls, batches: Sequence[Mapping]) -> "BigramChain":
+    def fit(cls, batches: Sequence[Mapping]) -> BigramChain:
         if not batches or not all(is_token_batch(b) for b in batches):
             raise LorsUsageError("synthetic inputs need token batches (input_ids + attention_mask)")
         rows = _rows(batches)
@@ -82,7 +82,7 @@ class BigramChain:
         for r in rows:
             inner = r[(head is not None) : len(r) - (tail is not None)]
             tokens.extend(inner)
-            for a, b in zip(inner, inner[1:]):
+            for a, b in zip(inner, inner[1:], strict=False):
                 successors.setdefault(a, []).append(b)
         if not tokens:
             raise LorsUsageError(

@@ -78,7 +78,7 @@ def hf_model_class(config, keys: set[str] | None = None):
         for name in AUTO_CLASSES:
             auto = getattr(transformers, name)
             try:
-                model = empty_model(lambda: auto.from_config(config))
+                model = empty_model(lambda auto=auto: auto.from_config(config))
             except Exception:  # not a model type this Auto class knows
                 continue
             if keys <= set(model.state_dict()):

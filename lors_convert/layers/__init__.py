@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .adaptive import LorsaLinear
 from .base import LorsLayer, LorsModule, meta_clone
 from .conv import LorsConv2d
 from .conv1d import LorsConv1D, hf_conv1d_types
-from .adaptive import LorsaLinear
 from .linear import LorsLinear
 
 STATIC_LAYERS: tuple[type[LorsLayer], ...] = (LorsLinear, LorsConv2d, LorsConv1D)

@@ -114,7 +114,7 @@ def private_param_count(layout: Layout, dq: int, rank: int | None, groups: int, 
     """Parameters of one layer's private part: ``G * K * (R r1 + r2 C + r1 r2 (dq+1))`` per entry."""
     m = dq + (1 if has_bias else 0)
     total = 0
-    for (K, r1, r2), (r, c) in zip(group_ranks(layout, rank, groups), layout.entries):
+    for (K, r1, r2), (r, c) in zip(group_ranks(layout, rank, groups), layout.entries, strict=False):
         total += layout.groups * K * (r * r1 + r2 * c + r1 * r2 * m)
     return total
 
@@ -124,7 +124,9 @@ def _merge(shared: torch.Tensor, Bs, As, Es, layout: Layout, has_bias: bool) -> 
     cdtype = torch.float64 if shared.dtype == torch.float64 else torch.float32
     G = layout.groups
     parts = []
-    for (B, A, (W, b)), T_s in zip(zip(Bs, As, Es), layout.split(shared.to(cdtype))):
+    for (B, A, (W, b)), T_s in zip(
+        zip(Bs, As, Es, strict=False), layout.split(shared.to(cdtype)), strict=False
+    ):
         core = W.to(cdtype) if b is None else torch.cat([W.to(cdtype), b.to(cdtype)[:, None]], dim=1)
         KR1, KR2 = B.shape[2], A.shape[1]
         K = KR1 * KR2 * G // core.shape[0]
@@ -177,7 +179,7 @@ class LorsaLinear(LorsModule):
         self.lors_B = nn.ParameterList()
         self.lors_A = nn.ParameterList()
         self.lors_E = nn.ModuleList()
-        for (K, r1, r2), (r, c) in zip(self.ranks, self.layout.entries):
+        for (K, r1, r2), (r, c) in zip(self.ranks, self.layout.entries, strict=False):
             self.lors_B.append(nn.Parameter(torch.zeros(G, r, K * r1, **factory)))  # (G, R, K*r1)
             self.lors_A.append(nn.Parameter(torch.zeros(G, K * r2, c, **factory)))  # (G, K*r2, C)
             E = nn.Linear(self.in_features, G * K * r1 * r2, bias=self.has_bias, **factory)
@@ -210,7 +212,7 @@ class LorsaLinear(LorsModule):
 
         with torch.no_grad():
             kaiming_(self.shared, self.in_features)
-            for B, A, E in zip(self.lors_B, self.lors_A, self.lors_E):
+            for B, A, E in zip(self.lors_B, self.lors_A, self.lors_E, strict=False):
                 kaiming_(B, B.shape[-1])
                 kaiming_(A, A.shape[-1])
                 E.weight.zero_()
@@ -223,7 +225,7 @@ class LorsaLinear(LorsModule):
         G = self.layout.groups
         out = []
         for (K, r1, r2), (r, c), B, A, E in zip(
-            self.ranks, self.layout.entries, self.lors_B, self.lors_A, self.lors_E
+            self.ranks, self.layout.entries, self.lors_B, self.lors_A, self.lors_E, strict=False
         ):
             e = E(q).unflatten(-1, (G, K, r1, r2))  # (..., G, K, r1, r2)
             t = torch.einsum("...gkjl,gklc->...gkjc", e, A.view(G, K, r2, c))  # (..., G, K, r1, C)

@@ -129,7 +129,7 @@ class LorsLayer(LorsModule):
         for name, p in self.named_parameters(recurse=False):
             if name not in ("shared", "lors_A", "lors_B"):
                 setattr(dense, name, p)
-        for name, b in self.template.named_buffers(recurse=False):  # none for Linear/Conv: defensive
+        for name, _b in self.template.named_buffers(recurse=False):  # none for Linear/Conv: defensive
             raise NotImplementedError(f"LORS layers do not carry buffers ({name})")
         return dense
 
