@@ -1,0 +1,56 @@
+"""docs/benchmarks.md is written by the benchmark scripts: each owns one section, replaced whole on
+every run and dated, so the page always shows each bench's latest figures and the command behind them.
+
+    from benchdoc import write_section
+    write_section("inference", "SmolLM2 decoding ...", command="python scripts/bench_inference.py")
+
+A section lives between ``<!-- bench:NAME -->`` and ``<!-- /bench:NAME -->``; a new one is appended.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import re
+from pathlib import Path
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
+HEADER = (
+    "# Benchmarks\n\n"
+    "Written by the scripts in `scripts/` (each owns one section and replaces it on every run). Ratios are\n"
+    "measured side by side in one run: the machines are noisy, so compare within a section, not across.\n"
+)
+
+
+def machine() -> str:
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"{platform.machine()}, {cpus} CPUs, Python {platform.python_version()}"
+
+
+def write_section(name: str, title: str, body: str, command: str, doc: Path = DOC) -> Path:
+    """Replace (or append) section ``name`` of ``doc`` with ``title``, the date, the machine, the
+    command that produced it and ``body`` (markdown)."""
+    today = datetime.date.today().isoformat()
+    block = (
+        f"<!-- bench:{name} -->\n## {title}\n\n"
+        f"{today}, {machine()}: `{command}`\n\n{body.rstrip()}\n<!-- /bench:{name} -->\n"
+    )
+    text = doc.read_text() if doc.exists() else HEADER
+    pattern = re.compile(rf"<!-- bench:{re.escape(name)} -->.*?<!-- /bench:{re.escape(name)} -->\n", re.S)
+    text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + block
+    tmp = doc.with_suffix(".md.tmp")
+    tmp.write_text(text)
+    tmp.replace(doc)
+    return doc
+
+
+def table(header: list[str], rows: list[list]) -> str:
+    """A markdown table; floats with 3 significant decimals."""
+
+    def cell(v):
+        return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
