@@ -27,6 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchdoc import recorded  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 METRICS = ("heldout_ppl_ratio", "heldout_top1", "heldout_kl", "heldout_rel_error", "heldout_cosine")
@@ -164,4 +166,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with recorded("calibrate", "Calibrated conversion: wall time, peak RSS, fidelity"):
+        main()

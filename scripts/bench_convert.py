@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 import torch
+from benchdoc import recorded
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -334,4 +335,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with recorded("convert", "Plain conversion against the I/O floor and a transformers load+save"):
+        main()

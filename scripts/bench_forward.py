@@ -22,6 +22,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchdoc import recorded  # noqa: E402
+
 from lors_convert import convert, merge  # noqa: E402
 
 
@@ -127,4 +129,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with recorded("forward", "Forward latency: dense, LORS, merged"):
+        main()

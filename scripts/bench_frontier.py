@@ -24,6 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchdoc import recorded
+
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -162,4 +164,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    with recorded("frontier", "Size -> fidelity of the default calibrated conversion"):
+        code = main()
+    raise SystemExit(code)

@@ -47,6 +47,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+from benchdoc import recorded  # noqa: E402
 
 from lors_convert import convert  # noqa: E402
 from lors_convert.calibrate.data import read_texts, text_batches
@@ -225,4 +226,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    with recorded("quality", "MiniLM: fidelity by fitting method"):
+        code = main()
+    raise SystemExit(code)

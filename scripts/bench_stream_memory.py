@@ -19,6 +19,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from benchdoc import recorded  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 IMPORTS = (
     "import torch, transformers, safetensors, huggingface_hub, accelerate\n"
@@ -98,4 +100,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with recorded("stream_memory", "Streamed conversion and merge: peak memory"):
+        main()

@@ -1,18 +1,24 @@
 """docs/benchmarks.md is written by the benchmark scripts: each owns one section, replaced whole on
 every run and dated, so the page always shows each bench's latest figures and the command behind them.
 
-    from benchdoc import write_section
-    write_section("inference", "SmolLM2 decoding ...", command="python scripts/bench_inference.py")
+    from benchdoc import recorded, write_section
+    write_section("inference", "Inference speed", table_markdown, command="python scripts/bench_inference.py")
+    with recorded("forward", "Forward latency"):   # what the block prints becomes the section's body
+        print(table_markdown)
 
 A section lives between ``<!-- bench:NAME -->`` and ``<!-- /bench:NAME -->``; a new one is appended.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import io
 import os
 import platform
 import re
+import shlex
+import sys
 from pathlib import Path
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
@@ -54,3 +60,27 @@ def table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+class _Tee(io.StringIO):
+    def __init__(self, stream):
+        super().__init__()
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        self.stream.write(text)
+        return super().write(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+@contextlib.contextmanager
+def recorded(name: str, title: str, doc: Path = DOC):
+    """Print as usual inside the block; on a clean exit, what was printed to stdout becomes section
+    ``name`` of ``doc``, with the command line that ran the script."""
+    tee = _Tee(sys.stdout)
+    with contextlib.redirect_stdout(tee):
+        yield
+    command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0]), *sys.argv[1:]])
+    write_section(name, title, tee.getvalue(), command, doc)
