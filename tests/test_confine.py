@@ -1,9 +1,9 @@
-"""Confined readers (issue 19): a file a directory names is read only if it lies inside that directory.
+"""Confined readers: a file a directory names is read only if it lies inside that directory.
 
 Unit tests of :mod:`lors_convert.io.confine` and a hypothesis fuzz of the readers that take names
 from files (the safetensors index, the checkpoint config): whatever the names, sizes and nesting,
 they either return paths inside the directory or fail with one clean line. The command-level
-cases (symlinked side files, shards, configs; every command) are rows of tests/test_bad_inputs.py.
+cases (symlinked side files, shards, configs; every command) are in tests/test_bad_escapes.py.
 """
 
 from __future__ import annotations
@@ -160,11 +160,11 @@ def test_fuzz_index_reader_stays_inside(index, depth):
 
 
 @pytest.fixture(scope="module")
-def small_ckpt(tmp_path_factory) -> Path:
+def api_ckpt(tmp_path_factory) -> Path:
     import torch
 
     from lors_convert import convert, save
-    from tests.archs import StackedMLP
+    from tests.models import StackedMLP
 
     torch.manual_seed(0)
     model, report = convert(StackedMLP(), rank=2)
@@ -181,7 +181,7 @@ FIELDS = st.sampled_from(["members", "owner", "name", "attr", "shared", "path", 
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
 @given(field=FIELDS, names=st.lists(NAMES, min_size=1, max_size=4), nested=NESTED)
-def test_fuzz_config_names_read_cleanly(field, names, nested, small_ckpt):
+def test_fuzz_config_names_read_cleanly(field, names, nested, api_ckpt):
     """Names in the config (members, owners, tensor and manifest keys) at will: read, merged and loaded
     cleanly or refused on one line; never a file outside the checkpoint."""
     import shutil
@@ -192,7 +192,7 @@ def test_fuzz_config_names_read_cleanly(field, names, nested, small_ckpt):
     from lors_convert.checkpoint import Checkpoint, merge_checkpoint
 
     with tempfile.TemporaryDirectory() as root:
-        ckpt = Path(shutil.copytree(small_ckpt, Path(root) / "c.lors"))
+        ckpt = Path(shutil.copytree(api_ckpt, Path(root) / "c.lors"))
         config = json.loads((ckpt / "lors_config.json").read_text())
         stack, entry = config["stacks"][0], config["stacks"][0]["params"][0]
         if field == "members":
@@ -213,7 +213,7 @@ def test_fuzz_config_names_read_cleanly(field, names, nested, small_ckpt):
         save_file(tensors, str(ckpt / "model.safetensors"), metadata={"lors_config": text})
         for fn in (
             lambda: Checkpoint(ckpt).report(),
-            lambda: lors_convert.load(ckpt, arch="tests.archs:stacked_mlp"),
+            lambda: lors_convert.load(ckpt, arch="tests.models:stacked_mlp"),
             lambda: merge_checkpoint(ckpt, Path(root) / "m.safetensors", force=True),
         ):
             try:

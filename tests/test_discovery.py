@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from models import CASES, SMALL
 from torch import nn
 
 from lors_convert import LorsUsageError, convert, find_stacks, plan_conversion
 from lors_convert.layers import LorsModule
 from lors_convert.zoo.resnet import resnet50, resnext50_32x4d
+from tests.models import CASES, SMALL
 
 
 def _summary(stacks):

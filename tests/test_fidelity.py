@@ -25,7 +25,7 @@ from lors_convert.calibrate.fidelity import (
 from lors_convert.cli import app
 from lors_convert.heal import heal
 from lors_convert.target import Target, search_budget
-from tests.archs import StackedMLP
+from tests.models import StackedMLP, tiny_bert, tiny_llama, token_batches
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 runner = CliRunner()
@@ -33,46 +33,6 @@ runner = CliRunner()
 
 def run(*args):
     return runner.invoke(app, [str(a) for a in args])
-
-
-def tiny_llama(seed: int = 0):
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(seed)
-    config = transformers.LlamaConfig(
-        vocab_size=61,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    return transformers.LlamaForCausalLM(config).eval()
-
-
-def tiny_bert(seed: int = 0):
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(seed)
-    config = transformers.BertConfig(
-        vocab_size=50,
-        hidden_size=32,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=64,
-    )
-    return transformers.BertModel(config).eval()
-
-
-def token_batches(vocab: int, n: int = 3, seed: int = 1):
-    g = torch.Generator().manual_seed(seed)
-    batches = []
-    for _ in range(n):
-        ids = torch.randint(0, vocab, (4, 12), generator=g)
-        mask = torch.ones_like(ids)
-        mask[1, 9:] = 0  # padding at the end of one sample
-        batches.append({"input_ids": ids, "attention_mask": mask})
-    return batches
 
 
 def test_causal_lm_metrics_match_an_independent_computation():
@@ -181,7 +141,7 @@ def mlp_files(tmp_path):
 
 def test_cli_warns_on_a_destroyed_model_and_not_at_full_rank(mlp_files, tmp_path):
     src, held = mlp_files
-    common = [src, "--arch", "tests.archs:stacked_mlp", "--heldout", held, "--json"]
+    common = [src, "--arch", "tests.models:stacked_mlp", "--heldout", held, "--json"]
     bad = run("convert", *common, "--rank", "1", "--init", "paper", "-o", tmp_path / "bad.lors")
     assert bad.exit_code == 0, bad.output
     report = json.loads(bad.stdout)
@@ -203,7 +163,7 @@ def test_cli_says_when_it_cannot_measure(mlp_files, tmp_path):
         "convert",
         src,
         "--arch",
-        "tests.archs:stacked_mlp",
+        "tests.models:stacked_mlp",
         "--rank",
         "2",
         "--json",
@@ -264,7 +224,7 @@ def test_target_parse_and_unmet_targets():
 
 def test_cli_target_writes_once_or_not_at_all(mlp_files, tmp_path):
     src, held = mlp_files
-    common = [src, "--arch", "tests.archs:stacked_mlp", "--heldout", held]
+    common = [src, "--arch", "tests.models:stacked_mlp", "--heldout", held]
     res = run("convert", *common, "--target", "rel-error=1e-9", "-o", tmp_path / "never.lors")
     assert res.exit_code == 1 and "only the dense model does" in res.stderr
     assert not (tmp_path / "never.lors").exists()
@@ -313,7 +273,7 @@ def test_no_fidelity_measures_nothing_even_with_calibration_data(mlp_files, tmp_
         "convert",
         src,
         "--arch",
-        "tests.archs:stacked_mlp",
+        "tests.models:stacked_mlp",
         "--calibrate",
         held,
         "--budget",
@@ -337,7 +297,7 @@ def test_dry_run_of_a_target_says_what_it_skipped(mlp_files, tmp_path):
         "convert",
         src,
         "--arch",
-        "tests.archs:stacked_mlp",
+        "tests.models:stacked_mlp",
         "--heldout",
         held,
         "--target",

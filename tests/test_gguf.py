@@ -1,4 +1,4 @@
-"""GGUF in and out (issue 18) on tiny Llama files written as llama.cpp writes them (tests/gguf_models.py).
+"""GGUF in and out on tiny Llama files written as llama.cpp writes them (tests/gguf_models.py).
 
 Reading is checked against the model the file was written from (exact for F32) and against
 transformers' own GGUF loader; conversion and merge round trips against the dequantized source;
@@ -185,7 +185,7 @@ def test_report_projects_a_gguf_source(files):
 
 
 def test_merge_gguf_needs_a_gguf_source(tmp_path):
-    from tests.test_bad_inputs import ARCH, assert_clean_failure, write_weights
+    from tests.badcase import ARCH, assert_clean_failure, write_weights
 
     src = write_weights(tmp_path / "w.safetensors")
     ckpt = tmp_path / "c.lors"

@@ -6,11 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import max_rel_diff, reference_errors, snapshot
-from models import CASES, run
 from torch import nn
 
 from lors_convert import convert, find_stacks, merge
 from lors_convert.layers import LorsConv1D, LorsConv2d, LorsLayer, LorsLinear
+from tests.models import CASES, run
 
 
 class Stack(nn.Module):
@@ -188,7 +188,7 @@ def test_paper_init_has_zero_A_so_output_is_shared_only():
     case = CASES["mlp"]
     model, report = convert(case.build(), rank=4, init="paper")
     layers = _layers(model, LorsLinear)
-    assert len(layers) == 8  # fc1 and fc2 of 4 blocks
+    assert len(layers) == 8  # up and down of 4 blocks
     for layer in layers:
         assert torch.count_nonzero(layer.lors_A) == 0
         assert torch.count_nonzero(layer.lors_B) == layer.lors_B.numel()
@@ -202,7 +202,7 @@ def test_paper_init_has_zero_A_so_output_is_shared_only():
     assert torch.equal(case.forward(model), y)
     merge(model)
     for blk in model.blocks:  # merged weights are the shared matrices themselves
-        assert torch.equal(blk.fc1.weight, layers[0].shared) and torch.equal(blk.fc2.weight, layers[1].shared)
+        assert torch.equal(blk.up.weight, layers[0].shared) and torch.equal(blk.down.weight, layers[1].shared)
     assert max_rel_diff(case.forward(model), y) <= 1e-6
 
 

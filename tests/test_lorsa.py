@@ -317,10 +317,9 @@ def test_paper_init_lorsa_model_trains_a_step():
     loss0 = loss_fn()
     opt.zero_grad()
     loss0.backward()
-    assert all(
-        E.weight.grad is not None and float(E.weight.grad.abs().sum()) > 0 for g in gens for E in g.lors_E
-    )
-    assert gens[0].shared.grad is not None and torch.isfinite(gens[0].shared.grad).all()
+    assert all(float(E.weight.grad.abs().sum()) > 0 for g in gens for E in g.lors_E)  # a missing grad raises
+    shared_grad = gens[0].shared.grad
+    assert torch.isfinite(shared_grad).all() and float(shared_grad.abs().sum()) > 0
     opt.step()
     with torch.no_grad():
         loss1 = loss_fn()

@@ -14,13 +14,13 @@ import random
 import pytest
 import torch
 from conftest import distinct_numel, max_rel_diff, snapshot
-from models import CASES, SMALL
 from torch import nn
 
 from lors_convert import convert, count_parameters, load, merge, merge_checkpoint, save
 from lors_convert.decompose.budget import BudgetItem, allocate_ranks, allocate_with_sharing
 from lors_convert.errors import LorsUsageError
 from lors_convert.layers import LorsModule
+from tests.models import CASES, SMALL
 
 
 def _svd_tail(w: torch.Tensor, k: int) -> float:

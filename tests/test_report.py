@@ -1,15 +1,17 @@
-"""The savings report: its sums, its JSON round trip and its rich rendering."""
+"""The savings report: its sums, its JSON round trip, its rich rendering (file text shown literally)
+and what it says about ranks clamped to min(d, h)."""
 
 from __future__ import annotations
 
 import io
 import json
 import math
-
-from models import CASES
+import shutil
 
 from lors_convert import Report, convert
 from lors_convert.report import render
+from tests.badcase import ARCH, run, write_weights
+from tests.models import CASES
 
 
 def test_report_numbers_json_round_trip_and_rendering():
@@ -35,3 +37,32 @@ def test_report_numbers_json_round_trip_and_rendering():
     render(report, console=Console(file=buf, width=200))
     text = buf.getvalue()
     assert "transformer.h" in text and "attn.c_attn.weight" in text and "8 x 1,1,2,2" in text
+
+
+def test_rank_above_min_dim_is_clamped_with_a_warning(tmp_path):
+    src = write_weights(tmp_path / "w.safetensors")
+    out = tmp_path / "out.lors"
+    res = run("convert", src, "--arch", ARCH, "--rank", "40", "--keep-unsaving", "-o", out, "--json")
+    assert res.exit_code == 0, res.output
+    report = json.loads((out / "report.json").read_text())
+    assert any("min(d, h) = 32" in w and "clamped" in w for w in report["warnings"])
+    for m in report["stacks"][0]["matrices"]:
+        assert m["clamped"] is True and m["ranks"] == [32] * 4
+    shown = json.loads(run("report", out, "--json").stdout)
+    assert shown["warnings"] == report["warnings"]
+    human = run("report", out)
+    assert human.exit_code == 0 and "clamped" in human.stderr
+    config = json.loads((out / "lors_config.json").read_text())
+    assert all(p["clamped"] for s in config["stacks"] for p in s["params"])
+
+
+def test_report_text_is_not_rich_markup(small_ckpt, tmp_path):
+    """Names and warnings come from files: shown literally, never parsed as rich markup."""
+    ckpt = shutil.copytree(small_ckpt, tmp_path / "c.lors")
+    report = json.loads((ckpt / "report.json").read_text())
+    report["warnings"] = ["odd [/] text [bold]"]
+    report["stacks"][0]["kept_dense"] = {"x[/]": "why [red]"}
+    (ckpt / "report.json").write_text(json.dumps(report))
+    res = run("report", ckpt)
+    assert res.exit_code == 0, res.output
+    assert "odd [/] text [bold]" in res.stderr

@@ -1,4 +1,4 @@
-"""Reproducible outputs (issue 20): the same command in two separate processes writes the same bytes.
+"""Reproducible outputs: the same command in two separate processes writes the same bytes.
 
 Each command runs twice as ``python -m lors_convert ...`` (fresh interpreters: no state shared
 between the runs, hash seeds differ) into two outputs, and every output file's sha256 must match:
@@ -20,10 +20,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from tests.archs import StackedMLP
+from tests.models import StackedMLP
 
 ROOT = Path(__file__).resolve().parents[1]
-ARCH = "tests.archs:stacked_mlp"
+ARCH = "tests.models:stacked_mlp"
 
 
 def lors_twice(cwd: Path, *args, outputs: tuple[str, str] = ("one", "two")) -> tuple[Path, Path]:

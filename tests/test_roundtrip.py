@@ -1,5 +1,5 @@
-"""Issue 2, "what it must show" 1-3 across the model table: exact full-rank round trip, rank-8
-function equality with the merged model, the Eckart-Young identity and the parameter formula."""
+"""Conversion across the model table: exact full-rank round trip, rank-8 function equality with
+the merged model, the Eckart-Young identity and the parameter formula."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ import math
 import pytest
 import torch
 from conftest import distinct_numel, expected_ranks, max_rel_diff, reference_errors, snapshot
-from models import CASES, SMALL
 
 from lors_convert import convert, count_parameters, merge
 from lors_convert.decompose.topk import route
 from lors_convert.layers import LorsModule
+from tests.models import CASES, SMALL
 
 FULL_RANK_CASES = SMALL + ["minilm"]
 RANK8_CASES = SMALL + ["minilm"]

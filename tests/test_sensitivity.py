@@ -7,7 +7,6 @@ import copy
 
 import pytest
 import torch
-from models import ConvStack, bert
 from torch import nn
 
 from lors_convert import convert
@@ -24,28 +23,7 @@ from lors_convert.decompose.whiten import (
 )
 from lors_convert.decompose.whitener import whitener
 from lors_convert.errors import LorsUsageError
-
-
-class LinBlock(nn.Module):
-    def __init__(self, d):
-        super().__init__()
-        self.lin = nn.Linear(d, d)
-
-    def forward(self, x):
-        return self.lin(x)
-
-
-class LinStack(nn.Module):
-    """A purely linear stack: the Jacobian of the output w.r.t. block k's output is W_n ... W_{k+1}."""
-
-    def __init__(self, n=3, d=6):
-        super().__init__()
-        self.blocks = nn.ModuleList(LinBlock(d) for _ in range(n))
-
-    def forward(self, x):
-        for b in self.blocks:
-            x = b(x)
-        return x
+from tests.models import ConvStack, LinStack, bert
 
 
 def test_output_grams_estimate_jacobian_gram():

@@ -18,7 +18,7 @@ import lors_convert
 from lors_convert.checkpoint import Checkpoint, save, source_manifest
 from lors_convert.cli import app
 from lors_convert.io.sources import load_source
-from tests.archs import StackedMLP
+from tests.models import StackedMLP
 
 runner = CliRunner()
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,7 +49,10 @@ def test_streaming_equals_in_memory(gpt2_dir, tmp_path):
 
     meta, tensors, _ = open_lazy(gpt2_dir, None)  # the tied lm_head must survive the meta build,
     assert meta.lm_head.weight is meta.transformer.wte.weight  # else the CLI silently loads it whole
-    assert stored_manifest(source_manifest(meta), tensors) is not None  # streamable
+    streamable = stored_manifest(source_manifest(meta), tensors)  # None: the model must be loaded whole
+    assert streamable["aliases"] == {"lm_head.weight": "transformer.wte.weight"}
+    assert streamable["stored_aliases"] == []  # transformers stores the tied head once, as wte
+    assert sorted(set(streamable["keys"]) - set(streamable["aliases"])) == sorted(tensors.keys())
     res = runner.invoke(app, ["convert", str(gpt2_dir), "--rank", "8", "-o", str(tmp_path / "s.lors"), "-q"])
     assert res.exit_code == 0, res.output
     model, source = load_source(gpt2_dir)
@@ -164,7 +167,7 @@ def test_torchrun_two_processes_identical(tmp_path):
     args = [
         str(src),
         "--arch",
-        "tests.archs:stacked_mlp_wide",
+        "tests.models:stacked_mlp_wide",
         "--rank",
         "4",
         "--max-shard-size",
@@ -221,7 +224,7 @@ def test_every_conversion_path_writes_the_same_checkpoint(tmp_path):
     model = StackedMLP()
     src = tmp_path / "mlp.safetensors"
     save_file(model.state_dict(), str(src))
-    arch = "tests.archs:stacked_mlp"
+    arch = "tests.models:stacked_mlp"
     res = runner.invoke(
         app,
         [

@@ -6,13 +6,13 @@ import copy
 
 import pytest
 import torch
-from models import bert
 
 from lors_convert import convert
 from lors_convert.calibrate.fidelity import fidelity, reference_outputs
 from lors_convert.errors import LorsUsageError
 from lors_convert.heal import heal, synthetic
 from lors_convert.heal.synthetic import BigramChain
+from tests.models import bert
 
 CLS, SEP = 1, 2  # inside the tiny BERT's 100-id vocabulary
 

@@ -1,4 +1,4 @@
-"""No command writes outside its output (issue 19).
+"""No command writes outside its output.
 
 Every command runs as a fresh ``python -m lors_convert`` process inside one directory tree that
 holds its inputs, its working directory, and its ``HOME``, ``TMPDIR`` and cache directories
@@ -20,10 +20,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from tests.archs import StackedMLP
+from tests.models import StackedMLP
 
 ROOT = Path(__file__).resolve().parents[1]
-ARCH = "tests.archs:stacked_mlp"
+ARCH = "tests.models:stacked_mlp"
 
 
 def snapshot(root: Path) -> dict[str, str]:
