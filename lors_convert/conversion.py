@@ -7,9 +7,11 @@ getter, fits them (:func:`lors_convert.fit.fit_param`), fills the report row and
 - :class:`lors_convert.swap.ModuleSink` installs LORS layers in a model (:func:`convert`, the
   Python API, and every conversion that runs the model: calibration, LORSA);
 - :class:`lors_convert.checkpoint.CheckpointWriter` writes checkpoint shards as the factors come
-  (:mod:`lors_convert.convert_file`: Hugging Face directories and ``.safetensors`` + architecture
-  streamed one stacked group at a time, TorchScript archives and other whole-loaded models from
-  their state dict, ``torchrun`` ranks each writing their shards).
+  (:mod:`lors_convert.convert_weights`: Hugging Face directories and ``.safetensors`` +
+  architecture streamed one stacked group at a time, TorchScript archives and other whole-loaded
+  models from their state dict, ``torchrun`` ranks each writing their shards).
+
+What is converted, and how, is a :class:`~lors_convert.options.ConvertOptions`.
 """
 
 from __future__ import annotations

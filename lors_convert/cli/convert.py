@@ -223,7 +223,7 @@ _OPTION_FLAGS = (
     "rank groups include exclude init method device adaptive preset refine budget sharing "
     "keep_unsaving calibrate objective probes target"
 ).split()
-_FLAG_OF = {"method": "--svd", "require_savings": "--keep-unsaving"}
+_FLAG_OF = {"method": "--svd"}
 
 
 def convert_options(

@@ -221,11 +221,12 @@ def _calibration_lines(quality: dict) -> list[str]:
 
 
 def _budget_lines(quality: dict) -> list[str]:
-    if quality.get("budget") is None or "target" in quality:
+    if quality.get("budget") is None:
         return []
     kept = quality.get("stacked_fraction")
+    searched = " (the smallest tried that meets the target)" if "target" in quality else ""
     shown = "" if kept is None else f": the stacked matrices keep {100 * kept:.1f}% of their parameters"
-    return [f"budget {quality['budget']:g}{shown}"]
+    return [f"budget {quality['budget']:g}{searched}{shown}"]
 
 
 def _target_lines(frontier) -> list[str]:
@@ -236,11 +237,13 @@ def _target_lines(frontier) -> list[str]:
     ]
     for p in frontier.get("frontier", []):
         kept = "-" if p.get("stacked_fraction") is None else f"{p['stacked_fraction']:.3f}"
-        figures = ", ".join(f"{k} {v:.4f}" for k, v in p.items() if k in FIDELITY_METRICS and v is not None)
+        parts = [f"kept {kept}"] + [
+            f"{LABELS[k]} {p[k]:.4f}" for k in FIDELITY_METRICS if p.get(k) is not None
+        ]
         lines.append(
-            f"  budget {p['budget']:.3f}: kept {kept}, {figures}"
+            f"  budget {p['budget']:.3f}: {', '.join(parts)}"
             + (" (meets)" if p.get("meets") else "")
-            + (f" {p['note']}" if p.get("note") else "")
+            + (f"; {p['note']}" if p.get("note") else "")
         )
     return lines
 
