@@ -226,7 +226,7 @@ def _budget_lines(quality: dict) -> list[str]:
     kept = quality.get("stacked_fraction")
     searched = " (the smallest tried that meets the target)" if "target" in quality else ""
     shown = "" if kept is None else f": the stacked matrices keep {100 * kept:.1f}% of their parameters"
-    return [f"budget {quality['budget']:g}{searched}{shown}"]
+    return [f"budget {quality['budget']:.4g}{searched}{shown}"]
 
 
 def _target_lines(frontier) -> list[str]:
