@@ -32,6 +32,7 @@ _API = {  # public name -> the module that defines it
     "Checkpoint": ".checkpoint",
     "count_parameters": ".counting",
     "Report": ".report",
+    "ConvertOptions": ".options",
 }
 
 __all__ = [*_API, "LorsError", "LorsUsageError", "__version__"]

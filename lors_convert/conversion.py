@@ -7,9 +7,11 @@ getter, fits them (:func:`lors_convert.fit.fit_param`), fills the report row and
 - :class:`lors_convert.swap.ModuleSink` installs LORS layers in a model (:func:`convert`, the
   Python API, and every conversion that runs the model: calibration, LORSA);
 - :class:`lors_convert.checkpoint.CheckpointWriter` writes checkpoint shards as the factors come
-  (:mod:`lors_convert.convert_file`: Hugging Face directories and ``.safetensors`` + architecture
-  streamed one stacked group at a time, TorchScript archives and other whole-loaded models from
-  their state dict, ``torchrun`` ranks each writing their shards).
+  (:mod:`lors_convert.convert_weights`: Hugging Face directories and ``.safetensors`` +
+  architecture streamed one stacked group at a time, TorchScript archives and other whole-loaded
+  models from their state dict, ``torchrun`` ranks each writing their shards).
+
+What is converted, and how, is a :class:`~lors_convert.options.ConvertOptions`.
 """
 
 from __future__ import annotations
@@ -25,12 +27,13 @@ from .calibrate.fidelity import Reference, fidelity, reference_outputs
 from .calibrate.grams import collect_grams
 from .counting import count_parameters
 from .discover.generators import check_specs_used, make_adaptive_hook
-from .discover.plan import ConversionPlan, Groups, ParamPlan, full_rank_note, plan_conversion
-from .errors import LorsUsageError, about
+from .discover.plan import ConversionPlan, ParamPlan, full_rank_note, plan_conversion
+from .errors import about
 from .fit import Fit, FitOptions, fit_param
-from .fit.calibrated import SHARING, apply_budget, quality_summary
+from .fit.calibrated import apply_budget, quality_summary
 from .io.memory import trim
 from .io.spill import Spill
+from .options import ConvertOptions
 from .report import MatrixReport, Report
 from .swap import ModuleSink
 
@@ -84,46 +87,31 @@ def run_plan(
     return done
 
 
-def make_plan(
-    model: nn.Module,
-    get: Getter,
-    rank,
-    groups,
-    include,
-    exclude,
-    require_savings,
-    adaptive,
-    budget,
-    sharing,
-    options: FitOptions,
-    shared_parts: dict,
-) -> ConversionPlan:
-    """The plan of a conversion; with ``budget`` its ranks come from the allocator (which solves the
+def make_plan(model: nn.Module, get: Getter, fit: FitOptions, shared_parts: dict) -> ConversionPlan:
+    """The plan of a conversion; with a budget its ranks come from the allocator (which solves the
     shared parts into ``shared_parts``)."""
-    hook = make_adaptive_hook(adaptive, rank, groups) if adaptive is not None else None
-    if budget is not None:
-        plan = plan_conversion(model, None, None, include, exclude, require_savings=False, adaptive=hook)
+    o = fit.convert
+    hook = make_adaptive_hook(o.adaptive, o.rank, o.groups) if o.adaptive is not None else None
+    if o.budget is not None:
+        plan = plan_conversion(model, None, None, o.include, o.exclude, require_savings=False, adaptive=hook)
         apply_budget(
             plan,
             get,
-            budget,
-            options.calibration,
-            device=options.device,
+            o.budget,
+            fit.calibration,
+            device=o.device,
             shared_parts=shared_parts,
-            sharing=sharing,
+            sharing=o.sharing,
         )
     else:
-        plan = plan_conversion(model, rank, groups, include, exclude, require_savings, adaptive=hook)
-        if rank is None and any(pp.kind == "static" for pp in plan.params):
+        plan = plan_conversion(
+            model, o.rank, o.groups, o.include, o.exclude, o.require_savings, adaptive=hook
+        )
+        if o.rank is None and any(pp.kind == "static" for pp in plan.params):
             plan.warnings.append(full_rank_note(plan.params))  # asked for: exact, and it saves nothing
     if hook is not None:
         check_specs_used(hook)
     return plan
-
-
-def check_sharing(sharing: str) -> None:
-    if sharing not in SHARING:
-        raise LorsUsageError(f"sharing must be one of {', '.join(SHARING)}, got {sharing!r}")
 
 
 def finish_report(report: Report, plan: ConversionPlan, options: FitOptions, fits: dict[int, Fit]) -> None:
@@ -142,31 +130,20 @@ def finish_report(report: Report, plan: ConversionPlan, options: FitOptions, fit
 
 def convert(
     model: nn.Module,
-    rank: int | None = 8,
-    groups: Groups = None,
-    include: list[str] | None = None,
-    exclude: list[str] | None = None,
-    init: str = "svd",
-    method: str = "auto",
-    device: str | torch.device | None = None,
-    require_savings: bool = True,
-    progress: Progress | None = None,
-    adaptive=None,
+    options: ConvertOptions | None = None,
+    *,
     calibration=None,
-    refine: int = 0,
-    budget: float | None = None,
-    sharing: str = "auto",
+    progress: Progress | None = None,
+    **changes,
 ) -> tuple[nn.Module, Report]:
     """Convert ``model`` **in place** to LORS and return it with the savings report.
 
-    ``rank`` is ``r`` per group (``None``: full rank, exact); ``groups`` is ``K`` for every layer or
-    one ``K_i`` per layer of each stack (e.g. ``[1, 1, 2, 2, 3, 3]``); ``include``/``exclude`` are
-    fnmatch patterns over full parameter names. ``init="svd"`` fits the trained weights (mean +
-    truncated SVD); ``init="paper"`` is the paper's from-scratch init. ``method`` picks the SVD
-    ("exact", "randomized", "auto"); ``device`` runs the math elsewhere (e.g. "cuda").
-    ``adaptive`` selects parameter generators for LORSA: ``"auto"`` (torch.fx detection), a spec
-    ``"PATTERN: G x [RxC, ...]"``, a :class:`lors_convert.discover.generators.GeneratorSpec` or a
-    list of them (see :mod:`lors_convert.discover.generators`).
+    ``options`` (:class:`~lors_convert.options.ConvertOptions`, which documents every field and
+    holds the defaults) say how; keyword arguments change its fields: ``convert(model, rank=8,
+    groups=[1, 1, 2, 2, 3, 3])``. ``adaptive`` selects parameter generators for LORSA: ``"auto"``
+    (torch.fx detection), a spec ``"PATTERN: G x [RxC, ...]"``, a
+    :class:`lors_convert.discover.specs.GeneratorSpec` or a list of them (see
+    :mod:`lors_convert.discover.specs`).
 
     Calibrated conversion (see :mod:`lors_convert.fit.calibrated`): ``calibration`` maps weight keys
     to input Gram matrices (a :class:`lors_convert.calibrate.grams.Calibration` from
@@ -177,69 +154,53 @@ def convert(
     ``rank``/``groups`` by per-layer ranks from greedy water-filling; matrices that do not break even
     stay dense, and with ``sharing="auto"`` a matrix whose layers share too little to pay for ``W_s``
     becomes private-only (``W_i = B_i A_i``); ``sharing="always"`` keeps a shared part everywhere,
-    ``"never"`` none (per-layer low rank).
+    ``"never"`` none (per-layer low rank). ``progress`` wraps the loop over parameters.
     """
-    options = FitOptions(
-        init=init, method=method, device=device, calibration=calibration, refine=refine, budget=budget
-    )
-    check_sharing(sharing)
+    if options is not None and not isinstance(options, ConvertOptions):
+        raise TypeError(f"convert's options must be a ConvertOptions (or keywords), got {options!r}")
+    fit = FitOptions(options, calibration, **changes)
     params_before = count_parameters(model)
 
     def get(key: str) -> torch.Tensor:
         return model.get_parameter(key).detach()
 
     shared_parts: dict[str, torch.Tensor] = {}  # solved once for the budget, reused by the fits
-    plan = make_plan(
-        model,
-        get,
-        rank,
-        groups,
-        include,
-        exclude,
-        require_savings,
-        adaptive,
-        budget,
-        sharing,
-        options,
-        shared_parts,
-    )
+    plan = make_plan(model, get, fit, shared_parts)
     report, matrices = plan.report_with_matrices(params_before)
-    fits = run_plan(plan, get, ModuleSink(model), options, matrices, progress, shared_parts)
+    fits = run_plan(plan, get, ModuleSink(model), fit, matrices, progress, shared_parts)
     report.params_after = count_parameters(model)
-    finish_report(report, plan, options, fits)
+    finish_report(report, plan, fit, fits)
     return model, report
 
 
 def calibrated_convert(
     model: nn.Module,
     data: CalibrationData,
+    options: ConvertOptions | None = None,
     *,
-    refine: int = 0,
-    budget: float | None = None,
-    rank: int | None = 8,
     progress=None,
     objective: str = "output",
     probes: int | None = None,
     reference: Reference | None = None,
     spill: Spill | None = None,
-    **convert_kwargs,
+    **changes,
 ):
     """The whole ``lors convert --calibrate DATA`` path in one call.
 
     Collects the Grams on ``data.calibration`` (``objective``, ``probes``: see
     :func:`lors_convert.calibrate.grams.collect_grams`), converts ``model`` in place (:func:`convert`
-    with ``calibration=``, ``refine=``, ``budget=``; other keyword arguments go to it) and adds the
-    fidelity on ``reference`` (default: ``data.heldout`` against a copy of the source) to
-    ``report.quality``. ``spill``: keep the Grams (and the default reference's outputs) on disk there,
-    not in memory. Returns ``(lors_model, report)``.
+    with ``options``, changed by the keyword arguments, and the Grams) and adds the fidelity on
+    ``reference`` (default: ``data.heldout`` against a copy of the source) to ``report.quality``.
+    ``spill``: keep the Grams (and the default reference's outputs) on disk there, not in memory.
+    Returns ``(lors_model, report)``.
     """
-    include, exclude = convert_kwargs.get("include"), convert_kwargs.get("exclude")
+    options = ConvertOptions.of(options, **changes)
     with about(data.source or None):  # inputs the model cannot run on name their file
         calibration = collect_grams(
             model,
             data.calibration,
-            include=include,
-            exclude=exclude,
+            include=options.include,
+            exclude=options.exclude,
             objective=objective,
             probes=probes,
             spill=spill,
@@ -247,15 +208,7 @@ def calibrated_convert(
     if reference is None and data.heldout:
         with about(data.heldout_origin or None):
             reference = reference_outputs(model, data.heldout, spill=spill)
-    model, report = convert(
-        model,
-        rank=rank,
-        calibration=calibration,
-        refine=refine,
-        budget=budget,
-        progress=progress,
-        **convert_kwargs,
-    )
+    model, report = convert(model, options, calibration=calibration, progress=progress)
     note_calibration(report, data, calibration)
     if reference is not None:
         report.quality.update(fidelity(model, reference))

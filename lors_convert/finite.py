@@ -1,9 +1,8 @@
 """NaN/Inf checks of whole tensors without a temporary the size of the tensor.
 
-``torch.isfinite(t).all()`` materializes ``|t|`` and two masks: on a 206 MB embedding it raised the
-peak RSS by 0.5 GB. A sum is finite exactly when every summand is, unless the sum overflows; so the
-sum is the check, and only an overflowing or non-finite sum pays for an elementwise pass, a slice of
-rows at a time.
+``torch.isfinite(t).all()`` materializes ``|t|`` and two masks. A sum is finite exactly when every
+summand is, unless the sum overflows; so the sum is the check, and only an overflowing or
+non-finite sum pays for an elementwise pass, a slice of rows at a time.
 """
 
 from __future__ import annotations

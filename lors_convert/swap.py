@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from .discover.plan import ConversionPlan, ParamPlan, param_entry
+from .discover.plan import ConversionPlan, ParamPlan
 from .errors import LorsError
 from .fit import Fit
 from .layers import LorsModule, layer_class
@@ -38,8 +38,6 @@ def install_layers(
     shared_param = (
         nn.Parameter(shared, requires_grad=any(trains)) if pp.has_shared else None
     )  # frozen stays frozen
-    entry = param_entry(pp)
-    stack = {"path": pp.stack.path, "members": list(pp.stack.members)}
     for i, path in enumerate(paths):
         if i in pp.dense_members:
             continue
@@ -49,7 +47,7 @@ def install_layers(
         )
         layer.lors_A.requires_grad_(trains[i])
         layer.lors_B.requires_grad_(trains[i])
-        layer.lors_entry, layer.lors_stack = entry, stack  # what save() records
+        layer.lors_plan = pp  # what save() records (checkpoint.format.model_stacks)
         if factors is not None:
             B, A = factors[i]
             with torch.no_grad():

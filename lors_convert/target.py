@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from torch import nn
 
 from .calibrate.fidelity import Reference, fidelity
-from .conversion import convert
+from .conversion import Progress, convert
 from .errors import LorsError, LorsUsageError
-from .options import Target
+from .options import FIDELITY_METRICS, ConvertOptions, Target
 from .report import Report
 
 FIRST, STEPS, HIGHEST = 0.5, 6, 0.95  # bisection over (0, HIGHEST]: 6 steps resolve 1/64
@@ -45,7 +45,7 @@ class Point:
             **{
                 k.removeprefix(prefix + "_"): v
                 for k, v in self.quality.items()
-                if k.removeprefix(prefix + "_") in ("cosine", "top1", "ppl_ratio", "kl", "rel_error")
+                if k.removeprefix(prefix + "_") in FIDELITY_METRICS
             },
         }
 
@@ -54,32 +54,25 @@ def search_budget(
     model: nn.Module,
     reference: Reference,
     target: Target,
-    convert_kwargs: dict,
+    options: ConvertOptions | None = None,
+    calibration=None,
     log: Callable[[str], None] | None = None,
+    progress: Progress | None = None,
 ) -> tuple[nn.Module, Report, list[Point]]:
     """Bisect the budget for ``target``; returns the smallest passing converted model, its report and
-    every point tried (sorted by budget). ``model`` is not changed. Raises :class:`LorsError` when no
-    budget up to ``HIGHEST`` meets the target (only the dense model does)."""
+    every point tried (sorted by budget). Each candidate is ``options`` with its budget, calibrated by
+    ``calibration``. ``model`` is not changed. Raises :class:`LorsError` when no budget up to
+    ``HIGHEST`` meets the target (only the dense model does)."""
+    options = options or ConvertOptions()
     points: list[Point] = []
     best: tuple[float, nn.Module, Report] | None = None
     low, high, budget = 0.0, None, FIRST  # high: the smallest budget that met the target
     for _ in range(STEPS):
-        candidate = copy.deepcopy(model)
-        try:
-            candidate, report = convert(candidate, budget=budget, **convert_kwargs)
-        except LorsUsageError as e:  # e.g. the budget keeps every matrix dense
-            point = Point(budget, None, None, note=str(e))
-        else:
-            quality = fidelity(candidate, reference)
-            point = Point(
-                budget,
-                report.quality.get("stacked_fraction"),
-                report.params_after,
-                quality,
-                target.met(quality),
-            )
-            if point.meets and (best is None or budget < best[0]):
-                best = (budget, candidate, report)
+        point, candidate, report = _try(
+            model, reference, target, replace(options, budget=budget), calibration, progress
+        )
+        if point.meets and (best is None or budget < best[0]):
+            best = (budget, candidate, report)
         points.append(point)
         if log is not None:
             log(_describe(point, target))
@@ -100,6 +93,24 @@ def search_budget(
             f"no budget meets --target {target} (tried {tried}): only the dense model does; nothing written"
         )
     return best[1], best[2], points
+
+
+def _try(model, reference: Reference, target: Target, options: ConvertOptions, calibration, progress):
+    """Convert a copy of ``model`` at ``options.budget`` and measure it: the point, the candidate and
+    its report (None, None when the budget gives no conversion)."""
+    try:
+        candidate, report = convert(copy.deepcopy(model), options, calibration=calibration, progress=progress)
+    except LorsUsageError as e:  # e.g. the budget keeps every matrix dense
+        return Point(options.budget, None, None, note=str(e)), None, None
+    quality = fidelity(candidate, reference)
+    point = Point(
+        options.budget,
+        report.quality.get("stacked_fraction"),
+        report.params_after,
+        quality,
+        target.met(quality),
+    )
+    return point, candidate, report
 
 
 def _describe(point: Point, target: Target) -> str:

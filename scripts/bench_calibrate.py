@@ -56,8 +56,8 @@ def make_llama_1b(directory: Path, samples: int, seq: int) -> Path:
     from safetensors.torch import save_file
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from lors_convert.io.memory import empty_model
     from lors_convert.io.safetensors import ShardedWriter, meta_like
-    from lors_convert.io.skeleton import empty_model
 
     config = LlamaConfig(
         hidden_size=2048,

@@ -93,8 +93,8 @@ def make_checkpoint(directory: Path, args) -> tuple[int, int]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from lors_convert.discover.plan import plan_conversion
+    from lors_convert.io.memory import empty_model
     from lors_convert.io.safetensors import ShardedWriter, meta_like
-    from lors_convert.io.skeleton import empty_model
 
     config = LlamaConfig(
         hidden_size=args.hidden,

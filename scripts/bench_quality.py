@@ -13,13 +13,13 @@ matrix):
 - ``whitened (layer)``: activation-weighted shared part + whitened truncated SVD, every matrix's
   own output error as objective (``collect_grams(objective="layer")``);
 - ``output-aware``: input and output-gradient Grams: the model output's error as objective, one
-  unit for the budget (:mod:`lors_convert.sensitivity`);
+  unit for the budget (:mod:`lors_convert.calibrate.sensitivity`);
 - ``+refine``: plus ``--refine`` alternating sweeps;
 - ``sharing auto +refine``: the default calibrated conversion, where the budget also decides per
   stacked matrix whether a shared part pays (:func:`lors_convert.decompose.budget.allocate_with_sharing`);
 - ``+heal``: that, then ``--heal-steps`` of distillation on the calibration text
   (``--heal-synthetic 0,0.75``: one column per share of steps on synthetic token inputs drawn from a
-  bigram chain over the calibration tokens, :mod:`lors_convert.synthetic`);
+  bigram chain over the calibration tokens, :mod:`lors_convert.heal.synthetic`);
 - ``sharing never``: no shared part anywhere, each layer its own two-sided whitened truncated SVD
   (per-layer low rank), same budget and objective;
 - ``oracle``: a diagnostic, not a usable conversion: the default conversion (``sharing auto
@@ -81,7 +81,7 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--heal-synthetic",
         default="0",
-        help="comma list of shares of heal steps on synthetic token inputs (lors_convert.synthetic): "
+        help="comma list of shares of heal steps on synthetic token inputs (lors_convert.heal.synthetic): "
         "one heal column each",
     )
     args = ap.parse_args(argv)

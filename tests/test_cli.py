@@ -549,7 +549,7 @@ def test_heldout_fraction_controls_the_split_and_the_report_says_it(
     assert quality["heldout_data"] == expected
     human = run("report", tmp_path / "o.lors")
     assert (
-        f"calibration_samples = {fitted}" in human.stdout and f", {held} samples:" in human.stdout
+        f", {fitted} samples, objective" in human.stdout and f", {held} samples:" in human.stdout
     )  # fidelity line
 
 

@@ -18,7 +18,8 @@ from lors_convert.decompose.tucker import (
     tucker_to_tensor,
     unfold,
 )
-from lors_convert.discover.generators import GeneratorSpec, make_adaptive_hook
+from lors_convert.discover.generators import make_adaptive_hook
+from lors_convert.discover.specs import GeneratorSpec
 from lors_convert.errors import LorsUsageError
 from lors_convert.fit.generator import generator_tensors
 from lors_convert.layers import layer_class

@@ -9,7 +9,7 @@ import math
 import shutil
 
 from lors_convert import Report, convert
-from lors_convert.report import render
+from lors_convert.cli.render import render
 from tests.badcase import ARCH, run, write_weights
 from tests.models import CASES
 
@@ -66,3 +66,34 @@ def test_report_text_is_not_rich_markup(small_ckpt, tmp_path):
     res = run("report", ckpt)
     assert res.exit_code == 0, res.output
     assert "odd [/] text [bold]" in res.stderr
+
+
+def test_json_totals_equal_the_rendered_table():
+    """report.json's stacked totals are the table's "stacked total" row: the matrices kept dense
+    count on both sides, at their dense size."""
+    from rich.console import Console
+
+    from lors_convert.cli.render import fmt_params
+
+    _, report = convert(CASES["gpt2"].build(), rank=16)  # 32x32 c_proj saves nothing at rank 16
+    [stack] = report.stacks
+    assert stack.kept_dense_params == {"attn.c_proj.weight": 4 * 32 * 32}
+    total = json.loads(json.dumps(report.to_dict()))["total"]
+    converted_dense = sum(m.dense_params for m in stack.matrices)
+    converted_lors = sum(m.lors_params for m in stack.matrices)
+    assert total["kept_dense_params"] == 4 * 32 * 32
+    assert total["stacked_dense_params"] == converted_dense + 4 * 32 * 32
+    assert total["stacked_lors_params"] == converted_lors + 4 * 32 * 32
+    assert total["stacked_fraction"] == total["stacked_lors_params"] / total["stacked_dense_params"]
+    assert total["params_before"] - total["params_after"] == converted_dense - converted_lors
+
+    buf = io.StringIO()
+    render(report, console=Console(file=buf, width=200))
+    [row] = [line for line in buf.getvalue().splitlines() if "stacked total" in line]
+    cells = [c.strip() for c in row.strip("│┃ ").split("│")]
+    assert cells[3:6] == [
+        fmt_params(total["stacked_dense_params"]),
+        fmt_params(total["stacked_lors_params"]),
+        f"{100 * (1 - total['stacked_fraction']):.1f}%",
+    ]
+    assert fmt_params(converted_dense) != cells[3]  # the kept-dense matrix changes the figure shown

@@ -23,8 +23,7 @@ import torch
 
 from ..errors import LorsError, LorsUsageError, about, short
 from ..finite import all_finite
-from ..io.gguf import is_gguf
-from ..io.hf import hf_side_files
+from ..io.hf import load_tokenizer
 from ..io.sources import read_torch_file
 from .batches import Batch
 
@@ -324,33 +323,6 @@ __all__ = [
     "check_data_file",
     "HELDOUT_DEFAULT",
 ]
-
-
-def has_tokenizer(directory: Path) -> bool:
-    """Whether ``directory`` holds a Hugging Face tokenizer, or is a GGUF file (which carries one)."""
-    directory = Path(directory)
-    if directory.is_file():
-        return is_gguf(directory)
-    return (directory / "tokenizer_config.json").is_file() or (directory / "tokenizer.json").is_file()
-
-
-def load_tokenizer(directory: Path):
-    """The Hugging Face tokenizer saved in ``directory`` (whose files must lie inside it), or in a GGUF
-    file's metadata (local files only)."""
-    from transformers import AutoTokenizer
-
-    directory = Path(directory)
-    try:
-        if directory.is_file() and is_gguf(directory):
-            return AutoTokenizer.from_pretrained(
-                str(directory.parent), gguf_file=directory.name, local_files_only=True
-            )
-        hf_side_files(directory)  # no tokenizer file may link outside its directory
-        return AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
-    except LorsError:
-        raise
-    except Exception as e:
-        raise LorsError(f"{directory}: no usable tokenizer for text inputs ({short(e)})") from None
 
 
 def read_calibration(

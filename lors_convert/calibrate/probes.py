@@ -13,16 +13,9 @@ from pathlib import Path
 import torch
 
 from ..errors import LorsUsageError
+from ..io.hf import has_tokenizer, load_tokenizer
 from .batches import Batch
-from .data import (
-    TENSOR_SUFFIXES,
-    has_tokenizer,
-    load_tokenizer,
-    read_tensors,
-    read_texts,
-    tensor_batches,
-    text_batches,
-)
+from .data import TENSOR_SUFFIXES, read_tensors, read_texts, tensor_batches, text_batches
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 PROBE_TEXT = DATA_DIR / "probe.txt"

@@ -1,6 +1,6 @@
 """Output sensitivity: per-weight output-gradient Gram matrices, the left factor of a K-FAC weighting.
 
-Input Grams (:mod:`calibration`) weight a layer's error by the inputs it sees,
+Input Grams (:mod:`lors_convert.calibrate.grams`) weight a layer's error by the inputs it sees,
 ``||(W - What) X||^2``: every matrix's error counts in its own units, so the error of a query
 projection and the error of an FFN matrix are not comparable, and a direction of a layer's output
 that the rest of the network ignores costs as much as one it amplifies. The model output's error
@@ -15,7 +15,7 @@ E[J^T J] E[x x^T]``, it is
 linear head outside the stacks, ``y = x H^T + b`` (a causal LM's logits, ``H`` (V, h)), the probe
 starts at the head's input instead: ``v = z R^T`` with ``z ~ N(0, I_h)`` and ``R R^T = H^T H`` has
 the law of ``u H``, so the estimate is the same in distribution and the backward skips the head
-(``V = 49k`` against ``h = 576`` on SmolLM2: 1/5 of every backward pass). One forward pass per chunk of
+(a ``V x h`` product, large for a wide vocabulary). One forward pass per chunk of
 a batch (at most ``CHUNK_POSITIONS`` tokens or pixels: the autograd graph of a whole batch through a
 whole model is several times the model), ``probes`` backward passes through it
 (``torch.autograd.grad`` with respect to the hooked layer outputs only; no parameter takes part in
@@ -52,7 +52,7 @@ from .batches import (
 )
 
 DEFAULT_PROBES = 4
-CHUNK_POSITIONS = 128  # output positions per backward graph (SmolLM2-135M: about 0.3 GB with its gradients)
+CHUNK_POSITIONS = 128  # output positions per backward graph: it bounds the graph's memory
 
 
 def _output_rows(module: nn.Module, y: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

@@ -1,10 +1,10 @@
 """Calibration Grams kept on disk in their eigenbasis, read back one stacked parameter at a time.
 
-A model's Grams are several times its size (SmolLM2-135M: 0.5 GB of weights, 2.2 GB of float64 input
-and output-gradient Grams), and every fit needs the eigendecomposition ``C = Q diag(lam) Q^T`` of
-its Grams (:func:`lors_convert.decompose.whiten.gram_eigh`), not ``C`` itself. So when collection
-ends each distinct Gram is decomposed once, in float32 (the whitening floors eigenvalues at 1e-6
-of the largest and damps them by 0.1 of their mean, far above float32's 6e-8 rounding), written
+A model's float64 input and output-gradient Grams are several times its size, and every fit needs the eigendecomposition ``C = Q diag(lam) Q^T`` of
+its Grams (:func:`lors_convert.decompose.whitener.gram_eigh`), not ``C`` itself. So when collection
+ends each distinct Gram is decomposed once, in float32 (the calibrated fit floors eigenvalues at
+``DEFAULT_FLOOR`` of the largest and adds a ridge of ``CONVERSION_DAMP`` times their mean, both far
+above float32's rounding), written
 as ``lam`` and ``Q``, and dropped from memory. Keys that saw the same inputs (q/k/v projections)
 share one stored Gram.
 
@@ -84,7 +84,7 @@ class SpilledGrams(Mapping):
 
 
 def _eigh(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return gram_eigh(gram, torch.float32)  # 3x faster than float64, the same eigenvalue floor
+    return gram_eigh(gram, torch.float32)  # faster than float64; the floor lies far above its rounding
 
 
 def spill_grams(
@@ -97,8 +97,8 @@ def spill_grams(
     dropped once written; keys whose Grams are the same tensor object are stored once); an iterator
     of ``(key, Gram)`` is read as the decompositions need its Grams, a few ahead at most."""
     out = into if into is not None else SpilledGrams(spill, kind)
-    # each eigensolver on one BLAS thread, as many side by side as torch has threads (2 cores: 2x
-    # the serial rate), a few decompositions ahead of the writes at most
+    # each eigensolver on one BLAS thread, as many side by side as torch has threads, a few
+    # decompositions ahead of the writes at most
     workers = max(1, min(MAX_EIGH_WORKERS, torch.get_num_threads()))
     with serial(), ThreadPoolExecutor(workers) as pool:
         pending: deque = deque()

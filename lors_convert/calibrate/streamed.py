@@ -11,7 +11,7 @@ shared between modules (tied embeddings) are read once and stay shared.
 
 :func:`lockstep` reads each block once for all the batches, not once per batch: every batch runs
 in a greenlet of its own (a call stack that can be suspended, in the caller's thread: an OS thread
-per batch would cost each its own allocator arena and BLAS buffers, ~19 MB measured) that waits at
+per batch would cost each its own allocator arena and BLAS buffers) that waits at
 each block's entry; the caller reads the block the waiting batches want first, lets each of them
 through it in turn, and drops it. Memory holds the resident part, one block and every batch's
 activations at a block boundary (one hidden state each); the outputs come back one at a time.

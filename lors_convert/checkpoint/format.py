@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..discover.plan import ConversionPlan, dtype_name, param_entry
+from ..discover.plan import AdaptivePlan, ConversionPlan, ParamPlan
+from ..discover.stacks import Stack, StackedParam
 from ..errors import LorsError
 from ..io.sources import SourceInfo
 from ..layers import LorsModule, layer_class
@@ -98,6 +99,57 @@ def lors_members(stack: dict, entry: dict) -> list[str]:
     return [m for i, m in enumerate(stack["members"]) if i not in dense]
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def param_entry(pp: ParamPlan) -> dict:
+    """The JSON record of one converted parameter (``lors_config.json`` -> stacks[].params[])."""
+    entry = {
+        "name": pp.relname,
+        "owner": pp.param.owner_relpath,
+        "attr": pp.param.attr,
+        "layer": pp.layer_kind,
+        "kind": pp.kind,
+        "shape": list(pp.param.shape),
+        "dtype": dtype_name(pp.param.dtype),
+        "matrix": list(pp.matrix),
+        "rank": pp.rank,
+        "groups": list(pp.groups),
+        "ranks": list(pp.ranks),
+        "clamped": pp.clamped,
+        "shared": list(layer_class(pp.layer_kind).shared_names) if pp.has_shared else [],
+        "extra": dict(pp.extra),
+    }
+    if pp.dense_members:  # members kept dense: their weight stays under its own key (rank 0 here)
+        entry["dense_members"] = list(pp.dense_members)
+    return entry
+
+
+def plan_from_entry(stack: Stack, entry: dict) -> ParamPlan:
+    """Rebuild the :class:`ParamPlan` of a recorded parameter (to build a skeleton)."""
+    sp = StackedParam(
+        relname=entry["name"],
+        shape=tuple(entry["shape"]),
+        dtype=getattr(torch, entry["dtype"]),
+        owner_class=nn.Module,
+    )
+    cls = AdaptivePlan if entry["kind"] == "adaptive" else ParamPlan  # adaptive: (out, dq+1) matrix
+    return cls(
+        stack=stack,
+        param=sp,
+        layer_kind=entry["layer"],
+        kind=entry["kind"],
+        rank=entry["rank"],
+        groups=list(entry["groups"]),
+        ranks=list(entry["ranks"]),
+        clamped=bool(entry.get("clamped", False)),
+        extra=dict(entry.get("extra", {})),
+        has_shared=entry["kind"] != "static" or bool(entry["shared"]),
+        dense_members=list(entry.get("dense_members", [])),
+    )
+
+
 def nonpersistent_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
     persistent = set(model.state_dict().keys())
     return {name: b for name, b in model.named_buffers() if name not in persistent}
@@ -138,11 +190,14 @@ def plan_stacks(plan: ConversionPlan) -> list[dict]:
 
 
 def model_stacks(model: nn.Module) -> list[dict]:
-    """The ``stacks`` section read off the LORS layers of a converted model."""
+    """The ``stacks`` section read off the LORS layers of a converted model (each knows its plan)."""
+    plans: dict[int, ParamPlan] = {}
+    for layer in model.modules():
+        pp = getattr(layer, "lors_plan", None)
+        if isinstance(layer, LorsModule) and pp is not None:
+            plans.setdefault(id(pp), pp)
     return stacks_section(
-        (layer.lors_stack, layer.lors_entry)
-        for layer in model.modules()
-        if isinstance(layer, LorsModule) and hasattr(layer, "lors_entry")
+        ({"path": pp.stack.path, "members": pp.stack.members}, param_entry(pp)) for pp in plans.values()
     )
 
 
@@ -237,6 +292,8 @@ def check_report_types(report: Report, path: Path) -> None:
             and len(s.members) > 0
             and isinstance(s.kept_dense, dict)
             and _is_strs(list(s.kept_dense.values()))
+            and isinstance(s.kept_dense_params, dict)
+            and all(_is_int(v) for v in s.kept_dense_params.values())
         )
         for m in s.matrices:
             ok = (

@@ -8,14 +8,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..discover.plan import plan_from_entry
 from ..discover.stacks import Stack
 from ..errors import LorsError, short
 from ..io.hf import build_hf
 from ..io.sources import build_arch, load_source
 from ..layers import meta_clone
 from ..swap import install_layers
-from .format import BUFFER_PREFIX, lors_members
+from .format import BUFFER_PREFIX, lors_members, plan_from_entry
 from .reader import Checkpoint
 
 TRUSTED_ARCH_PREFIX = "lors_convert.zoo."  # our own reference models: safe to build from a recorded name

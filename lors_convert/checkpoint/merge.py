@@ -14,7 +14,6 @@ from pathlib import Path
 
 import torch
 
-from ..discover.plan import dtype_name
 from ..errors import LorsError, LorsUsageError, short
 from ..io.atomic import atomic_output, check_not_input, check_output
 from ..io.confine import confined
@@ -22,7 +21,7 @@ from ..io.gguf import FILE_TYPE_KEY, Field, GGUFFile, gguf_package, out_tensor, 
 from ..io.gguf_model import METADATA_NAME, GGUFLayout
 from ..io.safetensors import SafetensorsFile, ShardedWriter, meta_like
 from ..layers import layer_class
-from .format import DEFAULT_SHARD_SIZE, merged_keys
+from .format import DEFAULT_SHARD_SIZE, dtype_name, merged_keys
 from .reader import Checkpoint
 
 FORMATS = ("hf", "gguf")

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..discover.plan import ParamPlan, dtype_name
+from ..discover.plan import ParamPlan
 from ..errors import LorsError
 from ..fit import Fit
 from ..io.atomic import atomic_output
@@ -30,6 +30,7 @@ from .format import (
     alias_map,
     build_config,
     dedup_state,
+    dtype_name,
     lors_members,
     model_stacks,
     nonpersistent_buffers,

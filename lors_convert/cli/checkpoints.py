@@ -161,10 +161,11 @@ def heal(
 ) -> None:
     """Distill a LORS checkpoint towards its dense source; resumable (rerun the same command)."""
     from .. import checkpoint as ck
-    from ..calibrate.data import has_tokenizer, read_calibration
+    from ..calibrate.data import read_calibration
     from ..calibrate.fidelity import Reference, fidelity, fidelity_score, is_causal_lm
     from ..heal import heal as run_heal
     from ..io.atomic import check_not_input, check_output
+    from ..io.hf import has_tokenizer
     from ..io.sources import SourceInfo, load_source
 
     if steps < 1 or lr <= 0:

@@ -178,7 +178,7 @@ def emit_json(data) -> None:
 
 def show(report, json_out: bool, quiet: bool, title: str) -> None:
     """The report on stdout (a table, or JSON); its warnings on stderr."""
-    from ..report import render
+    from .render import render
 
     if json_out:
         emit_json(report.to_dict())

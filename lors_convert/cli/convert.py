@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
@@ -18,147 +19,174 @@ from .common import (
     show,
 )
 
-
-@app.command()
-@handle_errors
-def convert(
-    src: Path = typer.Argument(
-        ...,
+Src = Annotated[
+    Path,
+    typer.Argument(
         help="HF model dir, GGUF file, state dict (.safetensors/.pt, with --arch), "
         "TorchScript archive, or pickled module (with --trust-pickle).",
     ),
-    rank: str = typer.Option("8", "--rank", "-r", help="Rank r of each private group, or 'full'."),
-    output: Path | None = typer.Option(None, "--output", "-o", help="Output directory [<src>.lors]."),
-    groups: str | None = typer.Option(
-        None, "--groups", help="Groups K per layer, e.g. 1,1,2,2,3,3 (or one number)."
-    ),
-    include: list[str] = typer.Option(
-        [], "--include", help="fnmatch pattern over parameter names (repeatable)."
-    ),
-    exclude: list[str] = typer.Option(
-        [], "--exclude", help="fnmatch pattern over parameter names (repeatable)."
-    ),
-    arch: str | None = typer.Option(
-        None, "--arch", help="package.module:callable building the model of a state dict."
-    ),
-    trust_pickle: bool = typer.Option(
-        False, "--trust-pickle", help="Allow unpickling a whole module: runs code from the file."
-    ),
-    init: str = typer.Option(
-        "svd", "--init", help="svd (fit the trained weights) or paper (from-scratch init)."
-    ),
-    method: str = typer.Option("auto", "--svd", help="auto, exact or randomized."),
-    device: str = typer.Option("cpu", "--device", help="cpu or cuda: where the decomposition runs."),
-    adaptive: list[str] = typer.Option(
-        [],
+]
+Rank = Annotated[str, typer.Option("--rank", "-r", help="Rank r of each private group, or 'full'.")]
+Output = Annotated[Path | None, typer.Option("--output", "-o", help="Output directory [<src>.lors].")]
+Groups = Annotated[
+    str | None, typer.Option("--groups", help="Groups K per layer, e.g. 1,1,2,2,3,3 (or one number).")
+]
+Include = Annotated[
+    list[str], typer.Option("--include", help="fnmatch pattern over parameter names (repeatable).")
+]
+Exclude = Annotated[
+    list[str], typer.Option("--exclude", help="fnmatch pattern over parameter names (repeatable).")
+]
+Arch = Annotated[
+    str | None, typer.Option("--arch", help="package.module:callable building the model of a state dict.")
+]
+TrustPickle = Annotated[
+    bool, typer.Option("--trust-pickle", help="Allow unpickling a whole module: runs code from the file.")
+]
+Init = Annotated[
+    str, typer.Option("--init", help="svd (fit the trained weights) or paper (from-scratch init).")
+]
+Method = Annotated[str, typer.Option("--svd", help="auto, exact or randomized.")]
+Device = Annotated[str, typer.Option("--device", help="cpu or cuda: where the decomposition runs.")]
+Adaptive = Annotated[
+    list[str],
+    typer.Option(
         "--adaptive",
         help="LORSA on parameter generators: 'auto' (torch.fx) "
-        "or 'PATTERN: G x [RxC, ...]' (repeatable), see lors_convert.lorsa.",
+        "or 'PATTERN: G x [RxC, ...]' (repeatable), see lors_convert.discover.specs.",
     ),
-    preset: str | None = typer.Option(
-        None,
+]
+Preset = Annotated[
+    str | None,
+    typer.Option(
         "--preset",
         help="adamixer-paper: LORST r=8 on out_proj, "
         "LORSA r=16 K=1,1,2,2,3,3 on the generators (overrides rank/groups).",
     ),
-    calibrate: Path | None = typer.Option(
-        None,
+]
+Calibrate = Annotated[
+    Path | None,
+    typer.Option(
         "--calibrate",
         help="Calibration inputs: a text file (HF text "
         "models) or a .safetensors/.pt tensor file; whitened, activation-aware fit.",
     ),
-    heldout: Path | None = typer.Option(
-        None,
+]
+Heldout = Annotated[
+    Path | None,
+    typer.Option(
         "--heldout",
         help="Held-out inputs for the fidelity report "
         "[20% of --calibrate, else lors's probe text for HF text models].",
     ),
-    heldout_fraction: float | None = typer.Option(
-        None,
+]
+HeldoutFraction = Annotated[
+    float | None,
+    typer.Option(
         "--heldout-fraction",
         help="Share of --calibrate held out for the fidelity report [0.2; 0 with --heldout].",
     ),
-    target: str | None = typer.Option(
-        None,
+]
+Target = Annotated[
+    str | None,
+    typer.Option(
         "--target",
         help="Smallest budget keeping a held-out fidelity: "
         "top1=0.95, cosine=0.95, ppl-ratio=1.1 or rel-error=0.2 (replaces --budget).",
     ),
-    fidelity: bool = typer.Option(True, "--fidelity/--no-fidelity", help="Measure held-out fidelity."),
-    refine: int = typer.Option(0, "--refine", help="Alternating refinement sweeps of the shared part."),
-    budget: float | None = typer.Option(
-        None,
+]
+Fidelity = Annotated[bool, typer.Option("--fidelity/--no-fidelity", help="Measure held-out fidelity.")]
+Refine = Annotated[int, typer.Option("--refine", help="Alternating refinement sweeps of the shared part.")]
+Budget = Annotated[
+    float | None,
+    typer.Option(
         "--budget",
         help="Target fraction of the stacked parameters; ranks per layer by water-filling (replaces --rank).",
     ),
-    sharing: str | None = typer.Option(
-        None,
+]
+Sharing = Annotated[
+    str | None,
+    typer.Option(
         "--sharing",
         help="With --budget: auto (drop a stack's shared "
         "part where private rank pays more), always (LORS everywhere) or never "
         "(per-layer low rank) [auto].",
     ),
-    objective: str | None = typer.Option(
-        None,
+]
+Objective = Annotated[
+    str | None,
+    typer.Option(
         "--objective",
         help="With --calibrate: minimize the model "
         "output's error (output: input and output-gradient Grams) or each "
         "layer's own (layer) [output].",
     ),
-    probes: int | None = typer.Option(
-        None,
-        "--probes",
-        help="Random probes (backward passes) per calibration batch for --objective output [4].",
+]
+Probes = Annotated[
+    int | None,
+    typer.Option(
+        "--probes", help="Random probes (backward passes) per calibration batch for --objective output [4]."
     ),
-    keep_unsaving: bool = typer.Option(
-        False, "--keep-unsaving", help="Convert matrices even where it saves nothing."
-    ),
-    shard_size: str = typer.Option(
-        "2GB", "--max-shard-size", help="Shard the safetensors output above this size."
-    ),
-    dry_run: bool = typer.Option(
-        False, "--dry-run", help="Print stacks and projected savings; write nothing."
-    ),
-    json_out: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No tables or progress."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing output."),
+]
+KeepUnsaving = Annotated[
+    bool, typer.Option("--keep-unsaving", help="Convert matrices even where it saves nothing.")
+]
+ShardSize = Annotated[
+    str, typer.Option("--max-shard-size", help="Shard the safetensors output above this size.")
+]
+DryRun = Annotated[bool, typer.Option("--dry-run", help="Print stacks and projected savings; write nothing.")]
+JsonOut = Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No tables or progress.")]
+Force = Annotated[bool, typer.Option("--force", help="Replace an existing output.")]
+
+
+@app.command()
+@handle_errors
+def convert(
+    src: Src,
+    rank: Rank = "8",
+    output: Output = None,
+    groups: Groups = None,
+    include: Include = [],  # noqa: B006 - typer reads the default, never mutates it
+    exclude: Exclude = [],  # noqa: B006
+    arch: Arch = None,
+    trust_pickle: TrustPickle = False,
+    init: Init = "svd",
+    method: Method = "auto",
+    device: Device = "cpu",
+    adaptive: Adaptive = [],  # noqa: B006
+    preset: Preset = None,
+    calibrate: Calibrate = None,
+    heldout: Heldout = None,
+    heldout_fraction: HeldoutFraction = None,
+    target: Target = None,
+    fidelity: Fidelity = True,
+    refine: Refine = 0,
+    budget: Budget = None,
+    sharing: Sharing = None,
+    objective: Objective = None,
+    probes: Probes = None,
+    keep_unsaving: KeepUnsaving = False,
+    shard_size: ShardSize = "2GB",
+    dry_run: DryRun = False,
+    json_out: JsonOut = False,
+    quiet: Quiet = False,
+    force: Force = False,
 ) -> None:
     """Convert a dense model to a LORS checkpoint and print the savings report."""
-    from ..io.atomic import check_not_input, check_output
-
-    options = convert_options(
-        rank,
-        groups,
-        include,
-        exclude,
-        init,
-        method,
-        device,
-        adaptive,
-        preset,
-        refine,
-        budget,
-        sharing,
-        keep_unsaving,
-        calibrate,
-        objective,
-        probes,
-        target,
-    )
+    flags = dict(locals())
+    options, calibration = convert_options(**{k: v for k, v in flags.items() if k in _OPTION_FLAGS})
     if heldout_fraction is not None and calibrate is None:
         raise LorsUsageError("--heldout-fraction goes with --calibrate")
     out = output or default_output(src, ".lors")
-    if not dry_run:
-        for given in (src, calibrate, heldout):  # never replace an input, even with --force
-            if given is not None:
-                check_not_input(out, given)
-        check_output(out, force)
+    _check_output(out, (src, calibrate, heldout), force, dry_run)
     from ..convert_file import convert_file  # torch and transformers: only once the flags are known good
     from ..io.dist import Dist
 
     report = convert_file(
         src,
         out,
+        options,
         arch=arch,
         trust_pickle=trust_pickle,
         heldout=heldout,
@@ -170,50 +198,64 @@ def convert(
         dry_run=dry_run,
         progress=make_progress(not (quiet or json_out)),
         log=log_lines(quiet),
-        **options,
+        **calibration,
     )
     if report is not None:  # None on torchrun ranks other than 0
-        show(
-            report,
-            json_out,
-            quiet,
-            title=(
-                f"LORS dry run of {src} (nothing written)"
-                if dry_run
-                else f"LORS conversion of {src} -> {out}"
-            ),
+        title = (
+            f"LORS dry run of {src} (nothing written)" if dry_run else f"LORS conversion of {src} -> {out}"
         )
+        show(report, json_out, quiet, title=title)
+
+
+def _check_output(out: Path, inputs: tuple, force: bool, dry_run: bool) -> None:
+    from ..io.atomic import check_not_input, check_output
+
+    if dry_run:
+        return
+    for given in inputs:  # never replace an input, even with --force
+        if given is not None:
+            check_not_input(out, given)
+    check_output(out, force)
+
+
+# the flags convert_options reads; a ConvertOptions field's error names its flag
+_OPTION_FLAGS = (
+    "rank groups include exclude init method device adaptive preset refine budget sharing "
+    "keep_unsaving calibrate objective probes target"
+).split()
+_FLAG_OF = {"method": "--svd"}
 
 
 def convert_options(
-    rank,
-    groups,
-    include,
-    exclude,
-    init,
-    method,
-    device,
-    adaptive,
-    preset,
-    refine,
-    budget,
-    sharing,
-    keep_unsaving,
-    calibrate,
-    objective,
-    probes,
-    target,
-) -> dict:
-    """Check the convert command's flags together and turn them into ``convert_file`` arguments."""
-    from ..options import INITS, METHODS, OBJECTIVES, SHARING, Target
+    rank, groups, include, exclude, init, method, device, adaptive, preset, refine, budget, sharing,
+    keep_unsaving, calibrate, objective, probes, target,
+):  # fmt: skip
+    """Check the convert command's flags together: the :class:`~lors_convert.options.ConvertOptions`
+    and ``convert_file``'s calibration arguments (``calibrate``, ``objective``, ``probes``, ``target``)."""
+    from ..options import ConvertOptions
 
-    r = parse_rank(rank)
-    if init not in INITS:
-        raise LorsUsageError(f"--init must be one of {', '.join(INITS)}, got {init!r}")
-    if method not in METHODS:
-        raise LorsUsageError(f"--svd must be one of {', '.join(METHODS)}, got {method!r}")
-    group_list = parse_int_list(groups, "--groups")
-    group_arg = group_list[0] if group_list and len(group_list) == 1 else group_list
+    fields = dict(rank=parse_rank(rank), include=include, exclude=exclude, init=init, method=method)
+    fields.update(device=_device(device), adaptive=adaptive or None, refine=refine, budget=budget)
+    groups_given = parse_int_list(groups, "--groups")
+    fields["groups"] = groups_given[0] if groups_given and len(groups_given) == 1 else groups_given
+    if preset is not None:
+        fields.update(_preset(preset, include))
+    if sharing is not None and budget is None and target is None:
+        raise LorsUsageError("--sharing goes with --budget or --target")
+    if (budget is not None or target is not None) and groups is not None:  # the budget chooses the ranks
+        raise LorsUsageError(
+            "--groups does not combine with --budget or --target: the budget chooses one rank per layer"
+        )
+    calibration = _calibration_flags(calibrate, objective, probes, target)
+    try:
+        options = ConvertOptions(**fields, sharing=sharing or "auto", require_savings=not keep_unsaving)
+    except LorsUsageError as e:  # the field's name -> its flag
+        name, _, rest = str(e).partition(" ")
+        raise LorsUsageError(f"{_FLAG_OF.get(name, '--' + name)} {rest}") from None
+    return options, calibration
+
+
+def _device(device: str) -> str:
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
         raise LorsUsageError(f"--device must be cpu or cuda, got {device!r}")
     if device.startswith("cuda"):
@@ -221,51 +263,35 @@ def convert_options(
 
         if not torch.cuda.is_available():
             raise LorsUsageError("--device cuda: no CUDA device is available")
-    adaptive_arg = adaptive or None
-    if preset is not None:
-        if preset != "adamixer-paper":
-            raise LorsUsageError(f"--preset must be adamixer-paper, got {preset!r}")
-        from ..discover.generators import paper_adamixer_settings
+    return device
 
-        settings = paper_adamixer_settings()
-        r, group_arg, adaptive_arg = settings["rank"], settings["groups"], settings["adaptive"]
-        include = include or settings["include"]
-    if refine < 0:
-        raise LorsUsageError(f"--refine must be >= 0, got {refine}")
+
+def _preset(preset: str, include: list[str]) -> dict:
+    """The ConvertOptions fields ``--preset`` sets (``--include`` still narrows it)."""
+    if preset != "adamixer-paper":
+        raise LorsUsageError(f"--preset must be adamixer-paper, got {preset!r}")
+    from ..discover.preset import paper_adamixer_settings
+
+    settings = paper_adamixer_settings()
+    return dict(
+        rank=settings["rank"],
+        groups=settings["groups"],
+        adaptive=settings["adaptive"],
+        include=include or settings["include"],
+    )
+
+
+def _calibration_flags(calibrate, objective, probes, target) -> dict:
+    from ..options import OBJECTIVES, Target, check_choice
+
     for flag, value in (("--objective", objective), ("--probes", probes)):
         if value is not None and calibrate is None:
             raise LorsUsageError(f"{flag} goes with --calibrate")
     objective = objective or "output"
-    if objective not in OBJECTIVES:
-        raise LorsUsageError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
+    check_choice("--objective", objective, OBJECTIVES)
     if probes is not None and probes < 1:
         raise LorsUsageError(f"--probes must be >= 1, got {probes}")
     if probes is not None and objective != "output":
         raise LorsUsageError("--probes goes with --objective output")
-    if sharing is not None and budget is None and target is None:
-        raise LorsUsageError("--sharing goes with --budget or --target")
-    if (budget is not None or target is not None) and groups is not None:  # the budget chooses the ranks
-        raise LorsUsageError(
-            "--groups does not combine with --budget or --target: the budget chooses one rank per layer"
-        )
-    sharing = sharing or "auto"
-    if sharing not in SHARING:
-        raise LorsUsageError(f"--sharing must be one of {', '.join(SHARING)}, got {sharing!r}")
-    return dict(
-        rank=r,
-        groups=group_arg,
-        include=include,
-        exclude=exclude,
-        init=init,
-        method=method,
-        device=device,
-        require_savings=not keep_unsaving,
-        adaptive=adaptive_arg,
-        refine=refine,
-        budget=budget,
-        sharing=sharing,
-        calibrate=calibrate,
-        objective=objective,
-        probes=probes,
-        target=Target.parse(target) if target is not None else None,
-    )
+    parsed = Target.parse(target) if target is not None else None
+    return dict(calibrate=calibrate, objective=objective, probes=probes, target=parsed)

@@ -22,7 +22,7 @@ that decrease this is the water-filling solution of the relaxed problem; it stop
 Sharing: :func:`allocate_with_sharing` also chooses, per stacked parameter, between the LORS
 structure (a shared part plus private ranks, spectra of the residuals) and private-only low rank
 (spectra of the layers themselves). Pretrained layers often share too little for ``W_s`` to pay its
-``d*h`` parameters: on all-MiniLM-L6-v2 (and SmolLM2-135M) the budget drops every shared part.
+``d*h`` parameters (docs/calibration.md, sharing).
 Coordinate descent: from every parameter shared, and again from every parameter private, flip one
 choice at a time while the greedy allocation of the flipped set has a lower total error; the
 better end point wins, so the choice is never worse than either extreme.

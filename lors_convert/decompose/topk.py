@@ -54,8 +54,8 @@ def route(m: int, n: int, k: int, method: str = "auto") -> str:
     if q >= m:  # nothing to gain from a random subspace as large as the space
         return "eigh"
     # (2 niter + 2) q m n for the range finder's products vs m^2 n for the Gram: below half, the
-    # range finder is faster; above, the Gram route costs about the same and lands 5-10x closer to
-    # the optimum (tests/test_decompose.py prints both)
+    # range finder is faster; above, the Gram route costs about the same and lands closer to the
+    # optimum (tests/test_decompose.py prints both)
     if (2 * RANGE_NITER + 2) * q <= m // 2:
         return "range"
     if method == "randomized":

@@ -109,10 +109,10 @@ def hosvd(
     components, cores projected (DESIGN section 4). ``init="greedy"``: group k is the truncated
     HOSVD (plus a few HOOI sweeps) of what groups ``< k`` leave. ``"auto"``: greedy for ``K > 1``
     (the same thing for ``K = 1``). Consecutive blocks keep only the diagonal blocks of the
-    ``(K r1, K r2, m)`` core: on a tensor that *is* a sum of K rank-(r, r) terms they leave ~60-75%
-    relative error at K=2..3, greedy deflation ~15-35%, and block-HOOI then reaches the noise
-    floor from greedy (it can stall in a worse point from blocks); measured on
-    ``tests/test_lorsa.py``'s structured generators.
+    ``(K r1, K r2, m)`` core, so on a tensor that *is* a sum of K rank-(r, r) terms they leave far
+    more error than greedy deflation, and block-HOOI reaches the noise floor from greedy (it can
+    stall in a worse point from blocks; ``tests/test_lorsa.py``'s structured generators,
+    docs/calibration.md).
 
     ``sweeps`` block-HOOI sweeps refine the result, stopping early once a sweep lowers the squared
     error by less than ``tol * ||D||^2``; ``None``: none for one group, :data:`DEFAULT_BLOCK_SWEEPS`

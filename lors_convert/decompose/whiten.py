@@ -3,7 +3,7 @@
 Pure functions, no model. For one stacked parameter with layer matrices ``W_i`` in *linear
 orientation* ``(out, in)`` (``y = W x``), input Gram matrices ``C_i = E[x x^T]`` ``(in, in)`` and,
 optionally, output-side Grams ``G_i`` ``(out, out)`` (the model output's sensitivity to the layer's
-output, :mod:`sensitivity`; identity when absent), the error a layer's approximation makes is
+output, :mod:`lors_convert.calibrate.sensitivity`; identity when absent), the error a layer's approximation makes is
 
     E_i = tr(G_i D_i C_i D_i^T) = ||M_i^T D_i L_i||_F^2,   D_i = W_i - What_i,  L_i L_i^T = C_i,  M_i M_i^T = G_i.
 
@@ -43,9 +43,9 @@ import torch
 
 from .lorst import LayerFactors, StackFactors, as_matrix, rebalance, split_balanced
 from .topk import serial
-from .whitener import DEFAULT_DAMP, DEFAULT_FLOOR, Whitener, stack_whiteners
+from .whitener import DEFAULT_FLOOR, EXACT_DAMP, Whitener, stack_whiteners
 
-CG_MAX_ITER = 10  # shared-part solve with output Grams: every iterate lowers the error (10: within 0.2% of converged on MiniLM)
+CG_MAX_ITER = 10  # shared-part solve with output Grams: every iterate lowers the error (docs/calibration.md)
 CG_SCREEN_ITER = 3  # the budget's solve, which only ranks sharing against none (docs/calibration.md); a kept part solves on
 CG_TOL = 1e-8  # relative residual
 
@@ -174,7 +174,7 @@ def whitened_truncation(
     for i, k in enumerate(ranks):
         Z = _whiten(R[i], whiteners[i], None if left is None else left[i])  # (out, in)
         with serial():
-            if Z.shape[0] < Z.shape[1]:  # LAPACK's SVD of a wide matrix: 2x its transpose's time
+            if Z.shape[0] < Z.shape[1]:  # LAPACK's SVD of a wide matrix is slower than its transpose's
                 V, S, Uh = torch.linalg.svd(Z.T, full_matrices=False)
                 U, Vh = Uh.T, V.T
             else:
@@ -206,7 +206,7 @@ def whitened_spectra(
     grams: list[torch.Tensor],
     orientation: str = "out_in",
     floor: float = DEFAULT_FLOOR,
-    damp: float = DEFAULT_DAMP,
+    damp: float = EXACT_DAMP,
     shared: bool = True,
     device: torch.device | str | None = None,
     shared_matrix: torch.Tensor | None = None,
@@ -228,7 +228,7 @@ def shared_and_spectra(
     grams: list[torch.Tensor],
     orientation: str = "out_in",
     floor: float = DEFAULT_FLOOR,
-    damp: float = DEFAULT_DAMP,
+    damp: float = EXACT_DAMP,
     shared: bool = True,
     device: torch.device | str | None = None,
     shared_matrix: torch.Tensor | None = None,
@@ -249,7 +249,7 @@ def sharing_spectra(
     grams: list[torch.Tensor],
     orientation: str = "out_in",
     floor: float = DEFAULT_FLOOR,
-    damp: float = DEFAULT_DAMP,
+    damp: float = EXACT_DAMP,
     device: torch.device | str | None = None,
     shared_matrix: torch.Tensor | None = None,
     out_grams: list | None = None,
@@ -303,7 +303,7 @@ def decompose_weighted(
     refine: int = 0,
     shared: torch.Tensor | None = None,
     floor: float = DEFAULT_FLOOR,
-    damp: float = DEFAULT_DAMP,
+    damp: float = EXACT_DAMP,
     device: torch.device | str | None = None,
     shared_part: bool = True,
     out_grams: list | None = None,
@@ -313,7 +313,7 @@ def decompose_weighted(
 
     ``weights``: the N layers' tensors as stored; ``ranks``: total private rank per layer;
     ``grams``: per layer input Gram ``(in, in)`` (None: identity, i.e. the plain Frobenius error;
-    with all None and ``refine=0`` this is the mean + SVD of :func:`decompose_stack` up to the shared
+    with all None and ``refine=0`` this is the mean + SVD of :func:`lors_convert.decompose.lorst.decompose_stack` up to the shared
     part being the mean); ``out_grams``: per layer output-side Gram ``(out, out)`` in linear
     orientation (None: identity, the layer's own output error); ``orientation``: "out_in" (Linear,
     conv) or "in_out" (HF Conv1D, whose factors are returned as stored, ``B (in, k)``, ``A (k, out)``);

@@ -20,7 +20,7 @@ import torch
 from .topk import serial
 
 DEFAULT_FLOOR = 1e-6  # eigenvalue floor, relative to the largest eigenvalue
-DEFAULT_DAMP = 0.0  # ridge relative to the mean eigenvalue
+EXACT_DAMP = 0.0  # no ridge: the math weighs by the Gram as measured (a conversion adds its own)
 
 
 @dataclass
@@ -113,7 +113,7 @@ def gram_eigh(C: torch.Tensor, dtype: torch.dtype = torch.float64) -> tuple[torc
 def whitener(
     C: torch.Tensor | None = None,
     floor: float = DEFAULT_FLOOR,
-    damp: float = DEFAULT_DAMP,
+    damp: float = EXACT_DAMP,
     eig: tuple[torch.Tensor, torch.Tensor] | None = None,
     scale: float = 1.0,
 ) -> Whitener:
@@ -215,7 +215,7 @@ def cached_eigh(C: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 __all__ = [
-    "DEFAULT_DAMP",
+    "EXACT_DAMP",
     "DEFAULT_FLOOR",
     "ScaledGram",
     "Whitener",

@@ -3,8 +3,8 @@
 Pure bookkeeping over module structure (works on the meta device, touches no weights):
 :func:`plan_conversion` turns the stacks :func:`find_stacks` finds into one :class:`ParamPlan` per
 stacked parameter (an :class:`AdaptivePlan` for a parameter generator, LORSA). A plan knows its
-checkpoint tensor names and its parameter counts; :func:`param_entry` is its ``lors_config.json``
-record and :func:`plan_from_entry` reads one back.
+checkpoint tensor names and its parameter counts (its ``lors_config.json`` record is
+:func:`lors_convert.checkpoint.format.param_entry`).
 """
 
 from __future__ import annotations
@@ -13,12 +13,11 @@ import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
-import torch
 from torch import nn
 
 from ..decompose.lorst import dense_param_count, lors_param_count, resolve_ranks, saves_parameters
 from ..errors import LorsError, LorsUsageError
-from ..layers import layer_class, static_layer_for
+from ..layers import static_layer_for
 from ..layers.adaptive import Layout, LorsaLinear, group_ranks, private_param_count
 from ..report import MatrixReport, Report, StackReport
 from .stacks import Stack, StackedParam, find_stacks
@@ -348,55 +347,4 @@ def adaptive_plan(stack: Stack, sp: StackedParam, claim: dict) -> AdaptivePlan:
         ranks=ranks,
         clamped=clamped,
         extra=extra,
-    )
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def param_entry(pp: ParamPlan) -> dict:
-    """The JSON record of one converted parameter (``lors_config.json`` -> stacks[].params[])."""
-    entry = {
-        "name": pp.relname,
-        "owner": pp.param.owner_relpath,
-        "attr": pp.param.attr,
-        "layer": pp.layer_kind,
-        "kind": pp.kind,
-        "shape": list(pp.param.shape),
-        "dtype": dtype_name(pp.param.dtype),
-        "matrix": list(pp.matrix),
-        "rank": pp.rank,
-        "groups": list(pp.groups),
-        "ranks": list(pp.ranks),
-        "clamped": pp.clamped,
-        "shared": list(layer_class(pp.layer_kind).shared_names) if pp.has_shared else [],
-        "extra": dict(pp.extra),
-    }
-    if pp.dense_members:  # members kept dense: their weight stays under its own key (rank 0 here)
-        entry["dense_members"] = list(pp.dense_members)
-    return entry
-
-
-def plan_from_entry(stack: Stack, entry: dict) -> ParamPlan:
-    """Rebuild the :class:`ParamPlan` of a recorded parameter (to build a skeleton)."""
-    sp = StackedParam(
-        relname=entry["name"],
-        shape=tuple(entry["shape"]),
-        dtype=getattr(torch, entry["dtype"]),
-        owner_class=nn.Module,
-    )
-    cls = AdaptivePlan if entry["kind"] == "adaptive" else ParamPlan  # adaptive: (out, dq+1) matrix
-    return cls(
-        stack=stack,
-        param=sp,
-        layer_kind=entry["layer"],
-        kind=entry["kind"],
-        rank=entry["rank"],
-        groups=list(entry["groups"]),
-        ranks=list(entry["ranks"]),
-        clamped=bool(entry.get("clamped", False)),
-        extra=dict(entry.get("extra", {})),
-        has_shared=entry["kind"] != "static" or bool(entry["shared"]),
-        dense_members=list(entry.get("dense_members", [])),
     )

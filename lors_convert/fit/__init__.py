@@ -15,8 +15,35 @@ from collections.abc import Sequence
 import torch
 
 from ..discover.plan import ParamPlan
+from ..errors import LorsUsageError
+from ..options import ConvertOptions
 from . import calibrated, generator, plain
-from .options import INITS, METHODS, Fit, FitOptions
+from .result import Fit
+
+
+class FitOptions:
+    """How every parameter of a conversion is fitted: the conversion's options and its calibration
+    Grams (a :class:`lors_convert.calibrate.grams.Calibration` or a mapping of input Grams).
+
+    ``FitOptions(options, calibration, **changes)``: ``changes`` are :class:`ConvertOptions` fields.
+    """
+
+    def __init__(self, options: ConvertOptions | None = None, calibration=None, **changes):
+        self.convert = ConvertOptions.of(options, **changes)
+        self.calibration = calibration
+        if calibration is not None and self.convert.init != "svd":
+            raise LorsUsageError("calibration, refine and budget apply to init='svd' only")
+
+    init = property(lambda self: self.convert.init)
+    method = property(lambda self: self.convert.method)
+    device = property(lambda self: self.convert.device)
+    refine = property(lambda self: self.convert.refine)
+    budget = property(lambda self: self.convert.budget)
+
+    @property
+    def weighted(self) -> bool:
+        """Whether static parameters take the calibrated (weighted) fit."""
+        return self.calibration is not None or self.refine > 0 or self.budget is not None
 
 
 def with_dense_members(fit: Fit, pp: ParamPlan) -> Fit:
@@ -65,4 +92,4 @@ def fit_param(
     return plain.fit_plain(pp, weights, options.method, options.device)
 
 
-__all__ = ["Fit", "FitOptions", "fit_param", "INITS", "METHODS"]
+__all__ = ["Fit", "FitOptions", "fit_param"]

@@ -13,9 +13,8 @@ plain mapping of input Grams) the error is the layer's own output error on the c
 relative to its dense output energy, ``||(W_i - What_i) X_i||^2 / ||W_i X_i||^2`` (each layer's
 Gram scaled by ``1 / tr(W_i C_i W_i^T)``), summed over layers and matrices (shared solve and global
 budget alike): absolute output errors are in each matrix's own units, and a budget over them
-starved the matrices with small activations (MiniLM at 0.45, sharing auto: held-out cosine 0.388
-absolute, 0.569 relative; docs/calibration.md). ``DAMP`` adds a ridge of ``DAMP * mean eigenvalue``
-to every Gram (0.1: slightly better on held-out text of another kind than the calibration text).
+starves the matrices with small activations (docs/calibration.md). ``CONVERSION_DAMP`` adds a ridge
+of ``CONVERSION_DAMP * mean eigenvalue`` to every Gram (docs/calibration.md).
 Without a Gram (no calibration, or a layer the data never reached) the identity is used, i.e. the
 plain Frobenius error; uncalibrated, unrefined conversions keep the plain mean as shared part.
 """
@@ -33,11 +32,11 @@ from ..decompose.whiten import decompose_weighted, shared_and_spectra, sharing_s
 from ..decompose.whitener import DEFAULT_FLOOR, ScaledGram
 from ..errors import LorsError, LorsUsageError
 from ..io.memory import trim
-from ..options import SHARING
-from .options import Fit
+from .result import Fit
 
-FLOOR = DEFAULT_FLOOR
-DAMP = 0.1  # ridge: generalizes better to held-out text of another kind (MiniLM)
+# the ridge a calibrated conversion adds to every Gram, relative to its mean eigenvalue (the pure
+# math's default, decompose.whitener.EXACT_DAMP, adds none)
+CONVERSION_DAMP = 0.1
 
 
 def orientation(pp) -> str:
@@ -52,7 +51,7 @@ def _grams_of(calibration) -> Mapping[str, torch.Tensor] | None:
 
 
 def _out_grams_of(calibration) -> Mapping[str, torch.Tensor]:
-    """Output-side Grams (:mod:`sensitivity`), empty for a plain mapping of input Grams."""
+    """Output-side Grams (:mod:`lors_convert.calibrate.sensitivity`), empty for a plain mapping of input Grams."""
     return getattr(calibration, "out_grams", None) or {}
 
 
@@ -145,7 +144,7 @@ def layer_grams(pp, weights: list[torch.Tensor], calibration) -> tuple[list[torc
 
 
 def _opts(floor, damp):
-    return (FLOOR if floor is None else floor), (DAMP if damp is None else damp)
+    return (DEFAULT_FLOOR if floor is None else floor), (CONVERSION_DAMP if damp is None else damp)
 
 
 def fit_calibrated(
@@ -213,59 +212,81 @@ def apply_budget(
     keep their planned cost, which counts against the budget). Parameters that do not break even
     leave the plan and stay dense (recorded in their stack's ``excluded``). ``sharing="auto"`` also
     decides per parameter whether a shared part pays for itself (``pp.has_shared``, see
-    :func:`lors_convert.budget.allocate_with_sharing`); ``"always"`` keeps the LORS structure,
-    ``"never"`` makes every parameter private-only (per-layer low rank).
+    :func:`lors_convert.decompose.budget.allocate_with_sharing`); ``"always"`` keeps the LORS structure,
+    ``"never"`` makes every parameter private-only (per-layer low rank). Both values were checked by
+    :class:`~lors_convert.options.ConvertOptions`.
     ``get(key)`` reads a layer weight. ``shared_parts``: a dict that receives each kept shared part
     (``pp.shared_key`` -> tensor), solved for the spectra (a screening solve,
     :data:`~lors_convert.decompose.whiten.CG_SCREEN_ITER` iterations), so that :func:`fit_calibrated`
     continues from it instead of solving again.
     """
-    if not (isinstance(budget, (int, float)) and 0 < budget):
-        raise LorsUsageError(f"budget must be a positive fraction of the stacked parameters, got {budget!r}")
-    if sharing not in SHARING:
-        raise LorsUsageError(f"sharing must be one of {', '.join(SHARING)}, got {sharing!r}")
     floor, damp = _opts(floor, damp)
     static = [pp for pp in plan.params if pp.kind == "static"]
     fixed = sum(pp.lors_params for pp in plan.params if pp.kind != "static")
     total = sum(pp.dense_params for pp in plan.params)
     items, private = [], []
     for pp in static:
-        if any(g != 1 for g in pp.groups):
-            raise LorsUsageError("--budget chooses one rank per layer; it does not combine with groups")
-        weights = [get(k) for k in pp.keys]
-        grams, _ = layer_grams(pp, weights, calibration)
-        opts = dict(
-            orientation=orientation(pp),
-            floor=floor,
-            damp=damp,
-            device=device,
-            out_grams=output_grams(pp, weights, calibration),
+        shared, item, alone = _budget_items(
+            pp, get, calibration, sharing, dict(floor=floor, damp=damp, device=device)
         )
-        plain = _plain_mean(weights) if calibration is None else None
-        if sharing == "auto":  # both structures: residual spectra and the layers' own
-            shared, spectra, alone = sharing_spectra(weights, grams, shared_matrix=plain, **opts)
-        elif sharing == "always":
-            shared, spectra = shared_and_spectra(weights, grams, shared_matrix=plain, **opts)
-        else:  # never: no shared part to solve for
-            shared, alone = shared_and_spectra(weights, grams, shared=False, **opts)
         if shared_parts is not None and shared is not None:
             shared_parts[pp.shared_key] = shared
-        d, h = pp.matrix
-        if sharing != "never":
-            items.append(BudgetItem(d=d, h=h, spectra=[s.tolist() for s in spectra], name=pp.relname))
-        if sharing != "always":
-            private.append(
-                BudgetItem(d=d, h=h, spectra=[s.tolist() for s in alone], shared=False, name=pp.relname)
-            )
-        weights = grams = opts = spectra = alone = None  # this stack's work, freed before the trim
+        if item is not None:
+            items.append(item)
+        if alone is not None:
+            private.append(alone)
+        shared = item = alone = None  # this stack's work, freed before the trim
         trim()
-    limit = int(round(budget * total)) - fixed
+    alloc, choice = _allocate(items, private, int(round(budget * total)) - fixed, sharing)
+    _apply_allocation(plan, static, alloc, choice, shared_parts)
+    if not plan.params:
+        raise LorsUsageError(f"budget {budget} keeps every stacked parameter dense: nothing to convert")
+    return alloc
+
+
+def _budget_items(pp, get, calibration, sharing: str, opts: dict):
+    """One static parameter's spectra for the allocator: ``(shared part solved for or None, its
+    shared-structure item or None, its private-only item or None)``, as ``sharing`` asks."""
+    if any(g != 1 for g in pp.groups):
+        raise LorsUsageError("--budget chooses one rank per layer; it does not combine with groups")
+    weights = [get(k) for k in pp.keys]
+    grams, _ = layer_grams(pp, weights, calibration)
+    opts = dict(opts, orientation=orientation(pp), out_grams=output_grams(pp, weights, calibration))
+    plain = _plain_mean(weights) if calibration is None else None
+    spectra = alone = None
+    if sharing == "auto":  # both structures: residual spectra and the layers' own
+        shared, spectra, alone = sharing_spectra(weights, grams, shared_matrix=plain, **opts)
+    elif sharing == "always":
+        shared, spectra = shared_and_spectra(weights, grams, shared_matrix=plain, **opts)
+    else:  # never: no shared part to solve for
+        shared, alone = shared_and_spectra(weights, grams, shared=False, **opts)
+    d, h = pp.matrix
+    item = (
+        None
+        if spectra is None
+        else BudgetItem(d=d, h=h, spectra=[s.tolist() for s in spectra], name=pp.relname)
+    )
+    private = (
+        None
+        if alone is None
+        else BudgetItem(d=d, h=h, spectra=[s.tolist() for s in alone], shared=False, name=pp.relname)
+    )
+    return shared, item, private
+
+
+def _allocate(items: list, private: list, limit: int, sharing: str) -> tuple[Allocation, list[bool]]:
+    """The allocation under ``limit`` parameters, and per parameter whether it keeps a shared part."""
     if sharing == "auto":
         choice, alloc = allocate_with_sharing(items, private, limit, fraction=False)
     elif sharing == "never":
         choice, alloc = [False] * len(private), allocate_ranks(private, limit, fraction=False)
     else:
         choice, alloc = [True] * len(items), allocate_ranks(items, limit, fraction=False)
+    return alloc, choice
+
+
+def _apply_allocation(plan, static: list, alloc: Allocation, choice: list[bool], shared_parts) -> None:
+    """Write the allocated ranks into the plans; a parameter kept dense leaves ``plan.params``."""
     kept = []
     for pp, ranks, dense, has_shared, dense_layers in zip(
         static, alloc.ranks, alloc.dense, choice, alloc.dense_layers, strict=False
@@ -285,9 +306,6 @@ def apply_budget(
         kept.append(pp)
     kept_ids = {id(pp) for pp in kept}
     plan.params = [pp for pp in plan.params if pp.kind != "static" or id(pp) in kept_ids]
-    if not plan.params:
-        raise LorsUsageError(f"budget {budget} keeps every stacked parameter dense: nothing to convert")
-    return alloc
 
 
 __all__ = [
@@ -297,7 +315,7 @@ __all__ = [
     "fit_calibrated",
     "apply_budget",
     "quality_summary",
-    "SHARING",
+    "CONVERSION_DAMP",
 ]
 
 

@@ -17,7 +17,7 @@ from ..discover.plan import AdaptivePlan
 from ..errors import LorsError
 from ..finite import all_finite
 from ..layers.adaptive import Layout, group_ranks
-from .options import Fit
+from .result import Fit
 
 
 def generator_tensors(weight: torch.Tensor, bias: torch.Tensor | None, layout: Layout) -> list[torch.Tensor]:

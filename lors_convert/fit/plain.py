@@ -10,7 +10,7 @@ import torch
 from ..decompose.lorst import decompose_lazily, stack_matrices
 from ..discover.plan import ParamPlan
 from ..errors import LorsError
-from .options import Fit
+from .result import Fit
 
 
 def fit_plain(pp: ParamPlan, weights: Sequence[torch.Tensor], method: str = "auto", device=None) -> Fit:

@@ -3,7 +3,8 @@
 A directory is ``config.json`` plus safetensors weights (one file, or shards and an index); only
 safetensors are read (``.bin`` pickles would run code). The architecture is the transformers class
 ``config.json`` names, built on any device (the meta device for a skeleton), or loaded whole by
-transformers.
+transformers. The tokenizer a text model's inputs need is read from its directory, or from a GGUF
+file's metadata.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ from torch import nn
 
 from ..errors import LorsError, short
 from .confine import confined
+from .gguf import is_gguf
+from .memory import empty_model
 from .safetensors import SafetensorsReader, directory_weight_files
-from .skeleton import empty_model
 
 HF_SIDE_FILES = (
     "config.json",
@@ -134,6 +136,33 @@ def load_hf(path: Path, stored: set[str] | None = None) -> nn.Module:
     return model.eval()
 
 
+def has_tokenizer(directory: Path) -> bool:
+    """Whether ``directory`` holds a Hugging Face tokenizer, or is a GGUF file (which carries one)."""
+    directory = Path(directory)
+    if directory.is_file():
+        return is_gguf(directory)
+    return (directory / "tokenizer_config.json").is_file() or (directory / "tokenizer.json").is_file()
+
+
+def load_tokenizer(directory: Path):
+    """The Hugging Face tokenizer saved in ``directory`` (whose files must lie inside it), or in a GGUF
+    file's metadata (local files only)."""
+    from transformers import AutoTokenizer
+
+    directory = Path(directory)
+    try:
+        if directory.is_file() and is_gguf(directory):
+            return AutoTokenizer.from_pretrained(
+                str(directory.parent), gguf_file=directory.name, local_files_only=True
+            )
+        hf_side_files(directory)  # no tokenizer file may link outside its directory
+        return AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+    except LorsError:
+        raise
+    except Exception as e:
+        raise LorsError(f"{directory}: no usable tokenizer for text inputs ({short(e)})") from None
+
+
 __all__ = [
     "AUTO_CLASSES",
     "HF_SIDE_FILES",
@@ -144,4 +173,6 @@ __all__ = [
     "is_hf_dir",
     "load_hf",
     "load_hf_config",
+    "has_tokenizer",
+    "load_tokenizer",
 ]

@@ -1,11 +1,12 @@
-"""Process memory: how much this machine has free, giving freed memory back to it, and weights that
-own their memory."""
+"""Process memory: how much this machine has free, giving freed memory back to it, weights that
+own their memory, and models that hold none (parameters on the meta device)."""
 
 from __future__ import annotations
 
 import ctypes
 import functools
 import itertools
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -29,7 +30,7 @@ def trim() -> None:
     glibc serves a block from the heap once a block of its size was freed (its mmap threshold
     follows the largest freed block, up to 32 MiB), and keeps freed heap pages: without a trim
     between phases, a phase's freed tensors (a model's Grams, a stack's work) stay in the RSS
-    under the next phase's (measured on SmolLM2: 1.6 GB kept after the Gram collection)."""
+    under the next phase's."""
     libc = _libc()
     if libc is not None:
         libc.malloc_trim(0)
@@ -41,7 +42,7 @@ def own_memory(model: nn.Module) -> None:
 
     transformers maps safetensors files: a loaded model's tensors are views of the mapping, whose
     pages stay in the RSS while any tensor of the file lives, so the dense weights a conversion
-    replaces would never be freed (SmolLM2: 0.5 GB held through its calibrated conversion). One
+    replaces would never be freed (the model's whole size held through the conversion). One
     tensor at a time; tied parameters stay tied (the same Parameter gets new data once)."""
     for t in itertools.chain(model.parameters(), model.buffers()):
         t.data = t.data.clone()
@@ -56,4 +57,17 @@ def _libc():
         return None
 
 
-__all__ = ["available_bytes", "own_memory", "trim"]
+def empty_model(factory: Callable[[], nn.Module]) -> nn.Module:
+    """Build a model with parameters on the meta device and real (small) buffers."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):
+        model = factory()
+    # init_empty_weights re-registers every parameter as a new meta tensor, which unties the ties
+    # transformers made at construction (lm_head / embeddings): tie them again
+    if callable(getattr(model, "tie_weights", None)):
+        model.tie_weights()
+    return model
+
+
+__all__ = ["available_bytes", "own_memory", "trim", "empty_model"]

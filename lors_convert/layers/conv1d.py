@@ -16,8 +16,8 @@ from .base import LorsLayer
 
 def hf_conv1d_types() -> tuple[type, ...]:
     """transformers' ``Conv1D`` if its module is loaded, else ``()``. A model holding a ``Conv1D``
-    has loaded it, so recognising one needs no import of transformers (0.5 s here, paid by every
-    model that is not a Hugging Face one)."""
+    has loaded it, so recognising one needs no import of transformers (which takes seconds, paid
+    by every model that is not a Hugging Face one)."""
     module = sys.modules.get("transformers.pytorch_utils")
     conv1d = getattr(module, "Conv1D", None)
     return (conv1d,) if isinstance(conv1d, type) else ()

@@ -21,7 +21,7 @@ levels at the generated offsets) is replaced by features the caller has already 
 ``features`` of shape ``(B, N, G, P_in, feat/G)``, used by every stage. The offsets are still
 generated (and returned as ``sample_points``) but do not move the samples, so
 ``sampling_offset_generator`` gets no gradient. The code is ``torch.fx``-traceable (no shape
-asserts, no data-dependent control flow), which lets :func:`lors_convert.lorsa.detect_generators`
+asserts, no data-dependent control flow), which lets :func:`lors_convert.discover.tracing.detect_generators`
 find the generator automatically.
 
 Defaults are the official ones (6 stages, C=256, feat=256, 8 heads, FFN 2048, P_in=32, P_out=128,
