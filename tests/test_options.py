@@ -6,9 +6,9 @@ import dataclasses
 
 import pytest
 import torch
-from tests.models import CASES
 
 from lors_convert import ConvertOptions, LorsUsageError, convert
+from tests.models import CASES
 
 
 @pytest.mark.parametrize(
