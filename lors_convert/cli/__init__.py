@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+from ..threads import configure_threads
 from . import (
     checkpoints,  # noqa: F401  (registers report, merge, heal)
     convert,  # noqa: F401,I001  (registers lors convert first: the order of --help)
@@ -12,6 +13,7 @@ from .common import app
 
 
 def main() -> None:
+    configure_threads()  # before a command imports torch
     app()
 
 
