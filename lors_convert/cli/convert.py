@@ -122,6 +122,12 @@ def convert(
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No tables or progress."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output."),
+    hf_code: bool = typer.Option(
+        False,
+        "--hf-code",
+        help="Also write modeling_lors.py and config.json's auto_map: transformers loads the "
+        "checkpoint without lors (trust_remote_code=True runs that file).",
+    ),
 ) -> None:
     """Convert a dense model to a LORS checkpoint and print the savings report."""
     from ..io.atomic import check_not_input, check_output
@@ -153,8 +159,12 @@ def convert(
             if given is not None:
                 check_not_input(out, given)
         check_output(out, force)
+    from ..checkpoint.hf_code import check_hf_code_source, write_hf_code
     from ..convert_file import convert_file  # torch and transformers: only once the flags are known good
     from ..io.dist import Dist
+
+    if hf_code:
+        check_hf_code_source(src, options["adaptive"])
 
     report = convert_file(
         src,
@@ -172,6 +182,8 @@ def convert(
         log=log_lines(quiet),
         **options,
     )
+    if hf_code and report is not None and not dry_run:
+        write_hf_code(out)
     if report is not None:  # None on torchrun ranks other than 0
         show(
             report,
