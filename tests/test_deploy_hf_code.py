@@ -127,3 +127,16 @@ def test_hf_code_refuses_sources_transformers_cannot_build(tmp_path):
     with pytest.raises(lors_convert.LorsUsageError, match="needs a checkpoint of a transformers model"):
         write_hf_code(tmp_path / "m")
     assert not (tmp_path / "m" / MODELING_NAME).exists()
+
+
+def test_merge_of_an_hf_code_checkpoint_is_a_plain_transformers_directory(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    src = hf_dir(tmp_path, llama, tokenizer_files=False)
+    run_ok("convert", src, "--rank", "4", "-o", tmp_path / "c.lors", "-q", "--no-fidelity", "--hf-code")
+    run_ok("merge", tmp_path / "c.lors", "-o", tmp_path / "dense", "-q")
+    assert not (tmp_path / "dense" / MODELING_NAME).exists()
+    assert "auto_map" not in json.loads((tmp_path / "dense" / "config.json").read_text())
+    dense = AutoModelForCausalLM.from_pretrained(tmp_path / "dense", trust_remote_code=True)
+    want = output(lors_convert.load(tmp_path / "c.lors"))
+    assert (output(dense) - want).abs().max() <= 1e-4 * want.abs().max()

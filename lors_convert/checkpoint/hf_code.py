@@ -132,10 +132,31 @@ def write_hf_code(checkpoint_dir: str | Path) -> Path:
     return modeling
 
 
+def strip_hf_code(directory: Path) -> None:
+    """Take ``--hf-code`` out of side files copied into a dense model (``lors merge``): the modeling
+    file goes, and ``config.json`` loses the ``auto_map`` that names it."""
+    (directory / MODELING_NAME).unlink(missing_ok=True)
+    config_file = directory / "config.json"
+    if not config_file.is_file():
+        return
+    config = json.loads(config_file.read_text())
+    if isinstance(config, dict) and isinstance(config.get("auto_map"), dict):
+        refs = {
+            k: v
+            for k, v in config["auto_map"].items()
+            if not str(v).startswith(Path(MODELING_NAME).stem + ".")
+        }
+        if refs:
+            config["auto_map"] = refs
+        else:
+            del config["auto_map"]
+        _replace(config_file, json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
 def _replace(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(text)
     os.replace(tmp, path)
 
 
-__all__ = ["MODELING_NAME", "check_hf_code_source", "modeling_source", "write_hf_code"]
+__all__ = ["MODELING_NAME", "check_hf_code_source", "modeling_source", "strip_hf_code", "write_hf_code"]
