@@ -53,15 +53,17 @@ def timed(fn, repeat: int) -> float:
 def worker(kind: str, path: str, threads: int, repeat: int) -> dict:
     """Load one variant, time it, print its figures as one JSON line."""
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    import lors_convert
+    from lors_convert.checkpoint import load
     from lors_convert.counting import count_parameters
 
     torch.set_num_threads(threads)
+    with torch.device("meta"):  # every variant imports the same modules before the baseline
+        AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
     before = rss()
     if kind == "lors":
-        model = lors_convert.load(path)
+        model = load(path)
     else:
         model = AutoModelForCausalLM.from_pretrained(path, dtype="auto").eval()
     after_load = rss()
