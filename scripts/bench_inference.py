@@ -201,7 +201,8 @@ def main() -> None:
     variants = ensure_checkpoints(smollm2_dir(Path("/tmp/lors-smollm2")), args.cache, budgets)
     runs = measure(variants, args.rounds, args.threads, args.repeat)
     body = (
-        f"SmolLM2-135M-Instruct, float32, {args.threads} thread(s); LORS checkpoints from "
+        f"SmolLM2-135M-Instruct, float32, {args.threads} thread(s) "
+        f"(OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}); LORS checkpoints from "
         f"`lors convert --budget B` (calibrated on the shipped text), merged = budget {budgets[0]} merged "
         f"back to dense. Prefill: {PROMPT} tokens; decode: batch 1, {NEW} new tokens, greedy, KV cache. "
         f"Each variant in its own process, {args.rounds} interleaved rounds, medians; the machine was "
