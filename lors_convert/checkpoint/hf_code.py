@@ -21,11 +21,12 @@ from ..errors import LorsError, LorsUsageError
 from ..io.hf import is_hf_dir
 from ..layers import LorsConv1D, LorsConv2d, LorsLayer, LorsLinear, LorsModule, hf_conv1d_types, meta_clone
 from ..version import __version__
-from . import standalone
 from .reader import Checkpoint
 
 MODELING_NAME = "modeling_lors.py"
 LOADER_CLASS = "LorsModel"
+# copied as text: importing it here would import transformers for every checkpoint (lors merge)
+STANDALONE = Path(__file__).with_name("standalone.py")
 LAYERS = (LorsLinear, LorsConv1D, LorsConv2d)  # what the file can rebuild: static layers
 # the library's code the file runs, in dependency order
 PIECES = (compute_dtype, merge_weight, meta_clone, LorsModule, LorsLayer, hf_conv1d_types, *LAYERS)
@@ -80,9 +81,9 @@ def modeling_source() -> str:
     parts = [HEADER.format(version=__version__)]
     for piece in PIECES:
         parts.append(f"\n# --- {piece.__module__}.{piece.__qualname__}\n\n{inspect.getsource(piece)}")
-    loader = inspect.getsource(standalone)
+    loader = STANDALONE.read_text()
     loader = "\n".join(line for line in loader.splitlines() if line != "from __future__ import annotations")
-    parts.append(f"\n# --- {standalone.__name__}\n\n{loader}\n")
+    parts.append(f"\n# --- {__package__}.standalone\n\n{loader}\n")
     names = ", ".join(cls.__name__ for cls in LAYERS)
     parts.append(f"\n{LOADER_CLASS} = auto_loader(({names}))\n")
     return "".join(parts)
