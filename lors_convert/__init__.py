@@ -21,7 +21,7 @@ from .errors import LorsError, LorsUsageError
 from .version import __version__
 
 _API = {  # public name -> the module that defines it
-    "convert": ".conversion",
+    "convert": ".api",
     "merge": ".swap",
     "plan_conversion": ".discover.plan",
     "find_stacks": ".discover.stacks",

@@ -10,6 +10,7 @@ Layout (``lors_config.json`` documents every name)::
       report.json                  # the savings report
       config.json, tokenizer...    # copied from a Hugging Face source, written from a GGUF source's metadata
       gguf_metadata.gguf           # a GGUF source's key/values and tensors without a place in the model
+      modeling_lors.py             # --hf-code: transformers loads the checkpoint alone (config.json auto_map)
 
 Tensor names: every untouched tensor keeps its original name; for a converted parameter
 ``<member>.<owner>.weight`` the stack's shared matrix is stored once as

@@ -22,6 +22,7 @@ from ..io.gguf_model import METADATA_NAME, GGUFLayout
 from ..io.safetensors import SafetensorsFile, ShardedWriter, meta_like
 from ..layers import layer_class
 from .format import DEFAULT_SHARD_SIZE, dtype_name, merged_keys
+from .hf_code import strip_hf_code
 from .reader import Checkpoint
 
 FORMATS = ("hf", "gguf")
@@ -133,6 +134,7 @@ def merge_checkpoint(
             for name in ckpt.side_files():
                 if name != METADATA_NAME:  # a GGUF source's metadata: not part of a transformers directory
                     shutil.copy2(confined(ckpt.path, name, "side file"), tmp / name)
+            strip_hf_code(tmp)  # the dense model runs transformers' own code
     return out
 
 

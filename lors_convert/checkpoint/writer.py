@@ -8,7 +8,9 @@ converted in-memory model through the same writer, so both paths give the same f
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterable
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -18,8 +20,9 @@ from ..discover.plan import ParamPlan
 from ..errors import LorsError
 from ..fit import Fit
 from ..io.atomic import atomic_output
+from ..io.confine import confined
 from ..io.dist import Dist
-from ..io.safetensors import ShardedWriter, dump_json, meta_like
+from ..io.safetensors import INDEX_NAME, ShardedWriter, dump_json, meta_like
 from ..io.sources import SourceInfo
 from ..report import Report
 from .format import (
@@ -37,6 +40,28 @@ from .format import (
 )
 
 TensorSpec = tuple[tuple[int, ...], torch.dtype]
+
+
+@dataclass
+class Origin:
+    """What :func:`save` records for a model unless told otherwise: a loaded model's checkpoint
+    (``model.lors_origin``, set by ``load``), or what an in-memory conversion knew of its source."""
+
+    source: SourceInfo | None = None
+    manifest: dict | None = None
+    files_dir: Path | None = None  # the side files (config, tokenizer) are copied from here
+    report: Report | None = None
+
+    def saved_report(self) -> Report | None:
+        """The report saved again: its savings hold while the ranks do; its fidelity was measured on
+        the weights the model had when it was converted or last saved."""
+        if self.report is None or not self.report.quality or self.files_dir is None:
+            return self.report
+        note = (
+            f"the fidelity figures are those of {self.files_dir}, which this model was loaded from; "
+            "changes made to it since are not measured"
+        )
+        return replace(self.report, warnings=[*self.report.warnings, note])
 
 
 def checkpoint_order(stacks: list[dict], keys: Iterable[str]) -> list[str]:
@@ -136,18 +161,30 @@ def save(
     force: bool = False,
     max_shard_size: int | str = DEFAULT_SHARD_SIZE,
     files_dir: Path | None = None,
+    keep_files: bool = False,
 ) -> Path:
     """Write a converted model as a LORS checkpoint directory (atomically).
 
     ``manifest`` is the source's state-dict manifest (``source_manifest`` of the dense model,
     taken before conversion); without it it is reconstructed from the LORS layers. HF side files
-    come from ``files_dir`` or the source directory.
+    come from ``files_dir`` or the source directory. What is not given comes from
+    ``model.lors_origin`` (:class:`Origin`), so a loaded, fine-tuned model saves with its source,
+    manifest, side files and report. ``keep_files``: files of a replaced ``out`` that the
+    checkpoint does not write (a tokenizer saved there) are kept, weight files excepted.
     """
     stacks = model_stacks(model)
     if not stacks:
         raise LorsError("the model has no LORS layers: convert it first")
-    manifest = manifest or _manifest_from_lors(model, stacks)
-    source = source or SourceInfo(kind="module")
+    origin = getattr(model, "lors_origin", None) or Origin()
+    if files_dir is None and origin.files_dir is not None and not origin.files_dir.is_dir():
+        raise LorsError(
+            f"{origin.files_dir}, the checkpoint this model was loaded from, is gone: its side files "
+            "(config, tokenizer) cannot be copied; pass files_dir="
+        )
+    manifest = manifest or origin.manifest or _manifest_from_lors(model, stacks)
+    source = source or origin.source or SourceInfo(kind="module")
+    report = report or origin.saved_report()
+    files_dir = files_dir or origin.files_dir
     state = dedup_state(model.state_dict(keep_vars=True))
     state.update({BUFFER_PREFIX + k: v for k, v in nonpersistent_buffers(model).items()})
     out = Path(out)
@@ -163,7 +200,20 @@ def save(
         for key, t in state.items():
             writer.put_tensor(key, t)
         writer.close(report or Report(), files_dir)
+        if keep_files and out.is_dir():
+            _keep_files(out, tmp)
     return out
+
+
+def _keep_files(old: Path, new: Path) -> None:
+    """Copy the plain files of ``old`` that ``new`` lacks into it (not weights: they would be stale)."""
+    for f in old.iterdir():
+        name = f.name
+        if name.endswith(".safetensors") or name == INDEX_NAME or (new / name).exists():
+            continue
+        path = confined(old, name, "file")
+        if path.is_file() and not path.is_symlink():
+            shutil.copy2(path, new / name)
 
 
 def _manifest_from_lors(model: nn.Module, stacks: list[dict]) -> dict:

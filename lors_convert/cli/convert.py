@@ -138,6 +138,14 @@ DryRun = Annotated[bool, typer.Option("--dry-run", help="Print stacks and projec
 JsonOut = Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No tables or progress.")]
 Force = Annotated[bool, typer.Option("--force", help="Replace an existing output.")]
+HfCode = Annotated[
+    bool,
+    typer.Option(
+        "--hf-code",
+        help="Also write modeling_lors.py and config.json's auto_map: transformers loads the "
+        "checkpoint without lors (trust_remote_code=True runs that file).",
+    ),
+]
 
 
 @app.command()
@@ -172,6 +180,7 @@ def convert(
     json_out: JsonOut = False,
     quiet: Quiet = False,
     force: Force = False,
+    hf_code: HfCode = False,
 ) -> None:
     """Convert a dense model to a LORS checkpoint and print the savings report."""
     flags = dict(locals())
@@ -180,8 +189,12 @@ def convert(
         raise LorsUsageError("--heldout-fraction goes with --calibrate")
     out = output or default_output(src, ".lors")
     _check_output(out, (src, calibrate, heldout), force, dry_run)
+    from ..checkpoint.hf_code import check_hf_code_source, write_hf_code
     from ..convert_file import convert_file  # torch and transformers: only once the flags are known good
     from ..io.dist import Dist
+
+    if hf_code:
+        check_hf_code_source(src, options.adaptive)
 
     report = convert_file(
         src,
@@ -200,6 +213,8 @@ def convert(
         log=log_lines(quiet),
         **calibration,
     )
+    if hf_code and report is not None and not dry_run:
+        write_hf_code(out)
     if report is not None:  # None on torchrun ranks other than 0
         title = (
             f"LORS dry run of {src} (nothing written)" if dry_run else f"LORS conversion of {src} -> {out}"

@@ -55,9 +55,12 @@ class LorsModule(nn.Module):
 
 
 class LorsLayer(LorsModule):
-    """Static LORS base; subclasses implement ``forward`` without materializing ``W_s + B A``."""
+    """Static LORS base; subclasses implement ``forward`` without materializing ``W_s + B A``, except
+    a private-only layer whose product costs more than the dense one (:meth:`materialize`)."""
 
     dense_types: tuple[type, ...] = ()
+    materialized = False  # True: the forward multiplies by W_i = B_i A_i, formed once (formed_weight)
+    _formed: tuple | None = None  # (W_i, the factors' versions and addresses it was formed from)
 
     @classmethod
     def replaces(cls) -> tuple[type, ...]:
@@ -107,6 +110,31 @@ class LorsLayer(LorsModule):
         }
         dense.update({k: v for k, v in state.items() if k not in ("shared", "lors_A", "lors_B")})
         return dense
+
+    def factored_costs_more(self) -> bool:
+        """Whether ``(x A^T) B^T`` takes at least the multiply-adds of the dense product: a private-only
+        layer with ``k (d + h) >= d h``. A layer with a shared part computes ``x W_s^T`` as well and
+        keeps its fused forward."""
+        d, h = self.lors_B.shape[0], self.lors_A.shape[1]
+        return self.shared is None and self.total_rank * (d + h) >= d * h
+
+    def materialize(self) -> None:
+        """Run the forward through ``W_i = B_i A_i`` (formed now). The factors stay the parameters:
+        training, saving and merging see no difference."""
+        self.materialized = True
+        self.formed_weight()
+
+    def formed_weight(self) -> torch.Tensor:
+        """``W_i = B_i A_i`` (d, h) in the storage dtype: kept while the factors are unchanged (their
+        version counters and addresses), formed afresh and differentiable when autograd needs them."""
+        B, A = self.lors_B, self.lors_A
+        if torch.is_grad_enabled() and (B.requires_grad or A.requires_grad):
+            return B @ A  # (d, k) (k, h) -> (d, h)
+        key = (B._version, A._version, B.data_ptr(), A.data_ptr())
+        if self._formed is None or self._formed[1] != key:
+            with torch.no_grad():
+                self._formed = (B @ A, key)  # (d, h)
+        return self._formed[0]
 
     def delta_weight(self) -> torch.Tensor:
         """The private part ``B A`` as a matrix (d, h), float32."""

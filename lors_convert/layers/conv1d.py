@@ -32,6 +32,9 @@ class LorsConv1D(LorsLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out)
         rows = x.reshape(-1, x.shape[-1])  # (M, in)
+        if self.materialized:
+            y = torch.addmm(self.bias, rows, self.formed_weight())  # (M, in) (in, out) W_i = B_i A_i
+            return y.reshape(*x.shape[:-1], y.shape[-1])
         y = torch.addmm(self.bias, rows @ self.lors_B, self.lors_A)  # (M, k) -> (M, out)
         if self.shared is not None:
             y.addmm_(rows, self.shared)  # (M, out) += (M, in) (in, out)

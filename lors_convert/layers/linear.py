@@ -24,6 +24,8 @@ class LorsLinear(LorsLayer):
     dense_types = (nn.Linear,)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out)
+        if self.materialized:
+            return F.linear(x, self.formed_weight(), self.bias)  # (out, in) W_i = B_i A_i
         if self.shared is None:
             return F.linear(F.linear(x, self.lors_A), self.lors_B, self.bias)  # (..., k) -> (..., out)
         rows = x.reshape(-1, x.shape[-1])  # (M, in)
