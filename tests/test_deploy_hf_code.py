@@ -113,17 +113,17 @@ def test_the_modeling_file_is_the_library_layer_code():
 
 
 def test_hf_code_refuses_sources_transformers_cannot_build(tmp_path):
-    from tests.archs import StackedMLP
+    from tests.models import StackedMLP
 
     save_file(StackedMLP().state_dict(), str(tmp_path / "mlp.safetensors"))
     mlp = str(tmp_path / "mlp.safetensors")
     res = runner.invoke(
-        app, ["convert", mlp, "--arch", "tests.archs:StackedMLP", "--hf-code", "-o", str(tmp_path / "out")]
+        app, ["convert", mlp, "--arch", "tests.models:StackedMLP", "--hf-code", "-o", str(tmp_path / "out")]
     )
     assert res.exit_code == 2, res.output
     assert "--hf-code needs a Hugging Face directory or GGUF source" in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
-    run_ok("convert", mlp, "--arch", "tests.archs:StackedMLP", "-o", tmp_path / "m", "-q")
+    run_ok("convert", mlp, "--arch", "tests.models:StackedMLP", "-o", tmp_path / "m", "-q")
     with pytest.raises(lors_convert.LorsUsageError, match="needs a checkpoint of a transformers model"):
         write_hf_code(tmp_path / "m")
     assert not (tmp_path / "m" / MODELING_NAME).exists()
