@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from ..errors import LorsError, LorsUsageError, about
+from ..errors import LorsUsageError, about
 from .common import (
     app,
     console,
@@ -104,21 +104,72 @@ def merge(
         console().print(f"merged {path} -> {out}")
 
 
+def _heal_monitor(enabled: bool):
+    """A line on stderr every few seconds: phase, step, tokens, tokens/s, loss, latest held-out score."""
+    if not enabled:
+        return None
+    import time
+
+    last = [time.monotonic()]
+
+    def monitor(st) -> None:
+        now = time.monotonic()
+        if now - last[0] < 10.0 and st.fraction < 1.0:
+            return
+        last[0] = now
+        held = f", held-out score {st.heldout:.4g}" if st.heldout is not None else ""
+        typer.echo(
+            f"heal ({st.phase}): step {st.step}, {st.tokens:,} tokens, "
+            f"{st.tokens / max(st.seconds, 1e-9):.0f} tokens/s, loss {st.loss:.4g}{held}, "
+            f"{st.seconds / 60:.1f} min, {min(st.fraction, 1.0):.0%} done",
+            err=True,
+        )
+
+    return monitor
+
+
 @app.command()
 @handle_errors
 def heal(
     path: Path = typer.Argument(..., help="A LORS checkpoint directory."),
-    data: Path = typer.Option(
-        ..., "--data", help="Distillation inputs: text file or .safetensors/.pt tensors."
+    data: Path | None = typer.Option(
+        None,
+        "--data",
+        help="Inputs to heal on: a text file (one sample per line) or .safetensors/.pt tensors "
+        "[causal LMs: text the source writes; text encoders: lors's shipped text; others: required].",
     ),
-    heldout: Path | None = typer.Option(None, "--heldout", help="Held-out inputs for the fidelity report."),
+    generate: bool = typer.Option(
+        True,
+        "--generate/--no-generate",
+        help="Causal LMs: train on text the source model writes (cached beside the output), "
+        "besides --data; --no-generate trains on --data alone.",
+    ),
+    generated: int = typer.Option(32768, "--generated-tokens", help="Tokens of text the source writes."),
+    heldout: Path | None = typer.Option(
+        None, "--heldout", help="Held-out inputs for the fidelity report [the shipped probe text]."
+    ),
     heldout_fraction: float | None = typer.Option(
         None,
         "--heldout-fraction",
-        help="Share of --data held out for the fidelity report [0.2; 0 with --heldout].",
+        help="Models that do not generate: share of --data held out to keep the best state [0.2].",
     ),
-    steps: int = typer.Option(300, "--steps", help="Optimizer steps."),
-    lr: float = typer.Option(1e-3, "--lr", help="Learning rate (AdamW, warmup + cosine)."),
+    steps: int | None = typer.Option(
+        None, "--steps", help="Stop after N optimizer steps [300 without --tokens or --minutes]."
+    ),
+    tokens: int = typer.Option(0, "--tokens", help="Stop after training on N tokens (0: no limit)."),
+    minutes: float = typer.Option(
+        0.0, "--minutes", help="Stop after N minutes, text generation included (0: no limit)."
+    ),
+    lr: float = typer.Option(1e-4, "--lr", help="Peak learning rate (Adam, linear warm-up, cosine decay)."),
+    warmup: int | None = typer.Option(None, "--warmup", help="Warm-up steps [steps/20; 10 under a limit]."),
+    seq_len: int = typer.Option(256, "--seq-len", help="Causal LMs: tokens per packed window."),
+    batch_tokens: int = typer.Option(2048, "--batch-tokens", help="Causal LMs: tokens per step."),
+    local_share: float = typer.Option(
+        0.0, "--local-share", help="Share of the run spent on block-local distillation first."
+    ),
+    precision: str = typer.Option(
+        "fp32", "--precision", help="fp32, or bf16 (autocast, fp32 master weights)."
+    ),
     loss: str | None = typer.Option(
         None,
         "--loss",
@@ -138,8 +189,9 @@ def heal(
         None,
         "--synthetic",
         help="Share of steps on synthetic token inputs (a bigram chain over the data's "
-        "tokens) [0.75 for token data, else 0].",
+        "tokens) [0.75 for padded token data, else 0].",
     ),
+    seed: int = typer.Option(0, "--seed", help="Seed of the generated text and of the batch order."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
     output: Path | None = typer.Option(
         None, "--output", "-o", help="Healed checkpoint [<ckpt>.healed.lors]."
@@ -160,119 +212,52 @@ def heal(
     ),
 ) -> None:
     """Distill a LORS checkpoint towards its dense source; resumable (rerun the same command)."""
-    from .. import checkpoint as ck
-    from ..calibrate.data import has_tokenizer, read_calibration
-    from ..calibrate.fidelity import Reference, fidelity, fidelity_score, is_causal_lm
-    from ..heal import heal as run_heal
-    from ..io.atomic import check_not_input, check_output
-    from ..io.sources import SourceInfo, load_source
+    from ..heal.checkpoint import DataRequest, HealSettings, heal_checkpoint
 
-    if steps < 1 or lr <= 0:
-        raise LorsUsageError("--steps must be >= 1 and --lr > 0")
+    if (steps is not None and steps < 1) or lr <= 0 or tokens < 0 or minutes < 0:
+        raise LorsUsageError("--steps must be >= 1, --lr > 0, --tokens and --minutes >= 0")
     if match not in ("output", "layers"):
         raise LorsUsageError(f"--match must be output or layers, got {match!r}")
     if synthetic is not None and not 0.0 <= synthetic <= 1.0:
         raise LorsUsageError(f"--synthetic must be a share of the steps in [0, 1], got {synthetic}")
     if eval_every is not None and eval_every < 1:
         raise LorsUsageError(f"--eval-every must be >= 1, got {eval_every}")
-    ckpt = ck.Checkpoint(path)
-    out = output or default_output(path, ".healed.lors")
-    src = ckpt.source
-    for given in (path, data, heldout, src.get("path")):  # never replace an input, even with --force
-        if given:
-            check_not_input(out, Path(given))
-    check_output(out, force)
-    if not src.get("path") or not Path(src["path"]).exists():
-        raise LorsError(
-            f"{path}: healing needs the dense source {src.get('path')!r} as teacher, and it is not there"
-        )
-    recorded_arch = arch or (src.get("arch") if src.get("kind") == "state_dict" and trust_arch else None)
-    if src.get("kind") == "state_dict" and recorded_arch is None:
-        raise LorsUsageError(
-            f"{path}: pass --arch {src.get('arch')} (or --trust-arch) to rebuild the teacher"
-        )
-    teacher, _ = load_source(src["path"], arch=recorded_arch, trust_pickle=trust_pickle)
-    student = ck.load(path, arch=recorded_arch, trust_pickle=trust_pickle)
-    report = ckpt.report()  # read (and checked) before any work: a broken report.json fails here
-    info = SourceInfo(
-        kind=src["kind"],
-        path=src.get("path"),
-        arch=src.get("arch"),
-        sha256=src.get("sha256"),
-        files=ckpt.side_files() if src.get("kind") in ("hf", "gguf") else [],
-    )
-    data_set = read_calibration(
-        data,
-        path if has_tokenizer(path) else Path(info.path or ""),
-        info.kind in ("hf", "gguf"),
-        heldout,
-        heldout_fraction,
-    )
-    reference = Reference(teacher, data_set.heldout) if data_set.heldout else None
-    with about(data_set.heldout_origin):
-        before = fidelity(student, reference) if reference is not None else {}
-    loss = loss or ("kl" if is_causal_lm(teacher) else "mse")
-    state_file = out.parent / f".{out.name}.heal-state.pt"  # resumable across interruptions
-    bar = make_progress(not (quiet or json_out))
-    callback = None
-    if bar is not None:
-        ticks = bar(iter(range(steps)), steps, "healing")
+    if heldout_fraction is not None or heldout is not None:
+        from ..calibrate.data import resolve_heldout
 
-        def callback(step, total, value):
-            next(ticks, None)
-
-    evaluate = (lambda: fidelity_score(fidelity(student, reference))) if reference is not None else None
-    result = run_heal(
-        student,
-        teacher,
-        data_set.calibration,
+        resolve_heldout(heldout_fraction, heldout)
+    steps = steps if steps is not None else (0 if tokens or minutes else 300)
+    settings = HealSettings(
         steps=steps,
+        tokens=tokens,
+        minutes=minutes,
         lr=lr,
+        warmup=warmup,
         loss=loss,
         trainable=trainable,
-        checkpoint_path=state_file,
-        progress=callback,
-        device=device,
         match=match,
         synthetic=synthetic,
-        evaluate=evaluate,
-        eval_every=eval_every or max(1, steps // 10),
+        local_share=local_share,
+        precision=precision,
+        seed=seed,
+        eval_every=eval_every or (max(1, steps // 10) if steps else 0),
+        eval_seconds=0.0 if steps else 120.0,
+        device=device,
         restart=force,
-        data_name=str(data),
     )
-    student = student.to("cpu")
-    report.quality.update({f"before_heal_{k}": v for k, v in before.items()})
-    if reference is not None:
-        report.quality.update(fidelity(student, reference))
-    summary = data_set.summary()
-    report.quality.update(
-        {
-            "heal_data": summary["calibration_data"],
-            "heal_samples": summary["calibration_samples"],
-            "heal_heldout_data": summary["heldout_data"],
-        }
+    request = DataRequest(data, generate, generated, seq_len, batch_tokens, seed, heldout_fraction)
+    talk = not (quiet or json_out)
+    report, out = heal_checkpoint(
+        path,
+        output,
+        settings=settings,
+        request=request,
+        heldout=heldout,
+        arch=arch,
+        trust_arch=trust_arch,
+        trust_pickle=trust_pickle,
+        force=force,
+        monitor=_heal_monitor(talk),
+        log=(lambda line: typer.echo(line, err=True)) if talk else None,
     )
-    report.quality.update(
-        {
-            "heal_steps": result.steps,
-            "heal_synthetic": result.synthetic,
-            "heal_loss": loss,
-            "heal_final_loss": result.history[-1]["loss"] if result.history else None,
-            "heal_best_step": result.best_step,
-            "heal_evaluations": result.evaluations,
-        }
-    )
-    if reference is None:
-        report.warnings.append(
-            "heal: no held-out inputs, so fidelity was not measured and the last state is kept; "
-            "give --heldout FILE (or more --data lines: 20% are held out)"
-        )
-    elif result.best_step == result.resumed_from:
-        report.warnings.append(
-            f"heal: no step improved held-out fidelity over the start (score "
-            f"{result.evaluations[0]['score']:.4f}, best of {len(result.evaluations)} "
-            "measurements): the model is kept as it was; try a lower --lr or more --data"
-        )
-    ck.save(student, out, report=report, source=info, manifest=ckpt.manifest, force=force, files_dir=path)
-    state_file.unlink(missing_ok=True)
     show(report, json_out, quiet, title=f"LORS heal of {path} -> {out}")
