@@ -28,7 +28,10 @@ from torch import nn
 from ..errors import LorsError
 from .batches import model_device
 
-CHUNK = 8  # sequences generated together (one KV cache)
+CHUNK = 32  # sequences generated together (one KV cache)
+# decoding is a chain of small products whose threads wait on each other at every one: on CPU it runs
+# on one thread (docs/healing.md has the measurement)
+DECODE_THREADS = 1
 GREEDY = 3  # tokens after the first chosen greedily, before sampling
 RECIPE = 1  # bumped when the recipe changes: a cache of another recipe is not reused
 
@@ -121,8 +124,10 @@ def generate_corpus(
     rows = rows[: len(rows) - len(rows) % CHUNK]  # whole chunks only
     if len(rows) >= n_sequences:
         return rows[:n_sequences]
-    was_training = model.training
+    was_training, threads = model.training, torch.get_num_threads()
     model.eval()
+    if model_device(model).type == "cpu":
+        torch.set_num_threads(DECODE_THREADS)
     starts = word_like_ids(tokenizer, _vocab_size(model, tokenizer))
     try:
         while len(rows) < n_sequences:
@@ -136,6 +141,7 @@ def generate_corpus(
                 progress(min(len(rows), n_sequences), n_sequences)
     finally:
         model.train(was_training)
+        torch.set_num_threads(threads)
     return rows[:n_sequences]
 
 

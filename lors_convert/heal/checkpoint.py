@@ -58,6 +58,15 @@ def _probes(report: Report, teacher, tokenizer_dir: Path | None, heldout: Path |
     return Reference(teacher, probe.batches, probe.label, probe.synthetic), probe
 
 
+def _scored(quality: dict) -> dict:
+    """The score that chooses the best state, with the figures behind it (the curve in the report)."""
+    kept = ("ppl_ratio", "kl", "top1", "cosine", "rel_error")
+    return {
+        "score": fidelity_score(quality),
+        **{k: quality.get(f"heldout_{k}") for k in kept if f"heldout_{k}" in quality},
+    }
+
+
 def _before(report: Report, student, reference: Reference, probe) -> dict:
     """The student's fidelity now: the conversion's own figures when they were taken on these probes."""
     q = report.quality
@@ -148,7 +157,7 @@ def heal_checkpoint(
     reference, probe = _probes(report, teacher, tok_dir, heldout)
     before = _before(report, student, reference, probe) if reference is not None else {}
     choose = Reference(teacher, data.heldout, "held-out heal inputs") if data.heldout else None
-    evaluate = (lambda: fidelity_score(fidelity(student, choose))) if choose is not None else None
+    evaluate = (lambda: _scored(fidelity(student, choose))) if choose is not None else None
     s = settings
     if causal:  # packed windows of real text: no bigram-chain inputs unless asked for
         s = dataclasses.replace(s, loss=s.loss or "kl", synthetic=s.synthetic or 0.0)

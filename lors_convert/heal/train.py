@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from torch import nn
@@ -85,10 +85,11 @@ class _Run:
         self.last_eval = (self.p.step, time.perf_counter())
         if evaluate is None:
             return
-        score = float(evaluate())
-        p = self.p
+        value, p = evaluate(), self.p
+        extra = {k: v for k, v in value.items() if k != "score"} if isinstance(value, Mapping) else {}
+        score = float(value["score"] if isinstance(value, Mapping) else value)
         self.result.evaluations.append(
-            {"step": p.step, "tokens": p.tokens, "seconds": round(p.elapsed(), 1), "score": score}
+            {"step": p.step, "tokens": p.tokens, "seconds": round(p.elapsed(), 1), "score": score, **extra}
         )
         self.t.remember(score, p.step)
 
