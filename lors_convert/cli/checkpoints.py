@@ -160,10 +160,12 @@ def heal(
     minutes: float = typer.Option(
         0.0, "--minutes", help="Stop after N minutes, text generation included (0: no limit)."
     ),
-    lr: float = typer.Option(1e-4, "--lr", help="Peak learning rate (Adam, linear warm-up, cosine decay)."),
+    lr: float | None = typer.Option(
+        None, "--lr", help="Peak learning rate (Adam, linear warm-up, cosine decay) [1e-4 for kl, else 1e-3]."
+    ),
     warmup: int | None = typer.Option(None, "--warmup", help="Warm-up steps [steps/20; 10 under a limit]."),
     seq_len: int = typer.Option(256, "--seq-len", help="Causal LMs: tokens per packed window."),
-    batch_tokens: int = typer.Option(2048, "--batch-tokens", help="Causal LMs: tokens per step."),
+    batch_tokens: int = typer.Option(512, "--batch-tokens", help="Causal LMs: tokens per step."),
     local_share: float = typer.Option(
         0.0, "--local-share", help="Share of the run spent on block-local distillation first."
     ),
@@ -214,7 +216,7 @@ def heal(
     """Distill a LORS checkpoint towards its dense source; resumable (rerun the same command)."""
     from ..heal.checkpoint import DataRequest, HealSettings, heal_checkpoint
 
-    if (steps is not None and steps < 1) or lr <= 0 or tokens < 0 or minutes < 0:
+    if (steps is not None and steps < 1) or (lr is not None and lr <= 0) or tokens < 0 or minutes < 0:
         raise LorsUsageError("--steps must be >= 1, --lr > 0, --tokens and --minutes >= 0")
     if match not in ("output", "layers"):
         raise LorsUsageError(f"--match must be output or layers, got {match!r}")

@@ -82,6 +82,7 @@ def _record(report: Report, before: dict, after: dict, result: HealResult, data:
     q.update(after)
     q.update(
         heal_data=data.sources,
+        heal_samples=data.samples,
         heal_tokens=result.tokens,
         heal_steps=result.steps,
         heal_local_steps=result.local_steps,

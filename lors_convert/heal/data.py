@@ -31,6 +31,7 @@ class HealData:
     tokens: int = 0  # tokens in the batches (one epoch)
     generated_tokens: int = 0
     data_file: str | None = None
+    samples: int = 0  # windows (causal LMs) or samples (other models) in the batches
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,7 @@ class DataRequest:
     generate: bool = True  # causal LMs: train on text the source writes (with --data: as well)
     generated_tokens: int = 32_768
     seq_len: int = 256
-    batch_tokens: int = 2_048
+    batch_tokens: int = 512
     seed: int = 0
     heldout_fraction: float | None = None  # of --data, for models that do not generate
 
@@ -74,6 +75,7 @@ def lm_data(teacher, tokenizer, req: DataRequest, cache_dir: Path, model_key: st
         packed.tokens,
         n_gen * req.seq_len,
         str(req.data) if req.data else None,
+        int(packed.windows.shape[0]),
     )
 
 
@@ -87,7 +89,7 @@ def input_data(req: DataRequest, tokenizer_dir: Path, text_model: bool, heldout:
     got: CalibrationData = read_calibration(data, tokenizer_dir, text_model, heldout, req.heldout_fraction)
     summary = got.summary()
     sources = [f"{summary['calibration_data']} ({summary['calibration_samples']} samples)"]
-    return HealData(got.calibration, got.heldout, sources, 0, 0, str(data))
+    return HealData(got.calibration, got.heldout, sources, 0, 0, str(data), got.n_calibration)
 
 
 def _announce(log, what: str):

@@ -18,6 +18,8 @@ from ..errors import LorsUsageError
 from ..options import LOSSES, MATCHES
 
 PRECISIONS = ("fp32", "bf16")
+LR_KL = 1e-4  # next-token KL of a causal LM (docs/healing.md: 1e-3 undid SmolLM2's calibration)
+LR_OUTPUT = 1e-3  # output MSE of encoders and other models (docs/calibration.md, MiniLM)
 
 
 @dataclass(frozen=True)
@@ -25,7 +27,7 @@ class HealSettings:
     steps: int = 300
     tokens: int = 0  # stop after this many tokens trained on (0: no token limit)
     minutes: float = 0.0  # stop after this much wall time (0: no time limit)
-    lr: float = 1e-4
+    lr: float | None = None  # peak learning rate [LR_KL for the kl loss, else LR_OUTPUT]
     warmup: int | None = None  # steps of linear warm-up [steps/20, at least 1; 10 under a token/time limit]
     weight_decay: float = 0.0
     loss: str | None = None  # the global phase's: mse, cosine, pooled_cosine (outputs), kl (logits) [mse]
@@ -53,7 +55,7 @@ class HealSettings:
             raise LorsUsageError(f"trainable must be 'lors' or 'all', got {self.trainable!r}")
         if self.precision not in PRECISIONS:
             raise LorsUsageError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
-        if self.steps < 0 or self.tokens < 0 or self.minutes < 0 or self.lr <= 0:
+        if self.steps < 0 or self.tokens < 0 or self.minutes < 0 or (self.lr is not None and self.lr <= 0):
             raise LorsUsageError("steps, tokens and minutes must be >= 0 and lr > 0")
         if self.synthetic is not None and not 0.0 <= self.synthetic <= 1.0:
             raise LorsUsageError(f"synthetic must be a share of the steps in [0, 1], got {self.synthetic!r}")
@@ -75,4 +77,4 @@ class HealSettings:
 
 SETTING_NAMES = tuple(f.name for f in fields(HealSettings))
 
-__all__ = ["HealSettings", "PRECISIONS", "SETTING_NAMES"]
+__all__ = ["HealSettings", "PRECISIONS", "SETTING_NAMES", "LR_KL", "LR_OUTPUT"]
