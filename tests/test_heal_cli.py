@@ -29,15 +29,16 @@ def _heal(ckpt, out, *flags):
 def test_heal_of_a_causal_lm_needs_no_data(converted, tmp_path):
     q, res = _heal(converted, tmp_path / "h.lors", "--steps", "6", "--generated-tokens", "512")
     assert q["heal_steps"] == 6 and q["heal_tokens"] == 6 * 32  # two 16-token windows a step
-    assert q["heal_data"] == ["512 tokens written by the source model (seed 0)"] and q["heal_loss"] == "kl"
+    n = (CHUNK - 4) * 16  # whole chunks of 16-token sequences, 4 of them held out
+    assert q["heal_data"] == [f"{n} tokens written by the source model (seed 0)"] and q["heal_loss"] == "kl"
     assert q["heal_synthetic"] == 0.0
     assert [e["step"] for e in q["heal_evaluations"]] == [0, 1, 2, 3, 4, 5, 6]  # --eval-every steps/10
     assert all("ppl_ratio" in e for e in q["heal_evaluations"])
     assert q["before_heal_heldout_probe"] == q["heldout_probe"] and "ppl_ratio" in json.dumps(q)
     cached = sorted(tmp_path.glob(".lors-generated-*.json"))
-    assert len(cached) == 2  # the training text and the held-out text (another seed)
-    rows = sorted(len(json.loads(p.read_text())["sequences"]) for p in cached)
-    assert rows == [CHUNK, CHUNK]  # whole chunks: 512 tokens / 16 need 32 sequences, 4 windows held out
+    assert len(cached) == 1  # the training text and, after it, the held-out windows
+    rows = json.loads(cached[0].read_text())["sequences"]
+    assert len(rows) == CHUNK  # one whole chunk: 60 windows to train on, 4 held out
     assert not any(w.startswith("poor fidelity on") for w in json.loads(res.stdout)["warnings"])
     assert not (tmp_path / ".h.lors.heal-state.pt").exists()
 

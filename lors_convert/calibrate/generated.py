@@ -28,7 +28,7 @@ from torch import nn
 from ..errors import LorsError
 from .batches import model_device
 
-CHUNK = 32  # sequences generated together (one KV cache)
+CHUNK = 64  # sequences generated together (one KV cache)
 # decoding is a chain of small products whose threads wait on each other at every one: on CPU it runs
 # on one thread (docs/healing.md has the measurement)
 DECODE_THREADS = 1

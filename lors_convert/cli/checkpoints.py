@@ -144,7 +144,7 @@ def heal(
         help="Causal LMs: train on text the source model writes (cached beside the output), "
         "besides --data; --no-generate trains on --data alone.",
     ),
-    generated: int = typer.Option(32768, "--generated-tokens", help="Tokens of text the source writes."),
+    generated: int = typer.Option(16384, "--generated-tokens", help="Tokens of text the source writes."),
     heldout: Path | None = typer.Option(
         None, "--heldout", help="Held-out inputs for the fidelity report [the shipped probe text]."
     ),

@@ -3,7 +3,7 @@
 - causal LMs: text the source model writes (:func:`lors_convert.calibrate.generated.generate_corpus`,
   cached next to the output), plus the ``--data`` text unless generation is off, packed into windows
   of ``seq_len`` tokens and batches of ``batch_tokens`` (:mod:`lors_convert.heal.packing`); the best
-  state is chosen on further generated windows (another seed), never on the probe text;
+  state is chosen on further generated windows, never trained on, never on the probe text;
 - other models: the ``--data`` inputs (text encoders: lors's shipped calibration text when none is
   given) as padded batches, a share of them held out to choose the best state.
 """
@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ..calibrate.batches import Batch
 from ..calibrate.data import CalibrationData, read_calibration, read_texts
-from ..calibrate.generated import generate_corpus
+from ..calibrate.generated import CHUNK, generate_corpus
 from ..calibrate.probes import CALIBRATION_TEXT
 from ..errors import LorsUsageError
 from .packing import pack, window_batches
@@ -38,7 +38,7 @@ class HealData:
 class DataRequest:
     data: Path | None = None  # --data
     generate: bool = True  # causal LMs: train on text the source writes (with --data: as well)
-    generated_tokens: int = 32_768
+    generated_tokens: int = 16_384
     seq_len: int = 256
     batch_tokens: int = 512
     seed: int = 0
@@ -52,12 +52,14 @@ def lm_data(teacher, tokenizer, req: DataRequest, cache_dir: Path, model_key: st
     rows: list[list[int]] = []
     sources = []
     n_gen = -(-req.generated_tokens // req.seq_len) if req.generate else 0
-    heldout_rows = generate_corpus(
-        teacher, tokenizer, HELDOUT_WINDOWS, req.seq_len, req.seed + 1, cache_dir, model_key
+    if n_gen:  # whole chunks of generated sequences, the nearest to the tokens asked for
+        n_gen = max(1, round((n_gen + HELDOUT_WINDOWS) / CHUNK)) * CHUNK - HELDOUT_WINDOWS
+    done = _announce(log, "generating text with the source model")
+    written = generate_corpus(
+        teacher, tokenizer, n_gen + HELDOUT_WINDOWS, req.seq_len, req.seed, cache_dir, model_key, done
     )
+    rows, heldout_rows = written[:n_gen], written[n_gen:]  # the last windows are held out
     if n_gen:
-        done = _announce(log, "generating text with the source model")
-        rows += generate_corpus(teacher, tokenizer, n_gen, req.seq_len, req.seed, cache_dir, model_key, done)
         sources.append(f"{n_gen * req.seq_len} tokens written by the source model (seed {req.seed})")
     if req.data is not None:
         texts = read_texts(req.data)
