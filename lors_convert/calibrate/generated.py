@@ -29,9 +29,6 @@ from ..errors import LorsError
 from .batches import model_device
 
 CHUNK = 64  # sequences generated together (one KV cache)
-# decoding is a chain of small products whose threads wait on each other at every one: on CPU it runs
-# on one thread (docs/healing.md has the measurement)
-DECODE_THREADS = 1
 GREEDY = 3  # tokens after the first chosen greedily, before sampling
 RECIPE = 1  # bumped when the recipe changes: a cache of another recipe is not reused
 
@@ -124,10 +121,8 @@ def generate_corpus(
     rows = rows[: len(rows) - len(rows) % CHUNK]  # whole chunks only
     if len(rows) >= n_sequences:
         return rows[:n_sequences]
-    was_training, threads = model.training, torch.get_num_threads()
+    was_training = model.training
     model.eval()
-    if model_device(model).type == "cpu":
-        torch.set_num_threads(DECODE_THREADS)
     starts = word_like_ids(tokenizer, _vocab_size(model, tokenizer))
     try:
         while len(rows) < n_sequences:
@@ -141,7 +136,6 @@ def generate_corpus(
                 progress(min(len(rows), n_sequences), n_sequences)
     finally:
         model.train(was_training)
-        torch.set_num_threads(threads)
     return rows[:n_sequences]
 
 
