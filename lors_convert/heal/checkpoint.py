@@ -24,7 +24,7 @@ from ..io.atomic import check_not_input, check_output
 from ..io.sources import SourceInfo, load_source
 from ..report import Report
 from .data import DataRequest, HealData, input_data, lm_data
-from .settings import HealSettings
+from .settings import HealSettings, bf16_pays
 from .train import HealResult, HealStatus, heal
 
 POOR_AFTER = "after healing, still"
@@ -162,6 +162,8 @@ def heal_checkpoint(
     s = settings
     if causal:  # packed windows of real text: no bigram-chain inputs unless asked for
         s = dataclasses.replace(s, loss=s.loss or "kl", synthetic=s.synthetic or 0.0)
+    if s.precision == "auto":
+        s = dataclasses.replace(s, precision="bf16" if bf16_pays(s.device) else "fp32")
     if s.minutes:
         left = s.minutes - (time.perf_counter() - started) / 60.0
         s = dataclasses.replace(s, minutes=max(left, 1e-3))

@@ -31,7 +31,7 @@ from ..errors import LorsUsageError
 from ..layers import LorsModule
 from .blocks import local_backward
 from .objective import GlobalObjective, stack_members
-from .settings import LR_KL, LR_OUTPUT, HealSettings
+from .settings import LR_KL, LR_OUTPUT, HealSettings, bf16_pays
 from .synthetic import BigramChain, is_token_batch
 
 SYNTHETIC_DEFAULT = 0.75  # share of synthetic steps for padded token data (docs/healing.md)
@@ -129,6 +129,8 @@ def resolve(settings: HealSettings | None, changes: dict, batches: list) -> Heal
         raise LorsUsageError("healing needs at least one batch of inputs")
     if s.loss is None:
         s = dataclasses.replace(s, loss="mse")
+    if s.precision == "auto":
+        s = dataclasses.replace(s, precision="bf16" if bf16_pays(s.device) else "fp32")
     if s.lr is None:
         s = dataclasses.replace(s, lr=LR_KL if s.loss == "kl" else LR_OUTPUT)
     if s.synthetic is None:
