@@ -108,6 +108,18 @@ def _record(report: Report, before: dict, after: dict, result: HealResult, data:
         )
 
 
+def _settle(s: HealSettings, causal: bool, started: float) -> HealSettings:
+    """The settings of this run: the loss and precision chosen, the time left of ``minutes``."""
+    if causal:  # packed windows of real text: no bigram-chain inputs unless asked for
+        s = dataclasses.replace(s, loss=s.loss or "kl", synthetic=s.synthetic or 0.0)
+    if s.precision == "auto":
+        s = dataclasses.replace(s, precision="bf16" if bf16_pays(s.device) else "fp32")
+    if s.minutes:
+        left = s.minutes - (time.perf_counter() - started) / 60.0
+        s = dataclasses.replace(s, minutes=max(left, 1e-3))
+    return s
+
+
 def heal_checkpoint(
     path: str | Path,
     output: str | Path | None = None,
@@ -150,6 +162,8 @@ def heal_checkpoint(
     tok_dir = path if has_tokenizer(path) else Path(info.path or "")
     tok_dir = tok_dir if has_tokenizer(tok_dir) else None
     causal = is_causal_lm(teacher) and tok_dir is not None
+    if settings.device is not None:
+        teacher.to(settings.device)  # the text is generated where the teacher will run
     if causal:
         tokenizer = load_tokenizer(tok_dir)
         data = lm_data(teacher, tokenizer, request, out.parent, info.sha256 or str(info.path), log)
@@ -159,14 +173,7 @@ def heal_checkpoint(
     before = _before(report, student, reference, probe) if reference is not None else {}
     choose = Reference(teacher, data.heldout, "held-out heal inputs") if data.heldout else None
     evaluate = (lambda: _scored(fidelity(student, choose))) if choose is not None else None
-    s = settings
-    if causal:  # packed windows of real text: no bigram-chain inputs unless asked for
-        s = dataclasses.replace(s, loss=s.loss or "kl", synthetic=s.synthetic or 0.0)
-    if s.precision == "auto":
-        s = dataclasses.replace(s, precision="bf16" if bf16_pays(s.device) else "fp32")
-    if s.minutes:
-        left = s.minutes - (time.perf_counter() - started) / 60.0
-        s = dataclasses.replace(s, minutes=max(left, 1e-3))
+    s = _settle(settings, causal, started)
     state_file = out.parent / f".{out.name}.heal-state.pt"
     result = heal(
         student,
