@@ -33,8 +33,8 @@ def lors(*args) -> list[str]:
     return [sys.executable, "-m", "lors_convert", *map(str, args)]
 
 
-def checkpoint(src: Path, budget: float, work: Path, name: str) -> tuple[Path, dict]:
-    out = work / f"{name}-{budget}.lors"
+def checkpoint(src: Path, budget: float, work: Path, name: str, given: Path | None) -> tuple[Path, dict]:
+    out = given or work / f"{name}-{budget}.lors"
     if not (out / "report.json").is_file():
         seconds, peak, _ = run_measured(
             lors("convert", src, "--budget", budget, "-o", out, "--json", "-q"), ROOT
@@ -86,12 +86,13 @@ def main() -> None:
     p.add_argument("--budget", type=float, default=0.7)
     p.add_argument("--minutes", type=float, default=30.0)
     p.add_argument("--work", type=Path, default=Path("/tmp/heal-bench"))
+    p.add_argument("--checkpoint", type=Path, default=None, help="an existing conversion at --budget")
     p.add_argument("--compare-precision", type=int, default=0, metavar="TOKENS")
     p.add_argument("--heal-args", default="", help="more lors heal flags, e.g. '--lr 3e-4'")
     args = p.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     src = (smollm2_dir if args.model == "smollm2" else minilm_dir)(Path("/tmp/lors-smollm2"))
-    ckpt, converted = checkpoint(src, args.budget, args.work, args.model)
+    ckpt, converted = checkpoint(src, args.budget, args.work, args.model, args.checkpoint)
     flags = args.heal_args.split()
     prec = precision_rows(ckpt, args.work, args.compare_precision, flags) if args.compare_precision else []
     r = heal(ckpt, args.work / f"{args.model}-{args.budget}.healed.lors", "--minutes", args.minutes, *flags)
