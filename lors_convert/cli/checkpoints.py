@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
-from ..errors import LorsError, LorsUsageError, about
+from ..errors import LorsUsageError, about
 from .common import (
     app,
     console,
@@ -104,176 +105,232 @@ def merge(
         console().print(f"merged {path} -> {out}")
 
 
-@app.command()
-@handle_errors
-def heal(
-    path: Path = typer.Argument(..., help="A LORS checkpoint directory."),
-    data: Path = typer.Option(
-        ..., "--data", help="Distillation inputs: text file or .safetensors/.pt tensors."
+def _heal_monitor(enabled: bool):
+    """A line on stderr every few seconds: phase, step, tokens, tokens/s, loss, latest held-out score."""
+    if not enabled:
+        return None
+    import time
+
+    last = [time.monotonic()]
+
+    def monitor(st) -> None:
+        now = time.monotonic()
+        if now - last[0] < 10.0 and st.fraction < 1.0:
+            return
+        last[0] = now
+        held = f", held-out score {st.heldout:.4g}" if st.heldout is not None else ""
+        typer.echo(
+            f"heal ({st.phase}): step {st.step}, {st.tokens:,} tokens, "
+            f"{st.tokens / max(st.seconds, 1e-9):.0f} tokens/s, loss {st.loss:.4g}{held}, "
+            f"{st.seconds / 60:.1f} min, {min(st.fraction, 1.0):.0%} done",
+            err=True,
+        )
+
+    return monitor
+
+
+# lors heal's flags
+HealPath = Annotated[Path, typer.Argument(help="A LORS checkpoint directory.")]
+HealData = Annotated[
+    Path | None,
+    typer.Option(
+        "--data",
+        help="Inputs to heal on: a text file (one sample per line) or .safetensors/.pt tensors "
+        "[causal LMs: text the source writes; text encoders: lors's shipped text; others: required].",
     ),
-    heldout: Path | None = typer.Option(None, "--heldout", help="Held-out inputs for the fidelity report."),
-    heldout_fraction: float | None = typer.Option(
-        None,
+]
+HealGenerate = Annotated[
+    bool,
+    typer.Option(
+        "--generate/--no-generate",
+        help="Causal LMs: train on text the source model writes (cached beside the output), "
+        "besides --data; --no-generate trains on --data alone.",
+    ),
+]
+HealGenerated = Annotated[int, typer.Option("--generated-tokens", help="Tokens of text the source writes.")]
+HealHeldout = Annotated[
+    Path | None,
+    typer.Option("--heldout", help="Held-out inputs for the fidelity report [the shipped probe text]."),
+]
+HealHeldoutFraction = Annotated[
+    float | None,
+    typer.Option(
         "--heldout-fraction",
-        help="Share of --data held out for the fidelity report [0.2; 0 with --heldout].",
+        help="Models that do not generate: share of --data held out to keep the best state [0.2].",
     ),
-    steps: int = typer.Option(300, "--steps", help="Optimizer steps."),
-    lr: float = typer.Option(1e-3, "--lr", help="Learning rate (AdamW, warmup + cosine)."),
-    loss: str | None = typer.Option(
-        None,
+]
+HealSteps = Annotated[
+    int | None,
+    typer.Option("--steps", help="Stop after N optimizer steps [300 without --tokens or --minutes]."),
+]
+HealTokens = Annotated[int, typer.Option("--tokens", help="Stop after training on N tokens (0: no limit).")]
+HealMinutes = Annotated[
+    float, typer.Option("--minutes", help="Stop after N minutes, text generation included (0: no limit).")
+]
+HealLr = Annotated[
+    float | None,
+    typer.Option(
+        "--lr", help="Peak learning rate (Adam, linear warm-up, cosine decay) [1e-4 for kl, else 1e-3]."
+    ),
+]
+HealWarmup = Annotated[
+    int | None, typer.Option("--warmup", help="Warm-up steps [steps/20; 10 under a limit].")
+]
+HealSeqLen = Annotated[int, typer.Option("--seq-len", help="Causal LMs: tokens per packed window.")]
+HealBatchTokens = Annotated[int, typer.Option("--batch-tokens", help="Causal LMs: tokens per step.")]
+HealLocalShare = Annotated[
+    float, typer.Option("--local-share", help="Share of the run spent on block-local distillation first.")
+]
+HealPrecision = Annotated[
+    str, typer.Option("--precision", help="fp32, or bf16 (autocast, fp32 master weights).")
+]
+HealLoss = Annotated[
+    str | None,
+    typer.Option(
         "--loss",
         help="mse, cosine or pooled_cosine (on the last hidden "
         "state), or kl (on next-token logits) [kl for causal LMs, else mse].",
     ),
-    eval_every: int | None = typer.Option(
-        None,
+]
+HealEvalEvery = Annotated[
+    int | None,
+    typer.Option(
         "--eval-every",
         help="Measure held-out fidelity every N steps and keep the best state [steps/10].",
     ),
-    match: str = typer.Option(
-        "output", "--match", help="output (the model's) or layers (also every stacked block's)."
-    ),
-    trainable: str = typer.Option("lors", "--train", help="lors (shared + factors) or all parameters."),
-    synthetic: float | None = typer.Option(
-        None,
+]
+HealMatch = Annotated[
+    str, typer.Option("--match", help="output (the model's) or layers (also every stacked block's).")
+]
+HealTrainable = Annotated[str, typer.Option("--train", help="lors (shared + factors) or all parameters.")]
+HealSynthetic = Annotated[
+    float | None,
+    typer.Option(
         "--synthetic",
         help="Share of steps on synthetic token inputs (a bigram chain over the data's "
-        "tokens) [0.75 for token data, else 0].",
+        "tokens) [0.75 for padded token data, else 0].",
     ),
-    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
-    output: Path | None = typer.Option(
-        None, "--output", "-o", help="Healed checkpoint [<ckpt>.healed.lors]."
+]
+HealSeed = Annotated[int, typer.Option("--seed", help="Seed of the generated text and of the batch order.")]
+HealDevice = Annotated[str, typer.Option("--device", help="cpu or cuda.")]
+HealOutput = Annotated[
+    Path | None, typer.Option("--output", "-o", help="Healed checkpoint [<ckpt>.healed.lors].")
+]
+HealArch = Annotated[
+    str | None, typer.Option("--arch", help="Architecture of a state-dict source (as at convert).")
+]
+HealTrustArch = Annotated[
+    bool, typer.Option("--trust-arch", help="Build the architecture recorded in the checkpoint.")
+]
+HealTrustPickle = Annotated[
+    bool, typer.Option("--trust-pickle", help="Allow unpickling a pickled-module source.")
+]
+HealJsonOut = Annotated[bool, typer.Option("--json", help="The report as JSON on stdout.")]
+HealQuiet = Annotated[bool, typer.Option("--quiet", "-q")]
+HealForce = Annotated[
+    bool,
+    typer.Option("--force", help="Replace an existing output; discard a heal state left by other settings."),
+]
+HealHfCode = Annotated[
+    bool,
+    typer.Option(
+        "--hf-code",
+        help="Also write modeling_lors.py and config.json's auto_map: transformers loads the "
+        "healed checkpoint without lors (trust_remote_code=True runs that file).",
     ),
-    arch: str | None = typer.Option(
-        None, "--arch", help="Architecture of a state-dict source (as at convert)."
-    ),
-    trust_arch: bool = typer.Option(
-        False, "--trust-arch", help="Build the architecture recorded in the checkpoint."
-    ),
-    trust_pickle: bool = typer.Option(
-        False, "--trust-pickle", help="Allow unpickling a pickled-module source."
-    ),
-    json_out: bool = typer.Option(False, "--json", help="The report as JSON on stdout."),
-    quiet: bool = typer.Option(False, "--quiet", "-q"),
-    force: bool = typer.Option(
-        False, "--force", help="Replace an existing output; discard a heal state left by other settings."
-    ),
+]
+
+
+@app.command()
+@handle_errors
+def heal(
+    path: HealPath,
+    data: HealData = None,
+    generate: HealGenerate = True,
+    generated: HealGenerated = 16384,
+    heldout: HealHeldout = None,
+    heldout_fraction: HealHeldoutFraction = None,
+    steps: HealSteps = None,
+    tokens: HealTokens = 0,
+    minutes: HealMinutes = 0.0,
+    lr: HealLr = None,
+    warmup: HealWarmup = None,
+    seq_len: HealSeqLen = 256,
+    batch_tokens: HealBatchTokens = 512,
+    local_share: HealLocalShare = 0.0,
+    precision: HealPrecision = "fp32",
+    loss: HealLoss = None,
+    eval_every: HealEvalEvery = None,
+    match: HealMatch = "output",
+    trainable: HealTrainable = "lors",
+    synthetic: HealSynthetic = None,
+    seed: HealSeed = 0,
+    device: HealDevice = "cpu",
+    output: HealOutput = None,
+    arch: HealArch = None,
+    trust_arch: HealTrustArch = False,
+    trust_pickle: HealTrustPickle = False,
+    json_out: HealJsonOut = False,
+    quiet: HealQuiet = False,
+    force: HealForce = False,
+    hf_code: HealHfCode = False,
 ) -> None:
     """Distill a LORS checkpoint towards its dense source; resumable (rerun the same command)."""
-    from .. import checkpoint as ck
-    from ..calibrate.data import read_calibration
-    from ..calibrate.fidelity import Reference, fidelity, fidelity_score, is_causal_lm
-    from ..heal import heal as run_heal
-    from ..io.atomic import check_not_input, check_output
-    from ..io.hf import has_tokenizer
-    from ..io.sources import SourceInfo, load_source
+    from ..heal.checkpoint import DataRequest, HealSettings, heal_checkpoint
 
-    if steps < 1 or lr <= 0:
-        raise LorsUsageError("--steps must be >= 1 and --lr > 0")
+    _check_heal_flags(steps, lr, tokens, minutes, match, synthetic, eval_every, heldout_fraction, heldout)
+    steps = steps if steps is not None else (0 if tokens or minutes else 300)
+    settings = HealSettings(
+        steps=steps,
+        tokens=tokens,
+        minutes=minutes,
+        lr=lr,
+        warmup=warmup,
+        loss=loss,
+        trainable=trainable,
+        match=match,
+        synthetic=synthetic,
+        local_share=local_share,
+        precision=precision,
+        seed=seed,
+        eval_every=eval_every or (max(1, steps // 10) if steps else 0),
+        eval_seconds=0.0 if steps else 120.0,
+        device=device,
+        restart=force,
+    )
+    request = DataRequest(data, generate, generated, seq_len, batch_tokens, seed, heldout_fraction)
+    talk = not (quiet or json_out)
+    report, out = heal_checkpoint(
+        path,
+        output,
+        settings=settings,
+        request=request,
+        heldout=heldout,
+        arch=arch,
+        trust_arch=trust_arch,
+        trust_pickle=trust_pickle,
+        force=force,
+        monitor=_heal_monitor(talk),
+        log=(lambda line: typer.echo(line, err=True)) if talk else None,
+    )
+    if hf_code:
+        from ..checkpoint.hf_code import write_hf_code
+
+        write_hf_code(out)
+    show(report, json_out, quiet, title=f"LORS heal of {path} -> {out}")
+
+
+def _check_heal_flags(steps, lr, tokens, minutes, match, synthetic, eval_every, heldout_fraction, heldout):
+    """Usage errors of lors heal's flags, before anything is loaded."""
+    if (steps is not None and steps < 1) or (lr is not None and lr <= 0) or tokens < 0 or minutes < 0:
+        raise LorsUsageError("--steps must be >= 1, --lr > 0, --tokens and --minutes >= 0")
     if match not in ("output", "layers"):
         raise LorsUsageError(f"--match must be output or layers, got {match!r}")
     if synthetic is not None and not 0.0 <= synthetic <= 1.0:
         raise LorsUsageError(f"--synthetic must be a share of the steps in [0, 1], got {synthetic}")
     if eval_every is not None and eval_every < 1:
         raise LorsUsageError(f"--eval-every must be >= 1, got {eval_every}")
-    ckpt = ck.Checkpoint(path)
-    out = output or default_output(path, ".healed.lors")
-    src = ckpt.source
-    for given in (path, data, heldout, src.get("path")):  # never replace an input, even with --force
-        if given:
-            check_not_input(out, Path(given))
-    check_output(out, force)
-    if not src.get("path") or not Path(src["path"]).exists():
-        raise LorsError(
-            f"{path}: healing needs the dense source {src.get('path')!r} as teacher, and it is not there"
-        )
-    recorded_arch = arch or (src.get("arch") if src.get("kind") == "state_dict" and trust_arch else None)
-    if src.get("kind") == "state_dict" and recorded_arch is None:
-        raise LorsUsageError(
-            f"{path}: pass --arch {src.get('arch')} (or --trust-arch) to rebuild the teacher"
-        )
-    teacher, _ = load_source(src["path"], arch=recorded_arch, trust_pickle=trust_pickle)
-    student = ck.load(path, arch=recorded_arch, trust_pickle=trust_pickle)
-    report = ckpt.report()  # read (and checked) before any work: a broken report.json fails here
-    info = SourceInfo(
-        kind=src["kind"],
-        path=src.get("path"),
-        arch=src.get("arch"),
-        sha256=src.get("sha256"),
-        files=ckpt.side_files() if src.get("kind") in ("hf", "gguf") else [],
-    )
-    data_set = read_calibration(
-        data,
-        path if has_tokenizer(path) else Path(info.path or ""),
-        info.kind in ("hf", "gguf"),
-        heldout,
-        heldout_fraction,
-    )
-    reference = Reference(teacher, data_set.heldout) if data_set.heldout else None
-    with about(data_set.heldout_origin):
-        before = fidelity(student, reference) if reference is not None else {}
-    loss = loss or ("kl" if is_causal_lm(teacher) else "mse")
-    state_file = out.parent / f".{out.name}.heal-state.pt"  # resumable across interruptions
-    bar = make_progress(not (quiet or json_out))
-    callback = None
-    if bar is not None:
-        ticks = bar(iter(range(steps)), steps, "healing")
+    if heldout_fraction is not None or heldout is not None:
+        from ..calibrate.data import resolve_heldout
 
-        def callback(step, total, value):
-            next(ticks, None)
-
-    evaluate = (lambda: fidelity_score(fidelity(student, reference))) if reference is not None else None
-    result = run_heal(
-        student,
-        teacher,
-        data_set.calibration,
-        steps=steps,
-        lr=lr,
-        loss=loss,
-        trainable=trainable,
-        checkpoint_path=state_file,
-        progress=callback,
-        device=device,
-        match=match,
-        synthetic=synthetic,
-        evaluate=evaluate,
-        eval_every=eval_every or max(1, steps // 10),
-        restart=force,
-        data_name=str(data),
-    )
-    student = student.to("cpu")
-    report.quality.update({f"before_heal_{k}": v for k, v in before.items()})
-    if reference is not None:
-        report.quality.update(fidelity(student, reference))
-    summary = data_set.summary()
-    report.quality.update(
-        {
-            "heal_data": summary["calibration_data"],
-            "heal_samples": summary["calibration_samples"],
-            "heal_heldout_data": summary["heldout_data"],
-        }
-    )
-    report.quality.update(
-        {
-            "heal_steps": result.steps,
-            "heal_synthetic": result.synthetic,
-            "heal_loss": loss,
-            "heal_final_loss": result.history[-1]["loss"] if result.history else None,
-            "heal_best_step": result.best_step,
-            "heal_evaluations": result.evaluations,
-        }
-    )
-    if reference is None:
-        report.warnings.append(
-            "heal: no held-out inputs, so fidelity was not measured and the last state is kept; "
-            "give --heldout FILE (or more --data lines: 20% are held out)"
-        )
-    elif result.best_step == result.resumed_from:
-        report.warnings.append(
-            f"heal: no step improved held-out fidelity over the start (score "
-            f"{result.evaluations[0]['score']:.4f}, best of {len(result.evaluations)} "
-            "measurements): the model is kept as it was; try a lower --lr or more --data"
-        )
-    ck.save(student, out, report=report, source=info, manifest=ckpt.manifest, force=force, files_dir=path)
-    state_file.unlink(missing_ok=True)
-    show(report, json_out, quiet, title=f"LORS heal of {path} -> {out}")
+        resolve_heldout(heldout_fraction, heldout)

@@ -37,5 +37,8 @@ class LorsConv1D(LorsLayer):
             return y.reshape(*x.shape[:-1], y.shape[-1])
         y = torch.addmm(self.bias, rows @ self.lors_B, self.lors_A)  # (M, k) -> (M, out)
         if self.shared is not None:
-            y.addmm_(rows, self.shared)  # (M, out) += (M, in) (in, out)
+            if torch.is_autocast_enabled(x.device.type):  # autocast casts addmm, never an in-place addmm_
+                y = torch.addmm(y, rows, self.shared)
+            else:
+                y.addmm_(rows, self.shared)  # (M, out) += (M, in) (in, out)
         return y.reshape(*x.shape[:-1], y.shape[-1])

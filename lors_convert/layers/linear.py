@@ -31,5 +31,8 @@ class LorsLinear(LorsLayer):
         rows = x.reshape(-1, x.shape[-1])  # (M, in)
         z = rows @ self.lors_A.T  # (M, k)
         y = z @ self.lors_B.T if self.bias is None else torch.addmm(self.bias, z, self.lors_B.T)  # (M, out)
-        y.addmm_(rows, self.shared.T)  # (M, out) += (M, in) (in, out)
+        if torch.is_autocast_enabled(x.device.type):  # autocast casts addmm, never an in-place addmm_
+            y = torch.addmm(y, rows, self.shared.T)
+        else:
+            y.addmm_(rows, self.shared.T)  # (M, out) += (M, in) (in, out)
         return y.view(*x.shape[:-1], y.shape[-1])

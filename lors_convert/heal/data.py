@@ -1,0 +1,107 @@
+"""What ``lors heal`` trains on, and the held-out inputs that choose its best state.
+
+- causal LMs: text the source model writes (:func:`lors_convert.calibrate.generated.generate_corpus`,
+  cached next to the output), plus the ``--data`` text unless generation is off, packed into windows
+  of ``seq_len`` tokens and batches of ``batch_tokens`` (:mod:`lors_convert.heal.packing`); the best
+  state is chosen on further generated windows, never trained on, never on the probe text;
+- other models: the ``--data`` inputs (text encoders: lors's shipped calibration text when none is
+  given) as padded batches, a share of them held out to choose the best state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..calibrate.batches import Batch
+from ..calibrate.data import CalibrationData, read_calibration, read_texts
+from ..calibrate.generated import CHUNK, generate_corpus
+from ..calibrate.probes import CALIBRATION_TEXT
+from ..errors import LorsUsageError
+from .packing import pack, window_batches
+
+HELDOUT_WINDOWS = 4  # generated windows held out to choose the best state
+
+
+@dataclass
+class HealData:
+    batches: list[Batch]
+    heldout: list[Batch]  # chooses the best state
+    sources: list[str] = field(default_factory=list)  # what the batches were made of, for the report
+    tokens: int = 0  # tokens in the batches (one epoch)
+    generated_tokens: int = 0
+    data_file: str | None = None
+    samples: int = 0  # windows (causal LMs) or samples (other models) in the batches
+
+
+@dataclass(frozen=True)
+class DataRequest:
+    data: Path | None = None  # --data
+    generate: bool = True  # causal LMs: train on text the source writes (with --data: as well)
+    generated_tokens: int = 16_384
+    seq_len: int = 256
+    batch_tokens: int = 512
+    seed: int = 0
+    heldout_fraction: float | None = None  # of --data, for models that do not generate
+
+
+def lm_data(teacher, tokenizer, req: DataRequest, cache_dir: Path, model_key: str, log=None) -> HealData:
+    """Generated windows (and ``--data`` text) for a causal LM, packed; held-out generated windows."""
+    if not req.generate and req.data is None:
+        raise LorsUsageError("--no-generate needs --data: there would be nothing to train on")
+    rows: list[list[int]] = []
+    sources = []
+    n_gen = -(-req.generated_tokens // req.seq_len) if req.generate else 0
+    if n_gen:  # whole chunks of generated sequences, the nearest to the tokens asked for
+        n_gen = max(1, round((n_gen + HELDOUT_WINDOWS) / CHUNK)) * CHUNK - HELDOUT_WINDOWS
+    done = _announce(log, "generating text with the source model")
+    written = generate_corpus(
+        teacher, tokenizer, n_gen + HELDOUT_WINDOWS, req.seq_len, req.seed, cache_dir, model_key, done
+    )
+    rows, heldout_rows = written[:n_gen], written[n_gen:]  # the last windows are held out
+    if n_gen:
+        sources.append(f"{n_gen * req.seq_len} tokens written by the source model (seed {req.seed})")
+    if req.data is not None:
+        texts = read_texts(req.data)
+        sep = getattr(tokenizer, "eos_token_id", None)
+        rows += [tokenizer(t)["input_ids"] + ([sep] if sep is not None else []) for t in texts]
+        sources.append(f"{req.data} ({len(texts)} lines)")
+    packed = pack(rows, req.seq_len)
+    if not packed.tokens:
+        raise LorsUsageError(f"{req.data}: too little text for one window of --seq-len {req.seq_len} tokens")
+    held = pack(heldout_rows, req.seq_len).windows
+    return HealData(
+        window_batches(packed.windows, req.batch_tokens),
+        window_batches(held, req.batch_tokens),
+        sources,
+        packed.tokens,
+        n_gen * req.seq_len,
+        str(req.data) if req.data else None,
+        int(packed.windows.shape[0]),
+    )
+
+
+def input_data(req: DataRequest, tokenizer_dir: Path, text_model: bool, heldout: Path | None) -> HealData:
+    """``--data`` inputs for a model that does not generate (text encoders: the shipped text by default)."""
+    data = req.data
+    if data is None:
+        if not text_model:
+            raise LorsUsageError("healing this model needs --data: its inputs, as a .safetensors/.pt file")
+        data = CALIBRATION_TEXT
+    got: CalibrationData = read_calibration(data, tokenizer_dir, text_model, heldout, req.heldout_fraction)
+    summary = got.summary()
+    sources = [f"{summary['calibration_data']} ({summary['calibration_samples']} samples)"]
+    return HealData(got.calibration, got.heldout, sources, 0, 0, str(data), got.n_calibration)
+
+
+def _announce(log, what: str):
+    if log is None:
+        return None
+
+    def done(n: int, total: int) -> None:
+        log(f"{what}: {n}/{total} sequences")
+
+    return done
+
+
+__all__ = ["HealData", "DataRequest", "lm_data", "input_data", "HELDOUT_WINDOWS"]

@@ -1,0 +1,80 @@
+"""Data for healing: text a causal LM writes (deterministic under a seed, cached) and token packing."""
+
+from __future__ import annotations
+
+import torch
+from heal_tiny import llama, tokenizer
+
+from lors_convert.calibrate import generated
+from lors_convert.calibrate.generated import CHUNK, cache_file, generate_corpus, word_like_ids
+from lors_convert.heal.packing import pack, unpad, window_batches
+
+
+def test_generated_text_is_deterministic_under_a_seed():
+    model, tok = llama(layers=2, hidden=32), tokenizer()
+    a = generate_corpus(model, tok, CHUNK, 12, seed=3)
+    b = generate_corpus(model, tok, CHUNK, 12, seed=3)
+    c = generate_corpus(model, tok, CHUNK, 12, seed=4)
+    assert a == b and a != c
+    assert len(a) == CHUNK and all(len(row) == 12 for row in a)
+    starts = set(word_like_ids(tok, model.config.vocab_size))
+    assert all(row[0] in starts for row in a)  # every sequence opens on a word
+    assert len({row[0] for row in a + c}) > 1  # ... and not always the same one
+
+
+def test_generated_text_is_cached_and_a_larger_request_extends_it(tmp_path, monkeypatch):
+    model, tok = llama(layers=2, hidden=32), tokenizer()
+    first = generate_corpus(model, tok, CHUNK, 10, seed=0, cache_dir=tmp_path, model_key="m")
+    path = cache_file(tmp_path, "m", 10, 0)
+    assert path.is_file()
+    calls = []
+    real = generated.generate_chunk
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(generated, "generate_chunk", counting)
+    again = generate_corpus(model, tok, CHUNK, 10, seed=0, cache_dir=tmp_path, model_key="m")
+    assert again == first and not calls  # read from the cache, nothing generated
+    more = generate_corpus(model, tok, 2 * CHUNK, 10, seed=0, cache_dir=tmp_path, model_key="m")
+    assert more[:CHUNK] == first and len(calls) == 1  # only the missing chunk is generated
+    fresh = generate_corpus(model, tok, 2 * CHUNK, 10, seed=0)  # no cache: the same text
+    assert fresh == more
+    other = cache_file(tmp_path, "another model", 10, 0)
+    assert other != path  # another model's text is never taken from this cache
+
+
+def test_a_broken_cache_is_regenerated(tmp_path):
+    model, tok = llama(layers=2, hidden=32), tokenizer()
+    path = cache_file(tmp_path, "m", 10, 0)
+    path.write_text("{not json")
+    rows = generate_corpus(model, tok, CHUNK, 10, seed=0, cache_dir=tmp_path, model_key="m")
+    assert rows == generate_corpus(model, tok, CHUNK, 10, seed=0)
+
+
+def test_packing_keeps_every_token_exactly_once():
+    g = torch.Generator().manual_seed(0)
+    seqs = [
+        torch.randint(5, 50, (int(n),), generator=g).tolist()
+        for n in torch.randint(1, 40, (23,), generator=g)
+    ]
+    for seq_len, sep in ((16, None), (7, 2), (64, 1)):
+        packed = pack(seqs, seq_len, separator=sep)
+        flat = []
+        for i, s in enumerate(seqs):
+            flat += ([sep] if sep is not None and i else []) + s
+        n = len(flat) // seq_len
+        assert packed.windows.shape == (n, seq_len)
+        assert packed.windows.reshape(-1).tolist() == flat[: n * seq_len]  # in order, none twice
+        assert packed.dropped == len(flat) - n * seq_len < seq_len
+        assert packed.tokens + packed.dropped == sum(map(len, seqs)) + (len(seqs) - 1) * (sep is not None)
+        batches = window_batches(packed.windows, batch_tokens=3 * seq_len)
+        assert torch.cat([b["input_ids"] for b in batches]).equal(packed.windows)
+        assert all(b["attention_mask"].all() and len(b["input_ids"]) <= 3 for b in batches)
+
+
+def test_unpad_gives_the_real_tokens_of_padded_batches():
+    ids = torch.tensor([[5, 6, 7, 0], [8, 0, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0]])
+    assert unpad([{"input_ids": ids, "attention_mask": mask}]) == [[5, 6, 7], [8]]
