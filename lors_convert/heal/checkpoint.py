@@ -116,7 +116,8 @@ def _settle(s: HealSettings, causal: bool, started: float) -> HealSettings:
         s = dataclasses.replace(s, precision="bf16" if bf16_pays(s.device) else "fp32")
     if s.minutes:
         left = s.minutes - (time.perf_counter() - started) / 60.0
-        s = dataclasses.replace(s, minutes=max(left, 1e-3))
+        # a limit already spent stays a limit (0 would mean none): no step runs
+        s = dataclasses.replace(s, minutes=max(left, 1e-9))
     return s
 
 
