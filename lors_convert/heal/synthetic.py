@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import LorsUsageError
+from .packing import unpad
 
 JUMP = 0.1  # probability that a step leaves the chain: a random calibration token (or vocabulary id)
 VOCAB_JUMP = 0.3  # share of the jumps that go to any id in the span of the seen ones (unseen words)
@@ -44,17 +45,6 @@ def is_token_batch(batch) -> bool:
     )
 
 
-def _rows(batches: Sequence[Mapping]) -> list[list[int]]:
-    """The real (unmasked) token ids of every row."""
-    rows = []
-    for b in batches:
-        for ids, mask in zip(b["input_ids"].tolist(), b["attention_mask"].tolist(), strict=False):
-            row = [t for t, m in zip(ids, mask, strict=False) if m]
-            if row:
-                rows.append(row)
-    return rows
-
-
 @dataclass
 class BigramChain:
     """Successor lists of the calibration token ids, and the ids that frame every row."""
@@ -70,7 +60,7 @@ class BigramChain:
     def fit(cls, batches: Sequence[Mapping]) -> BigramChain:
         if not batches or not all(is_token_batch(b) for b in batches):
             raise LorsUsageError("synthetic inputs need token batches (input_ids + attention_mask)")
-        rows = _rows(batches)
+        rows = unpad(batches)  # equal shapes: checked by is_token_batch
         if not rows:
             raise LorsUsageError("synthetic inputs need calibration rows with at least one real token")
         heads, tails = {r[0] for r in rows}, {r[-1] for r in rows}
