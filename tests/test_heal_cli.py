@@ -35,6 +35,8 @@ def test_heal_of_a_causal_lm_needs_no_data(converted, tmp_path):
     assert [e["step"] for e in q["heal_evaluations"]] == [0, 1, 2, 3, 4, 5, 6]  # --eval-every steps/10
     assert all("ppl_ratio" in e for e in q["heal_evaluations"])
     assert q["before_heal_heldout_probe"] == q["heldout_probe"] and "ppl_ratio" in json.dumps(q)
+    converted_q = json.loads((converted / "report.json").read_text())["quality"]
+    assert converted_q["heldout_probe"] == q["heldout_probe"]  # so heal reuses the "before" figures
     cached = sorted(tmp_path.glob(".lors-generated-*.json"))
     assert len(cached) == 1  # the training text and, after it, the held-out windows
     rows = json.loads(cached[0].read_text())["sequences"]

@@ -21,6 +21,7 @@ DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 PROBE_TEXT = DATA_DIR / "probe.txt"
 CALIBRATION_TEXT = DATA_DIR / "calibrate.txt"
 SYNTHETIC_IMAGES = 16  # random-normal images at the config's size, seeded
+PROBE_LABEL = "lors probe text (shipped)"  # what reports call PROBE_TEXT (heal reuses figures so labelled)
 
 
 @dataclass
@@ -58,7 +59,7 @@ def default_probes(model_dir: Path | None, config=None) -> Probes:
         texts = read_texts(PROBE_TEXT)
         return Probes(
             text_batches(load_tokenizer(model_dir), texts),
-            f"lors probe text ({len(texts)} lines, shipped)",
+            PROBE_LABEL,
             origin=str(PROBE_TEXT),
         )
     size, channels = getattr(config, "image_size", None), getattr(config, "num_channels", None)
@@ -76,4 +77,4 @@ def default_probes(model_dir: Path | None, config=None) -> Probes:
     )
 
 
-__all__ = ["Probes", "read_probes", "default_probes", "PROBE_TEXT", "CALIBRATION_TEXT"]
+__all__ = ["Probes", "read_probes", "default_probes", "PROBE_TEXT", "PROBE_LABEL", "CALIBRATION_TEXT"]
