@@ -170,7 +170,7 @@ HealMinutes = Annotated[
 HealLr = Annotated[
     float | None,
     typer.Option(
-        "--lr", help="Peak learning rate (Adam, linear warm-up, cosine decay) [1e-4 for kl, else 1e-3]."
+        "--lr", help="Peak learning rate (Adam, linear warm-up, cosine decay) [3e-4 for kl, else 1e-3]."
     ),
 ]
 HealWarmup = Annotated[
@@ -182,7 +182,11 @@ HealLocalShare = Annotated[
     float, typer.Option("--local-share", help="Share of the run spent on block-local distillation first.")
 ]
 HealPrecision = Annotated[
-    str, typer.Option("--precision", help="fp32, or bf16 (autocast, fp32 master weights).")
+    str,
+    typer.Option(
+        "--precision",
+        help="auto (bf16 on CPUs with AVX512-BF16/AMX and bf16 GPUs), fp32, or bf16 (autocast, fp32 master weights).",
+    ),
 ]
 HealLoss = Annotated[
     str | None,
@@ -247,7 +251,7 @@ def heal(
     path: HealPath,
     data: HealData = None,
     generate: HealGenerate = True,
-    generated: HealGenerated = 16384,
+    generated: HealGenerated = 32768,
     heldout: HealHeldout = None,
     heldout_fraction: HealHeldoutFraction = None,
     steps: HealSteps = None,
@@ -258,7 +262,7 @@ def heal(
     seq_len: HealSeqLen = 256,
     batch_tokens: HealBatchTokens = 512,
     local_share: HealLocalShare = 0.0,
-    precision: HealPrecision = "fp32",
+    precision: HealPrecision = "auto",
     loss: HealLoss = None,
     eval_every: HealEvalEvery = None,
     match: HealMatch = "output",

@@ -2,7 +2,7 @@
 
 - causal LMs: text the source model writes (:func:`lors_convert.calibrate.generated.generate_corpus`,
   cached next to the output), plus the ``--data`` text unless generation is off, packed into windows
-  of ``seq_len`` tokens and batches of ``batch_tokens`` (:mod:`lors_convert.heal.packing`); the best
+  of ``seq_len`` tokens and batches of ``batch_tokens`` (:mod:`lors_convert.calibrate.packing`); the best
   state is chosen on further generated windows, never trained on, never on the probe text;
 - other models: the ``--data`` inputs (text encoders: lors's shipped calibration text when none is
   given) as padded batches, a share of them held out to choose the best state.
@@ -16,9 +16,9 @@ from pathlib import Path
 from ..calibrate.batches import Batch
 from ..calibrate.data import CalibrationData, read_calibration, read_texts
 from ..calibrate.generated import CHUNK, generate_corpus
+from ..calibrate.packing import pack, window_batches
 from ..calibrate.probes import CALIBRATION_TEXT
 from ..errors import LorsUsageError
-from .packing import pack, window_batches
 
 HELDOUT_WINDOWS = 4  # generated windows held out to choose the best state
 
@@ -38,7 +38,7 @@ class HealData:
 class DataRequest:
     data: Path | None = None  # --data
     generate: bool = True  # causal LMs: train on text the source writes (with --data: as well)
-    generated_tokens: int = 16_384
+    generated_tokens: int = 32_768  # about 5 epochs in 30 minutes on 2 cores (docs/healing.md)
     seq_len: int = 256
     batch_tokens: int = 512
     seed: int = 0
