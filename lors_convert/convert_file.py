@@ -24,7 +24,7 @@ from torch import nn
 
 from . import measure as m
 from .calibrate.data import CalibrationData
-from .calibrate.fidelity import Reference, check_inputs, fidelity
+from .calibrate.fidelity import Reference, check_inputs, fidelity, is_causal_lm
 from .calibrate.grams import collect_grams
 from .calibrate.probes import Probes
 from .checkpoint.format import DEFAULT_SHARD_SIZE, source_manifest, stored_manifest
@@ -214,11 +214,13 @@ def _in_memory(job: _Job, model: nn.Module, source: SourceInfo, manifest: dict) 
 
 def _inputs(job: _Job, model: nn.Module) -> tuple[CalibrationData | None, Probes | None]:
     """The calibration data (when calibrated) and the probes fidelity is measured on (when it is)."""
-    data, probe = (
-        m.calibration_data(job.calibrate, job.heldout, job.src, job.text_model, job.heldout_fraction)
-        if job.calibrated
-        else (None, None)
-    )
+    data, probe = None, None
+    if job.calibrated and job.calibrate is None and job.text_model and is_causal_lm(model):
+        data, probe = m.generated_calibration(model, job.src, job.heldout)  # nothing written but OUT
+    elif job.calibrated:
+        data, probe = m.calibration_data(
+            job.calibrate, job.heldout, job.src, job.text_model, job.heldout_fraction
+        )
     wanted = job.measure or job.target is not None
     if wanted and (probe is None or not probe.batches):
         probe = m.probes_for(job.src, job.heldout, job.text_model, model)

@@ -18,7 +18,8 @@ from torch import nn
 
 from .calibrate.data import CalibrationData, check_data_file, load_calibration
 from .calibrate.fidelity import Reference, fidelity, fidelity_problems, reference_outputs
-from .calibrate.probes import CALIBRATION_TEXT, PROBE_TEXT, Probes, default_probes, read_probes
+from .calibrate.generated import CALIBRATION_LEN, CALIBRATION_SEQUENCES, calibration_batches
+from .calibrate.probes import CALIBRATION_TEXT, PROBE_LABEL, PROBE_TEXT, Probes, default_probes, read_probes
 from .calibrate.streamed import lockstep
 from .checkpoint.merge import merged_getter, merged_tensors
 from .checkpoint.reader import Checkpoint
@@ -56,10 +57,32 @@ def calibration_data(
     if calibrate is None:
         data.source = f"lors calibration text ({data.n_calibration} lines, shipped)"
     if heldout is not None:
-        label = "lors probe text (shipped)" if heldout == PROBE_TEXT else f"{heldout.name} (--heldout)"
+        label = PROBE_LABEL if heldout == PROBE_TEXT else f"{heldout.name} (--heldout)"
     else:
         label = f"held-out {data.n_heldout} samples of {path.name}"
     return data, Probes(data.heldout, label, origin=data.heldout_origin)
+
+
+def generated_calibration(
+    model: nn.Module, src: Path, heldout: Path | None
+) -> tuple[CalibrationData, Probes]:
+    """A causal LM's default calibration data: text the model writes (seed 0, so the same on every
+    run), held out: ``--heldout``, else the shipped probe text."""
+    if heldout is not None:
+        check_data_file(heldout, "held-out data")
+    batches = calibration_batches(model, load_tokenizer(src))
+    probe = read_probes(heldout, src) if heldout is not None else default_probes(src)
+    tokens = CALIBRATION_SEQUENCES * CALIBRATION_LEN
+    data = CalibrationData(
+        batches,
+        probe.batches,
+        "text",
+        f"{tokens} tokens written by the source model (seed 0)",
+        CALIBRATION_SEQUENCES,
+        sum(int(b["input_ids"].shape[0]) for b in probe.batches),
+        str(heldout or PROBE_TEXT),
+    )
+    return data, probe
 
 
 def probes_for(src: Path, heldout: Path | None, text_model: bool, model) -> Probes:

@@ -7,7 +7,7 @@ from heal_tiny import llama, tokenizer
 
 from lors_convert.calibrate import generated
 from lors_convert.calibrate.generated import CHUNK, cache_file, generate_corpus, word_like_ids
-from lors_convert.heal.packing import pack, unpad, window_batches
+from lors_convert.calibrate.packing import pack, unpad, window_batches
 
 
 def test_generated_text_is_deterministic_under_a_seed():
@@ -78,3 +78,32 @@ def test_unpad_gives_the_real_tokens_of_padded_batches():
     ids = torch.tensor([[5, 6, 7, 0], [8, 0, 0, 0]])
     mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0]])
     assert unpad([{"input_ids": ids, "attention_mask": mask}]) == [[5, 6, 7], [8]]
+
+
+def test_a_calibrated_conversion_of_a_causal_lm_calibrates_on_text_it_writes(tmp_path):
+    import json
+
+    from clirun import run_ok
+    from heal_tiny import llama_dir
+
+    from lors_convert.calibrate.generated import CALIBRATION_LEN, CALIBRATION_SEQUENCES
+    from lors_convert.calibrate.probes import CALIBRATION_TEXT
+
+    src = llama_dir(tmp_path / "src", layers=3, hidden=32)
+    out = tmp_path / "o" / "c.lors"
+    out.parent.mkdir()
+    res = run_ok("convert", src, "--budget", "0.6", "-o", out, "--json", "-q")
+    q = json.loads(res.stdout)["quality"]
+    tokens = CALIBRATION_SEQUENCES * CALIBRATION_LEN
+    assert q["calibration_data"] == f"{tokens} tokens written by the source model (seed 0)"
+    assert (
+        q["calibration_samples"] == CALIBRATION_SEQUENCES
+        and q["heldout_probe"] == "lors probe text (shipped)"
+    )
+    assert [p.name for p in out.parent.iterdir()] == ["c.lors"]  # no cache beside the output
+    again = run_ok("convert", src, "--budget", "0.6", "-o", out, "--json", "-q", "--force")
+    assert json.loads(again.stdout)["quality"]["heldout_kl"] == q["heldout_kl"]  # the same text again
+    shipped = run_ok("convert", src, "--budget", "0.6", "-o", tmp_path / "s.lors", "--json", "-q",
+                     "--calibrate", CALIBRATION_TEXT)  # fmt: skip
+    assert json.loads(shipped.stdout)["quality"]["calibration_data"] == str(CALIBRATION_TEXT)
+    assert json.loads(shipped.stdout)["quality"]["heldout_kl"] != q["heldout_kl"]

@@ -10,10 +10,10 @@ from heal_tiny import llama
 
 from lors_convert import convert
 from lors_convert.calibrate.fidelity import Reference, fidelity, fidelity_score
+from lors_convert.calibrate.packing import pack, window_batches
 from lors_convert.heal import HealSettings, heal, stack_members
 from lors_convert.heal.blocks import block_errors
 from lors_convert.heal.objective import GlobalObjective
-from lors_convert.heal.packing import pack, window_batches
 
 
 def _windows(n: int, seq_len: int = 16, seed: int = 0) -> torch.Tensor:

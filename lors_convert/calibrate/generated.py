@@ -1,4 +1,5 @@
-"""Text a causal language model writes itself: data-free inputs for healing (and calibration).
+"""Text a causal language model writes itself: the default calibration text of a causal LM, and the
+data of data-free healing.
 
 Each sequence starts from a first token drawn uniformly from the vocabulary's word-like tokens (ids
 whose text starts with a letter, optionally after a space), continues greedily for ``greedy``
@@ -12,6 +13,11 @@ missing chunks::
 
     windows = generate_corpus(model, tokenizer, n_sequences=64, seq_len=256, seed=0, cache_dir=out.parent)
     texts = [tokenizer.decode(w) for w in windows]
+
+A calibrated conversion of a causal LM given no ``--calibrate`` calibrates on
+:data:`CALIBRATION_SEQUENCES` generated sequences of :data:`CALIBRATION_LEN` tokens
+(:func:`calibration_batches`): they cover what the model writes, not one genre of text (measured
+against lors's shipped prose in docs/calibration.md).
 """
 
 from __future__ import annotations
@@ -27,10 +33,13 @@ from torch import nn
 
 from ..errors import LorsError
 from .batches import model_device
+from .packing import window_batches
 
 CHUNK = 64  # sequences generated together (one KV cache)
 GREEDY = 3  # tokens after the first chosen greedily, before sampling
 RECIPE = 1  # bumped when the recipe changes: a cache of another recipe is not reused
+CALIBRATION_SEQUENCES = CHUNK  # generated sequences a calibrated conversion fits on (8,192 tokens)
+CALIBRATION_LEN = 128  # tokens per sequence: the length text calibration truncates lines to
 
 
 def word_like_ids(tokenizer, vocab_size: int) -> list[int]:
@@ -139,4 +148,12 @@ def generate_corpus(
     return rows[:n_sequences]
 
 
-__all__ = ["generate_corpus", "generate_chunk", "word_like_ids", "cache_file", "CHUNK", "GREEDY"]
+def calibration_batches(model: nn.Module, tokenizer, batch_size: int = 16) -> list[dict]:
+    """Calibration batches of generated text: ``{"input_ids", "attention_mask"}`` of ``(batch_size,
+    CALIBRATION_LEN)`` windows, seed 0 (not cached: a conversion writes nothing but its output)."""
+    rows = generate_corpus(model, tokenizer, CALIBRATION_SEQUENCES, CALIBRATION_LEN, seed=0)
+    return window_batches(torch.tensor(rows, dtype=torch.long), batch_size * CALIBRATION_LEN)
+
+
+__all__ = ["generate_corpus", "generate_chunk", "calibration_batches", "word_like_ids", "cache_file"]
+__all__ += ["CHUNK", "GREEDY", "CALIBRATION_SEQUENCES", "CALIBRATION_LEN"]

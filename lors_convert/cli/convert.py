@@ -68,8 +68,9 @@ Calibrate = Annotated[
     Path | None,
     typer.Option(
         "--calibrate",
-        help="Calibration inputs: a text file (HF text "
-        "models) or a .safetensors/.pt tensor file; whitened, activation-aware fit.",
+        help="Calibration inputs: a text file (HF text models) or a .safetensors/.pt tensor file "
+        "[with --budget/--target: text the model writes for causal LMs, lors's shipped text for "
+        "other HF text models].",
     ),
 ]
 Heldout = Annotated[

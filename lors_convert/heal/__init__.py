@@ -4,7 +4,7 @@
 (text the source writes, for causal LMs), fidelity before and after, and a report. Below it:
 :func:`heal` (the loop, :mod:`.train`) on :class:`HealSettings` (:mod:`.settings`), the objectives
 of its two phases (:mod:`.objective`, :mod:`.blocks`, :mod:`.losses`), token-packed windows
-(:mod:`.packing`), the resumable state (:mod:`.state`) and bigram-chain synthetic inputs
+(:mod:`lors_convert.calibrate.packing`), the resumable state (:mod:`.state`) and bigram-chain synthetic inputs
 (:mod:`.synthetic`).
 """
 

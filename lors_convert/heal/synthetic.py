@@ -24,8 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..calibrate.packing import unpad
 from ..errors import LorsUsageError
-from .packing import unpad
 
 JUMP = 0.1  # probability that a step leaves the chain: a random calibration token (or vocabulary id)
 VOCAB_JUMP = 0.3  # share of the jumps that go to any id in the span of the seen ones (unseen words)
