@@ -71,7 +71,7 @@ def generated_calibration(
     if heldout is not None:
         check_data_file(heldout, "held-out data")
     batches = calibration_batches(model, load_tokenizer(src))
-    probe = read_probes(heldout, src) if heldout is not None else default_probes(src)
+    probe = probes_for(src, heldout, True, model)
     tokens = CALIBRATION_SEQUENCES * CALIBRATION_LEN
     data = CalibrationData(
         batches,

@@ -36,9 +36,8 @@ class HealSettings:
     match: str = "output"  # output, or layers (also every stacked block's output)
     synthetic: float | None = None  # share of steps on bigram-chain inputs [0.75 for padded token data]
     local_share: float = 0.0  # share of the run in the block-local phase
-    precision: str = (
-        "auto"  # fp32, bf16 (autocast; fp32 master weights and optimizer), auto: bf16 where it pays
-    )
+    # fp32, bf16 (autocast; fp32 master weights and optimizer), or auto: bf16 where bf16_pays
+    precision: str = "auto"
     checkpointing: bool = False  # recompute each block's activations in the backward pass
     seed: int = 0
     eval_every: int = 0  # held-out evaluations every N steps (0: only at the start and the end)
