@@ -1,7 +1,8 @@
 """OpenMP's wait policy on a shared machine: many small products (the shape of the calibrated
 conversion's conjugate gradients and per-layer solves), timed in fresh processes with OpenMP's
-default (spin, then sleep) and with ``OMP_WAIT_POLICY=PASSIVE`` (what the ``lors`` CLI sets), alone
-and beside ``--busy N`` competing CPU-bound processes, interleaved over ``--rounds``; medians.
+default (spin, then sleep), with ``OMP_WAIT_POLICY=PASSIVE``, and with what the ``lors`` CLI chooses
+(``lors_convert.threads.configure_threads``: PASSIVE only when other work is runnable), alone and
+beside ``--busy N`` competing CPU-bound processes, interleaved over ``--rounds``; medians.
 
     python scripts/bench_threads.py --busy 2 --rounds 3
 """
@@ -14,9 +15,13 @@ import os
 import statistics
 import subprocess
 import sys
+from pathlib import Path
 
 from benchdoc import recorded, table
 
+ROOT = Path(__file__).resolve().parents[1]
+
+LORS = "from lors_convert.threads import configure_threads\nconfigure_threads()\n"
 WORK = r"""
 import time, torch
 torch.manual_seed(0)
@@ -33,19 +38,21 @@ def _spin() -> None:
         pass
 
 
-def timed(policy: str | None) -> float:
+def timed(policy: str) -> float:
     env = {k: v for k, v in os.environ.items() if not k.startswith("OMP_")}
-    if policy:
+    env["PYTHONPATH"] = str(ROOT)
+    if policy == "PASSIVE":
         env["OMP_WAIT_POLICY"] = policy
-    out = subprocess.run([sys.executable, "-c", WORK], env=env, capture_output=True, text=True, check=True)
+    code = (LORS if policy == "lors" else "") + WORK
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     return float(out.stdout.split()[-1])
 
 
 def measure(rounds: int) -> dict[str, float]:
-    runs: dict[str, list[float]] = {"default": [], "PASSIVE": []}
+    runs: dict[str, list[float]] = {"default": [], "PASSIVE": [], "lors": []}
     for _ in range(rounds):
-        runs["default"].append(timed(None))
-        runs["PASSIVE"].append(timed("PASSIVE"))
+        for policy, times in runs.items():
+            times.append(timed(policy))
     return {k: statistics.median(v) for k, v in runs.items()}
 
 

@@ -1,21 +1,22 @@
-"""The CLI's thread settings: OpenMP threads sleep at barriers and the pool fits the usable CPUs,
-unless the user's environment says otherwise; nothing changes once torch is imported."""
+"""The CLI's thread settings: OpenMP threads sleep at barriers when other work is runnable, the pool
+fits the usable CPUs, the user's environment wins, and nothing changes once torch is imported."""
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-from lors_convert.threads import configure_threads, usable_cpus
+from lors_convert.threads import configure_threads, other_runnable_tasks, runnable_now, usable_cpus
 
 ROOT = Path(__file__).resolve().parents[1]
 SHOW = (
     "import os, sys\nfrom lors_convert.cli import main\nsys.argv = ['lors', '--help']\n"
     "try:\n    main()\nexcept SystemExit:\n    pass\n"
     "import torch\n"
-    "print(os.environ['OMP_WAIT_POLICY'], os.environ['OMP_NUM_THREADS'], torch.get_num_threads(), file=sys.stderr)"
+    "print(os.environ.get('OMP_WAIT_POLICY', 'default'), os.environ['OMP_NUM_THREADS'], torch.get_num_threads(), file=sys.stderr)"
 )
 
 
@@ -27,9 +28,34 @@ def _run(env: dict) -> list[str]:
     return res.stderr.strip().splitlines()[-1].split()
 
 
-def test_cli_defaults_to_passive_waits_and_the_usable_cpus():
+def _spin() -> None:
+    while True:
+        pass
+
+
+def test_beside_busy_processes_the_cli_lets_threads_sleep_and_sizes_the_pool_by_the_usable_cpus():
     cpus = str(len(os.sched_getaffinity(0)))
-    assert _run({}) == ["PASSIVE", cpus, cpus]
+    spinners = [multiprocessing.Process(target=_spin, daemon=True) for _ in range(2)]
+    for s in spinners:
+        s.start()
+    try:
+        assert other_runnable_tasks() >= 2
+        assert _run({}) == ["PASSIVE", cpus, cpus]
+    finally:
+        for s in spinners:
+            s.terminate()
+
+
+def test_the_wait_policy_follows_the_other_runnable_tasks():
+    code = (
+        "from lors_convert.threads import configure_threads\n"
+        "for others in (0, 1, 3, None):\n"
+        "    env = {}\n"
+        "    print(configure_threads(env, others=others), env.get('OMP_WAIT_POLICY', 'default'))\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert res.stdout.split("\n")[:4] == ["True default", "True PASSIVE", "True PASSIVE", "True PASSIVE"]
+    assert runnable_now("0.52 0.58 0.59 3/240 1234\n") == 3
 
 
 def test_the_users_settings_win():
