@@ -13,7 +13,7 @@ from lors_convert.calibrate.fidelity import Reference, fidelity, fidelity_score
 from lors_convert.calibrate.packing import pack, window_batches
 from lors_convert.heal import HealSettings, heal, stack_members
 from lors_convert.heal.blocks import block_errors
-from lors_convert.heal.objective import GlobalObjective
+from lors_convert.heal.objective import GlobalObjective, TeacherCache
 
 
 def _windows(n: int, seq_len: int = 16, seed: int = 0) -> torch.Tensor:
@@ -68,6 +68,37 @@ def test_a_bf16_step_matches_fp32_within_tolerance(kind):
     assert abs(losses["bf16"] - losses["fp32"]) <= 0.03 * abs(losses["fp32"])
     assert torch.nn.functional.cosine_similarity(grads["bf16"], grads["fp32"], dim=0) > 0.98
     assert all(p.dtype == torch.float32 for p in student.parameters())  # fp32 master weights
+
+
+def test_the_kl_step_runs_the_teachers_body_once_per_batch_and_matches_the_uncached_step():
+    teacher, student, train, _ = _setup()
+    calls = []
+    teacher.model.register_forward_hook(lambda *_: calls.append(1))  # the body, under the output head
+    grads = {}
+    for cached in (False, True):
+        model = copy.deepcopy(student)
+        objective = GlobalObjective(model, teacher, "kl", [], train[0], False)
+        calls.clear()
+        for _ in range(3):  # three passes over the same two batches
+            for key in (0, 1):
+                model.zero_grad(set_to_none=True)
+                objective.backward(train[key], key if cached else None)
+        objective.close()
+        assert len(calls) == (2 if cached else 6)
+        grads[cached] = torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None])
+    torch.testing.assert_close(grads[True], grads[False], rtol=0, atol=0)  # same arithmetic, kept
+
+
+def test_the_teacher_cache_keeps_results_only_within_its_byte_limit():
+    cache, runs = TeacherCache(limit=3 * 4 * 10), []
+
+    def compute(n):
+        return lambda: runs.append(n) or [torch.zeros(10)]  # 40 bytes each
+
+    for key in (0, 1, 2, 3, 0, 3, None, None):
+        cache.get(key, compute(key))
+    assert sorted(cache.kept) == [0, 1, 2] and cache.used == 120
+    assert runs == [0, 1, 2, 3, 3, None, None]  # batch 3 did not fit; None is never kept
 
 
 def test_an_interrupted_heal_resumes_to_the_uninterrupted_result(tmp_path):

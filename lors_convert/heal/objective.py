@@ -3,10 +3,14 @@
 - :class:`GlobalObjective`: the student's output matched to the teacher's on a batch. For a causal LM
   trained on ``kl``, both models run without their output head and the next-token KL is formed a few
   hundred positions at a time (:func:`~lors_convert.heal.losses.chunked_kl_backward`): a batch's
-  logits never exist whole, and the teacher runs on the fly (no cache of logits). Other outputs
-  (hidden states, small logits) follow :func:`~lors_convert.heal.losses.distill_loss`, with the
-  teacher's outputs of each batch optionally cached, and with ``match="layers"`` every stacked
-  block's output added to the loss.
+  logits never exist whole. Other outputs (hidden states, small logits) follow
+  :func:`~lors_convert.heal.losses.distill_loss`, with ``match="layers"`` every stacked block's
+  output added to the loss.
+- :class:`TeacherCache`: what the teacher gives for a batch (its final hidden states for the KL, its
+  outputs otherwise) kept by batch index, up to a byte limit, so that a run that passes over its
+  data several times runs the teacher's body once per batch. For the KL it keeps hidden states, not
+  logits: SmolLM2's 32k heal tokens are 75 MB of hidden states and 6 GB of logits; the teacher's
+  output head (a fifth of its work per token) runs on every step.
 - the block-local phase: :func:`lors_convert.heal.blocks.local_backward`.
 """
 
@@ -69,6 +73,28 @@ def split_head(model: nn.Module, probe: Batch) -> tuple[nn.Module, nn.Module] | 
     return (body, head) if torch.allclose(full, split, rtol=1e-4, atol=1e-4) else None
 
 
+TEACHER_CACHE_BYTES = 1 << 30  # beyond this the teacher runs on every step of the batches not kept
+
+
+class TeacherCache:
+    """Teacher results by batch index, kept while they fit in ``limit`` bytes."""
+
+    def __init__(self, limit: int = TEACHER_CACHE_BYTES):
+        self.limit, self.used = limit, 0
+        self.kept: dict[int, list[torch.Tensor]] = {}
+
+    def get(self, key: int | None, compute) -> list[torch.Tensor]:
+        """``compute()``'s result for batch ``key``, computed once if it fits (None: never kept)."""
+        if key is not None and key in self.kept:
+            return self.kept[key]
+        value = compute()
+        size = sum(t.numel() * t.element_size() for t in value)
+        if key is not None and self.used + size <= self.limit:
+            self.kept[key] = value
+            self.used += size
+        return value
+
+
 class GlobalObjective:
     """The global phase's loss on a batch, and its backward pass (see the module docstring)."""
 
@@ -79,7 +105,7 @@ class GlobalObjective:
             s, t = split_head(student, probe), split_head(teacher, probe)
             self.heads = (s, t) if s is not None and t is not None else None
         self.student_taps, self.teacher_taps = BlockTaps(student, members), BlockTaps(teacher, members)
-        self.cache: dict[int, list[torch.Tensor]] = {}
+        self.cache = TeacherCache()
 
     def close(self) -> None:
         self.student_taps.remove()
@@ -95,10 +121,8 @@ class GlobalObjective:
         """Accumulate the gradient of the loss on ``batch``; its value. ``key``: the batch's index, for
         the cache of teacher outputs (None: not cached)."""
         if self.heads is not None:
-            return self._kl_backward(batch)
-        if key is not None and key not in self.cache:
-            self.cache[key] = self.targets(batch)
-        targets = self.cache[key] if key is not None else self.targets(batch)
+            return self._kl_backward(batch, key)
+        targets = self.cache.get(key, lambda: self.targets(batch))
         with autocast(_device(self.student), self.bf16):
             final = primary_output(run_model(self.student, batch))
         outs = self.student_taps.take() + [final]
@@ -113,10 +137,15 @@ class GlobalObjective:
         value.backward()
         return float(value.detach())
 
-    def _kl_backward(self, batch: Batch) -> float:
-        (s_body, s_head), (t_body, t_head) = self.heads
-        with torch.no_grad(), autocast(_device(self.teacher), self.bf16):
-            t_hidden = finite(primary_output(run_model(t_body, batch)))  # (B, T, H)
+    @torch.no_grad()
+    def teacher_hidden(self, batch: Batch) -> list[torch.Tensor]:
+        """The teacher's final hidden states on ``batch``: the input of its output head."""
+        with autocast(_device(self.teacher), self.bf16):
+            return [finite(primary_output(run_model(self.heads[1][0], batch)))]  # [(B, T, H)]
+
+    def _kl_backward(self, batch: Batch, key: int | None) -> float:
+        (s_body, s_head), (_, t_head) = self.heads
+        (t_hidden,) = self.cache.get(key, lambda: self.teacher_hidden(batch))  # (B, T, H)
         with autocast(_device(self.student), self.bf16):
             s_hidden = primary_output(run_model(s_body, batch))  # (B, T, H)
         value = chunked_kl_backward(s_hidden, t_hidden, s_head, t_head, autocast=self.bf16)
@@ -133,4 +162,13 @@ def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-__all__ = ["GlobalObjective", "BlockTaps", "split_head", "stack_members", "autocast", "check_finite"]
+__all__ = [
+    "GlobalObjective",
+    "TeacherCache",
+    "TEACHER_CACHE_BYTES",
+    "BlockTaps",
+    "split_head",
+    "stack_members",
+    "autocast",
+    "check_finite",
+]
