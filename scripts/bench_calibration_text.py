@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 from bench_calibrate import run_measured  # noqa: E402
 from bench_frontier import smollm2_dir  # noqa: E402
 from benchdoc import table, write_section  # noqa: E402
-from heldout_kinds import heldout_kinds  # noqa: E402
+from heldout_kinds import heldout_kinds, kind_cells  # noqa: E402
 
 from lors_convert import checkpoint as ck  # noqa: E402
 from lors_convert.calibrate.fidelity import Reference, fidelity  # noqa: E402
@@ -68,16 +68,13 @@ def main() -> None:
     for budget, name, out, measured in runs:
         student = ck.load(out)
         got = {k: fidelity(student, ref) for k, ref in refs.items()}
-        cells = [f"{q['heldout_ppl_ratio']:.2f} ({q['heldout_top1']:.3f})" for q in got.values()]
-        worst = max(q["heldout_ppl_ratio"] for q in got.values())
         rows.append(
             [
                 budget,
                 name,
                 f"{measured['wall_s']:.0f} s" if measured else "-",
                 f"{measured['peak_gb']:.2f} GB" if measured else "-",
-                *cells,
-                f"{worst:.2f}",
+                *kind_cells(got),
             ]
         )
         print(rows[-1], file=sys.stderr, flush=True)

@@ -4,7 +4,8 @@ Each command runs in its own process (wall time and peak RSS from ``wait4``); th
 budget is kept in ``--work`` and reused. Prints, and writes to docs/benchmarks.md (section
 ``heal-<model>-<budget>``) and docs/healing.md (the curve: tokens trained on -> held-out perplexity
 ratio on text the source wrote with another seed), the fidelity before and after healing on the
-shipped probe text (never heal data), tokens, minutes and peak RSS. ``--compare-precision T`` first
+shipped probe text (never heal data), tokens, minutes and peak RSS; for SmolLM2 also the perplexity
+ratio before and after on technical prose and program source (``scripts/heldout_kinds.py``). ``--compare-precision T`` first
 heals for ``T`` tokens in fp32 and in bf16, side by side: tokens/s, held-out score after the same
 tokens, peak RSS.
 
@@ -25,6 +26,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from bench_calibrate import run_measured  # noqa: E402
 from bench_frontier import minilm_dir, smollm2_dir  # noqa: E402
 from benchdoc import table, write_section  # noqa: E402
+from heldout_kinds import kind_cells, kind_figures  # noqa: E402
 
 KEYS = ("ppl_ratio", "kl", "top1", "cosine", "rel_error")
 
@@ -96,7 +98,8 @@ def main() -> None:
     ckpt, converted = checkpoint(src, args.budget, args.work, args.model, args.checkpoint)
     flags = args.heal_args.split()
     prec = precision_rows(ckpt, args.work, args.compare_precision, flags) if args.compare_precision else []
-    r = heal(ckpt, args.work / f"{args.model}-{args.budget}.healed.lors", "--minutes", args.minutes, *flags)
+    healed = args.work / f"{args.model}-{args.budget}.healed.lors"
+    r = heal(ckpt, healed, "--minutes", args.minutes, *flags)
     q = r["q"]
     before, after = figures(q, "before_heal_"), figures(q, "")
     rows = [[k, before.get(k), after.get(k)] for k in KEYS if k in after]
@@ -111,6 +114,17 @@ def main() -> None:
         "",
         table(["metric", "before heal", "after heal"], rows),
     ]
+    if args.model == "smollm2":
+        kinds = kind_figures(src, [ckpt, healed], args.work / "kinds")
+        lines += [
+            "",
+            "Perplexity ratio (top-1) on three held-out kinds of text, none of them heal data:",
+            "",
+            table(
+                ["checkpoint", "probe text", "technical prose", "program source", "worst ratio"],
+                [["converted", *kind_cells(kinds[ckpt])], ["healed", *kind_cells(kinds[healed])]],
+            ),
+        ]
     if prec:
         lines += ["", table(["precision", "tokens", "tokens/s", "held-out score after", "peak RSS GB"], prec)]
     body = "\n".join(lines)
