@@ -87,9 +87,11 @@ def run_plan(
     return done
 
 
-def make_plan(model: nn.Module, get: Getter, fit: FitOptions, shared_parts: dict) -> ConversionPlan:
+def make_plan(
+    model: nn.Module, get: Getter, fit: FitOptions, shared_parts: dict, budget_memo: dict | None = None
+) -> ConversionPlan:
     """The plan of a conversion; with a budget its ranks come from the allocator (which solves the
-    shared parts into ``shared_parts``)."""
+    shared parts into ``shared_parts``; ``budget_memo``: see :func:`~lors_convert.fit.calibrated.apply_budget`)."""
     o = fit.convert
     hook = make_adaptive_hook(o.adaptive, o.rank, o.groups) if o.adaptive is not None else None
     if o.budget is not None:
@@ -102,6 +104,7 @@ def make_plan(model: nn.Module, get: Getter, fit: FitOptions, shared_parts: dict
             device=o.device,
             shared_parts=shared_parts,
             sharing=o.sharing,
+            memo=budget_memo,
         )
     else:
         plan = plan_conversion(
@@ -134,6 +137,7 @@ def convert(
     *,
     calibration=None,
     progress: Progress | None = None,
+    budget_memo: dict | None = None,
     **changes,
 ) -> tuple[nn.Module, Report]:
     """Convert ``model`` **in place** to LORS and return it with the savings report.
@@ -155,6 +159,8 @@ def convert(
     stay dense, and with ``sharing="auto"`` a matrix whose layers share too little to pay for ``W_s``
     becomes private-only (``W_i = B_i A_i``); ``sharing="always"`` keeps a shared part everywhere,
     ``"never"`` none (per-layer low rank). ``progress`` wraps the loop over parameters.
+    ``budget_memo``: a dict shared by conversions of the same weights and calibration at several
+    budgets, which then solve the budget's spectra and shared parts once (``--target``).
     """
     if options is not None and not isinstance(options, ConvertOptions):
         raise TypeError(f"convert's options must be a ConvertOptions (or keywords), got {options!r}")
@@ -165,7 +171,7 @@ def convert(
         return model.get_parameter(key).detach()
 
     shared_parts: dict[str, torch.Tensor] = {}  # solved once for the budget, reused by the fits
-    plan = make_plan(model, get, fit, shared_parts)
+    plan = make_plan(model, get, fit, shared_parts, budget_memo)
     report, matrices = plan.report_with_matrices(params_before)
     fits = run_plan(plan, get, ModuleSink(model), fit, matrices, progress, shared_parts)
     report.params_after = count_parameters(model)

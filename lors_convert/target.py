@@ -1,7 +1,7 @@
 """``--target``: the smallest budget whose calibrated conversion keeps a fidelity target on held-out data.
 
 One calibration (the Grams are reused by every candidate, and so are their cached
-eigendecompositions), then a bisection over the fraction of stacked parameters: each candidate
+eigendecompositions, the budget's spectra and its shared-part solves), then a bisection over the fraction of stacked parameters: each candidate
 converts a copy of the source and is measured against it. Fidelity is assumed to grow with the
 budget; every point tried is kept as the explored frontier (fraction -> fidelity).
 """
@@ -67,9 +67,10 @@ def search_budget(
     points: list[Point] = []
     best: tuple[float, nn.Module, Report] | None = None
     low, high, budget = 0.0, None, FIRST  # high: the smallest budget that met the target
+    memo: dict = {}  # what the budget solves that does not depend on it, kept for every candidate
     for _ in range(STEPS):
         point, candidate, report = _try(
-            model, reference, target, replace(options, budget=budget), calibration, progress
+            model, reference, target, replace(options, budget=budget), calibration, progress, memo
         )
         if point.meets and (best is None or budget < best[0]):
             best = (budget, candidate, report)
@@ -95,11 +96,13 @@ def search_budget(
     return best[1], best[2], points
 
 
-def _try(model, reference: Reference, target: Target, options: ConvertOptions, calibration, progress):
+def _try(model, reference: Reference, target: Target, options: ConvertOptions, calibration, progress, memo):
     """Convert a copy of ``model`` at ``options.budget`` and measure it: the point, the candidate and
     its report (None, None when the budget gives no conversion)."""
     try:
-        candidate, report = convert(copy.deepcopy(model), options, calibration=calibration, progress=progress)
+        candidate, report = convert(
+            copy.deepcopy(model), options, calibration=calibration, progress=progress, budget_memo=memo
+        )
     except LorsUsageError as e:  # e.g. the budget keeps every matrix dense
         return Point(options.budget, None, None, note=str(e)), None, None
     quality = fidelity(candidate, reference)

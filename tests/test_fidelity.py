@@ -24,6 +24,7 @@ from lors_convert.calibrate.fidelity import (
 )
 from lors_convert.cli import app
 from lors_convert.heal import heal
+from lors_convert import target as target_module
 from lors_convert.target import Target, search_budget
 from tests.models import StackedMLP, tiny_bert, tiny_llama, token_batches
 
@@ -210,6 +211,38 @@ def test_target_finds_the_smallest_budget_of_a_known_frontier():
     assert [p.budget for p in points] == sorted(p.budget for p in points) and len(points) <= 6
     assert all(p.meets == (p.quality["heldout_rel_error"] <= goal) for p in points)
     assert chosen == min(p.budget for p in points if p.meets)
+
+
+def test_target_solves_the_budgets_spectra_once_and_converts_as_each_budget_alone(monkeypatch):
+    """Every candidate of a calibrated search equals that budget converted on its own, while the
+    budget-independent spectra and shared parts are solved once per stacked parameter."""
+    import lors_convert.fit.calibrated as calibrated
+    from lors_convert.calibrate.grams import collect_grams
+
+    torch.manual_seed(0)
+    model = StackedMLP(dim=32, hidden=64, depth=4).eval()
+    x = torch.randn(96, 8, generator=torch.Generator().manual_seed(2))
+    cal = collect_grams(model, [x])
+    solved, candidates = [], []
+    real_items, real_try = calibrated._budget_items, target_module._try
+
+    def counting(pp, *args):
+        solved.append(tuple(pp.keys))
+        return real_items(pp, *args)
+
+    def keeping(*args):
+        got = real_try(*args)
+        candidates.append(got)
+        return got
+
+    monkeypatch.setattr(calibrated, "_budget_items", counting)
+    monkeypatch.setattr(target_module, "_try", keeping)
+    search_budget(model, Reference(model, [x]), Target.parse("rel-error=0.2"), {}, calibration=cal)
+    assert len(candidates) >= 3 and len(solved) == len(set(solved)) == 2  # up and down, once each
+    for point, candidate, _ in candidates:
+        alone, _ = convert(copy.deepcopy(model), budget=point.budget, calibration=cal)
+        for (name, a), b in zip(alone.state_dict().items(), candidate.state_dict().values(), strict=True):
+            assert torch.equal(a, b), (point.budget, name)
 
 
 def test_target_parse_and_unmet_targets():

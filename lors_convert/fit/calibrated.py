@@ -205,6 +205,7 @@ def apply_budget(
     damp: float | None = None,
     shared_parts: dict[str, torch.Tensor] | None = None,
     sharing: str = "auto",
+    memo: dict | None = None,
 ) -> Allocation:
     """Choose per-layer ranks for the static parameters of ``plan`` under ``budget`` (in place).
 
@@ -219,6 +220,9 @@ def apply_budget(
     (``pp.shared_key`` -> tensor), solved for the spectra (a screening solve,
     :data:`~lors_convert.decompose.whiten.CG_SCREEN_ITER` iterations), so that :func:`fit_calibrated`
     continues from it instead of solving again.
+    ``memo``: a dict that keeps each parameter's spectra and shared part across calls on the same
+    weights and calibration (they do not depend on the budget: ``--target`` tries several budgets
+    and solves them once); None keeps nothing (one stack's work in memory at a time).
     """
     floor, damp = _opts(floor, damp)
     static = [pp for pp in plan.params if pp.kind == "static"]
@@ -226,8 +230,8 @@ def apply_budget(
     total = sum(pp.dense_params for pp in plan.params)
     items, private = [], []
     for pp in static:
-        shared, item, alone = _budget_items(
-            pp, get, calibration, sharing, dict(floor=floor, damp=damp, device=device)
+        shared, item, alone = _memoized_items(
+            memo, pp, get, calibration, sharing, dict(floor=floor, damp=damp, device=device)
         )
         if shared_parts is not None and shared is not None:
             shared_parts[pp.shared_key] = shared
@@ -242,6 +246,19 @@ def apply_budget(
     if not plan.params:
         raise LorsUsageError(f"budget {budget} keeps every stacked parameter dense: nothing to convert")
     return alloc
+
+
+def _memoized_items(memo: dict | None, pp, get, calibration, sharing: str, opts: dict):
+    """:func:`_budget_items`, kept in ``memo`` (by the parameter's weight keys and the sharing
+    choice) when given; each call gets its own copy of the shared part, which the fit continues from."""
+    key = (tuple(pp.keys), sharing)
+    if memo is None or key not in memo:
+        items = _budget_items(pp, get, calibration, sharing, opts)
+        if memo is None:
+            return items
+        memo[key] = items
+    shared, item, alone = memo[key]
+    return (None if shared is None else shared.clone()), item, alone
 
 
 def _budget_items(pp, get, calibration, sharing: str, opts: dict):
