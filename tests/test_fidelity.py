@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from lors_convert import convert
+from lors_convert import target as target_module
 from lors_convert.calibrate.fidelity import (
     Reference,
     fidelity,
@@ -24,7 +25,6 @@ from lors_convert.calibrate.fidelity import (
 )
 from lors_convert.cli import app
 from lors_convert.heal import heal
-from lors_convert import target as target_module
 from lors_convert.target import Target, search_budget
 from tests.models import StackedMLP, tiny_bert, tiny_llama, token_batches
 
