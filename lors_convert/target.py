@@ -1,8 +1,9 @@
 """``--target``: the smallest budget whose calibrated conversion keeps a fidelity target on held-out data.
 
 One calibration (the Grams are reused by every candidate, and so are their cached
-eigendecompositions, the budget's spectra and its shared-part solves), then a bisection over the fraction of stacked parameters: each candidate
-converts a copy of the source and is measured against it. Fidelity is assumed to grow with the
+eigendecompositions, the budget's spectra and its shared-part solves), then a bisection over the
+fraction of stacked parameters: each candidate converts a copy of the source and is measured
+against it. Fidelity is assumed to grow with the
 budget; every point tried is kept as the explored frontier (fraction -> fidelity).
 """
 

@@ -20,12 +20,16 @@ SHOW = (
 )
 
 
-def _run(env: dict) -> list[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OMP_")} | env
-    res = subprocess.run(
-        [sys.executable, "-c", SHOW], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+def _python(code: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """``code`` run by a fresh interpreter in the repository, with no OMP_ variable but ``env``'s."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OMP_")} | (env or {})
+    return subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
     )
-    return res.stderr.strip().splitlines()[-1].split()
+
+
+def _run(env: dict) -> list[str]:
+    return _python(SHOW, env).stderr.strip().splitlines()[-1].split()
 
 
 def _spin() -> None:
@@ -53,7 +57,7 @@ def test_the_wait_policy_follows_the_other_runnable_tasks():
         "    env = {}\n"
         "    print(configure_threads(env, others=others), env.get('OMP_WAIT_POLICY', 'default'))\n"
     )
-    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    res = _python(code)
     assert res.stdout.split("\n")[:4] == ["True default", "True PASSIVE", "True PASSIVE", "True PASSIVE"]
     assert runnable_now("0.52 0.58 0.59 3/240 1234\n") == 3
 

@@ -44,9 +44,8 @@ class HealSettings:
     eval_seconds: float = 0.0  # ... or every this many seconds of training (0: off)
     save_every: int = 50
     device: str | None = None  # where to train (default: where the student is)
-    cache_teacher: bool = (
-        True  # the teacher's results of a batch kept after its first step (heal/objective.py)
-    )
+    # the teacher's results of a batch kept after its first step (heal/objective.py, TeacherCache)
+    cache_teacher: bool = True
     restart: bool = False  # discard a heal state left by other settings instead of refusing it
 
     def check(self) -> HealSettings:
