@@ -29,7 +29,7 @@ from .counting import count_parameters
 from .discover.generators import check_specs_used, make_adaptive_hook
 from .discover.plan import ConversionPlan, ParamPlan, full_rank_note, plan_conversion
 from .errors import about
-from .fit import Fit, FitOptions, fit_param
+from .fit import Fit, FitOptions, SearchMemo, fit_param
 from .fit.calibrated import apply_budget, quality_summary
 from .io.memory import trim
 from .io.spill import Spill
@@ -87,11 +87,9 @@ def run_plan(
     return done
 
 
-def make_plan(
-    model: nn.Module, get: Getter, fit: FitOptions, shared_parts: dict, budget_memo: dict | None = None
-) -> ConversionPlan:
+def make_plan(model: nn.Module, get: Getter, fit: FitOptions, shared_parts: dict) -> ConversionPlan:
     """The plan of a conversion; with a budget its ranks come from the allocator (which solves the
-    shared parts into ``shared_parts``; ``budget_memo``: see :func:`~lors_convert.fit.calibrated.apply_budget`)."""
+    shared parts into ``shared_parts``, kept in ``fit.memo`` when there is one)."""
     o = fit.convert
     hook = make_adaptive_hook(o.adaptive, o.rank, o.groups) if o.adaptive is not None else None
     if o.budget is not None:
@@ -104,7 +102,7 @@ def make_plan(
             device=o.device,
             shared_parts=shared_parts,
             sharing=o.sharing,
-            memo=budget_memo,
+            memo=fit.memo,
         )
     else:
         plan = plan_conversion(
@@ -137,7 +135,7 @@ def convert(
     *,
     calibration=None,
     progress: Progress | None = None,
-    budget_memo: dict | None = None,
+    memo: SearchMemo | None = None,
     **changes,
 ) -> tuple[nn.Module, Report]:
     """Convert ``model`` **in place** to LORS and return it with the savings report.
@@ -159,19 +157,20 @@ def convert(
     stay dense, and with ``sharing="auto"`` a matrix whose layers share too little to pay for ``W_s``
     becomes private-only (``W_i = B_i A_i``); ``sharing="always"`` keeps a shared part everywhere,
     ``"never"`` none (per-layer low rank). ``progress`` wraps the loop over parameters.
-    ``budget_memo``: a dict shared by conversions of the same weights and calibration at several
-    budgets, which then solve the budget's spectra and shared parts once (``--target``).
+    ``memo``: a :class:`~lors_convert.fit.SearchMemo` shared by conversions of the same weights and
+    calibration at several budgets, which then solve the budget's spectra, shared parts and fits once
+    (``--target``): each gives the factors it would give alone.
     """
     if options is not None and not isinstance(options, ConvertOptions):
         raise TypeError(f"convert's options must be a ConvertOptions (or keywords), got {options!r}")
-    fit = FitOptions(options, calibration, **changes)
+    fit = FitOptions(options, calibration, memo, **changes)
     params_before = count_parameters(model)
 
     def get(key: str) -> torch.Tensor:
         return model.get_parameter(key).detach()
 
     shared_parts: dict[str, torch.Tensor] = {}  # solved once for the budget, reused by the fits
-    plan = make_plan(model, get, fit, shared_parts, budget_memo)
+    plan = make_plan(model, get, fit, shared_parts)
     report, matrices = plan.report_with_matrices(params_before)
     fits = run_plan(plan, get, ModuleSink(model), fit, matrices, progress, shared_parts)
     report.params_after = count_parameters(model)

@@ -42,7 +42,7 @@ from .io.sources import SourceInfo, load_source, open_lazy
 from .io.spill import Spill
 from .options import ConvertOptions, Target
 from .report import Report
-from .target import FIRST, search_budget
+from .target import FIRST, REFERENCE_KEEP_BYTES, search_budget
 
 
 @dataclass
@@ -272,14 +272,14 @@ def _search(job: _Job, model, data, probe: Probes | None, spill: Spill):
     if probe is None or not probe.batches:
         raise LorsUsageError(f"--target needs held-out inputs to measure: {probe.why_none if probe else ''}")
     calibration = _grams(job, model, data, spill) if data is not None else None
-    reference = Reference(model, probe.batches, probe.label, probe.synthetic)  # the search converts copies
+    # the search converts copies, so the model itself is the reference
+    reference = Reference(model, probe.batches, probe.label, probe.synthetic, keep_bytes=REFERENCE_KEEP_BYTES)
     with about(job.src):
         best, report, points = search_budget(
             model, reference, job.target, job.options, calibration, job.log, job.progress
         )
     if data is not None:
         note_calibration(report, data, calibration)
-    report.quality.update(fidelity(best, reference))
     report.quality["target"] = {
         "target": str(job.target),
         "frontier": [p.to_dict(job.target) for p in points],

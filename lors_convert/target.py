@@ -1,9 +1,11 @@
 """``--target``: the smallest budget whose calibrated conversion keeps a fidelity target on held-out data.
 
 One calibration (the Grams are reused by every candidate, and so are their cached
-eigendecompositions, the budget's spectra and its shared-part solves), then a bisection over the
+eigendecompositions, the budget's spectra, its shared-part solves and each parameter's fit up to
+its truncation: :class:`~lors_convert.fit.SearchMemo`), then a bisection over the
 fraction of stacked parameters: each candidate converts a copy of the source and is measured
-against it. Fidelity is assumed to grow with the
+against it (the source's outputs are kept between candidates while they fit in
+``REFERENCE_KEEP_BYTES``), and the chosen candidate's report carries its measurement. Fidelity is assumed to grow with the
 budget; every point tried is kept as the explored frontier (fraction -> fidelity).
 """
 
@@ -18,10 +20,12 @@ from torch import nn
 from .calibrate.fidelity import Reference, fidelity
 from .conversion import Progress, convert
 from .errors import LorsError, LorsUsageError
+from .fit import SearchMemo
 from .options import FIDELITY_METRICS, ConvertOptions, Target
 from .report import Report
 
 FIRST, STEPS, HIGHEST = 0.5, 6, 0.95  # bisection over (0, HIGHEST]: 6 steps resolve 1/64
+REFERENCE_KEEP_BYTES = 512 << 20  # the source's outputs on the probes, kept across candidates
 
 
 @dataclass
@@ -68,7 +72,7 @@ def search_budget(
     points: list[Point] = []
     best: tuple[float, nn.Module, Report] | None = None
     low, high, budget = 0.0, None, FIRST  # high: the smallest budget that met the target
-    memo: dict = {}  # what the budget solves that does not depend on it, kept for every candidate
+    memo = SearchMemo()  # what does not depend on the budget, kept for every candidate
     for _ in range(STEPS):
         point, candidate, report = _try(
             model, reference, target, replace(options, budget=budget), calibration, progress, memo
@@ -102,11 +106,12 @@ def _try(model, reference: Reference, target: Target, options: ConvertOptions, c
     its report (None, None when the budget gives no conversion)."""
     try:
         candidate, report = convert(
-            copy.deepcopy(model), options, calibration=calibration, progress=progress, budget_memo=memo
+            copy.deepcopy(model), options, calibration=calibration, progress=progress, memo=memo
         )
     except LorsUsageError as e:  # e.g. the budget keeps every matrix dense
         return Point(options.budget, None, None, note=str(e)), None, None
     quality = fidelity(candidate, reference)
+    report.quality.update(quality)
     point = Point(
         options.budget,
         report.quality.get("stacked_fraction"),
@@ -126,4 +131,4 @@ def _describe(point: Point, target: Target) -> str:
     )
 
 
-__all__ = ["Point", "search_budget"]
+__all__ = ["Point", "search_budget", "REFERENCE_KEEP_BYTES"]

@@ -70,7 +70,7 @@ def test_output_grams_do_not_depend_on_the_chunk_size(monkeypatch):
     )
     whole = {}
     for chunk in (10_000, 12, 1):  # whole batches, one sample of 12 tokens, one sample each
-        monkeypatch.setattr(sensitivity, "CHUNK_POSITIONS", chunk)
+        monkeypatch.setattr(sensitivity, "chunk_positions", lambda owners, n=chunk: n)
         grams = sensitivity.collect_output_grams(model, owners, batches, probes=1)
         if not whole:
             whole = grams

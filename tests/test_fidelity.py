@@ -188,6 +188,24 @@ def test_default_probe_text_for_a_hf_text_model(tmp_path):
     assert q["heldout_samples"] == 260 and q["heldout_cosine"] > 0.99999
 
 
+def test_a_reference_that_keeps_outputs_runs_its_source_once_with_the_same_figures():
+    torch.manual_seed(0)
+    source = tiny_llama().eval()
+    converted, _ = convert(copy.deepcopy(source), rank=2)
+    batches = token_batches(source.config.vocab_size, n=3)
+    calls = []
+    source.register_forward_hook(lambda *_: calls.append(1))
+    plain = [fidelity(converted, Reference(source, batches)) for _ in range(2)]
+    runs_plain = len(calls)
+    kept = Reference(source, batches, keep_bytes=1 << 30)
+    figures = [fidelity(converted, kept) for _ in range(3)]
+    pieces_per_pass = runs_plain // 2
+    assert len(calls) - runs_plain == pieces_per_pass  # the first pass only
+    assert figures[0] == figures[1] == figures[2] == plain[0]
+    tight = Reference(source, batches, keep_bytes=1)  # nothing fits: the source reruns, same figures
+    assert fidelity(converted, tight) == fidelity(converted, tight) == plain[0]
+
+
 def test_target_finds_the_smallest_budget_of_a_known_frontier():
     torch.manual_seed(0)
     model = StackedMLP(dim=32, hidden=64, depth=4).eval()
@@ -213,7 +231,7 @@ def test_target_finds_the_smallest_budget_of_a_known_frontier():
     assert chosen == min(p.budget for p in points if p.meets)
 
 
-def test_target_solves_the_budgets_spectra_once_and_converts_as_each_budget_alone(monkeypatch):
+def test_target_solves_the_budgets_spectra_and_fits_once_and_converts_as_each_budget_alone(monkeypatch):
     """Every candidate of a calibrated search equals that budget converted on its own, while the
     budget-independent spectra and shared parts are solved once per stacked parameter."""
     import lors_convert.fit.calibrated as calibrated
@@ -223,8 +241,8 @@ def test_target_solves_the_budgets_spectra_once_and_converts_as_each_budget_alon
     model = StackedMLP(dim=32, hidden=64, depth=4).eval()
     x = torch.randn(96, 8, generator=torch.Generator().manual_seed(2))
     cal = collect_grams(model, [x])
-    solved, candidates = [], []
-    real_items, real_try = calibrated._budget_items, target_module._try
+    solved, fitted, candidates = [], [], []
+    real_items, real_try, real_basis = calibrated._budget_items, target_module._try, calibrated.weighted_basis
 
     def counting(pp, *args):
         solved.append(tuple(pp.keys))
@@ -235,10 +253,17 @@ def test_target_solves_the_budgets_spectra_once_and_converts_as_each_budget_alon
         candidates.append(got)
         return got
 
+    def basis(**kwargs):
+        fitted.append(kwargs["shared_part"])
+        return real_basis(**kwargs)
+
     monkeypatch.setattr(calibrated, "_budget_items", counting)
+    monkeypatch.setattr(calibrated, "weighted_basis", basis)
     monkeypatch.setattr(target_module, "_try", keeping)
     search_budget(model, Reference(model, [x]), Target.parse("rel-error=0.2"), {}, calibration=cal)
     assert len(candidates) >= 3 and len(solved) == len(set(solved)) == 2  # up and down, once each
+    converted = sum(1 for _, candidate, _ in candidates if candidate is not None)
+    assert len(fitted) <= 4 < 2 * converted  # fitted once per parameter and structure, not per candidate
     for point, candidate, _ in candidates:
         alone, _ = convert(copy.deepcopy(model), budget=point.budget, calibration=cal)
         for (name, a), b in zip(alone.state_dict().items(), candidate.state_dict().values(), strict=True):

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..io.memory import trim
+from ..io.memory import KeptResults, trim
 from ..io.spill import Spill
 from .batches import (
     Batch,
@@ -65,15 +65,27 @@ class Reference:
     label: str = "held-out inputs"  # where the batches came from, for the report
     synthetic: bool = False  # the batches are made up (no real data was given)
     recorded: Spill | None = None  # without a source: its outputs, one entry per piece (:func:`pieces`)
-    kinds: dict[int, str] = field(default_factory=dict)  # the recorded outputs' kinds, by piece
+    kinds: dict[int, str] = field(default_factory=dict)  # the outputs' kinds, by piece
+    # bytes of the source's outputs kept in memory for the next fidelity pass (0: the source reruns on
+    # each pass); for callers that measure many models against one reference
+    keep_bytes: int = 0
+    kept: KeptResults | None = field(default=None, repr=False)
 
     def output(self, i: int, batch: Batch) -> tuple[str, torch.Tensor]:
         """The kind and the compared output (float32, CPU) of the source on piece ``i``."""
         if self.source is None:
             return self.kinds[i], self.recorded.get(str(i))["y"]
-        return compared_output(
+        if self.kept is None:
+            self.kept = KeptResults(self.keep_bytes)
+        (y,) = self.kept.get(i if self.keep_bytes else None, lambda: [self._run(i, batch)])
+        return self.kinds[i], y
+
+    def _run(self, i: int, batch: Batch) -> torch.Tensor:
+        kind, y = compared_output(
             self.source, run_model(self.source, to_device(batch, model_device(self.source))), batch
         )
+        self.kinds[i] = kind
+        return y
 
 
 def pieces(batches: Iterable[Batch]) -> Iterable[Batch]:

@@ -16,8 +16,9 @@ linear head outside the stacks, ``y = x H^T + b`` (a causal LM's logits, ``H`` (
 starts at the head's input instead: ``v = z R^T`` with ``z ~ N(0, I_h)`` and ``R R^T = H^T H`` has
 the law of ``u H``, so the estimate is the same in distribution and the backward skips the head
 (a ``V x h`` product, large for a wide vocabulary). One forward pass per chunk of
-a batch (at most ``CHUNK_POSITIONS`` tokens or pixels: the autograd graph of a whole batch through a
-whole model is several times the model), ``probes`` backward passes through it
+a batch (at most ``CHUNK_ELEMENTS`` stacked-layer outputs, as many tokens or pixels as that allows:
+the autograd graph of a whole batch through a whole model is several times the model; a narrow, shallow
+model gets longer chunks and larger, faster products), ``probes`` backward passes through it
 (``torch.autograd.grad`` with respect to the hooked layer outputs only; no parameter takes part in
 the graph, which starts at the stacked layers' inputs, so it holds only what activation gradients
 need). Rows are the positions of the layer output (tokens,
@@ -52,7 +53,9 @@ from .batches import (
 )
 
 DEFAULT_PROBES = 4
-CHUNK_POSITIONS = 128  # output positions per backward graph: it bounds the graph's memory
+# stacked-layer output elements per backward graph: it bounds the graph's memory (SmolLM2-135M, 155,520
+# per token: 128 tokens; all-MiniLM-L6-v2, 20,736 per token: 964)
+CHUNK_ELEMENTS = 20_000_000
 
 
 def _output_rows(module: nn.Module, y: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -107,6 +110,7 @@ def collect_output_grams(
         )
     result: dict[str, torch.Tensor] = {}
     batches = list(batches)
+    chunk = chunk_positions(owners)  # the same for every group: each pass draws the same probes
     for group in groups:
         sums, scale = _group_pass(
             model,
@@ -116,6 +120,7 @@ def collect_output_grams(
             seed,
             device,
             progress if group is groups[-1] else None,
+            chunk,
         )
         grams = _completed(sums, scale, float64)
         if finished is not None:
@@ -131,6 +136,13 @@ def _completed(sums: dict, scale: float, float64: bool) -> Iterator[tuple[str, t
     for key in list(sums):
         g = completed(sums.pop(key)).mul_(scale).cpu()
         yield key, (g.to(torch.float64) if float64 else g)
+
+
+def chunk_positions(owners: Mapping[str, nn.Module]) -> int:
+    """Positions (tokens, pixels) per backward graph: ``CHUNK_ELEMENTS`` over the stacked layers'
+    output elements per position (each module once)."""
+    modules = {id(m): m for m in owners.values()}
+    return max(1, CHUNK_ELEMENTS // max(1, sum(_out_width(m) for m in modules.values())))
 
 
 def _out_width(module: nn.Module) -> int:
@@ -162,9 +174,9 @@ def _module_groups(
     return groups
 
 
-def _group_pass(model, owners, batches, probes, seed, device, progress) -> tuple[dict, float]:
-    """One pass over ``batches`` accumulating the output Grams of ``owners``: the sums (upper blocks,
-    :mod:`.accumulate`) and the scale that makes them means."""
+def _group_pass(model, owners, batches, probes, seed, device, progress, chunk) -> tuple[dict, float]:
+    """One pass over ``batches`` accumulating the output Grams of ``owners``, ``chunk`` positions per
+    backward graph: the sums (upper blocks, :mod:`.accumulate`) and the scale that makes them means."""
     by_module: dict[int, list[str]] = {}
     for key, module in owners.items():
         by_module.setdefault(id(module), []).append(key)
@@ -199,7 +211,7 @@ def _group_pass(model, owners, batches, probes, seed, device, progress) -> tuple
     try:
         with torch.enable_grad():
             for whole in batches:
-                for batch in split_batch(whole, max(1, CHUNK_POSITIONS // positions(whole))):
+                for batch in split_batch(whole, max(1, chunk // positions(whole))):
                     _backward_grams(
                         model,
                         to_device(batch, where),

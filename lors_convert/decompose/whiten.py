@@ -170,15 +170,32 @@ def whitened_truncation(
     Returns the factors ``(B_i (out, k), A_i (k, in))``, the whitened residual energy, the discarded
     whitened energy (the weighted error) and the whitened spectra ``s^2`` (descending), per layer.
     """
+    svds = [whitened_svd(R[i], whiteners[i], None if left is None else left[i]) for i in range(len(ranks))]
+    return truncate_svds(svds, whiteners, ranks, left)
+
+
+def whitened_svd(
+    R: torch.Tensor, right: Whitener, left: Whitener | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``U, S, V^T`` of the whitened residual ``M^T R L`` (thin: ``U (out, m)``, ``S (m,)``,
+    ``V^T (m, in)``, ``m = min(out, in)``)."""
+    Z = _whiten(R, right, left)  # (out, in)
+    with serial():
+        if Z.shape[0] < Z.shape[1]:  # LAPACK's SVD of a wide matrix is slower than its transpose's
+            V, S, Uh = torch.linalg.svd(Z.T, full_matrices=False)
+            return Uh.T, S, V.T
+        return torch.linalg.svd(Z, full_matrices=False)
+
+
+def truncate_svds(
+    svds: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    whiteners: list[Whitener],
+    ranks: list[int],
+    left: list[Whitener] | None = None,
+) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[float], list[float], list[torch.Tensor]]:
+    """:func:`whitened_truncation` from the residuals' whitened SVDs (:func:`whitened_svd`)."""
     factors, energy, discarded, spectra = [], [], [], []
-    for i, k in enumerate(ranks):
-        Z = _whiten(R[i], whiteners[i], None if left is None else left[i])  # (out, in)
-        with serial():
-            if Z.shape[0] < Z.shape[1]:  # LAPACK's SVD of a wide matrix is slower than its transpose's
-                V, S, Uh = torch.linalg.svd(Z.T, full_matrices=False)
-                U, Vh = Uh.T, V.T
-            else:
-                U, S, Vh = torch.linalg.svd(Z, full_matrices=False)
+    for i, (k, (U, S, Vh)) in enumerate(zip(ranks, svds, strict=True)):
         k = min(k, S.shape[0])
         B, A_white = split_balanced(U[:, :k], S[:k], Vh[:k])
         if left is not None:
@@ -329,25 +346,78 @@ def decompose_weighted(
     Errors (``relative_error``, ``retained_energy``) are the plain Frobenius figures of the design,
     the weighted ones are in ``weighted_*``. Float64 math, float32 results on ``device``.
     """
+    basis = weighted_basis(
+        weights, grams, orientation, shared, floor, damp, device, shared_part, out_grams, screened
+    )
+    if refine == 0 or not shared_part:  # nothing to refine: the history stays flat
+        return truncated(basis, ranks, refine)
+    W, wh, lw, W_s = basis.W, basis.wh, basis.lw, basis.W_s
+    factors, energy, discarded, _ = truncate_svds(basis.svds, wh, ranks, lw)
+    history = [sum(discarded)]
+    for _ in range(refine):
+        P = torch.stack([B @ A for B, A in factors])
+        W_s = weighted_shared(W, wh, P, left=lw, start=W_s)
+        factors, energy, discarded, _ = whitened_truncation(W - W_s, wh, ranks, lw)
+        history.append(sum(discarded))
+    return _factors(basis, W_s, factors, energy, discarded, history)
+
+
+@dataclass
+class WeightedBasis:
+    """What the weighted fit of one stacked parameter computes before it knows its ranks: the
+    layers, their whiteners, the shared part and the whitened residuals' SVDs. :func:`truncated`
+    gives the factors at any ranks from it, so a search over budgets fits each parameter once."""
+
+    W: torch.Tensor  # (N, out, in) float64, linear orientation
+    wh: list  # N input whiteners
+    lw: list | None  # N output whiteners, or None
+    W_s: torch.Tensor  # (out, in) the shared part (zero without one)
+    svds: list  # N ``(U (out, m), S (m,), V^T (m, in))`` of ``M_i^T (W_i - W_s) L_i``
+    orientation: str
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the tensors it holds itself (the whiteners' bases are the calibration's)."""
+        tensors = [self.W, self.W_s, *(t for svd in self.svds for t in svd)]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def weighted_basis(
+    weights: list[torch.Tensor],
+    grams: list[torch.Tensor | None] | None,
+    orientation: str = "out_in",
+    shared: torch.Tensor | None = None,
+    floor: float = DEFAULT_FLOOR,
+    damp: float = EXACT_DAMP,
+    device: torch.device | str | None = None,
+    shared_part: bool = True,
+    out_grams: list | None = None,
+    screened: bool = False,
+) -> WeightedBasis:
+    """The rank-independent part of :func:`decompose_weighted` (same arguments)."""
     W, wh, lw = _prepare(weights, grams, orientation, floor, damp, device, out_grams)
-    sweeps = refine
     if not shared_part:
         W_s = torch.zeros_like(W[0])
-        sweeps = 0  # nothing to refine: the history stays flat
     elif shared is not None:
         W_s = _orient(as_matrix(shared).to(W), orientation)
         if screened and lw is not None:
             W_s = weighted_shared(W, wh, left=lw, start=W_s)
     else:
         W_s = weighted_shared(W, wh, left=lw)
-    factors, energy, discarded, _ = whitened_truncation(W - W_s, wh, ranks, lw)
-    history = [sum(discarded)]
-    for _ in range(sweeps):
-        P = torch.stack([B @ A for B, A in factors])
-        W_s = weighted_shared(W, wh, P, left=lw, start=W_s)
-        factors, energy, discarded, _ = whitened_truncation(W - W_s, wh, ranks, lw)
-        history.append(sum(discarded))
-    history += history[-1:] * (refine - sweeps)
+    svds = [whitened_svd(W[i] - W_s, wh[i], None if lw is None else lw[i]) for i in range(W.shape[0])]
+    return WeightedBasis(W, wh, lw, W_s, svds, orientation)
+
+
+def truncated(basis: WeightedBasis, ranks: list[int], refine: int = 0) -> WeightedFactors:
+    """The factors at ``ranks`` from a :class:`WeightedBasis` (no refinement: ``history`` holds the
+    error ``refine + 1`` times)."""
+    factors, energy, discarded, _ = truncate_svds(basis.svds, basis.wh, ranks, basis.lw)
+    return _factors(basis, basis.W_s, factors, energy, discarded, [sum(discarded)] * (refine + 1))
+
+
+def _factors(basis: WeightedBasis, W_s, factors, energy, discarded, history) -> WeightedFactors:
+    """The result of a fit: stored-orientation factors and the plain and weighted errors."""
+    W, wh, lw, orientation = basis.W, basis.wh, basis.lw, basis.orientation
     layers = []
     outputs = []
     for i, (B, A) in enumerate(factors):
@@ -378,7 +448,12 @@ def decompose_weighted(
 
 
 __all__ = [
+    "WeightedBasis",
     "WeightedFactors",
+    "weighted_basis",
+    "truncated",
+    "whitened_svd",
+    "truncate_svds",
     "decompose_weighted",
     "shared_and_spectra",
     "sharing_spectra",

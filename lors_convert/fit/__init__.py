@@ -18,6 +18,7 @@ from ..discover.plan import ParamPlan
 from ..errors import LorsUsageError
 from ..options import ConvertOptions
 from . import calibrated, generator, plain
+from .calibrated import SearchMemo
 from .result import Fit
 
 
@@ -25,12 +26,21 @@ class FitOptions:
     """How every parameter of a conversion is fitted: the conversion's options and its calibration
     Grams (a :class:`lors_convert.calibrate.grams.Calibration` or a mapping of input Grams).
 
-    ``FitOptions(options, calibration, **changes)``: ``changes`` are :class:`ConvertOptions` fields.
+    ``FitOptions(options, calibration, memo=None, **changes)``: ``changes`` are :class:`ConvertOptions`
+    fields; ``memo``: a :class:`~lors_convert.fit.calibrated.SearchMemo` shared by conversions of
+    the same weights and calibration at several budgets.
     """
 
-    def __init__(self, options: ConvertOptions | None = None, calibration=None, **changes):
+    def __init__(
+        self,
+        options: ConvertOptions | None = None,
+        calibration=None,
+        memo: calibrated.SearchMemo | None = None,
+        **changes,
+    ):
         self.convert = ConvertOptions.of(options, **changes)
         self.calibration = calibration
+        self.memo = memo
         if calibration is not None and self.convert.init != "svd":
             raise LorsUsageError("calibration, refine and budget apply to init='svd' only")
 
@@ -87,9 +97,9 @@ def fit_param(
         return plain.paper_init(pp)
     if options.weighted:
         return calibrated.fit_calibrated(
-            pp, weights, options.calibration, options.refine, options.device, shared
+            pp, weights, options.calibration, options.refine, options.device, shared, memo=options.memo
         )
     return plain.fit_plain(pp, weights, options.method, options.device)
 
 
-__all__ = ["Fit", "FitOptions", "fit_param"]
+__all__ = ["Fit", "FitOptions", "fit_param", "SearchMemo"]

@@ -23,15 +23,22 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 
 import torch
 
 from ..decompose.budget import Allocation, BudgetItem, allocate_ranks, allocate_with_sharing
 from ..decompose.lorst import as_matrix
-from ..decompose.whiten import decompose_weighted, shared_and_spectra, sharing_spectra
+from ..decompose.whiten import (
+    decompose_weighted,
+    shared_and_spectra,
+    sharing_spectra,
+    truncated,
+    weighted_basis,
+)
 from ..decompose.whitener import DEFAULT_FLOOR, ScaledGram
 from ..errors import LorsError, LorsUsageError
-from ..io.memory import trim
+from ..io.memory import KeptResults, trim
 from .result import Fit
 
 # the ridge a calibrated conversion adds to every Gram, relative to its mean eigenvalue (the pure
@@ -147,6 +154,21 @@ def _opts(floor, damp):
     return (DEFAULT_FLOOR if floor is None else floor), (CONVERSION_DAMP if damp is None else damp)
 
 
+FIT_MEMO_BYTES = 1 << 30  # fits kept by a :class:`SearchMemo` (MiniLM's whole stack: 0.2 GB)
+
+
+@dataclass
+class SearchMemo:
+    """What conversions of the same weights and calibration at several budgets share (``--target``):
+    each parameter's budget spectra and screening shared part (``budget``, see :func:`apply_budget`),
+    and its weighted fit up to the truncation (``fits``, a
+    :class:`~lors_convert.decompose.whiten.WeightedBasis` per parameter and structure, kept while they
+    fit in ``FIT_MEMO_BYTES``). Each candidate then costs its truncation and its measurement."""
+
+    budget: dict = field(default_factory=dict)
+    fits: KeptResults = field(default_factory=lambda: KeptResults(FIT_MEMO_BYTES))
+
+
 def fit_calibrated(
     pp,
     weights: list[torch.Tensor],
@@ -156,11 +178,13 @@ def fit_calibrated(
     shared: torch.Tensor | None = None,
     floor: float | None = None,
     damp: float | None = None,
+    memo: SearchMemo | None = None,
 ) -> Fit:
     """The weighted fit of one planned parameter. Uncalibrated and unrefined: the plain mean + SVD.
 
     ``shared``: the initial shared part already solved for (:func:`apply_budget`'s ``shared_parts``, a
-    screening solve that the fit finishes).
+    screening solve that the fit finishes). ``memo``: keeps the unrefined fit's rank-independent part
+    for the next conversion at another budget (the same factors as without it, bit for bit).
     """
     floor, damp = _opts(floor, damp)
     weights = list(weights)
@@ -168,12 +192,10 @@ def fit_calibrated(
     screened = shared is not None  # the budget's solve: finished in the fit
     if shared is None and calibration is None and refine == 0:
         shared = _plain_mean(weights)
-    factors = decompose_weighted(
-        weights,
-        pp.ranks,
-        grams,
+    args = dict(
+        weights=weights,
+        grams=grams,
         orientation=orientation(pp),
-        refine=refine,
         floor=floor,
         damp=damp,
         device=device,
@@ -182,6 +204,11 @@ def fit_calibrated(
         out_grams=output_grams(pp, weights, calibration),
         screened=screened,
     )
+    if memo is not None and refine == 0:
+        key = (tuple(pp.keys), pp.has_shared)  # the shared start is the memo's too
+        factors = truncated(memo.fits.get(key, lambda: weighted_basis(**args)), pp.ranks)
+    else:
+        factors = decompose_weighted(ranks=pp.ranks, refine=refine, **args)
     return Fit(
         shared=factors.shared if pp.has_shared else None,
         factors=[(f.B, f.A) for f in factors.layers],
@@ -205,7 +232,7 @@ def apply_budget(
     damp: float | None = None,
     shared_parts: dict[str, torch.Tensor] | None = None,
     sharing: str = "auto",
-    memo: dict | None = None,
+    memo: SearchMemo | None = None,
 ) -> Allocation:
     """Choose per-layer ranks for the static parameters of ``plan`` under ``budget`` (in place).
 
@@ -220,9 +247,9 @@ def apply_budget(
     (``pp.shared_key`` -> tensor), solved for the spectra (a screening solve,
     :data:`~lors_convert.decompose.whiten.CG_SCREEN_ITER` iterations), so that :func:`fit_calibrated`
     continues from it instead of solving again.
-    ``memo``: a dict that keeps each parameter's spectra and shared part across calls on the same
-    weights and calibration (they do not depend on the budget: ``--target`` tries several budgets
-    and solves them once); None keeps nothing (one stack's work in memory at a time).
+    ``memo``: keeps each parameter's spectra and shared part across calls on the same weights and
+    calibration (they do not depend on the budget: ``--target`` tries several budgets and solves
+    them once); None keeps nothing (one stack's work in memory at a time).
     """
     floor, damp = _opts(floor, damp)
     static = [pp for pp in plan.params if pp.kind == "static"]
@@ -248,16 +275,16 @@ def apply_budget(
     return alloc
 
 
-def _memoized_items(memo: dict | None, pp, get, calibration, sharing: str, opts: dict):
+def _memoized_items(memo: SearchMemo | None, pp, get, calibration, sharing: str, opts: dict):
     """:func:`_budget_items`, kept in ``memo`` (by the parameter's weight keys and the sharing
     choice) when given; each call gets its own copy of the shared part, which the fit continues from."""
     key = (tuple(pp.keys), sharing)
-    if memo is None or key not in memo:
+    if memo is None or key not in memo.budget:
         items = _budget_items(pp, get, calibration, sharing, opts)
         if memo is None:
             return items
-        memo[key] = items
-    shared, item, alone = memo[key]
+        memo.budget[key] = items
+    shared, item, alone = memo.budget[key]
     return (None if shared is None else shared.clone()), item, alone
 
 
@@ -331,6 +358,7 @@ __all__ = [
     "layer_grams",
     "fit_calibrated",
     "apply_budget",
+    "SearchMemo",
     "quality_summary",
     "CONVERSION_DAMP",
 ]

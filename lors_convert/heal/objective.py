@@ -22,6 +22,7 @@ from torch import nn
 from ..calibrate.batches import Batch, batch_mask, finite, primary_output, run_model
 from ..discover.stacks import find_stacks
 from ..errors import LorsError
+from ..io.memory import KeptResults
 from .losses import chunked_kl_backward, distill_loss
 
 
@@ -76,23 +77,11 @@ def split_head(model: nn.Module, probe: Batch) -> tuple[nn.Module, nn.Module] | 
 TEACHER_CACHE_BYTES = 1 << 30  # beyond this the teacher runs on every step of the batches not kept
 
 
-class TeacherCache:
+class TeacherCache(KeptResults):
     """Teacher results by batch index, kept while they fit in ``limit`` bytes."""
 
     def __init__(self, limit: int = TEACHER_CACHE_BYTES):
-        self.limit, self.used = limit, 0
-        self.kept: dict[int, list[torch.Tensor]] = {}
-
-    def get(self, key: int | None, compute) -> list[torch.Tensor]:
-        """``compute()``'s result for batch ``key``, computed once if it fits (None: never kept)."""
-        if key is not None and key in self.kept:
-            return self.kept[key]
-        value = compute()
-        size = sum(t.numel() * t.element_size() for t in value)
-        if key is not None and self.used + size <= self.limit:
-            self.kept[key] = value
-            self.used += size
-        return value
+        super().__init__(limit)
 
 
 class GlobalObjective:

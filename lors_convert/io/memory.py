@@ -1,5 +1,6 @@
 """Process memory: how much this machine has free, giving freed memory back to it, weights that
-own their memory, and models that hold none (parameters on the meta device)."""
+own their memory, models that hold none (parameters on the meta device), and results kept for reuse
+up to a byte limit."""
 
 from __future__ import annotations
 
@@ -70,4 +71,24 @@ def empty_model(factory: Callable[[], nn.Module]) -> nn.Module:
     return model
 
 
-__all__ = ["available_bytes", "own_memory", "trim", "empty_model"]
+class KeptResults:
+    """Results (lists of tensors, or objects that say their ``nbytes``) by key, each computed once
+    while they fit in ``limit`` bytes; past the limit, or for the key None, computed on every call."""
+
+    def __init__(self, limit: int):
+        self.limit, self.used = limit, 0
+        self.kept: dict = {}
+
+    def get(self, key, compute: Callable[[], object]):
+        """``compute()``'s result for ``key``, computed once if it fits."""
+        if key is not None and key in self.kept:
+            return self.kept[key]
+        value = compute()
+        size = sum(t.nbytes for t in value) if isinstance(value, list | tuple) else value.nbytes
+        if key is not None and self.used + size <= self.limit:
+            self.kept[key] = value
+            self.used += size
+        return value
+
+
+__all__ = ["available_bytes", "own_memory", "trim", "empty_model", "KeptResults"]
