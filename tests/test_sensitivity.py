@@ -15,8 +15,8 @@ from lors_convert.calibrate.grams import collect_grams, gram_owners
 from lors_convert.calibrate.sensitivity import collect_output_grams
 from lors_convert.decompose.budget import BudgetItem, allocate_ranks
 from lors_convert.decompose.lorst import rebalance
+from lors_convert.decompose.weighted import decompose_weighted
 from lors_convert.decompose.whiten import (
-    decompose_weighted,
     shared_and_spectra,
     weighted_shared,
     whitened_spectra,

@@ -10,7 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lors_convert.decompose.budget import BudgetItem, allocate_ranks, evaluate, uniform_ranks
-from lors_convert.decompose.whiten import decompose_weighted, weighted_shared
+from lors_convert.decompose.weighted import decompose_weighted
+from lors_convert.decompose.whiten import weighted_shared
 from lors_convert.decompose.whitener import (
     ScaledGram,
     cached_eigh,

@@ -36,12 +36,9 @@ is transposed on the way in and out (``orientation="in_out"``).
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
-
 import torch
 
-from .lorst import LayerFactors, StackFactors, as_matrix, rebalance, split_balanced
+from .lorst import as_matrix, rebalance, split_balanced
 from .topk import serial
 from .whitener import DEFAULT_FLOOR, EXACT_DAMP, Whitener, stack_whiteners
 
@@ -139,28 +136,6 @@ def _kron_sum_cg(
     return x
 
 
-@dataclass
-class WeightedFactors(StackFactors):
-    """:class:`StackFactors` plus the weighted (output) error bookkeeping."""
-
-    weighted_residual: list[float] = field(default_factory=list)  # ||(W_i - W_s) L_i||^2
-    weighted_error: list[float] = field(default_factory=list)  # ||(W_i - What_i) L_i||^2
-    weighted_output: list[float] = field(default_factory=list)  # ||W_i L_i||^2 (output energy)
-    history: list[float] = field(default_factory=list)  # total weighted error after each sweep
-
-    @property
-    def total_weighted_error(self) -> float:
-        return sum(self.weighted_error)
-
-    @property
-    def relative_output_error(self) -> list[float]:
-        """``||(W_i - What_i) X_i|| / ||W_i X_i||`` per layer on the calibration inputs."""
-        return [
-            math.sqrt(max(e, 0.0) / o) if o > 0 else 0.0
-            for e, o in zip(self.weighted_error, self.weighted_output, strict=False)
-        ]
-
-
 def whitened_truncation(
     R: torch.Tensor, whiteners: list[Whitener], ranks: list[int], left: list[Whitener] | None = None
 ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[float], list[float], list[torch.Tensor]]:
@@ -179,7 +154,7 @@ def whitened_svd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``U, S, V^T`` of the whitened residual ``M^T R L`` (thin: ``U (out, m)``, ``S (m,)``,
     ``V^T (m, in)``, ``m = min(out, in)``)."""
-    Z = _whiten(R, right, left)  # (out, in)
+    Z = whiten_residual(R, right, left)  # (out, in)
     with serial():
         if Z.shape[0] < Z.shape[1]:  # LAPACK's SVD of a wide matrix is slower than its transpose's
             V, S, Uh = torch.linalg.svd(Z.T, full_matrices=False)
@@ -208,13 +183,13 @@ def truncate_svds(
     return factors, energy, discarded, spectra
 
 
-def _whiten(R: torch.Tensor, right: Whitener, left: Whitener | None) -> torch.Tensor:
+def whiten_residual(R: torch.Tensor, right: Whitener, left: Whitener | None) -> torch.Tensor:
     """``M^T R L``: the residual in the space where the weighted error is the Frobenius norm."""
     Z = right.right_L(R)  # (out, in)
     return Z if left is None else left.left_LT(Z)
 
 
-def _orient(M: torch.Tensor, orientation: str) -> torch.Tensor:
+def orient(M: torch.Tensor, orientation: str) -> torch.Tensor:
     return M.transpose(-1, -2) if orientation == "in_out" else M
 
 
@@ -233,7 +208,7 @@ def whitened_spectra(
 
     ``shared=False`` gives the spectra of the layers themselves (no shared part); ``shared_matrix``
     (stored orientation) replaces the weighted least-squares shared part; ``out_grams``: output-side
-    Grams (see :func:`decompose_weighted`).
+    Grams (see :func:`~lors_convert.decompose.weighted.decompose_weighted`).
     """
     return shared_and_spectra(
         weights, grams, orientation, floor, damp, shared, device, shared_matrix, out_grams
@@ -254,11 +229,11 @@ def shared_and_spectra(
     """:func:`whitened_spectra` and the shared part they were taken against (stored orientation,
     float64; None with ``shared=False``). With output Grams that part is a screening solve
     (:data:`CG_SCREEN_ITER` iterations, enough to rank sharing against none), passed on to
-    :func:`decompose_weighted` (``screened=True``), which solves on from it."""
-    W, wh, lw = _prepare(weights, grams, orientation, floor, damp, device, out_grams)
+    :func:`~lors_convert.decompose.weighted.decompose_weighted` (``screened=True``), which solves on from it."""
+    W, wh, lw = prepare_stack(weights, grams, orientation, floor, damp, device, out_grams)
     S = _budget_shared(W, wh, lw, orientation, shared, shared_matrix)
     spectra = _layer_spectra(W if S is None else W - S, wh, lw)
-    return (None if S is None else _orient(S, orientation)), spectra
+    return (None if S is None else orient(S, orientation)), spectra
 
 
 def sharing_spectra(
@@ -274,15 +249,15 @@ def sharing_spectra(
     """:func:`shared_and_spectra` plus the spectra of the layers themselves (no shared part), from
     one set of whiteners: the two structures a budget with ``sharing="auto"`` compares.
     Returns ``(shared part, residual spectra, the layers' own spectra)``."""
-    W, wh, lw = _prepare(weights, grams, orientation, floor, damp, device, out_grams)
+    W, wh, lw = prepare_stack(weights, grams, orientation, floor, damp, device, out_grams)
     S = _budget_shared(W, wh, lw, orientation, True, shared_matrix)
-    return _orient(S, orientation), _layer_spectra(W - S, wh, lw), _layer_spectra(W, wh, lw)
+    return orient(S, orientation), _layer_spectra(W - S, wh, lw), _layer_spectra(W, wh, lw)
 
 
 def _budget_shared(W, wh, lw, orientation, shared, shared_matrix):
     """The given shared part (linear orientation), the weighted least-squares one, or None."""
     if shared_matrix is not None:
-        return _orient(as_matrix(shared_matrix).to(W), orientation)
+        return orient(as_matrix(shared_matrix).to(W), orientation)
     if shared:
         return weighted_shared(W, wh, left=lw, max_iter=CG_SCREEN_ITER)
     return None
@@ -292,18 +267,18 @@ def _layer_spectra(R: torch.Tensor, wh, lw) -> list[torch.Tensor]:
     """Per layer, the descending ``s^2`` of the whitened ``R[i]`` (CPU)."""
     spectra = []
     for i in range(R.shape[0]):
-        Z = _whiten(R[i], wh[i], None if lw is None else lw[i])  # (out, in)
+        Z = whiten_residual(R[i], wh[i], None if lw is None else lw[i])  # (out, in)
         G = Z @ Z.T if Z.shape[0] <= Z.shape[1] else Z.T @ Z  # the smaller Gram: eigenvalues = s^2
         with serial():
             spectra.append(torch.linalg.eigvalsh(G).clamp_min(0.0).flip(0).cpu())
     return spectra
 
 
-def _prepare(weights, grams, orientation, floor, damp, device, out_grams=None):
+def prepare_stack(weights, grams, orientation, floor, damp, device, out_grams=None):
     """Stacked float64 matrices in linear orientation, input whiteners, output whiteners (or None)."""
     device = torch.device(device) if device is not None else weights[0].device
     W = torch.stack(
-        [_orient(as_matrix(w).to(device=device, dtype=torch.float64), orientation) for w in weights]
+        [orient(as_matrix(w).to(device=device, dtype=torch.float64), orientation) for w in weights]
     )
     wh = stack_whiteners(grams, len(weights), W.shape[2], floor, damp, device)
     lw = None
@@ -312,149 +287,12 @@ def _prepare(weights, grams, orientation, floor, damp, device, out_grams=None):
     return W, wh, lw
 
 
-def decompose_weighted(
-    weights: list[torch.Tensor],
-    ranks: list[int],
-    grams: list[torch.Tensor | None] | None,
-    orientation: str = "out_in",
-    refine: int = 0,
-    shared: torch.Tensor | None = None,
-    floor: float = DEFAULT_FLOOR,
-    damp: float = EXACT_DAMP,
-    device: torch.device | str | None = None,
-    shared_part: bool = True,
-    out_grams: list | None = None,
-    screened: bool = False,
-) -> WeightedFactors:
-    """Calibrated LORST factors of one stacked parameter.
-
-    ``weights``: the N layers' tensors as stored; ``ranks``: total private rank per layer;
-    ``grams``: per layer input Gram ``(in, in)`` (None: identity, i.e. the plain Frobenius error;
-    with all None and ``refine=0`` this is the mean + SVD of :func:`lors_convert.decompose.lorst.decompose_stack` up to the shared
-    part being the mean); ``out_grams``: per layer output-side Gram ``(out, out)`` in linear
-    orientation (None: identity, the layer's own output error); ``orientation``: "out_in" (Linear,
-    conv) or "in_out" (HF Conv1D, whose factors are returned as stored, ``B (in, k)``, ``A (k, out)``);
-    ``refine``: alternating sweeps (shared <- weighted least squares given the private parts, then
-    re-truncate), ``history`` holds the total weighted error after the initial fit and after each
-    sweep (non-increasing); ``shared``: a given starting shared part (stored orientation);
-    ``screened``: ``shared`` is a budget's screening solve (:data:`CG_SCREEN_ITER` iterations), which
-    with output Grams is solved on from there (:data:`CG_MAX_ITER` more: a kept shared part costs
-    what it did, a dropped one 3 iterations instead of 10);
-    ``shared_part=False``: no shared part at all (per-layer low rank: a private-only stack; ``shared``
-    in the result is zero and ``history`` constant).
-
-    Errors (``relative_error``, ``retained_energy``) are the plain Frobenius figures of the design,
-    the weighted ones are in ``weighted_*``. Float64 math, float32 results on ``device``.
-    """
-    basis = weighted_basis(
-        weights, grams, orientation, shared, floor, damp, device, shared_part, out_grams, screened
-    )
-    if refine == 0 or not shared_part:  # nothing to refine: the history stays flat
-        return truncated(basis, ranks, refine)
-    W, wh, lw, W_s = basis.W, basis.wh, basis.lw, basis.W_s
-    factors, energy, discarded, _ = truncate_svds(basis.svds, wh, ranks, lw)
-    history = [sum(discarded)]
-    for _ in range(refine):
-        P = torch.stack([B @ A for B, A in factors])
-        W_s = weighted_shared(W, wh, P, left=lw, start=W_s)
-        factors, energy, discarded, _ = whitened_truncation(W - W_s, wh, ranks, lw)
-        history.append(sum(discarded))
-    return _factors(basis, W_s, factors, energy, discarded, history)
-
-
-@dataclass
-class WeightedBasis:
-    """What the weighted fit of one stacked parameter computes before it knows its ranks: the
-    layers, their whiteners, the shared part and the whitened residuals' SVDs. :func:`truncated`
-    gives the factors at any ranks from it, so a search over budgets fits each parameter once."""
-
-    W: torch.Tensor  # (N, out, in) float64, linear orientation
-    wh: list  # N input whiteners
-    lw: list | None  # N output whiteners, or None
-    W_s: torch.Tensor  # (out, in) the shared part (zero without one)
-    svds: list  # N ``(U (out, m), S (m,), V^T (m, in))`` of ``M_i^T (W_i - W_s) L_i``
-    orientation: str
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of the tensors it holds itself (the whiteners' bases are the calibration's)."""
-        tensors = [self.W, self.W_s, *(t for svd in self.svds for t in svd)]
-        return sum(t.numel() * t.element_size() for t in tensors)
-
-
-def weighted_basis(
-    weights: list[torch.Tensor],
-    grams: list[torch.Tensor | None] | None,
-    orientation: str = "out_in",
-    shared: torch.Tensor | None = None,
-    floor: float = DEFAULT_FLOOR,
-    damp: float = EXACT_DAMP,
-    device: torch.device | str | None = None,
-    shared_part: bool = True,
-    out_grams: list | None = None,
-    screened: bool = False,
-) -> WeightedBasis:
-    """The rank-independent part of :func:`decompose_weighted` (same arguments)."""
-    W, wh, lw = _prepare(weights, grams, orientation, floor, damp, device, out_grams)
-    if not shared_part:
-        W_s = torch.zeros_like(W[0])
-    elif shared is not None:
-        W_s = _orient(as_matrix(shared).to(W), orientation)
-        if screened and lw is not None:
-            W_s = weighted_shared(W, wh, left=lw, start=W_s)
-    else:
-        W_s = weighted_shared(W, wh, left=lw)
-    svds = [whitened_svd(W[i] - W_s, wh[i], None if lw is None else lw[i]) for i in range(W.shape[0])]
-    return WeightedBasis(W, wh, lw, W_s, svds, orientation)
-
-
-def truncated(basis: WeightedBasis, ranks: list[int], refine: int = 0) -> WeightedFactors:
-    """The factors at ``ranks`` from a :class:`WeightedBasis` (no refinement: ``history`` holds the
-    error ``refine + 1`` times)."""
-    factors, energy, discarded, _ = truncate_svds(basis.svds, basis.wh, ranks, basis.lw)
-    return _factors(basis, basis.W_s, factors, energy, discarded, [sum(discarded)] * (refine + 1))
-
-
-def _factors(basis: WeightedBasis, W_s, factors, energy, discarded, history) -> WeightedFactors:
-    """The result of a fit: stored-orientation factors and the plain and weighted errors."""
-    W, wh, lw, orientation = basis.W, basis.wh, basis.lw, basis.orientation
-    layers = []
-    outputs = []
-    for i, (B, A) in enumerate(factors):
-        R = W[i] - W_s
-        D = R - B @ A
-        outputs.append(float((_whiten(W[i], wh[i], None if lw is None else lw[i]) ** 2).sum()))
-        res = float((R * R).sum())
-        err = float((D * D).sum())
-        if orientation == "in_out":
-            B, A = A.T, B.T  # W^T = (B A)^T = A^T B^T: stored B (in, k), A (k, out)
-        layers.append(
-            LayerFactors(
-                B=B.float(),
-                A=A.float(),
-                residual_energy=res,
-                discarded_energy=err,
-                weight_norm=float(torch.linalg.matrix_norm(W[i])),
-            )
-        )
-    return WeightedFactors(
-        shared=_orient(W_s, orientation).float(),
-        layers=layers,
-        weighted_residual=energy,
-        weighted_error=discarded,
-        weighted_output=outputs,
-        history=history,
-    )
-
-
 __all__ = [
-    "WeightedBasis",
-    "WeightedFactors",
-    "weighted_basis",
-    "truncated",
+    "orient",
+    "prepare_stack",
+    "whiten_residual",
     "whitened_svd",
     "truncate_svds",
-    "decompose_weighted",
     "shared_and_spectra",
     "sharing_spectra",
     "weighted_shared",

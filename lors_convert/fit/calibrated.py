@@ -29,13 +29,8 @@ import torch
 
 from ..decompose.budget import Allocation, BudgetItem, allocate_ranks, allocate_with_sharing
 from ..decompose.lorst import as_matrix
-from ..decompose.whiten import (
-    decompose_weighted,
-    shared_and_spectra,
-    sharing_spectra,
-    truncated,
-    weighted_basis,
-)
+from ..decompose.weighted import decompose_weighted, truncated, weighted_basis
+from ..decompose.whiten import shared_and_spectra, sharing_spectra
 from ..decompose.whitener import DEFAULT_FLOOR, ScaledGram
 from ..errors import LorsError, LorsUsageError
 from ..io.memory import KeptResults, trim
