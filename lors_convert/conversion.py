@@ -16,21 +16,25 @@ What is converted, and how, is a :class:`~lors_convert.options.ConvertOptions`.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 
 import torch
 from torch import nn
 
+from .calibrate.closed_loop import block_chain, closed_loop_pass
 from .calibrate.data import CalibrationData
 from .calibrate.fidelity import Reference, fidelity, reference_outputs
 from .calibrate.grams import collect_grams
 from .counting import count_parameters
 from .discover.generators import check_specs_used, make_adaptive_hook
 from .discover.plan import ConversionPlan, ParamPlan, full_rank_note, plan_conversion
+from .discover.stacks import find_stacks
 from .errors import about
 from .fit import Fit, FitOptions, SearchMemo, fit_param
 from .fit.calibrated import apply_budget, quality_summary
+from .fit.closed_loop import refitter
 from .io.memory import trim
 from .io.spill import Spill
 from .options import ConvertOptions
@@ -213,11 +217,32 @@ def calibrated_convert(
     if reference is None and data.heldout:
         with about(data.heldout_origin or None):
             reference = reference_outputs(model, data.heldout, spill=spill)
+    skipped: list[str] = []  # why the closed loop cannot run, if it cannot
+    sources = source_blocks(model, options, data.calibration, skipped)
     model, report = convert(model, options, calibration=calibration, progress=progress)
+    report.warnings += skipped
+    if sources is not None:
+        refitted = closed_loop_pass(model, sources, list(sources), data.calibration, refitter(calibration))
+        report.quality["closed_loop_layers"] = refitted
     note_calibration(report, data, calibration)
     if reference is not None:
         report.quality.update(fidelity(model, reference))
     return model, report
+
+
+def source_blocks(model: nn.Module, options: ConvertOptions, batches, warnings: list) -> dict | None:
+    """For ``options.closed_loop``: a copy of each source block of the model's one stack, in order
+    (None, with the reason in ``warnings``, where the closed loop cannot walk the model)."""
+    if not options.closed_loop or not batches:
+        return None
+    stacks = find_stacks(model, options.include, options.exclude)
+    why = "it has more than one stack" if len(stacks) != 1 else None
+    members = list(stacks[0].members) if len(stacks) == 1 else []
+    why = why or block_chain(model, members, batches[0])
+    if why is not None:
+        warnings.append(f"closed loop skipped: {why}; the private factors are the open-loop fit")
+        return None
+    return {m: copy.deepcopy(model.get_submodule(m)) for m in members}
 
 
 def note_calibration(report: Report, data: CalibrationData, calibration) -> None:

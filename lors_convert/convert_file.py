@@ -136,6 +136,11 @@ def convert_file(
         progress=progress,
         log=log,
     )
+    if options.closed_loop and (target is not None or not job.calibrated):
+        raise LorsUsageError(
+            "--closed-loop refits a calibrated conversion: give --calibrate, or --budget for a text "
+            "model (not --target)"
+        )
     lazy = None if job.in_memory else open_lazy(job.src, arch)
     if lazy is not None:
         model, reader, source = lazy

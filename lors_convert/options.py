@@ -55,7 +55,9 @@ class ConvertOptions:
     ``adaptive`` selects parameter generators for LORSA (see :mod:`lors_convert.discover.specs`).
     ``refine`` alternating sweeps re-fit the shared part; ``budget`` (a fraction of the stacked
     parameters) replaces ``rank``/``groups`` by per-layer ranks, and ``sharing`` says whether each
-    matrix keeps a shared part under it (``auto``: where it pays).
+    matrix keeps a shared part under it (``auto``: where it pays). ``closed_loop``: a calibrated
+    conversion refits the private factors block by block on the inputs the converted blocks give
+    (:mod:`lors_convert.calibrate.closed_loop`).
     """
 
     rank: int | None = 8
@@ -70,6 +72,7 @@ class ConvertOptions:
     refine: int = 0
     budget: float | None = None
     sharing: str = "auto"
+    closed_loop: bool = False
 
     def __post_init__(self) -> None:
         check_rank(self.rank)

@@ -114,6 +114,14 @@ Sharing = Annotated[
         "(per-layer low rank) [auto].",
     ),
 ]
+ClosedLoop = Annotated[
+    bool,
+    typer.Option(
+        "--closed-loop/--open-loop",
+        help="With calibration: refit the private factors block by block on the inputs the converted "
+        "blocks give them [open-loop].",
+    ),
+]
 Objective = Annotated[
     str | None,
     typer.Option(
@@ -173,6 +181,7 @@ def convert(
     refine: Refine = 0,
     budget: Budget = None,
     sharing: Sharing = None,
+    closed_loop: ClosedLoop = False,
     objective: Objective = None,
     probes: Probes = None,
     keep_unsaving: KeepUnsaving = False,
@@ -236,7 +245,7 @@ def _check_output(out: Path, inputs: tuple, force: bool, dry_run: bool) -> None:
 
 # the flags convert_options reads; a ConvertOptions field's error names its flag
 _OPTION_FLAGS = (
-    "rank groups include exclude init method device adaptive preset refine budget sharing "
+    "rank groups include exclude init method device adaptive preset refine budget sharing closed_loop "
     "keep_unsaving calibrate objective probes target"
 ).split()
 _FLAG_OF = {"method": "--svd"}
@@ -244,7 +253,7 @@ _FLAG_OF = {"method": "--svd"}
 
 def convert_options(
     rank, groups, include, exclude, init, method, device, adaptive, preset, refine, budget, sharing,
-    keep_unsaving, calibrate, objective, probes, target,
+    closed_loop, keep_unsaving, calibrate, objective, probes, target,
 ):  # fmt: skip
     """Check the convert command's flags together: the :class:`~lors_convert.options.ConvertOptions`
     and ``convert_file``'s calibration arguments (``calibrate``, ``objective``, ``probes``, ``target``)."""
@@ -252,6 +261,7 @@ def convert_options(
 
     fields = dict(rank=parse_rank(rank), include=include, exclude=exclude, init=init, method=method)
     fields.update(device=_device(device), adaptive=adaptive or None, refine=refine, budget=budget)
+    fields["closed_loop"] = closed_loop
     groups_given = parse_int_list(groups, "--groups")
     fields["groups"] = groups_given[0] if groups_given and len(groups_given) == 1 else groups_given
     if preset is not None:

@@ -67,15 +67,17 @@ def output_grams(pp, weights: list[torch.Tensor], calibration) -> list[ScaledGra
         return None
     d, h = as_matrix(weights[0]).shape
     m = h if orientation(pp) == "in_out" else d  # the output width in linear orientation
-    out = []
-    for key in pp.keys:
-        loader = _stored(calibration, key, m, "output Gram", output=True)
-        out.append(
-            ScaledGram(None, eig=loader, size=m)
-            if loader is not None
-            else ScaledGram(_checked_gram(grams[key], key, m, "output Gram"))
-        )
-    return out
+    return [output_gram(calibration, key, m) for key in pp.keys]
+
+
+def output_gram(calibration, key: str, m: int) -> ScaledGram | None:
+    """The output-side Gram ``(m, m)`` of weight ``key`` (read from disk when spilled), or None."""
+    if key not in _out_grams_of(calibration):
+        return None
+    loader = _stored(calibration, key, m, "output Gram", output=True)
+    if loader is not None:
+        return ScaledGram(None, eig=loader, size=m)
+    return ScaledGram(_checked_gram(_out_grams_of(calibration)[key], key, m, "output Gram"))
 
 
 def _stored(calibration, key: str, n: int, what: str, output: bool = False):
@@ -145,7 +147,8 @@ def layer_grams(pp, weights: list[torch.Tensor], calibration) -> tuple[list[torc
     return out, missing
 
 
-def _opts(floor, damp):
+def floor_and_damp(floor: float | None, damp: float | None) -> tuple[float, float]:
+    """The eigenvalue floor and damping of a conversion's Grams (None: the defaults)."""
     return (DEFAULT_FLOOR if floor is None else floor), (CONVERSION_DAMP if damp is None else damp)
 
 
@@ -181,7 +184,7 @@ def fit_calibrated(
     screening solve that the fit finishes). ``memo``: keeps the unrefined fit's rank-independent part
     for the next conversion at another budget (the same factors as without it, bit for bit).
     """
-    floor, damp = _opts(floor, damp)
+    floor, damp = floor_and_damp(floor, damp)
     weights = list(weights)
     grams, _ = layer_grams(pp, weights, calibration)
     screened = shared is not None  # the budget's solve: finished in the fit
@@ -246,7 +249,7 @@ def apply_budget(
     calibration (they do not depend on the budget: ``--target`` tries several budgets and solves
     them once); None keeps nothing (one stack's work in memory at a time).
     """
-    floor, damp = _opts(floor, damp)
+    floor, damp = floor_and_damp(floor, damp)
     static = [pp for pp in plan.params if pp.kind == "static"]
     fixed = sum(pp.lors_params for pp in plan.params if pp.kind != "static")
     total = sum(pp.dense_params for pp in plan.params)
@@ -353,6 +356,8 @@ __all__ = [
     "layer_grams",
     "fit_calibrated",
     "apply_budget",
+    "floor_and_damp",
+    "output_gram",
     "SearchMemo",
     "quality_summary",
     "CONVERSION_DAMP",

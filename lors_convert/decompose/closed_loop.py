@@ -1,0 +1,75 @@
+"""Closed-loop private factors: a layer's low-rank part fitted on the inputs the converted model
+gives it, aimed at what the source layer computes on the source's inputs.
+
+An open-loop fit weights layer ``i``'s error by the source's inputs ``X`` as if they were exact. In
+the converted model the errors of the blocks before it reach it, and its inputs are ``Xc != Xs``.
+With the shared part ``W_s`` and the rank ``k`` fixed, the closed-loop private part is
+
+    P = argmin_{rank P <= k} || M^T (W Xs - (W_s + P) Xc) ||_F^2        (rows of Xs, Xc: positions)
+
+(``M M^T = G`` the output-side Gram, identity without one). With ``C = Xc Xc^T`` and
+``K = Xs Xc^T`` (means over the positions), the error is ``||M^T (W' - W_s - P) L||^2`` plus a
+constant, where ``W' = W K C^-1`` is the least-squares map from the converted inputs to the source's
+outputs and ``L L^T = C``: the same whitened truncated SVD as the open-loop fit
+(:mod:`.whiten`), of ``W' - W_s`` under the converted inputs' Gram. With ``Xc = Xs`` it is the
+open-loop fit.
+
+The full correction fits the upstream errors of the calibration text, and those differ on other
+text. The conversion aims half-way, ``K_a = a K + (1 - a) C`` with ``a = CORRECTION = 1/2``: ``a = 0``
+fits ``W`` itself on the converted inputs (no compensation), ``a = 1`` compensates fully
+(docs/calibration.md, "Closed-loop calibration", measures the three). ``C`` is floored and damped like every Gram (:func:`~.whitener.whitener`): the
+effective ``C' = C + E`` is the Gram of the objective plus the ridge ``tr(D E D^T)`` on ``D = W - What``,
+so the map becomes ``W' = W (K + E) C'^-1``, which is ``W`` again when ``Xc = Xs``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .whiten import truncate_svds, whitened_svd
+from .whitener import Whitener, stack_whiteners
+
+CORRECTION = 0.5  # the share of the upstream error the fit compensates (see the module docstring)
+
+
+def solve_right(X: torch.Tensor, C: Whitener) -> torch.Tensor:
+    """``X C'^-1`` for ``X`` (m, n), through the whitener's eigenbasis."""
+    if C.Q is None:
+        return X / C.lam
+    Q = C.Q.to(X.dtype)
+    return ((X @ Q) / C.lam.to(X.dtype)) @ Q.T  # (m, n)
+
+
+def closed_loop_factors(
+    W: torch.Tensor,
+    shared: torch.Tensor | None,
+    C: torch.Tensor,
+    K: torch.Tensor,
+    rank: int,
+    out_gram=None,
+    floor: float = 0.0,
+    damp: float = 0.0,
+    correction: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+    """The closed-loop private factors ``B (out, k)``, ``A (k, in)`` of one layer (float64).
+
+    ``W`` (out, in): the source layer; ``shared``: ``W_s`` (out, in) or None (private-only);
+    ``C`` (in, in): the converted inputs' Gram; ``K`` (in, in): the cross Gram ``Xs Xc^T``;
+    ``out_gram``: the output-side Gram (a dense matrix or a :class:`~.whitener.ScaledGram`) or None;
+    ``correction``: ``a`` (the conversion passes :data:`CORRECTION`).
+    Also returns the whitened energy of ``W' - W_s`` and the part of it the rank leaves out.
+    """
+    W = W.double()
+    n_out, n_in = W.shape
+    right = stack_whiteners([C.double()], 1, n_in, floor, damp, W.device)[0]
+    left = None if out_gram is None else stack_whiteners([out_gram], 1, n_out, floor, damp, W.device)[0]
+    ridge = right.gram() - C.double()  # (in, in) what the floor and damping add to C
+    K = correction * K.double() + (1.0 - correction) * C.double()  # (in, in) K_a
+    target = solve_right(W @ (K + ridge), right)  # (out, in) W' = W (K_a + C' - C) C'^-1
+    R = target if shared is None else target - shared.double()
+    svd = whitened_svd(R, right, left)
+    (factors, energy, discarded, _) = truncate_svds([svd], [right], [rank], None if left is None else [left])
+    return factors[0][0], factors[0][1], energy[0], discarded[0]
+
+
+__all__ = ["closed_loop_factors", "solve_right", "CORRECTION"]
