@@ -77,6 +77,14 @@ class _Job:
         wants_budget = self.options.budget is not None or self.target is not None
         return self.calibrate is not None or (self.text_model and wants_budget)
 
+    def check(self) -> None:
+        """Refuse option combinations that depend on the source (whether it is a text model)."""
+        if self.options.closed_loop and (self.target is not None or not self.calibrated):
+            raise LorsUsageError(
+                "--closed-loop refits a calibrated conversion: give --calibrate, or --budget for a text "
+                "model (not --target)"
+            )
+
     @property
     def in_memory(self) -> bool:
         return self.calibrated or self.target is not None or self.options.adaptive is not None
@@ -136,11 +144,7 @@ def convert_file(
         progress=progress,
         log=log,
     )
-    if options.closed_loop and (target is not None or not job.calibrated):
-        raise LorsUsageError(
-            "--closed-loop refits a calibrated conversion: give --calibrate, or --budget for a text "
-            "model (not --target)"
-        )
+    job.check()
     lazy = None if job.in_memory else open_lazy(job.src, arch)
     if lazy is not None:
         model, reader, source = lazy

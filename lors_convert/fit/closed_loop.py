@@ -22,9 +22,7 @@ def refitter(calibration, floor: float | None = None, damp: float | None = None)
         W = source.weight.detach()  # (out, in)
         out_gram = output_gram(calibration, key, W.shape[0])
         shared = None if layer.shared is None else layer.shared.detach()
-        B, A, _, _ = closed_loop_factors(
-            W, shared, C, K, layer.total_rank, out_gram, floor, damp, CORRECTION
-        )
+        B, A, _, _ = closed_loop_factors(W, shared, C, K, layer.total_rank, out_gram, floor, damp, CORRECTION)
         with torch.no_grad():
             layer.lors_B.copy_(B)
             layer.lors_A.copy_(A)
