@@ -222,7 +222,7 @@ def calibrated_convert(
     model, report = convert(model, options, calibration=calibration, progress=progress)
     report.warnings += skipped
     if sources is not None:
-        refitted = closed_loop_pass(model, sources, list(sources), data.calibration, refitter(calibration))
+        refitted = closed_loop_pass(model, sources, data.calibration, refitter(calibration))
         report.quality["closed_loop_layers"] = refitted
     note_calibration(report, data, calibration)
     if reference is not None:
@@ -236,9 +236,11 @@ def source_blocks(model: nn.Module, options: ConvertOptions, batches, warnings: 
     if not options.closed_loop or not batches:
         return None
     stacks = find_stacks(model, options.include, options.exclude)
-    why = "it has more than one stack" if len(stacks) != 1 else None
-    members = list(stacks[0].members) if len(stacks) == 1 else []
-    why = why or block_chain(model, members, batches[0])
+    if len(stacks) != 1:
+        why = "it has more than one stack"
+    else:
+        members = list(stacks[0].members)
+        why = block_chain(model, members, batches[0])
     if why is not None:
         warnings.append(f"closed loop skipped: {why}; the private factors are the open-loop fit")
         return None

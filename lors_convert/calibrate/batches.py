@@ -7,7 +7,8 @@ cannot run on a batch raises a one-line :class:`~lors_convert.errors.LorsError`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Iterator, Mapping
 
 import torch
 from torch import nn
@@ -44,6 +45,21 @@ def run_model(model: nn.Module, batch: Batch):
         return model(batch)
     except (RuntimeError, IndexError, TypeError, ValueError) as e:
         raise LorsError(f"the model cannot run on these inputs ({type(e).__name__}: {short(e)})") from None
+
+
+@contextlib.contextmanager
+def no_cache(model: nn.Module) -> Iterator[None]:
+    """A model that keeps no key/value cache while inside (a run whose blocks are called more than
+    once, or in pieces, would keep one per call)."""
+    config = getattr(model, "config", None)
+    cache = getattr(config, "use_cache", None)
+    if cache:
+        config.use_cache = False
+    try:
+        yield
+    finally:
+        if cache:
+            config.use_cache = cache
 
 
 def batch_mask(batch: Batch) -> torch.Tensor | None:

@@ -19,14 +19,22 @@ embeddings). :func:`block_chain` checks it; a model where it fails keeps its ope
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from ..layers.linear import LorsLinear
-from .batches import Batch, batch_mask, model_device, primary_output, run_model, to_device, token_rows
+from .batches import (
+    Batch,
+    batch_mask,
+    model_device,
+    no_cache,
+    primary_output,
+    run_model,
+    to_device,
+    token_rows,
+)
 
 # refit(weight key, converted layer, source layer, C (in, in), K (in, in)): replaces the layer's factors
 Refit = Callable[[str, LorsLinear, nn.Linear, torch.Tensor, torch.Tensor], None]
@@ -38,7 +46,7 @@ class _Stop(Exception):
 
 def block_chain(model: nn.Module, members: list[str], batch: Batch) -> str | None:
     """Why the ``members`` cannot be walked as one chain on ``batch`` (None: they can)."""
-    calls: list[tuple[str, tuple, dict]] = []
+    calls: list[tuple[str, tuple, dict, torch.Tensor | None]] = []  # (block, context args, kwargs, hidden)
     handles = [
         model.get_submodule(m).register_forward_pre_hook(
             lambda mod, args, kwargs, m=m: calls.append((m, args[1:], kwargs, args[0] if args else None)),
@@ -60,20 +68,6 @@ def block_chain(model: nn.Module, members: list[str], batch: Batch) -> str | Non
     if any(not _same(c[1], first[1]) or not _same(c[2], first[2]) for c in calls[1:]):
         return "its stacked blocks take different arguments"
     return None
-
-
-@contextlib.contextmanager
-def no_cache(model: nn.Module) -> Iterator[None]:
-    """A model that keeps no key/value cache while inside (its blocks are called more than once)."""
-    config = getattr(model, "config", None)
-    cache = getattr(config, "use_cache", None)
-    if cache:
-        config.use_cache = False
-    try:
-        yield
-    finally:
-        if cache:
-            config.use_cache = cache
 
 
 def _same(a, b) -> bool:
@@ -184,27 +178,25 @@ def _group_grams(block, group, calls, xc, masks, source_rows) -> tuple[torch.Ten
 def closed_loop_pass(
     model: nn.Module,
     source_blocks: dict[str, nn.Module],
-    members: list[str],
     batches: list[Batch],
     refit: Refit,
-    progress: Callable[[int], None] | None = None,
 ) -> int:
-    """Refit every :class:`LorsLinear` in the ``members`` blocks of the converted ``model`` (in place,
-    in order), ``source_blocks``: each member's source block (consumed: dropped once used). Returns
-    the number of layers refitted."""
+    """Refit every :class:`LorsLinear` in the blocks of the converted ``model`` that
+    ``source_blocks`` names, in its order (each block's path -> its source block, consumed: dropped
+    once used). Returns the number of layers refitted."""
     with no_cache(model):
-        return _walk(model, source_blocks, members, batches, refit, progress)
+        return _walk(model, source_blocks, list(source_blocks), batches, refit)
 
 
-def _walk(model, source_blocks, members, batches, refit, progress) -> int:
+def _walk(model, source_blocks, members, batches, refit) -> int:
     calls = first_block_calls(model, members[0], batches)
     masks = [batch_mask(b) for b in batches]
     xs = [args[0] for args, _ in calls]  # (B, T, H) per batch: the streams start equal
     xc = list(xs)
     done = 0
-    for i, name in enumerate(members):
+    for name in members:
         block, source = model.get_submodule(name), source_blocks.pop(name)
-        names = [n for n, m in block.named_modules() if isinstance(m, LorsLinear) and m.lors_A.shape[0] > 0]
+        names = [n for n, m in block.named_modules() if isinstance(m, LorsLinear) and m.total_rank > 0]
         source_rows, outputs, groups = _source_side(source, names, calls, xs, masks)
         for group in groups:  # each on the inputs the groups before it, refitted, give it
             C, K = _group_grams(block, group, calls, xc, masks, source_rows)
@@ -216,9 +208,7 @@ def _walk(model, source_blocks, members, batches, refit, progress) -> int:
         ]
         xs = outputs
         del source_rows, outputs, source
-        if progress is not None:
-            progress(i + 1)
     return done
 
 
-__all__ = ["closed_loop_pass", "block_chain", "first_block_calls", "no_cache", "Refit"]
+__all__ = ["closed_loop_pass", "block_chain", "first_block_calls", "Refit"]

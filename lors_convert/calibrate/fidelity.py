@@ -69,14 +69,15 @@ class Reference:
     # bytes of the source's outputs kept in memory for the next fidelity pass (0: the source reruns on
     # each pass); for callers that measure many models against one reference
     keep_bytes: int = 0
-    kept: KeptResults | None = field(default=None, repr=False)
+    kept: KeptResults = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.kept = KeptResults(self.keep_bytes)
 
     def output(self, i: int, batch: Batch) -> tuple[str, torch.Tensor]:
         """The kind and the compared output (float32, CPU) of the source on piece ``i``."""
         if self.source is None:
             return self.kinds[i], self.recorded.get(str(i))["y"]
-        if self.kept is None:
-            self.kept = KeptResults(self.keep_bytes)
         (y,) = self.kept.get(i if self.keep_bytes else None, lambda: [self._run(i, batch)])
         return self.kinds[i], y
 

@@ -27,7 +27,7 @@ from torch import nn
 
 from ..discover.stacks import find_stacks
 from ..io.memory import trim
-from .batches import Batch, run_model
+from .batches import Batch, no_cache, run_model
 
 Getter = Callable[[str], torch.Tensor]
 
@@ -119,37 +119,32 @@ def lockstep(
         return hook
 
     handles = [model.get_submodule(path).register_forward_pre_hook(entry(path)) for path in blocks]
-    config = getattr(model, "config", None)
-    cache = getattr(config, "use_cache", None)
-    if cache:
-        config.use_cache = False
-    resident = _fill(_meta_slots(model, "", skip=tuple(blocks)), get)
-    runs: list[_Batch] = []
-    undo: list = []
-    try:
-        for batch in batches:  # each up to its first block
-            runs.append(_Batch(model, batch))
-            runs[-1].step()
-            yield from _finished(runs, len(runs) - 1)
-        while any(run.want is not None for run in runs):
-            path = min((run.want for run in runs if run.want is not None), key=order.__getitem__)
+    with no_cache(model):
+        resident = _fill(_meta_slots(model, "", skip=tuple(blocks)), get)
+        runs: list[_Batch] = []
+        undo: list = []
+        try:
+            for batch in batches:  # each up to its first block
+                runs.append(_Batch(model, batch))
+                runs[-1].step()
+                yield from _finished(runs, len(runs) - 1)
+            while any(run.want is not None for run in runs):
+                path = min((run.want for run in runs if run.want is not None), key=order.__getitem__)
+                _restore(undo)
+                undo = []  # nothing half-restored if the read fails
+                undo = _fill(slots[path], get)
+                for i, run in enumerate(runs):
+                    if run.want == path:
+                        run.step()
+                        yield from _finished(runs, i)
+                trim()  # the block's work is freed; the heap holds each batch's hidden state
+        finally:
+            for run in runs:
+                run.cancel()
+            for h in handles:
+                h.remove()
             _restore(undo)
-            undo = []  # nothing half-restored if the read fails
-            undo = _fill(slots[path], get)
-            for i, run in enumerate(runs):
-                if run.want == path:
-                    run.step()
-                    yield from _finished(runs, i)
-            trim()  # the block's work is freed; the heap holds each batch's hidden state
-    finally:
-        for run in runs:
-            run.cancel()
-        for h in handles:
-            h.remove()
-        _restore(undo)
-        _restore(resident)
-        if cache:
-            config.use_cache = cache
+            _restore(resident)
 
 
 def _finished(runs: list[_Batch], i: int) -> Iterator[tuple[int, object]]:

@@ -119,7 +119,7 @@ class WeightedBasis:
     def nbytes(self) -> int:
         """Bytes of the tensors it holds itself (the whiteners' bases are the calibration's)."""
         tensors = [self.W, self.W_s, *(t for svd in self.svds for t in svd)]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        return sum(t.nbytes for t in tensors)
 
 
 def weighted_basis(
