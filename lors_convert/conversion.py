@@ -25,7 +25,7 @@ from torch import nn
 
 from .calibrate.closed_loop import block_chain, closed_loop_pass
 from .calibrate.data import CalibrationData
-from .calibrate.fidelity import Reference, fidelity, reference_outputs
+from .calibrate.fidelity import Reference, fidelity, is_causal_lm, reference_outputs
 from .calibrate.grams import collect_grams
 from .counting import count_parameters
 from .discover.generators import check_specs_used, make_adaptive_hook
@@ -231,9 +231,11 @@ def calibrated_convert(
 
 
 def source_blocks(model: nn.Module, options: ConvertOptions, batches, warnings: list) -> dict | None:
-    """For ``options.closed_loop``: a copy of each source block of the model's one stack, in order
-    (None, with the reason in ``warnings``, where the closed loop cannot walk the model)."""
-    if not options.closed_loop or not batches:
+    """For a closed loop (``options.closed_loop``; None: a causal LM's): a copy of each source block of
+    the model's one stack, in order (None where there is no closed loop; where one was asked for and
+    it cannot walk the model, the reason goes in ``warnings``)."""
+    wanted = is_causal_lm(model) if options.closed_loop is None else options.closed_loop
+    if not wanted or not batches:
         return None
     stacks = find_stacks(model, options.include, options.exclude)
     if len(stacks) != 1:
@@ -242,7 +244,8 @@ def source_blocks(model: nn.Module, options: ConvertOptions, batches, warnings: 
         members = list(stacks[0].members)
         why = block_chain(model, members, batches[0])
     if why is not None:
-        warnings.append(f"closed loop skipped: {why}; the private factors are the open-loop fit")
+        if options.closed_loop:
+            warnings.append(f"closed loop skipped: {why}; the private factors are the open-loop fit")
         return None
     return {m: copy.deepcopy(model.get_submodule(m)) for m in members}
 

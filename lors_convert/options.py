@@ -57,7 +57,8 @@ class ConvertOptions:
     parameters) replaces ``rank``/``groups`` by per-layer ranks, and ``sharing`` says whether each
     matrix keeps a shared part under it (``auto``: where it pays). ``closed_loop``: a calibrated
     conversion refits the private factors block by block on the inputs the converted blocks give
-    (:mod:`lors_convert.calibrate.closed_loop`).
+    (:mod:`lors_convert.calibrate.closed_loop`); None: for a causal language model, where it measured
+    better at every budget (docs/calibration.md), and not for other models.
     """
 
     rank: int | None = 8
@@ -72,7 +73,7 @@ class ConvertOptions:
     refine: int = 0
     budget: float | None = None
     sharing: str = "auto"
-    closed_loop: bool = False
+    closed_loop: bool | None = None  # None: for causal LMs only
 
     def __post_init__(self) -> None:
         check_rank(self.rank)

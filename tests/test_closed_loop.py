@@ -109,6 +109,10 @@ def test_cli_closed_loop_refits_a_calibrated_conversion_and_refuses_others(tmp_p
     )
     quality = json.loads(res.stdout)["quality"]
     assert quality["closed_loop_layers"] == 8  # 4 blocks x 2 Linears
+    res = run_ok(
+        "convert", *common, "--calibrate", data, "--budget", "0.5", "--closed-loop", "-o", tmp_path / "h.lors"
+    )
+    assert "closed loop: 8 layers refitted on the converted model's inputs" in res.stdout
     for args, message in (
         (("--rank", "2"), "--closed-loop refits a calibrated conversion"),
         (("--calibrate", data, "--target", "rel-error=0.5"), "(not --target)"),
@@ -117,6 +121,21 @@ def test_cli_closed_loop_refits_a_calibrated_conversion_and_refuses_others(tmp_p
         res = runner.invoke(app, [str(a) for a in ("convert", *common, *args, "--closed-loop", "-o", out)])
         assert res.exit_code == 2 and message in res.stderr, (args, res.output)
         assert "Traceback" not in res.output and not out.exists()
+
+
+def test_closed_loop_is_the_default_for_causal_lms_only(tmp_path):
+    source = tiny_llama()
+    calibration = token_batches(61, n=4, seed=1)
+    data = CalibrationData(calibration, [], "text", "tokens", len(calibration), 0, "")
+    model, report = calibrated_convert(copy.deepcopy(source), data, budget=0.5)
+    lors_layers = sum(isinstance(m, LorsLinear) and m.total_rank > 0 for m in model.modules())
+    assert lors_layers > 0 and report.quality["closed_loop_layers"] == lors_layers
+    _, report = calibrated_convert(copy.deepcopy(source), data, budget=0.5, closed_loop=False)
+    assert "closed_loop_layers" not in report.quality and not report.warnings
+    mlp = StackedMLP()  # not a causal LM: open loop unless asked
+    batches = [{"x": torch.randn(24, 8, generator=torch.Generator().manual_seed(5))}]
+    _, report = calibrated_convert(mlp, CalibrationData(batches, [], "tensor", "x", 1, 0, ""), budget=0.5)
+    assert "closed_loop_layers" not in report.quality and not report.warnings
 
 
 @pytest.mark.parametrize("budget", [0.3, 0.7])

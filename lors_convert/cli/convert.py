@@ -115,11 +115,12 @@ Sharing = Annotated[
     ),
 ]
 ClosedLoop = Annotated[
-    bool,
+    bool | None,
     typer.Option(
         "--closed-loop/--open-loop",
         help="With calibration: refit the private factors block by block on the inputs the converted "
-        "blocks give them [open-loop].",
+        "blocks give them [closed for causal LMs, else open].",
+        show_default=False,
     ),
 ]
 Objective = Annotated[
@@ -181,7 +182,7 @@ def convert(
     refine: Refine = 0,
     budget: Budget = None,
     sharing: Sharing = None,
-    closed_loop: ClosedLoop = False,
+    closed_loop: ClosedLoop = None,
     objective: Objective = None,
     probes: Probes = None,
     keep_unsaving: KeepUnsaving = False,

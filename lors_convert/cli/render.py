@@ -211,6 +211,10 @@ def _calibration_lines(quality: dict) -> list[str]:
             "  rel. output error per matrix on the calibration data: "
             f"mean {quality['calib_rel_output_error_mean']:.4f}, max {quality['calib_rel_output_error_max']:.4f}"
         )
+    if quality.get("closed_loop_layers"):
+        lines.append(
+            f"  closed loop: {quality['closed_loop_layers']} layers refitted on the converted model's inputs"
+        )
     history = quality.get("refine_weighted_error")
     if history:
         lines.append(
