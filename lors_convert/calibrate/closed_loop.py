@@ -105,14 +105,19 @@ def first_block_calls(model: nn.Module, first: str, batches: list[Batch]) -> lis
 
 
 class _Inputs:
-    """Forward pre-hooks keeping the last input of each named ``nn.Linear`` of a block."""
+    """Forward pre-hooks keeping the last input of each named ``nn.Linear`` of a block; with ``stop``,
+    the block's forward ends (:class:`_Stop`) once they have it."""
 
-    def __init__(self, block: nn.Module, names: list[str]):
+    def __init__(self, block: nn.Module, names: list[str], stop: bool = False):
         self.last: dict[str, torch.Tensor] = {}
+
+        def keep(n: str, x: torch.Tensor) -> None:
+            self.last[n] = x
+            if stop and len(self.last) == len(names):
+                raise _Stop
+
         self.handles = [
-            block.get_submodule(n).register_forward_pre_hook(
-                lambda mod, args, n=n: self.last.__setitem__(n, args[0])
-            )
+            block.get_submodule(n).register_forward_pre_hook(lambda mod, args, n=n: keep(n, args[0]))
             for n in names
         ]
 
@@ -157,12 +162,15 @@ def _source_side(source, names, calls, xs, masks):
 def _group_grams(block, group, calls, xc, masks, source_rows) -> tuple[torch.Tensor, torch.Tensor]:
     """``C = Xc Xc^T`` and ``K = Xs Xc^T`` (float64 means) of one group's input in the converted
     ``block`` as it is now, over every batch."""
-    taps = _Inputs(block, group[:1])
+    taps = _Inputs(block, group[:1], stop=True)  # the rest of the block is not needed
     C = K = None
     count = 0
     try:
         for (args, kwargs), c, mask, rs in zip(calls, xc, masks, source_rows, strict=True):
-            block(c, *args[1:], **kwargs)
+            try:
+                block(c, *args[1:], **kwargs)
+            except _Stop:
+                pass
             rc = token_rows(taps.last[group[0]], mask).double()  # (P, in)
             s = rs[group[0]].double()  # (P, in)
             C = rc.T @ rc if C is None else C.addmm_(rc.T, rc)  # (in, in)

@@ -72,12 +72,13 @@ def output_grams(pp, weights: list[torch.Tensor], calibration) -> list[ScaledGra
 
 def output_gram(calibration, key: str, m: int) -> ScaledGram | None:
     """The output-side Gram ``(m, m)`` of weight ``key`` (read from disk when spilled), or None."""
-    if key not in _out_grams_of(calibration):
+    grams = _out_grams_of(calibration)
+    if key not in grams:
         return None
     loader = _stored(calibration, key, m, "output Gram", output=True)
     if loader is not None:
         return ScaledGram(None, eig=loader, size=m)
-    return ScaledGram(_checked_gram(_out_grams_of(calibration)[key], key, m, "output Gram"))
+    return ScaledGram(_checked_gram(grams[key], key, m, "output Gram"))
 
 
 def _stored(calibration, key: str, n: int, what: str, output: bool = False):
