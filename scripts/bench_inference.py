@@ -54,12 +54,19 @@ def timed(fn, repeat: int) -> float:
 
 
 def load_variant(kind: str, path: str):
+    import torch
     from transformers import AutoModelForCausalLM
 
     from lors_convert.checkpoint import load
 
     if kind == "lors":
         return load(path)
+    if kind == "lors-row-major":  # the layout load replaces (LorsLayer.relayout), for comparison
+        model = load(path)
+        for layer in model.modules():
+            if hasattr(layer, "lors_B") and not getattr(layer, "materialized", True):
+                layer.lors_B = torch.nn.Parameter(layer.lors_B.detach().contiguous(), requires_grad=False)
+        return model
     return AutoModelForCausalLM.from_pretrained(path, dtype="auto").eval()
 
 
@@ -154,6 +161,8 @@ def ensure_checkpoints(src: Path, cache: Path, budgets: list[float]) -> dict[str
             print(f"converting at budget {b} (once, into {ckpt})", file=sys.stderr)
             lors_cli("convert", str(src), "--budget", str(b), "-q", "-o", str(ckpt), "--force")
         variants[f"lors {b}"] = ("lors", ckpt)
+    middle = budgets[len(budgets) // 2]
+    variants[f"lors {middle}, B row-major"] = ("lors-row-major", cache / f"budget-{middle}.lors")
     merged = cache / f"merged-{budgets[0]}"
     if not (merged / "config.json").is_file():
         lors_cli("merge", str(cache / f"budget-{budgets[0]}.lors"), "-q", "-o", str(merged), "--force")
@@ -167,6 +176,8 @@ def lors_cli(*args: str) -> None:
 
 
 def fidelity(kind: str, path: Path, budgets: list[float], cache: Path) -> dict:
+    if kind == "lors-row-major":
+        kind = "lors"
     if kind == "dense" and path.name.startswith("merged-"):
         path = cache / f"budget-{budgets[0]}.lors"  # merged: the fidelity of the checkpoint it came from
     report = path / "report.json"
@@ -272,7 +283,9 @@ def main() -> None:
         f"SmolLM2-135M-Instruct, float32, {args.threads} thread(s) "
         f"(OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}); LORS checkpoints from "
         f"`lors convert --budget B` (the default calibration), merged = budget {budgets[0]} merged "
-        f"back to dense. Prefill: {PROMPT} tokens; decode: batch 1, {NEW} new tokens, greedy, KV cache. "
+        "back to dense; B row-major = the same checkpoint with its factors `B` in the layout they are "
+        "stored in, not the column-major one `lors.load` gives them for decoding. "
+        f"Prefill: {PROMPT} tokens; decode: batch 1, {NEW} new tokens, greedy, KV cache. "
         f"Times: all variants in one process, {args.rounds} interleaved rounds (decode: one token of each "
         "variant in turn); speed-up = median of the paired ratios to dense (10th-90th percentile); "
         f"memory: each variant alone, peak during `generate` ({load}). "

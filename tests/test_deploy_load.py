@@ -14,7 +14,7 @@ import lors_convert
 from lors_convert.checkpoint import Checkpoint
 from lors_convert.errors import LorsError
 from lors_convert.io.sources import load_source
-from lors_convert.layers import LorsLayer, LorsLinear
+from lors_convert.layers import LorsConv1D, LorsLayer, LorsLinear
 from tests.clirun import run_ok
 from tests.conftest import distinct_numel
 from tests.models import bert, gpt2, llama
@@ -215,3 +215,47 @@ def test_materialize_auto_forms_w_only_where_the_factors_cost_more(tmp_path):
         assert torch.allclose(costly(x), 2 * (factored - costly.bias) + costly.bias, atol=1e-5)
     costly(x).sum().backward()  # autograd reaches the factors through W_i = B_i A_i
     assert costly.lors_A.grad is not None and costly.lors_B.grad is not None
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d", "linear-shared"])
+def test_relayout_keeps_outputs_gradients_and_saved_bytes(kind):
+    """``B`` stored column-major: the same forward (1e-6) and gradients (1e-5), a trainable
+    Parameter of the same shape, and the same bytes in a state dict made contiguous."""
+    torch.manual_seed(0)
+    if kind == "conv1d":
+        from transformers.pytorch_utils import Conv1D
+
+        dense, layer_cls = Conv1D(40, 24), LorsConv1D  # weight (24, 40): d = 24 > k
+    else:
+        dense, layer_cls = torch.nn.Linear(24, 40), LorsLinear  # weight (40, 24)
+    d, h = dense.weight.shape
+    shared = torch.nn.Parameter(torch.randn(d, h)) if kind == "linear-shared" else None
+    twins = [layer_cls(dense, shared, total_rank=5, rank=5, groups=1) for _ in range(2)]
+    for p in twins[0].parameters():
+        torch.nn.init.normal_(p)
+    twins[1].load_state_dict(twins[0].state_dict())
+    twins[1].relayout()
+    B = twins[1].lors_B
+    assert isinstance(B, torch.nn.Parameter) and B.shape == (d, 5) and B.stride() == (1, d)
+    assert torch.equal(B, twins[0].lors_B) and torch.equal(B.contiguous(), twins[0].lors_B)
+    x = torch.randn(2, 3, 24)  # decoding rows and a prefill-like batch
+    outs = [layer(x) for layer in twins]
+    assert (outs[1] - outs[0]).abs().max() <= 1e-6 * outs[0].abs().max()
+    for out in outs:
+        out.square().sum().backward()
+    for name in ("lors_A", "lors_B"):
+        g0, g1 = getattr(twins[0], name).grad, getattr(twins[1], name).grad
+        assert (g1 - g0).abs().max() <= 1e-5 * g0.abs().max(), name
+
+
+def test_load_lays_out_b_for_decoding(tmp_path):
+    """Every factored layer of a loaded model holds ``B`` column-major; a materialized one keeps it."""
+    torch.manual_seed(0)
+    model, _ = lors_convert.convert(llama(), rank=4)
+    model.save_pretrained(tmp_path / "a.lors")
+    loaded = lors_convert.load(tmp_path / "a.lors")
+    layers = [m for m in loaded.modules() if isinstance(m, LorsLinear)]
+    assert layers
+    for layer in layers:
+        d, k = layer.lors_B.shape
+        assert layer.lors_B.stride() == ((1, d) if k < d and not layer.materialized else (k, 1))

@@ -124,6 +124,18 @@ class LorsLayer(LorsModule):
         self.materialized = True
         self.formed_weight()
 
+    def relayout(self) -> None:
+        """Store ``B`` (d, k) column-major, the same values under the same shape: a batch-1 product
+        (decoding) then reads it as ``k`` rows of ``d`` values instead of ``d`` rows of ``k``, which
+        the matrix-vector kernels stream about twice as fast (docs/benchmarks.md). ``A`` (k, h) is
+        read along ``h`` already, and a product over many rows (prefill, training) does not care.
+        Done by :func:`~lors_convert.checkpoint.load` on every factored layer; saving writes the
+        same bytes (the writer stores tensors contiguous)."""
+        B = self.lors_B
+        if self.materialized or B.shape[0] <= B.shape[1] or B.stride(0) == 1:
+            return
+        self.lors_B = nn.Parameter(B.detach().T.contiguous().T, requires_grad=B.requires_grad)  # (d, k)
+
     def formed_weight(self) -> torch.Tensor:
         """``W_i = B_i A_i`` (d, h) in the storage dtype: kept while the factors are unchanged (their
         version counters and addresses), formed afresh and differentiable when autograd needs them."""
