@@ -180,12 +180,10 @@ def _state(skeleton: nn.Module, ckpt: Checkpoint) -> dict[str, torch.Tensor]:
 def _materialize(model: nn.Module) -> list[str]:
     """Form ``W_i`` in the layers whose factored product costs at least the dense one; their paths.
     The others keep their factors, ``B`` laid out for decoding (:meth:`LorsLayer.relayout`)."""
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, (LorsLinear, LorsConv1D))}
-    formed = [name for name, m in layers.items() if m.factored_costs_more()]
-    for name in formed:
-        layers[name].materialize()
-    for layer in layers.values():
-        layer.relayout()
+    formed = []
+    for name, m in model.named_modules():
+        if isinstance(m, (LorsLinear, LorsConv1D)) and m.prepare_inference():
+            formed.append(name)
     if formed:
         log.info(
             "lors: %d private-only layers run as dense W_i = B_i A_i: %s", len(formed), ", ".join(formed)

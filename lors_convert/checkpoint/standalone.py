@@ -120,8 +120,8 @@ def load_lors(path, layers: dict[str, type], config=None, dtype=None, device=Non
     """The transformers model of the LORS checkpoint at ``path`` with its LORS layers, in eval mode.
 
     ``layers``: layer kind -> class. Private-only layers whose factored product costs at least the
-    dense one run through ``W_i = B_i A_i`` (``materialize``), the others hold ``B`` laid out for
-    decoding (``relayout``), as ``lors_convert.load`` does."""
+    dense one run through ``W_i = B_i A_i``, the others hold ``B`` laid out for decoding
+    (``prepare_inference``), as ``lors_convert.load`` does."""
     lors = json.loads(Path(checkpoint_file(path, LORS_CONFIG, **hub)).read_text())
     if config is None:
         config = transformers.AutoConfig.from_pretrained(path, **hub)
@@ -135,9 +135,7 @@ def load_lors(path, layers: dict[str, type], config=None, dtype=None, device=Non
     fill(model, lors, read_tensors(weight_files(path, **hub)))
     for module in model.modules():
         if getattr(module, "layer_kind", None) in ("linear", "conv1d"):
-            if module.factored_costs_more():
-                module.materialize()
-            module.relayout()
+            module.prepare_inference()
     if dtype not in (None, "auto"):
         model = model.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
     if device is not None:

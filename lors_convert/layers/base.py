@@ -124,13 +124,22 @@ class LorsLayer(LorsModule):
         self.materialized = True
         self.formed_weight()
 
+    def prepare_inference(self) -> bool:
+        """Form ``W_i`` where the factored product costs at least the dense one (:meth:`materialize`),
+        else lay ``B`` out for decoding (:meth:`relayout`); whether ``W_i`` was formed. What
+        :func:`~lors_convert.checkpoint.load` and the ``--hf-code`` loader do to every layer."""
+        if self.factored_costs_more():
+            self.materialize()
+            return True
+        self.relayout()
+        return False
+
     def relayout(self) -> None:
         """Store ``B`` (d, k) column-major, the same values under the same shape: a batch-1 product
         (decoding) then reads it as ``k`` rows of ``d`` values instead of ``d`` rows of ``k``, which
         the matrix-vector kernels stream about twice as fast (docs/benchmarks.md). ``A`` (k, h) is
         read along ``h`` already, and a product over many rows (prefill, training) does not care.
-        Done by :func:`~lors_convert.checkpoint.load` on every factored layer; saving writes the
-        same bytes (the writer stores tensors contiguous)."""
+        Saving writes the same bytes (the writer stores tensors contiguous)."""
         B = self.lors_B
         if self.materialized or B.shape[0] <= B.shape[1] or B.stride(0) == 1:
             return
