@@ -194,7 +194,12 @@ def _weights(job: _Job, model: nn.Module, get, manifest: dict, source: SourceInf
 
 
 def _in_memory(job: _Job, model: nn.Module, source: SourceInfo, manifest: dict) -> Report:
-    """Convert the loaded model in place (calibrated, searched or LORSA), judge it and save it."""
+    """Convert the loaded model in place (calibrated, searched or LORSA), judge it and save it.
+
+    With a CUDA ``--device`` the model runs there too: the text it writes to calibrate on, the Gram
+    and fidelity passes and the closed loop; it is saved from the CPU."""
+    if job.options.device is not None:
+        model.to(job.options.device)
     data, probe = _inputs(job, model)
     if job.out is not None and not job.dry_run:
         check_output(job.out, job.force)  # before the work, not after it
@@ -210,7 +215,7 @@ def _in_memory(job: _Job, model: nn.Module, source: SourceInfo, manifest: dict) 
         spill.close()
     m.judge(report, probe)
     save(
-        lors_model,
+        lors_model.to("cpu"),
         job.out,
         report=report,
         source=source,

@@ -35,11 +35,13 @@ def lors(*args) -> list[str]:
     return [sys.executable, "-m", "lors_convert", *map(str, args)]
 
 
-def checkpoint(src: Path, budget: float, work: Path, name: str, given: Path | None) -> tuple[Path, dict]:
+def checkpoint(
+    src: Path, budget: float, work: Path, name: str, given: Path | None, device: str = "cpu"
+) -> tuple[Path, dict]:
     out = given or work / f"{name}-{budget}.lors"
     if not (out / "report.json").is_file():
         seconds, peak, _ = run_measured(
-            lors("convert", src, "--budget", budget, "-o", out, "--json", "-q"), ROOT
+            lors("convert", src, "--budget", budget, "--device", device, "-o", out, "--json", "-q"), ROOT
         )
         print(f"converted in {seconds:.0f} s at {peak / 1e9:.2f} GB peak RSS", file=sys.stderr)
     return out, json.loads((out / "report.json").read_text())
@@ -92,11 +94,12 @@ def main() -> None:
     p.add_argument("--checkpoint", type=Path, default=None, help="an existing conversion at --budget")
     p.add_argument("--compare-precision", type=int, default=0, metavar="TOKENS")
     p.add_argument("--heal-args", default="", help="more lors heal flags, e.g. '--lr 3e-4'")
+    p.add_argument("--device", default="cpu", help="where conversion, healing and measurement run")
     args = p.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     src = (smollm2_dir if args.model == "smollm2" else minilm_dir)(Path("/tmp/lors-smollm2"))
-    ckpt, converted = checkpoint(src, args.budget, args.work, args.model, args.checkpoint)
-    flags = args.heal_args.split()
+    ckpt, converted = checkpoint(src, args.budget, args.work, args.model, args.checkpoint, args.device)
+    flags = [*args.heal_args.split(), "--device", args.device]
     prec = precision_rows(ckpt, args.work, args.compare_precision, flags) if args.compare_precision else []
     healed = args.work / f"{args.model}-{args.budget}.healed.lors"
     r = heal(ckpt, healed, "--minutes", args.minutes, *flags)
@@ -115,7 +118,7 @@ def main() -> None:
         table(["metric", "before heal", "after heal"], rows),
     ]
     if args.model == "smollm2":
-        kinds = kind_figures(src, [ckpt, healed], args.work / "kinds")
+        kinds = kind_figures(src, [ckpt, healed], args.work / "kinds", args.device)
         lines += [
             "",
             "Perplexity ratio (top-1) on three held-out kinds of text, none of them heal data:",

@@ -49,8 +49,11 @@ def heldout_kinds(work: Path, probe: Path) -> dict[str, Path]:
     return {"probe": probe, "technical": technical_text(work), "code": code_text(work)}
 
 
-def kind_figures(source: Path, checkpoints: list[Path], work: Path) -> dict[Path, dict[str, dict]]:
-    """``{checkpoint: {kind: fidelity}}`` of each LORS checkpoint of ``source`` on the three kinds."""
+def kind_figures(
+    source: Path, checkpoints: list[Path], work: Path, device: str = "cpu"
+) -> dict[Path, dict[str, dict]]:
+    """``{checkpoint: {kind: fidelity}}`` of each LORS checkpoint of ``source`` on the three kinds, the
+    models run on ``device``."""
     sys.path.insert(0, str(ROOT))
     from lors_convert import checkpoint as ck
     from lors_convert.calibrate.fidelity import Reference, fidelity
@@ -58,9 +61,10 @@ def kind_figures(source: Path, checkpoints: list[Path], work: Path) -> dict[Path
     from lors_convert.io.sources import load_source
 
     teacher, _ = load_source(source)
+    teacher.to(device)
     kinds = heldout_kinds(work, PROBE_TEXT)
     refs = {k: Reference(teacher, read_probes(path, source).batches, k) for k, path in kinds.items()}
-    return {c: {k: fidelity(ck.load(c), ref) for k, ref in refs.items()} for c in checkpoints}
+    return {c: {k: fidelity(ck.load(c).to(device), ref) for k, ref in refs.items()} for c in checkpoints}
 
 
 def kind_cells(got: dict[str, dict]) -> list[str]:
