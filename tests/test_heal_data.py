@@ -6,7 +6,7 @@ import torch
 from heal_tiny import llama, tokenizer
 
 from lors_convert.calibrate import generated
-from lors_convert.calibrate.generated import CHUNK, cache_file, generate_corpus, word_like_ids
+from lors_convert.calibrate.generated import CHUNK, cache_file, generate_corpus, sample, word_like_ids
 from lors_convert.calibrate.packing import pack, unpad, window_batches
 
 
@@ -20,6 +20,20 @@ def test_generated_text_is_deterministic_under_a_seed():
     starts = set(word_like_ids(tok, model.config.vocab_size))
     assert all(row[0] in starts for row in a)  # every sequence opens on a word
     assert len({row[0] for row in a + c}) > 1  # ... and not always the same one
+
+
+def test_sampling_draws_each_token_with_its_probability_and_never_an_impossible_one():
+    logits = torch.tensor([[2.0, 0.0, -float("inf"), 1.0, -1.0]]).expand(4, 5)  # (4, 5), 4 equal rows
+    p = torch.softmax(logits[0].double(), -1)  # (5,)
+    g = torch.Generator().manual_seed(0)
+    n = 20_000
+    draws = torch.cat([sample(logits, torch.rand(4, 1, generator=g, dtype=torch.float64)) for _ in range(n)])
+    freq = torch.bincount(draws, minlength=5).double() / draws.numel()  # (5,)
+    assert freq[2] == 0  # probability 0: never drawn
+    se = (p * (1 - p) / draws.numel()).sqrt()
+    assert ((freq - p).abs() <= 5 * se + 1e-12).all(), (freq, p)  # within 5 standard errors
+    edges = torch.tensor([[0.0], [1.0 - 1e-16]], dtype=torch.float64)  # the ends of [0, 1)
+    assert sample(logits[:2], edges).tolist() == [0, 4]
 
 
 def test_generated_text_is_cached_and_a_larger_request_extends_it(tmp_path, monkeypatch):

@@ -3,7 +3,11 @@ data of data-free healing.
 
 Each sequence starts from a first token drawn uniformly from the vocabulary's word-like tokens (ids
 whose text starts with a letter, optionally after a space), continues greedily for ``greedy``
-tokens, then samples from the model's full next-token distribution (LLM-QAT's recipe). Sequences
+tokens, then samples from the model's full next-token distribution (LLM-QAT's recipe). Sampling
+inverts the distribution's cumulative sum where the model runs, at uniforms drawn from a CPU
+generator (``idx_b = min{j : sum_{i<=j} p_bi > u_b sum_i p_bi}``): each token is drawn with its
+probability, the draws are the same on any device up to rounding, and no ``(n, V)`` distribution
+is copied off a GPU for a CPU multinomial at every token. Sequences
 are made in chunks of :data:`CHUNK` rows; chunk ``c`` is a pure function of ``(seed, c)`` and the
 model, so ``n`` sequences are the first ``n`` of any larger request with the same seed.
 
@@ -37,7 +41,7 @@ from .packing import window_batches
 
 CHUNK = 64  # sequences generated together (one KV cache)
 GREEDY = 3  # tokens after the first chosen greedily, before sampling
-RECIPE = 1  # bumped when the recipe changes: a cache of another recipe is not reused
+RECIPE = 2  # bumped when the recipe changes: a cache of another recipe is not reused
 CALIBRATION_SEQUENCES = CHUNK  # generated sequences a calibrated conversion fits on (8,192 tokens)
 CALIBRATION_LEN = 128  # tokens per sequence: the length text calibration truncates lines to
 
@@ -79,12 +83,21 @@ def generate_chunk(
         if t <= greedy:
             nxt = logits.argmax(-1)
         else:
-            probs = torch.softmax(logits, -1).cpu()
-            nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1).to(where)
+            nxt = sample(logits, torch.rand(len(starts), 1, generator=generator, dtype=torch.float64))
         ids = torch.cat([ids, nxt[:, None]], dim=1)  # (n, t + 1)
         if t + 1 < seq_len:
             out = model(input_ids=nxt[:, None], use_cache=True, **{key: out[key]})
     return ids.cpu()
+
+
+def sample(logits: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """One token per row of ``logits`` ``(n, V)``, drawn from their softmax by inverting its cumulative
+    sum at the uniforms ``u`` ``(n, 1)`` in [0, 1); on the logits' device. A token of probability 0 is
+    never drawn (the first cumulative sum that exceeds the point is taken)."""
+    probs = torch.softmax(logits.double(), -1)  # (n, V)
+    cdf = probs.cumsum(-1)  # (n, V)
+    point = u.to(cdf.device) * cdf[:, -1:]  # (n, 1)
+    return torch.searchsorted(cdf, point, right=True).squeeze(1).clamp_max(cdf.shape[1] - 1)  # (n,)
 
 
 def cache_file(cache_dir: Path, model_key: str, seq_len: int, seed: int) -> Path:
