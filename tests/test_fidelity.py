@@ -349,6 +349,19 @@ def test_no_fidelity_measures_nothing_even_with_calibration_data(mlp_files, tmp_
     )
 
 
+def test_cli_target_calibrates_once_for_all_its_candidates(mlp_files, tmp_path, monkeypatch):
+    import lors_convert.calibrate.grams as grams
+
+    passes, real = [], grams._input_grams
+    monkeypatch.setattr(grams, "_input_grams", lambda *a: passes.append(1) or real(*a))
+    src, held = mlp_files
+    common = [src, "--arch", "tests.models:stacked_mlp", "--calibrate", held, "--heldout", held]
+    res = run("convert", *common, "--target", "top1=0.5", "--json", "-o", tmp_path / "t.lors")
+    assert res.exit_code == 0, res.output
+    assert len(json.loads(res.stdout)["quality"]["target"]["frontier"]) >= 3  # several budgets tried
+    assert passes == [1]  # one pass over the calibration data
+
+
 def test_dry_run_of_a_target_says_what_it_skipped(mlp_files, tmp_path):
     src, held = mlp_files
     res = run(
