@@ -133,7 +133,7 @@ def main() -> None:
     body = "\n".join(lines)
     print(body)
     command = "python scripts/bench_heal.py " + " ".join(sys.argv[1:])
-    name = f"heal-{args.model}-{args.budget}"
+    name = f"heal-{args.model}-{args.budget}" + ("" if args.device == "cpu" else f"-{args.device}")
     write_section(name, f"lors heal: {args.model}, budget {args.budget}", body, command)
     write_section(
         name,

@@ -31,7 +31,11 @@ HEADER = (
 
 def machine() -> str:
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return f"{platform.machine()}, {cpus} CPUs, Python {platform.python_version()}"
+    text = f"{platform.machine()}, {cpus} CPUs, Python {platform.python_version()}"
+    torch = sys.modules.get("torch")  # a bench that ran on a GPU has imported torch
+    if torch is not None and torch.cuda.is_initialized():
+        text += f", {torch.cuda.get_device_name()} (torch {torch.__version__})"
+    return text
 
 
 def write_section(name: str, title: str, body: str, command: str, doc: Path = DOC) -> Path:
