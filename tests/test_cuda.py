@@ -12,6 +12,7 @@ import torch
 from heal_tiny import llama, llama_dir
 
 from lors_convert import convert, load, merge
+from lors_convert.calibrate.generated import sample
 from lors_convert.calibrate.packing import pack, window_batches
 from lors_convert.heal import HealSettings, heal, stack_members
 from lors_convert.heal.blocks import block_errors
@@ -113,3 +114,11 @@ def test_lors_heal_on_cuda_end_to_end(tmp_path):
     assert scores[q["heal_best_step"]] == max(scores.values()) >= scores[0]
     healed = load(tmp_path / "h.lors")
     assert all(p.device.type == "cpu" for p in healed.parameters())
+
+
+def test_generated_text_samples_the_same_tokens_on_the_gpu():
+    """The draws come from CPU uniforms and a float64 cumulative sum: the GPU picks the CPU's tokens."""
+    g = torch.Generator().manual_seed(0)
+    logits = 3 * torch.randn(64, 4096, generator=g)  # (64, V)
+    u = torch.rand(64, 1, generator=g, dtype=torch.float64)  # (64, 1)
+    assert torch.equal(sample(logits.cuda(), u).cpu(), sample(logits, u))
