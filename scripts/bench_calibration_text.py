@@ -51,7 +51,7 @@ def svd_llm(src: Path, budget: float, out: Path) -> None:
     from lors_convert.calibrate.grams import collect_grams
     from lors_convert.decompose.whiten import whitened_truncation
     from lors_convert.decompose.whitener import whitener
-    from lors_convert.discover.stacks import find_stacks
+    from lors_convert.discover.plan import plan_conversion
     from lors_convert.measure import generated_calibration
 
     configure_threads()
@@ -59,19 +59,18 @@ def svd_llm(src: Path, budget: float, out: Path) -> None:
     data, _ = generated_calibration(model, src, None)
     grams = collect_grams(model, data.calibration, objective="layer")
     kept = dense = 0
+    plan = plan_conversion(
+        model, rank=None, require_savings=False
+    )  # every stacked matrix, as lors finds them
     with torch.no_grad():
-        for stack in find_stacks(model):
-            for member in stack.members:
-                for name, module in model.get_submodule(member).named_modules():
-                    if not isinstance(module, torch.nn.Linear):
-                        continue
-                    key = f"{member}.{name}.weight"
-                    W = module.weight.double()  # (d, h)
-                    d, h = W.shape
-                    k = int(budget * d * h / (d + h))
-                    [(B, A)], *_ = whitened_truncation(W[None], [whitener(grams[key].double())], [k])
-                    module.weight.copy_(B @ A)  # (d, h), rank k
-                    kept, dense = kept + k * (d + h), dense + d * h
+        for key in (key for pp in plan.params for key in pp.keys):
+            weight = model.get_parameter(key)  # nn.Linear: (d, h), inputs from the right
+            W = weight.double()
+            d, h = W.shape
+            k = int(budget * d * h / (d + h))
+            [(B, A)], *_ = whitened_truncation(W[None], [whitener(grams[key].double())], [k])
+            weight.copy_(B @ A)  # (d, h), rank k
+            kept, dense = kept + k * (d + h), dense + d * h
     model.save_pretrained(out)
     load_tokenizer(src).save_pretrained(out)
     report = {"quality": {"stacked_fraction": kept / dense}}
@@ -137,9 +136,10 @@ def main() -> None:
     body = (
         "SmolLM2-135M-Instruct, `lors convert --budget B` (generated: the default, 64 sequences of 128 "
         "tokens the model writes, seed 0; shipped: `--calibrate` lors's 260 lines of prose, news and "
-        "instructions; SVD-LLM baseline: every stacked matrix alone, whitened SVD on the generated text's "
-        "input Grams at the budget's fraction of its parameters, no shared part, open loop). Perplexity ratio to the source (next-token top-1 agreement) on each held-out "
-        "kind: lors's probe text (260 lines), 200 stdlib docstring sentences, 200 stdlib code lines.\n\n"
+        "instructions; SVD-LLM baseline: every stacked matrix alone, whitened SVD on the generated "
+        "text's input Grams at the budget's fraction of its parameters, no shared part, open loop). "
+        "Perplexity ratio to the source (next-token top-1 agreement) on each held-out kind: lors's probe "
+        "text (260 lines), 200 stdlib docstring sentences, 200 stdlib code lines.\n\n"
         + table(
             [
                 "budget",
