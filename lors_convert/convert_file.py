@@ -240,7 +240,7 @@ def _inputs(job: _Job, model: nn.Module) -> tuple[CalibrationData | None, Probes
         probe = m.probes_for(job.src, job.heldout, job.text_model, model)
     elif not wanted:
         probe = None
-    if probe is not None and probe.batches and (job.dry_run or job.target is not None):
+    if probe is not None and probe.batches and job.dry_run:  # --target checks them as its reference
         with about(probe.origin):
             check_inputs(model, probe.batches)
     return data, probe
@@ -285,9 +285,12 @@ def _grams(job: _Job, model: nn.Module, data: CalibrationData, spill: Spill):
 def _search(job: _Job, model, data, probe: Probes | None, spill: Spill):
     if probe is None or not probe.batches:
         raise LorsUsageError(f"--target needs held-out inputs to measure: {probe.why_none if probe else ''}")
-    calibration = _grams(job, model, data, spill) if data is not None else None
-    # the search converts copies, so the model itself is the reference
+    # the search converts copies, so the model itself is the reference; its outputs are made first,
+    # which checks the probes before the calibration's work
     reference = Reference(model, probe.batches, probe.label, probe.synthetic, keep_bytes=REFERENCE_KEEP_BYTES)
+    with about(probe.origin):
+        reference.prime()
+    calibration = _grams(job, model, data, spill) if data is not None else None
     with about(job.src):
         best, report, points = search_budget(
             model, reference, job.target, job.options, calibration, job.log, job.progress

@@ -81,6 +81,21 @@ class Reference:
         (y,) = self.kept.get(i if self.keep_bytes else None, lambda: [self._run(i, batch)])
         return self.kinds[i], y
 
+    @torch.no_grad()
+    def prime(self) -> None:
+        """Run the source on every piece now, keeping its outputs while they fit, and check that they
+        are finite: inputs it cannot take, or that overflow it, fail here, before any conversion work
+        (:func:`check_inputs` for a reference that measures many models). Nothing to do without a source."""
+        if self.source is None:
+            return
+        was_training = self.source.training
+        self.source.eval()
+        try:
+            for i, batch in enumerate(pieces(self.batches)):
+                finite(self.output(i, batch)[1])
+        finally:
+            self.source.train(was_training)
+
     def _run(self, i: int, batch: Batch) -> torch.Tensor:
         kind, y = compared_output(
             self.source, run_model(self.source, to_device(batch, model_device(self.source))), batch
