@@ -74,8 +74,23 @@ def competing(n: int):
             proc.join()
 
 
+TINYLLAMA = dict(
+    hidden_size=2048,
+    intermediate_size=5632,
+    num_hidden_layers=22,
+    num_attention_heads=32,
+    num_key_value_heads=4,
+)
+
+
 def make_llama_1b(directory: Path, samples: int, seq: int) -> Path:
-    """TinyLlama's shape with random weights (written one tensor at a time) and random calibration tokens."""
+    """TinyLlama's shape with random weights and random calibration tokens."""
+    return make_llama(directory, samples, seq, TINYLLAMA)
+
+
+def make_llama(directory: Path, samples: int, seq: int, shape: dict, dtype: str = "float32") -> Path:
+    """A Llama of ``shape`` (``LlamaConfig`` fields) with random weights in ``dtype``, written one tensor
+    at a time, and ``samples`` x ``seq`` random calibration tokens; returns the tokens' file."""
     import torch
     from safetensors.torch import save_file
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -83,24 +98,18 @@ def make_llama_1b(directory: Path, samples: int, seq: int) -> Path:
     from lors_convert.io.memory import empty_model
     from lors_convert.io.safetensors import ShardedWriter, meta_like
 
-    config = LlamaConfig(
-        hidden_size=2048,
-        intermediate_size=5632,
-        num_hidden_layers=22,
-        num_attention_heads=32,
-        num_key_value_heads=4,
-        vocab_size=32000,
-        tie_word_embeddings=False,
-    )
+    config = LlamaConfig(vocab_size=32000, tie_word_embeddings=False, torch_dtype=dtype, **shape)
     model = empty_model(lambda: LlamaForCausalLM(config))
     directory.mkdir(parents=True)
     config.save_pretrained(directory)
     state = model.state_dict()
-    spec = {k: meta_like(v.shape, torch.float32) for k, v in state.items()}
+    torch_dtype = getattr(torch, dtype)
+    spec = {k: meta_like(v.shape, torch_dtype) for k, v in state.items()}
     writer = ShardedWriter(directory, spec, "2GB", {"format": "pt"})
     gen = torch.Generator().manual_seed(0)
     for k, v in state.items():
-        writer.add(k, torch.randn(v.shape, generator=gen) * 0.02 if v.dim() >= 2 else torch.ones(v.shape))
+        w = torch.randn(v.shape, generator=gen) * 0.02 if v.dim() >= 2 else torch.ones(v.shape)
+        writer.add(k, w.to(torch_dtype))
     writer.close()
     tokens = directory.parent / "tokens.safetensors"
     save_file({"input_ids": torch.randint(0, 32000, (samples, seq), generator=gen)}, str(tokens))
