@@ -17,7 +17,7 @@ What is converted, and how, is a :class:`~lors_convert.options.ConvertOptions`.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import replace
 
 import torch
@@ -36,7 +36,7 @@ from .fit import Fit, FitOptions, SearchMemo, fit_param
 from .fit.calibrated import apply_budget, quality_summary
 from .fit.closed_loop import refitter
 from .io.memory import trim
-from .io.spill import Spill
+from .io.spill import Spill, SpilledModules
 from .options import ConvertOptions
 from .report import MatrixReport, Report
 from .swap import ModuleSink
@@ -218,7 +218,7 @@ def calibrated_convert(
         with about(data.heldout_origin or None):
             reference = reference_outputs(model, data.heldout, spill=spill)
     skipped: list[str] = []  # why the closed loop cannot run, if it cannot
-    sources = source_blocks(model, options, data.calibration, skipped)
+    sources = source_blocks(model, options, data.calibration, skipped, spill)
     model, report = convert(model, options, calibration=calibration, progress=progress)
     report.warnings += skipped
     if sources is not None:
@@ -230,10 +230,14 @@ def calibrated_convert(
     return model, report
 
 
-def source_blocks(model: nn.Module, options: ConvertOptions, batches, warnings: list) -> dict | None:
+def source_blocks(
+    model: nn.Module, options: ConvertOptions, batches, warnings: list, spill: Spill | None = None
+) -> Mapping[str, nn.Module] | None:
     """For a closed loop (``options.closed_loop``; None: a causal LM's): a copy of each source block of
-    the model's one stack, in order (None where there is no closed loop; where one was asked for and
-    it cannot walk the model, the reason goes in ``warnings``)."""
+    the model's one stack, in order, their parameters on disk in ``spill`` when given (a copy of every
+    block in memory would double the stacked weights while the model converts; the closed loop takes
+    them one at a time). None where there is no closed loop; where one was asked for and it cannot
+    walk the model, the reason goes in ``warnings``."""
     wanted = is_causal_lm(model) if options.closed_loop is None else options.closed_loop
     if not wanted or not batches:
         return None
@@ -247,7 +251,10 @@ def source_blocks(model: nn.Module, options: ConvertOptions, batches, warnings: 
         if options.closed_loop:
             warnings.append(f"closed loop skipped: {why}; the private factors are the open-loop fit")
         return None
-    return {m: copy.deepcopy(model.get_submodule(m)) for m in members}
+    blocks = {m: model.get_submodule(m) for m in members}
+    if spill is not None:
+        return SpilledModules(blocks, spill)
+    return {m: copy.deepcopy(block) for m, block in blocks.items()}
 
 
 def note_calibration(report: Report, data: CalibrationData, calibration) -> None:

@@ -15,11 +15,12 @@ from lors_convert.calibrate.data import CalibrationData
 from lors_convert.calibrate.fidelity import Reference, fidelity
 from lors_convert.calibrate.grams import collect_grams
 from lors_convert.cli import app
-from lors_convert.conversion import calibrated_convert, convert
+from lors_convert.conversion import calibrated_convert, convert, source_blocks
 from lors_convert.counting import count_parameters
 from lors_convert.decompose.closed_loop import closed_loop_factors
 from lors_convert.fit.closed_loop import refitter
 from lors_convert.layers.linear import LorsLinear
+from lors_convert.options import ConvertOptions
 from tests.clirun import run_ok, runner
 from tests.models import StackedMLP, tiny_llama, token_batches
 
@@ -152,3 +153,42 @@ def test_closed_loop_lowers_the_end_to_end_error_at_equal_parameters(budget):
     assert (
         errors[True] < 0.97 * errors[False]
     )  # measured: 0.071 against 0.075 at 0.3, 0.035 against 0.039 at 0.7
+
+
+def test_source_blocks_waiting_on_disk_give_the_same_conversion_as_copies_in_memory(tmp_path):
+    """The closed loop's source blocks kept on disk (``spill``) come back one at a time equal to their
+    in-memory copies, hold no parameter in memory while they wait, and the closed loop refits the same
+    factors bit for bit from them."""
+    from lors_convert.io.spill import Spill, SpilledModules
+
+    source = tiny_llama()
+    batches = token_batches(61, n=6)
+    members = [f"model.layers.{i}" for i in range(3)]
+    spill = Spill(near=tmp_path)
+    waiting = SpilledModules({m: source.get_submodule(m) for m in members}, spill)
+    assert list(waiting) == members and len(waiting) == 3
+    assert all(p.is_meta for skeleton, _ in waiting._skeletons.values() for p in skeleton.parameters())
+    back = waiting.pop(members[1])
+    assert list(waiting) == [members[0], members[2]]
+    original = source.get_submodule(members[1])
+    assert [n for n, _ in back.named_parameters()] == [n for n, _ in original.named_parameters()]
+    for (n, a), b in zip(back.state_dict().items(), original.state_dict().values(), strict=True):
+        assert torch.equal(a, b) and a.dtype == b.dtype, n
+    x = torch.randn(2, 5, original.self_attn.q_proj.in_features)
+    position = torch.arange(5)[None]
+    rotary = source.model.rotary_emb(x, position)
+    torch.testing.assert_close(
+        back(x, position_embeddings=rotary)[0], original(x, position_embeddings=rotary)[0]
+    )
+
+    calibration = collect_grams(source, batches)
+    converted, _ = convert(copy.deepcopy(source), budget=0.6, calibration=calibration)
+    results = []
+    for spilled in (None, Spill(near=tmp_path)):
+        sources = source_blocks(source, ConvertOptions(), batches, [], spilled)
+        assert isinstance(sources, dict if spilled is None else SpilledModules)
+        model = copy.deepcopy(converted)
+        assert closed_loop_pass(model, sources, batches, refitter(calibration)) > 0
+        results.append(model.state_dict())
+    for (name, a), b in zip(results[0].items(), results[1].values(), strict=True):
+        assert torch.equal(a, b), name

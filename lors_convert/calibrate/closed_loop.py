@@ -24,6 +24,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from ..io.spill import SpilledModules
 from ..layers.linear import LorsLinear
 from .batches import (
     Batch,
@@ -185,7 +186,7 @@ def _group_grams(block, group, calls, xc, masks, source_rows) -> tuple[torch.Ten
 @torch.no_grad()
 def closed_loop_pass(
     model: nn.Module,
-    source_blocks: dict[str, nn.Module],
+    source_blocks: dict[str, nn.Module] | SpilledModules,
     batches: list[Batch],
     refit: Refit,
 ) -> int:
