@@ -41,6 +41,33 @@ def test_spilled_grams_equal_the_in_memory_ones_and_share_one_file(tmp_path):
     assert not spill.path.exists()
 
 
+def test_a_small_memory_budget_collects_the_same_grams_in_more_passes(tmp_path, monkeypatch):
+    """With accumulators for about one layer at a time (a model that fills most of the machine), the
+    input and output Grams are collected in several passes, each group spilled as its pass ends, and
+    equal those of one pass bit for bit (the same batches, the same probes)."""
+    import lors_convert.calibrate.grams as grams_module
+
+    model = tiny_llama()
+    batches = token_batches(61)
+    runs = []
+    real_run = grams_module.run_model
+    monkeypatch.setattr(grams_module, "run_model", lambda m, b: runs.append(1) or real_run(m, b))
+    one = collect_grams(model, batches, probes=2, spill=Spill(near=tmp_path))
+    one_pass = len(runs)
+    assert one_pass == len(batches)
+    per_layer = grams_module.accumulator_budget(model) // 40  # the model is under a third of free memory
+    monkeypatch.setattr(grams_module, "accumulator_budget", lambda m: per_layer)
+    runs.clear()
+    many = collect_grams(model, batches, probes=2, spill=Spill(near=tmp_path))
+    assert len(runs) >= 3 * len(batches)  # several input passes
+    assert many.counts == one.counts and many.samples == one.samples and many.skipped == one.skipped
+    for mine, theirs in ((many.grams, one.grams), (many.out_grams, one.out_grams)):
+        assert set(mine) == set(theirs)
+        for key in theirs:
+            for a, b in zip(mine.eig(key), theirs.eig(key), strict=True):
+                assert torch.equal(a, b), key
+
+
 @pytest.mark.parametrize("objective", ["output", "layer"])
 def test_conversion_with_spilled_grams_matches_the_in_memory_one(tmp_path, objective):
     source = tiny_llama()

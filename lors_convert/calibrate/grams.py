@@ -27,12 +27,13 @@ from torch import nn
 
 from ..discover.stacks import find_stacks
 from ..errors import LorsError, LorsUsageError
+from ..io.memory import available_bytes
 from ..io.spill import Spill
 from ..layers import hf_conv1d_types
 from ..options import OBJECTIVES
 from .accumulate import UpperBlocks, add_gram, all_finite_sum, completed
 from .batches import Batch, batch_mask, batch_size, model_device, run_model, to_device, token_rows
-from .sensitivity import DEFAULT_PROBES, collect_output_grams
+from .sensitivity import DEFAULT_PROBES, collect_output_grams, in_width, module_groups
 from .spilled import SpilledGrams, spill_grams
 
 
@@ -193,8 +194,11 @@ class GramCollector:
     def __exit__(self, *exc) -> None:
         self.remove()
 
-    def result(self, samples: int = 0, spill: Spill | None = None) -> Calibration:
-        """The mean Grams (float64 in memory, or on ``spill``); consumes the sums."""
+    def result(
+        self, samples: int = 0, spill: Spill | None = None, into: SpilledGrams | None = None
+    ) -> Calibration:
+        """The mean Grams (float64 in memory, or on ``spill``, added to ``into`` when given); consumes
+        the sums."""
         grams: dict[str, torch.Tensor] = {}
         distinct: dict[tuple, list[torch.Tensor]] = {}  # cheap fingerprint -> Grams with it
         for k in list(self.sums):
@@ -212,7 +216,7 @@ class GramCollector:
         for key in self.owners:
             if key not in grams and key not in skipped:
                 skipped[key] = "never reached by the calibration inputs"
-        stored = spill_grams(grams, spill, "input") if spill is not None else grams
+        stored = spill_grams(grams, spill, "input", into=into) if spill is not None else grams
         return Calibration(grams=stored, counts=dict(self.counts), skipped=skipped, samples=samples)
 
 
@@ -245,14 +249,15 @@ def collect_grams(
     if not owners:
         raise LorsError("no stacked weights to calibrate")
     batches = list(batches)
-    calibration = _input_grams(model, owners, batches, device, progress, spill)
+    budget = accumulator_budget(model) if spill is not None else None
+    calibration = _input_grams(model, owners, batches, device, progress, spill, budget)
     if objective == "output":
         probes = DEFAULT_PROBES if probes is None else probes
         if spill is None:
             out_grams = collect_output_grams(model, owners, batches, probes=probes, seed=seed, device=device)
             _check_finite(out_grams, "output-gradient")
             calibration.out_grams = out_grams
-        else:  # at most a model's size of accumulators at once, each group spilled when its pass ends
+        else:  # at most the accumulator budget at once, each group spilled when its pass ends
             stored = SpilledGrams(spill, "output")
 
             def finished(grams: Iterator[tuple[str, torch.Tensor]]) -> None:
@@ -271,15 +276,21 @@ def collect_grams(
                 seed=seed,
                 device=device,
                 float64=False,
-                max_bytes=max(_parameter_bytes(model), 1),
+                max_bytes=budget,
                 finished=finished,
             )
             calibration.out_grams = stored
     return calibration
 
 
-def _parameter_bytes(model: nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in model.parameters())
+def accumulator_budget(model: nn.Module) -> int:
+    """Bytes of Gram accumulators a spilled collection holds at once: the model's own size, and no
+    more than a third of the memory still available (a model that fills most of the machine
+    collects its Grams in more passes instead of running out; completing a sum into its matrix and
+    decomposing it take about as much again)."""
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    free = available_bytes()
+    return max(1, size if free is None else min(size, free // 3))
 
 
 def _check_finite(grams: Mapping[str, torch.Tensor | UpperBlocks], kind: str) -> None:
@@ -291,25 +302,38 @@ def _check_finite(grams: Mapping[str, torch.Tensor | UpperBlocks], kind: str) ->
 
 
 @torch.no_grad()
-def _input_grams(model, owners, batches, device, progress, spill) -> Calibration:
+def _input_grams(model, owners, batches, device, progress, spill, max_bytes) -> Calibration:
+    """The input Grams: one pass over ``batches``, or, when ``max_bytes`` of accumulators cannot hold
+    every owner's (spilled collections only), one pass per group of owners in model order, each
+    group's Grams spilled as its pass ends."""
+    groups = module_groups(model, owners, max_bytes, width=in_width) if spill is not None else [None]
     was_training = model.training
     model.eval()
     where = model_device(model)
-    samples = 0
+    result = Calibration()
     try:
-        with GramCollector(owners, device=device) as collector:
-            for batch in batches:
-                batch = to_device(batch, where)
-                collector.mask = batch_mask(batch)
-                run_model(model, batch)
-                samples += batch_size(batch)
-                if progress is not None:
-                    progress(samples)
-            collector.mask = None
-            if samples == 0:
-                raise LorsUsageError("the calibration data has no samples")
-            _check_finite(collector.sums, "input")
-            return collector.result(samples, spill)
+        for group in groups:
+            part = owners if group is None else {k: m for k, m in owners.items() if id(m) in group}
+            samples = 0
+            with GramCollector(part, device=device) as collector:
+                for batch in batches:
+                    batch = to_device(batch, where)
+                    collector.mask = batch_mask(batch)
+                    run_model(model, batch)
+                    samples += batch_size(batch)
+                    if progress is not None and group is groups[-1]:
+                        progress(samples)
+                collector.mask = None
+                if samples == 0:
+                    raise LorsUsageError("the calibration data has no samples")
+                _check_finite(collector.sums, "input")
+                into = result.grams if isinstance(result.grams, SpilledGrams) else None
+                done = collector.result(samples, spill, into=into)
+            result.grams = done.grams
+            result.counts.update(done.counts)
+            result.skipped.update(done.skipped)
+            result.samples = samples
+        return result
     finally:
         model.train(was_training)
 

@@ -103,7 +103,7 @@ def collect_output_grams(
     """
     if probes < 1:
         raise ValueError(f"probes must be >= 1, got {probes}")
-    groups = _module_groups(model, owners, max_bytes)
+    groups = module_groups(model, owners, max_bytes)
     if len(groups) > 1 and finished is None:
         raise ValueError(
             "max_bytes splits the modules into groups: pass finished= to take each group's Grams"
@@ -152,16 +152,31 @@ def _out_width(module: nn.Module) -> int:
     return 0
 
 
-def _module_groups(
-    model: nn.Module, owners: Mapping[str, nn.Module], max_bytes: int | None
+def in_width(module: nn.Module) -> int:
+    """The side of a module's input Gram: ``in_features``, a conv's unfolded patch, HF Conv1D's rows."""
+    if isinstance(module, nn.Conv2d):
+        return module.in_channels // module.groups * math.prod(module.kernel_size)
+    if isinstance(getattr(module, "in_features", None), int):
+        return module.in_features
+    weight = getattr(module, "weight", None)
+    return (
+        weight.shape[0] if isinstance(weight, torch.Tensor) and weight.dim() == 2 else 0
+    )  # Conv1D (in, out)
+
+
+def module_groups(
+    model: nn.Module,
+    owners: Mapping[str, nn.Module],
+    max_bytes: int | None,
+    width: Callable[[nn.Module], int] = _out_width,
 ) -> list[set[int]]:
     """The owners' modules (ids) in model order, cut into as few groups of about equal accumulator
-    size as keep each within ``max_bytes``."""
+    size (one float32 accumulator of side ``width(module)`` per key) as keep each within ``max_bytes``."""
     keys_per_module: dict[int, int] = {}
     for module in owners.values():
         keys_per_module[id(module)] = keys_per_module.get(id(module), 0) + 1
     ordered = [m for m in model.modules() if id(m) in keys_per_module]
-    sizes = [keys_per_module[id(m)] * stored_bytes(_out_width(m)) for m in ordered]  # float32 accumulators
+    sizes = [keys_per_module[id(m)] * stored_bytes(width(m)) for m in ordered]  # float32 accumulators
     total = sum(sizes)
     count = 1 if max_bytes is None else max(1, math.ceil(total / max_bytes))
     groups: list[set[int]] = [set()]
@@ -298,4 +313,4 @@ def _backward_grams(
     captured.clear()
 
 
-__all__ = ["collect_output_grams", "DEFAULT_PROBES"]
+__all__ = ["collect_output_grams", "module_groups", "in_width", "DEFAULT_PROBES"]
