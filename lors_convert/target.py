@@ -3,11 +3,12 @@
 One calibration (the Grams are reused by every candidate, and so are their cached
 eigendecompositions, the budget's spectra, its shared-part solves and each parameter's fit up to
 its truncation: :class:`~lors_convert.fit.SearchMemo`), then a bracketing search over the fraction
-``b`` of stacked parameters kept: each candidate converts a copy of the source and is measured
-against it (the source's outputs are kept between candidates while they fit in
-``REFERENCE_KEEP_BYTES``), and the chosen candidate's report carries its measurement. Fidelity is
-assumed to grow with the budget; every point tried is kept as the explored frontier (fraction ->
-fidelity).
+``b`` of stacked parameters kept: each candidate converts a copy of the source's module tree that
+borrows its tensors (so a candidate takes only the memory of the LORS layers it gains; the chosen
+one gets its own tensors at the end) and is measured against the source (whose outputs are kept
+between candidates while they fit in ``REFERENCE_KEEP_BYTES``), and the chosen candidate's report
+carries its measurement. Fidelity is assumed to grow with the budget; every point tried is kept as
+the explored frontier (fraction -> fidelity).
 
 The search (:func:`next_budget`) keeps the bracket ``[low, high]``: the largest budget that missed
 the target below the smallest that met it, and stops when it is ``TOLERANCE`` wide. A fidelity's
@@ -20,7 +21,6 @@ the midpoint where no such line exists (an end not yet measured, or a shortfall 
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -31,6 +31,7 @@ from .calibrate.fidelity import Reference, fidelity
 from .conversion import Progress, convert
 from .errors import LorsError, LorsUsageError
 from .fit import SearchMemo
+from .io.memory import borrowing_copy, stop_borrowing
 from .options import FIDELITY_METRICS, METRICS, ConvertOptions, Target
 from .report import Report
 
@@ -103,7 +104,7 @@ def search_budget(
         raise LorsError(
             f"no budget meets --target {target} (tried {tried}): only the dense model does; nothing written"
         )
-    return best[1], best[2], points
+    return stop_borrowing(best[1], model), best[2], points
 
 
 def next_budget(points: list[Point], target: Target) -> float | None:
@@ -150,11 +151,11 @@ def _power_law_root(low: Point, high: Point, target: Target) -> float | None:
 
 
 def _try(model, reference: Reference, target: Target, options: ConvertOptions, calibration, progress, memo):
-    """Convert a copy of ``model`` at ``options.budget`` and measure it: the point, the candidate and
-    its report (None, None when the budget gives no conversion)."""
+    """Convert a borrowing copy of ``model`` at ``options.budget`` and measure it: the point, the
+    candidate and its report (None, None when the budget gives no conversion)."""
     try:
         candidate, report = convert(
-            copy.deepcopy(model), options, calibration=calibration, progress=progress, memo=memo
+            borrowing_copy(model), options, calibration=calibration, progress=progress, memo=memo
         )
     except LorsUsageError as e:  # e.g. the budget keeps every matrix dense
         return Point(options.budget, None, None, note=str(e)), None, None

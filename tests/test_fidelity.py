@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
+from torch import nn
 from typer.testing import CliRunner
 
 from lors_convert import convert
@@ -230,6 +231,31 @@ def test_target_ends_on_a_tight_bracket_of_a_measured_frontier():
     assert [p.budget for p in points] == sorted(p.budget for p in points) and len(points) <= 6
     assert all(p.meets == (rel(p.budget) <= goal) for p in points)
     assert chosen == min(p.budget for p in points if p.meets)
+
+
+def test_target_candidates_borrow_the_source_and_the_choice_owns_its_tensors(monkeypatch):
+    """Candidates convert copies that hold the source's own tensors (the source's weights are not
+    copied per candidate); the source ends bit-identical and the chosen model shares no storage with
+    it, while its own ties stay ties."""
+    from lors_convert.io import memory
+
+    torch.manual_seed(0)
+    model = StackedMLP(dim=32, hidden=64, depth=4).eval()
+    model.spare = nn.Linear(32, 3)  # not run; its weight tied to the head's
+    model.spare.weight = model.head.weight
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    copies = []
+    real = memory.borrowing_copy
+    monkeypatch.setattr(target_module, "borrowing_copy", lambda m: copies.append(real(m)) or copies[-1])
+    x = torch.randn(96, 8, generator=torch.Generator().manual_seed(2))
+    best, _, points = search_budget(model, Reference(model, [x]), Target.parse("rel-error=0.8"), {})
+    assert len(copies) == len(points) >= 2
+    dropped = next(c for c in copies if c is not best)
+    assert dropped.get_parameter("head.weight") is model.get_parameter("head.weight")  # borrowed
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    source_storage = {t.untyped_storage().data_ptr() for t in model.state_dict().values()}
+    assert not {t.untyped_storage().data_ptr() for t in best.state_dict().values()} & source_storage
+    assert best.get_parameter("head.weight") is best.get_parameter("spare.weight")
 
 
 @pytest.mark.parametrize("power", [0.7, 1.6, 4.0])

@@ -1,9 +1,10 @@
 """Process memory: how much this machine has free, giving freed memory back to it, weights that
-own their memory, models that hold none (parameters on the meta device), and results kept for reuse
-up to a byte limit."""
+own their memory, models that hold none (parameters on the meta device), copies of a model that
+borrow its tensors, and results kept for reuse up to a byte limit."""
 
 from __future__ import annotations
 
+import copy
 import ctypes
 import functools
 import itertools
@@ -71,6 +72,33 @@ def empty_model(factory: Callable[[], nn.Module]) -> nn.Module:
     return model
 
 
+def borrowing_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model``'s module tree that holds ``model``'s own parameters and buffers (the same
+    tensor objects, so no memory but the modules'): a conversion of the copy replaces modules in it
+    and reads the weights without changing them, and leaves ``model`` as it was."""
+    memo = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+    return copy.deepcopy(model, memo)
+
+
+@torch.no_grad()
+def stop_borrowing(copied: nn.Module, model: nn.Module) -> nn.Module:
+    """Give ``copied`` (a :func:`borrowing_copy` of ``model``) its own copy of every tensor it still
+    shares with ``model``; ties within ``copied`` stay ties. Returns ``copied``."""
+    lent = {id(t) for t in itertools.chain(model.parameters(), model.buffers())}
+    own: dict[int, torch.Tensor] = {}
+    for module in copied.modules():
+        for table in (module._parameters, module._buffers):
+            for name, t in table.items():
+                if t is not None and id(t) in lent:
+                    if id(t) not in own:
+                        clone = t.detach().clone()
+                        own[id(t)] = (
+                            nn.Parameter(clone, t.requires_grad) if isinstance(t, nn.Parameter) else clone
+                        )
+                    table[name] = own[id(t)]
+    return copied
+
+
 class KeptResults:
     """Results (lists of tensors, or objects that say their ``nbytes``) by key, each computed once
     while they fit in ``limit`` bytes; past the limit, or for the key None, computed on every call."""
@@ -91,4 +119,12 @@ class KeptResults:
         return value
 
 
-__all__ = ["available_bytes", "own_memory", "trim", "empty_model", "KeptResults"]
+__all__ = [
+    "available_bytes",
+    "own_memory",
+    "borrowing_copy",
+    "stop_borrowing",
+    "trim",
+    "empty_model",
+    "KeptResults",
+]
