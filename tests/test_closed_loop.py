@@ -17,7 +17,7 @@ from lors_convert.calibrate.grams import collect_grams
 from lors_convert.cli import app
 from lors_convert.conversion import calibrated_convert, convert, source_blocks
 from lors_convert.counting import count_parameters
-from lors_convert.decompose.closed_loop import closed_loop_factors
+from lors_convert.decompose.closed_loop import closed_loop_factors, loop_inputs
 from lors_convert.fit.closed_loop import refitter
 from lors_convert.layers.linear import LorsLinear
 from lors_convert.options import ConvertOptions
@@ -38,12 +38,12 @@ def test_closed_loop_factors_are_the_least_squares_fit_on_the_converted_inputs()
     Xc = Xs + 0.3 * torch.randn(rows, n_in, generator=g, dtype=torch.float64)  # upstream error
     C, K = Xc.T @ Xc / rows, Xs.T @ Xc / rows
     # full rank, no floor or damping: the unconstrained least squares W K C^-1
-    B, A, _, discarded = closed_loop_factors(W, shared, C, K, n_in)
+    B, A, _, discarded = closed_loop_factors(W, shared, loop_inputs(C, K), n_in)
     exact = torch.linalg.lstsq(Xc, Xs @ W.T).solution.T  # (out, in)
     torch.testing.assert_close(shared + B @ A, exact, rtol=1e-9, atol=1e-9)
     assert abs(discarded) < 1e-18
     # rank k: no other rank-k private part does better on the objective than the closed-loop one
-    B, A, _, _ = closed_loop_factors(W, shared, C, K, k)
+    B, A, _, _ = closed_loop_factors(W, shared, loop_inputs(C, K), k)
     best = _objective(W, shared + B @ A, Xs, Xc)
     U, S, Vh = torch.linalg.svd(W - shared)
     open_loop = shared + (U[:, :k] * S[:k]) @ Vh[:k]  # the plain truncation, blind to Xc
@@ -80,6 +80,43 @@ def test_equal_inputs_give_the_open_loop_factors_back():
         layer = model.get_submodule(n)
         B0, A0 = before[n]
         torch.testing.assert_close(layer.lors_B @ layer.lors_A, B0 @ A0, rtol=1e-5, atol=1e-6)
+
+
+def test_a_group_shares_one_decomposition_of_its_input_and_fits_as_each_layer_alone(monkeypatch):
+    """q, k and v read one input: their refit (those the budget factored) decomposes its Gram once, and each layer's factors are
+    bit-identical to the layer refitted on its own."""
+    import lors_convert.decompose.whitener as whitener_module
+
+    source = tiny_llama()
+    batches = token_batches(61, n=6)
+    calibration = collect_grams(source, batches)
+    model, _ = convert(copy.deepcopy(source), budget=0.6, calibration=calibration)
+    attn, src = (
+        model.get_submodule("model.layers.1.self_attn"),
+        source.get_submodule("model.layers.1.self_attn"),
+    )
+    names = [n for n in ("q_proj", "k_proj", "v_proj") if isinstance(attn.get_submodule(n), LorsLinear)]
+    assert len(names) >= 2
+    n_in = src.q_proj.in_features
+    g = torch.Generator().manual_seed(1)
+    Xs = torch.randn(300, n_in, generator=g, dtype=torch.float64)
+    Xc = Xs + 0.2 * torch.randn(300, n_in, generator=g, dtype=torch.float64)
+    C, K = Xc.T @ Xc / 300, Xs.T @ Xc / 300
+    group = [
+        (f"model.layers.1.self_attn.{n}.weight", attn.get_submodule(n), src.get_submodule(n)) for n in names
+    ]
+    refit = refitter(calibration)
+    alone = {}
+    for item in group:
+        refit([item], C, K)
+        alone[item[0]] = (item[1].lors_B.detach().clone(), item[1].lors_A.detach().clone())
+    sizes = []
+    real = whitener_module.gram_eigh
+    monkeypatch.setattr(whitener_module, "gram_eigh", lambda M, *a: sizes.append(M.shape[0]) or real(M, *a))
+    refit(group, C, K)
+    assert sizes.count(n_in) == 1
+    for key, layer, _ in group:
+        assert torch.equal(layer.lors_B, alone[key][0]) and torch.equal(layer.lors_A, alone[key][1]), key
 
 
 def test_blocks_that_do_not_form_one_chain_are_named():

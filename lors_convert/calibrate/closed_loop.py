@@ -37,8 +37,9 @@ from .batches import (
     token_rows,
 )
 
-# refit(weight key, converted layer, source layer, C (in, in), K (in, in)): replaces the layer's factors
-Refit = Callable[[str, LorsLinear, nn.Linear, torch.Tensor, torch.Tensor], None]
+# refit([(weight key, converted layer, source layer) of a group], C (in, in), K (in, in)): replaces
+# the factors of the layers that read the group's input
+Refit = Callable[[list[tuple[str, LorsLinear, nn.Linear]], torch.Tensor, torch.Tensor], None]
 
 
 class _Stop(Exception):
@@ -209,9 +210,10 @@ def _walk(model, source_blocks, members, batches, refit) -> int:
         source_rows, outputs, groups = _source_side(source, names, calls, xs, masks)
         for group in groups:  # each on the inputs the groups before it, refitted, give it
             C, K = _group_grams(block, group, calls, xc, masks, source_rows)
-            for n in group:
-                refit(f"{name}.{n}.weight", block.get_submodule(n), source.get_submodule(n), C, K)
-                done += 1
+            refit(
+                [(f"{name}.{n}.weight", block.get_submodule(n), source.get_submodule(n)) for n in group], C, K
+            )
+            done += len(group)
         xc = [
             primary_output(block(c, *args[1:], **kwargs)) for c, (args, kwargs) in zip(xc, calls, strict=True)
         ]

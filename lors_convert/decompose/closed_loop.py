@@ -24,6 +24,8 @@ so the map becomes ``W' = W (K + E) C'^-1``, which is ``W`` again when ``Xc = Xs
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from .whiten import truncate_svds, whitened_svd
@@ -40,36 +42,54 @@ def solve_right(X: torch.Tensor, C: Whitener) -> torch.Tensor:
     return ((X @ Q) / C.lam.to(X.dtype)) @ Q.T  # (m, n)
 
 
+@dataclass
+class LoopInputs:
+    """What the layers that read one input share in a closed-loop refit (q/k/v, gate/up): the
+    converted inputs' effective Gram ``C'`` in its eigenbasis, and ``K_a + C' - C``, the right factor
+    of the least-squares map ``W' = W (K_a + C' - C) C'^-1``."""
+
+    right: Whitener
+    mix: torch.Tensor  # (in, in)
+
+
+def loop_inputs(
+    C: torch.Tensor, K: torch.Tensor, floor: float = 0.0, damp: float = 0.0, correction: float = 1.0
+) -> LoopInputs:
+    """The :class:`LoopInputs` of ``C`` (in, in), the converted inputs' Gram, and ``K`` (in, in), the
+    cross Gram ``Xs Xc^T``, with ``C`` floored and damped like every Gram; ``correction``: ``a`` (the
+    conversion passes :data:`CORRECTION`). One eigendecomposition of ``C`` for the whole group."""
+    C = C.double()
+    right = stack_whiteners([C], 1, C.shape[0], floor, damp, C.device)[0]
+    ridge = right.gram() - C  # (in, in) what the floor and damping add to C
+    K_a = correction * K.double() + (1.0 - correction) * C  # (in, in)
+    return LoopInputs(right, K_a + ridge)
+
+
 def closed_loop_factors(
     W: torch.Tensor,
     shared: torch.Tensor | None,
-    C: torch.Tensor,
-    K: torch.Tensor,
+    inputs: LoopInputs,
     rank: int,
     out_gram=None,
     floor: float = 0.0,
     damp: float = 0.0,
-    correction: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor, float, float]:
     """The closed-loop private factors ``B (out, k)``, ``A (k, in)`` of one layer (float64).
 
     ``W`` (out, in): the source layer; ``shared``: ``W_s`` (out, in) or None (private-only);
-    ``C`` (in, in): the converted inputs' Gram; ``K`` (in, in): the cross Gram ``Xs Xc^T``;
-    ``out_gram``: the output-side Gram (a dense matrix or a :class:`~.whitener.ScaledGram`) or None;
-    ``correction``: ``a`` (the conversion passes :data:`CORRECTION`).
+    ``inputs``: :func:`loop_inputs` of the layer's input; ``out_gram``: the output-side Gram (a dense
+    matrix or a :class:`~.whitener.ScaledGram`) or None, floored and damped by ``floor``, ``damp``.
     Also returns the whitened energy of ``W' - W_s`` and the part of it the rank leaves out.
     """
     W = W.double()
-    n_out, n_in = W.shape
-    right = stack_whiteners([C.double()], 1, n_in, floor, damp, W.device)[0]
-    left = None if out_gram is None else stack_whiteners([out_gram], 1, n_out, floor, damp, W.device)[0]
-    ridge = right.gram() - C.double()  # (in, in) what the floor and damping add to C
-    K = correction * K.double() + (1.0 - correction) * C.double()  # (in, in) K_a
-    target = solve_right(W @ (K + ridge), right)  # (out, in) W' = W (K_a + C' - C) C'^-1
+    left = None if out_gram is None else stack_whiteners([out_gram], 1, W.shape[0], floor, damp, W.device)[0]
+    target = solve_right(W @ inputs.mix, inputs.right)  # (out, in) W'
     R = target if shared is None else target - shared.double()
-    svd = whitened_svd(R, right, left)
-    (factors, energy, discarded, _) = truncate_svds([svd], [right], [rank], None if left is None else [left])
+    svd = whitened_svd(R, inputs.right, left)
+    (factors, energy, discarded, _) = truncate_svds(
+        [svd], [inputs.right], [rank], None if left is None else [left]
+    )
     return factors[0][0], factors[0][1], energy[0], discarded[0]
 
 
-__all__ = ["closed_loop_factors", "solve_right", "CORRECTION"]
+__all__ = ["closed_loop_factors", "loop_inputs", "LoopInputs", "solve_right", "CORRECTION"]

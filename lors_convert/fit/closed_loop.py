@@ -9,23 +9,26 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..decompose.closed_loop import CORRECTION, closed_loop_factors
+from ..decompose.closed_loop import CORRECTION, closed_loop_factors, loop_inputs
 from .calibrated import floor_and_damp, output_gram
 
 
 def refitter(calibration, floor: float | None = None, damp: float | None = None):
-    """``refit(key, layer, source, C, K)``: the layer's private factors replaced by the closed-loop
-    ones at its rank (the shared part stays)."""
+    """``refit(group, C, K)``: each ``(key, layer, source)`` of a group of layers that read one input
+    gets the closed-loop private factors at its rank (the shared part stays); the group shares one
+    eigendecomposition of ``C``."""
     floor, damp = floor_and_damp(floor, damp)
 
-    def refit(key: str, layer, source: nn.Linear, C: torch.Tensor, K: torch.Tensor) -> None:
-        W = source.weight.detach()  # (out, in)
-        out_gram = output_gram(calibration, key, W.shape[0])
-        shared = None if layer.shared is None else layer.shared.detach()
-        B, A, _, _ = closed_loop_factors(W, shared, C, K, layer.total_rank, out_gram, floor, damp, CORRECTION)
-        with torch.no_grad():
-            layer.lors_B.copy_(B)
-            layer.lors_A.copy_(A)
+    def refit(group: list[tuple[str, nn.Module, nn.Linear]], C: torch.Tensor, K: torch.Tensor) -> None:
+        inputs = loop_inputs(C, K, floor, damp, CORRECTION)
+        for key, layer, source in group:
+            W = source.weight.detach()  # (out, in)
+            out_gram = output_gram(calibration, key, W.shape[0])
+            shared = None if layer.shared is None else layer.shared.detach()
+            B, A, _, _ = closed_loop_factors(W, shared, inputs, layer.total_rank, out_gram, floor, damp)
+            with torch.no_grad():
+                layer.lors_B.copy_(B)
+                layer.lors_A.copy_(A)
 
     return refit
 
