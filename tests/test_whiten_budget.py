@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lors_convert.decompose.budget import BudgetItem, allocate_ranks, evaluate, uniform_ranks
-from lors_convert.decompose.weighted import decompose_weighted
+from lors_convert.decompose.weighted import decompose_weighted, truncated, weighted_basis
 from lors_convert.decompose.whiten import weighted_shared
 from lors_convert.decompose.whitener import (
     ScaledGram,
@@ -59,6 +59,26 @@ def test_whitened_svd_error_equals_discarded_energy(orientation):
         shared = f.shared.double() if orientation == "out_in" else f.shared.double().T
         s = torch.linalg.svdvals((Ws[i] - shared) @ L)
         assert float((s[ranks[i] :] ** 2).sum()) == pytest.approx(direct, rel=1e-4)
+
+
+@pytest.mark.parametrize("orientation", ["out_in", "in_out"])
+def test_a_basis_kept_at_its_ranks_fits_bit_identically_in_less_memory(orientation):
+    """A single conversion knows its ranks: each layer's SVD keeps its leading vectors only, and the
+    factors and errors are those of the full basis truncated, bit for bit."""
+    gen = torch.Generator().manual_seed(3)
+    N, out, inp = 4, 14, 10
+    stored = [W if orientation == "out_in" else W.T.contiguous() for W in _stack(N, out, inp, gen)]
+    grams = [_gram(inp, gen) for _ in range(N)]
+    ranks = [0, 2, 3, 20]  # 20: more than the spectrum's 10 values
+    full = weighted_basis(stored, grams, orientation)
+    kept = weighted_basis(stored, grams, orientation, keep=ranks)
+    a, b = truncated(full, ranks), truncated(kept, ranks)
+    assert torch.equal(a.shared, b.shared) and a.weighted_error == b.weighted_error
+    for x, y in zip(a.layers, b.layers, strict=True):
+        assert torch.equal(x.B, y.B) and torch.equal(x.A, y.A)
+    svd_bytes = [sum(t.nbytes for t in svd) for svd in kept.svds]
+    assert svd_bytes == [8 * (min(k, 10) * (out + inp) + 10) for k in ranks]
+    assert kept.nbytes < full.nbytes
 
 
 def test_whitened_truncation_beats_plain_svd_on_weighted_error():

@@ -87,7 +87,7 @@ def decompose_weighted(
     the weighted ones are in ``weighted_*``. Float64 math, float32 results on ``device``.
     """
     basis = weighted_basis(
-        weights, grams, orientation, shared, floor, damp, device, shared_part, out_grams, screened
+        weights, grams, orientation, shared, floor, damp, device, shared_part, out_grams, screened, keep=ranks
     )
     if refine == 0 or not shared_part:  # nothing to refine: the history stays flat
         return truncated(basis, ranks, refine)
@@ -112,7 +112,7 @@ class WeightedBasis:
     wh: list  # N input whiteners
     lw: list | None  # N output whiteners, or None
     W_s: torch.Tensor  # (out, in) the shared part (zero without one)
-    svds: list  # N ``(U (out, m), S (m,), V^T (m, in))`` of ``M_i^T (W_i - W_s) L_i``
+    svds: list  # N ``(U (out, m), S (m,), V^T (m, in))`` of ``M_i^T (W_i - W_s) L_i`` (m: min(out, in), or the kept rank)
     orientation: str
 
     @property
@@ -133,8 +133,12 @@ def weighted_basis(
     shared_part: bool = True,
     out_grams: list | None = None,
     screened: bool = False,
+    keep: list[int] | None = None,
 ) -> WeightedBasis:
-    """The rank-independent part of :func:`decompose_weighted` (same arguments)."""
+    """The rank-independent part of :func:`decompose_weighted` (same arguments). ``keep``: the ranks
+    it will be truncated at, when known: each layer's SVD keeps only its leading ``k_i`` vectors (and
+    every singular value), so a stack's full SVDs are never held at once; None keeps them whole (a
+    search truncates one basis at several budgets)."""
     W, wh, lw = prepare_stack(weights, grams, orientation, floor, damp, device, out_grams)
     if not shared_part:
         W_s = torch.zeros_like(W[0])
@@ -144,7 +148,12 @@ def weighted_basis(
             W_s = weighted_shared(W, wh, left=lw, start=W_s)
     else:
         W_s = weighted_shared(W, wh, left=lw)
-    svds = [whitened_svd(W[i] - W_s, wh[i], None if lw is None else lw[i]) for i in range(W.shape[0])]
+    svds = []
+    for i in range(W.shape[0]):
+        U, S, Vh = whitened_svd(W[i] - W_s, wh[i], None if lw is None else lw[i])
+        if keep is not None:
+            U, Vh = U[:, : keep[i]].clone(), Vh[: keep[i]].clone()  # (out, k), (k, in)
+        svds.append((U, S, Vh))
     return WeightedBasis(W, wh, lw, W_s, svds, orientation)
 
 

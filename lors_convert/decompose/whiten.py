@@ -232,7 +232,7 @@ def shared_and_spectra(
     :func:`~lors_convert.decompose.weighted.decompose_weighted` (``screened=True``), which solves on from it."""
     W, wh, lw = prepare_stack(weights, grams, orientation, floor, damp, device, out_grams)
     S = _budget_shared(W, wh, lw, orientation, shared, shared_matrix)
-    spectra = _layer_spectra(W if S is None else W - S, wh, lw)
+    spectra = _layer_spectra(W, wh, lw, S)
     return (None if S is None else orient(S, orientation)), spectra
 
 
@@ -251,7 +251,7 @@ def sharing_spectra(
     Returns ``(shared part, residual spectra, the layers' own spectra)``."""
     W, wh, lw = prepare_stack(weights, grams, orientation, floor, damp, device, out_grams)
     S = _budget_shared(W, wh, lw, orientation, True, shared_matrix)
-    return orient(S, orientation), _layer_spectra(W - S, wh, lw), _layer_spectra(W, wh, lw)
+    return orient(S, orientation), _layer_spectra(W, wh, lw, S), _layer_spectra(W, wh, lw)
 
 
 def _budget_shared(W, wh, lw, orientation, shared, shared_matrix):
@@ -263,11 +263,13 @@ def _budget_shared(W, wh, lw, orientation, shared, shared_matrix):
     return None
 
 
-def _layer_spectra(R: torch.Tensor, wh, lw) -> list[torch.Tensor]:
-    """Per layer, the descending ``s^2`` of the whitened ``R[i]`` (CPU)."""
+def _layer_spectra(W: torch.Tensor, wh, lw, S: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """Per layer, the descending ``s^2`` of the whitened ``W[i] - S`` (``W[i]`` without ``S``), on the
+    CPU; one layer's residual at a time."""
     spectra = []
-    for i in range(R.shape[0]):
-        Z = whiten_residual(R[i], wh[i], None if lw is None else lw[i])  # (out, in)
+    for i in range(W.shape[0]):
+        R = W[i] if S is None else W[i] - S  # (out, in)
+        Z = whiten_residual(R, wh[i], None if lw is None else lw[i])  # (out, in)
         G = Z @ Z.T if Z.shape[0] <= Z.shape[1] else Z.T @ Z  # the smaller Gram: eigenvalues = s^2
         with serial():
             spectra.append(torch.linalg.eigvalsh(G).clamp_min(0.0).flip(0).cpu())
@@ -277,9 +279,10 @@ def _layer_spectra(R: torch.Tensor, wh, lw) -> list[torch.Tensor]:
 def prepare_stack(weights, grams, orientation, floor, damp, device, out_grams=None):
     """Stacked float64 matrices in linear orientation, input whiteners, output whiteners (or None)."""
     device = torch.device(device) if device is not None else weights[0].device
-    W = torch.stack(
-        [orient(as_matrix(w).to(device=device, dtype=torch.float64), orientation) for w in weights]
-    )
+    first = orient(as_matrix(weights[0]), orientation)
+    W = torch.empty(len(weights), *first.shape, dtype=torch.float64, device=device)  # (N, out, in)
+    for i, w in enumerate(weights):  # one layer widened at a time, not a list of them beside the stack
+        W[i].copy_(orient(as_matrix(w).to(device=device, dtype=torch.float64), orientation))
     wh = stack_whiteners(grams, len(weights), W.shape[2], floor, damp, device)
     lw = None
     if out_grams is not None and any(g is not None for g in out_grams):
