@@ -81,6 +81,28 @@ def test_a_basis_kept_at_its_ranks_fits_bit_identically_in_less_memory(orientati
     assert kept.nbytes < full.nbytes
 
 
+@pytest.mark.parametrize("orientation", ["out_in", "in_out"])
+def test_a_stack_is_read_in_its_stored_dtype_and_fits_as_if_widened_first(orientation):
+    """The fit widens one layer at a time from the stored tensors: the basis holds no float64 copy
+    of the stack, and the factors (with output Grams and refinement sweeps) are bit-identical to a
+    fit of the same layers widened to float64 beforehand."""
+    gen = torch.Generator().manual_seed(5)
+    N, out, inp = 3, 12, 8
+    linear = [W.to(torch.bfloat16) for W in _stack(N, out, inp, gen)]
+    stored = [W if orientation == "out_in" else W.T.contiguous() for W in linear]
+    grams = [_gram(inp, gen) for _ in range(N)]
+    out_grams = [_gram(out, gen) for _ in range(N)]
+    basis = weighted_basis(stored, grams, orientation, out_grams=out_grams, keep=[2, 2, 2])
+    assert all(a is b for a, b in zip(basis.W.weights, stored, strict=True))  # the source's tensors
+    assert basis.nbytes == basis.W_s.nbytes + sum(t.nbytes for svd in basis.svds for t in svd)
+    kwargs = dict(orientation=orientation, out_grams=out_grams, refine=2)
+    a = decompose_weighted(stored, [1, 2, 3], grams, **kwargs)
+    b = decompose_weighted([W.double() for W in stored], [1, 2, 3], grams, **kwargs)
+    assert torch.equal(a.shared, b.shared) and a.history == b.history
+    for x, y in zip(a.layers, b.layers, strict=True):
+        assert torch.equal(x.B, y.B) and torch.equal(x.A, y.A)
+
+
 def test_whitened_truncation_beats_plain_svd_on_weighted_error():
     gen = torch.Generator().manual_seed(1)
     Ws = _stack(3, 10, 8, gen)

@@ -2,7 +2,7 @@
 a shared part, then each layer's whitened residual truncated to its rank.
 
 The fit splits in two. :func:`weighted_basis` does all that does not depend on the ranks (the
-layers in float64 linear orientation, their whiteners, the shared part ``W_s`` and the SVDs
+layers, read as float64 in linear orientation one at a time (:mod:`.stack`), their whiteners, the shared part ``W_s`` and the SVDs
 ``M_i^T (W_i - W_s) L_i = U_i S_i V_i^T``); :func:`truncated` keeps ``k_i`` singular triplets per
 layer and maps them back, ``B_i = M_i^-T U_k S_k^{1/2}``, ``A_i = S_k^{1/2} V_k^T L_i^{-1}``. A search
 over budgets computes the first once and the second per candidate. :func:`decompose_weighted` is
@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 import torch
 
 from .lorst import LayerFactors, StackFactors, as_matrix
+from .stack import LayerStack, orient
 from .whiten import (
-    orient,
     prepare_stack,
     truncate_svds,
     weighted_shared,
@@ -95,9 +95,9 @@ def decompose_weighted(
     factors, energy, discarded, _ = truncate_svds(basis.svds, wh, ranks, lw)
     history = [sum(discarded)]
     for _ in range(refine):
-        P = torch.stack([B @ A for B, A in factors])
+        P = [B @ A for B, A in factors]  # N private parts (out, in)
         W_s = weighted_shared(W, wh, P, left=lw, start=W_s)
-        factors, energy, discarded, _ = whitened_truncation(W - W_s, wh, ranks, lw)
+        factors, energy, discarded, _ = whitened_truncation(W, W_s, wh, ranks, lw)
         history.append(sum(discarded))
     return _factors(basis, W_s, factors, energy, discarded, history)
 
@@ -108,7 +108,7 @@ class WeightedBasis:
     layers, their whiteners, the shared part and the whitened residuals' SVDs. :func:`truncated`
     gives the factors at any ranks from it, so a search over budgets fits each parameter once."""
 
-    W: torch.Tensor  # (N, out, in) float64, linear orientation
+    W: LayerStack  # (N, out, in): the layers as stored, read as float64 in linear orientation
     wh: list  # N input whiteners
     lw: list | None  # N output whiteners, or None
     W_s: torch.Tensor  # (out, in) the shared part (zero without one)
@@ -117,8 +117,9 @@ class WeightedBasis:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the tensors it holds itself (the whiteners' bases are the calibration's)."""
-        tensors = [self.W, self.W_s, *(t for svd in self.svds for t in svd)]
+        """Bytes of the tensors it holds itself (the layers are the source's, the whiteners' bases
+        the calibration's)."""
+        tensors = [self.W_s, *(t for svd in self.svds for t in svd)]
         return sum(t.nbytes for t in tensors)
 
 
@@ -141,15 +142,15 @@ def weighted_basis(
     search truncates one basis at several budgets)."""
     W, wh, lw = prepare_stack(weights, grams, orientation, floor, damp, device, out_grams)
     if not shared_part:
-        W_s = torch.zeros_like(W[0])
+        W_s = torch.zeros(W.shape[1:], dtype=torch.float64, device=W.device)
     elif shared is not None:
-        W_s = orient(as_matrix(shared).to(W), orientation)
+        W_s = orient(as_matrix(shared).to(W.device, torch.float64), orientation)
         if screened and lw is not None:
             W_s = weighted_shared(W, wh, left=lw, start=W_s)
     else:
         W_s = weighted_shared(W, wh, left=lw)
     svds = []
-    for i in range(W.shape[0]):
+    for i in range(len(W)):
         U, S, Vh = whitened_svd(W[i] - W_s, wh[i], None if lw is None else lw[i])
         if keep is not None:
             U, Vh = U[:, : keep[i]].clone(), Vh[: keep[i]].clone()  # (out, k), (k, in)
@@ -170,9 +171,10 @@ def _factors(basis: WeightedBasis, W_s, factors, energy, discarded, history) -> 
     layers = []
     outputs = []
     for i, (B, A) in enumerate(factors):
-        R = W[i] - W_s
+        W_i = W[i]  # (out, in)
+        R = W_i - W_s
         D = R - B @ A
-        outputs.append(float((whiten_residual(W[i], wh[i], None if lw is None else lw[i]) ** 2).sum()))
+        outputs.append(float((whiten_residual(W_i, wh[i], None if lw is None else lw[i]) ** 2).sum()))
         res = float((R * R).sum())
         err = float((D * D).sum())
         if orientation == "in_out":
@@ -183,7 +185,7 @@ def _factors(basis: WeightedBasis, W_s, factors, energy, discarded, history) -> 
                 A=A.float(),
                 residual_energy=res,
                 discarded_energy=err,
-                weight_norm=float(torch.linalg.matrix_norm(W[i])),
+                weight_norm=float(torch.linalg.matrix_norm(W_i)),
             )
         )
     return WeightedFactors(

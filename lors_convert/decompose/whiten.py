@@ -39,6 +39,7 @@ from __future__ import annotations
 import torch
 
 from .lorst import as_matrix, rebalance, split_balanced
+from .stack import LayerStack, orient
 from .topk import serial
 from .whitener import DEFAULT_FLOOR, EXACT_DAMP, Whitener, stack_whiteners
 
@@ -68,7 +69,7 @@ def _dense_sum(grams: list[Gram]) -> torch.Tensor:
 
 
 def weighted_shared(
-    W: torch.Tensor,
+    W: torch.Tensor | LayerStack,
     grams: list[Gram],
     private: torch.Tensor | None = None,
     left: list[Gram] | None = None,
@@ -78,23 +79,26 @@ def weighted_shared(
 ) -> torch.Tensor:
     """``argmin_S sum_i ||M_i^T (W_i - P_i - S) L_i||^2``.
 
-    ``W``: (N, out, in); ``grams``: N effective input Grams ``C_i`` (in, in), dense or as
+    ``W``: (N, out, in), read a layer at a time; ``grams``: N effective input Grams ``C_i`` (in, in), dense or as
     :class:`Whitener` (applied through their eigenbasis: a stack's Grams are never all formed);
-    ``private``: (N, out, in) or None; ``left``: N effective output Grams ``G_i`` (out, out) or None
+    ``private``: N matrices (out, in) or None; ``left``: N effective output Grams ``G_i`` (out, out) or None
     (identity: closed form ``(sum_i (W_i - P_i) C_i)(sum_i C_i)^-1``). With ``left``, preconditioned
     conjugate gradients on ``sum_i G_i S C_i = sum_i G_i (W_i - P_i) C_i`` from ``start`` (default: the
     closed form without ``left``); every iterate lowers the error, so stopping at ``max_iter`` keeps
     any sweep monotone.
     """
-    T = W if private is None else W - private
+
+    def target(i: int) -> torch.Tensor:  # W_i - P_i: (out, in)
+        return W[i] if private is None else W[i] - private[i]
+
     if left is None or start is None:
-        num = sum(_right(T[i], grams[i]) for i in range(len(grams)))  # (out, in)
+        num = sum(_right(target(i), grams[i]) for i in range(len(grams)))  # (out, in)
         den = _dense_sum(grams)  # (in, in), symmetric positive definite (floored)
         closed = torch.linalg.solve(den, num.T).T  # S den = num  <=>  den S^T = num^T
         if left is None:
             return closed
         start = closed
-    b = sum(_left(left[i], _right(T[i], grams[i])) for i in range(len(grams)))  # (out, in)
+    b = sum(_left(left[i], _right(target(i), grams[i])) for i in range(len(grams)))  # (out, in)
     return _kron_sum_cg(left, grams, b, start, max_iter, tol)
 
 
@@ -137,15 +141,23 @@ def _kron_sum_cg(
 
 
 def whitened_truncation(
-    R: torch.Tensor, whiteners: list[Whitener], ranks: list[int], left: list[Whitener] | None = None
+    W: torch.Tensor | LayerStack,
+    shared: torch.Tensor,
+    whiteners: list[Whitener],
+    ranks: list[int],
+    left: list[Whitener] | None = None,
 ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[float], list[float], list[torch.Tensor]]:
-    """Best weighted rank-``k_i`` approximation of each residual ``R_i`` (linear orientation).
+    """Best weighted rank-``k_i`` approximation of each residual ``R_i = W_i - shared`` (linear
+    orientation), one layer's residual at a time.
 
     ``whiteners``: input side ``L_i``; ``left``: output side ``M_i`` or None (identity).
     Returns the factors ``(B_i (out, k), A_i (k, in))``, the whitened residual energy, the discarded
     whitened energy (the weighted error) and the whitened spectra ``s^2`` (descending), per layer.
     """
-    svds = [whitened_svd(R[i], whiteners[i], None if left is None else left[i]) for i in range(len(ranks))]
+    svds = [
+        whitened_svd(W[i] - shared, whiteners[i], None if left is None else left[i])
+        for i in range(len(ranks))
+    ]
     return truncate_svds(svds, whiteners, ranks, left)
 
 
@@ -187,10 +199,6 @@ def whiten_residual(R: torch.Tensor, right: Whitener, left: Whitener | None) -> 
     """``M^T R L``: the residual in the space where the weighted error is the Frobenius norm."""
     Z = right.right_L(R)  # (out, in)
     return Z if left is None else left.left_LT(Z)
-
-
-def orient(M: torch.Tensor, orientation: str) -> torch.Tensor:
-    return M.transpose(-1, -2) if orientation == "in_out" else M
 
 
 def whitened_spectra(
@@ -257,17 +265,17 @@ def sharing_spectra(
 def _budget_shared(W, wh, lw, orientation, shared, shared_matrix):
     """The given shared part (linear orientation), the weighted least-squares one, or None."""
     if shared_matrix is not None:
-        return orient(as_matrix(shared_matrix).to(W), orientation)
+        return orient(as_matrix(shared_matrix).to(W.device, torch.float64), orientation)
     if shared:
         return weighted_shared(W, wh, left=lw, max_iter=CG_SCREEN_ITER)
     return None
 
 
-def _layer_spectra(W: torch.Tensor, wh, lw, S: torch.Tensor | None = None) -> list[torch.Tensor]:
+def _layer_spectra(W: LayerStack, wh, lw, S: torch.Tensor | None = None) -> list[torch.Tensor]:
     """Per layer, the descending ``s^2`` of the whitened ``W[i] - S`` (``W[i]`` without ``S``), on the
     CPU; one layer's residual at a time."""
     spectra = []
-    for i in range(W.shape[0]):
+    for i in range(len(W)):
         R = W[i] if S is None else W[i] - S  # (out, in)
         Z = whiten_residual(R, wh[i], None if lw is None else lw[i])  # (out, in)
         G = Z @ Z.T if Z.shape[0] <= Z.shape[1] else Z.T @ Z  # the smaller Gram: eigenvalues = s^2
@@ -277,21 +285,19 @@ def _layer_spectra(W: torch.Tensor, wh, lw, S: torch.Tensor | None = None) -> li
 
 
 def prepare_stack(weights, grams, orientation, floor, damp, device, out_grams=None):
-    """Stacked float64 matrices in linear orientation, input whiteners, output whiteners (or None)."""
+    """The layers as a :class:`LayerStack` (float64, linear orientation, widened one at a time),
+    input whiteners, output whiteners (or None)."""
     device = torch.device(device) if device is not None else weights[0].device
-    first = orient(as_matrix(weights[0]), orientation)
-    W = torch.empty(len(weights), *first.shape, dtype=torch.float64, device=device)  # (N, out, in)
-    for i, w in enumerate(weights):  # one layer widened at a time, not a list of them beside the stack
-        W[i].copy_(orient(as_matrix(w).to(device=device, dtype=torch.float64), orientation))
-    wh = stack_whiteners(grams, len(weights), W.shape[2], floor, damp, device)
+    W = LayerStack(weights, orientation, device)
+    _, out, inp = W.shape
+    wh = stack_whiteners(grams, len(weights), inp, floor, damp, device)
     lw = None
     if out_grams is not None and any(g is not None for g in out_grams):
-        lw = stack_whiteners(out_grams, len(weights), W.shape[1], floor, damp, device)
+        lw = stack_whiteners(out_grams, len(weights), out, floor, damp, device)
     return W, wh, lw
 
 
 __all__ = [
-    "orient",
     "prepare_stack",
     "whiten_residual",
     "whitened_svd",
