@@ -24,6 +24,7 @@ import contextlib
 import json
 import multiprocessing
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -40,8 +41,10 @@ METRICS = ("heldout_ppl_ratio", "heldout_top1", "heldout_kl", "heldout_rel_error
 
 
 def run_measured(cmd: list[str], pythonpath: Path) -> tuple[float, int, dict]:
-    """Wall seconds, peak RSS (bytes, the child's own, from ``wait4``) and the JSON report of one
-    ``lors`` process run from the checkout ``pythonpath``."""
+    """Wall seconds, peak RSS (bytes, from ``wait4``) and the JSON report of one ``lors`` process run
+    from the checkout ``pythonpath``. Linux counts a child's peak from its parent's peak at the
+    ``exec`` (the address space it replaced): a figure at or below this process's own peak may be
+    this process's, so that case stops the bench."""
     env = {**os.environ, "PYTHONPATH": str(pythonpath), "HF_HUB_OFFLINE": "1"}
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         start = time.perf_counter()
@@ -52,6 +55,9 @@ def run_measured(cmd: list[str], pythonpath: Path) -> tuple[float, int, dict]:
         err.seek(0)
         if os.waitstatus_to_exitcode(status) != 0:
             raise SystemExit(f"failed: {' '.join(cmd)}\n{err.read().decode()[-2000:]}")
+        own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        if usage.ru_maxrss <= own:
+            raise SystemExit(f"the child's peak RSS ({own} KB) may be this process's: {' '.join(cmd)}")
         return seconds, usage.ru_maxrss * 1024, json.loads(out.read())
 
 
@@ -88,9 +94,12 @@ def make_llama_1b(directory: Path, samples: int, seq: int) -> Path:
     return make_llama(directory, samples, seq, TINYLLAMA)
 
 
-def make_llama(directory: Path, samples: int, seq: int, shape: dict, dtype: str = "float32") -> Path:
-    """A Llama of ``shape`` (``LlamaConfig`` fields) with random weights in ``dtype``, written one tensor
-    at a time, and ``samples`` x ``seq`` random calibration tokens; returns the tokens' file."""
+def make_llama(
+    directory: Path, samples: int, seq: int, shape: dict, dtype: str = "float32", vocab: int = 32000
+) -> Path:
+    """A Llama of ``shape`` (``LlamaConfig`` fields) and ``vocab`` tokens with random weights in
+    ``dtype``, written one tensor at a time, and ``samples`` x ``seq`` random calibration tokens;
+    returns the tokens' file."""
     import torch
     from safetensors.torch import save_file
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -98,7 +107,7 @@ def make_llama(directory: Path, samples: int, seq: int, shape: dict, dtype: str 
     from lors_convert.io.memory import empty_model
     from lors_convert.io.safetensors import ShardedWriter, meta_like
 
-    config = LlamaConfig(vocab_size=32000, tie_word_embeddings=False, torch_dtype=dtype, **shape)
+    config = LlamaConfig(vocab_size=vocab, tie_word_embeddings=False, torch_dtype=dtype, **shape)
     model = empty_model(lambda: LlamaForCausalLM(config))
     directory.mkdir(parents=True)
     config.save_pretrained(directory)
@@ -112,7 +121,7 @@ def make_llama(directory: Path, samples: int, seq: int, shape: dict, dtype: str 
         writer.add(k, w.to(torch_dtype))
     writer.close()
     tokens = directory.parent / "tokens.safetensors"
-    save_file({"input_ids": torch.randint(0, 32000, (samples, seq), generator=gen)}, str(tokens))
+    save_file({"input_ids": torch.randint(0, vocab, (samples, seq), generator=gen)}, str(tokens))
     return tokens
 
 
