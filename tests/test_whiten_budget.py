@@ -170,6 +170,12 @@ def test_whitener_operators_equal_the_dense_square_root(rank):
         and torch.equal(eye.right_L(R), R)
         and torch.equal(eye.gram(), torch.eye(8, dtype=torch.float64))
     )
+    total = torch.randn(8, 8, generator=gen, dtype=torch.float64)
+    expected = total + Ce
+    assert w.gram(plus=total) is total and torch.allclose(total, expected, rtol=1e-12, atol=1e-12)
+    before = total.clone()
+    assert eye.gram(plus=total) is total and torch.equal(total, before + torch.eye(8, dtype=torch.float64))
+    assert torch.equal(w.Q, whitener(C, damp=0.1).Q)  # the cached basis is read, never scaled in place
 
 
 def test_whiteners_hold_the_cached_basis_not_copies():

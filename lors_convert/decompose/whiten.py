@@ -60,12 +60,19 @@ def _right(X: torch.Tensor, C: Gram) -> torch.Tensor:
 
 
 def _dense_sum(grams: list[Gram]) -> torch.Tensor:
-    """``sum_i C_i`` as one dense matrix (each Whitener's Gram formed in turn, not all at once)."""
+    """``sum_i C_i`` as one dense matrix (each Whitener's Gram added into it in turn)."""
     total = None
     for C in grams:
-        D = C.gram() if isinstance(C, Whitener) else C
-        total = D.clone() if total is None else total.add_(D)
+        if isinstance(C, Whitener):
+            total = C.gram(plus=total)
+        else:
+            total = C.clone() if total is None else total.add_(C)
     return total
+
+
+def _mean_inverse(grams: list[Gram]) -> torch.Tensor:
+    """``(sum_i C_i / N)^-1``, the sum scaled in place: the inverse's work beside one dense matrix."""
+    return torch.linalg.inv(_dense_sum(grams).div_(len(grams)))
 
 
 def weighted_shared(
@@ -114,9 +121,8 @@ def _kron_sum_cg(
     def apply(X):
         return sum(_left(G, _right(X, C)) for G, C in zip(left, right, strict=False))
 
-    n = len(left)
-    G_inv = torch.linalg.inv(_dense_sum(left) / n)  # (out, out)
-    C_inv = torch.linalg.inv(_dense_sum(right) / n)  # (in, in)
+    G_inv = _mean_inverse(left)  # (out, out)
+    C_inv = _mean_inverse(right)  # (in, in)
     x = x.clone()
     r = b - apply(x)
     b_norm = float(torch.linalg.matrix_norm(b)) or 1.0

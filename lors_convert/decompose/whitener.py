@@ -78,12 +78,17 @@ class Whitener:
         Q, lam = self.Q, self.lam.to(self.Q.dtype)
         return (((X.to(Q.dtype) @ Q) * lam) @ Q.T).to(X.dtype)
 
-    def gram(self) -> torch.Tensor:
-        """``C'`` as a dense (n, n) matrix."""
+    def gram(self, plus: torch.Tensor | None = None) -> torch.Tensor:
+        """``C'`` as a dense (n, n) matrix in the eigenvalues' precision; with ``plus``, ``plus + C'``
+        added into ``plus`` in place. ``C' = S S^T`` with ``S = Q diag(lam)^{1/2}``: a sum of a
+        stack's Grams holds itself and one ``n x n`` copy of ``Q``."""
         if self.Q is None:
-            return torch.diag(self.lam)
-        Q = self.Q.to(self.lam.dtype)
-        return (Q * self.lam) @ Q.T
+            if plus is None:
+                return torch.diag(self.lam)
+            plus.diagonal().add_(self.lam)
+            return plus
+        S = self.Q.to(self.lam.dtype, copy=True).mul_(self.root)  # (n, n)
+        return S @ S.T if plus is None else plus.addmm_(S, S.T)
 
     @property
     def L(self) -> torch.Tensor:
