@@ -55,9 +55,12 @@ def run_measured(cmd: list[str], pythonpath: Path) -> tuple[float, int, dict]:
         err.seek(0)
         if os.waitstatus_to_exitcode(status) != 0:
             raise SystemExit(f"failed: {' '.join(cmd)}\n{err.read().decode()[-2000:]}")
-        own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KB, like the child's
         if usage.ru_maxrss <= own:
-            raise SystemExit(f"the child's peak RSS ({own} KB) may be this process's: {' '.join(cmd)}")
+            raise SystemExit(
+                f"the child's peak RSS ({usage.ru_maxrss} KB) is not above this process's ({own} KB), "
+                f"so it may be this process's: {' '.join(cmd)}"
+            )
         return seconds, usage.ru_maxrss * 1024, json.loads(out.read())
 
 

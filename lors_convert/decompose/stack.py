@@ -26,9 +26,9 @@ def orient(M: torch.Tensor, orientation: str) -> torch.Tensor:
 class LayerStack:
     """``N`` stored weights read as float64 ``(out, in)`` matrices, one at a time, on ``device``.
 
-    Indexing gives a fresh contiguous float64 layer; ``len`` and ``shape`` (``(N, out, in)``) are
-    those of the stack it stands for. A float64 tensor ``(N, out, in)`` can stand in for it wherever
-    it is read."""
+    Indexing gives a contiguous float64 layer (the stored tensor itself when it already is one: read
+    it, never write it); ``len`` and ``shape`` (``(N, out, in)``) are those of the stack it stands
+    for. A float64 tensor ``(N, out, in)`` can stand in for it wherever it is read."""
 
     def __init__(self, weights: list[torch.Tensor], orientation: str, device: torch.device):
         self.weights = weights
@@ -41,8 +41,12 @@ class LayerStack:
         return len(self.weights)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        w = as_matrix(self.weights[i]).to(device=self.device, dtype=torch.float64)
-        return orient(w, self.orientation).contiguous()  # (out, in)
+        return self.read(self.weights[i]).contiguous()  # (out, in)
+
+    def read(self, matrix: torch.Tensor) -> torch.Tensor:
+        """A matrix stored like the layers (a shared part) as the fit reads them: float64, linear
+        orientation, on the stack's device (a view where no copy is needed)."""
+        return orient(as_matrix(matrix).to(device=self.device, dtype=torch.float64), self.orientation)
 
 
 __all__ = ["LayerStack", "orient"]

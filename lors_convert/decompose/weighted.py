@@ -2,8 +2,8 @@
 a shared part, then each layer's whitened residual truncated to its rank.
 
 The fit splits in two. :func:`weighted_basis` does all that does not depend on the ranks (the
-layers, read as float64 in linear orientation one at a time (:mod:`.stack`), their whiteners, the shared part ``W_s`` and the SVDs
-``M_i^T (W_i - W_s) L_i = U_i S_i V_i^T``); :func:`truncated` keeps ``k_i`` singular triplets per
+layers, read as float64 in linear orientation one at a time (:mod:`.stack`), their whiteners, the
+shared part ``W_s`` and the SVDs ``M_i^T (W_i - W_s) L_i = U_i S_i V_i^T``); :func:`truncated` keeps ``k_i`` singular triplets per
 layer and maps them back, ``B_i = M_i^-T U_k S_k^{1/2}``, ``A_i = S_k^{1/2} V_k^T L_i^{-1}``. A search
 over budgets computes the first once and the second per candidate. :func:`decompose_weighted` is
 both, plus the refinement sweeps (shared part given the private parts, then re-truncate), which
@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .lorst import LayerFactors, StackFactors, as_matrix
+from .lorst import LayerFactors, StackFactors
 from .stack import LayerStack, orient
 from .whiten import (
     prepare_stack,
@@ -144,7 +144,7 @@ def weighted_basis(
     if not shared_part:
         W_s = torch.zeros(W.shape[1:], dtype=torch.float64, device=W.device)
     elif shared is not None:
-        W_s = orient(as_matrix(shared).to(W.device, torch.float64), orientation)
+        W_s = W.read(shared)
         if screened and lw is not None:
             W_s = weighted_shared(W, wh, left=lw, start=W_s)
     else:

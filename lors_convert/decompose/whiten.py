@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import torch
 
-from .lorst import as_matrix, rebalance, split_balanced
+from .lorst import rebalance, split_balanced
 from .stack import LayerStack, orient
 from .topk import serial
 from .whitener import DEFAULT_FLOOR, EXACT_DAMP, Whitener, stack_whiteners
@@ -86,10 +86,10 @@ def weighted_shared(
 ) -> torch.Tensor:
     """``argmin_S sum_i ||M_i^T (W_i - P_i - S) L_i||^2``.
 
-    ``W``: (N, out, in), read a layer at a time; ``grams``: N effective input Grams ``C_i`` (in, in), dense or as
-    :class:`Whitener` (applied through their eigenbasis: a stack's Grams are never all formed);
-    ``private``: N matrices (out, in) or None; ``left``: N effective output Grams ``G_i`` (out, out) or None
-    (identity: closed form ``(sum_i (W_i - P_i) C_i)(sum_i C_i)^-1``). With ``left``, preconditioned
+    ``W``: (N, out, in), read a layer at a time; ``grams``: N effective input Grams ``C_i``
+    (in, in), dense or as :class:`Whitener` (applied through their eigenbasis: a stack's Grams are
+    never all formed); ``private``: N matrices (out, in) or None; ``left``: N effective output Grams
+    ``G_i`` (out, out) or None (identity: closed form ``(sum_i (W_i - P_i) C_i)(sum_i C_i)^-1``). With ``left``, preconditioned
     conjugate gradients on ``sum_i G_i S C_i = sum_i G_i (W_i - P_i) C_i`` from ``start`` (default: the
     closed form without ``left``); every iterate lowers the error, so stopping at ``max_iter`` keeps
     any sweep monotone.
@@ -271,7 +271,7 @@ def sharing_spectra(
 def _budget_shared(W, wh, lw, orientation, shared, shared_matrix):
     """The given shared part (linear orientation), the weighted least-squares one, or None."""
     if shared_matrix is not None:
-        return orient(as_matrix(shared_matrix).to(W.device, torch.float64), orientation)
+        return W.read(shared_matrix)
     if shared:
         return weighted_shared(W, wh, left=lw, max_iter=CG_SCREEN_ITER)
     return None
