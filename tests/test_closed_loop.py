@@ -54,6 +54,22 @@ def test_closed_loop_factors_are_the_least_squares_fit_on_the_converted_inputs()
         assert best <= _objective(W, shared + (B + dB) @ (A + dA), Xs, Xc)
 
 
+def test_loop_inputs_mix_is_the_partial_correction_plus_the_ridge_and_leaves_its_grams_alone():
+    """``K_a + C' - C`` with ``K_a = a K + (1 - a) C`` and ``C'`` the floored, damped Gram, formed as
+    ``a (K - C) + C'`` (one matrix beside the inputs); ``C`` and ``K`` are read, never written."""
+    g = torch.Generator().manual_seed(3)
+    Xs = torch.randn(40, 6, generator=g, dtype=torch.float64)
+    Xc = Xs + 0.2 * torch.randn(40, 6, generator=g, dtype=torch.float64)
+    Xc[:, 5] = Xc[:, 4]  # a singular Gram: the floor adds a ridge
+    C, K = Xc.T @ Xc / 40, Xs.T @ Xc / 40
+    C0, K0 = C.clone(), K.clone()
+    inputs = loop_inputs(C, K, floor=1e-3, damp=0.01, correction=0.5)
+    effective = inputs.right.gram()  # C'
+    assert float(torch.linalg.matrix_norm(effective - C)) > 1e-4  # the ridge is there
+    torch.testing.assert_close(inputs.mix, 0.5 * K + 0.5 * C + effective - C, rtol=1e-12, atol=1e-14)
+    assert torch.equal(C, C0) and torch.equal(K, K0)
+
+
 def test_equal_inputs_give_the_open_loop_factors_back():
     """With ``Xc = Xs`` (``K = C``) the closed-loop fit is the open-loop one, floor and damping
     included: the first block's first group is refitted to what it was."""

@@ -60,9 +60,9 @@ def loop_inputs(
     conversion passes :data:`CORRECTION`). One eigendecomposition of ``C`` for the whole group."""
     C = C.double()
     right = stack_whiteners([C], 1, C.shape[0], floor, damp, C.device)[0]
-    ridge = right.gram() - C  # (in, in) what the floor and damping add to C
-    K_a = correction * K.double() + (1.0 - correction) * C  # (in, in)
-    return LoopInputs(right, K_a + ridge)
+    # K_a + C' - C = a (K - C) + C': one (in, in) matrix beside C, K and the eigenbasis
+    mix = torch.sub(K.double(), C).mul_(correction)
+    return LoopInputs(right, right.gram(plus=mix))
 
 
 def closed_loop_factors(

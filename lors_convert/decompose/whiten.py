@@ -59,6 +59,15 @@ def _right(X: torch.Tensor, C: Gram) -> torch.Tensor:
     return C.times_right(X) if isinstance(C, Whitener) else X @ C
 
 
+def _sum_into_first(terms) -> torch.Tensor:
+    """The sum of freshly made tensors, added in place into the first (one accumulator; Python's
+    ``sum`` makes a new tensor per term, two of them alive at each addition)."""
+    total = None
+    for term in terms:
+        total = term if total is None else total.add_(term)
+    return total
+
+
 def _dense_sum(grams: list[Gram]) -> torch.Tensor:
     """``sum_i C_i`` as one dense matrix (each Whitener's Gram added into it in turn)."""
     total = None
@@ -98,34 +107,43 @@ def weighted_shared(
     def target(i: int) -> torch.Tensor:  # W_i - P_i: (out, in)
         return W[i] if private is None else W[i] - private[i]
 
+    owned = False  # whether the solve may update ``start`` in place
     if left is None or start is None:
-        num = sum(_right(target(i), grams[i]) for i in range(len(grams)))  # (out, in)
+        num = _sum_into_first(_right(target(i), grams[i]) for i in range(len(grams)))  # (out, in)
         den = _dense_sum(grams)  # (in, in), symmetric positive definite (floored)
         closed = torch.linalg.solve(den, num.T).T  # S den = num  <=>  den S^T = num^T
         if left is None:
             return closed
-        start = closed
-    b = sum(_left(left[i], _right(target(i), grams[i])) for i in range(len(grams)))  # (out, in)
-    return _kron_sum_cg(left, grams, b, start, max_iter, tol)
+        start, owned = closed, True
+        del num, den
+    b = _sum_into_first(_left(left[i], _right(target(i), grams[i])) for i in range(len(grams)))  # (out, in)
+    return _kron_sum_cg(left, grams, b, start, max_iter, tol, owned)
 
 
 def _kron_sum_cg(
-    left: list[Gram], right: list[Gram], b: torch.Tensor, x: torch.Tensor, max_iter: int, tol: float
+    left: list[Gram],
+    right: list[Gram],
+    b: torch.Tensor,
+    x: torch.Tensor,
+    max_iter: int,
+    tol: float,
+    owned: bool = False,
 ) -> torch.Tensor:
     """Solve ``sum_i G_i X C_i = b`` (all ``G_i``, ``C_i`` SPD) by PCG from ``x``.
 
     Preconditioner ``R -> Gbar^-1 R Cbar^-1`` (mean Grams): exact when the Grams of the stack are
-    proportional to each other.
+    proportional to each other. ``b`` is overwritten (it becomes the residual), and ``x`` too when
+    ``owned`` (else it is copied): at a 7B model's MLP shape each ``(out, in)`` iterate is 0.36 GB.
     """
 
     def apply(X):
-        return sum(_left(G, _right(X, C)) for G, C in zip(left, right, strict=False))
+        return _sum_into_first(_left(G, _right(X, C)) for G, C in zip(left, right, strict=False))
 
     G_inv = _mean_inverse(left)  # (out, out)
     C_inv = _mean_inverse(right)  # (in, in)
-    x = x.clone()
-    r = b - apply(x)
+    x = x if owned else x.clone()
     b_norm = float(torch.linalg.matrix_norm(b)) or 1.0
+    r = b.sub_(apply(x))
     z = G_inv @ r @ C_inv
     p = z.clone()
     rz = float((r * z).sum())
@@ -139,6 +157,7 @@ def _kron_sum_cg(
         alpha = rz / pAp
         x += alpha * p
         r -= alpha * Ap
+        del Ap
         z = G_inv @ r @ C_inv
         rz_next = float((r * z).sum())
         p = z + (rz_next / rz) * p

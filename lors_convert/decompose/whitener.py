@@ -108,10 +108,10 @@ def gram_eigh(C: torch.Tensor, dtype: torch.dtype = torch.float64) -> tuple[torc
     """``C = Q diag(lam) Q^T`` in ``dtype`` with ``lam >= 0``; diagonal Grams skip the eigensolver."""
     C = C.to(dtype)
     diag = torch.diagonal(C)
-    if torch.count_nonzero(C - torch.diag(diag)) == 0:
+    if torch.count_nonzero(C) == torch.count_nonzero(diag):  # no off-diagonal entry, no n x n temporary
         return diag.clamp_min(0.0), torch.eye(C.shape[0], dtype=dtype, device=C.device)
     with serial():  # LAPACK on one thread (see decompose.topk.serial)
-        lam, Q = torch.linalg.eigh(0.5 * (C + C.T))
+        lam, Q = torch.linalg.eigh(C)  # reads the lower triangle: no symmetrized copy beside Q
     return lam.clamp_min(0.0), Q
 
 
