@@ -35,7 +35,7 @@ from .errors import about
 from .fit import Fit, FitOptions, SearchMemo, fit_param
 from .fit.calibrated import apply_budget, quality_summary
 from .fit.closed_loop import refitter
-from .io.memory import trim
+from .heap import trim
 from .io.spill import Spill, SpilledModules
 from .options import ConvertOptions
 from .report import MatrixReport, Report

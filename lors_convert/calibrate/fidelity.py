@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..io.memory import KeptResults, trim
+from ..heap import trim
+from ..io.memory import KeptResults
 from ..io.spill import Spill
 from .batches import (
     Batch,

@@ -23,7 +23,7 @@ import torch
 
 from ..decompose.topk import serial
 from ..decompose.whitener import gram_eigh
-from ..io.memory import trim
+from ..heap import trim
 from ..io.spill import Spill
 
 MAX_EIGH_WORKERS = 4  # eigendecompositions run side by side when Grams are spilled

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..discover.stacks import find_stacks
-from ..io.memory import trim
+from ..heap import trim
 from .batches import Batch, no_cache, run_model
 
 Getter = Callable[[str], torch.Tensor]

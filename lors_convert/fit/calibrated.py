@@ -33,7 +33,8 @@ from ..decompose.weighted import decompose_weighted, truncated, weighted_basis
 from ..decompose.whiten import shared_and_spectra, sharing_spectra
 from ..decompose.whitener import DEFAULT_FLOOR, ScaledGram
 from ..errors import LorsError, LorsUsageError
-from ..io.memory import KeptResults, trim
+from ..heap import trim
+from ..io.memory import KeptResults
 from .result import Fit
 
 # the ridge a calibrated conversion adds to every Gram, relative to its mean eigenvalue (the pure

@@ -1,12 +1,10 @@
-"""Process memory: how much this machine has free, giving freed memory back to it, weights that
-own their memory, models that hold none (parameters on the meta device), copies of a model that
-borrow its tensors, and results kept for reuse up to a byte limit."""
+"""Process memory: how much this machine has free, weights that own their memory, models that hold
+none (parameters on the meta device), copies of a model that borrow its tensors, and results kept
+for reuse up to a byte limit. (Giving freed memory back to the system: :mod:`lors_convert.heap`.)"""
 
 from __future__ import annotations
 
 import copy
-import ctypes
-import functools
 import itertools
 from collections.abc import Callable
 from pathlib import Path
@@ -26,18 +24,6 @@ def available_bytes() -> int | None:
     return None
 
 
-def trim() -> None:
-    """Give the heap's free pages back to the system (glibc ``malloc_trim``; nothing elsewhere).
-
-    glibc serves a block from the heap once a block of its size was freed (its mmap threshold
-    follows the largest freed block, up to 32 MiB), and keeps freed heap pages: without a trim
-    between phases, a phase's freed tensors (a model's Grams, a stack's work) stay in the RSS
-    under the next phase's."""
-    libc = _libc()
-    if libc is not None:
-        libc.malloc_trim(0)
-
-
 @torch.no_grad()
 def own_memory(model: nn.Module) -> None:
     """Copy every parameter and buffer of ``model`` out of the file it was mapped from.
@@ -48,15 +34,6 @@ def own_memory(model: nn.Module) -> None:
     tensor at a time; tied parameters stay tied (the same Parameter gets new data once)."""
     for t in itertools.chain(model.parameters(), model.buffers()):
         t.data = t.data.clone()
-
-
-@functools.cache
-def _libc():
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return libc if hasattr(libc, "malloc_trim") else None
-    except OSError:
-        return None
 
 
 def empty_model(factory: Callable[[], nn.Module]) -> nn.Module:
@@ -124,7 +101,6 @@ __all__ = [
     "own_memory",
     "borrowing_copy",
     "stop_borrowing",
-    "trim",
     "empty_model",
     "KeptResults",
 ]
