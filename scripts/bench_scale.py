@@ -49,32 +49,30 @@ FULL_LAYERS = 32
 MACHINE_GB = 24
 
 
+def polyfit(xs: list[float], ys: list[float], powers: list[int]) -> list[float]:
+    """Least-squares coefficients of ``ys ~ sum_p c_p x^p`` over ``powers``, as a list indexed by the
+    power (0 where a power is left out)."""
+    import torch
+
+    x = torch.tensor(xs, dtype=torch.float64)[:, None]
+    design = x ** torch.tensor(powers, dtype=torch.float64)  # (points, powers)
+    c = torch.linalg.lstsq(design, torch.tensor(ys, dtype=torch.float64)[:, None]).solution[:, 0]
+    out = [0.0] * (max(powers) + 1)
+    for p, value in zip(powers, c.tolist(), strict=True):
+        out[p] = value
+    return out
+
+
 def line(xs: list[float], ys: list[float]) -> tuple[float, float]:
     """Least-squares ``(intercept, slope)`` of ``ys`` on ``xs``."""
-    n = len(xs)
-    mx, my = sum(xs) / n, sum(ys) / n
-    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum((x - mx) ** 2 for x in xs)
-    return my - slope * mx, slope
+    c0, c1 = polyfit(xs, ys, [0, 1])
+    return c0, c1
 
 
 def quadratic(xs: list[float], ys: list[float]) -> list[float]:
-    """Least-squares coefficients ``c0, c1, c2`` of ``ys ~ c0 + c1 x + c2 x^2`` (exact through three
-    points; with two, ``c1 = 0``: a constant and a square term)."""
-    powers = [0, 2] if len(xs) == 2 else [0, 1, 2]
-    # normal equations, solved by Gaussian elimination (a few points, no numpy needed)
-    a = [[sum(x ** (i + j) for x in xs) for j in powers] for i in powers]
-    b = [sum(y * x**i for x, y in zip(xs, ys, strict=True)) for i in powers]
-    n = len(powers)
-    for col in range(n):
-        pivot = max(range(col, n), key=lambda r: abs(a[r][col]))
-        a[col], a[pivot], b[col], b[pivot] = a[pivot], a[col], b[pivot], b[col]
-        for r in range(n):
-            if r != col:
-                f = a[r][col] / a[col][col]
-                a[r] = [u - f * v for u, v in zip(a[r], a[col], strict=True)]
-                b[r] -= f * b[col]
-    sol = dict(zip(powers, (b[i] / a[i][i] for i in range(n)), strict=True))
-    return [sol.get(i, 0.0) for i in range(3)]
+    """Least-squares ``c0, c1, c2`` of ``ys ~ c0 + c1 x + c2 x^2`` (exact through three points; with
+    two, ``c1 = 0``: a constant and a square term)."""
+    return polyfit(xs, ys, [0, 2] if len(xs) == 2 else [0, 1, 2])
 
 
 def at(coefficients: list[float], x: float) -> float:
@@ -118,7 +116,8 @@ def main() -> None:
     if len(counts) < 2:
         raise SystemExit("--layers needs at least two layer counts to fit a per-block cost")
     print(
-        f"Llama-2-7B shape (hidden 4096, intermediate 11008, 32 heads, vocab {VOCAB}) "
+        f"Llama-2-7B shape (hidden {LLAMA_2_7B['hidden_size']}, intermediate {LLAMA_2_7B['intermediate_size']}, "
+        f"{LLAMA_2_7B['num_attention_heads']} heads, vocab {VOCAB}) "
         f"{'at ' + ', '.join(f'1/{k}' for k in scales) + ' width' if scales != [1] else ''}, "
         f"random bf16 weights, `--budget {args.budget}`, calibrated on {args.samples} x {args.seq} "
         "random tokens.\n"
@@ -148,7 +147,6 @@ def main() -> None:
     for k in scales:
         m0, m1 = fits[k]
         print(f"| 1/{k} | {m0 - base:.2f} GB | {m1 * 1000:.0f} MB | {m0 + m1 * FULL_LAYERS:.2f} GB |")
-    narrow = max(scales)
     widest = min(scales)
     m0, m1 = fits[widest]
     bound = base + widest * widest * (m0 + m1 * FULL_LAYERS - base)
@@ -158,7 +156,7 @@ def main() -> None:
         f"{widest * widest * m1:.2f} GB per block, {bound:.1f} GB at {FULL_LAYERS} layers "
         f"({'fits' if bound <= MACHINE_GB else 'does not fit'} {MACHINE_GB} GB)."
     )
-    if len(scales) >= 2 and narrow != widest:
+    if len(scales) >= 2:  # distinct widths: fit each part against the width
         xs = [1 / k for k in scales]
         fixed = quadratic(xs, [fits[k][0] - base for k in scales])
         block = quadratic(xs, [fits[k][1] for k in scales])
