@@ -236,6 +236,8 @@ def main() -> None:
 if __name__ == "__main__":
     if "--minilm-target" in sys.argv:  # a section of its own: the budget search
         section = ("calibrate-target", "--target: one calibration, then the budget search")
+    elif "--llama-1b" in sys.argv:
+        section = ("calibrate-1b", "Calibrated conversion of a random 1.1B Llama: wall time, peak RSS")
     else:
         section = ("calibrate", "Calibrated conversion: wall time, peak RSS, fidelity")
     with recorded(*section):

@@ -14,6 +14,7 @@ from lors_convert.calibrate.fidelity import fidelity, reference_outputs
 from lors_convert.calibrate.grams import collect_grams
 from lors_convert.errors import LorsError, LorsUsageError
 from lors_convert.heal import distill_loss, heal, stack_members
+from tests.models import tiny_llama
 
 
 class Block(nn.Module):
@@ -405,3 +406,66 @@ def test_text_batches_in_length_order_keep_every_text_once_and_pad_less():
     assert lengths == sorted(lengths)
     real = sum(lengths)
     assert real / padded(ordered) > 0.85 and real / padded(plain) < 0.65  # 566 of 640 and of 968 here
+
+
+class _WholeModel(nn.Module):
+    """The same causal LM behind a wrapper without ``base_model``: every pass runs it whole."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, **batch):
+        return self.inner(**batch)
+
+
+def test_the_input_pass_skips_the_head_and_sees_the_inputs_the_whole_model_gives():
+    model = tiny_llama()
+    head_calls = []
+    model.lm_head.register_forward_hook(lambda *a: head_calls.append(1))
+    ids = torch.randint(0, 61, (4, 9), generator=torch.Generator().manual_seed(0))
+    batches = [{"input_ids": ids[:2]}, {"input_ids": ids[2:]}]
+    body_only = collect_grams(model, batches, objective="layer")
+    assert head_calls == []  # the logits were never formed
+    whole = collect_grams(_WholeModel(model), batches, objective="layer")
+    assert len(head_calls) == 2
+    assert set(whole.grams) == {f"inner.{k}" for k in body_only.grams}
+    for key in body_only.grams:
+        torch.testing.assert_close(body_only[key], whole[f"inner.{key}"], rtol=0, atol=0)
+    # labels go to LlamaModel's **kwargs, which ignore them: the same Grams
+    labelled = collect_grams(model, [{**b, "labels": b["input_ids"]} for b in batches], objective="layer")
+    assert len(head_calls) == 2
+    for key in body_only.grams:
+        torch.testing.assert_close(labelled[key], body_only[key], rtol=0, atol=0)
+
+
+class _Task(nn.Module):
+    """A body of stacked blocks under a head, the body exposed as ``base_model`` like a Hugging Face
+    model's; only the task model takes ``labels``."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = _tiny()
+        self.head = nn.Linear(16, 3)
+        self.head_calls = 0
+        self.head.register_forward_hook(lambda *a: setattr(self, "head_calls", self.head_calls + 1))
+
+    @property
+    def base_model(self) -> nn.Module:
+        return self.body
+
+    def forward(self, x, labels=None):
+        return self.head(self.body(x))
+
+
+def test_a_batch_the_body_cannot_take_runs_the_whole_model():
+    model = _Task()
+    x = torch.randn(2, 5, 16)
+    plain = collect_grams(model, [{"x": x}], objective="layer")
+    assert model.head_calls == 0
+    labelled = collect_grams(model, [{"x": x, "labels": torch.zeros(2, dtype=torch.long)}], objective="layer")
+    assert model.head_calls == 1
+    expected = {f"body.blocks.{i}.{m}.weight" for i in range(4) for m in ("up", "down")}
+    assert set(plain.grams) == set(labelled.grams) == expected
+    for key in plain.grams:
+        torch.testing.assert_close(plain[key], labelled[key], rtol=0, atol=0)

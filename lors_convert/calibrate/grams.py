@@ -32,7 +32,16 @@ from ..io.spill import Spill
 from ..layers import hf_conv1d_types
 from ..options import OBJECTIVES
 from .accumulate import UpperBlocks, add_gram, all_finite_sum, completed
-from .batches import Batch, batch_mask, batch_size, model_device, run_model, to_device, token_rows
+from .batches import (
+    Batch,
+    batch_mask,
+    batch_size,
+    body_holding,
+    model_device,
+    run_model,
+    to_device,
+    token_rows,
+)
 from .sensitivity import DEFAULT_PROBES, collect_output_grams, in_width, module_groups
 from .spilled import SpilledGrams, spill_grams
 
@@ -319,7 +328,7 @@ def _input_grams(model, owners, batches, device, progress, spill, max_bytes) -> 
                 for batch in batches:
                     batch = to_device(batch, where)
                     collector.mask = batch_mask(batch)
-                    run_model(model, batch)
+                    run_model(body_holding(model, part.values(), batch), batch)  # no head needed
                     samples += batch_size(batch)
                     if progress is not None and group is groups[-1]:
                         progress(samples)
