@@ -76,24 +76,20 @@ def read_texts(path: str | Path) -> list[str]:
     return texts
 
 
-def text_batches(
-    tokenizer, texts: Sequence[str], batch_size: int = 16, max_length: int = 128, by_length: bool = True
-) -> list[dict]:
+def text_batches(tokenizer, texts: Sequence[str], batch_size: int = 16, max_length: int = 128) -> list[dict]:
     """Tokenize ``texts`` into padded keyword batches (``input_ids``, ``attention_mask``, ...).
 
     A tokenizer without a padding token (GPT-2's) pads with its end-of-text token, or with token 0:
-    padded positions are masked out, so any id the model can embed will do. ``by_length`` (the
-    default) batches the texts in order of their token count (a stable sort), so a batch pads
-    little: 16 at a time with MiniLM's tokenizer, lors's probe text fills 69% of its padded
-    positions in file order and 97% in length order, 9,345 stdlib docstring sentences 52% and 100%.
-    Every use sums or averages over samples, so the order changes results only at rounding."""
+    padded positions are masked out, so any id the model can embed will do. The texts are batched
+    in order of their token count (a stable sort), so a batch pads little (docs/benchmarks.md, "Text
+    batches in length order"). Every use sums or averages over samples, so the order changes
+    results only at rounding."""
     if tokenizer.pad_token is None:
         tokenizer.pad_token = (
             tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.convert_ids_to_tokens(0)
         )
-    if by_length:
-        ids = tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
-        texts = [texts[i] for i in sorted(range(len(texts)), key=lambda i: len(ids[i]))]
+    ids = tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
+    texts = [texts[i] for i in sorted(range(len(texts)), key=lambda i: len(ids[i]))]
     batches = []
     for start in range(0, len(texts), batch_size):
         enc = tokenizer(
