@@ -30,10 +30,10 @@ def test_spilled_grams_equal_the_in_memory_ones_and_share_one_file(tmp_path):
     for mine, theirs in ((disk.grams, memory.grams), (disk.out_grams, memory.out_grams)):
         for key, C in theirs.items():
             rel = float(torch.linalg.matrix_norm(mine[key] - C) / torch.linalg.matrix_norm(C))
-            assert rel < 1e-5, (key, rel)  # float32 accumulation and a float32 eigenbasis
+            assert rel < 1e-6, (key, rel)  # float32 accumulation and storage
     # q/k/v see one input, gate/up another: 3 input layers x 4 distinct Grams (q, o, gate, down)
     q, k = "model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.k_proj.weight"
-    assert disk.grams.eig(q)[1] is disk.grams.eig(k)[1]  # one stored Gram, read once while in use
+    assert disk.grams.load(q) is disk.grams.load(k)  # one stored Gram, read once while in use
     inputs = sum(1 for p in spill.path.iterdir() if "-input_" in p.name)
     assert inputs == 3 * 4
     assert spill.path.parent == tmp_path
@@ -64,12 +64,20 @@ def test_a_small_memory_budget_collects_the_same_grams_in_more_passes(tmp_path, 
     for mine, theirs in ((many.grams, one.grams), (many.out_grams, one.out_grams)):
         assert set(mine) == set(theirs)
         for key in theirs:
-            for a, b in zip(mine.eig(key), theirs.eig(key), strict=True):
-                assert torch.equal(a, b), key
+            assert torch.equal(mine.load(key), theirs.load(key)), key
 
 
 @pytest.mark.parametrize("objective", ["output", "layer"])
-def test_conversion_with_spilled_grams_matches_the_in_memory_one(tmp_path, objective):
+def test_conversion_with_spilled_grams_matches_the_in_memory_one(tmp_path, objective, monkeypatch):
+    import lors_convert.calibrate.spilled as spilled_module
+
+    factored = []  # every Cholesky factorization of a spilled Gram, by the Gram's side and trace
+    real = spilled_module.gram_cholesky
+    monkeypatch.setattr(
+        spilled_module,
+        "gram_cholesky",
+        lambda C, damp: factored.append((C.shape[0], float(C.diagonal().sum()), damp)) or real(C, damp),
+    )
     source = tiny_llama()
     batches = token_batches(61)
     results = []
@@ -78,6 +86,8 @@ def test_conversion_with_spilled_grams_matches_the_in_memory_one(tmp_path, objec
         calibration = collect_grams(model, batches, probes=2, spill=spill, objective=objective)
         _, report = convert(model, calibration=calibration, budget=0.6)
         results.append((report.to_dict()["stacks"], fidelity(model, Reference(source, batches))))
+    # a spilled Gram is factored once, however often the budget, the fits and the refits read it
+    assert factored and len(factored) == len(set(factored))
     (stacks_mem, q_mem), (stacks_disk, q_disk) = results
     ranks = [[m.get("ranks") for m in s["matrices"]] for s in stacks_mem]
     assert ranks == [[m.get("ranks") for m in s["matrices"]] for s in stacks_disk]

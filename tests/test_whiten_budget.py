@@ -13,7 +13,10 @@ from lors_convert.decompose.budget import BudgetItem, allocate_ranks, evaluate, 
 from lors_convert.decompose.weighted import decompose_weighted, truncated, weighted_basis
 from lors_convert.decompose.whiten import weighted_shared
 from lors_convert.decompose.whitener import (
+    CholeskyWhitener,
+    EigenWhitener,
     ScaledGram,
+    cached_cholesky,
     cached_eigh,
     identity_whitener,
     stack_whiteners,
@@ -149,14 +152,27 @@ def test_singular_gram_is_floored_not_cholesky():
     assert torch.isfinite(zero.shared).all()
 
 
+# the conversion's ridge (the floor cannot bind: Cholesky), and a floor the ridge leaves in play (eigenbasis)
+WHITENERS = [(1e-6, 0.1, CholeskyWhitener), (0.05, 0.1, EigenWhitener)]
+
+
+@pytest.mark.parametrize("floor, damp, kind", WHITENERS)
 @pytest.mark.parametrize("rank", [None, 3])  # full-rank and singular (floored) Grams
-def test_whitener_operators_equal_the_dense_square_root(rank):
+def test_whitener_operators_equal_the_dense_square_root(rank, floor, damp, kind):
     gen = torch.Generator().manual_seed(4)
     C = _gram(8, gen, rank=rank)
-    w = whitener(C, damp=0.1)
+    before = C.clone()
+    w = whitener(C, floor=floor, damp=damp)
+    assert isinstance(w, kind)
     L, L_inv, Ce = w.L, w.L_inv, w.gram()
     assert torch.allclose(L @ L.T, Ce, rtol=1e-10, atol=1e-12 * float(Ce.abs().max()))
     assert torch.allclose(L_inv @ L, torch.eye(8, dtype=torch.float64), atol=1e-9)
+    # the effective Gram: eigenvalues + damp * mean, floored at floor * max
+    lam = torch.linalg.eigvalsh(C).clamp_min(0.0)
+    lam = lam + damp * float(lam.mean())
+    lam = lam.clamp_min(floor * float(lam.max()))
+    assert torch.allclose(torch.linalg.eigvalsh(Ce), lam, rtol=1e-9, atol=1e-12 * float(lam.max()))
+    assert w.mean_eigenvalue == pytest.approx(float(lam.mean()), rel=1e-10)
     R = torch.randn(5, 8, generator=gen, dtype=torch.float64)
     A = torch.randn(3, 8, generator=gen, dtype=torch.float64)
     tol = dict(rtol=1e-10, atol=1e-10)
@@ -164,6 +180,9 @@ def test_whitener_operators_equal_the_dense_square_root(rank):
     assert torch.allclose(w.left_LT(R.T), L.T @ R.T, **tol)
     assert torch.allclose(w.right_L_inv(A), A @ L_inv, **tol)
     assert torch.allclose(w.left_L_inv_T(A.T), L_inv.T @ A.T, **tol)
+    assert torch.allclose(w.times(R.T), Ce @ R.T, **tol)
+    assert torch.allclose(w.times_right(R), R @ Ce, **tol)
+    assert torch.allclose(w.solve_right(R), torch.linalg.solve(Ce, R.T).T, rtol=1e-8, atol=1e-8)
     eye = identity_whitener(8)
     assert (
         eye.Q is None
@@ -171,33 +190,47 @@ def test_whitener_operators_equal_the_dense_square_root(rank):
         and torch.equal(eye.gram(), torch.eye(8, dtype=torch.float64))
     )
     total = torch.randn(8, 8, generator=gen, dtype=torch.float64)
-    expected = total + Ce
-    assert w.gram(plus=total) is total and torch.allclose(total, expected, rtol=1e-12, atol=1e-12)
-    before = total.clone()
-    assert eye.gram(plus=total) is total and torch.equal(total, before + torch.eye(8, dtype=torch.float64))
-    assert torch.equal(w.Q, whitener(C, damp=0.1).Q)  # the cached basis is read, never scaled in place
+    expected = total + 2.0 * Ce
+    assert w.gram(plus=total, weight=2.0) is total and torch.allclose(total, expected, rtol=1e-12, atol=1e-12)
+    before_total = total.clone()
+    assert eye.gram(plus=total) is total and torch.equal(
+        total, before_total + torch.eye(8, dtype=torch.float64)
+    )
+    assert torch.equal(C, before)  # the Gram is read, never scaled or shifted in place
+    again = whitener(C, floor=floor, damp=damp)
+    if kind is CholeskyWhitener:
+        assert again.L0 is w.L0  # the cached factor
+    else:
+        assert again.Q is w.Q  # the cached basis
 
 
-def test_whiteners_hold_the_cached_basis_not_copies():
-    """Memory: one eigenbasis per distinct Gram, however many matrices (q/k/v) read it."""
+@pytest.mark.parametrize("floor, damp, kind", WHITENERS)
+def test_whiteners_hold_the_cached_root_not_copies(floor, damp, kind):
+    """Memory: one square root per distinct Gram, however many matrices (q/k/v) read it."""
     gen = torch.Generator().manual_seed(5)
     C = _gram(6, gen)
-    wh = stack_whiteners([ScaledGram(C), ScaledGram(C, 2.0)], 2, 6, 1e-6, 0.1, "cpu")
-    Q = cached_eigh(C)[1]
-    assert wh[0].Q is Q and wh[1].Q is Q
+    wh = stack_whiteners([ScaledGram(C), ScaledGram(C, 2.0)], 2, 6, floor, damp, "cpu")
+    if kind is CholeskyWhitener:
+        L0 = cached_cholesky(C, damp)[0]
+        assert wh[0].L0 is L0 and wh[1].L0 is L0 and wh[0].C is C
+    else:
+        Q = cached_eigh(C)[1]
+        assert wh[0].Q is Q and wh[1].Q is Q
     assert torch.allclose(wh[1].gram(), 2.0 * wh[0].gram(), rtol=1e-12)
 
 
-def test_eigen_cache_entry_dies_with_its_gram():
-    from lors_convert.decompose.whitener import _EIG_CACHE
+def test_cache_entries_die_with_their_gram():
+    from lors_convert.decompose.whitener import _CACHE
 
     C = _gram(5, torch.Generator().manual_seed(6))
-    key = id(C)
     lam, Q = cached_eigh(C)
-    assert cached_eigh(C)[1] is Q  # a hit: the same basis
-    assert key in _EIG_CACHE
+    L0, ridge = cached_cholesky(C, 0.1)
+    assert cached_eigh(C)[1] is Q and cached_cholesky(C, 0.1)[0] is L0  # hits: the same tensors
+    assert cached_cholesky(C, 0.2)[0] is not L0  # another ridge, another factor
+    keys = [(id(C), "eigh", 0.0), (id(C), "cholesky", 0.1), (id(C), "cholesky", 0.2)]
+    assert all(key in _CACHE for key in keys)
     del C
-    assert key not in _EIG_CACHE
+    assert not any(key in _CACHE for key in keys)
 
 
 @settings(max_examples=15, deadline=None)
@@ -272,3 +305,26 @@ def test_unshared_items_cost_only_their_factors():
     item = BudgetItem(d=10, h=6, spectra=[[1.0, 0.5]], shared=False)
     assert item.lors_cost([2]) == 2 * 16 and item.dense_cost == 60
     assert math.isclose(item.error([1]), 0.5)
+
+
+def test_cholesky_and_eigen_roots_give_the_same_fit(monkeypatch):
+    """Any square root of the effective Gram gives the same whitened spectra and the same factors'
+    products: the conversion's Cholesky roots against eigenbases of the same Grams."""
+    import lors_convert.decompose.whitener as whitener_module
+
+    gen = torch.Generator().manual_seed(7)
+    Ws = _stack(4, 9, 7, gen)
+    C = [_gram(7, gen, rank=5) for _ in range(4)]  # singular: only the ridge makes them definite
+    G = [_gram(9, gen) for _ in range(4)]
+    ranks = [1, 2, 3, 2]
+    fits = []
+    for cholesky in (True, False):
+        if not cholesky:
+            monkeypatch.setattr(whitener_module, "cholesky_qualifies", lambda n, floor, damp: False)
+        f = decompose_weighted(Ws, ranks, C, out_grams=G, floor=1e-6, damp=0.1, refine=2)
+        fits.append(f)
+    one, two = fits
+    assert one.history == pytest.approx(two.history, rel=1e-9)
+    assert torch.allclose(one.shared, two.shared, rtol=1e-5, atol=1e-6)
+    for a, b in zip(one.layers, two.layers, strict=True):
+        assert torch.allclose(a.B @ a.A, b.B @ b.A, rtol=1e-4, atol=1e-5)

@@ -11,8 +11,8 @@ the unweighted decomposition). Padding tokens are left out when the batch has an
 The inputs come from :mod:`.data`; with ``objective="output"`` a second pass collects the
 output-gradient Grams (:mod:`.sensitivity`). The Grams are keyed by the full state-dict key of the weight (``encoder.layer.0.attention.self.query.weight``),
 which is what :func:`lors_convert.convert` takes as ``calibration=``. Given a
-:class:`~lors_convert.io.spill.Spill`, finished Grams go to disk in their eigenbasis
-(:mod:`.spilled`) instead of staying in memory.
+:class:`~lors_convert.io.spill.Spill`, finished Grams go to disk in float32 (:mod:`.spilled`)
+instead of staying in memory.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ from .spilled import SpilledGrams, spill_grams
 class Calibration:
     """Per-weight input Gram matrices (float64, averaged over the tokens/positions seen) and, for the
     ``"output"`` objective, output-side Grams (:mod:`sensitivity`); in memory, or on disk
-    (:class:`~.spilled.SpilledGrams`, whose :meth:`eig` the fits read)."""
+    (:class:`~.spilled.SpilledGrams`, whose :meth:`load` the fits read)."""
 
     grams: Mapping[str, torch.Tensor] = field(default_factory=dict)  # weight key -> (n, n)
     counts: dict[str, int] = field(default_factory=dict)  # weight key -> rows accumulated
@@ -72,12 +72,13 @@ class Calibration:
         return key in self.grams
 
     def stored(self, key: str, output: bool = False) -> tuple[int, Callable] | None:
-        """For a spilled Gram, its side ``n`` and a function reading its eigendecomposition
-        ``(lam, Q)`` from disk; None when the Grams are in memory."""
+        """For a spilled Gram, its side ``n``, a function reading it from disk (float32) and one
+        reading its Cholesky factor given the ridge's ``damp`` (:meth:`SpilledGrams.factor`); None when
+        the Grams are in memory."""
         grams = self.out_grams if output else self.grams
         if not (isinstance(grams, SpilledGrams) and key in grams):
             return None
-        return grams.size(key), functools.partial(grams.eig, key)
+        return grams.size(key), functools.partial(grams.load, key), functools.partial(grams.factor, key)
 
     def summary(self) -> dict:
         return {
@@ -214,7 +215,7 @@ class GramCollector:
             g = completed(self.sums.pop(k)).div_(max(self.counts[k], 1)).cpu()
             if spill is None:
                 g = g.to(torch.float64)
-            # q/k/v projections see the same input: one tensor object, so one eigendecomposition later
+            # q/k/v projections see the same input: one tensor object, so one square root later
             fingerprint = (tuple(g.shape), float(g.sum()), float(g.diagonal().sum()))
             bucket = distinct.setdefault(fingerprint, [])
             same = next((d for d in bucket if torch.equal(d, g)), None)

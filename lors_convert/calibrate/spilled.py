@@ -1,77 +1,78 @@
-"""Calibration Grams kept on disk in their eigenbasis, read back one stacked parameter at a time.
+"""Calibration Grams kept on disk, read back one stacked parameter at a time.
 
-A model's float64 input and output-gradient Grams are several times its size, and every fit needs the eigendecomposition ``C = Q diag(lam) Q^T`` of
-its Grams (:func:`lors_convert.decompose.whitener.gram_eigh`), not ``C`` itself. So when collection
-ends each distinct Gram is decomposed once, in float32 (the calibrated fit floors eigenvalues at
-``DEFAULT_FLOOR`` of the largest and adds a ridge of ``CONVERSION_DAMP`` times their mean, both far
-above float32's rounding), written
-as ``lam`` and ``Q``, and dropped from memory. Keys that saw the same inputs (q/k/v projections)
-share one stored Gram.
+A model's float64 input and output-gradient Grams are several times its size. So when collection
+ends each distinct Gram is written out in float32 (the calibrated fit adds a ridge of
+``CONVERSION_DAMP`` times the mean eigenvalue, far above float32's rounding) and dropped from
+memory; a fit reads the Gram back and takes its square root then
+(:func:`lors_convert.decompose.whitener.whitener`), whose Cholesky factor is kept on disk beside it
+from its first use (:meth:`SpilledGrams.factor`). Keys that saw the same inputs (q/k/v
+projections) share one stored Gram.
 
-:class:`SpilledGrams` is a read-only mapping of weight key -> Gram (rebuilt from the eigenbasis,
-for callers that want the matrix) with :meth:`SpilledGrams.eig` for the fits.
+:class:`SpilledGrams` is a read-only mapping of weight key -> Gram (float64) with
+:meth:`SpilledGrams.load` (the stored float32 tensor) for the fits.
 """
 
 from __future__ import annotations
 
 import weakref
-from collections import deque
 from collections.abc import Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from ..decompose.topk import serial
-from ..decompose.whitener import gram_eigh
+from ..decompose.whitener import gram_cholesky
 from ..heap import trim
 from ..io.spill import Spill
 
-MAX_EIGH_WORKERS = 4  # eigendecompositions run side by side when Grams are spilled
-
 
 class SpilledGrams(Mapping):
-    """Weight key -> Gram, stored on ``spill`` as its eigendecomposition."""
+    """Weight key -> Gram, stored on ``spill`` in float32."""
 
     def __init__(self, spill: Spill, kind: str):
         self.spill, self.kind = spill, kind
         self._names: dict[str, str] = {}  # weight key -> stored name
-        self._live: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # name -> Q while in use
-        self._lam: dict[str, torch.Tensor] = {}  # name -> lam of the live Q
+        self._live: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # name -> Gram while in use
         self._sizes: dict[str, int] = {}  # weight key -> n
+        self._ridges: dict[str, float] = {}  # stored factor name -> its ridge
 
-    def put(
-        self, keys: list[str], gram: torch.Tensor, eig: tuple[torch.Tensor, torch.Tensor] | None = None
-    ) -> None:
-        """Decompose ``gram`` (the Gram of every key in ``keys``; ``eig``: its decomposition, already
-        computed) and write it out."""
-        lam, Q = eig if eig is not None else _eigh(gram)  # (n,), (n, n)
+    def put(self, keys: list[str], gram: torch.Tensor) -> None:
+        """Write ``gram``, the Gram of every key in ``keys``."""
         name = f"{self.kind}:{keys[0]}"
-        self.spill.put(name, {"lam": lam.to(torch.float64), "Q": Q})
+        self.spill.put(name, {"gram": gram.to(torch.float32)})
         for key in keys:
             self._names[key] = name
-            self._sizes[key] = int(lam.shape[0])
+            self._sizes[key] = int(gram.shape[0])
 
     def size(self, key: str) -> int:
         """The side ``n`` of the Gram of ``key``, without reading it."""
         return self._sizes[key]
 
-    def eig(self, key: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(lam, Q)``, ``lam`` float64, ``Q`` float32 as stored; the same tensors while a caller
-        still holds them (q/k/v share one)."""
+    def load(self, key: str) -> torch.Tensor:
+        """The Gram of ``key`` (n, n), float32 as stored; the same tensor while a caller still holds
+        it (q/k/v share one, and so do the square roots cached for it)."""
         name = self._names[key]
-        Q = self._live.get(name)
-        if Q is None:
-            stored = self.spill.get(name)
-            Q = stored["Q"]
-            self._live[name] = Q
-            self._lam[name] = stored["lam"]
-            weakref.finalize(Q, self._lam.pop, name, None)
-        return self._lam[name], Q
+        gram = self._live.get(name)
+        if gram is None:
+            gram = self.spill.get(name)["gram"]
+            self._live[name] = gram
+        return gram
+
+    def factor(self, key: str, damp: float) -> tuple[torch.Tensor, float]:
+        """:func:`~lors_convert.decompose.whitener.gram_cholesky` of the Gram of ``key``: factored at
+        its first use and kept on disk beside it, so a Gram read for every fit, solve and refit of its
+        stack is factored once; the same tensor while a caller still holds it."""
+        name = f"{self._names[key]}:cholesky:{damp!r}"
+        L0 = self._live.get(name)
+        if L0 is None:
+            if name in self._ridges:
+                L0 = self.spill.get(name)["L0"]
+            else:
+                L0, self._ridges[name] = gram_cholesky(self.load(key), damp)
+                self.spill.put(name, {"L0": L0})
+            self._live[name] = L0
+        return L0, self._ridges[name]
 
     def __getitem__(self, key: str) -> torch.Tensor:
-        lam, Q = self.eig(key)
-        Q = Q.to(torch.float64)
-        return (Q * lam) @ Q.T  # (n, n)
+        return self.load(key).to(torch.float64)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._names)
@@ -83,10 +84,6 @@ class SpilledGrams(Mapping):
         return key in self._names
 
 
-def _eigh(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return gram_eigh(gram, torch.float32)  # faster than float64; the floor lies far above its rounding
-
-
 def spill_grams(
     grams: dict[str, torch.Tensor] | Iterator[tuple[str, torch.Tensor]],
     spill: Spill,
@@ -95,21 +92,11 @@ def spill_grams(
 ) -> SpilledGrams:
     """Move ``grams`` onto ``spill`` (adding to ``into`` when given). A dict is consumed (each entry
     dropped once written; keys whose Grams are the same tensor object are stored once); an iterator
-    of ``(key, Gram)`` is read as the decompositions need its Grams, a few ahead at most."""
+    of ``(key, Gram)`` is read one Gram at a time."""
     out = into if into is not None else SpilledGrams(spill, kind)
-    # each eigensolver on one BLAS thread, as many side by side as torch has threads, a few
-    # decompositions ahead of the writes at most
-    workers = max(1, min(MAX_EIGH_WORKERS, torch.get_num_threads()))
-    with serial(), ThreadPoolExecutor(workers) as pool:
-        pending: deque = deque()
-        for keys, gram in _distinct(grams):
-            pending.append((keys, pool.submit(_eigh, gram)))
-            del gram
-            if len(pending) > workers:
-                keys, eig = pending.popleft()
-                out.put(keys, None, eig.result())
-        for keys, eig in pending:
-            out.put(keys, None, eig.result())
+    for keys, gram in _distinct(grams):
+        out.put(keys, gram)
+        del gram
     trim()  # the sums are gone: give their pages back before the next phase
     return out
 

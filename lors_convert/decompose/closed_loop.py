@@ -35,11 +35,8 @@ CORRECTION = 0.5  # the share of the upstream error the fit compensates (see the
 
 
 def solve_right(X: torch.Tensor, C: Whitener) -> torch.Tensor:
-    """``X C'^-1`` for ``X`` (m, n), through the whitener's eigenbasis."""
-    if C.Q is None:
-        return X / C.lam
-    Q = C.Q.to(X.dtype)
-    return ((X @ Q) / C.lam.to(X.dtype)) @ Q.T  # (m, n)
+    """``X C'^-1`` for ``X`` (m, n)."""
+    return C.solve_right(X)
 
 
 @dataclass

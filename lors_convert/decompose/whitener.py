@@ -1,15 +1,25 @@
-"""Whiteners: the square root of a calibration Gram, kept in its eigenbasis, and its eigendecomposition.
+"""Whiteners: a square root of a calibration Gram, and the effective Gram it belongs to.
 
-A Gram ``C = E[x x^T]`` (``(n, n)``, symmetric PSD) is decomposed once, ``C = Q diag(lam) Q^T``
-(:func:`gram_eigh`; cached per Gram object by :func:`cached_eigh`, or read from disk when the
-calibration keeps it there), its eigenvalues floored at ``floor * max(lam)`` and damped by
-``damp * mean(lam)``: the effective Gram ``C' = Q diag(lam') Q^T`` and its square root
-``L = Q diag(lam')^{1/2}`` (:class:`Whitener`). The weighted LORS math (:mod:`.whiten`) applies
-``L``, ``L^-1`` and ``C'`` through ``Q`` and never forms them. No I/O.
+A Gram ``C = E[x x^T]`` (``(n, n)``, symmetric PSD) enters the weighted LORS math (:mod:`.whiten`)
+through its *effective* Gram ``C'``, floored and damped: eigenvalues raised to at least
+``floor * max(lam)`` after a ridge of ``damp * mean(lam)``, and a square root ``L L^T = C'``. Two
+representations, one interface (:class:`Whitener`):
+
+- :class:`CholeskyWhitener`: ``C' = C + damp * mean(lam) I`` and its Cholesky factor. Whenever
+  ``damp >= floor * n / (1 - floor)`` the floor cannot bind (every eigenvalue of ``C'`` is at least
+  the ridge, and the ridge is at least ``floor`` times the largest), so this is the same ``C'``; a
+  conversion's ridge (``CONVERSION_DAMP``) always qualifies. A Cholesky factorization costs
+  ``n^3 / 3``, several times less than an eigendecomposition, and ``C'`` is applied as one product.
+- :class:`EigenWhitener`: ``C = Q diag(lam) Q^T`` (:func:`gram_eigh`, cached per Gram object by
+  :func:`cached_eigh`), ``C' = Q diag(lam') Q^T``, ``L = Q diag(lam')^{1/2}``: any floor.
+
+Every square root of ``C'`` is ``L Q`` for an orthogonal ``Q``, so the whitened spectra, the
+truncations and the errors do not depend on which one is used. No I/O.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import weakref
 from collections.abc import Callable, Sequence
@@ -17,14 +27,57 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import LorsError
 from .topk import serial
 
 DEFAULT_FLOOR = 1e-6  # eigenvalue floor, relative to the largest eigenvalue
 EXACT_DAMP = 0.0  # no ridge: the math weighs by the Gram as measured (a conversion adds its own)
 
 
-@dataclass
 class Whitener:
+    """A square root ``L`` of an effective Gram ``C'`` (``L L^T = C'``), applied from either side,
+    never formed (see the module docstring)."""
+
+    def right_L(self, R: torch.Tensor) -> torch.Tensor:  # R L, R (m, n)
+        raise NotImplementedError
+
+    def left_LT(self, Z: torch.Tensor) -> torch.Tensor:  # L^T Z, Z (n, m)
+        raise NotImplementedError
+
+    def right_L_inv(self, A: torch.Tensor) -> torch.Tensor:  # A L^-1, A (k, n)
+        raise NotImplementedError
+
+    def left_L_inv_T(self, B: torch.Tensor) -> torch.Tensor:  # L^-T B, B (n, k)
+        raise NotImplementedError
+
+    def times(self, X: torch.Tensor) -> torch.Tensor:  # C' X, X (n, m)
+        raise NotImplementedError
+
+    def times_right(self, X: torch.Tensor) -> torch.Tensor:  # X C', X (m, n)
+        raise NotImplementedError
+
+    def solve_right(self, X: torch.Tensor) -> torch.Tensor:  # X C'^-1, X (m, n)
+        raise NotImplementedError
+
+    def gram(self, plus: torch.Tensor | None = None, weight: float = 1.0) -> torch.Tensor:
+        """``weight * C'`` as a dense (n, n) matrix; with ``plus``, added into ``plus`` in place."""
+        raise NotImplementedError
+
+    @property
+    def mean_eigenvalue(self) -> float:  # tr(C') / n
+        raise NotImplementedError
+
+    @property
+    def L(self) -> torch.Tensor:
+        return self.right_L(torch.eye(self.size, dtype=torch.float64, device=self.device))
+
+    @property
+    def L_inv(self) -> torch.Tensor:
+        return self.right_L_inv(torch.eye(self.size, dtype=torch.float64, device=self.device))
+
+
+@dataclass
+class EigenWhitener(Whitener):
     """One effective Gram ``C' = Q diag(lam) Q^T`` (floored, damped) kept in its eigenbasis, and the
     square root it defines: ``L = Q diag(lam)^{1/2}`` (``L L^T = C'``), ``L^-1 = diag(lam)^{-1/2} Q^T``.
 
@@ -78,30 +131,113 @@ class Whitener:
         Q, lam = self.Q, self.lam.to(self.Q.dtype)
         return (((X.to(Q.dtype) @ Q) * lam) @ Q.T).to(X.dtype)
 
-    def gram(self, plus: torch.Tensor | None = None) -> torch.Tensor:
-        """``C'`` as a dense (n, n) matrix in the eigenvalues' precision; with ``plus``, ``plus + C'``
-        added into ``plus`` in place. ``C' = S S^T`` with ``S = Q diag(lam)^{1/2}``: a sum of a
-        stack's Grams holds itself and one ``n x n`` copy of ``Q``."""
+    def solve_right(self, X: torch.Tensor) -> torch.Tensor:
+        """``X C'^-1`` for ``X`` (m, n), through the eigenbasis."""
+        if self.Q is None:
+            return X / self.lam
+        Q = self._q(X)
+        return ((X @ Q) / self.lam.to(X.dtype)) @ Q.T  # (m, n)
+
+    def gram(self, plus: torch.Tensor | None = None, weight: float = 1.0) -> torch.Tensor:
+        """``weight * C'`` as a dense (n, n) matrix in the eigenvalues' precision; with ``plus``,
+        ``plus + weight * C'`` added into ``plus`` in place. ``C' = S S^T`` with ``S = Q diag(lam)^{1/2}``:
+        a sum of a stack's Grams holds itself and one ``n x n`` copy of ``Q``."""
         if self.Q is None:
             if plus is None:
-                return torch.diag(self.lam)
-            plus.diagonal().add_(self.lam)
+                return torch.diag(self.lam * weight)
+            plus.diagonal().add_(self.lam, alpha=weight)
             return plus
         S = self.Q.to(self.lam.dtype, copy=True).mul_(self.root)  # (n, n)
-        return S @ S.T if plus is None else plus.addmm_(S, S.T)
+        if plus is None:
+            return (S @ S.T).mul_(weight) if weight != 1.0 else S @ S.T
+        return plus.addmm_(S, S.T, alpha=weight)
 
     @property
-    def L(self) -> torch.Tensor:
-        return self.right_L(torch.eye(self.lam.shape[0], dtype=self.lam.dtype, device=self.lam.device))
+    def mean_eigenvalue(self) -> float:
+        return float(self.lam.mean())
 
     @property
-    def L_inv(self) -> torch.Tensor:
-        return self.right_L_inv(torch.eye(self.lam.shape[0], dtype=self.lam.dtype, device=self.lam.device))
+    def size(self) -> int:
+        return self.lam.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.lam.device
 
 
-def identity_whitener(n: int, device=None) -> Whitener:
+@dataclass
+class CholeskyWhitener(Whitener):
+    """``C' = scale * (C + ridge I)``, ``ridge = damp * tr(C) / n``, with ``L = scale^{1/2} L0``,
+    ``L0 L0^T = C + ridge I``, ``L0`` lower triangular. ``C`` is the Gram as given (read, never written
+    or copied) and is what :meth:`times` multiplies by, in its own precision (float32 for Grams kept
+    on disk). ``L0`` is factored when a root is first applied (:func:`cached_cholesky`: once per Gram
+    object), so the shared-part solves, which only multiply by ``C'``, never factor; it is widened to
+    the operand's precision for the root's products and solves."""
+
+    C: torch.Tensor  # (n, n) symmetric PSD
+    damp: float
+    ridge: float  # damp * tr(C) / n, added to the diagonal of C
+    scale: float = 1.0
+    factor: Callable[[], tuple[torch.Tensor, float]] | None = None  # reads (L0, ridge); default: cached
+
+    @property
+    def L0(self) -> torch.Tensor:
+        return (cached_cholesky(self.C, self.damp) if self.factor is None else self.factor())[0]
+
+    def _l(self, X: torch.Tensor) -> torch.Tensor:
+        L0 = self.L0
+        return L0 if L0.dtype == X.dtype else L0.to(X.dtype)
+
+    def right_L(self, R: torch.Tensor) -> torch.Tensor:
+        return (R @ self._l(R)).mul_(math.sqrt(self.scale))
+
+    def left_LT(self, Z: torch.Tensor) -> torch.Tensor:
+        return (self._l(Z).T @ Z).mul_(math.sqrt(self.scale))
+
+    def right_L_inv(self, A: torch.Tensor) -> torch.Tensor:
+        X = torch.linalg.solve_triangular(self._l(A), A, upper=False, left=False)  # X L0 = A
+        return X.div_(math.sqrt(self.scale))
+
+    def left_L_inv_T(self, B: torch.Tensor) -> torch.Tensor:
+        X = torch.linalg.solve_triangular(self._l(B).T, B, upper=True)  # L0^T X = B
+        return X.div_(math.sqrt(self.scale))
+
+    def times(self, X: torch.Tensor) -> torch.Tensor:
+        Y = X.to(self.C.dtype)
+        return torch.addmm(Y, self.C, Y, beta=self.ridge, alpha=1.0).mul_(self.scale).to(X.dtype)
+
+    def times_right(self, X: torch.Tensor) -> torch.Tensor:
+        Y = X.to(self.C.dtype)
+        return torch.addmm(Y, Y, self.C, beta=self.ridge, alpha=1.0).mul_(self.scale).to(X.dtype)
+
+    def solve_right(self, X: torch.Tensor) -> torch.Tensor:
+        """``X C'^-1`` for ``X`` (m, n): two triangular solves."""
+        return torch.cholesky_solve(X.T, self._l(X)).T.div_(self.scale)
+
+    def gram(self, plus: torch.Tensor | None = None, weight: float = 1.0) -> torch.Tensor:
+        w = weight * self.scale
+        if plus is None:
+            plus = torch.zeros(self.C.shape, dtype=torch.float64, device=self.C.device)
+        plus.add_(self.C, alpha=w)
+        plus.diagonal().add_(w * self.ridge)
+        return plus
+
+    @property
+    def mean_eigenvalue(self) -> float:
+        return self.scale * (float(self.C.diagonal().sum(dtype=torch.float64)) / self.size + self.ridge)
+
+    @property
+    def size(self) -> int:
+        return self.C.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.C.device
+
+
+def identity_whitener(n: int, device=None) -> EigenWhitener:
     """The plain Frobenius error: ``L = C' = I``."""
-    return Whitener(Q=None, lam=torch.ones(n, dtype=torch.float64, device=device))
+    return EigenWhitener(Q=None, lam=torch.ones(n, dtype=torch.float64, device=device))
 
 
 def gram_eigh(C: torch.Tensor, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,21 +251,53 @@ def gram_eigh(C: torch.Tensor, dtype: torch.dtype = torch.float64) -> tuple[torc
     return lam.clamp_min(0.0), Q
 
 
+def cholesky_qualifies(n: int, floor: float, damp: float) -> bool:
+    """Whether the floor cannot bind after the ridge, so that ``C' = C + damp * mean(lam) I``: every
+    eigenvalue of ``C'`` is at least the ridge, the largest at most ``n * mean + ridge``."""
+    return damp > 0.0 and damp * (1.0 - floor) >= floor * n
+
+
+def gram_cholesky(C: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
+    """``(L0, ridge)`` with ``L0 L0^T = C + ridge I``, ``ridge = damp * tr(C) / n`` (> 0), in ``C``'s
+    precision."""
+    ridge = damp * _mean_diagonal(C)
+    shifted = C.clone()
+    shifted.diagonal().add_(ridge)
+    with serial():
+        L0, info = torch.linalg.cholesky_ex(shifted)  # (n, n) lower
+    if int(info) != 0:
+        raise LorsError(f"a calibration Gram of side {C.shape[0]} is not positive semidefinite")
+    return L0, ridge
+
+
+def _mean_diagonal(C: torch.Tensor) -> float:
+    """``tr(C) / n``, the mean eigenvalue."""
+    return float(C.diagonal().sum(dtype=torch.float64)) / C.shape[0] if C.shape[0] else 0.0
+
+
 def whitener(
     C: torch.Tensor | None = None,
     floor: float = DEFAULT_FLOOR,
     damp: float = EXACT_DAMP,
     eig: tuple[torch.Tensor, torch.Tensor] | None = None,
     scale: float = 1.0,
+    factor: Callable[[], tuple[torch.Tensor, float]] | None = None,
 ) -> Whitener:
-    """Eigendecomposition square root of a symmetric PSD Gram matrix with an eigenvalue floor.
+    """A square root of a symmetric PSD Gram matrix, floored and damped.
 
     ``floor`` is relative to the largest eigenvalue, ``damp`` adds ``damp * mean eigenvalue`` to all
     (both scale-free). ``eig``: a precomputed :func:`gram_eigh` of ``C`` (then ``C`` may be None),
-    ``scale``: multiplies the Gram. An all-zero Gram (a layer never reached) falls back to the
-    identity (plain Frobenius error).
+    ``scale``: multiplies the Gram. A :class:`CholeskyWhitener` when the floor cannot bind
+    (:func:`cholesky_qualifies`) and ``C`` is given (``factor``: where its factor is read, default
+    :func:`cached_cholesky`), else an :class:`EigenWhitener`. An all-zero Gram
+    (a layer never reached) falls back to the identity (plain Frobenius error).
     """
-    lam, Q = eig if eig is not None else gram_eigh(C)
+    if eig is None and cholesky_qualifies(C.shape[0], floor, damp):
+        mean = _mean_diagonal(C) * scale
+        if mean <= 0.0 or not math.isfinite(mean):
+            return identity_whitener(C.shape[0], C.device)
+        return CholeskyWhitener(C=C, damp=damp, ridge=damp * _mean_diagonal(C), scale=scale, factor=factor)
+    lam, Q = eig if eig is not None else cached_eigh(C)
     lam = lam * scale
     n = lam.shape[0]
     top = float(lam.max()) if n else 0.0
@@ -137,12 +305,12 @@ def whitener(
         return identity_whitener(n, lam.device)
     lam = lam + damp * float(lam.mean())
     lam = lam.clamp_min(floor * float(lam.max()))
-    return Whitener(Q=Q, lam=lam)
+    return EigenWhitener(Q=Q, lam=lam)
 
 
 class Whiteners(Sequence):
-    """A stack's whiteners, one per layer; those of Grams read from disk (``ScaledGram.eig`` a
-    callable) are built each time they are used, so a stack's eigenbases are never all in memory."""
+    """A stack's whiteners, one per layer; those of Grams read from disk (``ScaledGram.load``) are
+    built each time they are used, so a stack's square roots are never all in memory."""
 
     def __init__(self, items: list, floor: float, damp: float, device):
         self.items, self.floor, self.damp, self.device = items, floor, damp, device
@@ -154,10 +322,9 @@ class Whiteners(Sequence):
         item = self.items[i]
         if isinstance(item, Whitener):
             return item
-        lam, Q = item.eig()
-        return whitener(
-            eig=(lam.to(self.device), Q.to(self.device)), scale=item.scale, floor=self.floor, damp=self.damp
-        )
+        C = item.load().to(self.device)
+        factor = None if item.factor is None else functools.partial(item.factor, self.damp)
+        return whitener(C, scale=item.scale, floor=self.floor, damp=self.damp, factor=factor)
 
 
 def stack_whiteners(grams, count: int, n: int, floor, damp, device) -> Whiteners:
@@ -168,64 +335,77 @@ def stack_whiteners(grams, count: int, n: int, floor, damp, device) -> Whiteners
     for C in grams:
         if C is None:
             wh.append(identity_whitener(n, device))
-        elif isinstance(C, ScaledGram) and callable(C.eig):
+        elif isinstance(C, ScaledGram) and C.load is not None:
             if C.size != n:
                 raise ValueError(f"Gram of size {C.size} does not match the matrix side {n}")
             wh.append(C)  # read when used
-        elif isinstance(C, ScaledGram):
-            lam, Q = C.eig if C.eig is not None else cached_eigh(C.gram)
-            if lam.shape[0] != n:
-                raise ValueError(f"Gram of size {lam.shape[0]} does not match the matrix side {n}")
-            wh.append(whitener(eig=(lam.to(device), Q.to(device)), scale=C.scale, floor=floor, damp=damp))
         else:
-            if tuple(C.shape) != (n, n):
-                raise ValueError(f"Gram of shape {tuple(C.shape)} does not match the matrix side {n}")
-            wh.append(whitener(C.to(device), floor=floor, damp=damp))
+            gram, scale = (C.gram, C.scale) if isinstance(C, ScaledGram) else (C, 1.0)
+            if tuple(gram.shape) != (n, n):
+                raise ValueError(f"Gram of shape {tuple(gram.shape)} does not match the matrix side {n}")
+            wh.append(whitener(gram.to(device), scale=scale, floor=floor, damp=damp))
     return Whiteners(wh, floor, damp, device)
 
 
 @dataclass
 class ScaledGram:
-    """``scale * gram`` without copying: the eigendecomposition of ``gram`` is computed once and cached,
-    or given (``eig``, then ``gram`` may be None): ``(lam, Q)``, or a function reading them (from
-    disk) each time a whitener is built, with ``size`` the Gram's side."""
+    """``scale * gram`` without copying (its square root is computed once per Gram object and cached),
+    or ``load``, a function reading the Gram (from disk) each time a whitener is built, with ``size``
+    the Gram's side (then ``gram`` is None) and ``factor``, one reading the Gram's Cholesky factor
+    (:func:`gram_cholesky`) kept beside it."""
 
     gram: torch.Tensor | None
     scale: float = 1.0
-    eig: tuple[torch.Tensor, torch.Tensor] | Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None
-    size: int | None = None  # with a callable eig
+    load: Callable[[], torch.Tensor] | None = None
+    size: int | None = None  # with load
+    factor: Callable[[float], tuple[torch.Tensor, float]] | None = None  # with load: damp -> (L0, ridge)
 
 
-_EIG_CACHE: dict[int, tuple[weakref.ref, tuple[torch.Tensor, torch.Tensor]]] = {}
+_CACHE: dict[tuple[int, str, float], tuple[weakref.ref, object]] = {}
+
+
+def _cached(C: torch.Tensor, kind: str, param: float, compute: Callable[[], object]):
+    """``compute()`` cached per Gram tensor object (q/k/v share one; budget and decomposition reuse it).
+
+    An entry lives as long as its Gram: it is dropped when the Gram is freed (a calibration let go
+    of does not keep its square roots, as large as its Grams, alive).
+    """
+    key = (id(C), kind, param)
+    entry = _CACHE.get(key)
+    if entry is not None and entry[0]() is C:
+        return entry[1]
+    value = compute()
+
+    def forget(ref, key=key):
+        if _CACHE.get(key, (None,))[0] is ref:  # not a newer Gram that reuses the id
+            del _CACHE[key]
+
+    _CACHE[key] = (weakref.ref(C, forget), value)
+    return value
 
 
 def cached_eigh(C: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`gram_eigh` cached per Gram tensor object (q/k/v share one; budget and decomposition reuse it).
+    """:func:`gram_eigh` of ``C``, cached per Gram object (:func:`_cached`)."""
+    return _cached(C, "eigh", 0.0, lambda: gram_eigh(C))
 
-    An entry lives as long as its Gram: it is dropped when the Gram is freed (a calibration let go
-    of does not keep its eigenbases, as large as its Grams, alive).
-    """
-    key = id(C)
-    entry = _EIG_CACHE.get(key)
-    if entry is not None and entry[0]() is C:
-        return entry[1]
-    eig = gram_eigh(C)
 
-    def forget(ref, key=key):
-        if _EIG_CACHE.get(key, (None,))[0] is ref:  # not a newer Gram that reuses the id
-            del _EIG_CACHE[key]
-
-    _EIG_CACHE[key] = (weakref.ref(C, forget), eig)
-    return eig
+def cached_cholesky(C: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
+    """:func:`gram_cholesky` of ``C``, cached per Gram object and ridge (:func:`_cached`)."""
+    return _cached(C, "cholesky", damp, lambda: gram_cholesky(C, damp))
 
 
 __all__ = [
     "EXACT_DAMP",
     "DEFAULT_FLOOR",
+    "CholeskyWhitener",
+    "EigenWhitener",
     "ScaledGram",
     "Whitener",
     "Whiteners",
+    "cached_cholesky",
     "cached_eigh",
+    "cholesky_qualifies",
+    "gram_cholesky",
     "gram_eigh",
     "identity_whitener",
     "stack_whiteners",

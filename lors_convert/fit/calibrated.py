@@ -76,22 +76,23 @@ def output_gram(calibration, key: str, m: int) -> ScaledGram | None:
     grams = _out_grams_of(calibration)
     if key not in grams:
         return None
-    loader = _stored(calibration, key, m, "output Gram", output=True)
-    if loader is not None:
-        return ScaledGram(None, eig=loader, size=m)
+    stored = _stored(calibration, key, m, "output Gram", output=True)
+    if stored is not None:
+        return ScaledGram(None, load=stored[0], factor=stored[1], size=m)
     return ScaledGram(_checked_gram(grams[key], key, m, "output Gram"))
 
 
 def _stored(calibration, key: str, n: int, what: str, output: bool = False):
-    """The reader of the eigendecomposition a spilled calibration keeps on disk for ``key`` (None
-    when it keeps Grams in memory)."""
+    """``(load, factor)``: the readers of the Gram a spilled calibration keeps on disk for ``key`` and
+    of its Cholesky factor (:class:`~lors_convert.decompose.whitener.ScaledGram`), or None when it
+    keeps Grams in memory."""
     stored = calibration.stored(key, output=output) if hasattr(calibration, "stored") else None
     if stored is None:
         return None
-    size, loader = stored
+    size, load, factor = stored
     if size != n:
         raise LorsError(f"{what} for {key!r} is ({size}, {size}), expected ({n}, {n})")
-    return loader
+    return load, factor
 
 
 def _checked_gram(C: torch.Tensor, key: str, n: int, what: str) -> torch.Tensor:
@@ -123,11 +124,11 @@ def layer_grams(pp, weights: list[torch.Tensor], calibration) -> tuple[list[torc
     for key, w in zip(pp.keys, weights, strict=False):
         d, h = as_matrix(w).shape  # a view: no copy
         n = d if orient == "in_out" else h  # the input width in linear orientation
-        loader = (
+        stored = (
             _stored(calibration, key, n, "calibration Gram") if grams is not None and key in grams else None
         )
         C = None
-        if loader is None:
+        if stored is None:
             C = grams.get(key) if grams is not None else None
             if C is None:
                 missing.append(key)
@@ -138,14 +139,12 @@ def layer_grams(pp, weights: list[torch.Tensor], calibration) -> tuple[list[torc
         if normalize:
             M = as_matrix(w).to(torch.float64)
             M = M.T if orient == "in_out" else M  # (out, in)
-            if loader is None:
-                energy = float(((M @ C) * M).sum())  # tr(W C W^T)
-            else:
-                lam, Q = loader()
-                energy = float(((M @ Q.to(M.dtype)) ** 2 @ lam).sum())  # the same, in the eigenbasis
+            C_i = C if stored is None else stored[0]().to(M.dtype)
+            energy = float(((M @ C_i) * M).sum())  # tr(W C W^T)
             if energy > 0 and math.isfinite(energy):
                 scale = 1.0 / energy
-        out.append(ScaledGram(C, scale, eig=loader, size=n if loader is not None else None))
+        load, factor = (None, None) if stored is None else stored
+        out.append(ScaledGram(C, scale, load=load, factor=factor, size=None if stored is None else n))
     return out, missing
 
 
