@@ -1,7 +1,7 @@
 """``--target``: the smallest budget whose calibrated conversion keeps a fidelity target on held-out data.
 
 One calibration (the Grams are reused by every candidate, and so are their cached
-eigendecompositions, the budget's spectra, its shared-part solves and each parameter's fit up to
+square roots, the budget's spectra, its shared-part solves and each parameter's fit up to
 its truncation: :class:`~lors_convert.fit.SearchMemo`), then a bracketing search over the fraction
 ``b`` of stacked parameters kept: each candidate converts a copy of the source's module tree that
 borrows its tensors (so a candidate takes only the memory of the LORS layers it gains; the chosen

@@ -42,7 +42,7 @@ def solve_right(X: torch.Tensor, C: Whitener) -> torch.Tensor:
 @dataclass
 class LoopInputs:
     """What the layers that read one input share in a closed-loop refit (q/k/v, gate/up): the
-    converted inputs' effective Gram ``C'`` in its eigenbasis, and ``K_a + C' - C``, the right factor
+    converted inputs' effective Gram ``C'`` as a whitener, and ``K_a + C' - C``, the right factor
     of the least-squares map ``W' = W (K_a + C' - C) C'^-1``."""
 
     right: Whitener
@@ -54,10 +54,10 @@ def loop_inputs(
 ) -> LoopInputs:
     """The :class:`LoopInputs` of ``C`` (in, in), the converted inputs' Gram, and ``K`` (in, in), the
     cross Gram ``Xs Xc^T``, with ``C`` floored and damped like every Gram; ``correction``: ``a`` (the
-    conversion passes :data:`CORRECTION`). One eigendecomposition of ``C`` for the whole group."""
+    conversion passes :data:`CORRECTION`). One square root of ``C`` for the whole group."""
     C = C.double()
     right = stack_whiteners([C], 1, C.shape[0], floor, damp, C.device)[0]
-    # K_a + C' - C = a (K - C) + C': one (in, in) matrix beside C, K and the eigenbasis
+    # K_a + C' - C = a (K - C) + C': one (in, in) matrix beside C, K and the square root
     mix = torch.sub(K.double(), C).mul_(correction)
     return LoopInputs(right, right.gram(plus=mix))
 

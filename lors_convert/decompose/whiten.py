@@ -23,10 +23,11 @@ Grams it is the model output's error to first order (K-FAC).
   whitened energy ``sum_{j>k} s_j^2``.
 - Refinement alternates the two minimizations, so the total weighted error never increases.
 
-``L_i`` (and ``M_i``) come from an eigendecomposition ``C = Q diag(lam) Q^T`` with the eigenvalues floored at
-``floor * max(lam)`` (a singular Gram, e.g. from few tokens or dead inputs, stays invertible) and an
-optional ridge ``damp * mean(lam)``: ``L = Q diag(lam')^{1/2}``, ``L^-1 = diag(lam')^{-1/2} Q^T``. Every
-step uses the same effective Gram ``C' = Q diag(lam') Q^T``, which keeps the identities and the
+``L_i`` (and ``M_i``) are square roots of the effective Gram ``C'``: ``C``'s eigenvalues plus an
+optional ridge ``damp * mean(lam)``, floored at ``floor * max`` (a singular Gram, e.g. from few tokens or
+dead inputs, stays invertible); a Cholesky factor when the ridge keeps the floor from binding, else
+``Q diag(lam')^{1/2}`` from an eigendecomposition (:mod:`.whitener`). Any square root gives the same
+spectra and factors' products, and every step uses the same ``C'``, which keeps the identities and the
 monotonicity exact.
 
 Matrix orientation: ``nn.Linear`` stores ``(out, in)`` and conv kernels ``(out, in*kh*kw)`` (Grams
@@ -96,7 +97,7 @@ def weighted_shared(
     """``argmin_S sum_i ||M_i^T (W_i - P_i - S) L_i||^2``.
 
     ``W``: (N, out, in), read a layer at a time; ``grams``: N effective input Grams ``C_i``
-    (in, in), dense or as :class:`Whitener` (applied through their eigenbasis: a stack's Grams are
+    (in, in), dense or as :class:`Whitener` (applied as the whitener's effective Gram: a stack's Grams are
     never all formed); ``private``: N matrices (out, in) or None; ``left``: N effective output Grams
     ``G_i`` (out, out) or None (identity: closed form ``(sum_i (W_i - P_i) C_i)(sum_i C_i)^-1``). With ``left``, preconditioned
     conjugate gradients on ``sum_i G_i S C_i = sum_i G_i (W_i - P_i) C_i`` from ``start`` (default: the

@@ -16,7 +16,7 @@ from .calibrated import floor_and_damp, output_gram
 def refitter(calibration, floor: float | None = None, damp: float | None = None):
     """``refit(group, C, K)``: each ``(key, layer, source)`` of a group of layers that read one input
     gets the closed-loop private factors at its rank (the shared part stays); the group shares one
-    eigendecomposition of ``C``."""
+    square root of ``C``."""
     floor, damp = floor_and_damp(floor, damp)
 
     def refit(group: list[tuple[str, nn.Module, nn.Linear]], C: torch.Tensor, K: torch.Tensor) -> None:
