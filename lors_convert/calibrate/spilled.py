@@ -32,7 +32,7 @@ class SpilledGrams(Mapping):
         self._names: dict[str, str] = {}  # weight key -> stored name
         self._live: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # name -> Gram while in use
         self._sizes: dict[str, int] = {}  # weight key -> n
-        self._ridges: dict[str, float] = {}  # stored factor name -> its ridge
+        self._factored: set[str] = set()  # names of the factors on disk
 
     def put(self, keys: list[str], gram: torch.Tensor) -> None:
         """Write ``gram``, the Gram of every key in ``keys``."""
@@ -56,20 +56,21 @@ class SpilledGrams(Mapping):
             self._live[name] = gram
         return gram
 
-    def factor(self, key: str, damp: float) -> tuple[torch.Tensor, float]:
+    def factor(self, key: str, damp: float) -> torch.Tensor:
         """:func:`~lors_convert.decompose.whitener.gram_cholesky` of the Gram of ``key``: factored at
         its first use and kept on disk beside it, so a Gram read for every fit, solve and refit of its
         stack is factored once; the same tensor while a caller still holds it."""
         name = f"{self._names[key]}:cholesky:{damp!r}"
         L0 = self._live.get(name)
         if L0 is None:
-            if name in self._ridges:
+            if name in self._factored:
                 L0 = self.spill.get(name)["L0"]
             else:
-                L0, self._ridges[name] = gram_cholesky(self.load(key), damp)
+                L0 = gram_cholesky(self.load(key), damp)
                 self.spill.put(name, {"L0": L0})
+                self._factored.add(name)
             self._live[name] = L0
-        return L0, self._ridges[name]
+        return L0
 
     def __getitem__(self, key: str) -> torch.Tensor:
         return self.load(key).to(torch.float64)

@@ -64,10 +64,6 @@ class Whitener:
         raise NotImplementedError
 
     @property
-    def mean_eigenvalue(self) -> float:  # tr(C') / n
-        raise NotImplementedError
-
-    @property
     def L(self) -> torch.Tensor:
         return self.right_L(torch.eye(self.size, dtype=torch.float64, device=self.device))
 
@@ -153,10 +149,6 @@ class EigenWhitener(Whitener):
         return plus.addmm_(S, S.T, alpha=weight)
 
     @property
-    def mean_eigenvalue(self) -> float:
-        return float(self.lam.mean())
-
-    @property
     def size(self) -> int:
         return self.lam.shape[0]
 
@@ -178,11 +170,11 @@ class CholeskyWhitener(Whitener):
     damp: float
     ridge: float  # damp * tr(C) / n, added to the diagonal of C
     scale: float = 1.0
-    factor: Callable[[], tuple[torch.Tensor, float]] | None = None  # reads (L0, ridge); default: cached
+    factor: Callable[[], torch.Tensor] | None = None  # reads L0; default: cached
 
     @property
     def L0(self) -> torch.Tensor:
-        return (cached_cholesky(self.C, self.damp) if self.factor is None else self.factor())[0]
+        return cached_cholesky(self.C, self.damp) if self.factor is None else self.factor()
 
     def _l(self, X: torch.Tensor) -> torch.Tensor:
         L0 = self.L0
@@ -223,10 +215,6 @@ class CholeskyWhitener(Whitener):
         return plus
 
     @property
-    def mean_eigenvalue(self) -> float:
-        return self.scale * (float(self.C.diagonal().sum(dtype=torch.float64)) / self.size + self.ridge)
-
-    @property
     def size(self) -> int:
         return self.C.shape[0]
 
@@ -257,9 +245,9 @@ def cholesky_qualifies(n: int, floor: float, damp: float) -> bool:
     return damp > 0.0 and damp * (1.0 - floor) >= floor * n
 
 
-def gram_cholesky(C: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
-    """``(L0, ridge)`` with ``L0 L0^T = C + ridge I``, ``ridge = damp * tr(C) / n`` (> 0), in ``C``'s
-    precision."""
+def gram_cholesky(C: torch.Tensor, damp: float) -> torch.Tensor:
+    """``L0`` (n, n) lower triangular with ``L0 L0^T = C + ridge I``, ``ridge = damp * tr(C) / n`` (> 0),
+    in ``C``'s precision."""
     ridge = damp * _mean_diagonal(C)
     shifted = C.clone()
     shifted.diagonal().add_(ridge)
@@ -267,7 +255,7 @@ def gram_cholesky(C: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
         L0, info = torch.linalg.cholesky_ex(shifted)  # (n, n) lower
     if int(info) != 0:
         raise LorsError(f"a calibration Gram of side {C.shape[0]} is not positive semidefinite")
-    return L0, ridge
+    return L0
 
 
 def _mean_diagonal(C: torch.Tensor) -> float:
@@ -281,7 +269,7 @@ def whitener(
     damp: float = EXACT_DAMP,
     eig: tuple[torch.Tensor, torch.Tensor] | None = None,
     scale: float = 1.0,
-    factor: Callable[[], tuple[torch.Tensor, float]] | None = None,
+    factor: Callable[[], torch.Tensor] | None = None,
 ) -> Whitener:
     """A square root of a symmetric PSD Gram matrix, floored and damped.
 
@@ -293,10 +281,10 @@ def whitener(
     (a layer never reached) falls back to the identity (plain Frobenius error).
     """
     if eig is None and cholesky_qualifies(C.shape[0], floor, damp):
-        mean = _mean_diagonal(C) * scale
-        if mean <= 0.0 or not math.isfinite(mean):
+        mean = _mean_diagonal(C)
+        if mean * scale <= 0.0 or not math.isfinite(mean * scale):
             return identity_whitener(C.shape[0], C.device)
-        return CholeskyWhitener(C=C, damp=damp, ridge=damp * _mean_diagonal(C), scale=scale, factor=factor)
+        return CholeskyWhitener(C=C, damp=damp, ridge=damp * mean, scale=scale, factor=factor)
     lam, Q = eig if eig is not None else cached_eigh(C)
     lam = lam * scale
     n = lam.shape[0]
@@ -358,7 +346,7 @@ class ScaledGram:
     scale: float = 1.0
     load: Callable[[], torch.Tensor] | None = None
     size: int | None = None  # with load
-    factor: Callable[[float], tuple[torch.Tensor, float]] | None = None  # with load: damp -> (L0, ridge)
+    factor: Callable[[float], torch.Tensor] | None = None  # with load: damp -> L0
 
 
 _CACHE: dict[tuple[int, str, float], tuple[weakref.ref, object]] = {}
@@ -389,7 +377,7 @@ def cached_eigh(C: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return _cached(C, "eigh", 0.0, lambda: gram_eigh(C))
 
 
-def cached_cholesky(C: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
+def cached_cholesky(C: torch.Tensor, damp: float) -> torch.Tensor:
     """:func:`gram_cholesky` of ``C``, cached per Gram object and ridge (:func:`_cached`)."""
     return _cached(C, "cholesky", damp, lambda: gram_cholesky(C, damp))
 
