@@ -11,7 +11,7 @@ from conftest import distinct_numel, expected_ranks, reference_errors, snapshot
 
 from lors_convert import convert, merge
 from lors_convert.decompose.lorst import as_matrix, decompose_stack, row_energy, stack_matrices, truncated_svd
-from lors_convert.decompose.topk import OVERSAMPLE, route, top_basis, top_singular
+from lors_convert.decompose.topk import OVERSAMPLE, gram_svd, route, top_basis, top_singular
 from lors_convert.layers import LorsConv2d, LorsLinear
 from tests.models import CASES
 
@@ -94,6 +94,29 @@ def test_batched_routes_equal_one_matrix_at_a_time():
         for i in range(3):
             Ui, Si, Vhi = top_singular(R[i], k, method)
             assert torch.allclose((Ui * Si) @ Vhi, (U[i] * S[i]) @ Vh[i], atol=1e-5), (k, method)
+
+
+@pytest.mark.parametrize("shape", [(30, 50), (50, 30)])
+def test_gram_svd_is_lapacks_svd_in_float64(shape):
+    """The Gram's eigenpairs give LAPACK's top-k subspace and every singular value, to rounding, in
+    either orientation, for any k (none, part, all, more than all), past the rank too."""
+    g = torch.Generator().manual_seed(4)
+    d, h = shape
+    R = (
+        torch.randn(d, 12, generator=g, dtype=torch.float64) * torch.logspace(0, -4, 12, dtype=torch.float64)
+    ) @ (torch.randn(12, h, generator=g, dtype=torch.float64))  # rank 12 of min(d, h) = 30
+    U0, S0, Vh0 = torch.linalg.svd(R, full_matrices=False)
+    for k in (0, 5, 12, 30, 40):
+        U, S, Vh = gram_svd(R, k)
+        kk = min(k, 30)
+        assert U.shape == (d, kk) and S.shape == (30,) and Vh.shape == (kk, h)
+        torch.testing.assert_close(S, S0, rtol=0, atol=1e-7 * float(S0[0]))  # sqrt(eps): the Gram's tail
+        tol = 1e-10 * float(S0[0])  # the subspace, to eps * (sigma_1 / gap)
+        torch.testing.assert_close((U * S[:kk]) @ Vh, (U0[:, :kk] * S0[:kk]) @ Vh0[:kk], rtol=0, atol=tol)
+        live = min(kk, 12)
+        eye = torch.eye(live, dtype=U.dtype)  # a vector of sigma_j to eps (sigma_1 / sigma_j)^2: 1e-8 here
+        torch.testing.assert_close(U[:, :live].mT @ U[:, :live], eye, rtol=0, atol=1e-7)
+        torch.testing.assert_close(Vh[:live] @ Vh[:live].mT, eye, rtol=0, atol=1e-7)
 
 
 @pytest.mark.parametrize("method", ["auto", "exact", "randomized"])

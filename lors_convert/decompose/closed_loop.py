@@ -82,7 +82,7 @@ def closed_loop_factors(
     left = None if out_gram is None else stack_whiteners([out_gram], 1, W.shape[0], floor, damp, W.device)[0]
     target = solve_right(W @ inputs.mix, inputs.right)  # (out, in) W'
     R = target if shared is None else target - shared.double()
-    svd = whitened_svd(R, inputs.right, left)
+    svd = whitened_svd(R, inputs.right, left, keep=rank)
     (factors, energy, discarded, _) = truncate_svds(
         [svd], [inputs.right], [rank], None if left is None else [left]
     )

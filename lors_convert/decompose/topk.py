@@ -25,7 +25,8 @@ basis is the top-k singular subspace. Routes, with their multiply-add cost for `
 
 ``method="auto"`` takes ``"range"`` where its products cost at most half of forming the Gram,
 ``"gram"`` where ``q`` is a small part of ``m``, and ``"eigh"`` elsewhere; ``"randomized"`` takes the cheaper randomized
-route; ``"exact"`` is ``"svd"``. Random starts are drawn from a generator seeded with 0, one matrix
+route; ``"exact"`` is ``"svd"``. :func:`gram_svd` is the ``"eigh"`` route with every singular value kept, for
+the calibrated fits' float64 whitened residuals. Random starts are drawn from a generator seeded with 0, one matrix
 shared by the batch, so results are reproducible and do not depend on how layers are batched.
 
 LAPACK factorizations (QR, eigh, SVD) run on one thread (:func:`serial`): at these sizes a blocked
@@ -81,10 +82,10 @@ def _orth(Y: torch.Tensor) -> torch.Tensor:
         return torch.linalg.qr(Y).Q  # (..., rows, q)
 
 
-def _eigh(T: torch.Tensor) -> torch.Tensor:
-    """Eigenvectors of the symmetric ``T`` (..., s, s), columns by ascending eigenvalue."""
+def _eigh(T: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues (ascending) and eigenvectors (columns in that order) of the symmetric ``T`` (..., s, s)."""
     with serial():
-        return torch.linalg.eigh(T)[1]
+        return torch.linalg.eigh(T)
 
 
 def _start(rows: int, q: int, like: torch.Tensor) -> torch.Tensor:
@@ -94,7 +95,7 @@ def _start(rows: int, q: int, like: torch.Tensor) -> torch.Tensor:
 
 def _ritz(Q: torch.Tensor, T: torch.Tensor, k: int) -> torch.Tensor:
     """Top-k eigenvectors of the symmetric ``T`` (..., q, q) mapped through ``Q`` (..., m, q)."""
-    return Q @ _eigh(T)[..., -k:].flip(-1)  # (..., m, k)
+    return Q @ _eigh(T)[1][..., -k:].flip(-1)  # (..., m, k)
 
 
 def top_basis(X: torch.Tensor, k: int, how: str) -> torch.Tensor:
@@ -112,13 +113,45 @@ def top_basis(X: torch.Tensor, k: int, how: str) -> torch.Tensor:
         return _ritz(Q, P @ P.mT, k)
     G = X @ X.mT  # (..., m, m)
     if how == "eigh":
-        return _eigh(G)[..., -k:].flip(-1)  # (..., m, k)
+        return _eigh(G)[1][..., -k:].flip(-1)  # (..., m, k)
     if how == "gram":
         Q = _orth(G @ _start(m, q, X))  # (..., m, q)
         for _ in range(GRAM_ITERS - 1):
             Q = _orth(G @ Q)
         return _ritz(Q, Q.mT @ G @ Q, k)
     raise ValueError(f"unknown route {how!r}")
+
+
+def _projected(U: torch.Tensor, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``S (..., k)``, ``V^T (..., k, n)`` with ``diag(S) V^T = U^T X``, the projection of ``X`` onto
+    the orthonormal ``U`` (..., m, k); a zero row of ``U^T X`` stays zero."""
+    P = U.mT @ X  # (..., k, n)
+    S = torch.linalg.vector_norm(P, dim=-1)  # (..., k)
+    return S, P / torch.where(S > 0, S, torch.ones_like(S)).unsqueeze(-1)
+
+
+def gram_svd(R: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The top-``k`` singular vectors and every singular value of ``R`` (d, h), from the eigenpairs
+    of the short side's Gram: ``U (d, k)``, ``S (m,)`` descending, ``Vh (k, h)``, ``m = min(d, h)``.
+
+    With ``X`` the short side (m, n) and ``X X^T = Q diag(lam) Q^T``, ``U_k`` is the top-``k`` columns
+    of ``Q`` and, as in :func:`top_singular`, ``P = U_k^T X = S_k V_k^T`` gives the leading values as
+    row norms (``U_k diag(S_k) V_k^T`` is the projection of ``X`` onto ``U_k``); the rest of ``S`` is
+    ``sqrt(lam)``. Exact up to rounding where the discarded directions lie below ``sqrt(eps) sigma_1``
+    (the ``"eigh"`` route): one ``m^2 n`` product and one ``m x m`` eigensolve, no SVD with vectors
+    (docs/benchmarks.md measures both). The vectors of a value ``sigma_j`` are accurate to about
+    ``eps (sigma_1 / sigma_j)^2``: enough in float64, where the calibrated fits use it."""
+    d, h = R.shape
+    transposed = d > h
+    X = R.mT if transposed else R  # (m, n), a view
+    lam, Q = _eigh(X @ X.mT)  # (m,), (m, m) ascending
+    S = lam.clamp_min(0).sqrt().flip(0)  # (m,) descending
+    k = min(k, X.shape[0])
+    U = Q[:, X.shape[0] - k :].flip(-1)  # (m, k)
+    S[:k], V = _projected(U, X)  # (k,), (k, n)
+    if transposed:  # R = X^T = V^T S U^T
+        return V.mT, S, U.mT
+    return U, S, V
 
 
 def top_singular(
@@ -132,9 +165,7 @@ def top_singular(
     X = R.mT if transposed else R  # (..., m, n), a view
     m, n = X.shape[-2:]
     U = top_basis(X, k, route(m, n, k, method))  # (..., m, k)
-    P = U.mT @ X  # (..., k, n) = S V^T
-    S = torch.linalg.vector_norm(P, dim=-1)  # (..., k)
-    V = P / torch.where(S > 0, S, torch.ones_like(S)).unsqueeze(-1)  # (..., k, n)
+    S, V = _projected(U, X)  # (..., k), (..., k, n)
     if transposed:  # R = X^T = V^T S U^T
         return V.mT, S, U.mT
     return U, S, V

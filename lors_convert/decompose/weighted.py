@@ -137,9 +137,9 @@ def weighted_basis(
     keep: list[int] | None = None,
 ) -> WeightedBasis:
     """The rank-independent part of :func:`decompose_weighted` (same arguments). ``keep``: the ranks
-    it will be truncated at, when known: each layer's SVD keeps only its leading ``k_i`` vectors (and
-    every singular value), so a stack's full SVDs are never held at once; None keeps them whole (a
-    search truncates one basis at several budgets)."""
+    it will be truncated at, when known: each layer finds only its leading ``k_i`` vectors (and every
+    singular value) from its whitened residual's Gram (:func:`.topk.gram_svd`), so no full SVD is
+    computed or held; None keeps full SVDs (a search truncates one basis at several budgets)."""
     W, wh, lw = prepare_stack(weights, grams, orientation, floor, damp, device, out_grams)
     if not shared_part:
         W_s = torch.zeros(W.shape[1:], dtype=torch.float64, device=W.device)
@@ -151,10 +151,8 @@ def weighted_basis(
         W_s = weighted_shared(W, wh, left=lw)
     svds = []
     for i in range(len(W)):
-        U, S, Vh = whitened_svd(W[i] - W_s, wh[i], None if lw is None else lw[i])
-        if keep is not None:
-            U, Vh = U[:, : keep[i]].clone(), Vh[: keep[i]].clone()  # (out, k), (k, in)
-        svds.append((U, S, Vh))
+        lw_i = None if lw is None else lw[i]
+        svds.append(whitened_svd(W[i] - W_s, wh[i], lw_i, keep=None if keep is None else keep[i]))
     return WeightedBasis(W, wh, lw, W_s, svds, orientation)
 
 

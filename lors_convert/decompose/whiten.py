@@ -41,7 +41,7 @@ import torch
 
 from .lorst import rebalance, split_balanced
 from .stack import LayerStack, orient
-from .topk import serial
+from .topk import gram_svd, serial
 from .whitener import DEFAULT_FLOOR, EXACT_DAMP, Whitener, stack_whiteners
 
 CG_MAX_ITER = 10  # shared-part solve with output Grams: every iterate lowers the error (docs/calibration.md)
@@ -181,23 +181,20 @@ def whitened_truncation(
     whitened energy (the weighted error) and the whitened spectra ``s^2`` (descending), per layer.
     """
     svds = [
-        whitened_svd(W[i] - shared, whiteners[i], None if left is None else left[i])
+        whitened_svd(W[i] - shared, whiteners[i], None if left is None else left[i], keep=ranks[i])
         for i in range(len(ranks))
     ]
     return truncate_svds(svds, whiteners, ranks, left)
 
 
 def whitened_svd(
-    R: torch.Tensor, right: Whitener, left: Whitener | None
+    R: torch.Tensor, right: Whitener, left: Whitener | None, keep: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``U, S, V^T`` of the whitened residual ``M^T R L`` (thin: ``U (out, m)``, ``S (m,)``,
-    ``V^T (m, in)``, ``m = min(out, in)``)."""
+    """``U, S, V^T`` of the whitened residual ``M^T R L``: ``U (out, k)``, ``S (m,)`` every singular
+    value, ``V^T (k, in)``, ``m = min(out, in)``, ``k = keep`` (None: ``m``), from the eigenpairs of
+    its smaller Gram (:func:`.topk.gram_svd`, float64 here)."""
     Z = whiten_residual(R, right, left)  # (out, in)
-    with serial():
-        if Z.shape[0] < Z.shape[1]:  # LAPACK's SVD of a wide matrix is slower than its transpose's
-            V, S, Uh = torch.linalg.svd(Z.T, full_matrices=False)
-            return Uh.T, S, V.T
-        return torch.linalg.svd(Z, full_matrices=False)
+    return gram_svd(Z, min(Z.shape) if keep is None else keep)
 
 
 def truncate_svds(
