@@ -29,6 +29,7 @@ import torch
 
 from ..errors import LorsError
 from .topk import serial
+from .triangular import lower_right, lower_t_left
 
 DEFAULT_FLOOR = 1e-6  # eigenvalue floor, relative to the largest eigenvalue
 EXACT_DAMP = 0.0  # no ridge: the math weighs by the Gram as measured (a conversion adds its own)
@@ -181,10 +182,10 @@ class CholeskyWhitener(Whitener):
         return L0 if L0.dtype == X.dtype else L0.to(X.dtype)
 
     def right_L(self, R: torch.Tensor) -> torch.Tensor:
-        return (R @ self._l(R)).mul_(math.sqrt(self.scale))
+        return lower_right(R, self._l(R)).mul_(math.sqrt(self.scale))
 
     def left_LT(self, Z: torch.Tensor) -> torch.Tensor:
-        return (self._l(Z).T @ Z).mul_(math.sqrt(self.scale))
+        return lower_t_left(self._l(Z), Z).mul_(math.sqrt(self.scale))
 
     def right_L_inv(self, A: torch.Tensor) -> torch.Tensor:
         X = torch.linalg.solve_triangular(self._l(A), A, upper=False, left=False)  # X L0 = A
