@@ -5,6 +5,7 @@ import torch
 
 import lors_convert.decompose.triangular as triangular
 from lors_convert.decompose.triangular import lower_right, lower_t_left
+from lors_convert.decompose.whitener import CholeskyWhitener
 
 
 @pytest.mark.parametrize("n", [5, 8, 21, 32])  # one block, exactly one, a partial last block, several
@@ -23,8 +24,6 @@ def test_blocked_products_equal_the_dense_ones_and_never_read_above_the_diagonal
 
 def test_a_cholesky_whitener_applies_its_factor_blockwise(monkeypatch):
     """The whitener's products with its Cholesky factor (blocked) equal the dense ones."""
-    from lors_convert.decompose.whitener import CholeskyWhitener
-
     monkeypatch.setattr(triangular, "BLOCK", 4)
     g = torch.Generator().manual_seed(0)
     X = torch.randn(40, 13, generator=g, dtype=torch.float64)
