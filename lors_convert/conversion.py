@@ -31,10 +31,10 @@ from .counting import count_parameters
 from .discover.generators import check_specs_used, make_adaptive_hook
 from .discover.plan import ConversionPlan, ParamPlan, full_rank_note, plan_conversion
 from .discover.stacks import find_stacks
-from .errors import about
+from .errors import LorsError, about
 from .fit import Fit, FitOptions, SearchMemo, fit_param
 from .fit.calibrated import apply_budget, quality_summary
-from .fit.closed_loop import refitter
+from .fit.closed_loop import record_refits, refitter
 from .heap import trim
 from .io.spill import Spill, SpilledModules
 from .options import ConvertOptions
@@ -168,6 +168,14 @@ def convert(
     if options is not None and not isinstance(options, ConvertOptions):
         raise TypeError(f"convert's options must be a ConvertOptions (or keywords), got {options!r}")
     fit = FitOptions(options, calibration, memo, **changes)
+    report, plan, _, fits = fit_model(model, fit, progress)
+    finish_report(report, plan, fit, fits)
+    return model, report
+
+
+def fit_model(model: nn.Module, fit: FitOptions, progress: Progress | None = None):
+    """:func:`convert` up to its report's calibration figures: plan, fit and install in place.
+    Returns ``(report, plan, report rows parallel to plan.params, fits by plan index)``."""
     params_before = count_parameters(model)
 
     def get(key: str) -> torch.Tensor:
@@ -178,8 +186,7 @@ def convert(
     report, matrices = plan.report_with_matrices(params_before)
     fits = run_plan(plan, get, ModuleSink(model), fit, matrices, progress, shared_parts)
     report.params_after = count_parameters(model)
-    finish_report(report, plan, fit, fits)
-    return model, report
+    return report, plan, matrices, fits
 
 
 def calibrated_convert(
@@ -219,15 +226,32 @@ def calibrated_convert(
             reference = reference_outputs(model, data.heldout, spill=spill)
     skipped: list[str] = []  # why the closed loop cannot run, if it cannot
     sources = source_blocks(model, options, data.calibration, skipped, spill)
-    model, report = convert(model, options, calibration=calibration, progress=progress)
+    # the closed loop refits the private factors: the fits leave them to it
+    fit = FitOptions(options, calibration, refit_later=sources is not None)
+    report, plan, matrices, fits = fit_model(model, fit, progress)
     report.warnings += skipped
     if sources is not None:
-        refitted = closed_loop_pass(model, sources, data.calibration, refitter(calibration))
+        figures: dict = {}
+        refitted = closed_loop_pass(model, sources, data.calibration, refitter(calibration, figures=figures))
+        _check_refitted(plan, fit, figures)
+        record_refits(plan.params, matrices, fits, figures)
         report.quality["closed_loop_layers"] = refitted
+    finish_report(report, plan, fit, fits)
     note_calibration(report, data, calibration)
     if reference is not None:
         report.quality.update(fidelity(model, reference))
     return model, report
+
+
+def _check_refitted(plan: ConversionPlan, fit: FitOptions, figures: dict) -> None:
+    """Every layer whose fit was left to the closed loop was refitted by it."""
+    left = [pp.keys[i] for pp in plan.params if fit.defers(pp) for i in pp.lors_members]
+    missing = [key for key in left if key not in figures]
+    if missing:
+        raise LorsError(
+            f"the closed loop did not reach {len(missing)} layers left to it (first: {missing[0]}): "
+            "convert with --open-loop"
+        )
 
 
 def source_blocks(
@@ -265,4 +289,12 @@ def note_calibration(report: Report, data: CalibrationData, calibration) -> None
         report.warnings.append(f"{key}: no calibration Gram ({why}); converted with the unweighted fit")
 
 
-__all__ = ["convert", "calibrated_convert", "run_plan", "make_plan", "finish_report", "LazyWeights"]
+__all__ = [
+    "convert",
+    "calibrated_convert",
+    "fit_model",
+    "run_plan",
+    "make_plan",
+    "finish_report",
+    "LazyWeights",
+]

@@ -38,12 +38,12 @@ def test_closed_loop_factors_are_the_least_squares_fit_on_the_converted_inputs()
     Xc = Xs + 0.3 * torch.randn(rows, n_in, generator=g, dtype=torch.float64)  # upstream error
     C, K = Xc.T @ Xc / rows, Xs.T @ Xc / rows
     # full rank, no floor or damping: the unconstrained least squares W K C^-1
-    B, A, _, discarded = closed_loop_factors(W, shared, loop_inputs(C, K), n_in)
+    B, A, _, discarded, _ = closed_loop_factors(W, shared, loop_inputs(C, K), n_in)
     exact = torch.linalg.lstsq(Xc, Xs @ W.T).solution.T  # (out, in)
     torch.testing.assert_close(shared + B @ A, exact, rtol=1e-9, atol=1e-9)
     assert abs(discarded) < 1e-18
     # rank k: no other rank-k private part does better on the objective than the closed-loop one
-    B, A, _, _ = closed_loop_factors(W, shared, loop_inputs(C, K), k)
+    B, A, _, _, _ = closed_loop_factors(W, shared, loop_inputs(C, K), k)
     best = _objective(W, shared + B @ A, Xs, Xc)
     U, S, Vh = torch.linalg.svd(W - shared)
     open_loop = shared + (U[:, :k] * S[:k]) @ Vh[:k]  # the plain truncation, blind to Xc
@@ -250,3 +250,49 @@ def test_source_blocks_waiting_on_disk_give_the_same_conversion_as_copies_in_mem
         results.append(model.state_dict())
     for (name, a), b in zip(results[0].items(), results[1].values(), strict=True):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("sharing", ["auto", "always"])
+def test_fits_left_to_the_closed_loop_give_the_model_of_open_loop_fits_refitted(monkeypatch, sharing):
+    """A calibrated conversion whose closed loop refits every private factor solves only the shared
+    parts before it (no open-loop SVD): the same model, bit for bit, as the open-loop fits with the
+    loop run over them, and a report whose figures are those of the factors it wrote."""
+    import lors_convert.fit.calibrated as calibrated_module
+
+    source = tiny_llama()
+    batches = token_batches(61, n=6)
+    calibration = collect_grams(source, batches)
+    reference, _ = convert(copy.deepcopy(source), budget=0.6, calibration=calibration, sharing=sharing)
+    sources = source_blocks(source, ConvertOptions(), batches, [])
+    closed_loop_pass(reference, sources, batches, refitter(calibration))
+
+    real = calibrated_module.weighted_basis
+
+    def shared_only(*args, **kwargs):
+        assert kwargs.get("layer_svds") is False, (
+            "an open-loop fit was computed for factors the loop replaces"
+        )
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(calibrated_module, "weighted_basis", shared_only)
+    monkeypatch.setattr(calibrated_module, "decompose_weighted", shared_only)
+    data = CalibrationData(batches, [], "text", "tokens", len(batches), 0, "")
+    model, report = calibrated_convert(copy.deepcopy(source), data, budget=0.6, sharing=sharing)
+    state, expected = model.state_dict(), reference.state_dict()
+    assert state.keys() == expected.keys()
+    for name, tensor in state.items():
+        assert torch.equal(tensor, expected[name]), name
+    assert any(m.shared is not None for m in model.modules() if isinstance(m, LorsLinear)) == (
+        sharing == "always"
+    )
+    (stack,) = report.stacks
+    for row in stack.matrices:
+        for i, member in enumerate(stack.members):
+            W = source.get_parameter(f"{member}.{row.name}").detach().double()
+            approx = (
+                model.get_submodule(f"{member}.{row.name.removesuffix('.weight')}").to_dense().weight.detach()
+            )
+            error = float(torch.linalg.matrix_norm(W - approx.double()) / torch.linalg.matrix_norm(W))
+            assert row.relative_error[i] == pytest.approx(error, rel=1e-4, abs=1e-6), (member, row.name)
+            assert 0.0 <= row.retained_energy[i] <= 1.0
+    assert 0.0 < report.quality["calib_rel_output_error_mean"] <= report.quality["calib_rel_output_error_max"]

@@ -193,7 +193,8 @@ def closed_loop_pass(
 ) -> int:
     """Refit every :class:`LorsLinear` in the blocks of the converted ``model`` that
     ``source_blocks`` names, in its order (each block's path -> its source block, consumed: dropped
-    once used). Returns the number of layers refitted."""
+    once used). Returns the number of layers refitted (those of rank 0 are passed to ``refit`` too,
+    which has only their error to measure)."""
     with no_cache(model):
         return _walk(model, source_blocks, list(source_blocks), batches, refit)
 
@@ -206,14 +207,14 @@ def _walk(model, source_blocks, members, batches, refit) -> int:
     done = 0
     for name in members:
         block, source = model.get_submodule(name), source_blocks.pop(name)
-        names = [n for n, m in block.named_modules() if isinstance(m, LorsLinear) and m.total_rank > 0]
+        names = [n for n, m in block.named_modules() if isinstance(m, LorsLinear)]  # rank 0: measured only
         source_rows, outputs, groups = _source_side(source, names, calls, xs, masks)
         for group in groups:  # each on the inputs the groups before it, refitted, give it
             C, K = _group_grams(block, group, calls, xc, masks, source_rows)
             refit(
                 [(f"{name}.{n}.weight", block.get_submodule(n), source.get_submodule(n)) for n in group], C, K
             )
-            done += len(group)
+            done += sum(block.get_submodule(n).total_rank > 0 for n in group)
         xc = [
             primary_output(block(c, *args[1:], **kwargs)) for c, (args, kwargs) in zip(xc, calls, strict=True)
         ]

@@ -25,10 +25,11 @@ so the map becomes ``W' = W (K + E) C'^-1``, which is ``W`` again when ``Xc = Xs
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
-from .whiten import truncate_svds, whitened_svd
+from .whiten import truncate_svds, whiten_residual, whitened_svd
 from .whitener import Whitener, stack_whiteners
 
 CORRECTION = 0.5  # the share of the upstream error the fit compensates (see the module docstring)
@@ -62,6 +63,16 @@ def loop_inputs(
     return LoopInputs(right, right.gram(plus=mix))
 
 
+class LoopFactors(NamedTuple):
+    """One layer's closed-loop fit: the factors and its whitened energies (the objective's units)."""
+
+    B: torch.Tensor  # (out, k) float64
+    A: torch.Tensor  # (k, in) float64
+    energy: float  # ||M^T (W' - W_s) L||^2
+    discarded: float  # the part of it the rank leaves out: the objective's value, less its constant
+    output: float  # ||M^T W' L||^2, what the relative output error is relative to
+
+
 def closed_loop_factors(
     W: torch.Tensor,
     shared: torch.Tensor | None,
@@ -70,23 +81,28 @@ def closed_loop_factors(
     out_gram=None,
     floor: float = 0.0,
     damp: float = 0.0,
-) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+) -> LoopFactors:
     """The closed-loop private factors ``B (out, k)``, ``A (k, in)`` of one layer (float64).
 
     ``W`` (out, in): the source layer; ``shared``: ``W_s`` (out, in) or None (private-only);
     ``inputs``: :func:`loop_inputs` of the layer's input; ``out_gram``: the output-side Gram (a dense
     matrix or a :class:`~.whitener.ScaledGram`) or None, floored and damped by ``floor``, ``damp``.
-    Also returns the whitened energy of ``W' - W_s`` and the part of it the rank leaves out.
     """
     W = W.double()
     left = None if out_gram is None else stack_whiteners([out_gram], 1, W.shape[0], floor, damp, W.device)[0]
     target = solve_right(W @ inputs.mix, inputs.right)  # (out, in) W'
     R = target if shared is None else target - shared.double()
+    output = None if shared is None else float(whiten_residual(target, inputs.right, left).square().sum())
+    if rank == 0:  # nothing to fit: the whole residual is the error
+        energy = float(whiten_residual(R, inputs.right, left).square().sum())
+        empty = W.new_zeros(W.shape[0], 0), W.new_zeros(0, W.shape[1])
+        return LoopFactors(*empty, energy, energy, energy if output is None else output)
     svd = whitened_svd(R, inputs.right, left, keep=rank)
     (factors, energy, discarded, _) = truncate_svds(
         [svd], [inputs.right], [rank], None if left is None else [left]
     )
-    return factors[0][0], factors[0][1], energy[0], discarded[0]
+    output = energy[0] if output is None else output
+    return LoopFactors(factors[0][0], factors[0][1], energy[0], discarded[0], output)
 
 
-__all__ = ["closed_loop_factors", "loop_inputs", "LoopInputs", "solve_right", "CORRECTION"]
+__all__ = ["closed_loop_factors", "loop_inputs", "LoopFactors", "LoopInputs", "solve_right", "CORRECTION"]

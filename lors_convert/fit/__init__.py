@@ -26,9 +26,10 @@ class FitOptions:
     """How every parameter of a conversion is fitted: the conversion's options and its calibration
     Grams (a :class:`lors_convert.calibrate.grams.Calibration` or a mapping of input Grams).
 
-    ``FitOptions(options, calibration, memo=None, **changes)``: ``changes`` are :class:`ConvertOptions`
-    fields; ``memo``: a :class:`~lors_convert.fit.calibrated.SearchMemo` shared by conversions of
-    the same weights and calibration at several budgets.
+    ``FitOptions(options, calibration, memo=None, refit_later=False, **changes)``: ``changes`` are
+    :class:`ConvertOptions` fields; ``memo``: a :class:`~lors_convert.fit.calibrated.SearchMemo`
+    shared by conversions of the same weights and calibration at several budgets; ``refit_later``:
+    a closed loop will refit the private factors of every ``nn.Linear`` it reaches (:meth:`defers`).
     """
 
     def __init__(
@@ -36,11 +37,13 @@ class FitOptions:
         options: ConvertOptions | None = None,
         calibration=None,
         memo: calibrated.SearchMemo | None = None,
+        refit_later: bool = False,
         **changes,
     ):
         self.convert = ConvertOptions.of(options, **changes)
         self.calibration = calibration
         self.memo = memo
+        self.refit_later = refit_later
         if calibration is not None and self.convert.init != "svd":
             raise LorsUsageError("calibration, refine and budget apply to init='svd' only")
 
@@ -49,6 +52,18 @@ class FitOptions:
     device = property(lambda self: self.convert.device)
     refine = property(lambda self: self.convert.refine)
     budget = property(lambda self: self.convert.budget)
+
+    def defers(self, pp: ParamPlan) -> bool:
+        """Whether ``pp``'s private factors are left to the closed loop: static ``nn.Linear`` layers
+        that the calibration reached (the loop refits each layer the source block calls), unrefined."""
+        return (
+            self.refit_later
+            and self.calibration is not None
+            and self.refine == 0
+            and pp.kind == "static"
+            and pp.layer_kind == "linear"
+            and all(key in self.calibration for key in pp.converted_keys)
+        )
 
     @property
     def weighted(self) -> bool:
@@ -97,7 +112,14 @@ def fit_param(
         return plain.paper_init(pp)
     if options.weighted:
         return calibrated.fit_calibrated(
-            pp, weights, options.calibration, options.refine, options.device, shared, memo=options.memo
+            pp,
+            weights,
+            options.calibration,
+            options.refine,
+            options.device,
+            shared,
+            memo=options.memo,
+            deferred=options.defers(pp),
         )
     return plain.fit_plain(pp, weights, options.method, options.device)
 

@@ -29,6 +29,7 @@ import torch
 
 from ..decompose.budget import Allocation, BudgetItem, allocate_ranks, allocate_with_sharing
 from ..decompose.lorst import as_matrix
+from ..decompose.stack import orient
 from ..decompose.weighted import decompose_weighted, truncated, weighted_basis
 from ..decompose.whiten import shared_and_spectra, sharing_spectra
 from ..decompose.whitener import DEFAULT_FLOOR, ScaledGram
@@ -178,12 +179,16 @@ def fit_calibrated(
     floor: float | None = None,
     damp: float | None = None,
     memo: SearchMemo | None = None,
+    deferred: bool = False,
 ) -> Fit:
     """The weighted fit of one planned parameter. Uncalibrated and unrefined: the plain mean + SVD.
 
     ``shared``: the initial shared part already solved for (:func:`apply_budget`'s ``shared_parts``, a
     screening solve that the fit finishes). ``memo``: keeps the unrefined fit's rank-independent part
     for the next conversion at another budget (the same factors as without it, bit for bit).
+    ``deferred``: the private factors come from a later pass (the closed loop refits every one of
+    them): only the shared part is solved, the factors are zeros of the planned ranks and the fit
+    carries no error figures (the pass that writes the factors measures them).
     """
     floor, damp = floor_and_damp(floor, damp)
     weights = list(weights)
@@ -203,6 +208,8 @@ def fit_calibrated(
         out_grams=output_grams(pp, weights, calibration),
         screened=screened,
     )
+    if deferred:
+        return _deferred_fit(pp, args)
     if memo is not None and refine == 0:
         key = (tuple(pp.keys), pp.has_shared)  # the shared start is the memo's too
         factors = truncated(memo.fits.get(key, lambda: weighted_basis(**args)), pp.ranks)
@@ -215,6 +222,17 @@ def fit_calibrated(
         retained_energy=[f.retained_energy for f in factors.layers],
         weighted=(factors.weighted_error, factors.weighted_output, factors.history),
     )
+
+
+def _deferred_fit(pp, args: dict) -> Fit:
+    """The shared part alone (:func:`fit_calibrated` with ``deferred``) and zero private factors."""
+    shared = None
+    if args["shared_part"]:
+        basis = weighted_basis(**args, layer_svds=False)
+        shared = orient(basis.W_s, basis.orientation).float()
+    d, h = pp.matrix
+    zeros = [(torch.zeros(d, k), torch.zeros(k, h)) for k in pp.ranks]  # (d, k), (k, h)
+    return Fit(shared=shared, factors=zeros)
 
 
 def _plain_mean(weights: list[torch.Tensor]) -> torch.Tensor:
