@@ -11,6 +11,7 @@ from heal_tiny import llama, tokenizer
 from lors_convert.calibrate import generated
 from lors_convert.calibrate.generated import CHUNK, cache_file, generate_corpus, sample, word_like_ids
 from lors_convert.calibrate.packing import pack, unpad, window_batches
+from lors_convert.errors import LorsUsageError
 
 
 def test_generated_text_is_deterministic_under_a_seed():
@@ -142,3 +143,30 @@ def test_an_encoder_heal_chooses_its_best_state_on_its_own_data_never_on_the_rep
         for ids, m in zip(b["input_ids"], b["attention_mask"], strict=True)
     }
     assert decoded == set(lines) and got.samples == 15 and sum(len(b["input_ids"]) for b in got.heldout) == 5
+
+
+def test_no_generate_trains_on_data_alone_and_holds_out_its_last_windows(tmp_path, monkeypatch):
+    """``--no-generate``: nothing is generated, not even the held-out windows; the last windows of
+    the ``--data`` text (up to a fifth) choose the best state and are never trained on."""
+    from lors_convert.heal.data import DataRequest, lm_data
+
+    model, tok = llama(layers=2, hidden=32), tokenizer()
+
+    def no_generation(*args, **kwargs):
+        raise AssertionError("--no-generate generated text")
+
+    monkeypatch.setattr("lors_convert.heal.data.generate_corpus", no_generation)
+    text = tmp_path / "data.txt"
+    text.write_text("\n".join(f"the cat sat on the mat number {i} and the dog ran" for i in range(40)))
+    req = DataRequest(data=text, generate=False, seq_len=8, batch_tokens=16)
+    got = lm_data(model, tok, req, tmp_path, "m")
+    trained = torch.cat([b["input_ids"] for b in got.batches])
+    held = torch.cat([b["input_ids"] for b in got.heldout])
+    every = pack([tok(t)["input_ids"] + [tok.eos_token_id] for t in text.read_text().splitlines()], 8).windows
+    assert held.shape[0] == 4 and trained.shape[0] == every.shape[0] - 4
+    assert torch.equal(torch.cat([trained, held]), every)  # the last windows, none trained on
+    assert got.tokens == trained.numel() and got.generated_tokens == 0
+    tiny = tmp_path / "tiny.txt"
+    tiny.write_text("the cat")
+    with pytest.raises(LorsUsageError, match="too little text for two windows"):
+        lm_data(model, tok, DataRequest(data=tiny, generate=False, seq_len=8), tmp_path, "m")

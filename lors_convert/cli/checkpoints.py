@@ -144,7 +144,7 @@ HealGenerate = Annotated[
     typer.Option(
         "--generate/--no-generate",
         help="Causal LMs: train on text the source model writes (cached beside the output), "
-        "besides --data; --no-generate trains on --data alone.",
+        "besides --data; --no-generate trains on --data alone (its last windows choose the best state).",
     ),
 ]
 HealGenerated = Annotated[int, typer.Option("--generated-tokens", help="Tokens of text the source writes.")]

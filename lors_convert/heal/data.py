@@ -3,7 +3,8 @@
 - causal LMs: text the source model writes (:func:`lors_convert.calibrate.generated.generate_corpus`,
   cached next to the output), plus the ``--data`` text unless generation is off, packed into windows
   of ``seq_len`` tokens and batches of ``batch_tokens`` (:mod:`lors_convert.calibrate.packing`); the best
-  state is chosen on further generated windows, never trained on, never on the probe text;
+  state is chosen on further generated windows (with generation off, on the last windows of the
+  ``--data`` text, up to a fifth of it), never trained on, never on the probe text;
 - other models: the ``--data`` inputs (text encoders: lors's shipped calibration text when none is
   given) as padded batches, a share of them held out to choose the best state.
 """
@@ -54,12 +55,13 @@ def lm_data(teacher, tokenizer, req: DataRequest, cache_dir: Path, model_key: st
     n_gen = -(-req.generated_tokens // req.seq_len) if req.generate else 0
     if n_gen:  # whole chunks of generated sequences, the nearest to the tokens asked for
         n_gen = max(1, round((n_gen + HELDOUT_WINDOWS) / CHUNK)) * CHUNK - HELDOUT_WINDOWS
-    done = _announce(log, "generating text with the source model")
-    written = generate_corpus(
-        teacher, tokenizer, n_gen + HELDOUT_WINDOWS, req.seq_len, req.seed, cache_dir, model_key, done
-    )
-    rows, heldout_rows = written[:n_gen], written[n_gen:]  # the last windows are held out
-    if n_gen:
+    heldout_rows: list[list[int]] = []
+    if req.generate:
+        done = _announce(log, "generating text with the source model")
+        written = generate_corpus(
+            teacher, tokenizer, n_gen + HELDOUT_WINDOWS, req.seq_len, req.seed, cache_dir, model_key, done
+        )
+        rows, heldout_rows = written[:n_gen], written[n_gen:]  # the last windows are held out
         sources.append(f"{n_gen * req.seq_len} tokens written by the source model (seed {req.seed})")
     if req.data is not None:
         texts = read_texts(req.data)
@@ -67,17 +69,25 @@ def lm_data(teacher, tokenizer, req: DataRequest, cache_dir: Path, model_key: st
         rows += [tokenizer(t)["input_ids"] + ([sep] if sep is not None else []) for t in texts]
         sources.append(f"{req.data} ({len(texts)} lines)")
     packed = pack(rows, req.seq_len)
-    if not packed.tokens:
-        raise LorsUsageError(f"{req.data}: too little text for one window of --seq-len {req.seq_len} tokens")
-    held = pack(heldout_rows, req.seq_len).windows
+    windows = packed.windows
+    if req.generate:
+        held = pack(heldout_rows, req.seq_len).windows
+    else:  # nothing generated: the last windows of --data choose the best state
+        n = windows.shape[0]
+        n_held = 0 if n < 2 else max(1, min(HELDOUT_WINDOWS, n // 5))  # at most a fifth
+        windows, held = windows[: n - n_held], windows[n - n_held :]
+    if not windows.shape[0] or not held.shape[0]:
+        need = "one window" if req.generate else "two windows (one is held out to choose the best state)"
+        raise LorsUsageError(f"{req.data}: too little text for {need} of --seq-len {req.seq_len} tokens")
+    tokens = int(windows.numel())
     return HealData(
-        window_batches(packed.windows, req.batch_tokens),
+        window_batches(windows, req.batch_tokens),
         window_batches(held, req.batch_tokens),
         sources,
-        packed.tokens,
+        tokens,
         n_gen * req.seq_len,
         str(req.data) if req.data else None,
-        int(packed.windows.shape[0]),
+        int(windows.shape[0]),
     )
 
 
