@@ -186,10 +186,13 @@ def test_whitener_operators_equal_the_dense_square_root(rank, floor, damp, kind)
     assert torch.allclose(w.times(R.T), Ce @ R.T, **tol)
     assert torch.allclose(w.times_right(R), R @ Ce, **tol)
     assert torch.allclose(w.solve_right(R), torch.linalg.solve(Ce, R.T).T, rtol=1e-8, atol=1e-8)
+    assert torch.allclose(w.right_L_inv_T(R), R @ L_inv.T, **tol)
+    assert torch.allclose(w.right_L_inv_T(R), w.right_L(w.solve_right(R)), rtol=1e-8, atol=1e-8)
     eye = identity_whitener(8)
     assert (
         eye.Q is None
         and torch.equal(eye.right_L(R), R)
+        and torch.equal(eye.right_L_inv_T(R), R)
         and torch.equal(eye.gram(), torch.eye(8, dtype=torch.float64))
     )
     total = torch.randn(8, 8, generator=gen, dtype=torch.float64)

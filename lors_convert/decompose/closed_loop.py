@@ -29,15 +29,11 @@ from typing import NamedTuple
 
 import torch
 
-from .whiten import truncate_svds, whiten_residual, whitened_svd
+from .topk import gram_svd
+from .whiten import truncate_svds
 from .whitener import Whitener, stack_whiteners
 
 CORRECTION = 0.5  # the share of the upstream error the fit compensates (see the module docstring)
-
-
-def solve_right(X: torch.Tensor, C: Whitener) -> torch.Tensor:
-    """``X C'^-1`` for ``X`` (m, n)."""
-    return C.solve_right(X)
 
 
 @dataclass
@@ -90,19 +86,23 @@ def closed_loop_factors(
     """
     W = W.double()
     left = None if out_gram is None else stack_whiteners([out_gram], 1, W.shape[0], floor, damp, W.device)[0]
-    target = solve_right(W @ inputs.mix, inputs.right)  # (out, in) W'
-    R = target if shared is None else target - shared.double()
-    output = None if shared is None else float(whiten_residual(target, inputs.right, left).square().sum())
+    # W' L = W mix C'^-1 L = W mix L^-T: the whitened target by one triangular solve
+    Z = inputs.right.right_L_inv_T(W @ inputs.mix)  # (out, in)
+    output = None
+    if shared is not None:  # (W' - W_s) L
+        output = float((Z if left is None else left.left_LT(Z)).square().sum())
+        Z = Z - inputs.right.right_L(shared.double())
+    if left is not None:
+        Z = left.left_LT(Z)  # M^T (W' - W_s) L
     if rank == 0:  # nothing to fit: the whole residual is the error
-        energy = float(whiten_residual(R, inputs.right, left).square().sum())
+        energy = float(Z.square().sum())
         empty = W.new_zeros(W.shape[0], 0), W.new_zeros(0, W.shape[1])
         return LoopFactors(*empty, energy, energy, energy if output is None else output)
-    svd = whitened_svd(R, inputs.right, left, keep=rank)
     (factors, energy, discarded, _) = truncate_svds(
-        [svd], [inputs.right], [rank], None if left is None else [left]
+        [gram_svd(Z, rank)], [inputs.right], [rank], None if left is None else [left]
     )
     output = energy[0] if output is None else output
     return LoopFactors(factors[0][0], factors[0][1], energy[0], discarded[0], output)
 
 
-__all__ = ["closed_loop_factors", "loop_inputs", "LoopFactors", "LoopInputs", "solve_right", "CORRECTION"]
+__all__ = ["closed_loop_factors", "loop_inputs", "LoopFactors", "LoopInputs", "CORRECTION"]

@@ -51,6 +51,9 @@ class Whitener:
     def left_L_inv_T(self, B: torch.Tensor) -> torch.Tensor:  # L^-T B, B (n, k)
         raise NotImplementedError
 
+    def right_L_inv_T(self, X: torch.Tensor) -> torch.Tensor:  # X L^-T = X C'^-1 L, X (m, n)
+        raise NotImplementedError
+
     def times(self, X: torch.Tensor) -> torch.Tensor:  # C' X, X (n, m)
         raise NotImplementedError
 
@@ -113,6 +116,10 @@ class EigenWhitener(Whitener):
         """``L^-T B`` for ``B`` (n, k)."""
         B = B / self.root[:, None]
         return B if self.Q is None else self._q(B) @ B
+
+    def right_L_inv_T(self, X: torch.Tensor) -> torch.Tensor:
+        """``X L^-T`` for ``X`` (m, n): ``X Q diag(lam)^{-1/2}``."""
+        return (X if self.Q is None else X @ self._q(X)) / self.root
 
     def times(self, X: torch.Tensor) -> torch.Tensor:
         """``C' X`` for ``X`` (n, m), through the eigenbasis (no dense ``C'``), in ``Q``'s precision."""
@@ -194,6 +201,10 @@ class CholeskyWhitener(Whitener):
     def left_L_inv_T(self, B: torch.Tensor) -> torch.Tensor:
         X = torch.linalg.solve_triangular(self._l(B).T, B, upper=True)  # L0^T X = B
         return X.div_(math.sqrt(self.scale))
+
+    def right_L_inv_T(self, X: torch.Tensor) -> torch.Tensor:
+        Y = torch.linalg.solve_triangular(self._l(X).T, X, upper=True, left=False)  # Y L0^T = X
+        return Y.div_(math.sqrt(self.scale))
 
     def times(self, X: torch.Tensor) -> torch.Tensor:
         Y = X.to(self.C.dtype)
