@@ -109,15 +109,23 @@ def weighted_shared(
         return W[i] if private is None else W[i] - private[i]
 
     owned = False  # whether the solve may update ``start`` in place
-    if left is None or start is None:
-        num = _sum_into_first(_right(target(i), grams[i]) for i in range(len(grams)))  # (out, in)
+    closed_form = left is None or start is None
+    num = b = None  # sum_i (W_i - P_i) C_i and sum_i G_i (W_i - P_i) C_i: (out, in) each
+    for i in range(len(grams)):
+        Y = _right(target(i), grams[i])  # (out, in), one product for both sums
+        if left is not None:
+            term = _left(left[i], Y)
+            b = term if b is None else b.add_(term)
+        if closed_form:
+            num = Y if num is None else num.add_(Y)
+        del Y
+    if closed_form:
         den = _dense_sum(grams)  # (in, in), symmetric positive definite (floored)
         closed = torch.linalg.solve(den, num.T).T  # S den = num  <=>  den S^T = num^T
         if left is None:
             return closed
         start, owned = closed, True
         del num, den
-    b = _sum_into_first(_left(left[i], _right(target(i), grams[i])) for i in range(len(grams)))  # (out, in)
     return _kron_sum_cg(left, grams, b, start, max_iter, tol, owned)
 
 
