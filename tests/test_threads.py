@@ -75,3 +75,25 @@ def test_nothing_changes_once_torch_is_imported():
 
 def test_usable_cpus_follows_the_affinity_mask():
     assert usable_cpus() == len(os.sched_getaffinity(0))
+
+
+def test_lapack_runs_on_one_thread_only_on_a_shared_machine(monkeypatch):
+    """A factorization keeps torch's threads alone and takes one beside other work (the policy the
+    CLI set: threads that sleep at barriers); the thread count is restored after either."""
+    import torch
+
+    from lors_convert.decompose.topk import lapack_threads
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for policy, inside in (("PASSIVE", 1), ("passive", 1), ("ACTIVE", 2), (None, 2)):
+            if policy is None:
+                monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+            else:
+                monkeypatch.setenv("OMP_WAIT_POLICY", policy)
+            with lapack_threads():
+                assert torch.get_num_threads() == inside, policy
+            assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)

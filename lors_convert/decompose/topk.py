@@ -29,14 +29,17 @@ route; ``"exact"`` is ``"svd"``. :func:`gram_svd` is the ``"eigh"`` route with e
 the calibrated fits' float64 whitened residuals. Random starts are drawn from a generator seeded with 0, one matrix
 shared by the batch, so results are reproducible and do not depend on how layers are batched.
 
-LAPACK factorizations (QR, eigh, SVD) run on one thread (:func:`serial`): at these sizes a blocked
-factorization is a long series of small parallel regions, each ending in a barrier, and on a machine
-whose cores are shared every barrier waits for a descheduled thread (README, Benchmarks). The large
-matrix products around them keep torch's thread count.
+LAPACK factorizations (QR, eigh, Cholesky, SVD) run inside :func:`lapack_threads`: on a machine whose
+cores are shared (OpenMP threads that sleep at barriers, ``OMP_WAIT_POLICY=PASSIVE``, which ``lors``
+sets when other work is runnable as it starts: :mod:`lors_convert.threads`) on one thread, since a
+blocked factorization is a long series of small parallel regions, each ending in a barrier that waits
+for a descheduled thread (README, Benchmarks); alone on every thread (docs/benchmarks.md: 1.6-2x at
+sides 1,536 to 5,632 on 2 cores). The large matrix products around them keep torch's thread count.
 """
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 
 import torch
@@ -77,14 +80,30 @@ def serial():
             torch.set_num_threads(threads)
 
 
+def shared_machine() -> bool:
+    """Whether OpenMP threads sleep at barriers (``OMP_WAIT_POLICY=PASSIVE``): the sign of a machine
+    shared with other work (module docstring)."""
+    return os.environ.get("OMP_WAIT_POLICY", "").strip().upper() == "PASSIVE"
+
+
+@contextmanager
+def lapack_threads():
+    """Run a LAPACK factorization on one thread on a shared machine, on torch's threads alone."""
+    if shared_machine():
+        with serial():
+            yield
+    else:
+        yield
+
+
 def _orth(Y: torch.Tensor) -> torch.Tensor:
-    with serial():
+    with lapack_threads():
         return torch.linalg.qr(Y).Q  # (..., rows, q)
 
 
 def _eigh(T: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Eigenvalues (ascending) and eigenvectors (columns in that order) of the symmetric ``T`` (..., s, s)."""
-    with serial():
+    with lapack_threads():
         return torch.linalg.eigh(T)
 
 
@@ -101,7 +120,7 @@ def _ritz(Q: torch.Tensor, T: torch.Tensor, k: int) -> torch.Tensor:
 def top_basis(X: torch.Tensor, k: int, how: str) -> torch.Tensor:
     """Orthonormal ``U_k`` (..., m, k) of the top-k left singular subspace of ``X`` (..., m, n), m <= n."""
     if how == "svd":
-        with serial():
+        with lapack_threads():
             return torch.linalg.svd(X, full_matrices=False)[0][..., :k]  # (..., m, k)
     m = X.shape[-2]
     q = k + OVERSAMPLE

@@ -41,7 +41,7 @@ import torch
 
 from .lorst import rebalance, split_balanced
 from .stack import LayerStack, orient
-from .topk import gram_svd, serial
+from .topk import gram_svd, lapack_threads
 from .whitener import DEFAULT_FLOOR, EXACT_DAMP, Whitener, stack_whiteners
 
 CG_MAX_ITER = 10  # shared-part solve with output Grams: every iterate lowers the error (docs/calibration.md)
@@ -310,7 +310,7 @@ def _layer_spectra(W: LayerStack, wh, lw, S: torch.Tensor | None = None) -> list
         R = W[i] if S is None else W[i] - S  # (out, in)
         Z = whiten_residual(R, wh[i], None if lw is None else lw[i])  # (out, in)
         G = Z @ Z.T if Z.shape[0] <= Z.shape[1] else Z.T @ Z  # the smaller Gram: eigenvalues = s^2
-        with serial():
+        with lapack_threads():
             spectra.append(torch.linalg.eigvalsh(G).clamp_min(0.0).flip(0).cpu())
     return spectra
 

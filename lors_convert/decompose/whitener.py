@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import LorsError
-from .topk import serial
+from .topk import lapack_threads
 from .triangular import lower_right, lower_t_left
 
 DEFAULT_FLOOR = 1e-6  # eigenvalue floor, relative to the largest eigenvalue
@@ -246,7 +246,7 @@ def gram_eigh(C: torch.Tensor, dtype: torch.dtype = torch.float64) -> tuple[torc
     diag = torch.diagonal(C)
     if torch.count_nonzero(C) == torch.count_nonzero(diag):  # no off-diagonal entry, no n x n temporary
         return diag.clamp_min(0.0), torch.eye(C.shape[0], dtype=dtype, device=C.device)
-    with serial():  # LAPACK on one thread (see decompose.topk.serial)
+    with lapack_threads():  # one thread on a shared machine (decompose.topk)
         lam, Q = torch.linalg.eigh(C)  # reads the lower triangle: no symmetrized copy beside Q
     return lam.clamp_min(0.0), Q
 
@@ -263,7 +263,7 @@ def gram_cholesky(C: torch.Tensor, damp: float) -> torch.Tensor:
     ridge = damp * _mean_diagonal(C)
     shifted = C.clone()
     shifted.diagonal().add_(ridge)
-    with serial():
+    with lapack_threads():
         L0, info = torch.linalg.cholesky_ex(shifted)  # (n, n) lower
     if int(info) != 0:
         raise LorsError(f"a calibration Gram of side {C.shape[0]} is not positive semidefinite")
