@@ -143,25 +143,19 @@ def weighted_basis(
     computed or held; None keeps full SVDs (a search truncates one basis at several budgets).
     ``layer_svds=False``: the shared part alone (no SVD), for private factors fitted elsewhere."""
     W, wh, lw = prepare_stack(weights, grams, orientation, floor, damp, device, out_grams)
-    W_s = _shared_part(W, wh, lw, shared, shared_part, screened)
+    if not shared_part:
+        W_s = torch.zeros(W.shape[1:], dtype=torch.float64, device=W.device)
+    elif shared is not None:
+        W_s = W.read(shared)
+        if screened and lw is not None:
+            W_s = weighted_shared(W, wh, left=lw, start=W_s)
+    else:
+        W_s = weighted_shared(W, wh, left=lw)
     svds = []
     for i in range(len(W) if layer_svds else 0):
         lw_i = None if lw is None else lw[i]
         svds.append(whitened_svd(W[i] - W_s, wh[i], lw_i, keep=None if keep is None else keep[i]))
     return WeightedBasis(W, wh, lw, W_s, svds, orientation)
-
-
-def _shared_part(W: LayerStack, wh, lw, shared, shared_part: bool, screened: bool) -> torch.Tensor:
-    """``W_s`` (out, in) float64: zero without a shared part, else the weighted least-squares one, or
-    ``shared`` (stored orientation) as given, solved on from when it is a screening solve."""
-    if not shared_part:
-        return torch.zeros(W.shape[1:], dtype=torch.float64, device=W.device)
-    if shared is None:
-        return weighted_shared(W, wh, left=lw)
-    W_s = W.read(shared)
-    if screened and lw is not None:
-        W_s = weighted_shared(W, wh, left=lw, start=W_s)
-    return W_s
 
 
 def truncated(basis: WeightedBasis, ranks: list[int], refine: int = 0) -> WeightedFactors:
@@ -204,10 +198,4 @@ def _factors(basis: WeightedBasis, W_s, factors, energy, discarded, history) -> 
     )
 
 
-__all__ = [
-    "WeightedBasis",
-    "WeightedFactors",
-    "decompose_weighted",
-    "truncated",
-    "weighted_basis",
-]
+__all__ = ["WeightedBasis", "WeightedFactors", "decompose_weighted", "truncated", "weighted_basis"]

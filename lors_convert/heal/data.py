@@ -68,8 +68,7 @@ def lm_data(teacher, tokenizer, req: DataRequest, cache_dir: Path, model_key: st
         sep = getattr(tokenizer, "eos_token_id", None)
         rows += [tokenizer(t)["input_ids"] + ([sep] if sep is not None else []) for t in texts]
         sources.append(f"{req.data} ({len(texts)} lines)")
-    packed = pack(rows, req.seq_len)
-    windows = packed.windows
+    windows = pack(rows, req.seq_len).windows
     if req.generate:
         held = pack(heldout_rows, req.seq_len).windows
     else:  # nothing generated: the last windows of --data choose the best state
