@@ -140,6 +140,7 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=64, help="--llama-1b: tokens per sequence")
     p.add_argument("--busy", type=int, default=0, help="also run beside N competing CPU-bound processes")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--reports", type=Path, help="write each run's JSON report here (to compare trees)")
     args = p.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="lors-bench-cal-"))
@@ -192,6 +193,12 @@ def main() -> None:
                 ]
                 with competing(busy):
                     rows[name].append(run_measured(cmd, root))
+                if args.reports is not None:
+                    args.reports.mkdir(parents=True, exist_ok=True)
+                    slug = name.replace(" ", "-").replace(",", "")
+                    (args.reports / f"{slug}-round{round_ + 1}.json").write_text(
+                        json.dumps(rows[name][-1][2])
+                    )
                 seconds, peak, _ = rows[name][-1]
                 print(f"round {round_ + 1} {name}: {seconds:.0f} s, {peak / 1e9:.2f} GB", file=sys.stderr)
     finally:

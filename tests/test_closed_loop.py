@@ -70,6 +70,47 @@ def test_loop_inputs_mix_is_the_partial_correction_plus_the_ridge_and_leaves_its
     assert torch.equal(C, C0) and torch.equal(K, K0)
 
 
+def test_float32_loop_grams_fit_in_float32_to_float32_accuracy():
+    """A float32 model's loop Grams are float32 (as its calibration Grams are), and then so is the
+    refit: the same factors' product and objective as a float64 fit, to float32's accuracy. A float64
+    Gram on either side keeps the fit in float64."""
+    g = torch.Generator().manual_seed(5)
+    n_out, n_in, rows, k = 24, 20, 400, 6
+    W = torch.randn(n_out, n_in, generator=g, dtype=torch.float64)
+    Xs = torch.randn(rows, n_in, generator=g, dtype=torch.float64)
+    Xc = Xs + 0.3 * torch.randn(rows, n_in, generator=g, dtype=torch.float64)
+    C, K = Xc.T @ Xc / rows, Xs.T @ Xc / rows
+    Y = torch.randn(rows, n_out, generator=g, dtype=torch.float64)
+    G = Y.T @ Y / rows  # an output-side Gram
+    opts = dict(floor=1e-6, damp=0.1)
+    wide = closed_loop_factors(W, None, loop_inputs(C, K, correction=0.5, **opts), k, G, **opts)
+    narrow = closed_loop_factors(
+        W.float(), None, loop_inputs(C.float(), K.float(), correction=0.5, **opts), k, G.float(), **opts
+    )
+    assert wide.B.dtype == torch.float64 and narrow.B.dtype == narrow.A.dtype == torch.float32
+    product = wide.B @ wide.A
+    assert float(torch.linalg.matrix_norm((narrow.B @ narrow.A).double() - product)) < 1e-5 * float(
+        torch.linalg.matrix_norm(product)
+    )
+    assert narrow.discarded == pytest.approx(wide.discarded, rel=1e-5)
+    assert narrow.energy == pytest.approx(wide.energy, rel=1e-6)
+    mixed = closed_loop_factors(
+        W, None, loop_inputs(C.float(), K.float(), correction=0.5, **opts), k, G, **opts
+    )
+    assert mixed.B.dtype == torch.float64
+
+
+def test_a_float32_model_gives_the_refit_float32_loop_grams():
+    source = tiny_llama()
+    batches = token_batches(61, n=2)
+    members = [f"model.layers.{i}" for i in range(3)]
+    sources = {m: copy.deepcopy(source.get_submodule(m)) for m in members}
+    model, _ = convert(copy.deepcopy(source), rank=2)
+    seen = []
+    closed_loop_pass(model, sources, batches, lambda group, C, K: seen.append((C.dtype, K.dtype)))
+    assert seen and set(seen) == {(torch.float32, torch.float32)}
+
+
 def test_equal_inputs_give_the_open_loop_factors_back():
     """With ``Xc = Xs`` (``K = C``) the closed-loop fit is the open-loop one, floor and damping
     included: the first block's first group is refitted to what it was."""

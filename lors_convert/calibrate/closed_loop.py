@@ -162,8 +162,8 @@ def _source_side(source, names, calls, xs, masks):
 
 
 def _group_grams(block, group, calls, xc, masks, source_rows) -> tuple[torch.Tensor, torch.Tensor]:
-    """``C = Xc Xc^T`` and ``K = Xs Xc^T`` (float64 means) of one group's input in the converted
-    ``block`` as it is now, over every batch."""
+    """``C = Xc Xc^T`` and ``K = Xs Xc^T`` (means) of one group's input in the converted ``block`` as
+    it is now, over every batch: float32 for float32/16 models, like the calibration's Grams."""
     taps = _Inputs(block, group[:1], stop=True)  # the rest of the block is not needed
     C = K = None
     count = 0
@@ -173,8 +173,9 @@ def _group_grams(block, group, calls, xc, masks, source_rows) -> tuple[torch.Ten
                 block(c, *args[1:], **kwargs)
             except _Stop:
                 pass
-            rc = token_rows(taps.last[group[0]], mask).double()  # (P, in)
-            s = rs[group[0]].double()  # (P, in)
+            rc = token_rows(taps.last[group[0]], mask)  # (P, in)
+            work = torch.float64 if rc.dtype == torch.float64 else torch.float32
+            rc, s = rc.to(work), rs[group[0]].to(work)  # (P, in) each
             C = rc.T @ rc if C is None else C.addmm_(rc.T, rc)  # (in, in)
             K = s.T @ rc if K is None else K.addmm_(s.T, rc)
             count += rc.shape[0]

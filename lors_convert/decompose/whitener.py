@@ -68,6 +68,12 @@ class Whitener:
         raise NotImplementedError
 
     @property
+    def precision(self) -> torch.dtype:
+        """The dtype the Gram was given in (float32 for Grams kept on disk): products that only
+        need the Gram's own accuracy are made in it."""
+        raise NotImplementedError
+
+    @property
     def L(self) -> torch.Tensor:
         return self.right_L(torch.eye(self.size, dtype=torch.float64, device=self.device))
 
@@ -157,6 +163,10 @@ class EigenWhitener(Whitener):
         return plus.addmm_(S, S.T, alpha=weight)
 
     @property
+    def precision(self) -> torch.dtype:
+        return self.lam.dtype if self.Q is None else self.Q.dtype
+
+    @property
     def size(self) -> int:
         return self.lam.shape[0]
 
@@ -225,6 +235,10 @@ class CholeskyWhitener(Whitener):
         plus.add_(self.C, alpha=w)
         plus.diagonal().add_(w * self.ridge)
         return plus
+
+    @property
+    def precision(self) -> torch.dtype:
+        return self.C.dtype
 
     @property
     def size(self) -> int:
