@@ -257,7 +257,7 @@ def _convert_measured(job: _Job, model, data, probe: Probes | None, spill: Spill
             job.options,
             progress=job.progress,
             objective=job.objective,
-            probes=job.probes,
+            probes=job.probes if job.probes is not None else data.probes,
             reference=reference,
             spill=spill,
         )
@@ -277,7 +277,7 @@ def _grams(job: _Job, model: nn.Module, data: CalibrationData, spill: Spill):
             include=job.options.include,
             exclude=job.options.exclude,
             objective=job.objective,
-            probes=job.probes,
+            probes=job.probes if job.probes is not None else data.probes,
             spill=spill,
         )
 

@@ -18,7 +18,12 @@ from torch import nn
 
 from .calibrate.data import CalibrationData, check_data_file, load_calibration
 from .calibrate.fidelity import Reference, fidelity, fidelity_problems, reference_outputs
-from .calibrate.generated import CALIBRATION_LEN, CALIBRATION_SEQUENCES, calibration_batches
+from .calibrate.generated import (
+    CALIBRATION_LEN,
+    CALIBRATION_PROBES,
+    CALIBRATION_SEQUENCES,
+    calibration_batches,
+)
 from .calibrate.probes import CALIBRATION_TEXT, PROBE_LABEL, PROBE_TEXT, Probes, default_probes, read_probes
 from .calibrate.streamed import lockstep
 from .checkpoint.merge import merged_getter, merged_tensors
@@ -81,6 +86,7 @@ def generated_calibration(
         CALIBRATION_SEQUENCES,
         sum(int(b["input_ids"].shape[0]) for b in probe.batches),
         str(heldout or PROBE_TEXT),
+        probes=CALIBRATION_PROBES,
     )
     return data, probe
 

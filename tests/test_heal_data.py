@@ -98,14 +98,22 @@ def test_unpad_gives_the_real_tokens_of_padded_batches():
     assert unpad([{"input_ids": ids, "attention_mask": mask}]) == [[5, 6, 7], [8]]
 
 
-def test_a_calibrated_conversion_of_a_causal_lm_calibrates_on_text_it_writes(tmp_path):
+def test_a_calibrated_conversion_of_a_causal_lm_calibrates_on_text_it_writes(tmp_path, monkeypatch):
     import json
 
     from clirun import run_ok
     from heal_tiny import llama_dir
 
-    from lors_convert.calibrate.generated import CALIBRATION_LEN, CALIBRATION_SEQUENCES
+    from lors_convert.calibrate import grams
+    from lors_convert.calibrate.generated import CALIBRATION_LEN, CALIBRATION_PROBES, CALIBRATION_SEQUENCES
     from lors_convert.calibrate.probes import CALIBRATION_TEXT
+    from lors_convert.calibrate.sensitivity import DEFAULT_PROBES
+
+    probes = []  # per conversion: the output-gradient probes per batch it drew
+    real = grams.collect_output_grams
+    monkeypatch.setattr(
+        grams, "collect_output_grams", lambda *a, **k: probes.append(k["probes"]) or real(*a, **k)
+    )
 
     src = llama_dir(tmp_path / "src", layers=3, hidden=32)
     out = tmp_path / "o" / "c.lors"
@@ -125,6 +133,11 @@ def test_a_calibrated_conversion_of_a_causal_lm_calibrates_on_text_it_writes(tmp
                      "--calibrate", CALIBRATION_TEXT)  # fmt: skip
     assert json.loads(shipped.stdout)["quality"]["calibration_data"] == str(CALIBRATION_TEXT)
     assert json.loads(shipped.stdout)["quality"]["heldout_kl"] != q["heldout_kl"]
+    # the generated text takes its own number of probes, given text the default
+    assert (
+        probes == [CALIBRATION_PROBES, CALIBRATION_PROBES, DEFAULT_PROBES]
+        and CALIBRATION_PROBES != DEFAULT_PROBES
+    )
 
 
 def test_an_encoder_heal_chooses_its_best_state_on_its_own_data_never_on_the_reported_heldout(tmp_path):

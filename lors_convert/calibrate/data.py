@@ -193,6 +193,7 @@ class CalibrationData:
     n_heldout: int = 0
     heldout_file: str = ""  # the held-out file; "" when the held-out samples are split off ``source``
     heldout_fraction: float = 0.0  # the share of ``source`` held out (0 with a held-out file)
+    probes: int | None = None  # output-gradient probes per batch it calls for (None: the default)
 
     @property
     def heldout_origin(self) -> str:

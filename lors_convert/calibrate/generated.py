@@ -20,8 +20,9 @@ missing chunks::
 
 A calibrated conversion of a causal LM given no ``--calibrate`` calibrates on
 :data:`CALIBRATION_SEQUENCES` generated sequences of :data:`CALIBRATION_LEN` tokens
-(:func:`calibration_batches`): they cover what the model writes, not one genre of text (measured
-against lors's shipped prose in docs/calibration.md).
+(:func:`calibration_batches`), with :data:`CALIBRATION_PROBES` output-gradient probes per batch: they
+cover what the model writes, not one genre of text (measured against lors's shipped prose, and the
+amount of text, in docs/calibration.md).
 """
 
 from __future__ import annotations
@@ -42,8 +43,9 @@ from .packing import window_batches
 CHUNK = 64  # sequences generated together (one KV cache)
 GREEDY = 3  # tokens after the first chosen greedily, before sampling
 RECIPE = 2  # bumped when the recipe changes: a cache of another recipe is not reused
-CALIBRATION_SEQUENCES = CHUNK  # generated sequences a calibrated conversion fits on (8,192 tokens)
+CALIBRATION_SEQUENCES = 2 * CHUNK  # generated sequences a calibrated conversion fits on (16,384 tokens)
 CALIBRATION_LEN = 128  # tokens per sequence: the length text calibration truncates lines to
+CALIBRATION_PROBES = 2  # output-gradient probes per batch on them: 4's gradient rows over 8,192 tokens
 
 
 def word_like_ids(tokenizer, vocab_size: int) -> list[int]:
@@ -169,4 +171,4 @@ def calibration_batches(model: nn.Module, tokenizer, batch_size: int = 16) -> li
 
 
 __all__ = ["generate_corpus", "generate_chunk", "calibration_batches", "word_like_ids", "cache_file"]
-__all__ += ["CHUNK", "GREEDY", "CALIBRATION_SEQUENCES", "CALIBRATION_LEN"]
+__all__ += ["CHUNK", "GREEDY", "CALIBRATION_SEQUENCES", "CALIBRATION_LEN", "CALIBRATION_PROBES"]
