@@ -235,6 +235,8 @@ def _inputs(job: _Job, model: nn.Module) -> tuple[CalibrationData | None, Probes
         data, probe = m.calibration_data(
             job.calibrate, job.heldout, job.src, job.text_model, job.heldout_fraction
         )
+    if data is not None and job.probes is not None:  # --probes: the calibration's own choice replaced
+        data = replace(data, probes=job.probes)
     wanted = job.measure or job.target is not None
     if wanted and (probe is None or not probe.batches):
         probe = m.probes_for(job.src, job.heldout, job.text_model, model)
@@ -257,7 +259,7 @@ def _convert_measured(job: _Job, model, data, probe: Probes | None, spill: Spill
             job.options,
             progress=job.progress,
             objective=job.objective,
-            probes=job.probes if job.probes is not None else data.probes,
+            probes=data.probes,
             reference=reference,
             spill=spill,
         )
@@ -277,7 +279,7 @@ def _grams(job: _Job, model: nn.Module, data: CalibrationData, spill: Spill):
             include=job.options.include,
             exclude=job.options.exclude,
             objective=job.objective,
-            probes=job.probes if job.probes is not None else data.probes,
+            probes=data.probes,
             spill=spill,
         )
 

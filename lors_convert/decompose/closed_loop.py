@@ -31,7 +31,7 @@ import torch
 
 from .topk import gram_svd
 from .whiten import truncate_svds
-from .whitener import Whitener, stack_whiteners
+from .whitener import Whitener, common_precision, stack_whiteners
 
 CORRECTION = 0.5  # the share of the upstream error the fit compensates (see the module docstring)
 
@@ -87,7 +87,7 @@ def closed_loop_factors(
     the fit is as exact as the Grams it weighs by, in half the time of float64).
     """
     left = None if out_gram is None else stack_whiteners([out_gram], 1, W.shape[0], floor, damp, W.device)[0]
-    work = inputs.mix.dtype if left is None else torch.promote_types(inputs.mix.dtype, left.precision)
+    work = common_precision(inputs.mix, left)
     W = W.to(work)
     # W' L = W mix C'^-1 L = W mix L^-T: the whitened target by one triangular solve
     Z = inputs.right.right_L_inv_T(W @ inputs.mix.to(work))  # (out, in)

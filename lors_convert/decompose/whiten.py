@@ -42,7 +42,7 @@ import torch
 from .lorst import rebalance, split_balanced
 from .stack import LayerStack, orient
 from .topk import gram_svd, lapack_threads
-from .whitener import DEFAULT_FLOOR, EXACT_DAMP, Whitener, stack_whiteners
+from .whitener import DEFAULT_FLOOR, EXACT_DAMP, Whitener, common_precision, stack_whiteners
 
 CG_MAX_ITER = 10  # shared-part solve with output Grams: every iterate lowers the error (docs/calibration.md)
 CG_SCREEN_ITER = 3  # the budget's solve, which only ranks sharing against none (docs/calibration.md); a kept part solves on
@@ -80,15 +80,11 @@ def _dense_sum(grams: list[Gram]) -> torch.Tensor:
     return total
 
 
-def _precision(G: Gram) -> torch.dtype:
-    return G.precision if isinstance(G, Whitener) else G.dtype
-
-
 def _mean_inverse(grams: list[Gram]) -> torch.Tensor:
     """``(sum_i C_i / N)^-1`` in the Grams' precision, summed in float64: the inverse through a
     Cholesky factor (half the time of an LU inverse), the LU one where the sum is not positive
     definite (a dense Gram given without a ridge)."""
-    mean = _dense_sum(grams).div_(len(grams)).to(_precision(grams[0]))
+    mean = _dense_sum(grams).div_(len(grams)).to(common_precision(grams[0]))
     with lapack_threads():
         root, info = torch.linalg.cholesky_ex(mean)
         return torch.cholesky_inverse(root) if int(info) == 0 else torch.linalg.inv(mean)
@@ -157,7 +153,7 @@ def _kron_sum_cg(
 
     G_inv = _mean_inverse(left)  # (out, out)
     C_inv = _mean_inverse(right)  # (in, in)
-    work = torch.promote_types(G_inv.dtype, C_inv.dtype)
+    work = common_precision(G_inv, C_inv)
     G_inv, C_inv = G_inv.to(work), C_inv.to(work)
 
     def precondition(R):
@@ -321,7 +317,7 @@ def _layer_spectra(W: LayerStack, wh, lw, S: torch.Tensor | None = None) -> list
     spectra = []
     for i in range(len(W)):
         left = None if lw is None else lw[i]
-        work = wh[i].precision if left is None else torch.promote_types(wh[i].precision, left.precision)
+        work = common_precision(wh[i], left)
         R = (W[i] if S is None else W[i] - S).to(work)  # (out, in)
         Z = whiten_residual(R, wh[i], left)  # (out, in)
         G = Z @ Z.T if Z.shape[0] <= Z.shape[1] else Z.T @ Z  # the smaller Gram: eigenvalues = s^2

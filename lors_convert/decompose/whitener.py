@@ -249,6 +249,13 @@ class CholeskyWhitener(Whitener):
         return self.C.device
 
 
+def common_precision(*items: Whitener | torch.Tensor | None) -> torch.dtype:
+    """The dtype that work on these Grams (whiteners or dense tensors; None is skipped) needs: the
+    widest of their precisions, float32 only when every one is float32."""
+    dtypes = [i.precision if isinstance(i, Whitener) else i.dtype for i in items if i is not None]
+    return functools.reduce(torch.promote_types, dtypes)
+
+
 def identity_whitener(n: int, device=None) -> EigenWhitener:
     """The plain Frobenius error: ``L = C' = I``."""
     return EigenWhitener(Q=None, lam=torch.ones(n, dtype=torch.float64, device=device))
@@ -419,6 +426,7 @@ __all__ = [
     "cached_cholesky",
     "cached_eigh",
     "cholesky_qualifies",
+    "common_precision",
     "gram_cholesky",
     "gram_eigh",
     "identity_whitener",

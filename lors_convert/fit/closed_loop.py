@@ -38,7 +38,7 @@ def refitter(calibration, floor: float | None = None, damp: float | None = None,
     def refit(group: list[tuple[str, nn.Module, nn.Linear]], C: torch.Tensor, K: torch.Tensor) -> None:
         inputs = loop_inputs(C, K, floor, damp, CORRECTION)
         for key, layer, source in group:
-            W = source.weight.detach().double()  # (out, in), widened once for the fit and its figures
+            W = source.weight.detach()  # (out, in), as stored: the fit works in its Grams' precision
             out_gram = output_gram(calibration, key, W.shape[0])
             shared = None if layer.shared is None else layer.shared.detach()
             fit = closed_loop_factors(W, shared, inputs, layer.total_rank, out_gram, floor, damp)
@@ -46,7 +46,7 @@ def refitter(calibration, floor: float | None = None, damp: float | None = None,
                 layer.lors_B.copy_(fit.B)
                 layer.lors_A.copy_(fit.A)
             if figures is not None:
-                figures[key] = _figures(W, shared, fit)
+                figures[key] = _figures(W.double(), shared, fit)
 
     return refit
 
