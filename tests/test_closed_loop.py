@@ -10,7 +10,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from lors_convert.calibrate.closed_loop import block_chain, closed_loop_pass
+from lors_convert.calibrate.batches import primary_output
+from lors_convert.calibrate.closed_loop import _formed, block_chain, closed_loop_pass, first_block_calls
 from lors_convert.calibrate.data import CalibrationData
 from lors_convert.calibrate.fidelity import Reference, fidelity
 from lors_convert.calibrate.grams import collect_grams
@@ -109,6 +110,27 @@ def test_a_float32_model_gives_the_refit_float32_loop_grams():
     seen = []
     closed_loop_pass(model, sources, batches, lambda group, C, K: seen.append((C.dtype, K.dtype)))
     assert seen and set(seen) == {(torch.float32, torch.float32)}
+
+
+def test_the_loop_runs_each_converted_block_through_its_formed_weights_and_puts_its_layers_back():
+    """Inside ``_formed`` each LORS layer is the dense ``nn.Linear`` of its current factors: the block's
+    output equals the factored one to float32 rounding; on exit the block holds its LORS layers again."""
+    source = tiny_llama()
+    model, _ = convert(copy.deepcopy(source), rank=2)
+    block = model.model.layers[1]
+    lors = {n: m for n, m in block.named_modules() if isinstance(m, LorsLinear)}
+    assert lors
+    x = torch.randn(2, 5, source.config.hidden_size, generator=torch.Generator().manual_seed(3))
+    ((args, kwargs),) = first_block_calls(
+        model, "model.layers.1", [{"input_ids": torch.randint(0, 61, (2, 5))}]
+    )
+    with torch.no_grad():
+        factored = primary_output(block(x, *args[1:], **kwargs))
+        with _formed(block):
+            assert not any(isinstance(m, LorsLinear) for m in block.modules())
+            dense = primary_output(block(x, *args[1:], **kwargs))
+    torch.testing.assert_close(dense, factored, rtol=1e-5, atol=1e-6)
+    assert {n: m for n, m in block.named_modules() if isinstance(m, LorsLinear)} == lors
 
 
 def test_equal_inputs_give_the_open_loop_factors_back():

@@ -19,13 +19,15 @@ embeddings). :func:`block_chain` checks it; a model where it fails keeps its ope
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
 
 from ..io.spill import SpilledModules
 from ..layers.linear import LorsLinear
+from .accumulate import add_gram, completed
 from .batches import (
     Batch,
     batch_mask,
@@ -161,28 +163,45 @@ def _source_side(source, names, calls, xs, masks):
     return rows, outputs, groups or []
 
 
+@contextmanager
+def _formed(block: nn.Module) -> Iterator[nn.Module]:
+    """``block`` with each :class:`LorsLinear` swapped for the dense ``nn.Linear`` of its factors as they
+    are now (put back on exit). A pass over the calibration batches runs thousands of rows through
+    each layer, where ``W_i`` (d, h) is one product of the factors: the dense product of a row costs
+    ``d h`` multiply-adds, the factored one ``d h + k (d + h)``."""
+    layers = [(n, m) for n, m in block.named_modules() if isinstance(m, LorsLinear)]
+    for n, m in layers:
+        block.set_submodule(n, m.to_dense())
+    try:
+        yield block
+    finally:
+        for n, m in layers:
+            block.set_submodule(n, m)
+
+
 def _group_grams(block, group, calls, xc, masks, source_rows) -> tuple[torch.Tensor, torch.Tensor]:
     """``C = Xc Xc^T`` and ``K = Xs Xc^T`` (means) of one group's input in the converted ``block`` as
     it is now, over every batch: float32 for float32/16 models, like the calibration's Grams."""
-    taps = _Inputs(block, group[:1], stop=True)  # the rest of the block is not needed
     C = K = None
     count = 0
-    try:
-        for (args, kwargs), c, mask, rs in zip(calls, xc, masks, source_rows, strict=True):
-            try:
-                block(c, *args[1:], **kwargs)
-            except _Stop:
-                pass
-            rc = token_rows(taps.last[group[0]], mask)  # (P, in)
-            work = torch.float64 if rc.dtype == torch.float64 else torch.float32
-            rc, s = rc.to(work), rs[group[0]].to(work)  # (P, in) each
-            C = rc.T @ rc if C is None else C.addmm_(rc.T, rc)  # (in, in)
-            K = s.T @ rc if K is None else K.addmm_(s.T, rc)
-            count += rc.shape[0]
-            taps.last.clear()
-    finally:
-        taps.remove()
-    return C / max(count, 1), K / max(count, 1)
+    with _formed(block):
+        taps = _Inputs(block, group[:1], stop=True)  # the rest of the block is not needed
+        try:
+            for (args, kwargs), c, mask, rs in zip(calls, xc, masks, source_rows, strict=True):
+                try:
+                    block(c, *args[1:], **kwargs)
+                except _Stop:
+                    pass
+                rc = token_rows(taps.last[group[0]], mask)  # (P, in)
+                work = torch.float64 if rc.dtype == torch.float64 else torch.float32
+                rc, s = rc.to(work), rs[group[0]].to(work)  # (P, in) each
+                C = add_gram(C, rc)  # (in, in), upper blocks
+                K = s.T @ rc if K is None else K.addmm_(s.T, rc)  # (in, in)
+                count += rc.shape[0]
+                taps.last.clear()
+        finally:
+            taps.remove()
+    return completed(C).div_(max(count, 1)), K.div_(max(count, 1))
 
 
 @torch.no_grad()
@@ -216,9 +235,11 @@ def _walk(model, source_blocks, members, batches, refit) -> int:
                 [(f"{name}.{n}.weight", block.get_submodule(n), source.get_submodule(n)) for n in group], C, K
             )
             done += sum(block.get_submodule(n).total_rank > 0 for n in group)
-        xc = [
-            primary_output(block(c, *args[1:], **kwargs)) for c, (args, kwargs) in zip(xc, calls, strict=True)
-        ]
+        with _formed(block):
+            xc = [
+                primary_output(block(c, *args[1:], **kwargs))
+                for c, (args, kwargs) in zip(xc, calls, strict=True)
+            ]
         xs = outputs
         del source_rows, outputs, source
     return done
