@@ -84,6 +84,11 @@ class _Job:
                 "--closed-loop refits a calibrated conversion: give --calibrate, or --budget for a text "
                 "model (not --target)"
             )
+        if self.probes is not None and not self.calibrated:
+            raise LorsUsageError(
+                "--probes goes with a calibrated conversion: give --calibrate, or --budget or --target "
+                "for a text model"
+            )
 
     @property
     def in_memory(self) -> bool:

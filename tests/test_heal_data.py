@@ -133,9 +133,10 @@ def test_a_calibrated_conversion_of_a_causal_lm_calibrates_on_text_it_writes(tmp
                      "--calibrate", CALIBRATION_TEXT)  # fmt: skip
     assert json.loads(shipped.stdout)["quality"]["calibration_data"] == str(CALIBRATION_TEXT)
     assert json.loads(shipped.stdout)["quality"]["heldout_kl"] != q["heldout_kl"]
-    # the generated text takes its own number of probes, given text the default
+    run_ok("convert", src, "--budget", "0.6", "-o", tmp_path / "p.lors", "-q", "--probes", "3")
+    # the generated text takes its own number of probes, given text the default; --probes either
     assert (
-        probes == [CALIBRATION_PROBES, CALIBRATION_PROBES, DEFAULT_PROBES]
+        probes == [CALIBRATION_PROBES, CALIBRATION_PROBES, DEFAULT_PROBES, 3]
         and CALIBRATION_PROBES != DEFAULT_PROBES
     )
 

@@ -135,7 +135,9 @@ Objective = Annotated[
 Probes = Annotated[
     int | None,
     typer.Option(
-        "--probes", help="Random probes (backward passes) per calibration batch for --objective output [4]."
+        "--probes",
+        help="Random probes (backward passes) per calibration batch for the output objective "
+        "[2 on the text a causal LM writes, else 4].",
     ),
 ]
 KeepUnsaving = Annotated[
@@ -314,9 +316,8 @@ def _preset(preset: str, include: list[str]) -> dict:
 def _calibration_flags(calibrate, objective, probes, target) -> dict:
     from ..options import OBJECTIVES, Target, check_choice
 
-    for flag, value in (("--objective", objective), ("--probes", probes)):
-        if value is not None and calibrate is None:
-            raise LorsUsageError(f"{flag} goes with --calibrate")
+    if objective is not None and calibrate is None:
+        raise LorsUsageError("--objective goes with --calibrate")
     objective = objective or "output"
     check_choice("--objective", objective, OBJECTIVES)
     if probes is not None and probes < 1:
