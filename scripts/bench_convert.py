@@ -185,6 +185,7 @@ def main() -> None:
             f"error: --workdir {args.workdir} is not empty (a previous run?); remove it or pick another"
         )
     work = Path(args.workdir or tempfile.mkdtemp(prefix="lors-bench-"))
+    work.mkdir(parents=True, exist_ok=True)  # a --workdir that does not exist yet
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
     source = smollm2_source() if args.smollm2 else args.source
     try:
