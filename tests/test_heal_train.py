@@ -162,3 +162,17 @@ def test_a_token_limit_ends_the_run_and_counts_the_tokens():
     assert result.steps == 5 and result.tokens == 5 * 64
     with pytest.raises(Exception, match="needs a limit"):
         heal(student, teacher, train, HealSettings(steps=0, lr=1e-3))
+
+
+@pytest.mark.parametrize("which", ["lors", "all"])
+def test_trainable_names_which_parameters_heal_changes(which):
+    """``lors``: the LORS modules' parameters only (not the blocks' norms, not the embeddings or the
+    head); ``all``: every parameter."""
+    teacher, student, train, _ = _setup()
+    start = _params(student)
+    heal(student, teacher, train, steps=2, lr=1e-2, loss="kl", warmup=1, trainable=which)
+    changed = {n for n, p in _params(student).items() if not torch.equal(p, start[n])}
+    in_blocks = {n for n in start if n.startswith("model.layers.")}
+    norms = {n for n in in_blocks if "norm" in n}
+    assert norms and in_blocks - norms
+    assert changed == (in_blocks - norms if which == "lors" else set(start))
