@@ -11,6 +11,7 @@ from heal_tiny import llama_dir
 
 from lors_convert.calibrate.generated import CHUNK
 from lors_convert.cli import app
+from lors_convert.heal.data import heldout_windows
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +30,9 @@ def _heal(ckpt, out, *flags):
 def test_heal_of_a_causal_lm_needs_no_data(converted, tmp_path):
     q, res = _heal(converted, tmp_path / "h.lors", "--steps", "6", "--generated-tokens", "512")
     assert q["heal_steps"] == 6 and q["heal_tokens"] == 6 * 32  # two 16-token windows a step
-    n = (CHUNK - 4) * 16  # whole chunks of 16-token sequences, 4 of them held out
+    held = heldout_windows(16)
+    assert held == CHUNK // 2  # 1,024 tokens would be 64 windows: half a chunk at most
+    n = (CHUNK - held) * 16  # whole chunks of 16-token sequences, the last ones held out
     assert q["heal_data"] == [f"{n} tokens written by the source model (seed 0)"] and q["heal_loss"] == "kl"
     assert q["heal_synthetic"] == 0.0
     assert [e["step"] for e in q["heal_evaluations"]] == [0, 1, 2, 3, 4, 5, 6]  # --eval-every steps/10
@@ -40,7 +43,7 @@ def test_heal_of_a_causal_lm_needs_no_data(converted, tmp_path):
     cached = sorted(tmp_path.glob(".lors-generated-*.json"))
     assert len(cached) == 1  # the training text and, after it, the held-out windows
     rows = json.loads(cached[0].read_text())["sequences"]
-    assert len(rows) == CHUNK  # one whole chunk: 60 windows to train on, 4 held out
+    assert len(rows) == CHUNK  # one whole chunk: 32 windows to train on, 32 held out
     assert not any(w.startswith("poor fidelity on") for w in json.loads(res.stdout)["warnings"])
     assert not (tmp_path / ".h.lors.heal-state.pt").exists()
 

@@ -170,7 +170,7 @@ HealMinutes = Annotated[
 HealLr = Annotated[
     float | None,
     typer.Option(
-        "--lr", help="Peak learning rate (Adam, linear warm-up, cosine decay) [3e-4 for kl, else 1e-3]."
+        "--lr", help="Peak learning rate (Adam, linear warm-up, cosine decay) [1e-4 for kl, else 1e-3]."
     ),
 ]
 HealWarmup = Annotated[
@@ -259,7 +259,7 @@ def heal(
     minutes: HealMinutes = 0.0,
     lr: HealLr = None,
     warmup: HealWarmup = None,
-    seq_len: HealSeqLen = 256,
+    seq_len: HealSeqLen = 64,
     batch_tokens: HealBatchTokens = 512,
     local_share: HealLocalShare = 0.0,
     precision: HealPrecision = "auto",

@@ -21,7 +21,7 @@ from ..calibrate.packing import pack, window_batches
 from ..calibrate.probes import CALIBRATION_TEXT
 from ..errors import LorsUsageError
 
-HELDOUT_WINDOWS = 4  # generated windows held out to choose the best state
+HELDOUT_TOKENS = 1024  # generated tokens held out to choose the best state (whole windows, at least one)
 
 
 @dataclass
@@ -40,7 +40,7 @@ class DataRequest:
     data: Path | None = None  # --data
     generate: bool = True  # causal LMs: train on text the source writes (with --data: as well)
     generated_tokens: int = 32_768  # about 5 epochs in 30 minutes on 2 cores (docs/healing.md)
-    seq_len: int = 256
+    seq_len: int = 64  # shorter windows: more text seen from its start (docs/healing.md)
     batch_tokens: int = 512
     seed: int = 0
     heldout_fraction: float | None = None  # of --data, for models that do not generate
@@ -52,14 +52,15 @@ def lm_data(teacher, tokenizer, req: DataRequest, cache_dir: Path, model_key: st
         raise LorsUsageError("--no-generate needs --data: there would be nothing to train on")
     rows: list[list[int]] = []
     sources = []
+    n_held = heldout_windows(req.seq_len)
     n_gen = -(-req.generated_tokens // req.seq_len) if req.generate else 0
     if n_gen:  # whole chunks of generated sequences, the nearest to the tokens asked for
-        n_gen = max(1, round((n_gen + HELDOUT_WINDOWS) / CHUNK)) * CHUNK - HELDOUT_WINDOWS
+        n_gen = max(1, round((n_gen + n_held) / CHUNK)) * CHUNK - n_held
     heldout_rows: list[list[int]] = []
     if req.generate:
         done = _announce(log, "generating text with the source model")
         written = generate_corpus(
-            teacher, tokenizer, n_gen + HELDOUT_WINDOWS, req.seq_len, req.seed, cache_dir, model_key, done
+            teacher, tokenizer, n_gen + n_held, req.seq_len, req.seed, cache_dir, model_key, done
         )
         rows, heldout_rows = written[:n_gen], written[n_gen:]  # the last windows are held out
         sources.append(f"{n_gen * req.seq_len} tokens written by the source model (seed {req.seed})")
@@ -73,7 +74,7 @@ def lm_data(teacher, tokenizer, req: DataRequest, cache_dir: Path, model_key: st
         held = pack(heldout_rows, req.seq_len).windows
     else:  # nothing generated: the last windows of --data choose the best state
         n = windows.shape[0]
-        n_held = 0 if n < 2 else max(1, min(HELDOUT_WINDOWS, n // 5))  # at most a fifth
+        n_held = 0 if n < 2 else max(1, min(n_held, n // 5))  # at most a fifth
         windows, held = windows[: n - n_held], windows[n - n_held :]
     if not windows.shape[0] or not held.shape[0]:
         need = "one window" if req.generate else "two windows (one is held out to choose the best state)"
@@ -88,6 +89,12 @@ def lm_data(teacher, tokenizer, req: DataRequest, cache_dir: Path, model_key: st
         str(req.data) if req.data else None,
         int(windows.shape[0]),
     )
+
+
+def heldout_windows(seq_len: int) -> int:
+    """Windows of ``seq_len`` tokens that hold out about ``HELDOUT_TOKENS`` tokens (at most half a
+    chunk of generated sequences, so that one chunk always leaves windows to train on)."""
+    return max(1, min(CHUNK // 2, HELDOUT_TOKENS // seq_len))
 
 
 def input_data(req: DataRequest, tokenizer_dir: Path, text_model: bool) -> HealData:
@@ -116,4 +123,4 @@ def _announce(log, what: str):
     return done
 
 
-__all__ = ["HealData", "DataRequest", "lm_data", "input_data", "HELDOUT_WINDOWS"]
+__all__ = ["HealData", "DataRequest", "lm_data", "input_data", "heldout_windows", "HELDOUT_TOKENS"]

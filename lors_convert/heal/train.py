@@ -13,7 +13,7 @@ settings and path continues where it stopped and ends as the uninterrupted run w
 (:mod:`lors_convert.heal.state`)::
 
     result = heal(student, teacher, batches, HealSettings(steps=300, loss="kl"), evaluate=score)
-    result = heal(student, teacher, batches, steps=300, lr=3e-4)  # the same, settings as keywords
+    result = heal(student, teacher, batches, steps=300, loss="kl")  # the same, settings as keywords
 """
 
 from __future__ import annotations
