@@ -2,8 +2,8 @@
 
 Loads the source (teacher) and a LORS checkpoint (student) once; for each variant (a JSON object of
 ``HealSettings`` fields) the student is reset to the checkpoint, healed for ``--tokens`` tokens on the
-text the source writes (as ``lors heal`` makes it), and measured on three held-out kinds of text, none of them heal text (lors's probe text, stdlib
-docstrings, stdlib code: ``scripts/heldout_kinds.py``). Prints, and writes to docs/healing.md (section
+text the source writes (as ``lors heal`` makes it), and measured on three held-out kinds of text, none
+of them heal text (lors's probe text, stdlib docstrings, stdlib code: ``scripts/heldout_kinds.py``). Prints, and writes to docs/healing.md (section
 ``heal-sweep``), the perplexity ratio and top-1 after each variant on each kind, its tokens/s, and the
 held-out generated windows' ratio that chooses heal's best state (with ``--eval-every``, its curve).
 
@@ -27,11 +27,10 @@ sys.path.insert(0, str(ROOT / "scripts"))
 sys.path.insert(0, str(ROOT))
 
 from benchdoc import table, write_section  # noqa: E402
-from heldout_kinds import heldout_kinds, kind_cells  # noqa: E402
+from heldout_kinds import kind_cells, kind_references  # noqa: E402
 
 from lors_convert import checkpoint as ck  # noqa: E402
 from lors_convert.calibrate.fidelity import Reference, fidelity  # noqa: E402
-from lors_convert.calibrate.probes import PROBE_TEXT, read_probes  # noqa: E402
 from lors_convert.heal.data import DataRequest, lm_data  # noqa: E402
 from lors_convert.heal.settings import HealSettings  # noqa: E402
 from lors_convert.heal.train import heal  # noqa: E402
@@ -64,8 +63,7 @@ def main() -> None:
         return lm_data(teacher, tokenizer, req, args.work, source.get("sha256") or str(src))
 
     data = data_for({})
-    kinds = heldout_kinds(args.work, PROBE_TEXT)
-    refs = {k: Reference(teacher, read_probes(path, src).batches, k) for k, path in kinds.items()}
+    refs = kind_references(teacher, src, args.work)
     chooser = Reference(teacher, data.heldout, "held-out generated windows")
     start = {n: t.detach().clone() for n, t in student.named_parameters()}
 

@@ -56,15 +56,23 @@ def kind_figures(
     models run on ``device``."""
     sys.path.insert(0, str(ROOT))
     from lors_convert import checkpoint as ck
-    from lors_convert.calibrate.fidelity import Reference, fidelity
-    from lors_convert.calibrate.probes import PROBE_TEXT, read_probes
+    from lors_convert.calibrate.fidelity import fidelity
     from lors_convert.io.sources import load_source
 
     teacher, _ = load_source(source)
     teacher.to(device)
-    kinds = heldout_kinds(work, PROBE_TEXT)
-    refs = {k: Reference(teacher, read_probes(path, source).batches, k) for k, path in kinds.items()}
+    refs = kind_references(teacher, source, work)
     return {c: {k: fidelity(ck.load(c).to(device), ref) for k, ref in refs.items()} for c in checkpoints}
+
+
+def kind_references(teacher, source: Path, work: Path) -> dict:
+    """``{kind: Reference}`` of ``teacher`` (tokenized as ``source``) on the bench's three held-out kinds."""
+    sys.path.insert(0, str(ROOT))
+    from lors_convert.calibrate.fidelity import Reference
+    from lors_convert.calibrate.probes import PROBE_TEXT, read_probes
+
+    kinds = heldout_kinds(work, PROBE_TEXT)
+    return {k: Reference(teacher, read_probes(path, source).batches, k) for k, path in kinds.items()}
 
 
 def kind_cells(got: dict[str, dict]) -> list[str]:

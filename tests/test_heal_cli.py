@@ -102,3 +102,19 @@ def test_token_and_time_limits(converted, tmp_path):
 def test_heal_usage_errors(converted, tmp_path, flags, message):
     res = runner.invoke(app, ["heal", str(converted), "-o", str(tmp_path / "x.lors"), "--steps", "1", *flags])
     assert res.exit_code == 2 and message in res.stderr and "Traceback" not in res.stderr
+
+
+def test_the_heal_commands_data_defaults_are_the_librarys():
+    """The CLI spells its defaults out (it imports the heal modules only when it runs): they must stay
+    those of :class:`DataRequest`, which ``heal_checkpoint`` callers get."""
+    import inspect
+
+    from lors_convert.cli.checkpoints import heal
+    from lors_convert.heal.data import DataRequest
+
+    cli = inspect.signature(heal).parameters
+    lib = DataRequest()
+    assert cli["seq_len"].default == lib.seq_len == 64
+    assert cli["batch_tokens"].default == lib.batch_tokens
+    assert cli["generated"].default == lib.generated_tokens
+    assert cli["seed"].default == lib.seed
